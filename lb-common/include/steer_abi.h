@@ -1,0 +1,174 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The one definition of every type the kernel programs and the agent share.
+ *
+ * lb-common/src/lib.rs mirrors each type as #[repr(C)]; a test reads the
+ * compiled object's BTF and compares sizes, member offsets and enum values
+ * with the Rust side. Constants are enums, never #defines, so they reach BTF.
+ * Addresses and ports are kept in network byte order, exactly as on the wire.
+ */
+#ifndef STEER_ABI_H
+#define STEER_ABI_H
+
+#include <linux/types.h>
+
+enum steer_limits {
+	STEER_MAX_SERVICES = 64,
+	STEER_MAX_BACKENDS_PER_SERVICE = 64,
+	/* Backend ids are service_id * STEER_MAX_BACKENDS_PER_SERVICE + slot. */
+	STEER_MAX_BACKENDS = 4096,
+	/* Round-robin schedule entries per service. */
+	STEER_RR_RING_SIZE = 256,
+	STEER_MAX_INTERFACES = 64,
+};
+
+enum steer_policy {
+	STEER_POLICY_ROUND_ROBIN = 0,
+	STEER_POLICY_LEAST_CONNECTIONS = 1,
+};
+
+/* Zero is DOWN, so an unwritten backend entry is never chosen. */
+enum steer_backend_state {
+	STEER_BACKEND_DOWN = 0,
+	STEER_BACKEND_ACTIVE = 1,
+	STEER_BACKEND_DRAINING = 2,
+};
+
+enum steer_backend_kind {
+	STEER_BACKEND_REMOTE = 0,
+	STEER_BACKEND_LOCAL = 1,
+};
+
+/* Per-service counters, index service_id * STEER_COUNTER_MAX + counter. */
+enum steer_counter {
+	STEER_CNT_NEW_FLOWS = 0,
+	STEER_CNT_FWD_PACKETS = 1,
+	STEER_CNT_FWD_BYTES = 2,
+	STEER_CNT_REPLY_PACKETS = 3,
+	STEER_CNT_REPLY_BYTES = 4,
+	/* A SYN found no active backend with room: passed to the stack. */
+	STEER_CNT_NO_BACKEND = 5,
+	/* No route, neighbour or egress port for the next hop: passed. */
+	STEER_CNT_NO_ROUTE = 6,
+	/* Every source port tried for the backend was taken: passed. */
+	STEER_CNT_NO_SNAT_PORT = 7,
+	/* A non-SYN packet to the VIP with no conntrack entry: passed. */
+	STEER_CNT_NO_FLOW = 8,
+	STEER_CNT_CLOSED_FLOWS = 9,
+	STEER_COUNTER_MAX = 10,
+};
+
+enum steer_event_kind {
+	STEER_EVENT_FLOW_OPENED = 1,
+	STEER_EVENT_FLOW_CLOSED = 2,
+	STEER_EVENT_NO_BACKEND = 3,
+	STEER_EVENT_NO_ROUTE = 4,
+	STEER_EVENT_NO_SNAT_PORT = 5,
+};
+
+/* Key of the services map. */
+struct steer_service_key {
+	__u32 vip;
+	__u16 port;
+	__u8 proto;
+	__u8 _pad;
+};
+
+struct steer_service {
+	__u32 id;
+	__u32 policy;		/* enum steer_policy */
+	/* Backend slots 0..backend_count-1 are in use (holes are DOWN). */
+	__u32 backend_count;
+	/* Entries of the round-robin ring in use, 0 when nothing is active. */
+	__u32 rr_len;
+};
+
+struct steer_backend {
+	__u32 addr;
+	__u16 port;
+	__u16 _pad0;
+	__u32 weight;
+	__u32 state;		/* enum steer_backend_state */
+	__u32 max_conns;	/* 0: no cap */
+	__u32 kind;		/* enum steer_backend_kind */
+	/* Bumped whenever the id is given to a new backend, so a flow of the
+	 * previous owner never releases a count of the new one. */
+	__u32 generation;
+	__u32 _pad1;
+};
+
+/* Element of the mmap-able connection count array, index backend id. The
+ * kernel and the agent both change it with atomic operations. */
+struct steer_backend_conns {
+	__u64 active;
+};
+
+struct steer_backend_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+
+/* Conntrack key: the packet's own tuple as it arrives. */
+struct steer_flow_key {
+	__u32 src_addr;
+	__u32 dst_addr;
+	__u16 src_port;
+	__u16 dst_port;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+/* ct_fwd value, key client -> VIP. */
+struct steer_flow_fwd {
+	__u32 backend_id;
+	__u32 generation;
+	__u32 backend_addr;
+	__u32 snat_addr;
+	__u16 backend_port;
+	__u16 snat_port;
+	/* Set once (atomically) when FIN or RST releases the backend's count. */
+	__u32 released;
+	__u64 last_seen_ns;
+};
+
+/* ct_rev value, key backend -> SNAT address and port. */
+struct steer_flow_rev {
+	__u32 client_addr;
+	__u32 vip;
+	__u16 client_port;
+	__u16 vip_port;
+	__u32 backend_id;
+	__u64 last_seen_ns;
+};
+
+struct steer_iface {
+	/* IPv4 address used as the source towards backends behind it. */
+	__u32 snat_addr;
+	__u32 _pad;
+};
+
+struct steer_event {
+	__u64 timestamp_ns;
+	__u32 kind;		/* enum steer_event_kind */
+	__u32 service_id;
+	__u32 backend_id;
+	__u32 client_addr;
+	__u16 client_port;
+	__u16 _pad0;
+	__u32 _pad1;
+};
+
+/* The same sizes lb-common asserts; a mismatch fails the build on either side. */
+_Static_assert(sizeof(struct steer_service_key) == 8, "steer_service_key");
+_Static_assert(sizeof(struct steer_service) == 16, "steer_service");
+_Static_assert(sizeof(struct steer_backend) == 32, "steer_backend");
+_Static_assert(sizeof(struct steer_backend_conns) == 8, "steer_backend_conns");
+_Static_assert(sizeof(struct steer_backend_stats) == 24, "steer_backend_stats");
+_Static_assert(sizeof(struct steer_flow_key) == 16, "steer_flow_key");
+_Static_assert(sizeof(struct steer_flow_fwd) == 32, "steer_flow_fwd");
+_Static_assert(sizeof(struct steer_flow_rev) == 24, "steer_flow_rev");
+_Static_assert(sizeof(struct steer_iface) == 8, "steer_iface");
+_Static_assert(sizeof(struct steer_event) == 32, "steer_event");
+
+#endif /* STEER_ABI_H */

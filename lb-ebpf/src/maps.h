@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Kernel-side maps. The agent is the only writer of services, backends,
+ * rr_ring, ifaces and tx_ports; the program writes conntrack, counts and
+ * counters. Value and key types come from steer_abi.h. */
+#ifndef STEER_MAPS_H
+#define STEER_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "steer_abi.h"
+
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+
+enum { STEER_CT_DEFAULT_ENTRIES = 262144, STEER_EVENTS_BYTES = 256 * 1024 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct steer_service_key);
+	__type(value, struct steer_service);
+	__uint(max_entries, STEER_MAX_SERVICES);
+} services SEC(".maps");
+
+/* Index: backend id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct steer_backend);
+	__uint(max_entries, STEER_MAX_BACKENDS);
+} backends SEC(".maps");
+
+/* Index: backend id. mmap-ed by the agent, which shares the counts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct steer_backend_conns);
+	__uint(max_entries, STEER_MAX_BACKENDS);
+} backend_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct steer_backend_stats);
+	__uint(max_entries, STEER_MAX_BACKENDS);
+} backend_stats SEC(".maps");
+
+/* Index: service id * STEER_RR_RING_SIZE + position; value: backend slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, STEER_MAX_SERVICES * STEER_RR_RING_SIZE);
+} rr_ring SEC(".maps");
+
+/* Index: service id. Shared by all CPUs so the ring is walked in order. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, STEER_MAX_SERVICES);
+} rr_cursor SEC(".maps");
+
+/* Index: service id * STEER_COUNTER_MAX + enum steer_counter. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, STEER_MAX_SERVICES * STEER_COUNTER_MAX);
+} service_stats SEC(".maps");
+
+/* Client -> VIP tuple to the flow's backend and SNAT address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct steer_flow_key);
+	__type(value, struct steer_flow_fwd);
+	__uint(max_entries, STEER_CT_DEFAULT_ENTRIES);
+} ct_fwd SEC(".maps");
+
+/* Backend -> SNAT tuple back to the client and VIP. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct steer_flow_key);
+	__type(value, struct steer_flow_rev);
+	__uint(max_entries, STEER_CT_DEFAULT_ENTRIES);
+} ct_rev SEC(".maps");
+
+/* Key: ifindex of an interface Steer is attached to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct steer_iface);
+	__uint(max_entries, STEER_MAX_INTERFACES);
+} ifaces SEC(".maps");
+
+/* Key and value: ifindex. Only these interfaces are redirect targets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, STEER_MAX_INTERFACES);
+} tx_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, STEER_EVENTS_BYTES);
+} events SEC(".maps");
+
+static __always_inline void count(__u32 service_id, enum steer_counter counter, __u64 n)
+{
+	__u32 key = service_id * STEER_COUNTER_MAX + counter;
+	__u64 *value = bpf_map_lookup_elem(&service_stats, &key);
+
+	if (value)
+		*value += n;
+}
+
+static __always_inline void count_backend(__u32 backend_id, __u64 bytes, __u64 new_flows)
+{
+	struct steer_backend_stats *stats = bpf_map_lookup_elem(&backend_stats, &backend_id);
+
+	if (!stats)
+		return;
+	stats->packets++;
+	stats->bytes += bytes;
+	stats->new_flows += new_flows;
+}
+
+static __always_inline void emit_event(enum steer_event_kind kind, __u32 service_id,
+				       __u32 backend_id, __u32 client_addr, __u16 client_port)
+{
+	struct steer_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	if (!ev)
+		return;
+	ev->timestamp_ns = bpf_ktime_get_ns();
+	ev->kind = kind;
+	ev->service_id = service_id;
+	ev->backend_id = backend_id;
+	ev->client_addr = client_addr;
+	ev->client_port = client_port;
+	ev->_pad0 = 0;
+	ev->_pad1 = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+#endif /* STEER_MAPS_H */

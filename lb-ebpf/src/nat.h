@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Next hop, source-port allocation and the packet rewrites of full NAT. */
+#ifndef STEER_NAT_H
+#define STEER_NAT_H
+
+#include "csum.h"
+#include "maps.h"
+#include "parsing.h"
+
+enum {
+	STEER_AF_INET = 2,
+	/* Routes are looked up as if the packet came from loopback: the kernel
+	 * refuses a lookup for an interface with forwarding off, and Steer must
+	 * work with forwarding off on the interfaces it serves. lo forwards
+	 * nothing of theirs (the agent turns on its forwarding flag alone). */
+	STEER_FIB_IFINDEX = 1,
+	STEER_SNAT_PORT_TRIES = 32,
+};
+
+/* Source ports for flows to remote backends: [snat_port_min, snat_port_max]. */
+const volatile __u16 snat_port_min = 61000;
+const volatile __u16 snat_port_max = 65535;
+
+struct next_hop {
+	__u32 ifindex;
+	__u8 smac[ETH_ALEN];
+	__u8 dmac[ETH_ALEN];
+};
+
+/* Route dst; only interfaces in tx_ports can be the way out. */
+static __always_inline int next_hop(struct xdp_md *ctx, __be32 src, __be32 dst, __u16 tot_len,
+				    struct next_hop *hop)
+{
+	struct bpf_fib_lookup fib;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = STEER_AF_INET;
+	fib.l4_protocol = IPPROTO_TCP;
+	fib.tot_len = tot_len;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	fib.ifindex = STEER_FIB_IFINDEX;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	if (!bpf_map_lookup_elem(&tx_ports, &fib.ifindex))
+		return -1;
+	hop->ifindex = fib.ifindex;
+	__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
+	return 0;
+}
+
+static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr, __be32 daddr,
+				       __be16 sport, __be16 dport)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->src_addr = saddr;
+	key->dst_addr = daddr;
+	key->src_port = sport;
+	key->dst_port = dport;
+	key->proto = IPPROTO_TCP;
+}
+
+/* Claim a source port towards the backend whose reverse tuple is free: the
+ * BPF_NOEXIST insert is the claim, so two flows never share a live tuple. */
+static __always_inline int claim_snat_port(__be32 backend_addr, __be16 backend_port,
+					   __be32 snat_addr, const struct steer_flow_rev *rev,
+					   __be16 *snat_port)
+{
+	__u32 range = (__u32)snat_port_max - snat_port_min + 1;
+	__u32 start = bpf_get_prandom_u32(), i;
+	struct steer_flow_key key;
+
+	if (snat_port_max < snat_port_min)
+		return -1;
+	for (i = 0; i < STEER_SNAT_PORT_TRIES; i++) {
+		__u16 port = snat_port_min + (start + i) % range;
+
+		flow_key_of(&key, backend_addr, snat_addr, backend_port, bpf_htons(port));
+		if (bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST) == 0) {
+			*snat_port = bpf_htons(port);
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Rewrite addresses and ports, keeping both checksums valid, and set MACs. */
+static __always_inline void rewrite(struct packet *pkt, __be32 saddr, __be16 sport, __be32 daddr,
+				    __be16 dport, const struct next_hop *hop)
+{
+	struct iphdr *ip = pkt->ip;
+	struct tcphdr *tcp = pkt->tcp;
+
+	csum_replace4(&ip->check, ip->saddr, saddr);
+	csum_replace4(&ip->check, ip->daddr, daddr);
+	csum_replace4(&tcp->check, ip->saddr, saddr);
+	csum_replace4(&tcp->check, ip->daddr, daddr);
+	csum_replace2(&tcp->check, tcp->source, sport);
+	csum_replace2(&tcp->check, tcp->dest, dport);
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	tcp->source = sport;
+	tcp->dest = dport;
+	__builtin_memcpy(pkt->eth->h_source, hop->smac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_dest, hop->dmac, ETH_ALEN);
+}
+
+#endif /* STEER_NAT_H */

@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Backend choice for a new flow. lb-userspace's policy module is the model of
+ * these functions: the same map state must give the same choice. */
+#ifndef STEER_POLICY_H
+#define STEER_POLICY_H
+
+#include "maps.h"
+
+/* Conntrack hits a draining backend; a new flow needs an active one with room. */
+static __always_inline int backend_has_room(const struct steer_backend *b, __u32 id, __u64 *conns)
+{
+	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
+
+	if (!c || b->state != STEER_BACKEND_ACTIVE || b->weight == 0)
+		return 0;
+	*conns = READ_ONCE(c->active);
+	return b->max_conns == 0 || *conns < b->max_conns;
+}
+
+/* Walk the service's weighted ring from a shared cursor; skip backends without room. */
+static __always_inline int pick_round_robin(const struct steer_service *svc, __u32 *backend_id)
+{
+	__u32 key = svc->id, len = svc->rr_len, i;
+	__u64 *cursor, start, conns;
+
+	if (len == 0 || len > STEER_RR_RING_SIZE)
+		return -1;
+	cursor = bpf_map_lookup_elem(&rr_cursor, &key);
+	if (!cursor)
+		return -1;
+	start = __sync_fetch_and_add(cursor, 1);
+	for (i = 0; i < STEER_RR_RING_SIZE && i < len; i++) {
+		__u32 pos = svc->id * STEER_RR_RING_SIZE + (__u32)((start + i) % len);
+		__u32 *slot = bpf_map_lookup_elem(&rr_ring, &pos);
+		struct steer_backend *b;
+		__u32 id;
+
+		if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
+			return -1;
+		id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
+		b = bpf_map_lookup_elem(&backends, &id);
+		if (b && backend_has_room(b, id, &conns)) {
+			*backend_id = id;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Fewest connections per unit of weight; ties go to the lowest slot. */
+static __always_inline int pick_least_connections(const struct steer_service *svc,
+						  __u32 *backend_id)
+{
+	__u64 best_conns = 0, best_weight = 0, conns;
+	__u32 slot;
+	int found = -1;
+
+	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
+		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
+
+		if (!b || !backend_has_room(b, id, &conns))
+			continue;
+		if (found < 0 || conns * best_weight < best_conns * b->weight) {
+			best_conns = conns;
+			best_weight = b->weight;
+			*backend_id = id;
+			found = 0;
+		}
+	}
+	return found;
+}
+
+static __always_inline int pick_backend(const struct steer_service *svc, __u32 *backend_id)
+{
+	switch (svc->policy) {
+	case STEER_POLICY_ROUND_ROBIN:
+		return pick_round_robin(svc, backend_id);
+	case STEER_POLICY_LEAST_CONNECTIONS:
+		return pick_least_connections(svc, backend_id);
+	default:
+		return -1;
+	}
+}
+
+/* Take one connection of the backend's cap; fails when another CPU took the last. */
+static __always_inline int claim_connection(const struct steer_backend *b, __u32 id)
+{
+	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
+	int i;
+
+	if (!c)
+		return -1;
+	if (b->max_conns == 0) {
+		__sync_fetch_and_add(&c->active, 1);
+		return 0;
+	}
+	for (i = 0; i < 8; i++) {
+		__u64 cur = READ_ONCE(c->active);
+
+		if (cur >= b->max_conns)
+			return -1;
+		if (__sync_val_compare_and_swap(&c->active, cur, cur + 1) == cur)
+			return 0;
+	}
+	return -1;
+}
+
+static __always_inline void return_connection(__u32 id)
+{
+	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
+
+	if (c)
+		__sync_fetch_and_sub(&c->active, 1);
+}
+
+/* Give the flow's connection back, once, and only to the backend it counted on. */
+static __always_inline int release_flow(struct steer_flow_fwd *flow)
+{
+	struct steer_backend *b;
+	__u32 id = flow->backend_id;
+
+	if (__sync_val_compare_and_swap(&flow->released, 0, 1) != 0)
+		return 0;
+	b = bpf_map_lookup_elem(&backends, &id);
+	if (b && b->generation == flow->generation)
+		return_connection(id);
+	return 1;
+}
+
+#endif /* STEER_POLICY_H */

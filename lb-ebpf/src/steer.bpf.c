@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/*
+ * Steer's XDP load balancer: steers each new TCP connection to a service
+ * (VIP:port) to a backend chosen by the service's policy, tracks the flow in
+ * two LRU conntrack maps and rewrites both directions (full NAT), forwarding
+ * with XDP_REDIRECT. Anything it does not handle is passed untouched.
+ */
+#include "nat.h"
+#include "parsing.h"
+#include "policy.h"
+
+enum { STEER_LAST_SEEN_GRANULARITY_NS = 1000000000 };
+
+/* Flow opened/closed events; the agent may turn them off to save the cost. */
+const volatile __u32 flow_events = 1;
+
+/* Makes every shared enum and the event struct reach BTF, where a test
+ * compares them with lb-common. Never read. */
+const volatile struct steer_abi_anchor {
+	enum steer_limits limits;
+	enum steer_policy policy;
+	enum steer_backend_state state;
+	enum steer_backend_kind kind;
+	enum steer_counter counter;
+	enum steer_event_kind event_kind;
+	struct steer_event event;
+} steer_abi_anchor __attribute__((used));
+
+static __always_inline void touch(__u64 *last_seen_ns)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	/* Spare the shared cache line: one write a second is enough for expiry. */
+	if (now - READ_ONCE(*last_seen_ns) > STEER_LAST_SEEN_GRANULARITY_NS)
+		*last_seen_ns = now;
+}
+
+static __always_inline void account(__u32 backend_id, enum steer_counter packets,
+				    __u32 bytes, __u32 new_flows)
+{
+	__u32 service_id = backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
+
+	count(service_id, packets, 1);
+	count(service_id, packets + 1, bytes);	/* the _BYTES counter follows */
+	count_backend(backend_id, bytes, new_flows);
+}
+
+static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 client_addr,
+					__be16 client_port)
+{
+	if (!release_flow(flow))
+		return;
+	count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_CLOSED_FLOWS, 1);
+	if (flow_events)
+		emit_event(STEER_EVENT_FLOW_CLOSED, flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
+			   flow->backend_id, client_addr, client_port);
+}
+
+/* Backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
+static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct steer_flow_key key;
+	struct steer_flow_rev *rev;
+	struct next_hop hop;
+
+	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
+	rev = bpf_map_lookup_elem(&ct_rev, &key);
+	if (!rev)
+		return -1;
+	if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &hop)) {
+		count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
+		return XDP_PASS;
+	}
+	touch(&rev->last_seen_ns);
+	if (tcp_ends_flow(pkt->tcp)) {
+		struct steer_flow_fwd *flow;
+
+		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
+		flow = bpf_map_lookup_elem(&ct_fwd, &key);
+		if (flow && flow->backend_id == rev->backend_id)
+			flow_closed(flow, rev->client_addr, rev->client_port);
+	}
+	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
+	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &hop);
+	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+}
+
+static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
+					struct steer_flow_fwd *flow)
+{
+	__be32 client_addr = pkt->ip->saddr;
+	__be16 client_port = pkt->tcp->source;
+	struct next_hop hop;
+
+	if (next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &hop)) {
+		count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
+		return XDP_PASS;
+	}
+	touch(&flow->last_seen_ns);
+	if (tcp_ends_flow(pkt->tcp))
+		flow_closed(flow, client_addr, client_port);
+	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
+	rewrite(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr, flow->backend_port, &hop);
+	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+}
+
+static __always_inline int refuse_new_flow(const struct packet *pkt, __u32 service_id,
+					   __u32 backend_id, enum steer_counter counter,
+					   enum steer_event_kind event)
+{
+	count(service_id, counter, 1);
+	emit_event(event, service_id, backend_id, pkt->ip->saddr, pkt->tcp->source);
+	return XDP_PASS;
+}
+
+/* A SYN with no flow: choose a backend, claim its capacity and a source port,
+ * record the flow both ways, then rewrite. Any failure passes the SYN on. */
+static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
+				    const struct steer_service *svc,
+				    const struct steer_flow_key *key)
+{
+	struct steer_flow_rev rev = {};
+	struct steer_flow_fwd flow = {};
+	struct steer_backend *b;
+	struct steer_iface *iface;
+	struct next_hop hop;
+	__u32 id = 0;
+	__be16 snat_port;
+
+	if (pick_backend(svc, &id))
+		return refuse_new_flow(pkt, svc->id, 0, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
+	b = bpf_map_lookup_elem(&backends, &id);
+	if (!b)
+		return XDP_PASS;
+	if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &hop))
+		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE, STEER_EVENT_NO_ROUTE);
+	iface = bpf_map_lookup_elem(&ifaces, &hop.ifindex);
+	if (!iface)
+		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE, STEER_EVENT_NO_ROUTE);
+	if (claim_connection(b, id))
+		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
+
+	rev.client_addr = key->src_addr;
+	rev.vip = key->dst_addr;
+	rev.client_port = key->src_port;
+	rev.vip_port = key->dst_port;
+	rev.backend_id = id;
+	rev.last_seen_ns = bpf_ktime_get_ns();
+	if (claim_snat_port(b->addr, b->port, iface->snat_addr, &rev, &snat_port)) {
+		return_connection(id);
+		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
+				       STEER_EVENT_NO_SNAT_PORT);
+	}
+
+	flow.backend_id = id;
+	flow.generation = b->generation;
+	flow.backend_addr = b->addr;
+	flow.backend_port = b->port;
+	flow.snat_addr = iface->snat_addr;
+	flow.snat_port = snat_port;
+	flow.last_seen_ns = rev.last_seen_ns;
+	if (bpf_map_update_elem(&ct_fwd, key, &flow, BPF_ANY)) {
+		struct steer_flow_key rev_key;
+
+		flow_key_of(&rev_key, b->addr, iface->snat_addr, b->port, snat_port);
+		bpf_map_delete_elem(&ct_rev, &rev_key);
+		return_connection(id);
+		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
+				       STEER_EVENT_NO_SNAT_PORT);
+	}
+
+	count(svc->id, STEER_CNT_NEW_FLOWS, 1);
+	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
+	if (flow_events)
+		emit_event(STEER_EVENT_FLOW_OPENED, svc->id, id, key->src_addr, key->src_port);
+	rewrite(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr, flow.backend_port, &hop);
+	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+}
+
+SEC("xdp")
+int steer_xdp(struct xdp_md *ctx)
+{
+	struct steer_service_key service_key;
+	struct steer_flow_key key;
+	struct steer_service *svc;
+	struct steer_flow_fwd *flow;
+	struct packet pkt;
+
+	if (parse_packet(ctx, &pkt))
+		return XDP_PASS;
+
+	__builtin_memset(&service_key, 0, sizeof(service_key));
+	service_key.vip = pkt.ip->daddr;
+	service_key.port = pkt.tcp->dest;
+	service_key.proto = IPPROTO_TCP;
+	svc = bpf_map_lookup_elem(&services, &service_key);
+	if (!svc) {
+		int verdict = handle_reply(ctx, &pkt);
+
+		return verdict < 0 ? XDP_PASS : verdict;
+	}
+
+	flow_key_of(&key, pkt.ip->saddr, pkt.ip->daddr, pkt.tcp->source, pkt.tcp->dest);
+	flow = bpf_map_lookup_elem(&ct_fwd, &key);
+	/* A SYN on a closed flow's tuple is a new connection reusing the port. */
+	if (flow && !(READ_ONCE(flow->released) && tcp_is_syn(pkt.tcp)))
+		return forward_flow(ctx, &pkt, flow);
+	if (!tcp_is_syn(pkt.tcp)) {
+		count(svc->id, STEER_CNT_NO_FLOW, 1);
+		return XDP_PASS;
+	}
+	return new_flow(ctx, &pkt, svc, &key);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,61 @@
+//! The kernel side of the backend table. `xdp` is the only code that touches kernel maps; the
+//! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
+
+pub mod xdp;
+
+use lb_common::{Backend, BackendStats, Service, ServiceKey};
+
+/// Map writes the reconciler needs, in the order it makes them. Every call is idempotent.
+pub trait Dataplane: Send + 'static {
+    /// Insert or replace a service entry (the services map, keyed by VIP, port and protocol).
+    fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError>;
+    /// Remove a service entry; its backends must already be written `DOWN`.
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError>;
+    /// Write one backend slot (index: backend id).
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError>;
+    /// Write a service's round-robin ring (backend slots); `ring.len()` must be at most
+    /// `RR_RING_SIZE`. Written before the service entry that announces its length.
+    fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError>;
+    /// Set a backend id's active connection count to zero, when the id changes owner.
+    fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Active connections counted on a backend id (kernel and, later, proxy).
+    fn connections(&self, id: u32) -> u64;
+    /// Per-backend counters summed over CPUs.
+    fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError>;
+    /// Per-service counters summed over CPUs, indexed by `lb_common::counter`.
+    fn service_counters(
+        &self,
+        service_id: u32,
+    ) -> Result<[u64; lb_common::counter::MAX as usize], DataplaneError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP program: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP program has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("attaching XDP to interface `{interface}` in {mode} mode: {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("interface `{0}` does not exist")]
+    NoSuchInterface(String),
+    #[error("interface `{0}` has no IPv4 address to use as the source towards backends")]
+    NoIpv4Address(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,2 @@
+//! Steer's agent. SKELETON being written.
+pub mod dataplane;
