@@ -1,1 +1,5 @@
-//! Test support. SKELETON.
+//! Support for Steer's privileged tests: packet tests through `BPF_PROG_TEST_RUN` and
+//! integration tests on veth + network-namespace topologies.
+
+pub mod packet;
+pub mod testrun;
