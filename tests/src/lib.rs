@@ -1,5 +1,6 @@
 //! Support for Steer's privileged tests: packet tests through `BPF_PROG_TEST_RUN` and
 //! integration tests on veth + network-namespace topologies.
 
+pub mod netns;
 pub mod packet;
 pub mod testrun;

@@ -1,0 +1,413 @@
+//! Packet tests: crafted frames through the real XDP program with `BPF_PROG_TEST_RUN`, inside a
+//! network namespace of their own whose routes and neighbours make `bpf_fib_lookup` succeed.
+//! Needs root.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{
+    Backend, BackendConns, FlowFwd, FlowKey, Iface, Service, ServiceKey, backend_state, counter,
+    policy,
+};
+use tests::{
+    netns::{self, NetNs},
+    packet::{ACK, FIN, Frame, PSH, RST, SYN, assert_only_nat_fields_changed, parse_checked},
+    testrun::{XDP_PASS, XDP_REDIRECT, test_run},
+};
+
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 210, 0, 100), 80);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 2);
+const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 1);
+const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 210, 2, 1);
+const BACKENDS: [SocketAddrV4; 2] = [
+    SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 2), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 3), 8080),
+];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const BACKEND_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 2, 2], [0x02, 0, 0, 0, 2, 3]];
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn ne(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT_IP, port)
+}
+
+/// A namespace with the LB's two interfaces (client side, backend side), static neighbours for
+/// the client and both backends, and the program loaded (not attached: test runs need no attach).
+struct Lab {
+    ebpf: Ebpf,
+}
+
+fn build_namespace() -> NetNs {
+    netns::require_root("the packet tests");
+    let ns = NetNs::new("pkt");
+    let sh = |args: &[&str]| {
+        let out = ns.exec(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (name, mac, addr) in [
+        ("pcli", LB_CLIENT_MAC, LB_CLIENT_SIDE),
+        ("pbe", LB_BACKEND_MAC, LB_BACKEND_SIDE),
+    ] {
+        let peer = format!("{name}-peer");
+        sh(&["ip", "link", "add", name, "type", "veth", "peer", "name", &peer]);
+        sh(&["ip", "link", "set", name, "address", &mac_str(mac)]);
+        sh(&["ip", "addr", "add", &format!("{addr}/24"), "dev", name]);
+        sh(&["ip", "link", "set", name, "up"]);
+        sh(&["ip", "link", "set", &peer, "up"]);
+    }
+    sh(&["ip", "link", "set", "lo", "up"]);
+    let neighbours = [
+        (CLIENT_IP, CLIENT_MAC, "pcli"),
+        (*BACKENDS[0].ip(), BACKEND_MACS[0], "pbe"),
+        (*BACKENDS[1].ip(), BACKEND_MACS[1], "pbe"),
+    ];
+    for (ip, mac, dev) in neighbours {
+        let (ip, mac) = (ip.to_string(), mac_str(mac));
+        sh(&["ip", "neigh", "replace", &ip, "lladdr", &mac, "dev", dev, "nud", "permanent"]);
+    }
+    // The VIP is reached through the client side, like a service address announced there.
+    sh(&["sysctl", "-qw", "net.ipv4.conf.lo.forwarding=1"]);
+    ns
+}
+
+impl Lab {
+    /// Load the program and write the maps for one service at VIP with both backends active.
+    fn load(policy: u32) -> Lab {
+        let mut ebpf = EbpfLoader::new()
+            .load(lb_ebpf::steer_bpf())
+            .expect("loading the object");
+        let prog: &mut Xdp = ebpf
+            .program_mut("steer_xdp")
+            .expect("program steer_xdp")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("the verifier accepts steer_xdp");
+        let mut lab = Lab { ebpf };
+        for (name, addr) in [("pcli", LB_CLIENT_SIDE), ("pbe", LB_BACKEND_SIDE)] {
+            let ifindex = nix::net::if_::if_nametoindex(name).expect("interface exists");
+            let mut tx: DevMapHash<&mut MapData> =
+                DevMapHash::try_from(lab.ebpf.map_mut("tx_ports").expect("tx_ports"))
+                    .expect("devmap");
+            tx.insert(ifindex, ifindex, None, 0).expect("tx_ports insert");
+            let mut ifaces: HashMap<&mut MapData, u32, Iface> =
+                HashMap::try_from(lab.ebpf.map_mut("ifaces").expect("ifaces")).expect("hash");
+            let iface = Iface {
+                snat_addr: ne(addr),
+                _pad: 0,
+            };
+            ifaces.insert(ifindex, iface, 0).expect("ifaces insert");
+        }
+        for (slot, addr) in BACKENDS.iter().enumerate() {
+            lab.set_backend(slot as u32, *addr, backend_state::ACTIVE, 1, 0);
+        }
+        lab.set_service(policy, 2, &[0, 1]);
+        lab
+    }
+
+    fn set_backend(&mut self, slot: u32, addr: SocketAddrV4, state: u32, weight: u32, max: u32) {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
+        let backend = Backend {
+            addr: ne(*addr.ip()),
+            port: addr.port().to_be(),
+            weight,
+            state,
+            max_conns: max,
+            generation: 1,
+            ..Default::default()
+        };
+        backends.set(slot, backend, 0).expect("backends set");
+    }
+
+    fn set_state(&mut self, slot: u32, state: u32) {
+        self.set_backend(slot, BACKENDS[slot as usize], state, 1, 0);
+    }
+
+    fn set_service(&mut self, policy: u32, backend_count: u32, ring: &[u32]) {
+        let mut rr: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("rr_ring").expect("rr_ring")).expect("array");
+        for (i, slot) in ring.iter().enumerate() {
+            rr.set(i as u32, *slot, 0).expect("rr_ring set");
+        }
+        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.ebpf.map_mut("services").expect("services")).expect("hash");
+        let key = ServiceKey {
+            vip: ne(*VIP.ip()),
+            port: VIP.port().to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let service = Service {
+            id: 0,
+            policy,
+            backend_count,
+            rr_len: ring.len() as u32,
+        };
+        services.insert(key, service, 0).expect("services insert");
+    }
+
+    fn set_cursor(&mut self, value: u64) {
+        let mut cursor: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("rr_cursor").expect("rr_cursor")).expect("array");
+        cursor.set(0, value, 0).expect("rr_cursor set");
+    }
+
+    fn set_conns(&mut self, id: u32, active: u64) {
+        let mut conns: Array<&mut MapData, BackendConns> =
+            Array::try_from(self.ebpf.map_mut("backend_conns").expect("conns")).expect("array");
+        conns.set(id, BackendConns { active }, 0).expect("conns set");
+    }
+
+    fn conns(&self, id: u32) -> u64 {
+        let conns: Array<&MapData, BackendConns> =
+            Array::try_from(self.ebpf.map("backend_conns").expect("conns")).expect("array");
+        conns.get(&id, 0).expect("conns get").active
+    }
+
+    fn counter(&self, which: u32) -> u64 {
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("service_stats").expect("stats")).expect("array");
+        stats.get(&which, 0).expect("stats get").iter().sum()
+    }
+
+    fn flow(&self, client: SocketAddrV4) -> Option<FlowFwd> {
+        let ct: HashMap<&MapData, FlowKey, FlowFwd> =
+            HashMap::try_from(self.ebpf.map("ct_fwd").expect("ct_fwd")).expect("hash");
+        let key = FlowKey {
+            src_addr: ne(*client.ip()),
+            dst_addr: ne(*VIP.ip()),
+            src_port: client.port().to_be(),
+            dst_port: VIP.port().to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        ct.get(&key, 0).ok()
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self
+            .ebpf
+            .program("steer_xdp")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let fd = prog.fd().expect("loaded program fd");
+        let out = test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        (out.verdict, out.data)
+    }
+
+    /// Send a client packet of `flags` and return where it was sent (must be redirected).
+    fn forward(&self, from: SocketAddrV4, flags: u8) -> (SocketAddrV4, SocketAddrV4) {
+        let input = Frame::tcp(from, VIP, flags).with_payload(b"hello").build();
+        let (verdict, output) = self.run(&input);
+        assert_eq!(verdict, XDP_REDIRECT, "client packet {flags:#x} not redirected");
+        assert_only_nat_fields_changed(&input, &output);
+        let out = parse_checked(&output);
+        assert_eq!(out.src_mac, LB_BACKEND_MAC);
+        let backend = BACKENDS
+            .iter()
+            .position(|b| *b == out.dst)
+            .unwrap_or_else(|| panic!("sent to {} which is no backend", out.dst));
+        assert_eq!(out.dst_mac, BACKEND_MACS[backend]);
+        assert_eq!(*out.src.ip(), LB_BACKEND_SIDE, "source is the LB's egress address");
+        assert!(SNAT_PORTS.contains(&out.src.port()), "source port {}", out.src.port());
+        (out.src, out.dst)
+    }
+
+    /// Send a backend reply to `snat` and check it comes back as VIP -> client.
+    fn reply(&self, backend: SocketAddrV4, snat: SocketAddrV4, flags: u8, client: SocketAddrV4) {
+        let input = Frame::tcp(backend, snat, flags).with_payload(b"world").build();
+        let (verdict, output) = self.run(&input);
+        assert_eq!(verdict, XDP_REDIRECT, "reply {flags:#x} not redirected");
+        assert_only_nat_fields_changed(&input, &output);
+        let out = parse_checked(&output);
+        assert_eq!((out.src, out.dst), (VIP, client));
+        assert_eq!((out.src_mac, out.dst_mac), (LB_CLIENT_MAC, CLIENT_MAC));
+    }
+}
+
+fn in_lab(policy: u32, test: impl FnOnce(&mut Lab) + Send) {
+    let ns = build_namespace();
+    ns.run(move || {
+        let mut lab = Lab::load(policy);
+        test(&mut lab);
+    });
+}
+
+#[test]
+fn syn_to_vip_is_fully_natted_and_the_reply_reversed() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let c = client(40000);
+        let (snat, backend) = lab.forward(c, SYN);
+        assert_eq!(backend, BACKENDS[0], "cursor 0 of ring [0, 1] is slot 0");
+        assert_eq!(lab.conns(0), 1);
+        let flow = lab.flow(c).expect("conntrack entry for the client tuple");
+        assert_eq!(flow.snat_port, snat.port().to_be());
+        assert_eq!(lab.counter(counter::NEW_FLOWS), 1);
+
+        lab.reply(backend, snat, SYN | ACK, c);
+        // The rest of the flow follows conntrack, same backend and source port.
+        assert_eq!(lab.forward(c, ACK | PSH), (snat, backend));
+        lab.reply(backend, snat, ACK | PSH, c);
+        assert_eq!(lab.conns(0), 1, "data packets do not change the count");
+    });
+}
+
+#[test]
+fn round_robin_alternates_between_backends() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let chosen: Vec<SocketAddrV4> = (0..6).map(|i| lab.forward(client(41000 + i), SYN).1).collect();
+        let expected: Vec<SocketAddrV4> = (0..6).map(|i| BACKENDS[i % 2]).collect();
+        assert_eq!(chosen, expected);
+    });
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_it_turns_draining() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let c = client(40100);
+        let (snat, backend) = lab.forward(c, SYN);
+        assert_eq!(backend, BACKENDS[0]);
+        lab.set_state(0, backend_state::DRAINING);
+        lab.set_service(policy::ROUND_ROBIN, 2, &[1]);
+        assert_eq!(lab.forward(c, ACK | PSH), (snat, backend), "open flow stays");
+        lab.reply(backend, snat, ACK, c);
+        for port in 40101..40105 {
+            assert_eq!(lab.forward(client(port), SYN).1, BACKENDS[1], "new flows avoid draining");
+        }
+        // Even when the ring still names it, a draining backend gets no new flow.
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0, 1]);
+        for port in 40110..40114 {
+            assert_eq!(lab.forward(client(port), SYN).1, BACKENDS[1]);
+        }
+    });
+}
+
+#[test]
+fn fin_and_rst_release_the_count_exactly_once() {
+    in_lab(policy::LEAST_CONNECTIONS, |lab| {
+        let c = client(40200);
+        let (snat, backend) = lab.forward(c, SYN);
+        assert_eq!(backend, BACKENDS[0]);
+        assert_eq!(lab.conns(0), 1);
+        lab.forward(c, FIN | ACK);
+        assert_eq!(lab.conns(0), 0, "client FIN releases");
+        lab.forward(c, FIN | ACK);
+        lab.reply(backend, snat, FIN | ACK, c);
+        assert_eq!(lab.conns(0), 0, "retransmitted and reply FINs release nothing more");
+        assert_eq!(lab.forward(c, ACK), (snat, backend), "the close still gets through");
+        assert_eq!(lab.counter(counter::CLOSED_FLOWS), 1);
+
+        // A reply RST on another flow releases once too.
+        let c2 = client(40201);
+        let (snat2, backend2) = lab.forward(c2, SYN);
+        let id2 = BACKENDS.iter().position(|b| *b == backend2).expect("a backend") as u32;
+        assert_eq!(lab.conns(id2), 1);
+        lab.reply(backend2, snat2, RST, c2);
+        lab.reply(backend2, snat2, RST, c2);
+        lab.forward(c2, RST);
+        assert_eq!(lab.conns(id2), 0);
+        assert_eq!(lab.counter(counter::CLOSED_FLOWS), 2);
+
+        // A SYN reusing the closed tuple is a new connection, counted again.
+        let (_, again) = lab.forward(c, SYN);
+        let id = BACKENDS.iter().position(|b| *b == again).expect("a backend") as u32;
+        assert_eq!(lab.conns(id), 1);
+    });
+}
+
+#[test]
+fn least_connections_follows_open_connections_and_caps() {
+    in_lab(policy::LEAST_CONNECTIONS, |lab| {
+        lab.set_conns(0, 3);
+        for port in 0..3 {
+            assert_eq!(lab.forward(client(40300 + port), SYN).1, BACKENDS[1]);
+        }
+        // 3 and 3: the tie goes to the lowest slot.
+        assert_eq!(lab.forward(client(40310), SYN).1, BACKENDS[0]);
+        // A cap of 4 on both, now at 4 and 3: one more fits, then nothing does.
+        lab.set_backend(0, BACKENDS[0], backend_state::ACTIVE, 1, 4);
+        lab.set_backend(1, BACKENDS[1], backend_state::ACTIVE, 1, 4);
+        assert_eq!(lab.forward(client(40311), SYN).1, BACKENDS[1]);
+        let full = Frame::tcp(client(40312), VIP, SYN).build();
+        let (verdict, output) = lab.run(&full);
+        assert_eq!(verdict, XDP_PASS, "no backend with room: the SYN goes to the stack");
+        assert_eq!(output, full, "passed untouched");
+        assert_eq!(lab.counter(counter::NO_BACKEND), 1);
+    });
+}
+
+#[test]
+fn source_ports_never_collide_for_one_backend() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..2000u16 {
+            let (snat, backend) = lab.forward(client(20000 + i), SYN);
+            assert_eq!(backend, BACKENDS[0]);
+            assert!(seen.insert(snat.port()), "source port {} used twice", snat.port());
+        }
+        assert_eq!(lab.conns(0), 2000);
+    });
+}
+
+#[test]
+fn frames_steer_does_not_handle_pass_byte_identical() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let syn = Frame::tcp(client(40400), VIP, SYN);
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let other_host = SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 2), 80);
+        cases.push(("TCP to a non-VIP address", Frame::tcp(client(1), other_host, SYN).build()));
+        let other_port = SocketAddrV4::new(*VIP.ip(), 443);
+        cases.push(("TCP to the VIP on another port", Frame::tcp(client(1), other_port, SYN).build()));
+        cases.push(("non-SYN to the VIP without a flow", Frame::tcp(client(2), VIP, ACK).build()));
+        cases.push(("UDP to the VIP", Frame { protocol: 17, ..syn.clone() }.build()));
+        cases.push(("first fragment (MF)", Frame { frag_field: 0x2000, ..syn.clone() }.build()));
+        cases.push(("later fragment", Frame { frag_field: 0x0010, ..syn.clone() }.build()));
+        cases.push(("IP options", Frame { ip_option_words: 1, ..syn.clone() }.build()));
+        let whole = syn.clone().with_payload(b"0123456789").build();
+        cases.push(("truncated payload", whole[..whole.len() - 4].to_vec()));
+        cases.push(("truncated TCP header", whole[..14 + 20 + 12].to_vec()));
+        cases.push(("truncated IP header", whole[..14 + 12].to_vec()));
+        cases.push(("Ethernet header only", whole[..14].to_vec()));
+        let mut vlan = whole.clone();
+        vlan.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+        cases.push(("VLAN-tagged", vlan));
+        let mut arp = whole.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        cases.push(("ARP", arp));
+        let mut bad_doff = whole.clone();
+        bad_doff[14 + 20 + 12] = 4 << 4;
+        cases.push(("TCP data offset below 5", bad_doff));
+        let unknown_reply = Frame::tcp(BACKENDS[0], SocketAddrV4::new(LB_BACKEND_SIDE, 61000), ACK);
+        cases.push(("reply-like packet of no flow", unknown_reply.build()));
+
+        for (name, frame) in cases {
+            let (verdict, output) = lab.run(&frame);
+            assert_eq!(verdict, XDP_PASS, "{name}: verdict");
+            assert_eq!(output, frame, "{name}: frame changed");
+        }
+        assert_eq!(lab.conns(0) + lab.conns(1), 0, "no flow was opened");
+    });
+}
