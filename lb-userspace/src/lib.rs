@@ -1,2 +1,3 @@
-//! Steer's agent. SKELETON being written.
+//! Steer's agent.
 pub mod dataplane;
+pub mod policy;

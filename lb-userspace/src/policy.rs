@@ -1,0 +1,412 @@
+//! Backend choice for a new flow: an exact model of `lb-ebpf/src/policy.h`, plus the weighted
+//! round-robin ring the agent writes for the kernel to walk. Pure: no maps, no clock.
+//!
+//! The kernel and this model must pick the same backend for the same map state, so the code below
+//! follows the C statement for statement, including its integer widths.
+
+use lb_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, RR_RING_SIZE, backend_state};
+
+/// A service's load-balancing policy (`enum steer_policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+}
+
+impl Policy {
+    /// The value the kernel reads in `steer_service.policy`.
+    pub fn abi(self) -> u32 {
+        match self {
+            Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
+            Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastConnections => "least_connections",
+        })
+    }
+}
+
+/// One backend slot as the kernel sees it: its `steer_backend` fields and its connection count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendView {
+    /// `enum steer_backend_state`.
+    pub state: u32,
+    pub weight: u32,
+    /// 0: no cap.
+    pub max_conns: u32,
+    pub conns: u64,
+}
+
+impl BackendView {
+    /// `backend_has_room`: only an active backend with weight and room takes a new flow.
+    pub fn usable(&self) -> bool {
+        self.state == backend_state::ACTIVE
+            && self.weight > 0
+            && (self.max_conns == 0 || self.conns < u64::from(self.max_conns))
+    }
+}
+
+/// A service as the kernel sees it when a SYN arrives.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceView<'a> {
+    /// `enum steer_policy`, raw: an unknown value chooses nothing, as in the kernel.
+    pub policy: u32,
+    /// Must be below `MAX_SERVICES`; the kernel finds no cursor or ring otherwise.
+    pub id: u32,
+    pub backend_count: u32,
+    /// The ring's first `rr_len` entries (backend slots).
+    pub ring: &'a [u32],
+    /// Indexed by slot; a slot past the end reads as an unwritten (DOWN) entry.
+    pub backends: &'a [BackendView],
+}
+
+impl ServiceView<'_> {
+    fn backend(&self, slot: u32) -> BackendView {
+        usize::try_from(slot)
+            .ok()
+            .and_then(|slot| self.backends.get(slot))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn backend_id(&self, slot: u32) -> u32 {
+        self.id * MAX_BACKENDS_PER_SERVICE + slot
+    }
+}
+
+/// The backend id the kernel picks for a new flow, given the service's round-robin cursor value
+/// before the kernel's `fetch_add` (least connections ignores it).
+pub fn choose(service: &ServiceView<'_>, cursor: u64) -> Option<u32> {
+    if service.id >= MAX_SERVICES {
+        return None;
+    }
+    match service.policy {
+        lb_common::policy::ROUND_ROBIN => pick_round_robin(service, cursor),
+        lb_common::policy::LEAST_CONNECTIONS => pick_least_connections(service),
+        _ => None,
+    }
+}
+
+fn pick_round_robin(service: &ServiceView<'_>, cursor: u64) -> Option<u32> {
+    let len = u32::try_from(service.ring.len()).ok()?;
+    if len == 0 || len > RR_RING_SIZE {
+        return None;
+    }
+    for i in 0..u64::from(len) {
+        let pos = cursor.wrapping_add(i) % u64::from(len);
+        let slot = *service.ring.get(usize::try_from(pos).ok()?)?;
+        // A slot the kernel cannot index ends the walk, not just this step.
+        if slot >= MAX_BACKENDS_PER_SERVICE {
+            return None;
+        }
+        if service.backend(slot).usable() {
+            return Some(service.backend_id(slot));
+        }
+    }
+    None
+}
+
+fn pick_least_connections(service: &ServiceView<'_>) -> Option<u32> {
+    let mut best: Option<(u32, u64, u64)> = None; // (slot, conns, weight)
+    for slot in 0..service.backend_count.min(MAX_BACKENDS_PER_SERVICE) {
+        let b = service.backend(slot);
+        if !b.usable() {
+            continue;
+        }
+        let weight = u64::from(b.weight);
+        // Cross multiplication as in the kernel (u64, wrapping), so no division rounds.
+        let better = best.is_none_or(|(_, best_conns, best_weight)| {
+            b.conns.wrapping_mul(best_weight) < best_conns.wrapping_mul(weight)
+        });
+        if better {
+            best = Some((slot, b.conns, weight));
+        }
+    }
+    best.map(|(slot, _, _)| service.backend_id(slot))
+}
+
+/// The round-robin ring of a service: backend slots in nginx's smooth weighted round-robin order,
+/// over the active backends given as `(slot, weight)`; zero weights are left out.
+///
+/// Weights are divided by their gcd so the ring is one period; a period longer than
+/// `RR_RING_SIZE` is scaled down (each backend keeps at least one entry) and cut to fit.
+pub fn rr_ring(active: &[(u32, u32)]) -> Vec<u32> {
+    let active: Vec<(u32, u64)> = active
+        .iter()
+        .filter(|&&(_, w)| w > 0)
+        .map(|&(slot, w)| (slot, u64::from(w)))
+        .collect();
+    let divisor = active.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
+    let mut weights: Vec<u64> = active.iter().map(|&(_, w)| w / divisor).collect();
+    let sum: u64 = weights.iter().sum();
+    let size = u64::from(RR_RING_SIZE);
+    if sum > size {
+        for w in &mut weights {
+            *w = (*w * size / sum).max(1);
+        }
+    }
+    let total: u64 = weights.iter().sum();
+    let mut current = vec![0i128; weights.len()];
+    let mut ring = Vec::new();
+    for _ in 0..total.min(size) {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i128::from(w);
+            // Strictly greater: the first of equal candidates wins, as in nginx.
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= i128::from(total);
+        ring.push(active[best].0);
+    }
+    ring
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::policy::{LEAST_CONNECTIONS, ROUND_ROBIN};
+    use proptest::prelude::*;
+
+    fn active(weight: u32) -> BackendView {
+        BackendView {
+            state: backend_state::ACTIVE,
+            weight,
+            max_conns: 0,
+            conns: 0,
+        }
+    }
+
+    fn view<'a>(
+        policy: u32,
+        id: u32,
+        ring: &'a [u32],
+        backends: &'a [BackendView],
+    ) -> ServiceView<'a> {
+        ServiceView {
+            policy,
+            id,
+            backend_count: u32::try_from(backends.len()).unwrap_or(u32::MAX),
+            ring,
+            backends,
+        }
+    }
+
+    #[test]
+    fn usable_needs_active_weight_and_room() {
+        assert!(active(1).usable());
+        assert!(!active(0).usable());
+        let draining = BackendView {
+            state: backend_state::DRAINING,
+            ..active(1)
+        };
+        assert!(!draining.usable());
+        let down = BackendView {
+            state: backend_state::DOWN,
+            ..active(1)
+        };
+        assert!(!down.usable());
+        let full = BackendView {
+            max_conns: 2,
+            conns: 2,
+            ..active(1)
+        };
+        assert!(!full.usable());
+        let room = BackendView {
+            max_conns: 2,
+            conns: 1,
+            ..active(1)
+        };
+        assert!(room.usable());
+    }
+
+    #[test]
+    fn round_robin_walks_from_cursor_and_skips_unusable() {
+        let draining = BackendView {
+            state: backend_state::DRAINING,
+            ..active(1)
+        };
+        let backends = [active(1), draining, active(1)];
+        let ring = [0, 1, 2];
+        let svc = view(ROUND_ROBIN, 2, &ring, &backends);
+        assert_eq!(choose(&svc, 0), Some(128));
+        assert_eq!(choose(&svc, 1), Some(130), "slot 1 drains: next in ring");
+        assert_eq!(choose(&svc, 2), Some(130));
+        assert_eq!(
+            choose(&svc, 3),
+            Some(128),
+            "cursor wraps modulo the ring length"
+        );
+    }
+
+    #[test]
+    fn round_robin_edge_cases_match_kernel() {
+        let one = [active(1)];
+        let rr = |id, ring: &[u32]| choose(&view(ROUND_ROBIN, id, ring, &one), 0);
+        assert_eq!(rr(0, &[]), None, "empty ring");
+        assert_eq!(rr(0, &[64, 0]), None, "a slot out of range aborts the walk");
+        assert_eq!(rr(64, &[0]), None, "no such service id");
+        assert_eq!(rr(0, &[3]), None, "an unwritten slot is down");
+        assert_eq!(rr(0, &vec![0; RR_RING_SIZE as usize + 1]), None);
+        assert_eq!(choose(&view(7, 0, &[0], &one), 0), None, "unknown policy");
+    }
+
+    #[test]
+    fn least_connections_per_weight_ties_to_lowest_slot() {
+        let b = |weight, conns| BackendView {
+            conns,
+            ..active(weight)
+        };
+        // 3/1, 4/2, 2/1: slots 1 and 2 tie at 2 per unit of weight; the lower slot wins.
+        let svc = [b(1, 3), b(2, 4), b(1, 2)];
+        assert_eq!(choose(&view(LEAST_CONNECTIONS, 1, &[], &svc), 0), Some(65));
+        let svc = [b(1, 1), b(1, 1)];
+        assert_eq!(choose(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(0));
+        let capped_full = BackendView {
+            max_conns: 1,
+            ..b(1, 1)
+        };
+        let svc = [b(1, 5), capped_full, b(1, 2)];
+        assert_eq!(choose(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(2));
+        let short = ServiceView {
+            backend_count: 1,
+            ..view(LEAST_CONNECTIONS, 0, &[], &svc)
+        };
+        assert_eq!(
+            choose(&short, 0),
+            Some(0),
+            "slots past backend_count are not read"
+        );
+    }
+
+    #[test]
+    fn ring_is_smooth_weighted() {
+        assert_eq!(rr_ring(&[(0, 5), (1, 1), (2, 1)]), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(
+            rr_ring(&[(3, 2), (7, 2)]),
+            [3, 7],
+            "weights divided by their gcd"
+        );
+        assert_eq!(rr_ring(&[(0, 0), (1, 3)]), [1], "zero weight left out");
+        assert!(rr_ring(&[]).is_empty());
+    }
+
+    #[test]
+    fn long_ring_is_scaled_and_cut() {
+        // 65535 : 63 x 1 scales to 255 + 63 x 1 = 318 entries, cut to the ring size.
+        let mut weights = vec![(0, 65535)];
+        weights.extend((1..64).map(|slot| (slot, 1)));
+        assert_eq!(rr_ring(&weights).len(), RR_RING_SIZE as usize);
+        assert_eq!(
+            rr_ring(&[(0, 1000), (1, 3000)]).len(),
+            4,
+            "gcd first: 1:3 fits"
+        );
+        let ring = rr_ring(&[(0, 301), (1, 1)]);
+        assert_eq!(ring.len(), 255 + 1);
+        assert_eq!(
+            ring.iter().filter(|&&s| s == 1).count(),
+            1,
+            "keeps one entry"
+        );
+    }
+
+    fn backend_strategy() -> impl Strategy<Value = BackendView> {
+        (0u32..3, 0u32..4, 0u32..4, 0u64..5).prop_map(|(state, weight, max_conns, conns)| {
+            BackendView {
+                state,
+                weight,
+                max_conns,
+                conns,
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_picks_an_unusable_backend(
+            backends in prop::collection::vec(backend_strategy(), 0..8),
+            ring in prop::collection::vec(0u32..8, 0..16),
+            policy in 0u32..2,
+            id in 0u32..MAX_SERVICES,
+            cursor in any::<u64>(),
+        ) {
+            let svc = view(policy, id, &ring, &backends);
+            if let Some(backend) = choose(&svc, cursor) {
+                prop_assert_eq!(backend / MAX_BACKENDS_PER_SERVICE, id);
+                let slot = (backend % MAX_BACKENDS_PER_SERVICE) as usize;
+                prop_assert!(backends[slot].usable());
+            }
+        }
+
+        #[test]
+        fn least_connections_picks_a_minimum(
+            backends in prop::collection::vec(backend_strategy(), 1..8),
+        ) {
+            let svc = view(LEAST_CONNECTIONS, 0, &[], &backends);
+            let usable: Vec<&BackendView> = backends.iter().filter(|b| b.usable()).collect();
+            let picked = choose(&svc, 0);
+            prop_assert_eq!(picked.is_some(), !usable.is_empty());
+            if let Some(id) = picked {
+                let p = backends[id as usize];
+                for o in usable {
+                    prop_assert!(p.conns * u64::from(o.weight) <= o.conns * u64::from(p.weight));
+                }
+            }
+        }
+
+        #[test]
+        fn equal_weights_alternate_exactly(n in 1u32..64, weight in 1u32..100, cursor in 0u64..1000) {
+            let slots: Vec<(u32, u32)> = (0..n).map(|s| (s, weight)).collect();
+            let ring = rr_ring(&slots);
+            prop_assert_eq!(&ring, &(0..n).collect::<Vec<_>>());
+            let backends = vec![active(weight); n as usize];
+            let svc = view(ROUND_ROBIN, 0, &ring, &backends);
+            for k in 0..2 * u64::from(n) {
+                let expected = ((cursor + k) % u64::from(n)) as u32;
+                prop_assert_eq!(choose(&svc, cursor + k), Some(expected));
+            }
+        }
+
+        #[test]
+        fn ring_counts_are_proportional_to_weights(
+            weights in prop::collection::vec(0u32..70_000, 0..64),
+        ) {
+            let slots: Vec<(u32, u32)> = (0u32..).zip(weights.iter().copied()).collect();
+            let ring = rr_ring(&slots);
+            prop_assert!(ring.len() <= RR_RING_SIZE as usize);
+            // The expected count of each slot, computed the way the doc comment states it.
+            let g = weights.iter().fold(0, |g, &w| gcd(g, u64::from(w))).max(1);
+            let mut expected: Vec<u64> = weights.iter().map(|&w| u64::from(w) / g).collect();
+            let sum: u64 = expected.iter().sum();
+            let size = u64::from(RR_RING_SIZE);
+            if sum > size {
+                for w in expected.iter_mut().filter(|w| **w > 0) {
+                    *w = (*w * size / sum).max(1);
+                }
+            }
+            let cut = expected.iter().sum::<u64>() > size;
+            for (slot, &w) in (0u32..).zip(&expected) {
+                let count = ring.iter().filter(|&&s| s == slot).count() as u64;
+                if cut {
+                    prop_assert!(count <= w);
+                } else {
+                    prop_assert_eq!(count, w);
+                }
+            }
+        }
+    }
+}
