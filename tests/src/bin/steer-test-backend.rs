@@ -1,0 +1,85 @@
+//! A real HTTP/1.1 server (axum on hyper, keep-alive on) used as a backend host in the
+//! integration tests and the demo.
+//!
+//! - `GET /whoami` -> `NAME <peer ip>:<peer port>` (the peer as this server sees it, so a test can
+//!   tell which backend answered and which source address the load balancer used)
+//! - `GET /bytes/{n}` -> `n` deterministic bytes ([`tests::topology::pattern`])
+//! - `POST /echo` -> the request body back (up to 64 MiB)
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{ConnectInfo, DefaultBodyLimit, Path, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use clap::Parser;
+
+/// Largest body `/echo` accepts and `/bytes` produces.
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Debug, Parser)]
+#[command(about = "HTTP backend for Steer's integration tests")]
+struct Args {
+    /// Name returned by /whoami.
+    #[arg(long)]
+    name: String,
+    /// Address to listen on, e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    listen: SocketAddr,
+}
+
+async fn whoami(State(name): State<String>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
+    format!("{name} {peer}")
+}
+
+async fn bytes(Path(n): Path<usize>) -> impl IntoResponse {
+    if n > MAX_BODY {
+        return (StatusCode::PAYLOAD_TOO_LARGE, Body::from("too large"));
+    }
+    (StatusCode::OK, Body::from(tests::topology::pattern(n)))
+}
+
+async fn echo(body: Bytes) -> Bytes {
+    body
+}
+
+/// Lifts the soft open-file limit to the hard limit (1,000+ concurrent connections).
+fn raise_nofile() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit")?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    raise_nofile()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async {
+        let app = Router::new()
+            .route("/whoami", get(whoami))
+            .route("/bytes/{n}", get(bytes))
+            .route("/echo", post(echo))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(args.name.clone());
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("bind {}", args.listen))?;
+        eprintln!("{} listening on {}", args.name, args.listen);
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .context("serve")
+    })
+}

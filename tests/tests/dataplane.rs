@@ -1,0 +1,340 @@
+//! End-to-end tests: a client namespace talks to the VIP through the agent's XDP program in the
+//! LB namespace (forwarding off there) to real HTTP servers in backend namespaces.
+//!
+//! Each test builds its own topology (see `tests::topology`), runs `steer` as a child with a
+//! generated config, and tears everything down on drop, also when it fails. They need root and
+//! panic with a message saying so otherwise.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use tests::{
+    netns,
+    topology::{CLIENT_ADDR, HttpConn, LB_CLIENT_SIDE, Topology, VIP, pattern},
+};
+use tokio::task::JoinSet;
+
+fn backend_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_steer-test-backend"))
+}
+
+fn topology(tag: &str, policy: &str, backends: usize) -> Topology {
+    netns::require_root("the integration tests");
+    Topology::new(tag, policy, backends, backend_bin())
+}
+
+/// Opens a new connection to the VIP from the client and asks `/whoami` on it.
+async fn whoami_new(conn_to: SocketAddrV4) -> (HttpConn, String) {
+    let mut conn = HttpConn::connect(SocketAddr::V4(conn_to))
+        .await
+        .unwrap_or_else(|e| panic!("connect to VIP {conn_to}: {e}"));
+    let answer = conn.get("/whoami").await.text();
+    (conn, answer)
+}
+
+/// The topology itself, without the agent: the client reaches the LB's address on its link, the
+/// LB namespace reaches every backend's HTTP server, and forwarding is off on the LB.
+#[test]
+fn topology_hosts_reach_their_neighbours() {
+    let topo = topology("topo", "round_robin", 2);
+    // A listener made inside the LB namespace stays there, whatever thread accepts on it.
+    let listener = topo
+        .lb
+        .run(|| TcpListener::bind((LB_CLIENT_SIDE, 7000)).expect("bind in the LB namespace"));
+    let peer = std::thread::scope(|s| {
+        let accepted = s.spawn(|| listener.accept().expect("accept").1);
+        topo.client.run(|| {
+            TcpStream::connect_timeout(&(LB_CLIENT_SIDE, 7000).into(), Duration::from_secs(5))
+                .expect("client connects to the LB's address")
+        });
+        accepted.join().expect("accept thread")
+    });
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(CLIENT_ADDR));
+    let forward = topo.lb.exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(forward.trim(), "0", "forwarding must be off on the LB");
+    // Topology::new already checked every backend's /whoami from the LB namespace.
+    assert_eq!(topo.backends.len(), 2);
+}
+
+#[test]
+fn round_robin_alternates_exactly_over_200_connections() {
+    let mut topo = topology("rr", "round_robin", 2);
+    topo.start_agent();
+    let answers = topo.client.block_on(|| async {
+        let mut answers = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let (conn, answer) = whoami_new(VIP).await;
+            drop(conn);
+            answers.push(answer);
+        }
+        answers
+    });
+    let names: Vec<String> = answers.iter().map(|a| topo.check_whoami(a).0).collect();
+    for (i, pair) in names.windows(2).enumerate() {
+        assert_ne!(
+            pair[0],
+            pair[1],
+            "connections {i} and {} both went to {}: {names:?}",
+            i + 1,
+            pair[0]
+        );
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for n in &names {
+        *counts.entry(n.as_str()).or_default() += 1;
+    }
+    assert_eq!(counts.get("b1"), Some(&100), "{counts:?}");
+    assert_eq!(counts.get("b2"), Some(&100), "{counts:?}");
+    for b in &topo.backends {
+        let view = topo.backend_view(b.addr).expect("backend listed");
+        assert_eq!(view["new_flows"].as_u64(), Some(100), "{view}");
+    }
+}
+
+#[test]
+fn least_connections_follows_held_open_connections() {
+    const HELD: usize = 8;
+    let mut topo = topology("lc", "least_connections", 2);
+    topo.start_agent();
+    let (b1, b2) = (topo.backend("b1").addr, topo.backend("b2").addr);
+
+    // Hold HELD idle connections on b1; connections that land on b2 are closed again.
+    let mut held = topo.client.block_on(|| async {
+        let mut held = Vec::new();
+        for _ in 0..HELD * 4 {
+            if held.len() == HELD {
+                break;
+            }
+            let (conn, answer) = whoami_new(VIP).await;
+            if answer.starts_with("b1 ") {
+                held.push(conn);
+            }
+        }
+        held
+    });
+    assert_eq!(held.len(), HELD, "could not hold {HELD} connections on b1");
+    topo.wait_active_connections(b1, HELD as u64, Duration::from_secs(15));
+    topo.wait_active_connections(b2, 0, Duration::from_secs(15));
+
+    // b2 has HELD fewer connections: the next HELD new connections all go to it, and after that
+    // the two stay within one of each other.
+    let (next, more) = topo.client.block_on(|| async {
+        let mut next = Vec::new();
+        for _ in 0..HELD {
+            next.push(whoami_new(VIP).await);
+        }
+        let mut more = Vec::new();
+        for _ in 0..10 {
+            more.push(whoami_new(VIP).await);
+        }
+        (next, more)
+    });
+    for (i, (_, answer)) in next.iter().enumerate() {
+        let (name, _) = topo.check_whoami(answer);
+        assert_eq!(name, "b2", "new connection {i} while b1 held {HELD} more");
+    }
+    let (mut on_b1, mut on_b2) = (HELD, HELD);
+    for (_, answer) in &more {
+        match topo.check_whoami(answer).0.as_str() {
+            "b1" => on_b1 += 1,
+            _ => on_b2 += 1,
+        }
+        assert!(
+            on_b1.abs_diff(on_b2) <= 1,
+            "least connections let b1={on_b1} and b2={on_b2} drift apart"
+        );
+    }
+    topo.wait_active_connections(b1, on_b1 as u64, Duration::from_secs(5));
+    topo.wait_active_connections(b2, on_b2 as u64, Duration::from_secs(5));
+    held.clear();
+}
+
+#[test]
+fn sixteen_mib_bodies_are_byte_identical_both_ways() {
+    const LEN: usize = 16 << 20;
+    let mut topo = topology("big", "round_robin", 2);
+    topo.start_agent();
+    let (download, upload, sent) = topo.client.block_on(|| async {
+        let sent = pattern(LEN).into_iter().rev().collect::<Vec<u8>>();
+        let mut conn = HttpConn::connect(SocketAddr::V4(VIP))
+            .await
+            .expect("connect to VIP");
+        let download = conn.get(&format!("/bytes/{LEN}")).await.body;
+        let upload = conn.request_ok("POST", "/echo", Some(&sent)).await.body;
+        (download, upload, sent)
+    });
+    assert_eq!(download.len(), LEN, "GET /bytes/{LEN} length");
+    assert!(
+        download == pattern(LEN),
+        "GET /bytes/{LEN} differs from the pattern"
+    );
+    assert_eq!(upload.len(), LEN, "POST /echo length");
+    assert!(upload == sent, "POST /echo came back different");
+}
+
+#[test]
+fn removed_and_drained_backends_get_no_new_connections_but_finish_open_ones() {
+    let mut topo = topology("drain", "round_robin", 3);
+    topo.start_agent();
+
+    // One open connection on each backend.
+    let mut open: HashMap<String, HttpConn> = topo.client.block_on(|| async {
+        let mut open = HashMap::new();
+        for _ in 0..30 {
+            if open.len() == 3 {
+                break;
+            }
+            let (conn, answer) = whoami_new(VIP).await;
+            let name = answer.split(' ').next().unwrap_or_default().to_owned();
+            open.entry(name).or_insert(conn);
+        }
+        open
+    });
+    assert_eq!(
+        open.len(),
+        3,
+        "no open connection on every backend: {:?}",
+        open.keys()
+    );
+
+    let id_of = |name: &str| {
+        topo.backend_view(topo.backend(name).addr)
+            .unwrap_or_else(|| panic!("{name} not listed"))["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name} has no id"))
+    };
+    let (removed, drained) = (id_of("b1"), id_of("b2"));
+    topo.admin("DELETE", &format!("/v1/backends/{removed}"), None);
+    topo.admin("POST", &format!("/v1/backends/{drained}/drain"), None);
+    assert!(
+        topo.backend_view(topo.backend("b1").addr).is_none(),
+        "b1 still listed after DELETE"
+    );
+    let b2 = topo
+        .backend_view(topo.backend("b2").addr)
+        .expect("b2 listed");
+    assert_eq!(b2["state"].as_str(), Some("draining"), "{b2}");
+
+    let fresh = topo.client.block_on(|| async {
+        let mut fresh = Vec::new();
+        for _ in 0..30 {
+            fresh.push(whoami_new(VIP).await.1);
+        }
+        fresh
+    });
+    for answer in &fresh {
+        assert_eq!(
+            topo.check_whoami(answer).0,
+            "b3",
+            "new connection after remove/drain"
+        );
+    }
+
+    // The connections opened before still complete requests on their old backends.
+    let mut old = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        let mut conn = open.remove(name).expect("open connection");
+        let answer = topo
+            .client
+            .block_on(|| async move { conn.get("/whoami").await.text() });
+        old.push((name, answer));
+    }
+    for (name, answer) in old {
+        assert_eq!(topo.check_whoami(&answer).0, name, "open connection moved");
+    }
+}
+
+#[test]
+fn thousand_concurrent_connections_never_share_a_source_tuple() {
+    const CONNS: usize = 1000;
+    let mut topo = topology("many", "round_robin", 2);
+    topo.start_agent();
+    let answers = topo.client.block_on(|| async {
+        // Open all of them first (100 at a time), then ask /whoami on all at once.
+        let mut conns = Vec::with_capacity(CONNS);
+        for _ in 0..CONNS / 100 {
+            let mut set = JoinSet::new();
+            for _ in 0..100 {
+                set.spawn(HttpConn::connect(SocketAddr::V4(VIP)));
+            }
+            while let Some(res) = set.join_next().await {
+                conns.push(res.expect("connect task").expect("connect to VIP"));
+            }
+        }
+        let mut set = JoinSet::new();
+        for mut conn in conns {
+            set.spawn(async move {
+                let answer = conn.get("/whoami").await.text();
+                (conn, answer)
+            });
+        }
+        let mut held = Vec::with_capacity(CONNS);
+        while let Some(res) = set.join_next().await {
+            held.push(res.expect("request task"));
+        }
+        // Every connection is still open here; the answers were all given while they were.
+        held.into_iter().map(|(_, a)| a).collect::<Vec<_>>()
+    });
+    assert_eq!(answers.len(), CONNS);
+    let mut seen: HashSet<(String, SocketAddrV4)> = HashSet::new();
+    for answer in &answers {
+        let (name, peer) = topo.check_whoami(answer);
+        assert!(
+            seen.insert((name.clone(), peer)),
+            "two connections reached {name} from the same {peer}"
+        );
+    }
+}
+
+#[test]
+fn agent_exit_detaches_xdp_from_every_interface() {
+    let mut topo = topology("exit", "round_robin", 2);
+    let mut ifaces = vec![topo.lb_client_if.clone()];
+    ifaces.extend(topo.backends.iter().map(|b| b.lb_if.clone()));
+    let xdp_attached = |topo: &Topology, ifname: &str| {
+        let link = topo.lb.ip(&["-d", "link", "show", "dev", ifname]);
+        link.contains("prog/xdp")
+    };
+    let bpftool_xdp = |topo: &Topology| {
+        let out = topo.lb.exec_ok(&["bpftool", "-j", "net", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("bpftool -j net show: {e}: {out}"));
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|entry| entry["xdp"].as_array().cloned().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+
+    topo.start_agent();
+    for ifname in &ifaces {
+        assert!(
+            xdp_attached(&topo, ifname),
+            "no XDP program on {ifname} while running"
+        );
+    }
+    assert_eq!(
+        bpftool_xdp(&topo).len(),
+        ifaces.len(),
+        "bpftool net while running"
+    );
+    let status = topo.stop_agent(Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "agent exited with {status} after SIGTERM; log:\n{}",
+        topo.agent_log()
+    );
+    for ifname in &ifaces {
+        assert!(!xdp_attached(&topo, ifname), "XDP program left on {ifname}");
+    }
+    assert_eq!(
+        bpftool_xdp(&topo),
+        Vec::<serde_json::Value>::new(),
+        "bpftool net after exit"
+    );
+}
