@@ -1,6 +1,7 @@
 //! The kernel side of the backend table. `xdp` is the only code that touches kernel maps; the
 //! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
 
+pub mod conns;
 pub mod xdp;
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
@@ -52,6 +53,20 @@ pub enum DataplaneError {
     NoSuchInterface(String),
     #[error("interface `{0}` has no IPv4 address to use as the source towards backends")]
     NoIpv4Address(String),
+    #[error("the XDP object has no program `{0}`")]
+    MissingProgram(&'static str),
+    #[error("map `{map}`: {source}")]
+    DevMap {
+        map: &'static str,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("{what} {value} is out of range (limit {limit})")]
+    OutOfRange {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -1,12 +1,52 @@
 //! The XDP program and its maps: load, attach, write, read counters, detach on drop.
-//! SKELETON: the interface below is agreed; the bodies are being written.
+//!
+//! Who owns what:
+//! - [`Xdp`] (the reconciler, through `&mut self`) holds the handles of the maps it writes
+//!   (`services`, `backends`, `rr_ring`) and reads (`backend_stats`, `service_stats`), plus the
+//!   program and its links inside the [`Ebpf`].
+//! - The conntrack expiry task owns `ct_fwd` and `ct_rev`, and reads `backends` through a second
+//!   handle on a duplicated fd.
+//! - The events task owns the `events` ringbuf.
+//! - `backend_conns` is mmap-ed once into a [`ConnCounts`] shared by `Arc` (reconciler, expiry,
+//!   and the proxy through [`Xdp::conn_counts`]); every access to it is atomic.
+//! - `ifaces` and `tx_ports` are written once at load and stay in the [`Ebpf`].
 
-use std::ops::RangeInclusive;
+mod events;
+mod expiry;
+mod sys;
 
-use super::DataplaneError;
+use std::{fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd, sync::Arc};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    programs,
+};
+use lb_common::{Backend, BackendConns, BackendStats, Iface, Service, ServiceKey};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    task::AbortHandle,
+};
+
+use super::{Dataplane, DataplaneError, conns::ConnCounts};
+
+const PROGRAM: &str = "steer_xdp";
+/// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
+/// routes up as if from lo (see nat.h): lo needs it on, while the data interfaces keep theirs.
+const LO_FORWARDING: &str = "/proc/sys/net/ipv4/conf/lo/forwarding";
 
 /// How the program is attached (`--xdp-mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// In the driver (fast; what production and the tests use).
@@ -14,6 +54,22 @@ pub enum XdpMode {
     Native,
     /// Generic mode in the stack, for drivers without XDP support.
     Skb,
+}
+
+impl XdpMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        }
+    }
+
+    fn aya(self) -> programs::XdpMode {
+        match self {
+            Self::Native => programs::XdpMode::Driver,
+            Self::Skb => programs::XdpMode::Skb,
+        }
+    }
 }
 
 /// What the agent's config decides about the data plane.
@@ -35,16 +91,368 @@ pub struct XdpOptions {
     pub closed_flow_timeout: std::time::Duration,
 }
 
+/// An interface to attach to, resolved before anything is loaded.
+#[derive(Debug)]
+struct Interface {
+    name: String,
+    ifindex: u32,
+    snat_addr: Ipv4Addr,
+}
+
 /// The loaded, attached program. Dropping it detaches from every interface.
 pub struct Xdp {
-    _todo: (),
+    /// Background tasks (events, conntrack expiry), aborted on drop.
+    tasks: Vec<AbortHandle>,
+    interfaces: Vec<String>,
+    mode: XdpMode,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    rr_ring: Array<MapData, u32>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    service_stats: PerCpuArray<MapData, u64>,
+    conns: Arc<ConnCounts>,
+    /// The program and its links: dropping it detaches from every interface (aya's `Links`
+    /// detach on drop; closing an XDP bpf_link fd detaches it).
+    ebpf: Ebpf,
 }
 
 impl Xdp {
     /// Load the program, create its maps, attach it to every interface and fill `ifaces` and
     /// `tx_ports`. Must be called inside a tokio runtime (it spawns the event reader and the
     /// conntrack expiry task).
-    pub fn load(_options: &XdpOptions) -> Result<Self, DataplaneError> {
-        unimplemented!("being written")
+    ///
+    /// On error nothing stays attached: everything loaded so far is owned by locals that detach
+    /// and close on return.
+    pub fn load(options: &XdpOptions) -> Result<Self, DataplaneError> {
+        let interfaces = resolve_interfaces(&options.interfaces)?;
+        let flow_events = u32::from(options.flow_events);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("snat_port_min", options.snat_ports.start(), true)
+            .override_global("snat_port_max", options.snat_ports.end(), true)
+            .override_global("flow_events", &flow_events, true)
+            .map_max_entries("ct_fwd", options.conntrack_entries)
+            .map_max_entries("ct_rev", options.conntrack_entries)
+            .load(lb_ebpf::steer_bpf())
+            .map_err(DataplaneError::Load)?;
+
+        fill_interfaces(&mut ebpf, &interfaces)?;
+        let conns = Arc::new(map_conn_counts(&ebpf)?);
+        let services = take_map(&mut ebpf, "services")?;
+        let backends = take_map(&mut ebpf, "backends")?;
+        let backends_for_expiry = dup_map(&backends, "backends")?;
+        let rr_ring = take_map(&mut ebpf, "rr_ring")?;
+        let backend_stats = take_map(&mut ebpf, "backend_stats")?;
+        let service_stats = take_map(&mut ebpf, "service_stats")?;
+        let ct_fwd = take_map(&mut ebpf, "ct_fwd")?;
+        let ct_rev = take_map(&mut ebpf, "ct_rev")?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, "events")?;
+        // SAFETY: the fd is the ringbuf map's own, owned by the `RingBuf` moved into the
+        // `AsyncFd`, so it stays open and the same for the whole life of the registration.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| DataplaneError::Io {
+                what: "registering the events ringbuf with tokio".into(),
+                source: e.into(),
+            })?;
+
+        enable_lo_forwarding()?;
+        attach(&mut ebpf, &interfaces, options.mode)?;
+
+        let expiry = expiry::Expiry::new(
+            ct_fwd,
+            ct_rev,
+            backends_for_expiry,
+            Arc::clone(&conns),
+            expiry::Timeouts::new(options.flow_idle_timeout, options.closed_flow_timeout),
+        );
+        let tasks = vec![
+            tokio::spawn(events::run(events)).abort_handle(),
+            tokio::spawn(expiry::run(expiry)).abort_handle(),
+        ];
+        Ok(Self {
+            tasks,
+            interfaces: interfaces.into_iter().map(|i| i.name).collect(),
+            mode: options.mode,
+            services,
+            backends,
+            rr_ring,
+            backend_stats,
+            service_stats,
+            conns,
+            ebpf,
+        })
+    }
+
+    /// The per-backend connection counts the kernel shares, for the user-space proxy.
+    pub fn conn_counts(&self) -> Arc<ConnCounts> {
+        Arc::clone(&self.conns)
+    }
+}
+
+impl Drop for Xdp {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        // The fields drop after this; `ebpf` detaches the program from every interface.
+        tracing::info!(
+            interfaces = ?self.interfaces,
+            mode = self.mode.name(),
+            programs = self.ebpf.programs().count(),
+            "detaching XDP"
+        );
+    }
+}
+
+/// Each interface's index and first IPv4 address, or the error naming the first that lacks one.
+fn resolve_interfaces(names: &[String]) -> Result<Vec<Interface>, DataplaneError> {
+    let addrs: Vec<_> = nix::ifaddrs::getifaddrs()
+        .map_err(|errno| DataplaneError::Io {
+            what: "listing interface addresses".into(),
+            source: errno.into(),
+        })?
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            let ifindex = nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|_| DataplaneError::NoSuchInterface(name.clone()))?;
+            let snat_addr = addrs
+                .iter()
+                .filter(|a| a.interface_name == *name)
+                .find_map(|a| a.address.as_ref()?.as_sockaddr_in().map(|sin| sin.ip()))
+                .ok_or_else(|| DataplaneError::NoIpv4Address(name.clone()))?;
+            Ok(Interface {
+                name: name.clone(),
+                ifindex,
+                snat_addr,
+            })
+        })
+        .collect()
+}
+
+/// `ifaces` (ifindex -> SNAT address) and `tx_ports` (ifindex -> ifindex): written before the
+/// program is attached, so it never sees an interface it cannot source from or redirect to.
+fn fill_interfaces(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), DataplaneError> {
+    let mut ifaces: HashMap<&mut MapData, u32, Iface> = ebpf
+        .map_mut("ifaces")
+        .ok_or(DataplaneError::MissingMap("ifaces"))?
+        .try_into()
+        .map_err(map_err("ifaces"))?;
+    for iface in interfaces {
+        let value = Iface {
+            snat_addr: u32::from_ne_bytes(iface.snat_addr.octets()),
+            _pad: 0,
+        };
+        ifaces
+            .insert(iface.ifindex, value, 0)
+            .map_err(map_err("ifaces"))?;
+    }
+    let mut tx_ports: DevMapHash<&mut MapData> = ebpf
+        .map_mut("tx_ports")
+        .ok_or(DataplaneError::MissingMap("tx_ports"))?
+        .try_into()
+        .map_err(map_err("tx_ports"))?;
+    for iface in interfaces {
+        tx_ports
+            .insert(iface.ifindex, iface.ifindex, None, 0)
+            .map_err(|source| DataplaneError::DevMap {
+                map: "tx_ports",
+                source,
+            })?;
+        tracing::debug!(
+            interface = iface.name,
+            ifindex = iface.ifindex,
+            snat_addr = %iface.snat_addr,
+            "interface registered"
+        );
+    }
+    Ok(())
+}
+
+/// mmap `backend_conns`; the typed view first checks it is an array of 8-byte values.
+fn map_conn_counts(ebpf: &Ebpf) -> Result<ConnCounts, DataplaneError> {
+    const NAME: &str = "backend_conns";
+    let map = ebpf.map(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+    let array: Array<&MapData, BackendConns> = map
+        .try_into()
+        .map_err(|source| DataplaneError::Map { map: NAME, source })?;
+    ConnCounts::map_bpf_array(array.map().fd().as_fd(), array.len()).map_err(|source| {
+        DataplaneError::Io {
+            what: format!("mmap of map `{NAME}`"),
+            source,
+        }
+    })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+/// A second, independent handle on an array map (its own fd), for another task.
+fn dup_map<V: aya::Pod>(
+    map: &Array<MapData, V>,
+    name: &'static str,
+) -> Result<Array<MapData, V>, DataplaneError> {
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Io {
+            what: format!("duplicating the fd of map `{name}`"),
+            source,
+        })?;
+    let data = MapData::from_fd(fd).map_err(|source| DataplaneError::Map { map: name, source })?;
+    Map::from_map_data(data)
+        .and_then(Array::try_from)
+        .map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+fn enable_lo_forwarding() -> Result<(), DataplaneError> {
+    let io_err = |what: &str| {
+        let what = format!("{what} {LO_FORWARDING}");
+        move |source| DataplaneError::Io { what, source }
+    };
+    let current = fs::read_to_string(LO_FORWARDING).map_err(io_err("reading"))?;
+    if current.trim() != "1" {
+        fs::write(LO_FORWARDING, "1").map_err(io_err("writing 1 to"))?;
+        tracing::info!(
+            path = LO_FORWARDING,
+            "enabled forwarding on lo: the program's route lookups are made as if from lo, \
+             and the kernel refuses them for a device with forwarding off"
+        );
+    }
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<(), DataplaneError> {
+    let program: &mut programs::Xdp = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(DataplaneError::MissingProgram(PROGRAM))?
+        .try_into()
+        .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
+    program.load().map_err(|e| DataplaneError::Load(e.into()))?;
+    for iface in interfaces {
+        program
+            .attach_to_if_index(iface.ifindex, mode.aya())
+            .map_err(|source| DataplaneError::Attach {
+                interface: iface.name.clone(),
+                mode: mode.name(),
+                source,
+            })?;
+        tracing::info!(
+            interface = iface.name,
+            ifindex = iface.ifindex,
+            mode = mode.name(),
+            "XDP attached"
+        );
+    }
+    Ok(())
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+fn out_of_range(what: &'static str, value: impl Into<u64>, limit: u32) -> DataplaneError {
+    DataplaneError::OutOfRange {
+        what,
+        value: value.into(),
+        limit: limit.into(),
+    }
+}
+
+impl Dataplane for Xdp {
+    fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
+        self.services
+            .insert(key, service, 0)
+            .map_err(map_err("services"))
+    }
+
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        match self.services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(map_err("services")(e)),
+        }
+    }
+
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err("backends"))
+    }
+
+    fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
+        use lb_common::{MAX_SERVICES, RR_RING_SIZE};
+        if service_id >= MAX_SERVICES {
+            return Err(out_of_range("service id", service_id, MAX_SERVICES));
+        }
+        if ring.len() > RR_RING_SIZE as usize {
+            return Err(out_of_range(
+                "round-robin ring length",
+                ring.len() as u64,
+                RR_RING_SIZE,
+            ));
+        }
+        for (pos, slot) in (0..).zip(ring) {
+            self.rr_ring
+                .set(service_id * RR_RING_SIZE + pos, slot, 0)
+                .map_err(map_err("rr_ring"))?;
+        }
+        Ok(())
+    }
+
+    fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
+        if self.conns.reset(id) {
+            Ok(())
+        } else {
+            Err(out_of_range("backend id", id, self.conns.len() as u32))
+        }
+    }
+
+    fn connections(&self, id: u32) -> u64 {
+        self.conns.get(id)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
+        let per_cpu = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(map_err("backend_stats"))?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |sum, cpu| BackendStats {
+                packets: sum.packets.wrapping_add(cpu.packets),
+                bytes: sum.bytes.wrapping_add(cpu.bytes),
+                new_flows: sum.new_flows.wrapping_add(cpu.new_flows),
+            }))
+    }
+
+    fn service_counters(
+        &self,
+        service_id: u32,
+    ) -> Result<[u64; lb_common::counter::MAX as usize], DataplaneError> {
+        use lb_common::{MAX_SERVICES, counter};
+        if service_id >= MAX_SERVICES {
+            return Err(out_of_range("service id", service_id, MAX_SERVICES));
+        }
+        let mut counters = [0u64; counter::MAX as usize];
+        for (index, value) in (0..).zip(counters.iter_mut()) {
+            let per_cpu = self
+                .service_stats
+                .get(&(service_id * counter::MAX + index), 0)
+                .map_err(map_err("service_stats"))?;
+            *value = per_cpu.iter().fold(0u64, |sum, cpu| sum.wrapping_add(*cpu));
+        }
+        Ok(counters)
     }
 }

@@ -1,0 +1,203 @@
+//! Active connection counts per backend id, shared with the kernel through the mmap-able
+//! `backend_conns` array. The kernel program and the agent (conntrack expiry, later the proxy)
+//! change the same words with atomic operations, so no map syscall sits on the connection path.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// A shared mapping of one `u64` counter per backend id. Unmapped on drop; the mapping keeps the
+/// kernel map alive on its own, so it may outlive the program's other handles.
+#[derive(Debug)]
+pub struct ConnCounts {
+    base: NonNull<AtomicU64>,
+    entries: usize,
+    mapped_len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through `AtomicU64`, which is safe to
+// use from any thread; the pointer is owned by this value and unmapped only in `drop`.
+unsafe impl Send for ConnCounts {}
+// SAFETY: see `Send`: every access is an atomic operation on `AtomicU64`.
+unsafe impl Sync for ConnCounts {}
+
+impl ConnCounts {
+    /// Map `entries` counters of the BPF array behind `fd` (created with `BPF_F_MMAPABLE`, value
+    /// size 8) shared and read/write.
+    pub(crate) fn map_bpf_array(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+        Self::map(Some(fd), entries)
+    }
+
+    /// Anonymous shared counters: the same semantics without a kernel map, for tests.
+    #[cfg(test)]
+    pub(crate) fn anonymous(entries: u32) -> io::Result<Self> {
+        Self::map(None, entries)
+    }
+
+    fn map(fd: Option<BorrowedFd<'_>>, entries: u32) -> io::Result<Self> {
+        let entries = entries as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))?;
+        let bytes = entries
+            .checked_mul(size_of::<AtomicU64>())
+            .filter(|&bytes| bytes > 0)
+            .ok_or_else(|| io::Error::other(format!("cannot map {entries} counters")))?;
+        // The kernel maps an mmap-able array in whole pages.
+        let mapped_len = bytes.div_ceil(page) * page;
+        let (flags, raw_fd) = match fd {
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+            None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) aliases no Rust object; a
+        // BPF array's mmap offset 0 is element 0 and the length is within its mmap-able size.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(addr.cast::<AtomicU64>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Self {
+            base,
+            entries,
+            mapped_len,
+        })
+    }
+
+    /// Every counter, index backend id.
+    pub fn as_slice(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page-aligned (so 8-aligned), at least `entries * 8` bytes long,
+        // lives as long as `self`, and is only ever accessed atomically.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries) }
+    }
+
+    /// Number of counters (the map's max_entries).
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// True when there are no counters (never for a loaded program).
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    fn slot(&self, id: u32) -> Option<&AtomicU64> {
+        self.as_slice().get(id as usize)
+    }
+
+    /// Active connections on `id`; 0 for an id beyond the array.
+    pub fn get(&self, id: u32) -> u64 {
+        self.slot(id).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Set `id`'s count to zero (the id changed owner). False if `id` is beyond the array.
+    pub fn reset(&self, id: u32) -> bool {
+        self.slot(id)
+            .map(|c| c.store(0, Ordering::Release))
+            .is_some()
+    }
+
+    /// Take one connection of `id`'s cap `max` (0: no cap), as the kernel's `claim_connection`
+    /// does: compare-and-swap so two claimers never both take the last one. False when full or
+    /// `id` is beyond the array.
+    pub fn acquire(&self, id: u32, max: u32) -> bool {
+        let Some(count) = self.slot(id) else {
+            return false;
+        };
+        if max == 0 {
+            count.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur < u64::from(max)).then_some(cur + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give one connection of `id` back. Saturates at zero: a count reset while the connection
+    /// was open must not wrap. False if nothing was taken (zero or `id` beyond the array).
+    pub fn release(&self, id: u32) -> bool {
+        self.slot(id).is_some_and(|count| {
+            count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    cur.checked_sub(1)
+                })
+                .is_ok()
+        })
+    }
+}
+
+impl Drop for ConnCounts {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`mapped_len` are exactly the mapping created in `map`, and no borrow of
+        // it outlives `self`.
+        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
+        if rc != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "unmapping backend_conns");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acquire_respects_cap_and_release_saturates() {
+        let counts = ConnCounts::anonymous(4096).expect("anonymous mapping");
+        assert_eq!(counts.len(), 4096);
+        assert!(counts.acquire(7, 2));
+        assert!(counts.acquire(7, 2));
+        assert!(!counts.acquire(7, 2), "cap of 2 reached");
+        assert_eq!(counts.get(7), 2);
+        assert!(counts.release(7));
+        assert!(counts.acquire(7, 2));
+        assert!(counts.reset(7));
+        assert_eq!(counts.get(7), 0);
+        assert!(!counts.release(7), "never below zero");
+        assert_eq!(counts.get(7), 0);
+        // No cap.
+        for _ in 0..1000 {
+            assert!(counts.acquire(8, 0));
+        }
+        assert_eq!(counts.get(8), 1000);
+    }
+
+    #[test]
+    fn out_of_range_ids_are_refused() {
+        let counts = ConnCounts::anonymous(16).expect("anonymous mapping");
+        assert_eq!(counts.get(16), 0);
+        assert!(!counts.acquire(16, 0));
+        assert!(!counts.release(16));
+        assert!(!counts.reset(16));
+    }
+
+    #[test]
+    fn concurrent_acquire_never_exceeds_cap() {
+        let counts = std::sync::Arc::new(ConnCounts::anonymous(1).expect("anonymous mapping"));
+        let won: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let counts = &counts;
+                    s.spawn(move || (0..1000).filter(|_| counts.acquire(0, 100)).count() as u64)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("thread")).sum()
+        });
+        assert_eq!(won, 100);
+        assert_eq!(counts.get(0), 100);
+    }
+}
