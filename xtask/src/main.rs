@@ -1,1 +1,63 @@
-fn main() {}
+//! `cargo xtask`: the developer and CI entry points (`deps`, `build-ebpf`, `test`, `demo`).
+//!
+//! Kept light on purpose (clap, anyhow, serde_json): it must build before anything else is
+//! installed, so that `cargo xtask deps` can install the rest.
+
+#![expect(
+    clippy::print_stdout,
+    reason = "a CLI: paths and test summaries go to stdout"
+)]
+
+mod cargo;
+mod deps;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Steer's build, test and demo tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the Debian packages Steer needs (clang-19, libbpf-dev, bpftool, ethtool,
+    /// iproute2, ...) when any is missing; a no-op when all are present.
+    Deps,
+    /// Build lb-ebpf and copy the compiled XDP object to target/bpf/steer.bpf.o.
+    BuildEbpf,
+    /// Run unit tests, then (as root) the packet and integration tests one at a time.
+    Test {
+        /// Arguments passed to every privileged test binary (after `--`), e.g. a test name.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Bring up client, load balancer and two backends in network namespaces, run the agent,
+    /// send traffic through it and show where it went (needs root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Deps => deps::install_missing(),
+        Task::BuildEbpf => cargo::build_ebpf().map(|path| println!("{}", path.display())),
+        Task::Test { args } => test::run(&args),
+        Task::Demo => test::demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `cargo xtask deps`: installs the Debian packages Steer needs, only when some are missing.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Debian packages, each with why Steer needs it.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("clang-19", "compiles the C XDP program (lb-ebpf/build.rs)"),
+    (
+        "libbpf-dev",
+        "bpf_helpers.h and friends for the XDP program",
+    ),
+    (
+        "linux-libc-dev",
+        "kernel UAPI headers (linux/bpf.h, asm/types.h)",
+    ),
+    ("gcc", "links Rust binaries"),
+    ("bpftool", "inspects BTF and attached programs in tests"),
+    ("ethtool", "sets GRO and checksum offload on test veths"),
+    (
+        "iproute2",
+        "ip netns / link / addr / route / neigh for test topologies",
+    ),
+];
+
+/// Whether dpkg records `package` as installed.
+fn installed(package: &str) -> anyhow::Result<bool> {
+    let out = Command::new("dpkg")
+        .args(["-s", package])
+        .output()
+        .context("running dpkg -s (cargo xtask deps supports Debian and derivatives)")?;
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "Status: install ok installed"))
+}
+
+/// Packages from [`PACKAGES`] that are not installed.
+pub fn missing() -> anyhow::Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for (package, _) in PACKAGES {
+        if !installed(package)? {
+            missing.push(*package);
+        }
+    }
+    Ok(missing)
+}
+
+/// Whether this process runs as root (apt-get, netns, XDP and BPF need it).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Installs whatever in [`PACKAGES`] is missing (`apt-get update` once, then one
+/// `apt-get install -y`); prints one line and does nothing when all are present.
+pub fn install_missing() -> anyhow::Result<()> {
+    let missing = missing()?;
+    if missing.is_empty() {
+        eprintln!("xtask deps: all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    if !running_as_root() {
+        bail!(
+            "missing packages {}: run `cargo xtask deps` as root (or apt-get install them)",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask deps: installing {}", missing.join(" "));
+    apt_get(&["update"])?;
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(missing.iter().copied());
+    apt_get(&args)?;
+    let still = self::missing()?;
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
