@@ -1,3 +1,4 @@
 //! Steer's agent.
+pub mod config;
 pub mod dataplane;
 pub mod policy;

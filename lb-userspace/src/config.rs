@@ -1,0 +1,879 @@
+//! The agent's TOML config, read in two stages: `Raw*` mirror the file (serde, unknown fields
+//! rejected, typed values such as addresses parsed there so toml reports their position), then
+//! [`Config::parse`] checks what needs the whole file and builds the typed [`Config`].
+//!
+//! Every error names the file, and where the file has one, the line, column and field.
+
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::dataplane::xdp::{XdpMode, XdpOptions};
+use crate::policy::Policy;
+
+const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
+const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_CLOSED_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+const MAX_INTERFACE_NAME: usize = 15;
+
+/// Command-line values that replace the file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// Replaces `agent.interfaces` when not empty.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<XdpMode>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+/// The validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, for messages.
+    pub path: PathBuf,
+    pub xdp: XdpOptions,
+    pub admin_addr: SocketAddr,
+    /// When set, mutating API calls need `Authorization: Bearer <token>`.
+    pub admin_token: Option<AdminToken>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub address: SocketAddrV4,
+    pub policy: Policy,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: SocketAddrV4,
+    pub weight: Weight,
+    /// 0: no cap.
+    pub max_connections: u32,
+}
+
+/// A backend's weight, 1..=65535 (default 1). Parsed by serde, so the file and the API report a
+/// bad one with its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Weight(NonZeroU16);
+
+impl Weight {
+    pub const ONE: Weight = Weight(NonZeroU16::MIN);
+
+    pub fn get(self) -> u16 {
+        self.0.get()
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::ONE
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = i64::deserialize(deserializer)?;
+        u16::try_from(value)
+            .ok()
+            .and_then(NonZeroU16::new)
+            .map(Weight)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format_args!(
+                    "weight must be between 1 and 65535, got {value}"
+                ))
+            })
+    }
+}
+
+/// The admin API's bearer token, read from `admin_token_file`. Never printed.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Compares in time independent of where the first difference is.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{location}: {field}: {message}")]
+    Invalid {
+        location: Location,
+        /// Dotted path of the field (`service[0].backend[1].address`), or the flag.
+        field: String,
+        message: String,
+    },
+    #[error("{location}: agent.admin_token_file: reading {}: {source}", token_path.display())]
+    TokenFile {
+        location: Location,
+        token_path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where in the config an error is: the file, and the line and column when there is one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    /// 1-based line and column.
+    pub line_column: Option<(usize, usize)>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line_column {
+            Some((line, column)) => write!(f, "{}:{line}:{column}", self.path.display()),
+            None => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interfaces: Option<Spanned<Vec<String>>>,
+    xdp_mode: Option<XdpMode>,
+    admin_addr: Option<Spanned<SocketAddr>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
+    snat_ports: Option<PortRange>,
+    conntrack_entries: Option<NonZeroU32>,
+    flow_idle_timeout: Option<Timeout>,
+    closed_flow_timeout: Option<Timeout>,
+    flow_events: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    address: Spanned<SocketAddrV4>,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<SocketAddrV4>,
+    #[serde(default)]
+    weight: Weight,
+    #[serde(default)]
+    max_connections: u32,
+}
+
+/// `"61000-65535"`: SNAT source ports, unprivileged and in order.
+struct PortRange(RangeInclusive<u16>);
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let bad = |why: &str| serde::de::Error::custom(format_args!("`{text}`: {why}"));
+        let (start, end) = text
+            .split_once('-')
+            .ok_or_else(|| bad("expected a port range like \"61000-65535\""))?;
+        let port = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .map_err(|_| bad("ports are 1024..=65535"))
+        };
+        let (start, end) = (port(start)?, port(end)?);
+        if start < 1024 {
+            return Err(bad("ports below 1024 are reserved for services"));
+        }
+        if start > end {
+            return Err(bad("the first port is above the last"));
+        }
+        Ok(PortRange(start..=end))
+    }
+}
+
+/// `"500ms"`, `"10s"`, `"10m"`, `"1h"`; not zero.
+struct Timeout(Duration);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(Timeout).ok_or_else(|| {
+            serde::de::Error::custom(format_args!(
+                "`{text}` is not a duration like \"500ms\", \"10s\", \"10m\" or \"1h\" (above zero)"
+            ))
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (!duration.is_zero()).then_some(duration)
+}
+
+impl Config {
+    /// Read and validate the config file, with command-line overrides applied.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text, overrides)
+    }
+
+    /// Validate config text; `path` names it in errors, and relative token paths are taken from
+    /// its directory.
+    pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let doc = Doc { path, text };
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|err| {
+                let field = field_path(err.path());
+                let inner = err.into_inner();
+                doc.invalid(inner.span(), field, inner.message().trim())
+            })?;
+        doc.build(raw, overrides)
+    }
+}
+
+/// `service[0].backend[1].address`, without the segments `toml::Spanned` adds; `toml` for the
+/// document itself (a syntax error).
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out += &format!("[{index}]"),
+            Segment::Map { key } if key.starts_with("$__serde_spanned_private") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out += key;
+            }
+            Segment::Unknown => {}
+        }
+    }
+    if out.is_empty() {
+        "toml".to_owned()
+    } else {
+        out
+    }
+}
+
+/// The text being validated, to turn byte spans into positions.
+struct Doc<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Doc<'_> {
+    fn location(&self, span: Option<Range<usize>>) -> Location {
+        let line_column = span.map(|span| {
+            let before = &self.text[..span.start.min(self.text.len())];
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            (
+                before.matches('\n').count() + 1,
+                before[line_start..].chars().count() + 1,
+            )
+        });
+        Location {
+            path: self.path.to_owned(),
+            line_column,
+        }
+    }
+
+    fn invalid(
+        &self,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            location: self.location(span),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn build(&self, raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let agent = raw.agent;
+        let interfaces = self.interfaces(agent.interfaces, &overrides.interfaces)?;
+        let admin_token = match &agent.admin_token_file {
+            Some(file) => Some(self.read_token(file)?),
+            None => None,
+        };
+        let admin_addr = match (overrides.admin_addr, &agent.admin_addr) {
+            (Some(addr), _) => {
+                self.check_admin_addr(addr, admin_token.is_some(), None, "--admin-addr")?
+            }
+            (None, Some(addr)) => self.check_admin_addr(
+                *addr.get_ref(),
+                admin_token.is_some(),
+                Some(addr.span()),
+                "agent.admin_addr",
+            )?,
+            (None, None) => DEFAULT_ADMIN_ADDR,
+        };
+        if raw.service.len() > lb_common::MAX_SERVICES as usize {
+            let extra = &raw.service[lb_common::MAX_SERVICES as usize];
+            return Err(self.invalid(
+                Some(extra.span()),
+                format!("service[{}]", lb_common::MAX_SERVICES),
+                format!("at most {} services", lb_common::MAX_SERVICES),
+            ));
+        }
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
+        for (i, service) in raw.service.iter().enumerate() {
+            let service = self.service(i, service.get_ref())?;
+            if let Some(other) = services.iter().position(|s| s.name == service.name) {
+                let name = &raw.service[i].get_ref().name;
+                return Err(self.invalid(
+                    Some(name.span()),
+                    format!("service[{i}].name"),
+                    format!("`{}` is already the name of service[{other}]", service.name),
+                ));
+            }
+            if let Some(other) = services.iter().position(|s| s.address == service.address) {
+                let address = &raw.service[i].get_ref().address;
+                return Err(self.invalid(
+                    Some(address.span()),
+                    format!("service[{i}].address"),
+                    format!(
+                        "{} is already the address of service[{other}]",
+                        service.address
+                    ),
+                ));
+            }
+            services.push(service);
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            xdp: XdpOptions {
+                interfaces,
+                mode: overrides.xdp_mode.or(agent.xdp_mode).unwrap_or_default(),
+                snat_ports: agent.snat_ports.map_or(DEFAULT_SNAT_PORTS, |p| p.0),
+                flow_events: agent.flow_events.unwrap_or(true),
+                conntrack_entries: agent
+                    .conntrack_entries
+                    .map_or(DEFAULT_CONNTRACK_ENTRIES, NonZeroU32::get),
+                flow_idle_timeout: agent
+                    .flow_idle_timeout
+                    .map_or(DEFAULT_FLOW_IDLE_TIMEOUT, |t| t.0),
+                closed_flow_timeout: agent
+                    .closed_flow_timeout
+                    .map_or(DEFAULT_CLOSED_FLOW_TIMEOUT, |t| t.0),
+            },
+            admin_addr,
+            admin_token,
+            services,
+        })
+    }
+
+    fn interfaces(
+        &self,
+        file: Option<Spanned<Vec<String>>>,
+        flags: &[String],
+    ) -> Result<Vec<String>, ConfigError> {
+        let (names, span, field) = match file {
+            _ if !flags.is_empty() => (flags.to_vec(), None, "--interface"),
+            Some(names) => {
+                let span = names.span();
+                (names.into_inner(), Some(span), "agent.interfaces")
+            }
+            None => (Vec::new(), None, "agent.interfaces"),
+        };
+        if names.is_empty() {
+            return Err(self.invalid(
+                span,
+                field,
+                "no interface to attach to: list at least one, or pass --interface",
+            ));
+        }
+        if names.len() > lb_common::MAX_INTERFACES as usize {
+            return Err(self.invalid(
+                span,
+                field,
+                format!("at most {} interfaces", lb_common::MAX_INTERFACES),
+            ));
+        }
+        for (i, name) in names.iter().enumerate() {
+            let valid = !name.is_empty()
+                && name.len() <= MAX_INTERFACE_NAME
+                && !name.contains(['/', ' ', '\0']);
+            if !valid {
+                return Err(self.invalid(
+                    span.clone(),
+                    field,
+                    format!("`{name}` is not a valid interface name"),
+                ));
+            }
+            if names[..i].contains(name) {
+                return Err(self.invalid(span, field, format!("`{name}` is listed twice")));
+            }
+        }
+        Ok(names)
+    }
+
+    fn check_admin_addr(
+        &self,
+        addr: SocketAddr,
+        has_token: bool,
+        span: Option<Range<usize>>,
+        field: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        // Anyone who can reach the API can steer traffic: off loopback it must be authenticated.
+        if !addr.ip().is_loopback() && !has_token {
+            return Err(self.invalid(
+                span,
+                field,
+                format!("{addr} is not a loopback address: set agent.admin_token_file"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn read_token(&self, file: &Spanned<PathBuf>) -> Result<AdminToken, ConfigError> {
+        let token_path = match self.path.parent() {
+            Some(dir) => dir.join(file.get_ref()),
+            None => file.get_ref().clone(),
+        };
+        let location = self.location(Some(file.span()));
+        let text =
+            std::fs::read_to_string(&token_path).map_err(|source| ConfigError::TokenFile {
+                location: location.clone(),
+                token_path: token_path.clone(),
+                source,
+            })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid {
+                location,
+                field: "agent.admin_token_file".to_owned(),
+                message: format!("{} is empty", token_path.display()),
+            });
+        }
+        Ok(AdminToken(token.to_owned()))
+    }
+
+    fn service(&self, i: usize, raw: &RawService) -> Result<ServiceConfig, ConfigError> {
+        let name = raw.name.get_ref().trim();
+        if name.is_empty() {
+            return Err(self.invalid(
+                Some(raw.name.span()),
+                format!("service[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        let address = self.endpoint(&raw.address, || format!("service[{i}].address"))?;
+        let max = lb_common::MAX_BACKENDS_PER_SERVICE as usize;
+        if let Some(extra) = raw.backend.get(max) {
+            return Err(self.invalid(
+                Some(extra.span()),
+                format!("service[{i}].backend[{max}]"),
+                format!("at most {max} backends per service"),
+            ));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        for (j, backend) in raw.backend.iter().map(Spanned::get_ref).enumerate() {
+            let field = || format!("service[{i}].backend[{j}].address");
+            let address = self.endpoint(&backend.address, field)?;
+            if let Some(other) = backends.iter().position(|b| b.address == address) {
+                return Err(self.invalid(
+                    Some(backend.address.span()),
+                    field(),
+                    format!("{address} is already backend[{other}] of this service"),
+                ));
+            }
+            backends.push(BackendConfig {
+                address,
+                weight: backend.weight,
+                max_connections: backend.max_connections,
+            });
+        }
+        Ok(ServiceConfig {
+            name: name.to_owned(),
+            address,
+            policy: raw.policy,
+            backends,
+        })
+    }
+
+    /// A VIP or backend address: a real host and port.
+    fn endpoint(
+        &self,
+        address: &Spanned<SocketAddrV4>,
+        field: impl Fn() -> String,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let addr = *address.get_ref();
+        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_broadcast() {
+            return Err(self.invalid(
+                Some(address.span()),
+                field(),
+                format!("{addr} is not a usable address and port"),
+            ));
+        }
+        Ok(addr)
+    }
+}
+
+/// The summary `steer check-config` prints.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let xdp = &self.xdp;
+        writeln!(f, "{}: valid", self.path.display())?;
+        let mode = match xdp.mode {
+            XdpMode::Native => "native",
+            XdpMode::Skb => "skb",
+        };
+        writeln!(f, "interfaces: {} ({mode} XDP)", xdp.interfaces.join(", "))?;
+        let auth = match self.admin_token {
+            Some(_) => "changes need the bearer token",
+            None => "no token",
+        };
+        writeln!(f, "admin API: {} ({auth})", self.admin_addr)?;
+        writeln!(
+            f,
+            "flows: SNAT ports {}-{}, {} conntrack entries, idle timeout {:?}, closed timeout {:?}, events {}",
+            xdp.snat_ports.start(),
+            xdp.snat_ports.end(),
+            xdp.conntrack_entries,
+            xdp.flow_idle_timeout,
+            xdp.closed_flow_timeout,
+            if xdp.flow_events { "on" } else { "off" },
+        )?;
+        for service in &self.services {
+            writeln!(
+                f,
+                "service {} {} {}: {} backend(s)",
+                service.name,
+                service.address,
+                service.policy,
+                service.backends.len()
+            )?;
+            for b in &service.backends {
+                writeln!(
+                    f,
+                    "  {} weight {} max_connections {}",
+                    b.address,
+                    b.weight.get(),
+                    b.max_connections
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[agent]
+interfaces = ["eth0", "eth1"]
+xdp_mode = "skb"
+snat_ports = "40000-40999"
+conntrack_entries = 1024
+flow_idle_timeout = "1h"
+closed_flow_timeout = "500ms"
+flow_events = false
+
+[[service]]
+name = "chat"
+address = "10.0.0.100:80"
+policy = "least_connections"
+
+[[service.backend]]
+address = "10.0.1.2:8080"
+weight = 3
+max_connections = 8
+
+[[service.backend]]
+address = "10.0.1.3:8080"
+
+[[service]]
+name = "embed"
+address = "10.0.0.100:81"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("steer.toml"), text, &Overrides::default())
+    }
+
+    /// The error's line, field and message, or a panic naming what came back instead.
+    fn invalid(text: &str) -> (usize, String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                location:
+                    Location {
+                        line_column: Some((line, _)),
+                        ..
+                    },
+                field,
+                message,
+            }) => (line, field, message),
+            other => panic!("expected a located error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_config_is_typed() -> Result<(), ConfigError> {
+        let config = parse(EXAMPLE)?;
+        assert_eq!(config.xdp.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.xdp.mode, XdpMode::Skb);
+        assert_eq!(config.xdp.snat_ports, 40000..=40999);
+        assert_eq!(config.xdp.conntrack_entries, 1024);
+        assert_eq!(config.xdp.flow_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.xdp.closed_flow_timeout, Duration::from_millis(500));
+        assert!(!config.xdp.flow_events);
+        assert_eq!(config.admin_addr, DEFAULT_ADMIN_ADDR);
+        assert!(config.admin_token.is_none());
+        assert_eq!(config.services.len(), 2);
+        let chat = &config.services[0];
+        assert_eq!(chat.policy, Policy::LeastConnections);
+        assert_eq!(chat.backends[0].weight.get(), 3);
+        assert_eq!(chat.backends[0].max_connections, 8);
+        assert_eq!(chat.backends[1].weight, Weight::ONE);
+        assert_eq!(config.services[1].policy, Policy::RoundRobin);
+        assert!(config.services[1].backends.is_empty());
+        assert!(
+            config
+                .to_string()
+                .contains("service chat 10.0.0.100:80 least_connections")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn defaults_and_overrides() -> Result<(), ConfigError> {
+        let overrides = Overrides {
+            interfaces: vec!["veth9".to_owned()],
+            xdp_mode: Some(XdpMode::Native),
+            admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        };
+        let config = Config::parse(Path::new("x.toml"), "", &overrides)?;
+        assert_eq!(config.xdp.interfaces, ["veth9"]);
+        assert_eq!(config.xdp.mode, XdpMode::Native);
+        assert_eq!(config.admin_addr.port(), 0);
+        assert_eq!(config.xdp.snat_ports, DEFAULT_SNAT_PORTS);
+        assert_eq!(config.xdp.flow_idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
+        assert!(config.xdp.flow_events);
+        let config = Config::parse(Path::new("x.toml"), EXAMPLE, &overrides)?;
+        assert_eq!(
+            config.xdp.interfaces,
+            ["veth9"],
+            "--interface replaces the file's list"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn serde_errors_name_line_and_field() {
+        let text = EXAMPLE.replace("\"10.0.1.3:8080\"", "\"10.0.1.3\"");
+        let (line, field, message) = invalid(&text);
+        assert_eq!(
+            (line, field.as_str()),
+            (22, "service[0].backend[1].address")
+        );
+        assert!(message.contains("socket address"), "{message}");
+
+        let text = EXAMPLE.replace("weight = 3", "weight = 0");
+        let (line, field, message) = invalid(&text);
+        assert_eq!((line, field.as_str()), (18, "service[0].backend[0].weight"));
+        assert_eq!(message, "weight must be between 1 and 65535, got 0");
+
+        let text = EXAMPLE.replace("flow_events = false", "flow_event = false");
+        let (line, field, message) = invalid(&text);
+        assert_eq!((line, field.as_str()), (9, "agent.flow_event"));
+        assert!(message.contains("unknown field `flow_event`"), "{message}");
+
+        let (line, field, _) = invalid(&EXAMPLE.replace("\"1h\"", "\"1 hour\""));
+        assert_eq!((line, field.as_str()), (7, "agent.flow_idle_timeout"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("\"skb\"", "\"generic\""));
+        assert_eq!((line, field.as_str()), (4, "agent.xdp_mode"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("40000-40999", "40999-40000"));
+        assert_eq!((line, field.as_str()), (5, "agent.snat_ports"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("40000-40999", "80-90"));
+        assert_eq!((line, field.as_str()), (5, "agent.snat_ports"));
+        let (line, _, _) = invalid("[agent]\ninterfaces = eth0\nxdp_mode = \"skb\"\n");
+        assert_eq!(line, 2, "syntax errors are located too");
+    }
+
+    #[test]
+    fn validation_errors_name_line_and_field() {
+        let text = EXAMPLE.replace("\"embed\"", "\"chat\"");
+        let (line, field, message) = invalid(&text);
+        assert_eq!((line, field.as_str()), (25, "service[1].name"));
+        assert!(message.contains("service[0]"), "{message}");
+
+        let (line, field, _) = invalid(&EXAMPLE.replace(":81", ":80"));
+        assert_eq!((line, field.as_str()), (26, "service[1].address"));
+
+        let text = EXAMPLE.replace("10.0.1.3:8080", "10.0.1.2:8080");
+        let (line, field, message) = invalid(&text);
+        assert_eq!(
+            (line, field.as_str()),
+            (22, "service[0].backend[1].address")
+        );
+        assert!(message.contains("backend[0]"), "{message}");
+
+        let (line, field, _) = invalid(&EXAMPLE.replace("10.0.1.3:8080", "10.0.1.3:0"));
+        assert_eq!(
+            (line, field.as_str()),
+            (22, "service[0].backend[1].address")
+        );
+
+        let (line, field, _) = invalid(&EXAMPLE.replace("[\"eth0\", \"eth1\"]", "[]"));
+        assert_eq!((line, field.as_str()), (3, "agent.interfaces"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("\"eth1\"", "\"eth0\""));
+        assert_eq!((line, field.as_str()), (3, "agent.interfaces"));
+
+        let text = EXAMPLE.replace("[agent]\n", "[agent]\nadmin_addr = \"0.0.0.0:9090\"\n");
+        let (line, field, message) = invalid(&text);
+        assert_eq!((line, field.as_str()), (3, "agent.admin_addr"));
+        assert!(message.contains("admin_token_file"), "{message}");
+    }
+
+    #[test]
+    fn missing_interfaces_names_file_and_field() {
+        match parse("") {
+            Err(err @ ConfigError::Invalid { .. }) => {
+                let text = err.to_string();
+                assert!(
+                    text.starts_with("steer.toml: agent.interfaces: no interface"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn too_many_backends_and_services() {
+        let mut text = String::from(
+            "[agent]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"a\"\naddress = \"10.0.0.1:80\"\n",
+        );
+        for i in 0..=lb_common::MAX_BACKENDS_PER_SERVICE {
+            text += &format!("[[service.backend]]\naddress = \"10.0.1.{}:80\"\n", i + 1);
+        }
+        let (line, field, _) = invalid(&text);
+        assert_eq!(field, "service[0].backend[64]");
+        assert_eq!(line, 6 + 2 * 64);
+
+        let mut text = String::from("[agent]\ninterfaces = [\"eth0\"]\n");
+        for i in 0..=lb_common::MAX_SERVICES {
+            text += &format!(
+                "[[service]]\nname = \"s{i}\"\naddress = \"10.0.0.1:{}\"\n",
+                i + 1
+            );
+        }
+        let (line, field, _) = invalid(&text);
+        assert_eq!((line, field.as_str()), (3 + 3 * 64, "service[64]"));
+    }
+
+    #[test]
+    fn token_file_is_read_relative_to_the_config() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("steer-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("token"), "s3cret\n")?;
+        std::fs::write(dir.join("empty"), "\n")?;
+        let with = |file: &str| {
+            format!(
+                "[agent]\ninterfaces = [\"eth0\"]\nadmin_addr = \"0.0.0.0:9090\"\nadmin_token_file = \"{file}\"\n"
+            )
+        };
+        let path = dir.join("steer.toml");
+        let config = Config::parse(&path, &with("token"), &Overrides::default())?;
+        let token = config.admin_token.ok_or("no token")?;
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3cre"));
+        assert_eq!(format!("{token:?}"), "AdminToken(<redacted>)");
+
+        match Config::parse(&path, &with("missing"), &Overrides::default()) {
+            Err(ConfigError::TokenFile {
+                location,
+                token_path,
+                ..
+            }) => {
+                assert_eq!(location.line_column.map(|(line, _)| line), Some(4));
+                assert_eq!(token_path, dir.join("missing"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match Config::parse(&path, &with("empty"), &Overrides::default()) {
+            Err(ConfigError::Invalid { field, message, .. }) => {
+                assert_eq!(field, "agent.admin_token_file");
+                assert!(message.ends_with("is empty"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let path = Path::new("/nonexistent/steer.toml");
+        match Config::load(path, &Overrides::default()) {
+            Err(err @ ConfigError::Read { .. }) => {
+                assert!(err.to_string().contains("/nonexistent/steer.toml"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["0s", "10", "s", "1.5s", "-1s", "10 s", "1d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+}
