@@ -284,12 +284,11 @@ impl Expiry {
             }
             Verdict::Expire { release } => release,
         };
-        if release {
-            self.release(&flow).map_err(|source| SweepError::Map {
+        let count_released = release
+            && self.release(&flow).map_err(|source| SweepError::Map {
                 map: "backends",
                 source,
             })?;
-        }
         let rev_key = rev_key_of(&flow);
         if let Some(rev) = lookup(&self.ct_rev, &rev_key).map_err(rev_err)?
             && fwd_key_of(&rev) == *key
@@ -305,20 +304,17 @@ impl Expiry {
                 key.src_addr.to_ne_bytes().into(),
                 u16::from_be(key.src_port),
             ),
-            released_count = release,
+            count_released,
             "conntrack entry expired"
         );
         Ok(true)
     }
 
     /// `release_flow` from user space: the count goes back only to the backend generation it
-    /// was taken from.
-    fn release(&self, flow: &FlowFwd) -> Result<(), MapError> {
+    /// was taken from. True if a count was given back.
+    fn release(&self, flow: &FlowFwd) -> Result<bool, MapError> {
         let backend = self.backends.get(&flow.backend_id, 0)?;
-        if backend.generation == flow.generation {
-            self.conns.release(flow.backend_id);
-        }
-        Ok(())
+        Ok(backend.generation == flow.generation && self.conns.release(flow.backend_id))
     }
 
     fn sweep_rev(&mut self, now_ns: u64) -> Result<(), SweepError> {
