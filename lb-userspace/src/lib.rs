@@ -2,3 +2,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod policy;
+pub mod table;
+
+#[cfg(test)]
+mod fake;

@@ -1,0 +1,106 @@
+//! An in-memory [`Dataplane`] for tests: records every write in order and keeps the resulting
+//! map contents, shared through an `Arc` so a test can look while the table owns it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lb_common::{Backend, BackendStats, Service, ServiceKey, counter};
+
+use crate::dataplane::{Dataplane, DataplaneError};
+
+/// One call, in the order the table made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Service(u32),
+    RemoveService(u32),
+    Backend(u32),
+    Ring(u32),
+    Reset(u32),
+}
+
+#[derive(Debug, Default)]
+pub struct Maps {
+    pub writes: Vec<Write>,
+    pub services: HashMap<ServiceKey, Service>,
+    pub backends: HashMap<u32, Backend>,
+    pub rings: HashMap<u32, Vec<u32>>,
+    pub conns: HashMap<u32, u64>,
+    pub stats: HashMap<u32, BackendStats>,
+    pub counters: HashMap<u32, [u64; counter::MAX as usize]>,
+    /// The next write of this backend id fails (once).
+    pub fail_backend: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeDataplane(Arc<Mutex<Maps>>);
+
+impl FakeDataplane {
+    pub fn maps(&self) -> MutexGuard<'_, Maps> {
+        // A test that panicked while holding the lock has already failed.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        maps.writes.push(Write::Service(service.id));
+        maps.services.insert(key, service);
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        if let Some(service) = maps.services.remove(&key) {
+            maps.writes.push(Write::RemoveService(service.id));
+        }
+        Ok(())
+    }
+
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        if maps.fail_backend == Some(id) {
+            maps.fail_backend = None;
+            return Err(DataplaneError::MissingMap("backends"));
+        }
+        maps.writes.push(Write::Backend(id));
+        maps.backends.insert(id, backend);
+        Ok(())
+    }
+
+    fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        maps.writes.push(Write::Ring(service_id));
+        maps.rings.insert(service_id, ring.to_vec());
+        Ok(())
+    }
+
+    fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        maps.writes.push(Write::Reset(id));
+        maps.conns.insert(id, 0);
+        Ok(())
+    }
+
+    fn connections(&self, id: u32) -> u64 {
+        self.maps().conns.get(&id).copied().unwrap_or(0)
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
+        Ok(self.maps().stats.get(&id).copied().unwrap_or_default())
+    }
+
+    fn service_counters(
+        &self,
+        service_id: u32,
+    ) -> Result<[u64; counter::MAX as usize], DataplaneError> {
+        Ok(self
+            .maps()
+            .counters
+            .get(&service_id)
+            .copied()
+            .unwrap_or_default())
+    }
+}

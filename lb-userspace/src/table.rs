@@ -1,0 +1,827 @@
+//! The backend table: one task owns it and is the only writer of the kernel's service, backend
+//! and ring maps. Everything else talks to it through a [`TableHandle`] (bounded `mpsc` in,
+//! `oneshot` replies); the task ends when the last handle is dropped and hands its dataplane back.
+//!
+//! Ids: services are numbered 0..MAX_SERVICES in config order; a backend lives in a slot
+//! 0..MAX_BACKENDS_PER_SERVICE of its service, and its id is `service_id * 64 + slot`.
+//!
+//! Every change writes the backend slot first, then the round-robin ring, then the service entry
+//! that announces `backend_count` and `rr_len`, so the kernel never sees a ring or count pointing
+//! at something unwritten: a removed backend is written DOWN before it leaves the ring.
+
+use std::net::SocketAddrV4;
+
+use lb_common::{
+    Backend, BackendStats, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, Service, ServiceKey,
+    backend_kind, backend_state, counter,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, info, warn};
+
+use crate::config::{BackendConfig, ServiceConfig, Weight};
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::policy::{Policy, rr_ring};
+
+/// Commands waiting for the table task; callers wait beyond this.
+const QUEUE: usize = 64;
+const SLOTS: usize = MAX_BACKENDS_PER_SERVICE as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("no service named `{0}`")]
+    UnknownService(String),
+    #[error("no backend with id {0}")]
+    UnknownBackend(u32),
+    #[error("service `{service}` already has a backend at {address}")]
+    DuplicateAddress {
+        service: String,
+        address: SocketAddrV4,
+    },
+    #[error("service `{service}` already has the maximum of {MAX_BACKENDS_PER_SERVICE} backends")]
+    ServiceFull { service: String },
+    #[error("{count} services configured; at most {MAX_SERVICES} are supported")]
+    TooManyServices { count: usize },
+    #[error("writing the data plane: {0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("the backend table has stopped")]
+    Stopped,
+}
+
+/// A backend to add to a service.
+#[derive(Clone, Debug)]
+pub struct NewBackend {
+    pub service: String,
+    pub address: SocketAddrV4,
+    pub weight: Weight,
+    pub max_connections: u32,
+}
+
+/// What a listed backend may be; a removed one is no longer listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new flows.
+    Active,
+    /// Keeps its flows, takes no new ones.
+    Draining,
+}
+
+impl BackendState {
+    fn abi(self) -> u32 {
+        match self {
+            BackendState::Active => backend_state::ACTIVE,
+            BackendState::Draining => backend_state::DRAINING,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendInfo {
+    pub id: u32,
+    pub service: String,
+    pub address: SocketAddrV4,
+    pub weight: u16,
+    pub max_connections: u32,
+    pub state: BackendState,
+    pub active_connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceInfo {
+    pub id: u32,
+    pub name: String,
+    pub address: SocketAddrV4,
+    pub policy: Policy,
+    pub backends: usize,
+    #[serde(flatten)]
+    pub counters: ServiceCounters,
+}
+
+/// Kernel counters of a service, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceCounters {
+    pub new_flows: u64,
+    pub no_backend: u64,
+    pub no_route: u64,
+    pub no_snat_port: u64,
+    pub no_flow: u64,
+    pub closed_flows: u64,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl ServiceCounters {
+    fn from_array(c: &[u64; counter::MAX as usize]) -> Self {
+        let at = |i: u32| c[i as usize];
+        ServiceCounters {
+            new_flows: at(counter::NEW_FLOWS),
+            no_backend: at(counter::NO_BACKEND),
+            no_route: at(counter::NO_ROUTE),
+            no_snat_port: at(counter::NO_SNAT_PORT),
+            no_flow: at(counter::NO_FLOW),
+            closed_flows: at(counter::CLOSED_FLOWS),
+            fwd_packets: at(counter::FWD_PACKETS),
+            fwd_bytes: at(counter::FWD_BYTES),
+            reply_packets: at(counter::REPLY_PACKETS),
+            reply_bytes: at(counter::REPLY_BYTES),
+        }
+    }
+}
+
+/// The table at one moment, with counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub services: Vec<ServiceInfo>,
+    pub backends: Vec<BackendInfo>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, TableError>>;
+
+enum Command {
+    Add(NewBackend, Reply<BackendInfo>),
+    Remove(u32, Reply<BackendInfo>),
+    SetState(u32, BackendState, Reply<BackendInfo>),
+    List(Reply<Snapshot>),
+}
+
+/// A cheap, cloneable way to ask the table task for changes and snapshots.
+#[derive(Clone, Debug)]
+pub struct TableHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl TableHandle {
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, TableError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(command(reply))
+            .await
+            .map_err(|_| TableError::Stopped)?;
+        rx.await.map_err(|_| TableError::Stopped)?
+    }
+
+    pub async fn add_backend(&self, backend: NewBackend) -> Result<BackendInfo, TableError> {
+        self.call(|reply| Command::Add(backend, reply)).await
+    }
+
+    /// Stops new flows at once; the backend's open flows go on in the kernel.
+    pub async fn remove_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
+        self.call(|reply| Command::Remove(id, reply)).await
+    }
+
+    pub async fn drain_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
+        self.call(|reply| Command::SetState(id, BackendState::Draining, reply))
+            .await
+    }
+
+    pub async fn activate_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
+        self.call(|reply| Command::SetState(id, BackendState::Active, reply))
+            .await
+    }
+
+    pub async fn list(&self) -> Result<Snapshot, TableError> {
+        self.call(Command::List).await
+    }
+}
+
+/// Program the configured services into `dataplane`, then spawn the task that owns the table.
+/// The task returns the dataplane once every handle is gone. Call inside a tokio runtime.
+pub fn start<D: Dataplane>(
+    dataplane: D,
+    services: &[ServiceConfig],
+) -> Result<(TableHandle, JoinHandle<D>), TableError> {
+    let mut table = Table::new(dataplane, services)?;
+    for id in 0..table.services.len() {
+        table.sync(id, 0..SLOTS)?;
+    }
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    let task = tokio::spawn(
+        async move {
+            while let Some(command) = rx.recv().await {
+                table.handle(command);
+            }
+            table.dataplane
+        }
+        .instrument(tracing::info_span!("table")),
+    );
+    Ok((TableHandle { tx }, task))
+}
+
+struct Table<D> {
+    dataplane: D,
+    services: Vec<ServiceEntry>,
+}
+
+struct ServiceEntry {
+    name: String,
+    address: SocketAddrV4,
+    policy: Policy,
+    slots: Vec<Slot>,
+}
+
+#[derive(Clone, Default)]
+struct Slot {
+    /// Bumped when the slot is freed, so flows of the old owner no longer release its counts.
+    generation: u32,
+    backend: Option<SlotBackend>,
+}
+
+#[derive(Clone)]
+struct SlotBackend {
+    address: SocketAddrV4,
+    weight: Weight,
+    max_connections: u32,
+    state: BackendState,
+    /// The id's kernel counters when this backend got it: an id's counters are never reset.
+    stats_base: BackendStats,
+}
+
+fn split_id(id: u32) -> (usize, usize) {
+    (
+        (id / MAX_BACKENDS_PER_SERVICE) as usize,
+        (id % MAX_BACKENDS_PER_SERVICE) as usize,
+    )
+}
+
+fn backend_id(service: usize, slot: usize) -> u32 {
+    // Both are below 64 (checked at start and by the slot count).
+    (service * SLOTS + slot) as u32
+}
+
+impl<D: Dataplane> Table<D> {
+    fn new(dataplane: D, services: &[ServiceConfig]) -> Result<Self, TableError> {
+        if services.len() > MAX_SERVICES as usize {
+            return Err(TableError::TooManyServices {
+                count: services.len(),
+            });
+        }
+        let mut table = Table {
+            dataplane,
+            services: Vec::with_capacity(services.len()),
+        };
+        for service in services {
+            table.services.push(ServiceEntry {
+                name: service.name.clone(),
+                address: service.address,
+                policy: service.policy,
+                slots: vec![Slot::default(); SLOTS],
+            });
+            let id = table.services.len() - 1;
+            for &BackendConfig {
+                address,
+                weight,
+                max_connections,
+            } in &service.backends
+            {
+                let slot = table.free_slot(id, address)?;
+                table.services[id].slots[slot].backend = Some(SlotBackend {
+                    address,
+                    weight,
+                    max_connections,
+                    state: BackendState::Active,
+                    stats_base: BackendStats::default(),
+                });
+            }
+        }
+        Ok(table)
+    }
+
+    fn handle(&mut self, command: Command) {
+        // A caller that stopped waiting does not need the answer.
+        match command {
+            Command::Add(backend, reply) => drop(reply.send(self.add(backend))),
+            Command::Remove(id, reply) => drop(reply.send(self.remove(id))),
+            Command::SetState(id, state, reply) => drop(reply.send(self.set_state(id, state))),
+            Command::List(reply) => drop(reply.send(self.snapshot())),
+        }
+    }
+
+    /// The lowest free slot of a service that has no backend at `address`.
+    fn free_slot(&self, service: usize, address: SocketAddrV4) -> Result<usize, TableError> {
+        let entry = &self.services[service];
+        let taken = entry.slots.iter().filter_map(|s| s.backend.as_ref());
+        if taken.clone().any(|b| b.address == address) {
+            return Err(TableError::DuplicateAddress {
+                service: entry.name.clone(),
+                address,
+            });
+        }
+        entry
+            .slots
+            .iter()
+            .position(|s| s.backend.is_none())
+            .ok_or_else(|| TableError::ServiceFull {
+                service: entry.name.clone(),
+            })
+    }
+
+    fn add(&mut self, new: NewBackend) -> Result<BackendInfo, TableError> {
+        let service = self
+            .services
+            .iter()
+            .position(|s| s.name == new.service)
+            .ok_or_else(|| TableError::UnknownService(new.service.clone()))?;
+        let slot = self.free_slot(service, new.address)?;
+        let id = backend_id(service, slot);
+        // The slot is DOWN with a generation no live flow has, so its count can start over.
+        self.dataplane.reset_connections(id)?;
+        let stats_base = self.dataplane.backend_stats(id)?;
+        let backend = SlotBackend {
+            address: new.address,
+            weight: new.weight,
+            max_connections: new.max_connections,
+            state: BackendState::Active,
+            stats_base,
+        };
+        self.change(service, slot, |s| s.backend = Some(backend))?;
+        let info = self.info(service, slot)?;
+        info!(id, service = %new.service, address = %new.address, weight = new.weight.get(), "backend added");
+        Ok(info)
+    }
+
+    fn remove(&mut self, id: u32) -> Result<BackendInfo, TableError> {
+        let (service, slot) = self.occupied(id)?;
+        let info = self.info(service, slot)?;
+        self.change(service, slot, |s| {
+            s.backend = None;
+            s.generation = s.generation.wrapping_add(1);
+        })?;
+        info!(id, service = %info.service, address = %info.address, "backend removed");
+        Ok(info)
+    }
+
+    fn set_state(&mut self, id: u32, state: BackendState) -> Result<BackendInfo, TableError> {
+        let (service, slot) = self.occupied(id)?;
+        self.change(service, slot, |s| {
+            if let Some(backend) = &mut s.backend {
+                backend.state = state;
+            }
+        })?;
+        let info = self.info(service, slot)?;
+        info!(id, service = %info.service, address = %info.address, ?state, "backend state changed");
+        Ok(info)
+    }
+
+    fn occupied(&self, id: u32) -> Result<(usize, usize), TableError> {
+        let (service, slot) = split_id(id);
+        match self.services.get(service).map(|s| &s.slots[slot].backend) {
+            Some(Some(_)) => Ok((service, slot)),
+            _ => Err(TableError::UnknownBackend(id)),
+        }
+    }
+
+    /// Apply `edit` to one slot and write it out; if a write fails, put the slot back and rewrite
+    /// the old state, so the table keeps describing what the kernel has.
+    fn change(
+        &mut self,
+        service: usize,
+        slot: usize,
+        edit: impl FnOnce(&mut Slot),
+    ) -> Result<(), TableError> {
+        let old = self.services[service].slots[slot].clone();
+        edit(&mut self.services[service].slots[slot]);
+        if let Err(err) = self.sync(service, slot..slot + 1) {
+            self.services[service].slots[slot] = old;
+            if let Err(again) = self.sync(service, slot..slot + 1) {
+                warn!(service, slot, error = %again, "restoring a backend after a failed write");
+            }
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Write `slots`, then the ring, then the service entry, in that order.
+    fn sync(
+        &mut self,
+        service: usize,
+        slots: std::ops::Range<usize>,
+    ) -> Result<(), DataplaneError> {
+        let entry = &self.services[service];
+        let service_id = service as u32;
+        for slot in slots {
+            let s = &entry.slots[slot];
+            let kernel = match &s.backend {
+                Some(b) => Backend {
+                    addr: u32::from_ne_bytes(b.address.ip().octets()),
+                    port: b.address.port().to_be(),
+                    weight: u32::from(b.weight.get()),
+                    state: b.state.abi(),
+                    max_conns: b.max_connections,
+                    kind: backend_kind::REMOTE,
+                    generation: s.generation,
+                    ..Backend::default()
+                },
+                None => Backend {
+                    state: backend_state::DOWN,
+                    generation: s.generation,
+                    ..Backend::default()
+                },
+            };
+            self.dataplane
+                .write_backend(backend_id(service, slot), kernel)?;
+        }
+        let active: Vec<(u32, u32)> = (0u32..)
+            .zip(&entry.slots)
+            .filter_map(|(slot, s)| match &s.backend {
+                Some(b) if b.state == BackendState::Active => {
+                    Some((slot, u32::from(b.weight.get())))
+                }
+                _ => None,
+            })
+            .collect();
+        let ring = rr_ring(&active);
+        self.dataplane.write_rr_ring(service_id, &ring)?;
+        let backend_count = entry
+            .slots
+            .iter()
+            .rposition(|s| s.backend.is_some())
+            .map_or(0, |last| last + 1);
+        let key = ServiceKey {
+            vip: u32::from_ne_bytes(entry.address.ip().octets()),
+            port: entry.address.port().to_be(),
+            proto: libc::IPPROTO_TCP as u8,
+            _pad: 0,
+        };
+        let kernel = Service {
+            id: service_id,
+            policy: entry.policy.abi(),
+            backend_count: backend_count as u32,
+            rr_len: ring.len() as u32,
+        };
+        self.dataplane.upsert_service(key, kernel)
+    }
+
+    fn info(&self, service: usize, slot: usize) -> Result<BackendInfo, TableError> {
+        let entry = &self.services[service];
+        let id = backend_id(service, slot);
+        let b = entry.slots[slot]
+            .backend
+            .as_ref()
+            .ok_or(TableError::UnknownBackend(id))?;
+        let stats = self.dataplane.backend_stats(id)?;
+        Ok(BackendInfo {
+            id,
+            service: entry.name.clone(),
+            address: b.address,
+            weight: b.weight.get(),
+            max_connections: b.max_connections,
+            state: b.state,
+            active_connections: self.dataplane.connections(id),
+            packets: stats.packets.saturating_sub(b.stats_base.packets),
+            bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
+            new_flows: stats.new_flows.saturating_sub(b.stats_base.new_flows),
+        })
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, TableError> {
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut backends = Vec::new();
+        for (service, entry) in self.services.iter().enumerate() {
+            let counters = self.dataplane.service_counters(service as u32)?;
+            let mut count = 0;
+            for (slot, s) in entry.slots.iter().enumerate() {
+                if s.backend.is_some() {
+                    backends.push(self.info(service, slot)?);
+                    count += 1;
+                }
+            }
+            services.push(ServiceInfo {
+                id: service as u32,
+                name: entry.name.clone(),
+                address: entry.address,
+                policy: entry.policy,
+                backends: count,
+                counters: ServiceCounters::from_array(&counters),
+            });
+        }
+        Ok(Snapshot { services, backends })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeDataplane, Write};
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn weight(n: u16) -> Weight {
+        serde_json::from_value(n.into()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn backend(address: &str, w: u16) -> BackendConfig {
+        BackendConfig {
+            address: addr(address),
+            weight: weight(w),
+            max_connections: 0,
+        }
+    }
+
+    fn services() -> Vec<ServiceConfig> {
+        vec![
+            ServiceConfig {
+                name: "chat".to_owned(),
+                address: addr("10.0.0.100:80"),
+                policy: Policy::RoundRobin,
+                backends: vec![backend("10.0.1.2:8080", 1), backend("10.0.1.3:8080", 1)],
+            },
+            ServiceConfig {
+                name: "embed".to_owned(),
+                address: addr("10.0.0.100:81"),
+                policy: Policy::LeastConnections,
+                backends: vec![],
+            },
+        ]
+    }
+
+    fn new_backend(service: &str, address: &str) -> NewBackend {
+        NewBackend {
+            service: service.to_owned(),
+            address: addr(address),
+            weight: Weight::ONE,
+            max_connections: 0,
+        }
+    }
+
+    fn started() -> Result<(FakeDataplane, TableHandle, JoinHandle<FakeDataplane>), TableError> {
+        let fake = FakeDataplane::default();
+        let (handle, task) = start(fake.clone(), &services())?;
+        Ok((fake, handle, task))
+    }
+
+    fn chat_key() -> ServiceKey {
+        ServiceKey {
+            vip: u32::from_ne_bytes([10, 0, 0, 100]),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn start_writes_backends_then_ring_then_service() -> Result<(), TableError> {
+        let (fake, _handle, _task) = started()?;
+        let maps = fake.maps();
+        let chat: Vec<Write> = maps.writes.iter().take(SLOTS + 2).cloned().collect();
+        let mut expected: Vec<Write> = (0..SLOTS as u32).map(Write::Backend).collect();
+        expected.extend([Write::Ring(0), Write::Service(0)]);
+        assert_eq!(chat, expected);
+        assert_eq!(maps.writes[SLOTS + 2..].last(), Some(&Write::Service(1)));
+        assert_eq!(maps.rings[&0], [0, 1]);
+        assert!(maps.rings[&1].is_empty());
+        let service = maps.services[&chat_key()];
+        assert_eq!(
+            (service.id, service.backend_count, service.rr_len),
+            (0, 2, 2)
+        );
+        assert_eq!(service.policy, lb_common::policy::ROUND_ROBIN);
+        let b = maps.backends[&1];
+        assert_eq!(
+            (b.addr, b.port),
+            (u32::from_ne_bytes([10, 0, 1, 3]), 8080u16.to_be())
+        );
+        assert_eq!(
+            (b.state, b.weight, b.generation),
+            (backend_state::ACTIVE, 1, 0)
+        );
+        assert_eq!(maps.backends[&2].state, backend_state::DOWN);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn add_writes_slot_ring_service_in_order() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        fake.maps().writes.clear();
+        let info = handle
+            .add_backend(new_backend("embed", "10.0.2.1:9000"))
+            .await?;
+        assert_eq!(info.id, 64);
+        assert_eq!(info.state, BackendState::Active);
+        assert_eq!(
+            fake.maps().writes,
+            [
+                Write::Reset(64),
+                Write::Backend(64),
+                Write::Ring(1),
+                Write::Service(1)
+            ]
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn remove_writes_down_and_reuse_bumps_generation() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        fake.maps().conns.insert(0, 5);
+        let removed = handle.remove_backend(0).await?;
+        assert_eq!(removed.address, addr("10.0.1.2:8080"));
+        assert_eq!(removed.active_connections, 5);
+        {
+            let maps = fake.maps();
+            assert_eq!(maps.backends[&0].state, backend_state::DOWN);
+            assert_eq!(maps.backends[&0].generation, 1);
+            assert_eq!(maps.rings[&0], [1]);
+            assert_eq!(
+                maps.services[&chat_key()].backend_count,
+                2,
+                "slot 1 still used"
+            );
+            assert_eq!(
+                maps.conns[&0], 5,
+                "open flows keep counting until the id is reused"
+            );
+        }
+        let list = handle.list().await?;
+        assert_eq!(list.backends.iter().map(|b| b.id).collect::<Vec<_>>(), [1]);
+
+        fake.maps().writes.clear();
+        let reused = handle
+            .add_backend(new_backend("chat", "10.0.1.9:8080"))
+            .await?;
+        assert_eq!(reused.id, 0, "lowest free slot");
+        assert_eq!(reused.active_connections, 0);
+        let maps = fake.maps();
+        assert_eq!(maps.writes[..2], [Write::Reset(0), Write::Backend(0)]);
+        assert_eq!(maps.backends[&0].generation, 1);
+        assert_eq!(maps.backends[&0].state, backend_state::ACTIVE);
+        assert_eq!(maps.rings[&0], [0, 1]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn removing_the_last_slot_shrinks_backend_count() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        handle.remove_backend(1).await?;
+        assert_eq!(fake.maps().services[&chat_key()].backend_count, 1);
+        handle.remove_backend(0).await?;
+        let maps = fake.maps();
+        let service = maps.services[&chat_key()];
+        assert_eq!((service.backend_count, service.rr_len), (0, 0));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn drain_and_activate_rebuild_the_ring() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let drained = handle.drain_backend(1).await?;
+        assert_eq!(drained.state, BackendState::Draining);
+        {
+            let maps = fake.maps();
+            assert_eq!(maps.backends[&1].state, backend_state::DRAINING);
+            assert_eq!(maps.rings[&0], [0]);
+            assert_eq!(maps.services[&chat_key()].rr_len, 1);
+            assert_eq!(maps.services[&chat_key()].backend_count, 2);
+        }
+        let active = handle.activate_backend(1).await?;
+        assert_eq!(active.state, BackendState::Active);
+        assert_eq!(fake.maps().rings[&0], [0, 1]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn weights_shape_the_ring() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let heavy = NewBackend {
+            weight: weight(3),
+            ..new_backend("chat", "10.0.1.4:8080")
+        };
+        handle.add_backend(heavy).await?;
+        let ring = fake.maps().rings[&0].clone();
+        assert_eq!(ring.len(), 5);
+        assert_eq!(ring.iter().filter(|&&s| s == 2).count(), 3);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn errors() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let writes = fake.maps().writes.len();
+        assert!(matches!(
+            handle.add_backend(new_backend("nope", "10.0.1.2:1")).await,
+            Err(TableError::UnknownService(name)) if name == "nope"
+        ));
+        assert!(matches!(
+            handle
+                .add_backend(new_backend("chat", "10.0.1.2:8080"))
+                .await,
+            Err(TableError::DuplicateAddress { .. })
+        ));
+        for id in [2, 64, 4095, u32::MAX] {
+            assert!(matches!(
+                handle.drain_backend(id).await,
+                Err(TableError::UnknownBackend(i)) if i == id
+            ));
+            assert!(matches!(
+                handle.remove_backend(id).await,
+                Err(TableError::UnknownBackend(_))
+            ));
+        }
+        assert_eq!(
+            fake.maps().writes.len(),
+            writes,
+            "refused changes write nothing"
+        );
+        for i in 0..SLOTS {
+            handle
+                .add_backend(new_backend("embed", &format!("10.0.3.{i}:80")))
+                .await?;
+        }
+        assert!(matches!(
+            handle
+                .add_backend(new_backend("embed", "10.0.4.1:80"))
+                .await,
+            Err(TableError::ServiceFull { .. })
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn failed_write_keeps_the_table_as_it_was() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        fake.maps().fail_backend = Some(1);
+        assert!(matches!(
+            handle.drain_backend(1).await,
+            Err(TableError::Dataplane(_))
+        ));
+        let list = handle.list().await?;
+        assert_eq!(list.backends[1].state, BackendState::Active);
+        let maps = fake.maps();
+        assert_eq!(maps.backends[&1].state, backend_state::ACTIVE);
+        assert_eq!(maps.rings[&0], [0, 1]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn list_reports_counters_since_the_backend_got_its_id() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        {
+            let mut maps = fake.maps();
+            maps.stats.insert(
+                1,
+                BackendStats {
+                    packets: 10,
+                    bytes: 1000,
+                    new_flows: 2,
+                },
+            );
+            maps.conns.insert(1, 1);
+            let mut counters = [0; counter::MAX as usize];
+            counters[counter::NEW_FLOWS as usize] = 7;
+            counters[counter::NO_BACKEND as usize] = 3;
+            maps.counters.insert(0, counters);
+        }
+        let list = handle.list().await?;
+        let b = &list.backends[1];
+        assert_eq!(
+            (b.packets, b.bytes, b.new_flows, b.active_connections),
+            (10, 1000, 2, 1)
+        );
+        assert_eq!(list.services[0].counters.new_flows, 7);
+        assert_eq!(list.services[0].counters.no_backend, 3);
+        assert_eq!(list.services[0].backends, 2);
+        assert_eq!(list.services[1].policy, Policy::LeastConnections);
+
+        handle.remove_backend(1).await?;
+        let reused = handle
+            .add_backend(new_backend("chat", "10.0.1.7:8080"))
+            .await?;
+        assert_eq!((reused.id, reused.packets, reused.new_flows), (1, 0, 0));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn task_returns_the_dataplane_when_handles_drop() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (fake, handle, task) = started()?;
+        let other = handle.clone();
+        drop(handle);
+        other.list().await?;
+        drop(other);
+        let returned = task.await?;
+        returned.maps().writes.clear();
+        assert!(
+            fake.maps().writes.is_empty(),
+            "the same dataplane came back"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn duplicate_backend_in_config_is_refused() {
+        let mut config = services();
+        config[0].backends.push(backend("10.0.1.2:8080", 2));
+        assert!(matches!(
+            Table::new(FakeDataplane::default(), &config),
+            Err(TableError::DuplicateAddress { .. })
+        ));
+    }
+}
