@@ -113,7 +113,7 @@ pub struct Xdp {
     conns: Arc<ConnCounts>,
     /// The program and its links: dropping it detaches from every interface (aya's `Links`
     /// detach on drop; closing an XDP bpf_link fd detaches it).
-    ebpf: Ebpf,
+    _ebpf: Ebpf,
 }
 
 impl Xdp {
@@ -124,6 +124,11 @@ impl Xdp {
     /// On error nothing stays attached: everything loaded so far is owned by locals that detach
     /// and close on return.
     pub fn load(options: &XdpOptions) -> Result<Self, DataplaneError> {
+        // Registering the ringbuf would panic without one; say so instead.
+        tokio::runtime::Handle::try_current().map_err(|e| DataplaneError::Io {
+            what: "loading XDP outside a tokio runtime".into(),
+            source: std::io::Error::other(e),
+        })?;
         let interfaces = resolve_interfaces(&options.interfaces)?;
         let flow_events = u32::from(options.flow_events);
         let mut ebpf = EbpfLoader::new()
@@ -178,7 +183,7 @@ impl Xdp {
             backend_stats,
             service_stats,
             conns,
-            ebpf,
+            _ebpf: ebpf,
         })
     }
 
@@ -193,11 +198,10 @@ impl Drop for Xdp {
         for task in &self.tasks {
             task.abort();
         }
-        // The fields drop after this; `ebpf` detaches the program from every interface.
+        // The fields drop after this; `_ebpf` detaches the program from every interface.
         tracing::info!(
             interfaces = ?self.interfaces,
             mode = self.mode.name(),
-            programs = self.ebpf.programs().count(),
             "detaching XDP"
         );
     }
@@ -454,5 +458,40 @@ impl Dataplane for Xdp {
             *value = per_cpu.iter().fold(0u64, |sum, cpu| sum.wrapping_add(*cpu));
         }
         Ok(counters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(interfaces: &[&str]) -> XdpOptions {
+        XdpOptions {
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+            mode: XdpMode::Native,
+            snat_ports: 61000..=65535,
+            flow_events: false,
+            conntrack_entries: 1024,
+            flow_idle_timeout: std::time::Duration::from_secs(300),
+            closed_flow_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn load_outside_a_runtime_is_an_error_not_a_panic() {
+        let err = Xdp::load(&options(&["lo"])).err().expect("no runtime");
+        assert!(matches!(err, DataplaneError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn interfaces_resolve_to_index_and_first_ipv4_address() {
+        let lo = resolve_interfaces(&["lo".to_string()]).expect("lo");
+        assert_eq!(lo[0].ifindex, 1);
+        assert_eq!(lo[0].snat_addr, Ipv4Addr::LOCALHOST);
+        let missing = resolve_interfaces(&["lo".to_string(), "steer-nosuch0".to_string()]);
+        assert!(
+            matches!(&missing, Err(DataplaneError::NoSuchInterface(name)) if name == "steer-nosuch0"),
+            "{missing:?}"
+        );
     }
 }
