@@ -88,6 +88,8 @@ impl NetNs {
         thread::scope(|scope| {
             let handle = thread::Builder::new()
                 .name(format!("netns-{}", self.name))
+                // Debug-build futures run with block_on live on this stack: give them room.
+                .stack_size(16 << 20)
                 .spawn_scoped(scope, move || {
                     setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
                         .unwrap_or_else(|e| panic!("setns into {}: {e}", self.name));

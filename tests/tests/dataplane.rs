@@ -103,21 +103,31 @@ fn least_connections_follows_held_open_connections() {
     topo.start_agent();
     let (b1, b2) = (topo.backend("b1").addr, topo.backend("b2").addr);
 
-    // Hold HELD idle connections on b1; connections that land on b2 are closed again.
-    let mut held = topo.client.block_on(|| async {
-        let mut held = Vec::new();
-        for _ in 0..HELD * 4 {
-            if held.len() == HELD {
-                break;
-            }
-            let (conn, answer) = whoami_new(VIP).await;
-            if answer.starts_with("b1 ") {
+    // Open 2 * HELD connections and hold them all: least connections keeps the two backends
+    // within one of each other, so each ends up with HELD. Then close the ones on b2.
+    let opened = topo.client.block_on(|| async {
+        let mut opened = Vec::new();
+        for _ in 0..2 * HELD {
+            opened.push(whoami_new(VIP).await);
+        }
+        opened
+    });
+    let (mut on_b1, mut on_b2) = (0usize, 0usize);
+    let mut held = Vec::new();
+    for (conn, answer) in opened {
+        match topo.check_whoami(&answer).0.as_str() {
+            "b1" => {
+                on_b1 += 1;
                 held.push(conn);
             }
+            _ => on_b2 += 1,
         }
-        held
-    });
-    assert_eq!(held.len(), HELD, "could not hold {HELD} connections on b1");
+        assert!(
+            on_b1.abs_diff(on_b2) <= 1,
+            "least connections let b1={on_b1} and b2={on_b2} drift apart"
+        );
+    }
+    assert_eq!((on_b1, on_b2), (HELD, HELD));
     topo.wait_active_connections(b1, HELD as u64, Duration::from_secs(15));
     topo.wait_active_connections(b2, 0, Duration::from_secs(15));
 
@@ -181,72 +191,66 @@ fn sixteen_mib_bodies_are_byte_identical_both_ways() {
 fn removed_and_drained_backends_get_no_new_connections_but_finish_open_ones() {
     let mut topo = topology("drain", "round_robin", 3);
     topo.start_agent();
-
-    // One open connection on each backend.
-    let mut open: HashMap<String, HttpConn> = topo.client.block_on(|| async {
-        let mut open = HashMap::new();
-        for _ in 0..30 {
-            if open.len() == 3 {
-                break;
-            }
-            let (conn, answer) = whoami_new(VIP).await;
-            let name = answer.split(' ').next().unwrap_or_default().to_owned();
-            open.entry(name).or_insert(conn);
-        }
-        open
-    });
-    assert_eq!(
-        open.len(),
-        3,
-        "no open connection on every backend: {:?}",
-        open.keys()
-    );
-
+    let topo = &topo;
     let id_of = |name: &str| {
         topo.backend_view(topo.backend(name).addr)
             .unwrap_or_else(|| panic!("{name} not listed"))["id"]
             .as_u64()
             .unwrap_or_else(|| panic!("{name} has no id"))
     };
-    let (removed, drained) = (id_of("b1"), id_of("b2"));
-    topo.admin("DELETE", &format!("/v1/backends/{removed}"), None);
-    topo.admin("POST", &format!("/v1/backends/{drained}/drain"), None);
-    assert!(
-        topo.backend_view(topo.backend("b1").addr).is_none(),
-        "b1 still listed after DELETE"
-    );
-    let b2 = topo
-        .backend_view(topo.backend("b2").addr)
-        .expect("b2 listed");
-    assert_eq!(b2["state"].as_str(), Some("draining"), "{b2}");
-
-    let fresh = topo.client.block_on(|| async {
-        let mut fresh = Vec::new();
+    // One runtime for the whole test: the connections opened first are used again at the end.
+    topo.client.block_on(|| async {
+        // One open connection on each backend.
+        let mut open: HashMap<String, HttpConn> = HashMap::new();
         for _ in 0..30 {
-            fresh.push(whoami_new(VIP).await.1);
+            if open.len() == 3 {
+                break;
+            }
+            let (conn, answer) = whoami_new(VIP).await;
+            open.entry(topo.check_whoami(&answer).0).or_insert(conn);
         }
-        fresh
-    });
-    for answer in &fresh {
         assert_eq!(
-            topo.check_whoami(answer).0,
-            "b3",
-            "new connection after remove/drain"
+            open.len(),
+            3,
+            "no open connection on every backend: {:?}",
+            open.keys()
         );
-    }
 
-    // The connections opened before still complete requests on their old backends.
-    let mut old = Vec::new();
-    for name in ["b1", "b2", "b3"] {
-        let mut conn = open.remove(name).expect("open connection");
-        let answer = topo
-            .client
-            .block_on(|| async move { conn.get("/whoami").await.text() });
-        old.push((name, answer));
-    }
-    for (name, answer) in old {
-        assert_eq!(topo.check_whoami(&answer).0, name, "open connection moved");
-    }
+        // The admin calls run on their own thread in the LB namespace; blocking here is fine.
+        let (removed, drained) = (id_of("b1"), id_of("b2"));
+        topo.admin("DELETE", &format!("/v1/backends/{removed}"), None);
+        topo.admin("POST", &format!("/v1/backends/{drained}/drain"), None);
+        assert!(
+            topo.backend_view(topo.backend("b1").addr).is_none(),
+            "b1 still listed after DELETE"
+        );
+        let b2 = topo
+            .backend_view(topo.backend("b2").addr)
+            .expect("b2 listed");
+        assert_eq!(b2["state"].as_str(), Some("draining"), "{b2}");
+
+        for i in 0..30 {
+            let (conn, answer) = whoami_new(VIP).await;
+            drop(conn);
+            assert_eq!(
+                topo.check_whoami(&answer).0,
+                "b3",
+                "new connection {i} after removing b1 and draining b2"
+            );
+        }
+
+        // The connections opened before still complete requests on their old backends.
+        for name in ["b1", "b2", "b3"] {
+            let conn = open.get_mut(name).expect("open connection");
+            let answer = conn.get("/whoami").await.text();
+            assert_eq!(topo.check_whoami(&answer).0, name, "open connection moved");
+            let body = conn
+                .request_ok("POST", "/echo", Some(b"still here"))
+                .await
+                .body;
+            assert_eq!(body, b"still here", "echo on the open connection to {name}");
+        }
+    });
 }
 
 #[test]
