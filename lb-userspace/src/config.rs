@@ -549,7 +549,7 @@ impl Doc<'_> {
         field: impl Fn() -> String,
     ) -> Result<SocketAddrV4, ConfigError> {
         let addr = *address.get_ref();
-        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_broadcast() {
+        if !usable_endpoint(addr) {
             return Err(self.invalid(
                 Some(address.span()),
                 field(),
@@ -558,6 +558,11 @@ impl Doc<'_> {
         }
         Ok(addr)
     }
+}
+
+/// Whether a VIP or backend address names a real host and port.
+pub(crate) fn usable_endpoint(addr: SocketAddrV4) -> bool {
+    addr.port() != 0 && !addr.ip().is_unspecified() && !addr.ip().is_broadcast()
 }
 
 /// The summary `steer check-config` prints.

@@ -1,4 +1,5 @@
 //! Steer's agent.
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod policy;

@@ -1,0 +1,512 @@
+//! The admin API (JSON over HTTP/1): list backends and services, add, remove, drain and activate
+//! backends. Handlers only translate: every change is a call on the [`TableHandle`].
+//!
+//! Errors are `{"error": "..."}` with 400 (bad request body or id), 401 (token), 404 (unknown
+//! backend, service or route), 409 (duplicate address, full service) and 5xx (data plane).
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+use crate::config::{AdminToken, Weight, usable_endpoint};
+use crate::table::{BackendInfo, NewBackend, ServiceInfo, TableError, TableHandle};
+
+/// Request bodies are a few hundred bytes; refuse anything far larger before parsing it.
+const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct ApiState {
+    table: TableHandle,
+    token: Option<Arc<AdminToken>>,
+}
+
+/// The admin API's routes. With a token, mutating calls need `Authorization: Bearer <token>`.
+pub fn router(table: TableHandle, token: Option<AdminToken>) -> Router {
+    let state = ApiState {
+        table,
+        token: token.map(Arc::new),
+    };
+    Router::new()
+        .route("/v1/backends", get(list_backends).post(add_backend))
+        .route("/v1/backends/{id}", delete(remove_backend))
+        .route("/v1/backends/{id}/drain", post(drain_backend))
+        .route("/v1/backends/{id}/activate", post(activate_backend))
+        .route("/v1/services", get(list_services))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody {
+            error: &self.message,
+        });
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<TableError> for ApiError {
+    fn from(err: TableError) -> Self {
+        let status = match &err {
+            TableError::UnknownService(_) | TableError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+            TableError::DuplicateAddress { .. } | TableError::ServiceFull { .. } => {
+                StatusCode::CONFLICT
+            }
+            TableError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            TableError::TooManyServices { .. } | TableError::Dataplane(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // axum answers a well-formed body of the wrong shape with 422; callers get 400 for any
+        // body they must fix, and keep 413/415 for size and content type.
+        let status = match &rejection {
+            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            other => other.status(),
+        };
+        ApiError::new(status, rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+    }
+}
+
+/// Proof that a mutating request carries the configured token (or that none is configured).
+/// Taken before the body, so a request without the token learns nothing else.
+struct Authorized;
+
+impl FromRequestParts<ApiState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Some(token) = &state.token else {
+            return Ok(Authorized);
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(presented) if token.matches(presented.trim()) => Ok(Authorized),
+            Some(_) => {
+                debug!(uri = %parts.uri, "admin request with a wrong token");
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "wrong bearer token",
+                ))
+            }
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this call needs an `Authorization: Bearer <token>` header",
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBackendRequest {
+    service: String,
+    address: SocketAddrV4,
+    #[serde(default)]
+    weight: Weight,
+    #[serde(default)]
+    max_connections: u32,
+}
+
+#[derive(Serialize)]
+struct BackendList {
+    backends: Vec<BackendInfo>,
+}
+
+#[derive(Serialize)]
+struct ServiceList {
+    services: Vec<ServiceInfo>,
+}
+
+async fn list_backends(State(state): State<ApiState>) -> Result<Json<BackendList>, ApiError> {
+    let snapshot = state.table.list().await?;
+    Ok(Json(BackendList {
+        backends: snapshot.backends,
+    }))
+}
+
+async fn list_services(State(state): State<ApiState>) -> Result<Json<ServiceList>, ApiError> {
+    let snapshot = state.table.list().await?;
+    Ok(Json(ServiceList {
+        services: snapshot.services,
+    }))
+}
+
+async fn add_backend(
+    State(state): State<ApiState>,
+    _: Authorized,
+    body: Result<Json<AddBackendRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<BackendInfo>), ApiError> {
+    let Json(request) = body?;
+    if !usable_endpoint(request.address) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{} is not a usable address and port", request.address),
+        ));
+    }
+    let backend = NewBackend {
+        service: request.service,
+        address: request.address,
+        weight: request.weight,
+        max_connections: request.max_connections,
+    };
+    let info = state.table.add_backend(backend).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn remove_backend(
+    State(state): State<ApiState>,
+    _: Authorized,
+    id: Result<Path<u32>, PathRejection>,
+) -> Result<Json<BackendInfo>, ApiError> {
+    let Path(id) = id?;
+    Ok(Json(state.table.remove_backend(id).await?))
+}
+
+async fn drain_backend(
+    State(state): State<ApiState>,
+    _: Authorized,
+    id: Result<Path<u32>, PathRejection>,
+) -> Result<Json<BackendInfo>, ApiError> {
+    let Path(id) = id?;
+    Ok(Json(state.table.drain_backend(id).await?))
+}
+
+async fn activate_backend(
+    State(state): State<ApiState>,
+    _: Authorized,
+    id: Result<Path<u32>, PathRejection>,
+) -> Result<Json<BackendInfo>, ApiError> {
+    let Path(id) = id?;
+    Ok(Json(state.table.activate_backend(id).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, Overrides, ServiceConfig};
+    use crate::fake::FakeDataplane;
+    use crate::policy::Policy;
+    use crate::table;
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    fn services() -> Vec<ServiceConfig> {
+        vec![ServiceConfig {
+            name: "chat".to_owned(),
+            address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
+            policy: Policy::RoundRobin,
+            backends: vec![BackendConfig {
+                address: SocketAddrV4::new([10, 0, 1, 2].into(), 8080),
+                weight: Weight::ONE,
+                max_connections: 0,
+            }],
+        }]
+    }
+
+    fn app(token: Option<AdminToken>) -> Router {
+        let (handle, _task) = table::start(FakeDataplane::default(), &services())
+            .unwrap_or_else(|e| panic!("starting the table: {e}"));
+        router(handle, token)
+    }
+
+    /// A token as the config would read it.
+    fn token() -> AdminToken {
+        let dir = std::env::temp_dir().join(format!("steer-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join("token"), "t0ken").unwrap_or_else(|e| panic!("{e}"));
+        let text = "[agent]\ninterfaces = [\"lo\"]\nadmin_token_file = \"token\"\n";
+        let config = crate::config::Config::parse(&dir.join("c.toml"), text, &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.admin_token.unwrap_or_else(|| panic!("no token"))
+    }
+
+    async fn call(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        call_with(app, method, uri, body, None).await
+    }
+
+    async fn call_with(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+        bearer: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(uri);
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(bearer) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        }
+        let request = request
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let response = app
+            .clone()
+            .oneshot(request)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {bytes:?}"));
+        (status, value)
+    }
+
+    #[tokio::test]
+    async fn list_add_drain_activate_remove() {
+        let app = app(None);
+        let (status, body) = call(&app, Method::GET, "/v1/backends", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
+                "weight": 1, "max_connections": 0, "state": "active", "active_connections": 0,
+                "packets": 0, "bytes": 0, "new_flows": 0}]})
+        );
+
+        let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4}"#;
+        let (status, body) = call(&app, Method::POST, "/v1/backends", Some(add)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(
+            (
+                &body["id"],
+                &body["weight"],
+                &body["max_connections"],
+                &body["state"]
+            ),
+            (&json!(1), &json!(2), &json!(4), &json!("active"))
+        );
+
+        let (status, body) = call(&app, Method::POST, "/v1/backends/1/drain", None).await;
+        assert_eq!(
+            (status, &body["state"]),
+            (StatusCode::OK, &json!("draining"))
+        );
+        let (status, body) = call(&app, Method::POST, "/v1/backends/1/activate", None).await;
+        assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("active")));
+        let (status, body) = call(&app, Method::DELETE, "/v1/backends/1", None).await;
+        assert_eq!(
+            (status, &body["address"]),
+            (StatusCode::OK, &json!("10.0.1.3:8080"))
+        );
+        let (_, body) = call(&app, Method::GET, "/v1/backends", None).await;
+        assert_eq!(body["backends"].as_array().map(Vec::len), Some(1));
+
+        let minimal = r#"{"service":"chat","address":"10.0.1.4:8080"}"#;
+        let (status, body) = call(&app, Method::POST, "/v1/backends", Some(minimal)).await;
+        assert_eq!(
+            (status, &body["id"], &body["weight"]),
+            (StatusCode::CREATED, &json!(1), &json!(1))
+        );
+    }
+
+    #[tokio::test]
+    async fn services_with_counters() {
+        let (status, body) = call(&app(None), Method::GET, "/v1/services", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let service = &body["services"][0];
+        assert_eq!(service["name"], "chat");
+        assert_eq!(service["address"], "10.0.0.100:80");
+        assert_eq!(service["policy"], "round_robin");
+        for counter in [
+            "new_flows",
+            "no_backend",
+            "no_route",
+            "no_snat_port",
+            "no_flow",
+            "closed_flows",
+            "fwd_packets",
+            "fwd_bytes",
+            "reply_packets",
+            "reply_bytes",
+        ] {
+            assert_eq!(service[counter], 0, "{counter}");
+        }
+    }
+
+    #[tokio::test]
+    async fn error_statuses_and_messages() {
+        let app = app(None);
+        let post = |body: &'static str| {
+            let app = app.clone();
+            async move { call(&app, Method::POST, "/v1/backends", Some(body)).await }
+        };
+        let (status, body) = post(r#"{"service":"chat","address":"10.0.1.2:8080"}"#).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            body["error"],
+            "service `chat` already has a backend at 10.0.1.2:8080"
+        );
+        let (status, body) = post(r#"{"service":"nope","address":"10.0.1.9:8080"}"#).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (StatusCode::NOT_FOUND, &json!("no service named `nope`"))
+        );
+        let (status, body) = post(r#"{"service":"chat","address":"10.0.1.9:8080","x":1}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unknown field `x`")),
+            "{body}"
+        );
+        let (status, body) =
+            post(r#"{"service":"chat","address":"10.0.1.9:8080","weight":"3"}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, body) =
+            post(r#"{"service":"chat","address":"10.0.1.9:8080","weight":0}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("weight must be between 1 and 65535")),
+            "{body}"
+        );
+        let (status, _) = post(r#"{"service":"chat","address":"10.0.1.9"}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) = post(r#"{"service":"chat","#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, body) = post(r#"{"service":"chat","address":"10.0.1.9:0"}"#).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (
+                StatusCode::BAD_REQUEST,
+                &json!("10.0.1.9:0 is not a usable address and port")
+            )
+        );
+
+        let (status, body) = call(&app, Method::DELETE, "/v1/backends/7", None).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (StatusCode::NOT_FOUND, &json!("no backend with id 7"))
+        );
+        let (status, _) = call(&app, Method::POST, "/v1/backends/99999/drain", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(&app, Method::POST, "/v1/backends/abc/drain", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) = call(&app, Method::GET, "/v2/nothing", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(&app, Method::PUT, "/v1/backends", None).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+        let huge = format!(
+            r#"{{"service":"{}","address":"10.0.1.9:8080"}}"#,
+            "x".repeat(BODY_LIMIT)
+        );
+        let (status, _) = call(&app, Method::POST, "/v1/backends", Some(&huge)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn full_service_is_a_conflict() {
+        let app = app(None);
+        for i in 1..lb_common::MAX_BACKENDS_PER_SERVICE {
+            let body = format!(r#"{{"service":"chat","address":"10.0.2.{i}:80"}}"#);
+            let (status, _) = call(&app, Method::POST, "/v1/backends", Some(&body)).await;
+            assert_eq!(status, StatusCode::CREATED);
+        }
+        let body = r#"{"service":"chat","address":"10.0.3.1:80"}"#;
+        let (status, _) = call(&app, Method::POST, "/v1/backends", Some(body)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
+
+    #[tokio::test]
+    async fn token_guards_mutating_calls() {
+        let app = app(Some(token()));
+        let (status, _) = call(&app, Method::GET, "/v1/backends", None).await;
+        assert_eq!(status, StatusCode::OK, "reads need no token");
+        let (status, body) = call(&app, Method::POST, "/v1/backends/0/drain", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Authorization"))
+        );
+        let drain = |bearer| {
+            call_with(
+                &app,
+                Method::POST,
+                "/v1/backends/0/drain",
+                None,
+                Some(bearer),
+            )
+        };
+        assert_eq!(drain("wrong").await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(drain("t0ken").await.0, StatusCode::OK);
+        let (status, _) = call(&app, Method::POST, "/v1/backends", Some("{}")).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "the token is checked before the body"
+        );
+    }
+}
