@@ -1,4 +1,8 @@
-//! Steer's agent.
+//! Steer's agent: loads the XDP program, owns the backend table and serves the admin API.
+//!
+//! `main` parses flags and the config, then hands both to [`run`] with a shutdown future, so a test
+//! can drive the same code with its own.
+
 pub mod api;
 pub mod config;
 pub mod dataplane;
@@ -7,3 +11,169 @@ pub mod table;
 
 #[cfg(test)]
 mod fake;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::info;
+
+use crate::config::Config;
+use crate::dataplane::xdp::Xdp;
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::table::TableError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("binding the admin API to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("serving the admin API on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the backend table task failed: {0}")]
+    TableTask(#[source] tokio::task::JoinError),
+}
+
+/// Run the agent until `shutdown` completes: load and attach XDP, program the configured
+/// services, serve the admin API; then stop serving and detach.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Bind first: a taken port should fail before anything is attached.
+    let listener = bind(config.admin_addr).await?;
+    let xdp = Xdp::load(&config.xdp)?;
+    let xdp = serve(xdp, &config, listener, shutdown).await?;
+    drop(xdp);
+    info!(interfaces = ?config.xdp.interfaces, "XDP detached");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { addr, source })
+}
+
+/// Program `dataplane` with the config's services and serve the API on `listener` until
+/// `shutdown`; the dataplane comes back once the table task has stopped.
+async fn serve<D: Dataplane>(
+    dataplane: D,
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<D, AgentError> {
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.admin_addr,
+        source,
+    })?;
+    let (table, task) = table::start(dataplane, &config.services)?;
+    let app = api::router(table, config.admin_token.clone());
+    info!(
+        admin = %addr,
+        interfaces = ?config.xdp.interfaces,
+        services = config.services.len(),
+        "steer ready"
+    );
+    // axum needs a `Send + 'static` shutdown future; relay the caller's through a channel so
+    // `run` accepts any future.
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = stopped.await;
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    let served = tokio::select! {
+        served = &mut server => served,
+        () = shutdown => {
+            let _ = stop.send(());
+            server.await
+        }
+    };
+    info!("admin API stopped");
+    // The router held the last table handles; with it gone the table task ends.
+    let dataplane = task.await.map_err(AgentError::TableTask)?;
+    served.map_err(|source| AgentError::Serve { addr, source })?;
+    Ok(dataplane)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+    use crate::fake::FakeDataplane;
+    use std::path::Path;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const CONFIG: &str = r#"
+[agent]
+interfaces = ["lo"]
+admin_addr = "127.0.0.1:0"
+
+[[service]]
+name = "chat"
+address = "10.0.0.100:80"
+
+[[service.backend]]
+address = "10.0.1.2:8080"
+"#;
+
+    #[tokio::test]
+    async fn serves_until_shutdown_and_returns_the_dataplane()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let config = Config::parse(Path::new("test.toml"), CONFIG, &Overrides::default())?;
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let fake = FakeDataplane::default();
+        let agent = tokio::spawn({
+            let fake = fake.clone();
+            async move {
+                serve(fake, &config, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /v1/backends HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(
+            response.contains(r#""address":"10.0.1.2:8080""#),
+            "{response}"
+        );
+
+        let _ = stop.send(());
+        let returned = agent.await??;
+        assert!(!returned.maps().backends.is_empty());
+        assert_eq!(fake.maps().rings[&0], [0]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn taken_port_names_the_address() -> Result<(), Box<dyn std::error::Error>> {
+        let taken = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = taken.local_addr()?;
+        match bind(addr).await {
+            Err(err @ AgentError::Bind { .. }) => {
+                let text = err.to_string();
+                assert!(text.contains(&addr.to_string()), "{text}");
+            }
+            other => panic!("expected a bind error, got {other:?}"),
+        }
+        Ok(())
+    }
+}
