@@ -30,6 +30,7 @@ enum Command {
     Run(RunArgs),
     /// Validate a config file and print what it sets up.
     CheckConfig {
+        /// Config file (TOML; see steer.example.toml).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -37,6 +38,7 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
+    /// Config file (TOML; see steer.example.toml).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
     /// Interface to attach to (repeatable); replaces the config's `agent.interfaces`.
@@ -47,7 +49,7 @@ struct RunArgs {
     /// Admin API listen address; replaces the config's `agent.admin_addr`.
     #[arg(long, value_name = "ADDR")]
     admin_addr: Option<SocketAddr>,
-    /// Log filter (`info`, `debug`, `steer=debug,...`); default: RUST_LOG, else `info`.
+    /// Log filter (`info`, `debug`, `lb_userspace=debug,...`); default: RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
 }
