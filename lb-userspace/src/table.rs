@@ -815,6 +815,72 @@ mod tests {
         Ok(())
     }
 
+    /// What the kernel would pick from the fake's maps at `cursor`, through the policy model.
+    fn kernel_choice(fake: &FakeDataplane, key: ServiceKey, cursor: u64) -> Option<u32> {
+        use crate::policy::{BackendView, ServiceView, choose};
+        let maps = fake.maps();
+        let service = maps.services[&key];
+        let backends: Vec<BackendView> = (0..MAX_BACKENDS_PER_SERVICE)
+            .map(|slot| {
+                let id = service.id * MAX_BACKENDS_PER_SERVICE + slot;
+                let b = maps.backends.get(&id).copied().unwrap_or_default();
+                BackendView {
+                    state: b.state,
+                    weight: b.weight,
+                    max_conns: b.max_conns,
+                    conns: maps.conns.get(&id).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let ring = &maps.rings[&service.id][..service.rr_len as usize];
+        let view = ServiceView {
+            policy: service.policy,
+            id: service.id,
+            backend_count: service.backend_count,
+            ring,
+            backends: &backends,
+        };
+        choose(&view, cursor)
+    }
+
+    #[tokio::test]
+    async fn kernel_choices_follow_the_table() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let picks = |n: u64| -> Vec<Option<u32>> {
+            (0..n)
+                .map(|c| kernel_choice(&fake, chat_key(), c))
+                .collect()
+        };
+        assert_eq!(picks(4), [Some(0), Some(1), Some(0), Some(1)]);
+        handle.drain_backend(1).await?;
+        assert_eq!(picks(3), [Some(0); 3]);
+        handle.activate_backend(1).await?;
+        handle.remove_backend(0).await?;
+        assert_eq!(picks(3), [Some(1); 3]);
+        handle.remove_backend(1).await?;
+        assert_eq!(picks(1), [None]);
+
+        let embed = ServiceKey {
+            port: 81u16.to_be(),
+            ..chat_key()
+        };
+        handle
+            .add_backend(new_backend("embed", "10.0.2.1:80"))
+            .await?;
+        handle
+            .add_backend(new_backend("embed", "10.0.2.2:80"))
+            .await?;
+        fake.maps().conns.insert(64, 3);
+        assert_eq!(
+            kernel_choice(&fake, embed, 0),
+            Some(65),
+            "fewest connections"
+        );
+        fake.maps().conns.insert(65, 3);
+        assert_eq!(kernel_choice(&fake, embed, 0), Some(64), "tie: lowest slot");
+        Ok(())
+    }
+
     #[test]
     fn duplicate_backend_in_config_is_refused() {
         let mut config = services();
