@@ -35,6 +35,16 @@ const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 const BACKEND_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 2, 2], [0x02, 0, 0, 0, 2, 3]];
 const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+/// Backends of the policy model test: slot n is 10.210.2.(MODEL_HOST_BASE + n).
+const MODEL_SLOTS: u32 = 8;
+const MODEL_HOST_BASE: u8 = 10;
+
+fn model_backend(slot: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(10, 210, 2, MODEL_HOST_BASE + slot as u8),
+        8080,
+    )
+}
 
 fn mac_str(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
@@ -70,7 +80,9 @@ fn build_namespace() -> NetNs {
         ("pbe", LB_BACKEND_MAC, LB_BACKEND_SIDE),
     ] {
         let peer = format!("{name}-peer");
-        sh(&["ip", "link", "add", name, "type", "veth", "peer", "name", &peer]);
+        sh(&[
+            "ip", "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
         sh(&["ip", "link", "set", name, "address", &mac_str(mac)]);
         sh(&["ip", "addr", "add", &format!("{addr}/24"), "dev", name]);
         sh(&["ip", "link", "set", name, "up"]);
@@ -82,11 +94,23 @@ fn build_namespace() -> NetNs {
         (*BACKENDS[0].ip(), BACKEND_MACS[0], "pbe"),
         (*BACKENDS[1].ip(), BACKEND_MACS[1], "pbe"),
     ];
-    for (ip, mac, dev) in neighbours {
+    let model = (0..MODEL_SLOTS).map(|slot| (*model_backend(slot).ip(), BACKEND_MACS[0], "pbe"));
+    for (ip, mac, dev) in neighbours.into_iter().chain(model) {
         let (ip, mac) = (ip.to_string(), mac_str(mac));
-        sh(&["ip", "neigh", "replace", &ip, "lladdr", &mac, "dev", dev, "nud", "permanent"]);
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
     }
-    // The VIP is reached through the client side, like a service address announced there.
+    // As the agent does: the program looks routes up as if from lo (see nat.h).
     sh(&["sysctl", "-qw", "net.ipv4.conf.lo.forwarding=1"]);
     ns
 }
@@ -109,7 +133,8 @@ impl Lab {
             let mut tx: DevMapHash<&mut MapData> =
                 DevMapHash::try_from(lab.ebpf.map_mut("tx_ports").expect("tx_ports"))
                     .expect("devmap");
-            tx.insert(ifindex, ifindex, None, 0).expect("tx_ports insert");
+            tx.insert(ifindex, ifindex, None, 0)
+                .expect("tx_ports insert");
             let mut ifaces: HashMap<&mut MapData, u32, Iface> =
                 HashMap::try_from(lab.ebpf.map_mut("ifaces").expect("ifaces")).expect("hash");
             let iface = Iface {
@@ -176,7 +201,9 @@ impl Lab {
     fn set_conns(&mut self, id: u32, active: u64) {
         let mut conns: Array<&mut MapData, BackendConns> =
             Array::try_from(self.ebpf.map_mut("backend_conns").expect("conns")).expect("array");
-        conns.set(id, BackendConns { active }, 0).expect("conns set");
+        conns
+            .set(id, BackendConns { active }, 0)
+            .expect("conns set");
     }
 
     fn conns(&self, id: u32) -> u64 {
@@ -221,7 +248,10 @@ impl Lab {
     fn forward(&self, from: SocketAddrV4, flags: u8) -> (SocketAddrV4, SocketAddrV4) {
         let input = Frame::tcp(from, VIP, flags).with_payload(b"hello").build();
         let (verdict, output) = self.run(&input);
-        assert_eq!(verdict, XDP_REDIRECT, "client packet {flags:#x} not redirected");
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "client packet {flags:#x} not redirected"
+        );
         assert_only_nat_fields_changed(&input, &output);
         let out = parse_checked(&output);
         assert_eq!(out.src_mac, LB_BACKEND_MAC);
@@ -230,14 +260,24 @@ impl Lab {
             .position(|b| *b == out.dst)
             .unwrap_or_else(|| panic!("sent to {} which is no backend", out.dst));
         assert_eq!(out.dst_mac, BACKEND_MACS[backend]);
-        assert_eq!(*out.src.ip(), LB_BACKEND_SIDE, "source is the LB's egress address");
-        assert!(SNAT_PORTS.contains(&out.src.port()), "source port {}", out.src.port());
+        assert_eq!(
+            *out.src.ip(),
+            LB_BACKEND_SIDE,
+            "source is the LB's egress address"
+        );
+        assert!(
+            SNAT_PORTS.contains(&out.src.port()),
+            "source port {}",
+            out.src.port()
+        );
         (out.src, out.dst)
     }
 
     /// Send a backend reply to `snat` and check it comes back as VIP -> client.
     fn reply(&self, backend: SocketAddrV4, snat: SocketAddrV4, flags: u8, client: SocketAddrV4) {
-        let input = Frame::tcp(backend, snat, flags).with_payload(b"world").build();
+        let input = Frame::tcp(backend, snat, flags)
+            .with_payload(b"world")
+            .build();
         let (verdict, output) = self.run(&input);
         assert_eq!(verdict, XDP_REDIRECT, "reply {flags:#x} not redirected");
         assert_only_nat_fields_changed(&input, &output);
@@ -277,7 +317,9 @@ fn syn_to_vip_is_fully_natted_and_the_reply_reversed() {
 #[test]
 fn round_robin_alternates_between_backends() {
     in_lab(policy::ROUND_ROBIN, |lab| {
-        let chosen: Vec<SocketAddrV4> = (0..6).map(|i| lab.forward(client(41000 + i), SYN).1).collect();
+        let chosen: Vec<SocketAddrV4> = (0..6)
+            .map(|i| lab.forward(client(41000 + i), SYN).1)
+            .collect();
         let expected: Vec<SocketAddrV4> = (0..6).map(|i| BACKENDS[i % 2]).collect();
         assert_eq!(chosen, expected);
     });
@@ -291,10 +333,18 @@ fn established_flow_keeps_its_backend_when_it_turns_draining() {
         assert_eq!(backend, BACKENDS[0]);
         lab.set_state(0, backend_state::DRAINING);
         lab.set_service(policy::ROUND_ROBIN, 2, &[1]);
-        assert_eq!(lab.forward(c, ACK | PSH), (snat, backend), "open flow stays");
+        assert_eq!(
+            lab.forward(c, ACK | PSH),
+            (snat, backend),
+            "open flow stays"
+        );
         lab.reply(backend, snat, ACK, c);
         for port in 40101..40105 {
-            assert_eq!(lab.forward(client(port), SYN).1, BACKENDS[1], "new flows avoid draining");
+            assert_eq!(
+                lab.forward(client(port), SYN).1,
+                BACKENDS[1],
+                "new flows avoid draining"
+            );
         }
         // Even when the ring still names it, a draining backend gets no new flow.
         lab.set_service(policy::ROUND_ROBIN, 2, &[0, 1]);
@@ -315,14 +365,25 @@ fn fin_and_rst_release_the_count_exactly_once() {
         assert_eq!(lab.conns(0), 0, "client FIN releases");
         lab.forward(c, FIN | ACK);
         lab.reply(backend, snat, FIN | ACK, c);
-        assert_eq!(lab.conns(0), 0, "retransmitted and reply FINs release nothing more");
-        assert_eq!(lab.forward(c, ACK), (snat, backend), "the close still gets through");
+        assert_eq!(
+            lab.conns(0),
+            0,
+            "retransmitted and reply FINs release nothing more"
+        );
+        assert_eq!(
+            lab.forward(c, ACK),
+            (snat, backend),
+            "the close still gets through"
+        );
         assert_eq!(lab.counter(counter::CLOSED_FLOWS), 1);
 
         // A reply RST on another flow releases once too.
         let c2 = client(40201);
         let (snat2, backend2) = lab.forward(c2, SYN);
-        let id2 = BACKENDS.iter().position(|b| *b == backend2).expect("a backend") as u32;
+        let id2 = BACKENDS
+            .iter()
+            .position(|b| *b == backend2)
+            .expect("a backend") as u32;
         assert_eq!(lab.conns(id2), 1);
         lab.reply(backend2, snat2, RST, c2);
         lab.reply(backend2, snat2, RST, c2);
@@ -332,7 +393,10 @@ fn fin_and_rst_release_the_count_exactly_once() {
 
         // A SYN reusing the closed tuple is a new connection, counted again.
         let (_, again) = lab.forward(c, SYN);
-        let id = BACKENDS.iter().position(|b| *b == again).expect("a backend") as u32;
+        let id = BACKENDS
+            .iter()
+            .position(|b| *b == again)
+            .expect("a backend") as u32;
         assert_eq!(lab.conns(id), 1);
     });
 }
@@ -352,7 +416,10 @@ fn least_connections_follows_open_connections_and_caps() {
         assert_eq!(lab.forward(client(40311), SYN).1, BACKENDS[1]);
         let full = Frame::tcp(client(40312), VIP, SYN).build();
         let (verdict, output) = lab.run(&full);
-        assert_eq!(verdict, XDP_PASS, "no backend with room: the SYN goes to the stack");
+        assert_eq!(
+            verdict, XDP_PASS,
+            "no backend with room: the SYN goes to the stack"
+        );
         assert_eq!(output, full, "passed untouched");
         assert_eq!(lab.counter(counter::NO_BACKEND), 1);
     });
@@ -366,7 +433,11 @@ fn source_ports_never_collide_for_one_backend() {
         for i in 0..2000u16 {
             let (snat, backend) = lab.forward(client(20000 + i), SYN);
             assert_eq!(backend, BACKENDS[0]);
-            assert!(seen.insert(snat.port()), "source port {} used twice", snat.port());
+            assert!(
+                seen.insert(snat.port()),
+                "source port {} used twice",
+                snat.port()
+            );
         }
         assert_eq!(lab.conns(0), 2000);
     });
@@ -378,14 +449,51 @@ fn frames_steer_does_not_handle_pass_byte_identical() {
         let syn = Frame::tcp(client(40400), VIP, SYN);
         let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
         let other_host = SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 2), 80);
-        cases.push(("TCP to a non-VIP address", Frame::tcp(client(1), other_host, SYN).build()));
+        cases.push((
+            "TCP to a non-VIP address",
+            Frame::tcp(client(1), other_host, SYN).build(),
+        ));
         let other_port = SocketAddrV4::new(*VIP.ip(), 443);
-        cases.push(("TCP to the VIP on another port", Frame::tcp(client(1), other_port, SYN).build()));
-        cases.push(("non-SYN to the VIP without a flow", Frame::tcp(client(2), VIP, ACK).build()));
-        cases.push(("UDP to the VIP", Frame { protocol: 17, ..syn.clone() }.build()));
-        cases.push(("first fragment (MF)", Frame { frag_field: 0x2000, ..syn.clone() }.build()));
-        cases.push(("later fragment", Frame { frag_field: 0x0010, ..syn.clone() }.build()));
-        cases.push(("IP options", Frame { ip_option_words: 1, ..syn.clone() }.build()));
+        cases.push((
+            "TCP to the VIP on another port",
+            Frame::tcp(client(1), other_port, SYN).build(),
+        ));
+        cases.push((
+            "non-SYN to the VIP without a flow",
+            Frame::tcp(client(2), VIP, ACK).build(),
+        ));
+        cases.push((
+            "UDP to the VIP",
+            Frame {
+                protocol: 17,
+                ..syn.clone()
+            }
+            .build(),
+        ));
+        cases.push((
+            "first fragment (MF)",
+            Frame {
+                frag_field: 0x2000,
+                ..syn.clone()
+            }
+            .build(),
+        ));
+        cases.push((
+            "later fragment",
+            Frame {
+                frag_field: 0x0010,
+                ..syn.clone()
+            }
+            .build(),
+        ));
+        cases.push((
+            "IP options",
+            Frame {
+                ip_option_words: 1,
+                ..syn.clone()
+            }
+            .build(),
+        ));
         let whole = syn.clone().with_payload(b"0123456789").build();
         cases.push(("truncated payload", whole[..whole.len() - 4].to_vec()));
         cases.push(("truncated TCP header", whole[..14 + 20 + 12].to_vec()));
@@ -409,5 +517,117 @@ fn frames_steer_does_not_handle_pass_byte_identical() {
             assert_eq!(output, frame, "{name}: frame changed");
         }
         assert_eq!(lab.conns(0) + lab.conns(1), 0, "no flow was opened");
+    });
+}
+
+/// xorshift64*: a fixed seed makes every run check the same cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn kernel_choices_match_the_policy_model() {
+    use lb_userspace::policy::{BackendView, ServiceView, choose, rr_ring};
+
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let mut rng = Rng(0x5eed_cafe_f00d_0001);
+        let (mut chosen, mut refused) = (0, 0);
+        for case in 0..400u16 {
+            let policy = [policy::ROUND_ROBIN, policy::LEAST_CONNECTIONS][rng.below(2) as usize];
+            let backend_count = 1 + rng.below(u64::from(MODEL_SLOTS)) as u32;
+            let views: Vec<BackendView> = (0..MODEL_SLOTS)
+                .map(|_| BackendView {
+                    state: [
+                        backend_state::ACTIVE,
+                        backend_state::ACTIVE,
+                        backend_state::DRAINING,
+                        backend_state::DOWN,
+                    ][rng.below(4) as usize],
+                    weight: rng.below(4) as u32,
+                    max_conns: [0, 0, 1 + rng.below(4) as u32][rng.below(3) as usize],
+                    conns: rng.below(6),
+                })
+                .collect();
+            // The agent's ring, or a stale one naming any slot, as between two agent writes.
+            let ring: Vec<u32> = if rng.below(3) == 0 {
+                (0..1 + rng.below(12))
+                    .map(|_| rng.below(u64::from(backend_count)) as u32)
+                    .collect()
+            } else {
+                let active: Vec<(u32, u32)> = (0..backend_count)
+                    .filter(|&s| views[s as usize].state == backend_state::ACTIVE)
+                    .map(|s| (s, views[s as usize].weight))
+                    .collect();
+                rr_ring(&active)
+            };
+            let cursor = if rng.below(2) == 0 {
+                rng.below(16)
+            } else {
+                rng.next()
+            };
+
+            for (slot, view) in views.iter().enumerate() {
+                let slot = slot as u32;
+                let addr = model_backend(slot);
+                lab.set_backend(slot, addr, view.state, view.weight, view.max_conns);
+                lab.set_conns(slot, view.conns);
+            }
+            lab.set_service(policy, backend_count, &ring);
+            lab.set_cursor(cursor);
+
+            let service = ServiceView {
+                policy,
+                id: 0,
+                backend_count,
+                ring: &ring,
+                backends: &views,
+            };
+            let expected = choose(&service, cursor);
+            let input = Frame::tcp(client(10000 + case), VIP, SYN).build();
+            let (verdict, output) = lab.run(&input);
+            match expected {
+                Some(id) => {
+                    assert_eq!(
+                        verdict,
+                        XDP_REDIRECT,
+                        "case {case}: model chose {id}, kernel passed; {service:?} cursor {cursor}, \
+                         no_route {} no_backend {} no_port {}",
+                        lab.counter(counter::NO_ROUTE),
+                        lab.counter(counter::NO_BACKEND),
+                        lab.counter(counter::NO_SNAT_PORT)
+                    );
+                    let dst = parse_checked(&output).dst;
+                    assert_eq!(
+                        dst,
+                        model_backend(id),
+                        "case {case}: {service:?} cursor {cursor}"
+                    );
+                    chosen += 1;
+                }
+                None => {
+                    assert_eq!(
+                        verdict, XDP_PASS,
+                        "case {case}: model chose none: {service:?}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        // The cases exercise both outcomes, not just one.
+        assert!(
+            chosen > 100 && refused > 20,
+            "chosen {chosen}, refused {refused}"
+        );
     });
 }
