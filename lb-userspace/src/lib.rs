@@ -87,19 +87,22 @@ async fn serve<D: Dataplane>(
     // axum needs a `Send + 'static` shutdown future; relay the caller's through a channel so
     // `run` accepts any future.
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = stopped.await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
-    let served = tokio::select! {
-        served = &mut server => served,
-        () = shutdown => {
-            let _ = stop.send(());
-            server.await
+    let served = {
+        let server = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            served = &mut server => served,
+            () = shutdown => {
+                let _ = stop.send(());
+                server.await
+            }
         }
     };
     info!("admin API stopped");
-    // The router held the last table handles; with it gone the table task ends.
+    // The server, and with it the router holding the last table handles, is gone: the table
+    // task ends and hands the dataplane back.
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     served.map_err(|source| AgentError::Serve { addr, source })?;
     Ok(dataplane)
