@@ -322,11 +322,19 @@ fn agent_exit_detaches_xdp_from_every_interface() {
             "no XDP program on {ifname} while running"
         );
     }
+    let attached = bpftool_xdp(&topo);
     assert_eq!(
-        bpftool_xdp(&topo).len(),
+        attached.len(),
         ifaces.len(),
-        "bpftool net while running"
+        "bpftool net while running: {attached:?}"
     );
+    for entry in &attached {
+        assert_eq!(
+            entry["mode"].as_str(),
+            Some("driver"),
+            "not native XDP: {entry}"
+        );
+    }
     let status = topo.stop_agent(Signal::SIGTERM);
     assert!(
         status.success(),
