@@ -64,13 +64,13 @@ fn main() -> ExitCode {
     for b in topo.backends_view() {
         println!(
             "  {:<4} {:<18} {:<9} {:>7} {:>9} {:>9} {:>6}",
-            b["id"],
+            b["id"].to_string(),
             b["address"].as_str().unwrap_or("?"),
             b["state"].as_str().unwrap_or("?"),
-            b["active_connections"],
-            b["packets"],
-            b["bytes"],
-            b["new_flows"]
+            b["active_connections"].to_string(),
+            b["packets"].to_string(),
+            b["bytes"].to_string(),
+            b["new_flows"].to_string()
         );
     }
     let status = topo.stop_agent(nix::sys::signal::Signal::SIGTERM);
