@@ -25,7 +25,9 @@ fn clang() -> anyhow::Result<String> {
             return Ok((*candidate).to_owned());
         }
     }
-    bail!("clang not found (tried {CLANGS:?}): run `cargo xtask deps` or `apt-get install clang-19 libbpf-dev`")
+    bail!(
+        "clang not found (tried {CLANGS:?}): run `cargo xtask deps` or `apt-get install clang-19 libbpf-dev`"
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,7 +43,14 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={}", source.display());
         let object = out_dir.join(program.replace(".c", ".o"));
         let output = Command::new(&clang)
-            .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86"])
+            .args([
+                "-O2",
+                "-g",
+                "-target",
+                "bpf",
+                "-mcpu=v3",
+                "-D__TARGET_ARCH_x86",
+            ])
             .args(["-Wall", "-Wextra", "-Werror"])
             .arg(&arch_include)
             .arg("-I../lb-common/include")

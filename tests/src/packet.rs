@@ -70,8 +70,11 @@ impl Frame {
         f.extend_from_slice(&[0, 0]);
         f.extend_from_slice(&self.src.ip().octets());
         f.extend_from_slice(&self.dst.ip().octets());
-        // NOP options, then end of list.
-        f.extend(std::iter::repeat_n(1u8, 4 * usize::from(self.ip_option_words)));
+        // IP options: all NOPs.
+        f.extend(std::iter::repeat_n(
+            1u8,
+            4 * usize::from(self.ip_option_words),
+        ));
         let ip_sum = checksum(&[&f[ETH_LEN..ETH_LEN + ip_len]]);
         f[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&ip_sum.to_be_bytes());
         // TCP
@@ -166,7 +169,10 @@ pub fn assert_only_nat_fields_changed(before: &[u8], after: &[u8]) {
             || (l4 + 16..l4 + 18).contains(&i)
     };
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
-        assert!(may_change(i) || b == a, "byte {i} changed: {b:#04x} -> {a:#04x}");
+        assert!(
+            may_change(i) || b == a,
+            "byte {i} changed: {b:#04x} -> {a:#04x}"
+        );
     }
 }
 
