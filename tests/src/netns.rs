@@ -40,7 +40,7 @@ pub fn is_root() -> bool {
 pub fn require_root(what: &str) {
     assert!(
         is_root(),
-        "{what} needs root (network namespaces, veth and XDP): run `cargo xtask test` as root"
+        "{what}: root is needed (network namespaces, veth, XDP): run `cargo xtask test` as root"
     );
 }
 
