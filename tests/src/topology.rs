@@ -215,8 +215,7 @@ impl Topology {
                 loop {
                     match HttpConn::connect(SocketAddr::V4(target)).await {
                         Ok(mut conn) => break conn.get("/whoami").await.text(),
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
+                        Err(_) if Instant::now() < deadline => {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Err(e) => panic!("backend {target} not serving after 10 s: {e}"),
