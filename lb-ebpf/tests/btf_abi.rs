@@ -46,7 +46,10 @@ fn structs_match_btf() {
     let c: Vec<&str> = structs.keys().copied().collect();
     let mut rust_sorted = rust.clone();
     rust_sorted.sort_unstable();
-    assert_eq!(c, rust_sorted, "shared structs in C and in lb-common differ");
+    assert_eq!(
+        c, rust_sorted,
+        "shared structs in C and in lb-common differ"
+    );
 
     for layout in LAYOUTS {
         let btf = structs[layout.c_name];
