@@ -267,6 +267,23 @@ impl Topology {
         cfg
     }
 
+    /// Deletes the LB's neighbour entries for every backend, as on a host that never talked to
+    /// them, so the agent has to get them resolved.
+    pub fn forget_backend_neighbours(&self) {
+        for backend in &self.backends {
+            let addr = backend.addr.ip().to_string();
+            self.lb.ip(&["neigh", "del", &addr, "dev", &backend.lb_if]);
+        }
+        let left = self.lb.ip(&["neigh", "show", "nud", "permanent"]);
+        for backend in &self.backends {
+            let addr = backend.addr.ip().to_string();
+            assert!(
+                !left.contains(&format!("{addr} ")),
+                "neighbour {addr} still there: {left}"
+            );
+        }
+    }
+
     /// Writes the config, starts `steer run` inside the LB namespace and waits (at most 30 s)
     /// until `GET /v1/backends` lists every backend. Panics with the agent's log otherwise.
     pub fn start_agent(&mut self) {

@@ -96,6 +96,28 @@ fn round_robin_alternates_exactly_over_200_connections() {
     }
 }
 
+/// With forwarding off, nothing but the agent makes the LB resolve a backend's MAC: without that,
+/// every SYN to the VIP would be passed to a stack that drops it.
+#[test]
+fn agent_resolves_backend_neighbours_itself() {
+    let mut topo = topology("neigh", "round_robin", 2);
+    topo.forget_backend_neighbours();
+    topo.start_agent();
+    let names = topo.client.block_on(|| async {
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            let connect = whoami_new(VIP);
+            let (_, answer) = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+                .await
+                .expect("connection through the VIP within 5 s");
+            names.push(answer);
+        }
+        names
+    });
+    let names: Vec<String> = names.iter().map(|a| topo.check_whoami(a).0).collect();
+    assert_eq!(names, ["b1", "b2", "b1", "b2"]);
+}
+
 #[test]
 fn least_connections_follows_held_open_connections() {
     const HELD: usize = 8;

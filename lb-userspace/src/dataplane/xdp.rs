@@ -31,6 +31,8 @@ use tokio::{
 use super::{Dataplane, DataplaneError, conns::ConnCounts};
 
 const PROGRAM: &str = "steer_xdp";
+/// How long the connect that resolves a new backend's neighbour may take.
+const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
 /// routes up as if from lo (see nat.h): lo needs it on, while the data interfaces keep theirs.
 const LO_FORWARDING: &str = "/proc/sys/net/ipv4/conf/lo/forwarding";
@@ -392,7 +394,11 @@ impl Dataplane for Xdp {
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
         self.backends
             .set(id, backend, 0)
-            .map_err(map_err("backends"))
+            .map_err(map_err("backends"))?;
+        if backend.state == lb_common::backend_state::ACTIVE {
+            resolve_neighbour(&backend);
+        }
+        Ok(())
     }
 
     fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
@@ -494,4 +500,25 @@ mod tests {
             "{missing:?}"
         );
     }
+}
+
+/// `bpf_fib_lookup` forwards only to a next hop whose MAC the kernel knows, and with forwarding
+/// off the stack never resolves it for a passed packet. One TCP connect from the agent to a
+/// backend that turns active makes the kernel resolve it, before clients need it.
+fn resolve_neighbour(backend: &Backend) {
+    let addr = std::net::SocketAddrV4::new(
+        Ipv4Addr::from(backend.addr.to_ne_bytes()),
+        u16::from_be(backend.port),
+    );
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(NEIGHBOUR_PROBE_TIMEOUT, connect).await {
+            Ok(Ok(_)) => tracing::debug!(%addr, "backend answered; its next hop is resolved"),
+            Ok(Err(error)) => tracing::warn!(%addr, %error, "backend refused the first connect"),
+            Err(_) => tracing::warn!(%addr, timeout = ?NEIGHBOUR_PROBE_TIMEOUT, "backend did not answer the first connect"),
+        }
+    });
 }
