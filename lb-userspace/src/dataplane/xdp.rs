@@ -467,6 +467,27 @@ impl Dataplane for Xdp {
     }
 }
 
+/// `bpf_fib_lookup` forwards only to a next hop whose MAC the kernel knows, and with forwarding
+/// off the stack never resolves it for a passed packet. One TCP connect from the agent to a
+/// backend that turns active makes the kernel resolve it, before clients need it.
+fn resolve_neighbour(backend: &Backend) {
+    let addr = std::net::SocketAddrV4::new(
+        Ipv4Addr::from(backend.addr.to_ne_bytes()),
+        u16::from_be(backend.port),
+    );
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(NEIGHBOUR_PROBE_TIMEOUT, connect).await {
+            Ok(Ok(_)) => tracing::debug!(%addr, "backend answered; its next hop is resolved"),
+            Ok(Err(error)) => tracing::warn!(%addr, %error, "backend refused the first connect"),
+            Err(_) => tracing::warn!(%addr, timeout = ?NEIGHBOUR_PROBE_TIMEOUT, "backend did not answer the first connect"),
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,25 +521,4 @@ mod tests {
             "{missing:?}"
         );
     }
-}
-
-/// `bpf_fib_lookup` forwards only to a next hop whose MAC the kernel knows, and with forwarding
-/// off the stack never resolves it for a passed packet. One TCP connect from the agent to a
-/// backend that turns active makes the kernel resolve it, before clients need it.
-fn resolve_neighbour(backend: &Backend) {
-    let addr = std::net::SocketAddrV4::new(
-        Ipv4Addr::from(backend.addr.to_ne_bytes()),
-        u16::from_be(backend.port),
-    );
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
-        let connect = tokio::net::TcpStream::connect(addr);
-        match tokio::time::timeout(NEIGHBOUR_PROBE_TIMEOUT, connect).await {
-            Ok(Ok(_)) => tracing::debug!(%addr, "backend answered; its next hop is resolved"),
-            Ok(Err(error)) => tracing::warn!(%addr, %error, "backend refused the first connect"),
-            Err(_) => tracing::warn!(%addr, timeout = ?NEIGHBOUR_PROBE_TIMEOUT, "backend did not answer the first connect"),
-        }
-    });
 }
