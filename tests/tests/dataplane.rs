@@ -209,6 +209,44 @@ fn sixteen_mib_bodies_are_byte_identical_both_ways() {
     assert!(upload == sent, "POST /echo came back different");
 }
 
+/// A backend added through the API takes new connections at its weight, and the service's
+/// counters add up to what the client did.
+#[test]
+fn backend_added_through_the_api_takes_its_weighted_share() {
+    let mut topo = topology("add", "round_robin", 2);
+    topo.start_agent();
+    let b2 = topo.backend("b2").addr;
+    let id = topo.backend_view(b2).expect("b2 listed")["id"]
+        .as_u64()
+        .expect("id");
+    topo.admin("DELETE", &format!("/v1/backends/{id}"), None);
+    let body = serde_json::json!({"service": "web", "address": b2.to_string(), "weight": 2});
+    let added = topo.admin("POST", "/v1/backends", Some(&body));
+    assert_eq!(added["weight"].as_u64(), Some(2), "{added}");
+    assert_eq!(added["state"].as_str(), Some("active"), "{added}");
+    assert_eq!(added["active_connections"].as_u64(), Some(0), "{added}");
+
+    // 30 consecutive connections walk the 3-entry weighted ring exactly ten times.
+    let names: Vec<String> = topo.client.block_on(|| async {
+        let mut answers = Vec::new();
+        for _ in 0..30 {
+            answers.push(whoami_new(VIP).await.1);
+        }
+        answers
+    });
+    let names: Vec<String> = names.iter().map(|a| topo.check_whoami(a).0).collect();
+    let on_b2 = names.iter().filter(|n| *n == "b2").count();
+    assert_eq!((30 - on_b2, on_b2), (10, 20), "{names:?}");
+
+    let services = topo.admin("GET", "/v1/services", None);
+    let web = &services["services"][0];
+    assert_eq!(web["name"].as_str(), Some("web"), "{services}");
+    assert_eq!(web["new_flows"].as_u64(), Some(30), "{web}");
+    assert_eq!(web["no_backend"].as_u64(), Some(0), "{web}");
+    let added = topo.backend_view(b2).expect("b2 listed again");
+    assert_eq!(added["new_flows"].as_u64(), Some(20), "{added}");
+}
+
 #[test]
 fn removed_and_drained_backends_get_no_new_connections_but_finish_open_ones() {
     let mut topo = topology("drain", "round_robin", 3);
@@ -319,7 +357,13 @@ fn thousand_concurrent_connections_never_share_a_source_tuple() {
 
 #[test]
 fn agent_exit_detaches_xdp_from_every_interface() {
-    let mut topo = topology("exit", "round_robin", 2);
+    for (tag, signal) in [("exit-t", Signal::SIGTERM), ("exit-i", Signal::SIGINT)] {
+        agent_exit_detaches_xdp(tag, signal);
+    }
+}
+
+fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
+    let mut topo = topology(tag, "round_robin", 2);
     let mut ifaces = vec![topo.lb_client_if.clone()];
     ifaces.extend(topo.backends.iter().map(|b| b.lb_if.clone()));
     let xdp_attached = |topo: &Topology, ifname: &str| {
@@ -357,10 +401,10 @@ fn agent_exit_detaches_xdp_from_every_interface() {
             "not native XDP: {entry}"
         );
     }
-    let status = topo.stop_agent(Signal::SIGTERM);
+    let status = topo.stop_agent(signal);
     assert!(
         status.success(),
-        "agent exited with {status} after SIGTERM; log:\n{}",
+        "agent exited with {status} after {signal}; log:\n{}",
         topo.agent_log()
     );
     for ifname in &ifaces {
