@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod policy;
+pub mod store;
 pub mod table;
 
 #[cfg(test)]
