@@ -20,11 +20,18 @@ enum steer_limits {
 	/* Round-robin schedule entries per service. */
 	STEER_RR_RING_SIZE = 256,
 	STEER_MAX_INTERFACES = 64,
+	/* Maglev lookup table entries per service: a prime well above 100x
+	 * the backends of a service, so a backend change moves ~1/N of clients. */
+	STEER_MAGLEV_SIZE = 16381,
+	/* Table entries tried from the client's own when its backend has no room. */
+	STEER_MAGLEV_PROBES = 16,
 };
 
 enum steer_policy {
 	STEER_POLICY_ROUND_ROBIN = 0,
 	STEER_POLICY_LEAST_CONNECTIONS = 1,
+	/* Client-address affinity through a Maglev table built by the agent. */
+	STEER_POLICY_MAGLEV = 2,
 };
 
 /* Zero is DOWN, so an unwritten backend entry is never chosen. */

@@ -15,11 +15,14 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4096;
 pub const RR_RING_SIZE: u32 = 256;
 pub const MAX_INTERFACES: u32 = 64;
+pub const MAGLEV_SIZE: u32 = 16381;
+pub const MAGLEV_PROBES: u32 = 16;
 
 /// `enum steer_policy`.
 pub mod policy {
     pub const ROUND_ROBIN: u32 = 0;
     pub const LEAST_CONNECTIONS: u32 = 1;
+    pub const MAGLEV: u32 = 2;
 }
 
 /// `enum steer_backend_state`.
@@ -69,6 +72,8 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
             ("STEER_MAX_BACKENDS", MAX_BACKENDS),
             ("STEER_RR_RING_SIZE", RR_RING_SIZE),
             ("STEER_MAX_INTERFACES", MAX_INTERFACES),
+            ("STEER_MAGLEV_SIZE", MAGLEV_SIZE),
+            ("STEER_MAGLEV_PROBES", MAGLEV_PROBES),
         ],
     ),
     (
@@ -76,6 +81,7 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
         &[
             ("STEER_POLICY_ROUND_ROBIN", policy::ROUND_ROBIN),
             ("STEER_POLICY_LEAST_CONNECTIONS", policy::LEAST_CONNECTIONS),
+            ("STEER_POLICY_MAGLEV", policy::MAGLEV),
         ],
     ),
     (
@@ -120,6 +126,18 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
         ],
     ),
 ];
+
+/// The client-address hash the kernel's Maglev lookup uses (murmur3's 32-bit finalizer), over
+/// the address in network byte order as it sits in the packet.
+pub const fn client_hash(addr_be: u32) -> u32 {
+    let mut h = addr_be;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
 
 /// Key of the `services` map. Address and port in network byte order.
 #[repr(C)]

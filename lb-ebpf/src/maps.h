@@ -52,6 +52,14 @@ struct {
 	__uint(max_entries, STEER_MAX_SERVICES * STEER_RR_RING_SIZE);
 } rr_ring SEC(".maps");
 
+/* Index: service id * STEER_MAGLEV_SIZE + position; value: backend slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, STEER_MAX_SERVICES * STEER_MAGLEV_SIZE);
+} maglev SEC(".maps");
+
 /* Index: service id. Shared by all CPUs so the ring is walked in order. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

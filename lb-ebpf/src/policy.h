@@ -71,13 +71,53 @@ static __always_inline int pick_least_connections(const struct steer_service *sv
 	return found;
 }
 
-static __always_inline int pick_backend(const struct steer_service *svc, __u32 *backend_id)
+/* murmur3's 32-bit finalizer; lb-common's client_hash is the same function. */
+static __always_inline __u32 client_hash(__u32 addr)
+{
+	addr ^= addr >> 16;
+	addr *= 0x85ebca6b;
+	addr ^= addr >> 13;
+	addr *= 0xc2b2ae35;
+	addr ^= addr >> 16;
+	return addr;
+}
+
+/* The client address picks an entry of the service's Maglev table; when that
+ * backend has no room, the next entries are tried (a bounded few). */
+static __always_inline int pick_maglev(const struct steer_service *svc, __be32 client_addr,
+				       __u32 *backend_id)
+{
+	__u32 start = client_hash(client_addr) % STEER_MAGLEV_SIZE, i;
+	__u64 conns;
+
+	for (i = 0; i < STEER_MAGLEV_PROBES; i++) {
+		__u32 pos = svc->id * STEER_MAGLEV_SIZE + (start + i) % STEER_MAGLEV_SIZE;
+		__u32 *slot = bpf_map_lookup_elem(&maglev, &pos);
+		struct steer_backend *b;
+		__u32 id;
+
+		if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
+			return -1;
+		id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
+		b = bpf_map_lookup_elem(&backends, &id);
+		if (b && backend_has_room(b, id, &conns)) {
+			*backend_id = id;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static __always_inline int pick_backend(const struct steer_service *svc, __be32 client_addr,
+					__u32 *backend_id)
 {
 	switch (svc->policy) {
 	case STEER_POLICY_ROUND_ROBIN:
 		return pick_round_robin(svc, backend_id);
 	case STEER_POLICY_LEAST_CONNECTIONS:
 		return pick_least_connections(svc, backend_id);
+	case STEER_POLICY_MAGLEV:
+		return pick_maglev(svc, client_addr, backend_id);
 	default:
 		return -1;
 	}

@@ -127,7 +127,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	__u32 id = 0;
 	__be16 snat_port;
 
-	if (pick_backend(svc, &id))
+	if (pick_backend(svc, key->src_addr, &id))
 		return refuse_new_flow(pkt, svc->id, 0, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
 	b = bpf_map_lookup_elem(&backends, &id);
 	if (!b)

@@ -15,6 +15,7 @@ pub enum Write {
     RemoveService(u32),
     Backend(u32),
     Ring(u32),
+    Maglev(u32),
     Reset(u32),
 }
 
@@ -24,6 +25,7 @@ pub struct Maps {
     pub services: HashMap<ServiceKey, Service>,
     pub backends: HashMap<u32, Backend>,
     pub rings: HashMap<u32, Vec<u32>>,
+    pub maglev: HashMap<u32, Vec<u32>>,
     pub conns: HashMap<u32, u64>,
     pub stats: HashMap<u32, BackendStats>,
     pub counters: HashMap<u32, [u64; counter::MAX as usize]>,
@@ -74,6 +76,13 @@ impl Dataplane for FakeDataplane {
         let mut maps = self.maps();
         maps.writes.push(Write::Ring(service_id));
         maps.rings.insert(service_id, ring.to_vec());
+        Ok(())
+    }
+
+    fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        maps.writes.push(Write::Maglev(service_id));
+        maps.maglev.insert(service_id, table.to_vec());
         Ok(())
     }
 

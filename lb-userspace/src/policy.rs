@@ -4,7 +4,12 @@
 //! The kernel and this model must pick the same backend for the same map state, so the code below
 //! follows the C statement for statement, including its integer widths.
 
-use lb_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, RR_RING_SIZE, backend_state};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{
+    MAGLEV_PROBES, MAGLEV_SIZE, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, RR_RING_SIZE,
+    backend_state, client_hash,
+};
 
 /// A service's load-balancing policy (`enum steer_policy`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -13,6 +18,8 @@ pub enum Policy {
     #[default]
     RoundRobin,
     LeastConnections,
+    /// Client-address affinity: a returning client lands on the backend that holds its cache.
+    Maglev,
 }
 
 impl Policy {
@@ -21,6 +28,7 @@ impl Policy {
         match self {
             Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
             Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
+            Policy::Maglev => lb_common::policy::MAGLEV,
         }
     }
 }
@@ -30,6 +38,7 @@ impl std::fmt::Display for Policy {
         f.write_str(match self {
             Policy::RoundRobin => "round_robin",
             Policy::LeastConnections => "least_connections",
+            Policy::Maglev => "maglev",
         })
     }
 }
@@ -64,6 +73,8 @@ pub struct ServiceView<'a> {
     pub backend_count: u32,
     /// The ring's first `rr_len` entries (backend slots).
     pub ring: &'a [u32],
+    /// The Maglev table (`MAGLEV_SIZE` backend slots) of a `maglev` service, else empty.
+    pub maglev: &'a [u32],
     /// Indexed by slot; a slot past the end reads as an unwritten (DOWN) entry.
     pub backends: &'a [BackendView],
 }
@@ -82,17 +93,34 @@ impl ServiceView<'_> {
     }
 }
 
-/// The backend id the kernel picks for a new flow, given the service's round-robin cursor value
-/// before the kernel's `fetch_add` (least connections ignores it).
-pub fn choose(service: &ServiceView<'_>, cursor: u64) -> Option<u32> {
+/// The backend id the kernel picks for a new flow from `client`, given the service's round-robin
+/// cursor value before the kernel's `fetch_add` (only round robin reads it).
+pub fn choose(service: &ServiceView<'_>, cursor: u64, client: Ipv4Addr) -> Option<u32> {
     if service.id >= MAX_SERVICES {
         return None;
     }
     match service.policy {
         lb_common::policy::ROUND_ROBIN => pick_round_robin(service, cursor),
         lb_common::policy::LEAST_CONNECTIONS => pick_least_connections(service),
+        lb_common::policy::MAGLEV => pick_maglev(service, client),
         _ => None,
     }
+}
+
+fn pick_maglev(service: &ServiceView<'_>, client: Ipv4Addr) -> Option<u32> {
+    let start = client_hash(u32::from_ne_bytes(client.octets())) % MAGLEV_SIZE;
+    for i in 0..MAGLEV_PROBES {
+        let pos = (start + i) % MAGLEV_SIZE;
+        // An unwritten table reads as zeros in the kernel.
+        let slot = service.maglev.get(pos as usize).copied().unwrap_or(0);
+        if slot >= MAX_BACKENDS_PER_SERVICE {
+            return None;
+        }
+        if service.backend(slot).usable() {
+            return Some(service.backend_id(slot));
+        }
+    }
+    None
 }
 
 fn pick_round_robin(service: &ServiceView<'_>, cursor: u64) -> Option<u32> {
@@ -171,6 +199,64 @@ pub fn rr_ring(active: &[(u32, u32)]) -> Vec<u32> {
     ring
 }
 
+/// A Maglev lookup table (Eisenbud et al., NSDI 2016) of `MAGLEV_SIZE` backend slots over the
+/// active backends given as `(slot, weight, address)`; zero weights are left out, and an empty
+/// table means no backend. Each backend's preference order derives from its address alone and
+/// backends take turns in address order, so the table does not depend on slot numbers and a
+/// change of one backend moves little more than its own share. Weights, divided by their gcd,
+/// are the entries a backend takes per turn.
+pub fn maglev_table(active: &[(u32, u32, SocketAddrV4)]) -> Vec<u32> {
+    let mut backends: Vec<(SocketAddrV4, u32, u64)> = active
+        .iter()
+        .filter(|&&(_, w, _)| w > 0)
+        .map(|&(slot, w, addr)| (addr, slot, u64::from(w)))
+        .collect();
+    if backends.is_empty() {
+        return Vec::new();
+    }
+    backends.sort_unstable_by_key(|&(addr, _, _)| addr);
+    let divisor = backends.iter().fold(0, |g, &(_, _, w)| gcd(g, w));
+    let size = u64::from(MAGLEV_SIZE);
+    // (offset, skip, next) of each backend's permutation: entry j is (offset + j * skip) % size.
+    let mut permutations: Vec<(u64, u64, u64)> = backends
+        .iter()
+        .map(|&(addr, _, _)| {
+            let key = (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port());
+            (splitmix64(key) % size, splitmix64(!key) % (size - 1) + 1, 0)
+        })
+        .collect();
+    const EMPTY: u32 = u32::MAX;
+    let mut table = vec![EMPTY; MAGLEV_SIZE as usize];
+    let mut filled = 0u64;
+    'fill: loop {
+        for (i, &(_, slot, weight)) in backends.iter().enumerate() {
+            for _ in 0..weight / divisor {
+                let (offset, skip, next) = &mut permutations[i];
+                let mut pos = (*offset + *next * *skip) % size;
+                while table[pos as usize] != EMPTY {
+                    *next += 1;
+                    pos = (*offset + *next * *skip) % size;
+                }
+                table[pos as usize] = slot;
+                *next += 1;
+                filled += 1;
+                if filled == size {
+                    break 'fill;
+                }
+            }
+        }
+    }
+    table
+}
+
+/// SplitMix64's output function: a fixed, well-mixed hash, the same on every host and run.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -180,6 +266,11 @@ mod tests {
     use super::*;
     use lb_common::policy::{LEAST_CONNECTIONS, ROUND_ROBIN};
     use proptest::prelude::*;
+
+    /// `choose` for the policies that ignore the client.
+    fn pick(service: &ServiceView<'_>, cursor: u64) -> Option<u32> {
+        choose(service, cursor, Ipv4Addr::LOCALHOST)
+    }
 
     fn active(weight: u32) -> BackendView {
         BackendView {
@@ -201,6 +292,7 @@ mod tests {
             id,
             backend_count: u32::try_from(backends.len()).unwrap_or(u32::MAX),
             ring,
+            maglev: &[],
             backends,
         }
     }
@@ -242,11 +334,11 @@ mod tests {
         let backends = [active(1), draining, active(1)];
         let ring = [0, 1, 2];
         let svc = view(ROUND_ROBIN, 2, &ring, &backends);
-        assert_eq!(choose(&svc, 0), Some(128));
-        assert_eq!(choose(&svc, 1), Some(130), "slot 1 drains: next in ring");
-        assert_eq!(choose(&svc, 2), Some(130));
+        assert_eq!(pick(&svc, 0), Some(128));
+        assert_eq!(pick(&svc, 1), Some(130), "slot 1 drains: next in ring");
+        assert_eq!(pick(&svc, 2), Some(130));
         assert_eq!(
-            choose(&svc, 3),
+            pick(&svc, 3),
             Some(128),
             "cursor wraps modulo the ring length"
         );
@@ -255,13 +347,13 @@ mod tests {
     #[test]
     fn round_robin_edge_cases_match_kernel() {
         let one = [active(1)];
-        let rr = |id, ring: &[u32]| choose(&view(ROUND_ROBIN, id, ring, &one), 0);
+        let rr = |id, ring: &[u32]| pick(&view(ROUND_ROBIN, id, ring, &one), 0);
         assert_eq!(rr(0, &[]), None, "empty ring");
         assert_eq!(rr(0, &[64, 0]), None, "a slot out of range aborts the walk");
         assert_eq!(rr(64, &[0]), None, "no such service id");
         assert_eq!(rr(0, &[3]), None, "an unwritten slot is down");
         assert_eq!(rr(0, &vec![0; RR_RING_SIZE as usize + 1]), None);
-        assert_eq!(choose(&view(7, 0, &[0], &one), 0), None, "unknown policy");
+        assert_eq!(pick(&view(7, 0, &[0], &one), 0), None, "unknown policy");
     }
 
     #[test]
@@ -272,21 +364,21 @@ mod tests {
         };
         // 3/1, 4/2, 2/1: slots 1 and 2 tie at 2 per unit of weight; the lower slot wins.
         let svc = [b(1, 3), b(2, 4), b(1, 2)];
-        assert_eq!(choose(&view(LEAST_CONNECTIONS, 1, &[], &svc), 0), Some(65));
+        assert_eq!(pick(&view(LEAST_CONNECTIONS, 1, &[], &svc), 0), Some(65));
         let svc = [b(1, 1), b(1, 1)];
-        assert_eq!(choose(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(0));
+        assert_eq!(pick(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(0));
         let capped_full = BackendView {
             max_conns: 1,
             ..b(1, 1)
         };
         let svc = [b(1, 5), capped_full, b(1, 2)];
-        assert_eq!(choose(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(2));
+        assert_eq!(pick(&view(LEAST_CONNECTIONS, 0, &[], &svc), 0), Some(2));
         let short = ServiceView {
             backend_count: 1,
             ..view(LEAST_CONNECTIONS, 0, &[], &svc)
         };
         assert_eq!(
-            choose(&short, 0),
+            pick(&short, 0),
             Some(0),
             "slots past backend_count are not read"
         );
@@ -335,6 +427,60 @@ mod tests {
         })
     }
 
+    fn addr(slot: u32) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, (slot >> 8) as u8, slot as u8), 8080)
+    }
+
+    #[test]
+    fn maglev_table_is_fixed_by_addresses_not_slots() {
+        let a = [(0, 1, addr(1)), (1, 2, addr(2)), (2, 1, addr(3))];
+        let table = maglev_table(&a);
+        // Golden prefix: clients keep their backend across agent versions only if this holds.
+        assert_eq!(table[..12], [2, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1]);
+        // The same backends in other slots make the same table, relabelled.
+        let b = [(5, 1, addr(3)), (7, 1, addr(1)), (9, 2, addr(2))];
+        let relabel = |s: u32| match s {
+            0 => 7,
+            1 => 9,
+            _ => 5,
+        };
+        let expected: Vec<u32> = table.iter().map(|&s| relabel(s)).collect();
+        assert_eq!(maglev_table(&b), expected);
+        assert!(maglev_table(&[]).is_empty());
+        assert!(
+            maglev_table(&[(0, 0, addr(1))]).is_empty(),
+            "zero weight is no backend"
+        );
+    }
+
+    #[test]
+    fn maglev_tries_the_next_entries_when_the_clients_backend_is_full() {
+        let table = maglev_table(&[(0, 1, addr(1)), (1, 1, addr(2))]);
+        let client = Ipv4Addr::new(192, 0, 2, 7);
+        let pos = (client_hash(u32::from_ne_bytes(client.octets())) % MAGLEV_SIZE) as usize;
+        let own = table[pos];
+        let mut backends = [active(1), active(1)];
+        backends[own as usize].max_conns = 1;
+        backends[own as usize].conns = 1;
+        let svc = ServiceView {
+            maglev: &table,
+            ..view(lb_common::policy::MAGLEV, 0, &[], &backends)
+        };
+        let next_other = table[pos..pos + MAGLEV_PROBES as usize]
+            .iter()
+            .any(|&s| s != own);
+        assert_eq!(choose(&svc, 0, client), next_other.then_some(1 - own));
+        let none_free = [BackendView {
+            state: backend_state::DRAINING,
+            ..active(1)
+        }; 2];
+        let svc = ServiceView {
+            maglev: &table,
+            ..view(lb_common::policy::MAGLEV, 0, &[], &none_free)
+        };
+        assert_eq!(choose(&svc, 0, client), None);
+    }
+
     proptest! {
         #[test]
         fn never_picks_an_unusable_backend(
@@ -345,7 +491,7 @@ mod tests {
             cursor in any::<u64>(),
         ) {
             let svc = view(policy, id, &ring, &backends);
-            if let Some(backend) = choose(&svc, cursor) {
+            if let Some(backend) = pick(&svc, cursor) {
                 prop_assert_eq!(backend / MAX_BACKENDS_PER_SERVICE, id);
                 let slot = (backend % MAX_BACKENDS_PER_SERVICE) as usize;
                 prop_assert!(backends[slot].usable());
@@ -358,7 +504,7 @@ mod tests {
         ) {
             let svc = view(LEAST_CONNECTIONS, 0, &[], &backends);
             let usable: Vec<&BackendView> = backends.iter().filter(|b| b.usable()).collect();
-            let picked = choose(&svc, 0);
+            let picked = pick(&svc, 0);
             prop_assert_eq!(picked.is_some(), !usable.is_empty());
             if let Some(id) = picked {
                 let p = backends[id as usize];
@@ -377,7 +523,7 @@ mod tests {
             let svc = view(ROUND_ROBIN, 0, &ring, &backends);
             for k in 0..2 * u64::from(n) {
                 let expected = ((cursor + k) % u64::from(n)) as u32;
-                prop_assert_eq!(choose(&svc, cursor + k), Some(expected));
+                prop_assert_eq!(pick(&svc, cursor + k), Some(expected));
             }
         }
 
@@ -407,6 +553,56 @@ mod tests {
                     prop_assert_eq!(count, w);
                 }
             }
+        }
+
+        #[test]
+        fn maglev_shares_follow_weights(weights in prop::collection::vec(1u32..8, 1..12)) {
+            let active: Vec<(u32, u32, SocketAddrV4)> =
+                (0u32..).zip(&weights).map(|(slot, &w)| (slot, w, addr(slot))).collect();
+            let table = maglev_table(&active);
+            prop_assert_eq!(table.len(), MAGLEV_SIZE as usize);
+            let sum: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            for (slot, &w) in (0u32..).zip(&weights) {
+                let count = table.iter().filter(|&&s| s == slot).count() as u64;
+                let fair = u64::from(MAGLEV_SIZE) * u64::from(w) / sum;
+                // Backends take turns of `weight` entries: a share is off by at most one turn.
+                prop_assert!(count.abs_diff(fair) <= sum, "slot {} has {} entries, fair {}", slot, count, fair);
+            }
+        }
+
+        #[test]
+        fn maglev_removal_moves_little_besides_the_removed_share(
+            n in 3u32..20,
+            removed in 0u32..20,
+        ) {
+            let removed = removed % n;
+            let all: Vec<(u32, u32, SocketAddrV4)> = (0..n).map(|s| (s, 1, addr(s))).collect();
+            let rest: Vec<_> = all.iter().copied().filter(|&(s, _, _)| s != removed).collect();
+            let (before, after) = (maglev_table(&all), maglev_table(&rest));
+            let moved = before
+                .iter()
+                .zip(&after)
+                .filter(|&(b, a)| *b != removed && b != a)
+                .count();
+            let others = before.iter().filter(|&&b| b != removed).count();
+            // Maglev trades a little disruption for balance; the paper measures a few percent.
+            prop_assert!(moved * 100 <= others * 6, "{} of {} entries of other backends moved", moved, others);
+            prop_assert!(!after.contains(&removed));
+        }
+
+        #[test]
+        fn maglev_follows_clients_to_their_entry(
+            octets in prop::array::uniform4(0u8..),
+            n in 1u32..8,
+        ) {
+            let all: Vec<(u32, u32, SocketAddrV4)> = (0..n).map(|s| (s, 1, addr(s))).collect();
+            let table = maglev_table(&all);
+            let backends = vec![active(1); n as usize];
+            let svc = ServiceView { maglev: &table, ..view(lb_common::policy::MAGLEV, 0, &[], &backends) };
+            let client = Ipv4Addr::from(octets);
+            let pos = client_hash(u32::from_ne_bytes(octets)) % MAGLEV_SIZE;
+            prop_assert_eq!(choose(&svc, 0, client), Some(table[pos as usize]));
+            prop_assert_eq!(choose(&svc, 99, client), choose(&svc, 0, client), "the cursor plays no part");
         }
     }
 }

@@ -22,7 +22,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::config::{BackendConfig, ServiceConfig, Weight};
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::policy::{Policy, rr_ring};
+use crate::policy::{Policy, maglev_table, rr_ring};
 
 /// Commands waiting for the table task; callers wait beyond this.
 const QUEUE: usize = 64;
@@ -427,17 +427,25 @@ impl<D: Dataplane> Table<D> {
             self.dataplane
                 .write_backend(backend_id(service, slot), kernel)?;
         }
-        let active: Vec<(u32, u32)> = (0u32..)
+        let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
             .filter_map(|(slot, s)| match &s.backend {
                 Some(b) if b.state == BackendState::Active => {
-                    Some((slot, u32::from(b.weight.get())))
+                    Some((slot, u32::from(b.weight.get()), b.address))
                 }
                 _ => None,
             })
             .collect();
-        let ring = rr_ring(&active);
+        let weights: Vec<(u32, u32)> = active.iter().map(|&(slot, w, _)| (slot, w)).collect();
+        let ring = rr_ring(&weights);
         self.dataplane.write_rr_ring(service_id, &ring)?;
+        if entry.policy == Policy::Maglev {
+            // With no active backend the old table stays: the kernel finds no room either way.
+            let table = maglev_table(&active);
+            if !table.is_empty() {
+                self.dataplane.write_maglev(service_id, &table)?;
+            }
+        }
         let backend_count = entry
             .slots
             .iter()
@@ -833,14 +841,16 @@ mod tests {
             })
             .collect();
         let ring = &maps.rings[&service.id][..service.rr_len as usize];
+        let maglev = maps.maglev.get(&service.id).map_or(&[][..], Vec::as_slice);
         let view = ServiceView {
             policy: service.policy,
             id: service.id,
             backend_count: service.backend_count,
             ring,
+            maglev,
             backends: &backends,
         };
-        choose(&view, cursor)
+        choose(&view, cursor, std::net::Ipv4Addr::LOCALHOST)
     }
 
     #[tokio::test]

@@ -267,6 +267,22 @@ impl Topology {
         cfg
     }
 
+    /// Gives the client `n` more addresses (10.201.0.10 on), each known to the LB as a neighbour,
+    /// so a test can be many clients from one namespace.
+    pub fn add_client_addresses(&self, n: u8) -> Vec<Ipv4Addr> {
+        assert!(n <= 200, "at most 200 extra client addresses");
+        let mac = self.client.mac(&self.client_if);
+        (0..n)
+            .map(|i| {
+                let addr = Ipv4Addr::new(10, 201, 0, 10 + i);
+                self.client.addr_add(&self.client_if, &format!("{addr}/24"));
+                self.lb
+                    .neigh_permanent(&self.lb_client_if, &addr.to_string(), &mac);
+                addr
+            })
+            .collect()
+    }
+
     /// Deletes the LB's neighbour entries for every backend, as on a host that never talked to
     /// them, so the agent has to get them resolved.
     pub fn forget_backend_neighbours(&self) {
@@ -500,7 +516,22 @@ pub struct HttpConn {
 impl HttpConn {
     /// Connects within 10 s.
     pub async fn connect(addr: SocketAddr) -> std::io::Result<HttpConn> {
-        let stream = timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        Self::connect_from(None, addr).await
+    }
+
+    /// Connects within 10 s, from source address `from` when given.
+    pub async fn connect_from(
+        from: Option<Ipv4Addr>,
+        addr: SocketAddr,
+    ) -> std::io::Result<HttpConn> {
+        let connect = async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            if let Some(from) = from {
+                socket.bind(SocketAddr::from((from, 0)))?;
+            }
+            socket.connect(addr).await
+        };
+        let stream = timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")

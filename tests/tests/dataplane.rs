@@ -118,6 +118,64 @@ fn agent_resolves_backend_neighbours_itself() {
     assert_eq!(names, ["b1", "b2", "b1", "b2"]);
 }
 
+/// Maglev: each of 50 clients keeps its backend over 10 new connections, and removing a backend
+/// moves only the clients it had.
+#[test]
+fn maglev_keeps_clients_on_their_backend_and_moves_only_the_removed_ones() {
+    let mut topo = topology("maglev", "maglev", 3);
+    let clients = topo.add_client_addresses(50);
+    topo.start_agent();
+    let placement = |topo: &Topology| -> Vec<String> {
+        let clients = clients.clone();
+        let answers = topo.client.block_on(|| async move {
+            let mut answers = Vec::new();
+            for from in clients {
+                let mut seen = Vec::new();
+                for _ in 0..10 {
+                    let mut conn = HttpConn::connect_from(Some(from), SocketAddr::V4(VIP))
+                        .await
+                        .unwrap_or_else(|e| panic!("connect from {from}: {e}"));
+                    seen.push(conn.get("/whoami").await.text());
+                }
+                answers.push((from, seen));
+            }
+            answers
+        });
+        answers
+            .iter()
+            .map(|(from, seen)| {
+                let names: Vec<String> = seen.iter().map(|a| topo.check_whoami(a).0).collect();
+                assert!(
+                    names.iter().all(|n| *n == names[0]),
+                    "client {from} moved between backends: {names:?}"
+                );
+                names[0].clone()
+            })
+            .collect()
+    };
+    let before = placement(&topo);
+    for name in ["b1", "b2", "b3"] {
+        assert!(
+            before.iter().any(|n| n == name),
+            "no client on {name}: {before:?}"
+        );
+    }
+    let b3 = topo
+        .backend_view(topo.backend("b3").addr)
+        .expect("b3 listed")["id"]
+        .as_u64()
+        .expect("id");
+    topo.admin("DELETE", &format!("/v1/backends/{b3}"), None);
+    let after = placement(&topo);
+    for (i, (was, is)) in before.iter().zip(&after).enumerate() {
+        if was == "b3" {
+            assert_ne!(is, "b3", "client {i} still on the removed backend");
+        } else {
+            assert_eq!(was, is, "client {i} moved from {was} although {was} stayed");
+        }
+    }
+}
+
 #[test]
 fn least_connections_follows_held_open_connections() {
     const HELD: usize = 8;

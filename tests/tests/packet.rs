@@ -192,6 +192,14 @@ impl Lab {
         services.insert(key, service, 0).expect("services insert");
     }
 
+    fn set_maglev(&mut self, table: &[u32]) {
+        let mut maglev: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("maglev").expect("maglev")).expect("array");
+        for (pos, slot) in (0u32..).zip(table) {
+            maglev.set(pos, slot, 0).expect("maglev set");
+        }
+    }
+
     fn set_cursor(&mut self, value: u64) {
         let mut cursor: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut("rr_cursor").expect("rr_cursor")).expect("array");
@@ -538,13 +546,17 @@ impl Rng {
 
 #[test]
 fn kernel_choices_match_the_policy_model() {
-    use lb_userspace::policy::{BackendView, ServiceView, choose, rr_ring};
+    use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
 
     in_lab(policy::ROUND_ROBIN, |lab| {
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..400u16 {
-            let policy = [policy::ROUND_ROBIN, policy::LEAST_CONNECTIONS][rng.below(2) as usize];
+            let policy = [
+                policy::ROUND_ROBIN,
+                policy::LEAST_CONNECTIONS,
+                policy::MAGLEV,
+            ][rng.below(3) as usize];
             let backend_count = 1 + rng.below(u64::from(MODEL_SLOTS)) as u32;
             let views: Vec<BackendView> = (0..MODEL_SLOTS)
                 .map(|_| BackendView {
@@ -585,16 +597,45 @@ fn kernel_choices_match_the_policy_model() {
             }
             lab.set_service(policy, backend_count, &ring);
             lab.set_cursor(cursor);
+            // Maglev: the agent's table, or one naming any slot, as after a change of backends.
+            let maglev: Vec<u32> = match (policy, rng.below(3)) {
+                (policy::MAGLEV, 0) => (0..lb_common::MAGLEV_SIZE)
+                    .map(|_| rng.below(u64::from(backend_count)) as u32)
+                    .collect(),
+                (policy::MAGLEV, _) => {
+                    let active: Vec<_> = (0..backend_count)
+                        .filter(|&s| views[s as usize].state == backend_state::ACTIVE)
+                        .map(|s| (s, views[s as usize].weight, model_backend(s)))
+                        .collect();
+                    maglev_table(&active)
+                }
+                _ => Vec::new(),
+            };
+            if maglev.is_empty() && policy == policy::MAGLEV {
+                // No active backend: the kernel's table is whatever was there; so is the model's.
+                lab.set_maglev(&vec![0; lb_common::MAGLEV_SIZE as usize]);
+            } else {
+                lab.set_maglev(&maglev);
+            }
+            let from = SocketAddrV4::new(
+                Ipv4Addr::new(10, 210, 1, 2 + rng.below(200) as u8),
+                10000 + case,
+            );
 
             let service = ServiceView {
                 policy,
                 id: 0,
                 backend_count,
                 ring: &ring,
+                maglev: &maglev,
                 backends: &views,
             };
-            let expected = choose(&service, cursor);
-            let input = Frame::tcp(client(10000 + case), VIP, SYN).build();
+            let expected = choose(&service, cursor, *from.ip());
+            let service = ServiceView {
+                maglev: &[],
+                ..service
+            }; // for messages
+            let input = Frame::tcp(from, VIP, SYN).build();
             let (verdict, output) = lab.run(&input);
             match expected {
                 Some(id) => {

@@ -17,6 +17,9 @@ pub trait Dataplane: Send + 'static {
     /// Write a service's round-robin ring (backend slots); `ring.len()` must be at most
     /// `RR_RING_SIZE`. Written before the service entry that announces its length.
     fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError>;
+    /// Write a `maglev` service's lookup table: exactly `MAGLEV_SIZE` backend slots. Written
+    /// before the service entry that turns the policy on.
+    fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError>;
     /// Set a backend id's active connection count to zero, when the id changes owner.
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Active connections counted on a backend id (kernel and, later, proxy).

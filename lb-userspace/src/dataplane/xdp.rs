@@ -2,7 +2,7 @@
 //!
 //! Who owns what:
 //! - [`Xdp`] (the reconciler, through `&mut self`) holds the handles of the maps it writes
-//!   (`services`, `backends`, `rr_ring`) and reads (`backend_stats`, `service_stats`), plus the
+//!   (`services`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
 //!   program and its links inside the [`Ebpf`].
 //! - The conntrack expiry task owns `ct_fwd` and `ct_rev`, and reads `backends` through a second
 //!   handle on a duplicated fd.
@@ -110,6 +110,7 @@ pub struct Xdp {
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
     rr_ring: Array<MapData, u32>,
+    maglev: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     service_stats: PerCpuArray<MapData, u64>,
     conns: Arc<ConnCounts>,
@@ -148,6 +149,7 @@ impl Xdp {
         let backends = take_map(&mut ebpf, "backends")?;
         let backends_for_expiry = dup_map(&backends, "backends")?;
         let rr_ring = take_map(&mut ebpf, "rr_ring")?;
+        let maglev = take_map(&mut ebpf, "maglev")?;
         let backend_stats = take_map(&mut ebpf, "backend_stats")?;
         let service_stats = take_map(&mut ebpf, "service_stats")?;
         let ct_fwd = take_map(&mut ebpf, "ct_fwd")?;
@@ -182,6 +184,7 @@ impl Xdp {
             services,
             backends,
             rr_ring,
+            maglev,
             backend_stats,
             service_stats,
             conns,
@@ -417,6 +420,26 @@ impl Dataplane for Xdp {
             self.rr_ring
                 .set(service_id * RR_RING_SIZE + pos, slot, 0)
                 .map_err(map_err("rr_ring"))?;
+        }
+        Ok(())
+    }
+
+    fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        use lb_common::{MAGLEV_SIZE, MAX_SERVICES};
+        if service_id >= MAX_SERVICES {
+            return Err(out_of_range("service id", service_id, MAX_SERVICES));
+        }
+        if table.len() != MAGLEV_SIZE as usize {
+            return Err(out_of_range(
+                "Maglev table length",
+                table.len() as u64,
+                MAGLEV_SIZE,
+            ));
+        }
+        for (pos, slot) in (0..).zip(table) {
+            self.maglev
+                .set(service_id * MAGLEV_SIZE + pos, slot, 0)
+                .map_err(map_err("maglev"))?;
         }
         Ok(())
     }
