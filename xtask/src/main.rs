@@ -10,6 +10,7 @@
 
 mod cargo;
 mod deps;
+mod llama;
 mod test;
 
 use std::process::ExitCode;
@@ -29,8 +30,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install the Debian packages Steer needs (clang-19, libbpf-dev, bpftool, ethtool,
-    /// iproute2, ...) when any is missing; a no-op when all are present.
+    /// Install the Debian packages Steer needs (clang-19, libbpf-dev, bpftool, cmake, protoc,
+    /// etcd, ...) when any is missing, then build llama-server and fetch the test model into
+    /// ${STEER_CACHE:-/var/cache/steer} (STEER_LLAMA_SERVER / STEER_MODEL skip them); a quick
+    /// no-op when all are present.
     Deps,
     /// Build lb-ebpf and copy the compiled XDP object to target/bpf/steer.bpf.o.
     BuildEbpf,
