@@ -1,6 +1,8 @@
 //! Support for Steer's privileged tests: packet tests through `BPF_PROG_TEST_RUN` and
 //! integration tests on veth + network-namespace topologies.
 
+pub mod etcd;
+pub mod llama;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

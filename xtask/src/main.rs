@@ -8,6 +8,7 @@
     reason = "a CLI: paths and test summaries go to stdout"
 )]
 
+mod cache;
 mod cargo;
 mod deps;
 mod llama;
