@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, FromRequestParts, Path, State};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -20,7 +20,7 @@ use crate::config::{AdminToken, Weight, usable_endpoint};
 use crate::table::{BackendInfo, NewBackend, ServiceInfo, TableError, TableHandle};
 
 /// Request bodies are a few hundred bytes; refuse anything far larger before parsing it.
-const BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct ApiState {
@@ -40,6 +40,13 @@ pub fn router(table: TableHandle, token: Option<AdminToken>) -> Router {
         .route("/v1/backends/{id}/drain", post(drain_backend))
         .route("/v1/backends/{id}/activate", post(activate_backend))
         .route("/v1/services", get(list_services))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// JSON answers for unknown routes and methods; added once, to the complete router.
+pub fn with_fallbacks(router: Router) -> Router {
+    router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -47,12 +54,10 @@ pub fn router(table: TableHandle, token: Option<AdminToken>) -> Router {
                 "method not allowed on this route",
             )
         })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
 }
 
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
 }
@@ -63,7 +68,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -122,15 +127,26 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// Proof that a mutating request carries the configured token (or that none is configured).
-/// Taken before the body, so a request without the token learns nothing else.
-struct Authorized;
+impl FromRef<ApiState> for Option<Arc<AdminToken>> {
+    fn from_ref(state: &ApiState) -> Self {
+        state.token.clone()
+    }
+}
 
-impl FromRequestParts<ApiState> for Authorized {
+/// Proof that a mutating request carries the configured token (or that none is configured).
+/// Taken before the body, so a request without the token learns nothing else. Any router whose
+/// state yields the token can use it.
+pub(crate) struct Authorized;
+
+impl<S> FromRequestParts<S> for Authorized
+where
+    S: Send + Sync,
+    Option<Arc<AdminToken>>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let Some(token) = &state.token else {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Some(token) = Option::<Arc<AdminToken>>::from_ref(state) else {
             return Ok(Authorized);
         };
         let presented = parts
@@ -267,7 +283,7 @@ mod tests {
     fn app(token: Option<AdminToken>) -> Router {
         let (handle, _task) = table::start(FakeDataplane::default(), &services())
             .unwrap_or_else(|e| panic!("starting the table: {e}"));
-        router(handle, token)
+        with_fallbacks(router(handle, token))
     }
 
     /// A token as the config would read it.

@@ -16,6 +16,8 @@ use toml::Spanned;
 
 use crate::dataplane::xdp::{XdpMode, XdpOptions};
 use crate::policy::Policy;
+use crate::store::DriverConfig;
+use crate::supervisor::{self, InstanceSpec, Settings};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -45,6 +47,8 @@ pub struct Config {
     /// When set, mutating API calls need `Authorization: Bearer <token>`.
     pub admin_token: Option<AdminToken>,
     pub services: Vec<ServiceConfig>,
+    /// llama-server processes the agent supervises (`[[instance]]`).
+    pub instances: Vec<InstanceSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +107,12 @@ impl<'de> Deserialize<'de> for Weight {
 pub struct AdminToken(String);
 
 impl AdminToken {
+    /// The token in a token file's text, trimmed; `None` when there is none.
+    pub fn from_text(text: &str) -> Option<AdminToken> {
+        let token = text.trim();
+        (!token.is_empty()).then(|| AdminToken(token.to_owned()))
+    }
+
     /// Compares in time independent of where the first difference is.
     pub fn matches(&self, presented: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), presented.as_bytes());
@@ -164,6 +174,30 @@ struct RawConfig {
     agent: RawAgent,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    instance: Vec<RawInstance>,
+}
+
+/// `[[instance]]`: a llama-server the agent supervises. Its arguments are persisted through
+/// `config_driver` (default: the file driver at /var/lib/steer/config.toml, under the
+/// instance's name), which wins over `model`, `port` and `args` once it holds a config.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: Spanned<String>,
+    binary: String,
+    model: String,
+    port: Spanned<NonZeroU16>,
+    /// More llama-server arguments, as on a command line.
+    #[serde(default)]
+    args: Vec<String>,
+    startup_timeout: Option<Timeout>,
+    debounce: Option<Timeout>,
+    stop_grace: Option<Timeout>,
+    /// Binaries `binary` may be changed to over the API.
+    #[serde(default)]
+    allowed_binaries: Vec<String>,
+    config_driver: Option<DriverConfig>,
 }
 
 #[derive(Default, Deserialize)]
@@ -241,7 +275,8 @@ impl<'de> Deserialize<'de> for Timeout {
     }
 }
 
-fn parse_duration(text: &str) -> Option<Duration> {
+/// `"500ms"`, `"10s"`, `"10m"`, `"1h"`; `None` for anything else or zero.
+pub fn parse_duration(text: &str) -> Option<Duration> {
     let split = text.find(|c: char| !c.is_ascii_digit())?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
@@ -390,6 +425,7 @@ impl Doc<'_> {
             }
             services.push(service);
         }
+        let instances = self.instances(raw.instance)?;
         Ok(Config {
             path: self.path.to_owned(),
             xdp: XdpOptions {
@@ -410,7 +446,52 @@ impl Doc<'_> {
             admin_addr,
             admin_token,
             services,
+            instances,
         })
+    }
+
+    fn instances(&self, raw: Vec<RawInstance>) -> Result<Vec<InstanceSpec>, ConfigError> {
+        let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
+        for (i, instance) in raw.into_iter().enumerate() {
+            let name = instance.name.get_ref().trim();
+            let field = |what: &str| format!("instance[{i}].{what}");
+            if name.is_empty() {
+                let span = Some(instance.name.span());
+                return Err(self.invalid(span, field("name"), "must not be empty"));
+            }
+            if let Some(other) = instances.iter().position(|s| s.name == name) {
+                let span = Some(instance.name.span());
+                let message = format!("`{name}` is already the name of instance[{other}]");
+                return Err(self.invalid(span, field("name"), message));
+            }
+            let port = instance.port.get_ref().get();
+            if let Some(other) = instances.iter().position(|s| s.port == port) {
+                let span = Some(instance.port.span());
+                let message = format!("port {port} is already instance[{other}]'s");
+                return Err(self.invalid(span, field("port"), message));
+            }
+            let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
+            instances.push(InstanceSpec {
+                driver: instance
+                    .config_driver
+                    .unwrap_or_else(|| supervisor::default_driver(name)),
+                name: name.to_owned(),
+                binary: instance.binary,
+                model: instance.model,
+                port,
+                extra_args: instance.args,
+                settings: Settings {
+                    startup_timeout: timeout(
+                        instance.startup_timeout,
+                        supervisor::DEFAULT_STARTUP_TIMEOUT,
+                    ),
+                    debounce: timeout(instance.debounce, supervisor::DEFAULT_DEBOUNCE),
+                    stop_grace: timeout(instance.stop_grace, supervisor::DEFAULT_STOP_GRACE),
+                    allowed_binaries: instance.allowed_binaries,
+                },
+            });
+        }
+        Ok(instances)
     }
 
     fn interfaces(
@@ -488,15 +569,11 @@ impl Doc<'_> {
                 token_path: token_path.clone(),
                 source,
             })?;
-        let token = text.trim();
-        if token.is_empty() {
-            return Err(ConfigError::Invalid {
-                location,
-                field: "agent.admin_token_file".to_owned(),
-                message: format!("{} is empty", token_path.display()),
-            });
-        }
-        Ok(AdminToken(token.to_owned()))
+        AdminToken::from_text(&text).ok_or_else(|| ConfigError::Invalid {
+            location,
+            field: "agent.admin_token_file".to_owned(),
+            message: format!("{} is empty", token_path.display()),
+        })
     }
 
     fn service(&self, i: usize, raw: &RawService) -> Result<ServiceConfig, ConfigError> {
@@ -608,6 +685,18 @@ impl fmt::Display for Config {
                     b.max_connections
                 )?;
             }
+        }
+        for instance in &self.instances {
+            writeln!(
+                f,
+                "instance {}: {} --model {} --port {} {} (config {:?})",
+                instance.name,
+                instance.binary,
+                instance.model,
+                instance.port,
+                instance.extra_args.join(" "),
+                instance.driver,
+            )?;
         }
         Ok(())
     }
@@ -857,6 +946,45 @@ address = "10.0.0.100:81"
             other => panic!("{other:?}"),
         }
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn instances_with_defaults_and_errors() -> Result<(), ConfigError> {
+        let base = "[agent]\ninterfaces = [\"eth0\"]\n";
+        let gpt = "[[instance]]\nname = \"gpt\"\nbinary = \"llama-server\"\nmodel = \"/m/a.gguf\"\nport = 8081\n";
+        let text = format!(
+            "{base}{gpt}args = [\"-np\", \"2\"]\ndebounce = \"50ms\"\n\
+             [[instance]]\nname = \"qwen\"\nbinary = \"llama-server\"\nmodel = \"/m/b.gguf\"\nport = 8082\n\
+             config_driver = {{ type = \"file\", path = \"/tmp/c.toml\", name = \"q\" }}\n"
+        );
+        let config = parse(&text)?;
+        let [first, qwen] = &config.instances[..] else {
+            panic!("{:?}", config.instances);
+        };
+        assert_eq!((first.name.as_str(), first.port), ("gpt", 8081));
+        assert_eq!(first.extra_args, ["-np", "2"]);
+        assert_eq!(first.settings.debounce, Duration::from_millis(50));
+        assert_eq!(
+            first.settings.startup_timeout,
+            supervisor::DEFAULT_STARTUP_TIMEOUT
+        );
+        assert_eq!(first.driver, supervisor::default_driver("gpt"));
+        assert_eq!(
+            qwen.driver,
+            DriverConfig::File {
+                path: "/tmp/c.toml".into(),
+                name: "q".to_owned()
+            }
+        );
+
+        let (line, field, _) = invalid(&format!("{base}{gpt}{gpt}"));
+        assert_eq!((line, field.as_str()), (9, "instance[1].name"));
+        let twin = gpt.replace("gpt", "twin");
+        let (line, field, _) = invalid(&format!("{base}{gpt}{twin}"));
+        assert_eq!((line, field.as_str()), (12, "instance[1].port"));
+        let (line, field, _) = invalid(&format!("{base}{}", gpt.replace("8081", "0")));
+        assert_eq!((line, field.as_str()), (7, "instance[0].port"));
         Ok(())
     }
 

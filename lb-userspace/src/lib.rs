@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod policy;
 pub mod store;
+pub mod supervisor;
 pub mod table;
 
 #[cfg(test)]
@@ -23,6 +24,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
+use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum AgentError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
     #[error("serving the admin API on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -48,7 +52,8 @@ pub enum AgentError {
 }
 
 /// Run the agent until `shutdown` completes: load and attach XDP, program the configured
-/// services, serve the admin API; then stop serving and detach.
+/// services, start the configured llama-server instances, serve the admin API; then stop
+/// serving, stop the instances and detach.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Bind first: a taken port should fail before anything is attached.
     let listener = bind(config.admin_addr).await?;
@@ -78,35 +83,55 @@ async fn serve<D: Dataplane>(
         source,
     })?;
     let (table, task) = table::start(dataplane, &config.services)?;
-    let app = api::router(table, config.admin_token.clone());
+    let mut instances = Vec::with_capacity(config.instances.len());
+    let mut instance_tasks = Vec::with_capacity(config.instances.len());
+    for spec in &config.instances {
+        let (handle, task) = supervisor::start(spec.clone()).await?;
+        instances.push(handle);
+        instance_tasks.push(task);
+    }
+    let app = api::with_fallbacks(api::router(table, config.admin_token.clone()).merge(
+        supervisor::api::router(instances, config.admin_token.clone()),
+    ));
     info!(
         admin = %addr,
         interfaces = ?config.xdp.interfaces,
         services = config.services.len(),
+        instances = config.instances.len(),
         "steer ready"
     );
-    // axum needs a `Send + 'static` shutdown future; relay the caller's through a channel so
-    // `run` accepts any future.
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = stopped.await;
-        });
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            served = &mut server => served,
-            () = shutdown => {
-                let _ = stop.send(());
-                server.await
-            }
-        }
-    };
+    let served = serve_http(listener, app, shutdown).await;
     info!("admin API stopped");
-    // The server, and with it the router holding the last table handles, is gone: the table
-    // task ends and hands the dataplane back.
+    // The server, and with it the router holding the last table and instance handles, is gone:
+    // the instances stop their processes, and the table task ends and hands the dataplane back.
+    for instance in instance_tasks {
+        let _ = instance.await;
+    }
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     served.map_err(|source| AgentError::Serve { addr, source })?;
     Ok(dataplane)
+}
+
+/// Serves `app` until `shutdown` completes, then lets requests in flight finish.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    // axum needs a `Send + 'static` shutdown future; relay the caller's through a channel so
+    // callers may pass any future.
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = stopped.await;
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        served = &mut server => served,
+        () = shutdown => {
+            let _ = stop.send(());
+            server.await
+        }
+    }
 }
 
 #[cfg(test)]

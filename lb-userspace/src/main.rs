@@ -5,11 +5,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use lb_userspace::config::{Config, Overrides};
+use lb_userspace::config::{AdminToken, Config, Overrides, parse_duration};
 use lb_userspace::dataplane::xdp::XdpMode;
+use lb_userspace::store::DriverConfig;
+use lb_userspace::supervisor::{self, InstanceSpec, Settings};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +37,60 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run one llama-server, revive it when it exits, and change its arguments over
+    /// `POST /v1/params` until SIGINT or SIGTERM.
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Args)]
+struct SuperviseArgs {
+    /// Address of the params API; off loopback it needs --admin-token-file.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8084")]
+    supervisor_addr: SocketAddr,
+    /// The llama-server binary (a path, or a name looked up in PATH).
+    #[arg(long, value_name = "PATH")]
+    binary: String,
+    #[arg(long, value_name = "FILE")]
+    model: String,
+    /// The port llama-server listens on; the supervisor checks /health there.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// Where the arguments are persisted, as JSON: {"type": "file", "path": "...", "name": "..."}
+    /// or {"type": "etcd", "addr": "127.0.0.1:2379", "name": "..."} (etcd needs the `etcd`
+    /// feature). Default: the file /var/lib/steer/config.toml, name "default". Persisted
+    /// arguments win over --binary, --model, --port and the arguments after `--`.
+    #[arg(long, value_name = "JSON", value_parser = parse_driver)]
+    config_driver: Option<DriverConfig>,
+    /// How long a start may take to answer 200 on /health.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    startup_timeout: Duration,
+    /// Changes closer together than this are applied as one.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = duration)]
+    debounce: Duration,
+    /// How long llama-server gets between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    stop_grace: Duration,
+    /// File holding the bearer token that changes need.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// A binary the API may switch `binary` to (repeatable).
+    #[arg(long = "allowed-binary", value_name = "PATH")]
+    allowed_binaries: Vec<String>,
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// More llama-server arguments, e.g. `-- -np 2 -c 2048`.
+    #[arg(last = true, value_name = "ARGS")]
+    extra: Vec<String>,
+}
+
+fn parse_driver(text: &str) -> Result<DriverConfig, String> {
+    text.parse::<DriverConfig>().map_err(|err| err.to_string())
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).ok_or_else(|| {
+        format!("`{text}` is not a duration like 500ms, 10s, 10m or 1h (above zero)")
+    })
 }
 
 #[derive(Args)]
@@ -86,7 +143,45 @@ fn try_main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Supervise(args) => supervise(args),
     }
+}
+
+fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
+    init_logging(args.log_level.as_deref())?;
+    let token = match &args.admin_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --admin-token-file {}", path.display()))?;
+            let token = AdminToken::from_text(&text)
+                .with_context(|| format!("--admin-token-file {} is empty", path.display()))?;
+            Some(token)
+        }
+        None => None,
+    };
+    let driver = args
+        .config_driver
+        .unwrap_or_else(|| supervisor::default_driver(supervisor::DEFAULT_CONFIG_NAME));
+    let spec = InstanceSpec {
+        name: driver.name().to_owned(),
+        binary: args.binary,
+        model: args.model,
+        port: args.port,
+        extra_args: args.extra,
+        settings: Settings {
+            startup_timeout: args.startup_timeout,
+            debounce: args.debounce,
+            stop_grace: args.stop_grace,
+            allowed_binaries: args.allowed_binaries,
+        },
+        driver,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        supervisor::supervise(spec, args.supervisor_addr, token, shutdown).await?;
+        Ok(())
+    })
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {

@@ -1,0 +1,221 @@
+//! `/v1/params` and `/v1/instances/{name}/params`: show and change an instance's arguments.
+//! Served on its own by `steer supervise` and merged into the agent's admin API.
+//!
+//! A POST answers once its change is applied (200) or rejected (422, with exit status and the
+//! tail of llama-server's output); with `?wait=false`, 202 at once. Bodies llama-server never
+//! sees are refused with 400 (shape, types, non-flag keys, `--port` removed), 403 (a binary not
+//! allowed) or 401 (token).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::args::InputArgs;
+use super::instance::{InstanceError, InstanceHandle, Outcome, Rejection, Status};
+use crate::api::{ApiError, Authorized, BODY_LIMIT};
+use crate::config::AdminToken;
+use crate::store::SavedArgs;
+
+/// The name `/v1/params` addresses when there are several instances.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+#[derive(Clone)]
+struct ParamsState {
+    instances: Arc<BTreeMap<String, InstanceHandle>>,
+    token: Option<Arc<AdminToken>>,
+}
+
+impl FromRef<ParamsState> for Option<Arc<AdminToken>> {
+    fn from_ref(state: &ParamsState) -> Self {
+        state.token.clone()
+    }
+}
+
+/// The params routes for `instances`, without fallbacks (see [`crate::api::with_fallbacks`]).
+pub fn router(instances: Vec<InstanceHandle>, token: Option<AdminToken>) -> Router {
+    let instances = instances
+        .into_iter()
+        .map(|handle| (handle.name().to_owned(), handle))
+        .collect();
+    let state = ParamsState {
+        instances: Arc::new(instances),
+        token: token.map(Arc::new),
+    };
+    Router::new()
+        .route("/v1/params", get(show_default).post(change_default))
+        .route(
+            "/v1/instances/{name}/params",
+            get(show_named).post(change_named),
+        )
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParamsRequest {
+    args: InputArgs,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Serialize)]
+struct AppliedBody<'a> {
+    applied: &'a SavedArgs,
+    pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    persist_error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RejectedBody<'a> {
+    error: String,
+    exit_status: Option<&'a str>,
+    output_tail: &'a [String],
+    rejected: &'a SavedArgs,
+    /// Whether the previous arguments are serving again.
+    restored: bool,
+}
+
+#[derive(Serialize)]
+struct AcceptedBody {
+    accepted: bool,
+}
+
+impl ParamsState {
+    fn instance(&self, name: Option<&str>) -> Result<&InstanceHandle, ApiError> {
+        let found = match name {
+            Some(name) => self.instances.get(name),
+            None if self.instances.len() == 1 => self.instances.values().next(),
+            None => self.instances.get(DEFAULT_INSTANCE),
+        };
+        found.ok_or_else(|| {
+            let message = match name {
+                Some(name) => format!("no instance named `{name}`"),
+                None => format!(
+                    "several instances and none named `{DEFAULT_INSTANCE}`: use /v1/instances/{{name}}/params"
+                ),
+            };
+            ApiError::new(StatusCode::NOT_FOUND, message)
+        })
+    }
+}
+
+impl From<InstanceError> for ApiError {
+    fn from(err: InstanceError) -> Self {
+        let status = match &err {
+            InstanceError::Invalid(_) => StatusCode::BAD_REQUEST,
+            InstanceError::BinaryNotAllowed(_) => StatusCode::FORBIDDEN,
+            InstanceError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+async fn show_default(State(state): State<ParamsState>) -> Result<Json<Status>, ApiError> {
+    show(&state, None).await
+}
+
+async fn show_named(
+    State(state): State<ParamsState>,
+    Path(name): Path<String>,
+) -> Result<Json<Status>, ApiError> {
+    show(&state, Some(&name)).await
+}
+
+async fn show(state: &ParamsState, name: Option<&str>) -> Result<Json<Status>, ApiError> {
+    Ok(Json(state.instance(name)?.status().await?))
+}
+
+async fn change_default(
+    State(state): State<ParamsState>,
+    _: Authorized,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    body: Result<Json<ParamsRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    change(&state, None, query, body).await
+}
+
+async fn change_named(
+    State(state): State<ParamsState>,
+    Path(name): Path<String>,
+    _: Authorized,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    body: Result<Json<ParamsRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    change(&state, Some(&name), query, body).await
+}
+
+async fn change(
+    state: &ParamsState,
+    name: Option<&str>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    body: Result<Json<ParamsRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let instance = state.instance(name)?;
+    let Query(WaitQuery { wait }) =
+        query.map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, r.body_text()))?;
+    let Json(request) = body?;
+    let outcome = instance.submit(request.args).await?;
+    if !wait {
+        return Ok((StatusCode::ACCEPTED, Json(AcceptedBody { accepted: true })).into_response());
+    }
+    let outcome = outcome.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "instance `{}` stopped before applying the change",
+                instance.name()
+            ),
+        )
+    })?;
+    Ok(match &outcome {
+        Outcome::Applied {
+            args,
+            pid,
+            persist_error,
+        } => Json(AppliedBody {
+            applied: args,
+            pid: *pid,
+            persist_error: persist_error.as_deref(),
+        })
+        .into_response(),
+        Outcome::Rejected(Rejection {
+            args,
+            error,
+            exit_status,
+            output_tail,
+            restored,
+        }) => {
+            let error = if *restored {
+                format!("rejected: {error}; the previous arguments are serving again")
+            } else {
+                format!("rejected: {error}; the previous arguments did not come up either")
+            };
+            let body = RejectedBody {
+                error,
+                exit_status: exit_status.as_deref(),
+                output_tail,
+                rejected: args,
+                restored: *restored,
+            };
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        }
+    })
+}

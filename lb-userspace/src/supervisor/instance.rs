@@ -1,0 +1,667 @@
+//! The instance actor: one task per llama-server instance owns its process and its arguments.
+//!
+//! Changes arrive on a bounded channel and merge into one batch, later keys winning. A batch is
+//! applied once no change has come for the debounce window (at most [`DEBOUNCE_CAP`] windows
+//! after its first change, so a steady stream cannot starve it); one that arrives during an
+//! apply waits for it and goes right after. An apply is a transaction run as one future the
+//! actor polls beside its channel, so GETs are answered and changes merged meanwhile but nothing
+//! interrupts it: stop the old process, start the new arguments, wait for health, persist; on
+//! failure start the previous arguments again. Only that future or the idle actor holds the
+//! [`Running`] process, so there are never two.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::args::{Aliases, ArgsError, Change, InputArgs};
+use super::process::{Failed, Running, StartError};
+use crate::store::{ArgValue, SavedArgs, Store};
+
+/// A batch waits at most this many debounce windows after its first change.
+const DEBOUNCE_CAP: u32 = 5;
+/// Revival delays after the first (immediate) one: doubling from the first, up to the second.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A process up this long before it crashed resets the backoff.
+const STABLE_PERIOD: Duration = Duration::from_secs(60);
+const CHANNEL: usize = 64;
+
+/// Per-instance knobs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub startup_timeout: Duration,
+    pub debounce: Duration,
+    pub stop_grace: Duration,
+    /// Binaries the API may switch to.
+    pub allowed_binaries: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error(transparent)]
+    Invalid(#[from] ArgsError),
+    #[error("binary {0} is not allowed: the supervisor lists allowed ones with --allowed-binary")]
+    BinaryNotAllowed(String),
+    #[error("instance `{0}` has stopped")]
+    Stopped(Arc<str>),
+}
+
+/// How a change ended.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied {
+        args: SavedArgs,
+        pid: u32,
+        /// Set when the arguments run but could not be saved.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        persist_error: Option<String>,
+    },
+    Rejected(Rejection),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejection {
+    /// The arguments that failed.
+    pub args: SavedArgs,
+    pub error: String,
+    pub exit_status: Option<String>,
+    pub output_tail: Vec<String>,
+    /// Whether the previous arguments came up again.
+    pub restored: bool,
+}
+
+/// What `GET /v1/params` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state: State,
+    pub applied: SavedArgs,
+    /// The arguments an apply in progress is starting.
+    pub applying: Option<SavedArgs>,
+    /// Changes merged and waiting for the next apply.
+    pub pending: Option<Change>,
+    pub pid: Option<u32>,
+    /// Processes spawned so far, revivals and rollbacks included.
+    pub starts: u64,
+    pub revivals: u64,
+    pub last_outcome: Option<Outcome>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Starting,
+    Running,
+    Applying,
+    Reviving,
+    Down,
+}
+
+impl Serialize for Change {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(binary) = &self.binary {
+            map.serialize_entry("binary", binary)?;
+        }
+        for (flag, value) in &self.flags {
+            match value {
+                None => map.serialize_entry(flag, &())?,
+                Some(ArgValue::Flag) => map.serialize_entry(flag, &true)?,
+                Some(ArgValue::Value(text)) => map.serialize_entry(flag, text)?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// A cheap handle on an instance; the actor stops its process and ends when the last one drops.
+#[derive(Clone, Debug)]
+pub struct InstanceHandle {
+    name: Arc<str>,
+    requests: mpsc::Sender<Request>,
+}
+
+type Accepted = Result<oneshot::Receiver<Outcome>, InstanceError>;
+
+#[derive(Debug)]
+enum Request {
+    Submit {
+        input: InputArgs,
+        reply: oneshot::Sender<Accepted>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+}
+
+impl InstanceHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Queues a change; the receiver gets its outcome (drop it not to wait).
+    pub async fn submit(&self, input: InputArgs) -> Accepted {
+        let (reply, accepted) = oneshot::channel();
+        self.request(Request::Submit { input, reply }).await?;
+        accepted.await.map_err(|_| self.stopped())?
+    }
+
+    pub async fn status(&self) -> Result<Status, InstanceError> {
+        let (reply, status) = oneshot::channel();
+        self.request(Request::Status { reply }).await?;
+        status.await.map_err(|_| self.stopped())
+    }
+
+    async fn request(&self, request: Request) -> Result<(), InstanceError> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> InstanceError {
+        InstanceError::Stopped(self.name.clone())
+    }
+}
+
+/// Starts the actor for `args` (already canonical under `aliases`). The task ends, after
+/// stopping the process, when every handle is gone.
+pub fn spawn(
+    name: &str,
+    args: SavedArgs,
+    aliases: Aliases,
+    settings: Settings,
+    store: Store,
+) -> (InstanceHandle, JoinHandle<()>) {
+    let name: Arc<str> = Arc::from(name);
+    let (requests, inbox) = mpsc::channel(CHANNEL);
+    let mut actor = Actor {
+        name: name.clone(),
+        aliases: HashMap::from([(args.binary.clone(), Arc::new(aliases))]),
+        applied: args,
+        settings,
+        store: Arc::new(store),
+        running: None,
+        op: None,
+        batch: None,
+        crashes: 0,
+        crash_status: None,
+        retry_at: None,
+        starts: 0,
+        revivals: 0,
+        last_outcome: None,
+    };
+    actor.begin(OpKind::Start, None);
+    let span = info_span!("instance", name = %name);
+    let task = tokio::spawn(actor.run(inbox).instrument(span));
+    (InstanceHandle { name, requests }, task)
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = OpDone> + Send>>;
+
+/// The one process operation in progress.
+struct Op {
+    kind: OpKind,
+    future: OpFuture,
+}
+
+enum OpKind {
+    Start,
+    Revive,
+    Apply {
+        target: SavedArgs,
+        waiters: Vec<oneshot::Sender<Outcome>>,
+    },
+}
+
+struct OpDone {
+    running: Option<Running>,
+    /// Processes spawned.
+    spawns: u64,
+    /// The start of the wanted arguments.
+    result: Result<(), Failed>,
+    /// After a failed apply: the restart of the previous arguments.
+    restore: Option<Result<(), Failed>>,
+    persist_error: Option<String>,
+}
+
+struct Batch {
+    change: Change,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    first: Instant,
+    deadline: Instant,
+    /// Arrived during an apply: goes right after it.
+    due_now: bool,
+}
+
+struct Actor {
+    name: Arc<str>,
+    aliases: HashMap<String, Arc<Aliases>>,
+    applied: SavedArgs,
+    settings: Settings,
+    store: Arc<Store>,
+    /// The healthy process while no operation holds it.
+    running: Option<Running>,
+    op: Option<Op>,
+    batch: Option<Batch>,
+    /// Crashes since the last stable period, for the backoff.
+    crashes: u32,
+    crash_status: Option<ExitStatus>,
+    /// When the next revival starts, while down.
+    retry_at: Option<Instant>,
+    starts: u64,
+    revivals: u64,
+    last_outcome: Option<Outcome>,
+}
+
+impl Actor {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
+        loop {
+            if self.op.is_none() {
+                self.next_op(Instant::now());
+            }
+            let wake = self.wake_at();
+            tokio::select! {
+                request = inbox.recv() => match request {
+                    Some(request) => self.handle(request).await,
+                    None => break,
+                },
+                done = op_done(&mut self.op) => self.finish(done),
+                status = exited(&mut self.running), if self.op.is_none() => self.crashed(status),
+                () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            }
+        }
+        // Let an apply in progress finish: it is never cut short. A start or revival is dropped,
+        // which kills its process.
+        if matches!(
+            &self.op,
+            Some(Op {
+                kind: OpKind::Apply { .. },
+                ..
+            })
+        ) {
+            let done = op_done(&mut self.op).await;
+            self.finish(done);
+        }
+        self.op = None;
+        if let Some(running) = self.running.take() {
+            let pid = running.pid();
+            let status = running.stop(self.settings.stop_grace).await;
+            info!(pid, ?status, "llama-server stopped");
+        }
+    }
+
+    /// When idle, what to wait for before [`Actor::next_op`] has work.
+    fn wake_at(&self) -> Option<Instant> {
+        if self.op.is_some() {
+            return None;
+        }
+        let batch = self.batch.as_ref().map(|b| b.deadline);
+        match (batch, self.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Starts a due batch, else a due revival.
+    fn next_op(&mut self, now: Instant) {
+        if let Some(batch) = self.batch.take_if(|b| b.due_now || b.deadline <= now) {
+            let target = batch.change.apply_to(&self.applied);
+            debug!(change = ?batch.change, "applying");
+            let running = self.running.take();
+            let kind = OpKind::Apply {
+                target,
+                waiters: batch.waiters,
+            };
+            self.begin(kind, running);
+        } else if self.running.is_none() && self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            self.begin(OpKind::Revive, None);
+        }
+    }
+
+    fn begin(&mut self, kind: OpKind, running: Option<Running>) {
+        let startup = self.settings.startup_timeout;
+        let future: OpFuture = match &kind {
+            OpKind::Start | OpKind::Revive => {
+                let args = self.applied.clone();
+                Box::pin(async move {
+                    let result = Running::start(&args, startup).await;
+                    let spawns = spawned(&result);
+                    let (running, result) = split(result);
+                    OpDone {
+                        running,
+                        spawns,
+                        result,
+                        restore: None,
+                        persist_error: None,
+                    }
+                })
+            }
+            OpKind::Apply { target, .. } => Box::pin(apply(
+                running,
+                self.applied.clone(),
+                target.clone(),
+                self.settings.clone(),
+                self.store.clone(),
+            )),
+        };
+        self.op = Some(Op { kind, future });
+    }
+
+    fn finish(&mut self, done: OpDone) {
+        let Some(op) = self.op.take() else { return };
+        self.starts += done.spawns;
+        self.running = done.running;
+        let pid = self.running.as_ref().map(Running::pid);
+        match (op.kind, done.result) {
+            (OpKind::Start, Ok(())) => {
+                info!(pid, args = ?self.applied.argv(), "llama-server started");
+                self.crashes = 0;
+            }
+            (OpKind::Revive, Ok(())) => {
+                self.revivals += 1;
+                let exit_status = self.crash_status.map(|s| s.to_string());
+                info!(
+                    pid,
+                    exit_status,
+                    crashes = self.crashes,
+                    "llama-server revived"
+                );
+            }
+            (OpKind::Start | OpKind::Revive, Err(failed)) => {
+                warn!(error = %failed.error, tail = ?failed.tail, "llama-server did not come up");
+                self.crash_status = failed.error.exit_status();
+                self.schedule_revival();
+            }
+            (OpKind::Apply { target, waiters }, result) => {
+                let outcome = match result {
+                    Ok(()) => {
+                        info!(pid, args = ?target.argv(), "arguments applied");
+                        self.applied = target.clone();
+                        self.crashes = 0;
+                        Outcome::Applied {
+                            args: target,
+                            pid: pid.unwrap_or_default(),
+                            persist_error: done.persist_error,
+                        }
+                    }
+                    Err(failed) => self.rejected(target, failed, done.restore),
+                };
+                for waiter in waiters {
+                    let _ = waiter.send(outcome.clone());
+                }
+                self.last_outcome = Some(outcome);
+            }
+        }
+    }
+
+    fn rejected(
+        &mut self,
+        target: SavedArgs,
+        failed: Failed,
+        restore: Option<Result<(), Failed>>,
+    ) -> Outcome {
+        let restored = matches!(restore, Some(Ok(())));
+        warn!(error = %failed.error, args = ?target.argv(), restored, "arguments rejected");
+        if let Some(Err(again)) = restore {
+            warn!(error = %again.error, tail = ?again.tail, "previous arguments did not come up");
+            self.crash_status = again.error.exit_status();
+            self.schedule_revival();
+        }
+        Outcome::Rejected(Rejection {
+            args: target,
+            exit_status: failed.error.exit_status().map(|s| s.to_string()),
+            error: failed.error.to_string(),
+            output_tail: failed.tail,
+            restored,
+        })
+    }
+
+    fn crashed(&mut self, status: std::io::Result<ExitStatus>) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        let uptime = running.started.elapsed();
+        if uptime >= STABLE_PERIOD {
+            self.crashes = 0;
+        }
+        self.crash_status = status.as_ref().ok().copied();
+        warn!(
+            pid = running.pid(),
+            exit_status = ?self.crash_status.map(|s| s.to_string()),
+            ?uptime,
+            "llama-server exited; reviving"
+        );
+        drop(running);
+        self.schedule_revival();
+    }
+
+    fn schedule_revival(&mut self) {
+        self.crashes += 1;
+        let delay = backoff(self.crashes);
+        if !delay.is_zero() {
+            info!(
+                ?delay,
+                crashes = self.crashes,
+                "backing off before the next start"
+            );
+        }
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Submit { input, reply } => {
+                let accepted = self.submit(input).await;
+                let _ = reply.send(accepted);
+            }
+            Request::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    async fn submit(&mut self, input: InputArgs) -> Accepted {
+        let current = self.target_binary();
+        if let Some(binary) = &input.binary
+            && *binary != current
+            && !self.settings.allowed_binaries.contains(binary)
+        {
+            return Err(InstanceError::BinaryNotAllowed(binary.clone()));
+        }
+        let binary = input.binary.clone().unwrap_or(current);
+        let change = self
+            .aliases(&binary)
+            .await
+            .change(input.binary, input.flags);
+        change.check()?;
+        let (waiter, outcome) = oneshot::channel();
+        let now = Instant::now();
+        let debounce = self.settings.debounce;
+        let busy = self.op.is_some();
+        match &mut self.batch {
+            Some(batch) => {
+                batch.change.merge(change);
+                batch.waiters.push(waiter);
+                batch.deadline = (now + debounce).min(batch.first + debounce * DEBOUNCE_CAP);
+                batch.due_now |= busy;
+            }
+            None => {
+                self.batch = Some(Batch {
+                    change,
+                    waiters: vec![waiter],
+                    first: now,
+                    deadline: now + debounce,
+                    due_now: busy,
+                });
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The binary the next apply starts unless a change names another.
+    fn target_binary(&self) -> String {
+        let pending = self.batch.as_ref().and_then(|b| b.change.binary.clone());
+        let applying = match &self.op {
+            Some(Op {
+                kind: OpKind::Apply { target, .. },
+                ..
+            }) => Some(target.binary.clone()),
+            _ => None,
+        };
+        pending
+            .or(applying)
+            .unwrap_or_else(|| self.applied.binary.clone())
+    }
+
+    /// The binary's aliases, learned from its `--help` the first time. A binary whose help
+    /// cannot be read gets none: its start will fail and say why.
+    async fn aliases(&mut self, binary: &str) -> Arc<Aliases> {
+        if let Some(aliases) = self.aliases.get(binary) {
+            return aliases.clone();
+        }
+        match Aliases::learn(binary).await {
+            Ok(aliases) => {
+                let aliases = Arc::new(aliases);
+                self.aliases.insert(binary.to_owned(), aliases.clone());
+                aliases
+            }
+            Err(err) => {
+                warn!(%err, "no aliases for this binary");
+                Arc::default()
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let (state, applying) = match &self.op {
+            Some(Op { kind, .. }) => match kind {
+                OpKind::Start => (State::Starting, None),
+                OpKind::Revive => (State::Reviving, None),
+                OpKind::Apply { target, .. } => (State::Applying, Some(target.clone())),
+            },
+            None if self.running.is_some() => (State::Running, None),
+            None => (State::Down, None),
+        };
+        Status {
+            name: self.name.to_string(),
+            state,
+            applied: self.applied.clone(),
+            applying,
+            pending: self.batch.as_ref().map(|b| b.change.clone()),
+            pid: self.running.as_ref().map(Running::pid),
+            starts: self.starts,
+            revivals: self.revivals,
+            last_outcome: self.last_outcome.clone(),
+        }
+    }
+}
+
+/// The transaction: stop `running`, start `target`, wait for health, persist; on failure start
+/// `previous` again.
+async fn apply(
+    running: Option<Running>,
+    previous: SavedArgs,
+    target: SavedArgs,
+    settings: Settings,
+    store: Arc<Store>,
+) -> OpDone {
+    if let Some(running) = running {
+        let pid = running.pid();
+        let status = running.stop(settings.stop_grace).await;
+        debug!(pid, ?status, "stopped for an apply");
+    }
+    let started = Running::start(&target, settings.startup_timeout).await;
+    let mut spawns = spawned(&started);
+    match started {
+        Ok(running) => {
+            let persist_error = store.save(&target).await.err().map(|err| {
+                warn!(%err, "applied arguments not persisted");
+                err.to_string()
+            });
+            OpDone {
+                running: Some(running),
+                spawns,
+                result: Ok(()),
+                restore: None,
+                persist_error,
+            }
+        }
+        Err(failed) => {
+            let restarted = Running::start(&previous, settings.startup_timeout).await;
+            spawns += spawned(&restarted);
+            let (running, restore) = split(restarted);
+            OpDone {
+                running,
+                spawns,
+                result: Err(failed),
+                restore: Some(restore),
+                persist_error: None,
+            }
+        }
+    }
+}
+
+fn spawned(result: &Result<Running, Failed>) -> u64 {
+    match result {
+        Ok(_) => 1,
+        Err(failed) => match failed.error {
+            StartError::Spawn { .. } | StartError::PortTaken(_) => 0,
+            StartError::Wait(_) | StartError::Exited { .. } | StartError::Unhealthy { .. } => 1,
+        },
+    }
+}
+
+fn split(result: Result<Running, Failed>) -> (Option<Running>, Result<(), Failed>) {
+    match result {
+        Ok(running) => (Some(running), Ok(())),
+        Err(failed) => (None, Err(failed)),
+    }
+}
+
+/// The first crash revives at once; repeated ones wait longer each time.
+fn backoff(crashes: u32) -> Duration {
+    match crashes {
+        0 | 1 => Duration::ZERO,
+        n => BACKOFF_FIRST
+            .saturating_mul(1 << (n - 2).min(16))
+            .min(BACKOFF_MAX),
+    }
+}
+
+async fn op_done(op: &mut Option<Op>) -> OpDone {
+    match op {
+        Some(op) => op.future.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn exited(running: &mut Option<Running>) -> std::io::Result<ExitStatus> {
+    match running {
+        Some(running) => running.exited().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let secs: Vec<f64> = (1..=10).map(|n| backoff(n).as_secs_f64()).collect();
+        assert_eq!(secs, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+}
