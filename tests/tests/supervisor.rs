@@ -1,0 +1,837 @@
+//! The llama-server supervisor against real processes: `steer supervise` runs a real
+//! llama-server (`tests::llama`) on loopback ports picked free, and the tests drive it over its
+//! params API while watching the OS for the processes it starts.
+//!
+//! No root is needed, only llama-server and the model (`cargo xtask deps`); without them the
+//! tests fail and say how to get them. Every process started here is killed on drop.
+//!
+//! Timing figures (POST to healthy, crash to healthy) are printed, not asserted, except that a
+//! revival must come within the startup timeout plus a margin.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lb_userspace::store::DriverConfig;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tests::llama::{llama_server_path, model_path};
+use tests::topology::steer_bin;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a revival may take beyond the startup timeout.
+const REVIVAL_MARGIN: Duration = Duration::from_secs(2);
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// A temp directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("steer-sv-{tag}-{}-{id}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a `steer supervise` run is started with.
+struct Options {
+    driver: DriverConfig,
+    port: u16,
+    model: PathBuf,
+    alias: String,
+    extra: Vec<String>,
+}
+
+/// A running `steer supervise`, stopped (SIGTERM, then SIGKILL) on drop along with any
+/// llama-server still carrying its alias.
+struct Supervisor {
+    child: Option<Child>,
+    api: SocketAddr,
+    alias: String,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    fn start(dir: &Path, options: &Options) -> Supervisor {
+        Supervisor::start_with(dir, options, &[])
+    }
+
+    fn start_with(dir: &Path, options: &Options, flags: &[&str]) -> Supervisor {
+        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let log = dir.join(format!("supervisor-{id}.log"));
+        let out = std::fs::File::create(&log).expect("create supervisor log");
+        let err = out.try_clone().expect("clone log handle");
+        let driver = serde_json::to_string(&options.driver).expect("driver JSON");
+        let child = Command::new(steer_bin())
+            .arg("supervise")
+            .args(["--supervisor-addr", &api.to_string()])
+            .args(["--binary", path_str(&llama_server_path())])
+            .args(["--model", path_str(&options.model)])
+            .args(["--port", &options.port.to_string()])
+            .args(["--config-driver", &driver])
+            .args([
+                "--startup-timeout",
+                &format!("{}s", STARTUP_TIMEOUT.as_secs()),
+            ])
+            .args(["--stop-grace", &format!("{}s", STOP_GRACE.as_secs())])
+            .args(["--log-level", "info,llama_server=debug"])
+            .args(flags)
+            .arg("--")
+            .args(["-np", "2", "-c", "2048", "--alias", &options.alias])
+            .args(&options.extra)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start steer supervise");
+        let supervisor = Supervisor {
+            child: Some(child),
+            api,
+            alias: options.alias.clone(),
+            log,
+        };
+        supervisor.wait_running("the first start");
+        supervisor
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn get(&self) -> Value {
+        let (status, body) = http(self.api, "GET", "/v1/params", None, None);
+        assert_eq!(status, 200, "GET /v1/params: {body}");
+        body
+    }
+
+    fn post(&self, args: Value) -> (u16, Value) {
+        self.post_to("/v1/params", args, None)
+    }
+
+    fn post_to(&self, path: &str, args: Value, token: Option<&str>) -> (u16, Value) {
+        let body = json!({ "args": args }).to_string();
+        http(self.api, "POST", path, Some(&body), token)
+    }
+
+    /// Polls GET until the instance is running with nothing pending (at most 2 startup
+    /// timeouts), returning that status.
+    fn wait_running(&self, what: &str) -> Value {
+        let deadline = Instant::now() + 2 * STARTUP_TIMEOUT + STOP_GRACE;
+        loop {
+            if let Some(status) = try_http(self.api, "GET", "/v1/params", None, None)
+                .filter(|(code, _)| *code == 200)
+                .map(|(_, body)| body)
+                && status["state"] == "running"
+                && status["pending"].is_null()
+            {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the instance is not running after {:?}; log:\n{}",
+                2 * STARTUP_TIMEOUT + STOP_GRACE,
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, as a crash would; llama-server dies with it (parent-death signal).
+    fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in llama_pids(&self.alias) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// One HTTP/1.1 request on a new connection; panics when there is no answer.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    try_http(addr, method, path, body, token)
+        .unwrap_or_else(|| panic!("{method} {path} on {addr}: no HTTP answer"))
+}
+
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Option<(u16, Value)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    // An apply may stop, start and roll back: up to two startup timeouts plus the grace.
+    stream.set_read_timeout(Some(3 * STARTUP_TIMEOUT)).ok()?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: steer-test\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request += &format!("Authorization: Bearer {token}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        request += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    request += "\r\n";
+    request += body;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
+    Some((status, body))
+}
+
+/// Pids of llama-server processes whose command line carries `alias` (the supervisor's own
+/// command line also does, so only llama-server's count).
+fn llama_pids(alias: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut words = cmdline.split(|&b| b == 0);
+        let is_llama = words
+            .next()
+            .is_some_and(|argv0| argv0.ends_with(b"llama-server"));
+        if is_llama && words.any(|w| w == alias.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The `--model` of the running llama-server with this pid.
+fn process_model(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let at = words.iter().position(|w| *w == b"--model")?;
+    words
+        .get(at + 1)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+}
+
+/// Watches /proc for one alias's llama-servers until dropped: every pid seen, in order, with its
+/// model, and the most seen at once.
+struct ProcessWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<WatchReport>>,
+}
+
+#[derive(Debug, Default)]
+struct WatchReport {
+    /// (pid, model) in the order first seen.
+    processes: Vec<(u32, Option<String>)>,
+    most_at_once: usize,
+}
+
+impl ProcessWatch {
+    fn start(alias: &str) -> ProcessWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let alias = alias.to_owned();
+        let thread = thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut report = WatchReport::default();
+                // Bounded: a test never runs this long.
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let pids = llama_pids(&alias);
+                    report.most_at_once = report.most_at_once.max(pids.len());
+                    for pid in pids {
+                        if !report.processes.iter().any(|(p, _)| *p == pid) {
+                            report.processes.push((pid, process_model(pid)));
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+                report
+            }
+        });
+        ProcessWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> WatchReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("watch thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A test's directory, driver and options: a file store in the directory, free ports, a unique
+/// alias, and the model under a few names (symlinks) for changes that must start.
+struct Setup {
+    dir: TempDir,
+    options: Options,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let dir = TempDir::new(tag);
+        let driver = DriverConfig::File {
+            path: dir.0.join("config.toml"),
+            name: "gpt".to_owned(),
+        };
+        Setup::with_driver(dir, driver)
+    }
+
+    fn with_driver(dir: TempDir, driver: DriverConfig) -> Setup {
+        let model = model_path();
+        for name in ["foo.gguf", "bar.gguf", "baz.gguf", "main.gguf"] {
+            std::os::unix::fs::symlink(&model, dir.0.join(name)).expect("symlink the model");
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let options = Options {
+            driver,
+            port: free_port(),
+            model: dir.0.join("main.gguf"),
+            alias: format!("steer-sv-{}-{id}", std::process::id()),
+            extra: Vec::new(),
+        };
+        Setup { dir, options }
+    }
+
+    fn model(&self, name: &str) -> String {
+        path_str(&self.dir.0.join(name)).to_owned()
+    }
+
+    fn start(&self) -> Supervisor {
+        Supervisor::start(&self.dir.0, &self.options)
+    }
+}
+
+fn starts(status: &Value) -> u64 {
+    status["starts"].as_u64().expect("starts is a number")
+}
+
+fn pid(status: &Value) -> u32 {
+    status["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .expect("a running instance has a pid")
+}
+
+fn applied_flag<'a>(status: &'a Value, flag: &str) -> &'a Value {
+    &status["applied"]["args"][flag]
+}
+
+/// Prints a figure for the README. Straight to stderr, past libtest's capture, so it shows in
+/// `cargo xtask test` output for passing tests too.
+fn measured(what: &str, took: Duration) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "measured: {what}: {} ms",
+        took.as_millis()
+    );
+}
+
+fn health(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    matches!(try_http(addr, "GET", "/health", None, None), Some((200, _)))
+}
+
+#[test]
+fn sigkill_is_revived_within_the_startup_time() {
+    let setup = Setup::new("revive");
+    let supervisor = setup.start();
+    let posted = Instant::now();
+    let (status, body) = supervisor.post(json!({"-c": 1024}));
+    assert_eq!(status, 200, "{body}");
+    measured(
+        "POST to healthy (one change, 200 ms debounce included)",
+        posted.elapsed(),
+    );
+    let before = supervisor.get();
+    let old = pid(&before);
+    assert!(health(setup.options.port));
+
+    let crashed = Instant::now();
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).expect("SIGKILL llama-server");
+    let deadline = crashed + STARTUP_TIMEOUT + REVIVAL_MARGIN;
+    let mut new_pid = None;
+    while Instant::now() < deadline {
+        let pids = llama_pids(&setup.options.alias);
+        if let [pid] = pids[..]
+            && pid != old
+            && health(setup.options.port)
+        {
+            new_pid = Some(pid);
+            break;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = crashed.elapsed();
+    let new_pid = new_pid.unwrap_or_else(|| {
+        panic!(
+            "not revived within {:?}; log:\n{}",
+            STARTUP_TIMEOUT + REVIVAL_MARGIN,
+            supervisor.log()
+        )
+    });
+    measured("crash to healthy again", elapsed);
+
+    let after = supervisor.wait_running("after the revival");
+    assert_eq!(pid(&after), new_pid);
+    assert_eq!(after["revivals"], 1);
+    assert_eq!(starts(&after), starts(&before) + 1);
+    assert_eq!(
+        after["applied"], before["applied"],
+        "revived with the same args"
+    );
+    assert!(
+        supervisor.log().contains("llama-server revived"),
+        "{}",
+        supervisor.log()
+    );
+}
+
+#[test]
+fn bad_args_are_rejected_and_the_old_args_serve_again() {
+    let setup = Setup::new("reject");
+    let supervisor = setup.start();
+    let before = supervisor.get();
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port to take");
+    let taken_port = taken.local_addr().expect("local_addr").port();
+
+    let cases = [
+        (
+            "missing model",
+            json!({"-m": "/nonexistent/model.gguf"}),
+            true,
+        ),
+        ("unknown flag", json!({"--no-such-flag": true}), true),
+        ("taken port", json!({"--port": taken_port}), false),
+    ];
+    for (what, args, exits) in cases {
+        let (status, body) = supervisor.post(args);
+        assert_eq!(status, 422, "{what}: {body}");
+        assert_eq!(body["restored"], true, "{what}: {body}");
+        if exits {
+            assert!(body["exit_status"].is_string(), "{what}: {body}");
+            assert!(
+                body["output_tail"]
+                    .as_array()
+                    .is_some_and(|t| !t.is_empty()),
+                "{what}: {body}"
+            );
+        } else {
+            assert!(
+                body["error"].as_str().is_some_and(|e| e.contains("in use")),
+                "{what}: {body}"
+            );
+        }
+        let now = supervisor.wait_running(what);
+        assert_eq!(now["applied"], before["applied"], "{what}");
+        assert!(health(setup.options.port), "{what}: the old args serve");
+        assert_eq!(now["last_outcome"]["result"], "rejected", "{what}");
+    }
+    let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).expect("config");
+    assert!(!persisted.contains("nonexistent") && !persisted.contains("no-such-flag"));
+    assert!(!persisted.contains(&taken_port.to_string()), "{persisted}");
+    drop(taken);
+
+    // Refused before anything starts: 400 and nothing changes.
+    let starts_before = starts(&supervisor.get());
+    for body in [
+        r#"{"args": {"-c": 1024"#,
+        r#"{"args": {"-c": 1024}, "extra": 1}"#,
+        r#"{"args": {"model": "x"}}"#,
+        r#"{"args": {"--mlock": false}}"#,
+        r#"{"args": {"-c": [1]}}"#,
+        r#"{"args": {"--port": null}}"#,
+        r#"{"args": {"--port": "http"}}"#,
+    ] {
+        let (status, answer) = http(supervisor.api, "POST", "/v1/params", Some(body), None);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{body}: {answer}");
+    }
+    let after = supervisor.get();
+    assert_eq!(starts(&after), starts_before);
+    assert!(after["pending"].is_null());
+    assert_eq!(after["applied"], before["applied"]);
+}
+
+/// Example 1: window 200 ms, POSTs at 0, 20, 100 and 200 ms -> one restart with -m foo -c 6.
+#[test]
+fn debounce_merges_a_burst_into_one_restart() {
+    let setup = Setup::new("burst");
+    let supervisor = setup.start();
+    let before = supervisor.get();
+    let watch = ProcessWatch::start(&setup.options.alias);
+    let (foo, baz) = (setup.model("foo.gguf"), setup.model("baz.gguf"));
+    let schedule = [
+        (0, json!({"-m": foo}), false),
+        (20, json!({"-m": baz, "-c": 5}), false),
+        (100, json!({"-m": foo}), false),
+        (200, json!({"-c": 6}), true),
+    ];
+    let begin = Instant::now();
+    let mut last = None;
+    for (at, args, wait) in schedule {
+        let at = begin + Duration::from_millis(at);
+        thread::sleep(at.saturating_duration_since(Instant::now()));
+        let path = if wait {
+            "/v1/params"
+        } else {
+            "/v1/params?wait=false"
+        };
+        let (status, body) = supervisor.post_to(path, args, None);
+        assert_eq!(status, if wait { 200 } else { 202 }, "{body}");
+        last = Some(body);
+    }
+    let applied = last.expect("the last answer");
+    measured(
+        "POST to healthy (4 POSTs in 200 ms, from the first)",
+        begin.elapsed(),
+    );
+    assert_eq!(applied["applied"]["args"]["--model"], foo.as_str());
+    assert_eq!(applied["applied"]["args"]["--ctx-size"], "6");
+    let after = supervisor.wait_running("after the burst");
+    let report = watch.finish();
+    assert_eq!(starts(&after), starts(&before) + 1, "one restart: {after}");
+    let new: Vec<_> = report
+        .processes
+        .iter()
+        .filter(|(p, _)| *p != pid(&before))
+        .collect();
+    assert_eq!(new.len(), 1, "one new process: {report:?}");
+    assert_eq!(new[0].0, pid(&after));
+    assert_eq!(new[0].1.as_deref(), Some(foo.as_str()));
+    assert_eq!(report.most_at_once, 1, "never two processes: {report:?}");
+}
+
+/// Example 2: a change during an apply waits for it, and changes during one apply merge: foo,
+/// then (bar, baz) merged -> exactly two restarts, foo then baz; bar never runs.
+#[test]
+fn changes_during_an_apply_merge_into_one_pending_change() {
+    let setup = Setup::new("pending");
+    let supervisor = setup.start();
+    let before = supervisor.get();
+    let watch = ProcessWatch::start(&setup.options.alias);
+    let [foo, bar, baz] = ["foo.gguf", "bar.gguf", "baz.gguf"].map(|m| setup.model(m));
+
+    let (status, _) = supervisor.post_to("/v1/params?wait=false", json!({"-m": foo}), None);
+    assert_eq!(status, 202);
+    // Wait (bounded) until foo's apply is in progress: bar and baz must arrive during it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = supervisor.get();
+        if status["state"] == "applying" {
+            assert_eq!(status["applying"]["args"]["--model"], foo.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "foo's apply never began: {status}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    let (status, _) = supervisor.post_to("/v1/params?wait=false", json!({"-m": bar}), None);
+    assert_eq!(status, 202);
+    let (status, body) = supervisor.post(json!({"--model": baz}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"]["args"]["--model"], baz.as_str());
+
+    let after = supervisor.wait_running("after foo and baz");
+    let report = watch.finish();
+    assert_eq!(starts(&after), starts(&before) + 2, "two restarts: {after}");
+    let models: Vec<_> = report
+        .processes
+        .iter()
+        .filter(|(p, _)| *p != pid(&before))
+        .map(|(_, model)| model.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(models, [foo, baz], "foo then baz, never bar: {report:?}");
+    assert_eq!(report.most_at_once, 1, "never two processes: {report:?}");
+}
+
+/// A tiny deterministic generator, so a failure can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// 500 changes, faster than restarts complete: the end state is exactly the merged
+/// last-writer-wins of all of them, restarts stay few, and there are never two processes.
+#[test]
+fn five_hundred_changes_end_in_the_merged_args() {
+    let setup = Setup::new("stress");
+    let supervisor = setup.start();
+    let before = supervisor.get();
+    let watch = ProcessWatch::start(&setup.options.alias);
+    // (spelling sent, canonical name, values; None removes).
+    let flags: [(&str, &str, &[Option<&str>]); 5] = [
+        (
+            "-c",
+            "--ctx-size",
+            &[Some("1024"), Some("2048"), Some("1536")],
+        ),
+        ("--ctx-size", "--ctx-size", &[Some("512"), Some("3072")]),
+        ("-t", "--threads", &[Some("1"), Some("2")]),
+        ("--temp", "--temp", &[Some("0.5"), Some("0.7"), None]),
+        ("--top-k", "--top-k", &[Some("20"), Some("40"), None]),
+    ];
+    let mut expected: BTreeMap<String, Value> = before["applied"]["args"]
+        .as_object()
+        .expect("applied args")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut rng = Lcg(0x5eed);
+    let begin = Instant::now();
+    let mut last = None;
+    for i in 0..500 {
+        let mut change = serde_json::Map::new();
+        for _ in 0..=rng.next(2) {
+            let (spelling, canonical, values) = flags[rng.next(flags.len() as u64) as usize];
+            let value = values[rng.next(values.len() as u64) as usize];
+            // A second spelling of the same option in one body: the later one wins.
+            change.retain(|k, _| flags.iter().all(|f| f.0 != k || f.1 != canonical));
+            change.insert(spelling.to_owned(), value.map_or(Value::Null, Value::from));
+            match value {
+                Some(v) => expected.insert(canonical.to_owned(), Value::from(v)),
+                None => expected.remove(canonical),
+            };
+        }
+        let wait = i == 499;
+        let path = if wait {
+            "/v1/params"
+        } else {
+            "/v1/params?wait=false"
+        };
+        let (status, body) = supervisor.post_to(path, Value::Object(change), None);
+        assert_eq!(status, if wait { 200 } else { 202 }, "change {i}: {body}");
+        last = Some(body);
+        thread::sleep(Duration::from_millis(rng.next(8)));
+    }
+    measured("500 changes sent and all applied", begin.elapsed());
+    let expected = Value::Object(expected.into_iter().collect());
+    let last = last.expect("an answer");
+    assert_eq!(last["applied"]["args"], expected, "the last POST's answer");
+    let after = supervisor.wait_running("after 500 changes");
+    let report = watch.finish();
+    assert_eq!(after["applied"]["args"], expected);
+    let restarts = starts(&after) - starts(&before);
+    let _ = writeln!(std::io::stderr(), "restarts for 500 changes: {restarts}");
+    assert!((1..=50).contains(&restarts), "restarts: {restarts}");
+    assert_eq!(report.most_at_once, 1, "never two processes: {report:?}");
+    // The running process has the merged args.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid(&after))).expect("cmdline");
+    let words: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    for (flag, value) in expected.as_object().expect("object") {
+        let at = words.iter().position(|w| w == flag);
+        let at = at.unwrap_or_else(|| panic!("{flag} missing from {words:?}"));
+        if let Some(value) = value.as_str() {
+            assert_eq!(words.get(at + 1).map(String::as_str), Some(value), "{flag}");
+        }
+    }
+    // Persisted too.
+    let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).expect("config");
+    let ctx = format!("--ctx-size = {}", expected["--ctx-size"]);
+    assert!(persisted.contains(&ctx), "{ctx} not in {persisted}");
+}
+
+/// A supervisor killed with SIGKILL and started again, with other command-line args, comes back
+/// with the last persisted arguments. One line per driver calls this.
+fn persisted_args_survive_a_sigkill(setup: Setup) {
+    let mut supervisor = setup.start();
+    let (status, body) = supervisor.post(json!({"-c": 1024, "--temp": 0.25}));
+    assert_eq!(status, 200, "{body}");
+    let applied = supervisor.get()["applied"].clone();
+    let old = pid(&supervisor.get());
+    supervisor.kill_hard();
+    // llama-server follows its supervisor (parent-death signal), freeing the port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while llama_pids(&setup.options.alias).contains(&old) {
+        assert!(
+            Instant::now() < deadline,
+            "llama-server outlived its supervisor"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let options = Options {
+        driver: setup.options.driver.clone(),
+        port: setup.options.port,
+        model: setup.dir.0.join("foo.gguf"),
+        alias: setup.options.alias.clone(),
+        extra: vec!["-c".to_owned(), "4096".to_owned()],
+    };
+    let again = Supervisor::start(&setup.dir.0, &options);
+    let status = again.get();
+    assert_eq!(status["applied"], applied, "the persisted args win");
+    assert_eq!(applied_flag(&status, "--ctx-size"), "1024");
+    assert_eq!(
+        process_model(pid(&status)).as_deref(),
+        Some(setup.model("main.gguf").as_str())
+    );
+}
+
+#[test]
+fn persisted_args_survive_a_sigkill_file_driver() {
+    persisted_args_survive_a_sigkill(Setup::new("persist-file"));
+}
+
+#[test]
+fn token_and_binary_allowlist() {
+    let setup = Setup::new("token");
+    std::fs::write(setup.dir.0.join("token"), "s3cret\n").expect("write token");
+    let allowed = setup.dir.0.join("alt/llama-server");
+    std::fs::create_dir_all(setup.dir.0.join("alt")).expect("create alt/");
+    std::os::unix::fs::symlink(llama_server_path(), &allowed).expect("symlink llama-server");
+    let token_file = setup.dir.0.join("token");
+    let flags = [
+        "--admin-token-file",
+        path_str(&token_file),
+        "--allowed-binary",
+        path_str(&allowed),
+    ];
+    let supervisor = Supervisor::start_with(&setup.dir.0, &setup.options, &flags);
+    let before = supervisor.get();
+    let change = json!({"-c": 1024});
+    let (status, body) = supervisor.post_to("/v1/params", change.clone(), None);
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = supervisor.post_to("/v1/params", change.clone(), Some("wrong"));
+    assert_eq!(status, 401);
+    let (status, body) = supervisor.post_to("/v1/instances/gpt/params", change, Some("s3cret"));
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) =
+        supervisor.post_to("/v1/params", json!({"binary": "/bin/sh"}), Some("s3cret"));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/bin/sh")),
+        "{body}"
+    );
+    let (status, body) = supervisor.post_to(
+        "/v1/params",
+        json!({"binary": path_str(&allowed)}),
+        Some("s3cret"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let after = supervisor.get();
+    assert_eq!(after["applied"]["binary"], path_str(&allowed));
+    assert_eq!(starts(&after), starts(&before) + 2);
+    let exe = std::fs::read(format!("/proc/{}/cmdline", pid(&after))).expect("cmdline");
+    assert!(exe.starts_with(path_str(&allowed).as_bytes()));
+
+    // Off loopback without a token: refused at start.
+    let output = Command::new(steer_bin())
+        .args([
+            "supervise",
+            "--supervisor-addr",
+            "0.0.0.0:0",
+            "--binary",
+            "x",
+        ])
+        .args(["--model", "m", "--port", "1"])
+        .output()
+        .expect("run steer supervise");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--admin-token-file"), "{stderr}");
+
+    // Two drivers: a clear error, no panic.
+    let driver = r#"{"type": "file", "path": "/tmp/x.toml", "name": "a"}"#;
+    let output = Command::new(steer_bin())
+        .args(["supervise", "--binary", "x", "--model", "m", "--port", "1"])
+        .args(["--config-driver", driver, "--config-driver", driver])
+        .output()
+        .expect("run steer supervise");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--config-driver") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
