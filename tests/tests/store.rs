@@ -88,6 +88,23 @@ async fn etcd_store(addr: &str, name: &str) -> Result<Store, StoreError> {
     Store::open(&driver).await
 }
 
+/// The supervisor keeps a store in spawned tasks: it and its futures must be `Send`.
+#[tokio::test]
+async fn stores_and_their_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+    let dir = TempDir::new();
+    let driver = DriverConfig::File {
+        path: dir.file("config.toml"),
+        name: "gpt".into(),
+    };
+    send(&Store::open(&driver));
+    let store = Store::open(&driver).await.expect("open");
+    send(&store.load());
+    send(&store.save(&args("/m.gguf")));
+}
+
 #[tokio::test]
 async fn file_round_trip() {
     let dir = TempDir::new();
