@@ -93,9 +93,18 @@ fn print_summary(totals: &Totals, started: Instant) {
     );
 }
 
-/// Builds the agent binary (debug) and returns its path.
+/// Builds the agent binary (debug, with the etcd config driver the supervisor tests use) and
+/// returns its path. The tests crate enables the same feature, so both share one lb-userspace.
 fn build_steer(target: &Path) -> anyhow::Result<PathBuf> {
-    cargo::run(cargo::cargo().args(["build", "-p", "lb-userspace", "--bin", "steer"]))?;
+    cargo::run(cargo::cargo().args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "steer",
+        "--features",
+        "etcd",
+    ]))?;
     Ok(target.join("debug").join("steer"))
 }
 
