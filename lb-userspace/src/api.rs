@@ -256,7 +256,7 @@ async fn activate_backend(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{BackendConfig, Overrides, ServiceConfig};
     use crate::fake::FakeDataplane;
@@ -306,7 +306,7 @@ mod tests {
         call_with(app, method, uri, body, None).await
     }
 
-    async fn call_with(
+    pub(crate) async fn call_with(
         app: &Router,
         method: Method,
         uri: &str,

@@ -760,6 +760,46 @@ fn persisted_args_survive_a_sigkill_file_driver() {
     persisted_args_survive_a_sigkill(Setup::new("persist-file"));
 }
 
+/// Two instances keep their configs in one file under two names; each change touches only its
+/// own, and each comes back with its own after a restart.
+#[test]
+fn two_named_configs_in_one_file_do_not_disturb_each_other() {
+    let setup = Setup::new("two-names");
+    let other = Options {
+        driver: DriverConfig::File {
+            path: setup.dir.0.join("config.toml"),
+            name: "other".to_owned(),
+        },
+        port: free_port(),
+        model: setup.dir.0.join("foo.gguf"),
+        alias: format!("{}-other", setup.options.alias),
+        extra: Vec::new(),
+    };
+    let first = setup.start();
+    let second = Supervisor::start(&setup.dir.0, &other);
+    let (status, body) = first.post(json!({"-c": 1024}));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = second.post(json!({"-c": 512}));
+    assert_eq!(status, 200, "{body}");
+    let applied = [
+        first.get()["applied"].clone(),
+        second.get()["applied"].clone(),
+    ];
+    drop((first, second));
+
+    let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).expect("config");
+    assert!(
+        persisted.contains("[gpt]") && persisted.contains("[other]"),
+        "{persisted}"
+    );
+    let first = setup.start();
+    let second = Supervisor::start(&setup.dir.0, &other);
+    assert_eq!(first.get()["applied"], applied[0]);
+    assert_eq!(second.get()["applied"], applied[1]);
+    assert_eq!(applied[0]["args"]["--ctx-size"], "1024");
+    assert_eq!(applied[1]["args"]["--ctx-size"], "512");
+}
+
 #[test]
 fn token_and_binary_allowlist() {
     let setup = Setup::new("token");

@@ -219,3 +219,156 @@ async fn change(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tests::call_with;
+    use crate::store::{DriverConfig, SavedArgs, Store};
+    use crate::supervisor::args::Aliases;
+    use crate::supervisor::instance::{self, Settings};
+    use axum::http::Method;
+    use serde_json::{Value, json};
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// Routing, validation and the token need no llama-server: an instance whose binary does
+    /// not exist stays down, and its API still answers.
+    async fn instance(dir: &Path, name: &str) -> InstanceHandle {
+        let driver = DriverConfig::File {
+            path: dir.join("config.toml"),
+            name: name.to_owned(),
+        };
+        let store = Store::open(&driver).await.unwrap_or_else(|e| panic!("{e}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .port();
+        let args = SavedArgs {
+            binary: dir.join("no-such-llama-server").display().to_string(),
+            args: [(
+                "--port".to_owned(),
+                crate::store::ArgValue::Value(port.to_string()),
+            )]
+            .into(),
+        };
+        let settings = Settings {
+            startup_timeout: Duration::from_secs(1),
+            debounce: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(1),
+            allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
+        };
+        instance::spawn(name, args, Aliases::default(), settings, store).0
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("steer-params-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    async fn call(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        call_with(app, method, uri, body, None).await
+    }
+
+    #[tokio::test]
+    async fn routes_pick_the_only_the_default_or_the_named_instance() {
+        let dir = temp_dir("routes");
+        let app = router(
+            vec![
+                instance(&dir, "a").await,
+                instance(&dir, DEFAULT_INSTANCE).await,
+            ],
+            None,
+        );
+        let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("default")));
+        let (status, body) = call(&app, Method::GET, "/v1/instances/a/params", None).await;
+        assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("a")));
+        let (status, body) = call(&app, Method::GET, "/v1/instances/zz/params", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "no instance named `zz`");
+
+        let app = router(
+            vec![instance(&dir, "a").await, instance(&dir, "b").await],
+            None,
+        );
+        let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("/v1/instances/"))
+        );
+
+        let app = router(vec![instance(&dir, "solo").await], None);
+        let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("solo")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn bodies_are_checked_before_anything_changes() {
+        let dir = temp_dir("bodies");
+        let app = router(vec![instance(&dir, "gpt").await], None);
+        let post = |body: String| {
+            let app = app.clone();
+            async move { call(&app, Method::POST, "/v1/params", Some(&body)).await }
+        };
+        for (body, expected) in [
+            (r#"{"args": {"-c": 1"#, "EOF"),
+            (r#"{"args": {}, "more": 1}"#, "unknown field `more`"),
+            (r#"{"args": {"model": "x"}}"#, "`model` is not a flag name"),
+            (r#"{"args": {"--mlock": false}}"#, "`false` is not a value"),
+            (r#"{"args": {"-c": {"n": 1}}}"#, "a string, a number, true"),
+            (r#"{"args": {"--port": null}}"#, "--port cannot be removed"),
+        ] {
+            let (status, answer) = post(body.to_owned()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+        let (status, answer) = post(r#"{"args": {"binary": "/bin/sh"}}"#.to_owned()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        let huge = format!(r#"{{"args": {{"-m": "{}"}}}}"#, "x".repeat(BODY_LIMIT));
+        assert_eq!(post(huge).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["pending"], Value::Null, "nothing was queued");
+
+        // Accepted without waiting; the debounce window (60 s here) holds it as pending.
+        let change = r#"{"args": {"-m": "/m.gguf", "--mlock": true, "-c": 8192}}"#;
+        let (status, answer) =
+            call(&app, Method::POST, "/v1/params?wait=false", Some(change)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        let (_, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(
+            answer["pending"],
+            json!({"-m": "/m.gguf", "--mlock": true, "-c": "8192"})
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn changes_need_the_token_when_one_is_set() {
+        let dir = temp_dir("token");
+        let token = AdminToken::from_text("t0ken");
+        let app = router(vec![instance(&dir, "gpt").await], token);
+        let change = Some(r#"{"args": {"-c": 1}}"#);
+        let uri = "/v1/params?wait=false";
+        let (status, _) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(status, StatusCode::OK, "reads need no token");
+        let (status, _) = call(&app, Method::POST, uri, change).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call_with(&app, Method::POST, uri, change, Some("nope")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call_with(&app, Method::POST, uri, change, Some("t0ken")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

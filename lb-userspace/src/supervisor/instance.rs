@@ -317,6 +317,19 @@ impl Actor {
     fn next_op(&mut self, now: Instant) {
         if let Some(batch) = self.batch.take_if(|b| b.due_now || b.deadline <= now) {
             let target = batch.change.apply_to(&self.applied);
+            if let Some(running) = self.running.as_ref().filter(|_| target == self.applied) {
+                // Nothing would change: answer without a restart.
+                let outcome = Outcome::Applied {
+                    args: target,
+                    pid: running.pid(),
+                    persist_error: None,
+                };
+                for waiter in batch.waiters {
+                    let _ = waiter.send(outcome.clone());
+                }
+                self.last_outcome = Some(outcome);
+                return;
+            }
             debug!(change = ?batch.change, "applying");
             let running = self.running.take();
             let kind = OpKind::Apply {
@@ -526,7 +539,8 @@ impl Actor {
     }
 
     /// The binary's aliases, learned from its `--help` the first time. A binary whose help
-    /// cannot be read gets none: its start will fail and say why.
+    /// cannot be read gets none: its start will fail and say why. This holds up the actor (and
+    /// the polling of an apply) for one `--help` run per new binary.
     async fn aliases(&mut self, binary: &str) -> Arc<Aliases> {
         if let Some(aliases) = self.aliases.get(binary) {
             return aliases.clone();

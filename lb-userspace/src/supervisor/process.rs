@@ -22,6 +22,8 @@ const TAIL_LINES: usize = 64;
 /// Readiness has no event to wait for: `/health` is asked this often during a start.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a failed start's output may take to arrive after its exit.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// Why a start did not reach healthy. The process, if any, is gone when this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +55,7 @@ impl StartError {
 
 /// The last lines a process printed, shared with the tasks reading its pipes.
 #[derive(Clone, Debug, Default)]
-pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+struct Tail(Arc<Mutex<VecDeque<String>>>);
 
 impl Tail {
     fn push(&self, line: String) {
@@ -67,7 +69,7 @@ impl Tail {
         lines.push_back(line);
     }
 
-    pub fn lines(&self) -> Vec<String> {
+    fn lines(&self) -> Vec<String> {
         let lines = self
             .0
             .lock()
@@ -82,7 +84,6 @@ impl Tail {
 pub struct Running {
     child: Child,
     pid: u32,
-    pub tail: Tail,
     pub started: Instant,
 }
 
@@ -105,7 +106,9 @@ impl Running {
         let port = args.port().unwrap_or_default();
         // llama-server may need a while to notice a taken port; meanwhile another server there
         // would answer our health probe. Check first (best effort: the window is small).
-        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
+        if let Err(err) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+            && err.kind() == std::io::ErrorKind::AddrInUse
+        {
             return Err(failed(StartError::PortTaken(port), &tail));
         }
         let mut child = spawn(args).map_err(|source| {
@@ -113,6 +116,7 @@ impl Running {
             failed(StartError::Spawn { binary, source }, &tail)
         })?;
         let pid = child.id().unwrap_or_default();
+        let mut readers = Vec::with_capacity(2);
         for pipe in [
             child
                 .stdout
@@ -126,7 +130,7 @@ impl Running {
         .into_iter()
         .flatten()
         {
-            tokio::spawn(forward_output(pipe, pid, tail.clone()));
+            readers.push(tokio::spawn(forward_output(pipe, pid, tail.clone())));
         }
         let started = Instant::now();
         let deadline = started + startup;
@@ -137,16 +141,18 @@ impl Running {
                         Ok(status) => StartError::Exited { status },
                         Err(source) => StartError::Wait(source),
                     };
+                    drain(readers).await;
                     return Err(failed(error, &tail));
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    let running = Running { child, pid, tail, started };
-                    let tail = running.kill().await;
-                    return Err(Failed { error: StartError::Unhealthy { timeout: startup }, tail });
+                    let running = Running { child, pid, started };
+                    running.kill().await;
+                    drain(readers).await;
+                    return Err(failed(StartError::Unhealthy { timeout: startup }, &tail));
                 }
                 healthy = probe(port) => if healthy {
                     debug!(pid, port, elapsed = ?started.elapsed(), "llama-server healthy");
-                    return Ok(Running { child, pid, tail, started });
+                    return Ok(Running { child, pid, started });
                 }
             }
         }
@@ -178,11 +184,10 @@ impl Running {
         }
     }
 
-    /// SIGKILL and wait; returns the output tail.
-    async fn kill(mut self) -> Vec<String> {
+    /// SIGKILL and wait.
+    async fn kill(mut self) {
         self.signal(Signal::SIGKILL);
         let _ = self.child.wait().await;
-        self.tail.lines()
     }
 
     fn signal(&self, signal: Signal) {
@@ -220,6 +225,15 @@ fn spawn(args: &SavedArgs) -> std::io::Result<Child> {
         });
     }
     command.spawn()
+}
+
+/// Lets the pipe readers take in the last lines of a process that is gone. Bounded: a
+/// grandchild could hold a pipe open.
+async fn drain(readers: Vec<tokio::task::JoinHandle<()>>) {
+    let deadline = Instant::now() + OUTPUT_DRAIN;
+    for reader in readers {
+        let _ = tokio::time::timeout_at(deadline, reader).await;
+    }
 }
 
 async fn forward_output(pipe: impl AsyncRead + Unpin, pid: u32, tail: Tail) {
