@@ -173,12 +173,7 @@ address = "10.0.1.2:8080"
             }
         });
 
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"GET /v1/backends HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
+        let response = get(addr, "/v1/backends").await?;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(
             response.contains(r#""address":"10.0.1.2:8080""#),
@@ -189,6 +184,56 @@ address = "10.0.1.2:8080"
         let returned = agent.await??;
         assert!(!returned.maps().backends.is_empty());
         assert_eq!(fake.maps().rings[&0], [0]);
+        Ok(())
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    /// `[[instance]]`s answer on the admin API beside the backends. `/bin/true` stands in for
+    /// llama-server: it exits at once, so the instance stays down, but its params are served.
+    #[tokio::test]
+    async fn instances_are_served_on_the_admin_api() -> Result<(), Box<dyn std::error::Error>> {
+        let dir =
+            std::env::temp_dir().join(format!("steer-agent-instances-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let store = dir.join("config.toml");
+        let text = format!(
+            "{CONFIG}\n[[instance]]\nname = \"gpt\"\nbinary = \"/bin/true\"\nmodel = \"m.gguf\"\n\
+             port = 8081\nconfig_driver = {{ type = \"file\", path = {store:?}, name = \"gpt\" }}\n"
+        );
+        let config = Config::parse(Path::new("test.toml"), &text, &Overrides::default())?;
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            serve(FakeDataplane::default(), &config, listener, stopped).await
+        });
+
+        let response = get(addr, "/v1/instances/gpt/params").await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains(r#""name":"gpt""#), "{response}");
+        let response = get(addr, "/v1/params").await?;
+        assert!(response.contains(r#""--model":"m.gguf""#), "{response}");
+        assert!(get(addr, "/v1/backends").await?.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/v2/nothing").await?.starts_with("HTTP/1.1 404"));
+        assert!(
+            std::fs::read_to_string(&store)?.contains("[gpt]"),
+            "defaults persisted"
+        );
+
+        let _ = stop.send(());
+        agent.await??;
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 
