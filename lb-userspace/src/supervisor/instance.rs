@@ -7,7 +7,12 @@
 //! actor polls beside its channel, so GETs are answered and changes merged meanwhile but nothing
 //! interrupts it: stop the old process, start the new arguments, wait for health, persist; on
 //! failure start the previous arguments again. Only that future or the idle actor holds the
-//! [`Running`] process, so there are never two.
+//! [`Running`] process, so there are never two. A batch that would change nothing is answered
+//! without a restart.
+//!
+//! An exit the actor did not cause is seen at once (it awaits the child) and revived with the
+//! applied arguments: immediately the first time, then after a doubling delay, reset once a
+//! process has lived for [`STABLE_PERIOD`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -376,6 +381,10 @@ impl Actor {
         let Some(op) = self.op.take() else { return };
         self.starts += done.spawns;
         self.running = done.running;
+        if self.running.is_some() {
+            // Up again (an apply can start from down): no revival is due.
+            self.retry_at = None;
+        }
         let pid = self.running.as_ref().map(Running::pid);
         match (op.kind, done.result) {
             (OpKind::Start, Ok(())) => {
