@@ -404,6 +404,26 @@ fn measured(what: &str, took: Duration) {
     );
 }
 
+/// UTC seconds since midnight, the part of a log timestamp that matters within a test.
+fn seconds_of_day(time: std::time::SystemTime) -> f64 {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    (since_epoch.as_secs() % 86_400) as f64 + f64::from(since_epoch.subsec_nanos()) / 1e9
+}
+
+/// The time of a log line (`2026-11-25T12:50:42.885208Z ...`, maybe in ANSI colours) as UTC
+/// seconds since midnight.
+fn log_seconds_of_day(line: &str) -> Option<f64> {
+    let start = line.find('T')? + 1;
+    let clock = line.get(start..)?.split('Z').next()?;
+    let mut parts = clock.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
 fn health(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     matches!(try_http(addr, "GET", "/health", None, None), Some((200, _)))
@@ -425,6 +445,7 @@ fn sigkill_is_revived_within_the_startup_time() {
     assert!(health(setup.options.port));
 
     let crashed = Instant::now();
+    let crashed_at = seconds_of_day(std::time::SystemTime::now());
     kill(Pid::from_raw(old as i32), Signal::SIGKILL).expect("SIGKILL llama-server");
     let deadline = crashed + STARTUP_TIMEOUT + REVIVAL_MARGIN;
     let mut new_pid = None;
@@ -448,6 +469,18 @@ fn sigkill_is_revived_within_the_startup_time() {
         )
     });
     measured("crash to healthy again", elapsed);
+    // The supervisor awaits the child: it logs the exit as soon as it happens, with no
+    // monitoring interval to wait out.
+    let log = supervisor.log();
+    let noticed = log
+        .lines()
+        .find(|line| line.contains("llama-server exited; reviving"))
+        .and_then(log_seconds_of_day)
+        .unwrap_or_else(|| panic!("no exit logged:\n{log}"));
+    measured(
+        "crash noticed by the supervisor after",
+        Duration::from_secs_f64((noticed - crashed_at).max(0.0)),
+    );
 
     let after = supervisor.wait_running("after the revival");
     assert_eq!(pid(&after), new_pid);
