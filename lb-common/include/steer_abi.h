@@ -126,7 +126,14 @@ struct steer_flow_key {
 	__u8 _pad[3];
 };
 
-/* ct_fwd value, key client -> VIP. */
+enum steer_flow_flags {
+	/* The backend is on this host: destination NAT only, the stack delivers
+	 * it, and the TC egress program undoes the NAT on the replies. */
+	STEER_FLOW_LOCAL = 1,
+};
+
+/* ct_fwd value, key client -> VIP. For a local flow the source stays the
+ * client's own (snat_addr and snat_port hold it unchanged). */
 struct steer_flow_fwd {
 	__u32 backend_id;
 	__u32 generation;
@@ -136,10 +143,13 @@ struct steer_flow_fwd {
 	__u16 snat_port;
 	/* Set once (atomically) when FIN or RST releases the backend's count. */
 	__u32 released;
+	__u32 flags;		/* enum steer_flow_flags */
+	__u32 _pad;
 	__u64 last_seen_ns;
 };
 
-/* ct_rev value, key backend -> SNAT address and port. */
+/* ct_rev value, key backend -> SNAT address and port (remote backends), or
+ * backend -> client (local backends, matched by the TC egress program). */
 struct steer_flow_rev {
 	__u32 client_addr;
 	__u32 vip;
@@ -173,7 +183,7 @@ _Static_assert(sizeof(struct steer_backend) == 32, "steer_backend");
 _Static_assert(sizeof(struct steer_backend_conns) == 8, "steer_backend_conns");
 _Static_assert(sizeof(struct steer_backend_stats) == 24, "steer_backend_stats");
 _Static_assert(sizeof(struct steer_flow_key) == 16, "steer_flow_key");
-_Static_assert(sizeof(struct steer_flow_fwd) == 32, "steer_flow_fwd");
+_Static_assert(sizeof(struct steer_flow_fwd) == 40, "steer_flow_fwd");
 _Static_assert(sizeof(struct steer_flow_rev) == 24, "steer_flow_rev");
 _Static_assert(sizeof(struct steer_iface) == 8, "steer_iface");
 _Static_assert(sizeof(struct steer_event) == 32, "steer_event");

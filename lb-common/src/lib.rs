@@ -53,6 +53,11 @@ pub mod counter {
     pub const MAX: u32 = 10;
 }
 
+/// `enum steer_flow_flags`.
+pub mod flow_flags {
+    pub const LOCAL: u32 = 1;
+}
+
 /// `enum steer_event_kind`.
 pub mod event_kind {
     pub const FLOW_OPENED: u32 = 1;
@@ -114,6 +119,10 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
             ("STEER_CNT_CLOSED_FLOWS", counter::CLOSED_FLOWS),
             ("STEER_COUNTER_MAX", counter::MAX),
         ],
+    ),
+    (
+        "steer_flow_flags",
+        &[("STEER_FLOW_LOCAL", flow_flags::LOCAL)],
     ),
     (
         "steer_event_kind",
@@ -207,6 +216,8 @@ pub struct FlowFwd {
     pub backend_port: u16,
     pub snat_port: u16,
     pub released: u32,
+    pub flags: u32,
+    pub _pad: u32,
     pub last_seen_ns: u64,
 }
 
@@ -268,7 +279,7 @@ layouts! {
     FlowKey = "steer_flow_key" { src_addr, dst_addr, src_port, dst_port, proto, _pad }
     FlowFwd = "steer_flow_fwd" {
         backend_id, generation, backend_addr, snat_addr, backend_port, snat_port, released,
-        last_seen_ns,
+        flags, _pad, last_seen_ns,
     }
     FlowRev = "steer_flow_rev" { client_addr, vip, client_port, vip_port, backend_id, last_seen_ns }
     Iface = "steer_iface" { snat_addr, _pad }
@@ -285,8 +296,8 @@ const _: () = {
     assert!(size_of::<BackendConns>() == 8);
     assert!(size_of::<BackendStats>() == 24);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowFwd>() == 32);
-    assert!(offset_of!(FlowFwd, last_seen_ns) == 24);
+    assert!(size_of::<FlowFwd>() == 40);
+    assert!(offset_of!(FlowFwd, last_seen_ns) == 32);
     assert!(size_of::<FlowRev>() == 24);
     assert!(size_of::<Iface>() == 8);
     assert!(size_of::<Event>() == 32);

@@ -61,33 +61,42 @@ static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr
 	key->proto = IPPROTO_TCP;
 }
 
-/* Claim a source port towards the backend whose reverse tuple is free: the
- * BPF_NOEXIST insert is the claim, so two flows never share a live tuple. */
+/* Record the reply tuple backend -> addr:port, unless a live flow has it: the
+ * BPF_NOEXIST insert is the claim, so two flows never share a tuple. */
+static __always_inline int claim_reply_tuple(__be32 backend_addr, __be16 backend_port,
+					     __be32 addr, __be16 port,
+					     const struct steer_flow_rev *rev)
+{
+	struct steer_flow_key key;
+
+	flow_key_of(&key, backend_addr, addr, backend_port, port);
+	return bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST);
+}
+
+/* Claim a source port towards a remote backend whose reply tuple is free. */
 static __always_inline int claim_snat_port(__be32 backend_addr, __be16 backend_port,
 					   __be32 snat_addr, const struct steer_flow_rev *rev,
 					   __be16 *snat_port)
 {
 	__u32 range = (__u32)snat_port_max - snat_port_min + 1;
 	__u32 start = bpf_get_prandom_u32(), i;
-	struct steer_flow_key key;
 
 	if (snat_port_max < snat_port_min)
 		return -1;
 	for (i = 0; i < STEER_SNAT_PORT_TRIES; i++) {
-		__u16 port = snat_port_min + (start + i) % range;
+		__be16 port = bpf_htons(snat_port_min + (start + i) % range);
 
-		flow_key_of(&key, backend_addr, snat_addr, backend_port, bpf_htons(port));
-		if (bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST) == 0) {
-			*snat_port = bpf_htons(port);
+		if (claim_reply_tuple(backend_addr, backend_port, snat_addr, port, rev) == 0) {
+			*snat_port = port;
 			return 0;
 		}
 	}
 	return -1;
 }
 
-/* Rewrite addresses and ports, keeping both checksums valid, and set MACs. */
-static __always_inline void rewrite(struct packet *pkt, __be32 saddr, __be16 sport, __be32 daddr,
-				    __be16 dport, const struct next_hop *hop)
+/* Rewrite addresses and ports in place (XDP), keeping both checksums valid. */
+static __always_inline void rewrite_tuple(struct packet *pkt, __be32 saddr, __be16 sport,
+					  __be32 daddr, __be16 dport)
 {
 	struct iphdr *ip = pkt->ip;
 	struct tcphdr *tcp = pkt->tcp;
@@ -102,8 +111,39 @@ static __always_inline void rewrite(struct packet *pkt, __be32 saddr, __be16 spo
 	ip->daddr = daddr;
 	tcp->source = sport;
 	tcp->dest = dport;
+}
+
+/* Full NAT towards the next hop. */
+static __always_inline void rewrite(struct packet *pkt, __be32 saddr, __be16 sport, __be32 daddr,
+				    __be16 dport, const struct next_hop *hop)
+{
+	rewrite_tuple(pkt, saddr, sport, daddr, dport);
 	__builtin_memcpy(pkt->eth->h_source, hop->smac, ETH_ALEN);
 	__builtin_memcpy(pkt->eth->h_dest, hop->dmac, ETH_ALEN);
+}
+
+/* TC egress: set the source of a local backend's reply back to the VIP. The
+ * skb helpers also cope with the partial checksums of locally sent packets. */
+static __always_inline int rewrite_source_skb(struct __sk_buff *skb, const struct packet *pkt,
+					      __be32 saddr, __be16 sport)
+{
+	__u32 ip_off = (void *)pkt->ip - (void *)(long)skb->data;
+	__u32 tcp_off = ip_off + sizeof(struct iphdr);
+	__be32 old_saddr = pkt->ip->saddr;
+	__be16 old_sport = pkt->tcp->source;
+
+	if (bpf_l4_csum_replace(skb, tcp_off + __builtin_offsetof(struct tcphdr, check), old_saddr, saddr,
+				BPF_F_PSEUDO_HDR | sizeof(saddr)) ||
+	    bpf_l4_csum_replace(skb, tcp_off + __builtin_offsetof(struct tcphdr, check), old_sport, sport,
+				sizeof(sport)) ||
+	    bpf_l3_csum_replace(skb, ip_off + __builtin_offsetof(struct iphdr, check), old_saddr, saddr,
+				sizeof(saddr)) ||
+	    bpf_skb_store_bytes(skb, ip_off + __builtin_offsetof(struct iphdr, saddr), &saddr,
+				sizeof(saddr), 0) ||
+	    bpf_skb_store_bytes(skb, tcp_off + __builtin_offsetof(struct tcphdr, source), &sport,
+				sizeof(sport), 0))
+		return -1;
+	return 0;
 }
 
 #endif /* STEER_NAT_H */

@@ -63,12 +63,15 @@ static __always_inline struct tcphdr *parse_tcp(struct hdr_cursor *c, __u16 ip_p
 	return tcp;
 }
 
-/* Fills pkt for an IPv4 TCP packet Steer may rewrite; anything else is -1. */
-static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
+/* Fills pkt for an IPv4 TCP packet Steer may rewrite; anything else is -1.
+ * XDP and TC entry points pass their context's data and data_end (the headers
+ * must lie there) and the frame's whole length (an skb's payload may not). */
+static __always_inline int parse_packet(void *data, void *data_end, __u32 frame_len,
+					struct packet *pkt)
 {
 	struct hdr_cursor c = {
-		.pos = (void *)(long)ctx->data,
-		.end = (void *)(long)ctx->data_end,
+		.pos = data,
+		.end = data_end,
 	};
 
 	pkt->eth = parse_ethhdr(&c);
@@ -83,10 +86,8 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct packet *pkt)
 	pkt->tcp = parse_tcp(&c, pkt->len - sizeof(struct iphdr));
 	if (!pkt->tcp)
 		return -1;
-	/* Truncated: the IP header claims more than the frame holds. Checked
-	 * last, so the compiler cannot fold away the fixed-size checks above
-	 * that the verifier needs. */
-	if ((void *)pkt->ip + pkt->len > c.end)
+	/* Truncated: the IP header claims more than the frame holds. */
+	if (sizeof(struct ethhdr) + pkt->len > frame_len)
 		return -1;
 	return 0;
 }

@@ -2,14 +2,21 @@
 /*
  * Steer's XDP load balancer: steers each new TCP connection to a service
  * (VIP:port) to a backend chosen by the service's policy, tracks the flow in
- * two LRU conntrack maps and rewrites both directions (full NAT), forwarding
- * with XDP_REDIRECT. Anything it does not handle is passed untouched.
+ * two LRU conntrack maps and rewrites both directions. Remote backends get
+ * full NAT, forwarded with XDP_REDIRECT; local backends (on this host) get
+ * destination NAT and XDP_PASS, and the TC egress program below undoes it on
+ * their replies. Anything Steer does not handle is passed untouched.
  */
+#include <linux/pkt_cls.h>
+
 #include "nat.h"
 #include "parsing.h"
 #include "policy.h"
 
-enum { STEER_LAST_SEEN_GRANULARITY_NS = 1000000000 };
+enum {
+	STEER_LAST_SEEN_GRANULARITY_NS = 1000000000,
+	STEER_HEADERS_LEN = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr),
+};
 
 /* Flow opened/closed events; the agent may turn them off to save the cost. */
 const volatile __u32 flow_events = 1;
@@ -23,6 +30,7 @@ const volatile struct steer_abi_anchor {
 	enum steer_backend_kind kind;
 	enum steer_counter counter;
 	enum steer_event_kind event_kind;
+	enum steer_flow_flags flow_flags;
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
 
@@ -56,23 +64,21 @@ static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 clie
 			   flow->backend_id, client_addr, client_port);
 }
 
-/* Backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
-static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
+static __always_inline struct steer_flow_rev *reply_flow(const struct packet *pkt)
 {
 	struct steer_flow_key key;
-	struct steer_flow_rev *rev;
-	struct next_hop hop;
 
 	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
-	rev = bpf_map_lookup_elem(&ct_rev, &key);
-	if (!rev)
-		return -1;
-	if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &hop)) {
-		count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
-		return XDP_PASS;
-	}
+	return bpf_map_lookup_elem(&ct_rev, &key);
+}
+
+/* The bookkeeping of a backend's reply, local or remote: refresh, release on
+ * FIN/RST, count. */
+static __always_inline void track_reply(const struct packet *pkt, struct steer_flow_rev *rev)
+{
 	touch(&rev->last_seen_ns);
 	if (tcp_ends_flow(pkt->tcp)) {
+		struct steer_flow_key key;
 		struct steer_flow_fwd *flow;
 
 		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
@@ -81,6 +87,21 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 			flow_closed(flow, rev->client_addr, rev->client_port);
 	}
 	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
+}
+
+/* Remote backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
+static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct steer_flow_rev *rev = reply_flow(pkt);
+	struct next_hop hop;
+
+	if (!rev)
+		return -1;
+	if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &hop)) {
+		count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
+		return XDP_PASS;
+	}
+	track_reply(pkt, rev);
 	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &hop);
 	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
 }
@@ -90,9 +111,10 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 {
 	__be32 client_addr = pkt->ip->saddr;
 	__be16 client_port = pkt->tcp->source;
-	struct next_hop hop;
+	int local = flow->flags & STEER_FLOW_LOCAL;
+	struct next_hop hop = {};
 
-	if (next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &hop)) {
+	if (!local && next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &hop)) {
 		count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
 		return XDP_PASS;
 	}
@@ -100,6 +122,11 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 	if (tcp_ends_flow(pkt->tcp))
 		flow_closed(flow, client_addr, client_port);
 	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
+	if (local) {
+		rewrite_tuple(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr,
+			      flow->backend_port);
+		return XDP_PASS;
+	}
 	rewrite(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr, flow->backend_port, &hop);
 	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
 }
@@ -113,30 +140,37 @@ static __always_inline int refuse_new_flow(const struct packet *pkt, __u32 servi
 	return XDP_PASS;
 }
 
-/* A SYN with no flow: choose a backend, claim its capacity and a source port,
- * record the flow both ways, then rewrite. Any failure passes the SYN on. */
+/* A SYN with no flow: choose a backend, claim its capacity and the reply
+ * tuple, record the flow both ways, then rewrite. Any failure passes the SYN
+ * on. A local backend keeps the client's source; a remote one gets the
+ * egress interface's address and a free port. */
 static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 				    const struct steer_service *svc,
 				    const struct steer_flow_key *key)
 {
 	struct steer_flow_rev rev = {};
 	struct steer_flow_fwd flow = {};
+	struct steer_iface *iface = NULL;
+	struct next_hop hop = {};
 	struct steer_backend *b;
-	struct steer_iface *iface;
-	struct next_hop hop;
 	__u32 id = 0;
-	__be16 snat_port;
+	int local, claimed;
 
 	if (pick_backend(svc, key->src_addr, &id))
 		return refuse_new_flow(pkt, svc->id, 0, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
 	b = bpf_map_lookup_elem(&backends, &id);
 	if (!b)
 		return XDP_PASS;
-	if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &hop))
-		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE, STEER_EVENT_NO_ROUTE);
-	iface = bpf_map_lookup_elem(&ifaces, &hop.ifindex);
-	if (!iface)
-		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE, STEER_EVENT_NO_ROUTE);
+	local = b->kind == STEER_BACKEND_LOCAL;
+	if (!local) {
+		if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &hop))
+			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
+					       STEER_EVENT_NO_ROUTE);
+		iface = bpf_map_lookup_elem(&ifaces, &hop.ifindex);
+		if (!iface)
+			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
+					       STEER_EVENT_NO_ROUTE);
+	}
 	if (claim_connection(b, id))
 		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
 
@@ -146,7 +180,16 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	rev.vip_port = key->dst_port;
 	rev.backend_id = id;
 	rev.last_seen_ns = bpf_ktime_get_ns();
-	if (claim_snat_port(b->addr, b->port, iface->snat_addr, &rev, &snat_port)) {
+	if (local) {
+		flow.snat_addr = key->src_addr;
+		flow.snat_port = key->src_port;
+		flow.flags = STEER_FLOW_LOCAL;
+		claimed = claim_reply_tuple(b->addr, b->port, flow.snat_addr, flow.snat_port, &rev);
+	} else {
+		flow.snat_addr = iface->snat_addr;
+		claimed = claim_snat_port(b->addr, b->port, flow.snat_addr, &rev, &flow.snat_port);
+	}
+	if (claimed) {
 		return_connection(id);
 		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
 				       STEER_EVENT_NO_SNAT_PORT);
@@ -156,13 +199,11 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	flow.generation = b->generation;
 	flow.backend_addr = b->addr;
 	flow.backend_port = b->port;
-	flow.snat_addr = iface->snat_addr;
-	flow.snat_port = snat_port;
 	flow.last_seen_ns = rev.last_seen_ns;
 	if (bpf_map_update_elem(&ct_fwd, key, &flow, BPF_ANY)) {
 		struct steer_flow_key rev_key;
 
-		flow_key_of(&rev_key, b->addr, iface->snat_addr, b->port, snat_port);
+		flow_key_of(&rev_key, b->addr, flow.snat_addr, b->port, flow.snat_port);
 		bpf_map_delete_elem(&ct_rev, &rev_key);
 		return_connection(id);
 		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
@@ -173,6 +214,11 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
 	if (flow_events)
 		emit_event(STEER_EVENT_FLOW_OPENED, svc->id, id, key->src_addr, key->src_port);
+	if (local) {
+		rewrite_tuple(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr,
+			      flow.backend_port);
+		return XDP_PASS;
+	}
 	rewrite(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr, flow.backend_port, &hop);
 	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
 }
@@ -185,8 +231,9 @@ int steer_xdp(struct xdp_md *ctx)
 	struct steer_service *svc;
 	struct steer_flow_fwd *flow;
 	struct packet pkt;
+	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
 
-	if (parse_packet(ctx, &pkt))
+	if (parse_packet(data, data_end, data_end - data, &pkt))
 		return XDP_PASS;
 
 	__builtin_memset(&service_key, 0, sizeof(service_key));
@@ -210,6 +257,29 @@ int steer_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	return new_flow(ctx, &pkt, svc, &key);
+}
+
+/* Replies of local backends leave through the stack: set their source back
+ * to the VIP. Everything else goes out untouched. */
+SEC("classifier")
+int steer_tc_egress(struct __sk_buff *skb)
+{
+	struct steer_flow_rev *rev;
+	struct packet pkt;
+
+	/* Locally sent packets may carry headers outside the linear part. */
+	if ((void *)(long)skb->data + STEER_HEADERS_LEN > (void *)(long)skb->data_end &&
+	    bpf_skb_pull_data(skb, STEER_HEADERS_LEN))
+		return TC_ACT_OK;
+	if (parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, &pkt))
+		return TC_ACT_OK;
+	rev = reply_flow(&pkt);
+	if (!rev)
+		return TC_ACT_OK;
+	track_reply(&pkt, rev);
+	/* The helpers below may move the data: pkt is not read after them. */
+	rewrite_source_skb(skb, &pkt, rev->vip, rev->vip_port);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

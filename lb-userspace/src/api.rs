@@ -345,8 +345,8 @@ pub(crate) mod tests {
         assert_eq!(
             body,
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
-                "weight": 1, "max_connections": 0, "state": "active", "active_connections": 0,
-                "packets": 0, "bytes": 0, "new_flows": 0}]})
+                "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
+                "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0}]})
         );
 
         let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4}"#;

@@ -29,6 +29,8 @@ pub struct Maps {
     pub conns: HashMap<u32, u64>,
     pub stats: HashMap<u32, BackendStats>,
     pub counters: HashMap<u32, [u64; counter::MAX as usize]>,
+    /// Addresses `is_local` answers true for.
+    pub local_addrs: Vec<std::net::Ipv4Addr>,
     /// The next write of this backend id fails (once).
     pub fail_backend: Option<u32>,
 }
@@ -84,6 +86,10 @@ impl Dataplane for FakeDataplane {
         maps.writes.push(Write::Maglev(service_id));
         maps.maglev.insert(service_id, table.to_vec());
         Ok(())
+    }
+
+    fn is_local(&self, addr: std::net::Ipv4Addr) -> bool {
+        self.maps().local_addrs.contains(&addr)
     }
 
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {

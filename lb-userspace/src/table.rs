@@ -85,10 +85,22 @@ pub struct BackendInfo {
     pub weight: u16,
     pub max_connections: u32,
     pub state: BackendState,
+    /// `local` (on this host) or `remote`.
+    pub kind: BackendKind,
     pub active_connections: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+/// Where a backend runs, which decides how its packets are rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// On this host: destination NAT, delivered by the stack.
+    Local,
+    /// Elsewhere: full NAT, forwarded by XDP.
+    Remote,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -239,6 +251,8 @@ struct SlotBackend {
     weight: Weight,
     max_connections: u32,
     state: BackendState,
+    /// On this host: destination NAT only, replies un-NATed on egress.
+    local: bool,
     /// The id's kernel counters when this backend got it: an id's counters are never reset.
     stats_base: BackendStats,
 }
@@ -281,11 +295,13 @@ impl<D: Dataplane> Table<D> {
             } in &service.backends
             {
                 let slot = table.free_slot(id, address)?;
+                let local = table.dataplane.is_local(*address.ip());
                 table.services[id].slots[slot].backend = Some(SlotBackend {
                     address,
                     weight,
                     max_connections,
                     state: BackendState::Active,
+                    local,
                     stats_base: BackendStats::default(),
                 });
             }
@@ -338,6 +354,7 @@ impl<D: Dataplane> Table<D> {
             weight: new.weight,
             max_connections: new.max_connections,
             state: BackendState::Active,
+            local: self.dataplane.is_local(*new.address.ip()),
             stats_base,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
@@ -414,7 +431,11 @@ impl<D: Dataplane> Table<D> {
                     weight: u32::from(b.weight.get()),
                     state: b.state.abi(),
                     max_conns: b.max_connections,
-                    kind: backend_kind::REMOTE,
+                    kind: if b.local {
+                        backend_kind::LOCAL
+                    } else {
+                        backend_kind::REMOTE
+                    },
                     generation: s.generation,
                     ..Backend::default()
                 },
@@ -481,6 +502,11 @@ impl<D: Dataplane> Table<D> {
             weight: b.weight.get(),
             max_connections: b.max_connections,
             state: b.state,
+            kind: if b.local {
+                BackendKind::Local
+            } else {
+                BackendKind::Remote
+            },
             active_connections: self.dataplane.connections(id),
             packets: stats.packets.saturating_sub(b.stats_base.packets),
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
@@ -602,6 +628,28 @@ mod tests {
             (backend_state::ACTIVE, 1, 0)
         );
         assert_eq!(maps.backends[&2].state, backend_state::DOWN);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_backend_at_a_host_address_is_local() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        fake.maps()
+            .local_addrs
+            .push("10.0.2.9".parse().expect("address"));
+        let local = handle
+            .add_backend(new_backend("embed", "10.0.2.9:9000"))
+            .await?;
+        let remote = handle
+            .add_backend(new_backend("embed", "10.0.2.1:9000"))
+            .await?;
+        assert_eq!(
+            (local.kind, remote.kind),
+            (BackendKind::Local, BackendKind::Remote)
+        );
+        let maps = fake.maps();
+        assert_eq!(maps.backends[&local.id].kind, backend_kind::LOCAL);
+        assert_eq!(maps.backends[&remote.id].kind, backend_kind::REMOTE);
         Ok(())
     }
 

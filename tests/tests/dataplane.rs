@@ -9,6 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::Path,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -174,6 +175,63 @@ fn maglev_keeps_clients_on_their_backend_and_moves_only_the_removed_ones() {
             assert_eq!(was, is, "client {i} moved from {was} although {was} stayed");
         }
     }
+}
+
+/// A backend on the LB host itself (added through the API at one of the host's addresses) mixes
+/// with a remote one in one service: it sees the client's own address (destination NAT only),
+/// and its replies reach the client from the VIP (TC egress undoes the NAT).
+#[test]
+fn local_backend_on_the_lb_host_mixes_with_a_remote_one() {
+    let mut topo = topology("local", "round_robin", 1);
+    let local = SocketAddrV4::new(LB_CLIENT_SIDE, 8081);
+    let mut server = Command::new(backend_bin());
+    server
+        .args(["--name", "local", "--listen", "0.0.0.0:8081"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _server = topo.lb.spawn(server);
+    topo.start_agent();
+    // Until the server listens, the agent's first connect can be refused; that is fine.
+    let body = serde_json::json!({"service": "web", "address": local.to_string()});
+    let added = topo.admin("POST", "/v1/backends", Some(&body));
+    assert_eq!(added["kind"].as_str(), Some("local"), "{added}");
+    assert_eq!(
+        topo.backend_view(topo.backend("b1").addr).expect("b1")["kind"].as_str(),
+        Some("remote")
+    );
+
+    let answers = topo.client.block_on(|| async {
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            let (mut conn, answer) = whoami_new(VIP).await;
+            // A second request on the same connection: the reply path works both ways.
+            let again = conn.get("/whoami").await.text();
+            assert_eq!(answer, again, "one connection, one backend");
+            answers.push(answer);
+        }
+        answers
+    });
+    let mut on_local = 0;
+    for answer in &answers {
+        if let Some(peer) = answer.trim().strip_prefix("local ") {
+            let peer: SocketAddrV4 = peer.parse().expect("peer address");
+            assert_eq!(
+                *peer.ip(),
+                CLIENT_ADDR,
+                "the local backend sees the client itself"
+            );
+            on_local += 1;
+        } else {
+            assert_eq!(topo.check_whoami(answer).0, "b1");
+        }
+    }
+    assert_eq!(
+        on_local, 5,
+        "round robin over one local and one remote: {answers:?}"
+    );
+    let view = topo.backend_view(local).expect("local listed");
+    assert_eq!(view["new_flows"].as_u64(), Some(5), "{view}");
 }
 
 #[test]

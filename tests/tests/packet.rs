@@ -10,11 +10,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use lb_common::{
-    Backend, BackendConns, FlowFwd, FlowKey, Iface, Service, ServiceKey, backend_state, counter,
-    policy,
+    Backend, BackendConns, FlowFwd, FlowKey, Iface, Service, ServiceKey, backend_kind,
+    backend_state, counter, policy,
 };
 use tests::{
     netns::{self, NetNs},
@@ -127,6 +127,12 @@ impl Lab {
             .try_into()
             .expect("an XDP program");
         prog.load().expect("the verifier accepts steer_xdp");
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut("steer_tc_egress")
+            .expect("program steer_tc_egress")
+            .try_into()
+            .expect("a TC program");
+        egress.load().expect("the verifier accepts steer_tc_egress");
         let mut lab = Lab { ebpf };
         for (name, addr) in [("pcli", LB_CLIENT_SIDE), ("pbe", LB_BACKEND_SIDE)] {
             let ifindex = nix::net::if_::if_nametoindex(name).expect("interface exists");
@@ -163,6 +169,24 @@ impl Lab {
             ..Default::default()
         };
         backends.set(slot, backend, 0).expect("backends set");
+    }
+
+    /// Make slot 0 the only backend: one on this host at `addr`.
+    fn set_only_local_backend(&mut self, addr: SocketAddrV4) {
+        let backend = Backend {
+            addr: ne(*addr.ip()),
+            port: addr.port().to_be(),
+            weight: 1,
+            state: backend_state::ACTIVE,
+            kind: backend_kind::LOCAL,
+            generation: 1,
+            ..Default::default()
+        };
+        Array::<_, Backend>::try_from(self.ebpf.map_mut("backends").expect("backends"))
+            .expect("array")
+            .set(0, backend, 0)
+            .expect("backends set");
+        self.set_service(policy::ROUND_ROBIN, 1, &[0]);
     }
 
     fn set_state(&mut self, slot: u32, state: u32) {
@@ -252,6 +276,19 @@ impl Lab {
         (out.verdict, out.data)
     }
 
+    /// Run the TC egress program on a frame the host sends.
+    fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program("steer_tc_egress")
+            .expect("program")
+            .try_into()
+            .expect("tc");
+        let fd = prog.fd().expect("loaded program fd");
+        let out = test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        (out.verdict, out.data)
+    }
+
     /// Send a client packet of `flags` and return where it was sent (must be redirected).
     fn forward(&self, from: SocketAddrV4, flags: u8) -> (SocketAddrV4, SocketAddrV4) {
         let input = Frame::tcp(from, VIP, flags).with_payload(b"hello").build();
@@ -319,6 +356,52 @@ fn syn_to_vip_is_fully_natted_and_the_reply_reversed() {
         assert_eq!(lab.forward(c, ACK | PSH), (snat, backend));
         lab.reply(backend, snat, ACK | PSH, c);
         assert_eq!(lab.conns(0), 1, "data packets do not change the count");
+    });
+}
+
+/// A backend on this host: the SYN gets destination NAT only and goes to the stack; the reply
+/// leaving through TC egress gets the VIP back as its source; FIN releases once.
+#[test]
+fn local_backend_gets_destination_nat_and_replies_are_undone_on_egress() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        const TC_ACT_OK: u32 = 0;
+        let local = SocketAddrV4::new(LB_CLIENT_SIDE, 8081);
+        lab.set_only_local_backend(local);
+        let c = client(40500);
+        for flags in [SYN, ACK | PSH] {
+            let input = Frame::tcp(c, VIP, flags).with_payload(b"hi").build();
+            let (verdict, output) = lab.run(&input);
+            assert_eq!(verdict, XDP_PASS, "to the local stack");
+            assert_only_nat_fields_changed(&input, &output);
+            let out = parse_checked(&output);
+            assert_eq!((out.src, out.dst), (c, local), "destination NAT only");
+            assert_eq!(&output[..12], &input[..12], "MACs untouched");
+        }
+        assert_eq!(lab.conns(0), 1);
+        assert_eq!(lab.counter(counter::NEW_FLOWS), 1);
+
+        let reply = Frame::tcp(local, c, SYN | ACK)
+            .with_payload(b"there")
+            .build();
+        let (verdict, output) = lab.run_egress(&reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_only_nat_fields_changed(&reply, &output);
+        let out = parse_checked(&output);
+        assert_eq!((out.src, out.dst), (VIP, c), "the client sees the VIP");
+
+        let other = Frame::tcp(local, client(40501), ACK).build();
+        assert_eq!(
+            lab.run_egress(&other),
+            (TC_ACT_OK, other),
+            "no flow: untouched"
+        );
+
+        let fin = Frame::tcp(local, c, FIN | ACK).build();
+        assert_eq!(parse_checked(&lab.run_egress(&fin).1).src, VIP);
+        assert_eq!(lab.conns(0), 0, "the backend's FIN releases");
+        lab.run(&Frame::tcp(c, VIP, FIN | ACK).build());
+        assert_eq!(lab.conns(0), 0, "once");
+        assert_eq!(lab.counter(counter::CLOSED_FLOWS), 1);
     });
 }
 

@@ -20,6 +20,8 @@ pub trait Dataplane: Send + 'static {
     /// Write a `maglev` service's lookup table: exactly `MAGLEV_SIZE` backend slots. Written
     /// before the service entry that turns the policy on.
     fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError>;
+    /// Whether `addr` is one of this host's own addresses: a backend there is local.
+    fn is_local(&self, addr: std::net::Ipv4Addr) -> bool;
     /// Set a backend id's active connection count to zero, when the id changes owner.
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Active connections counted on a backend id (kernel and, later, proxy).
@@ -49,6 +51,12 @@ pub enum DataplaneError {
     Attach {
         interface: String,
         mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching the TC egress program to interface `{interface}`: {source}")]
+    AttachEgress {
+        interface: String,
         #[source]
         source: aya::programs::ProgramError,
     },

@@ -31,6 +31,8 @@ use tokio::{
 use super::{Dataplane, DataplaneError, conns::ConnCounts};
 
 const PROGRAM: &str = "steer_xdp";
+/// Undoes the destination NAT of local backends on their replies.
+const EGRESS_PROGRAM: &str = "steer_tc_egress";
 /// How long the connect that resolves a new backend's neighbour may take.
 const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
@@ -203,7 +205,7 @@ impl Drop for Xdp {
         for task in &self.tasks {
             task.abort();
         }
-        // The fields drop after this; `_ebpf` detaches the program from every interface.
+        // The fields drop after this; `_ebpf` detaches both programs from every interface.
         tracing::info!(
             interfaces = ?self.interfaces,
             mode = self.mode.name(),
@@ -362,6 +364,21 @@ fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<()
             "XDP attached"
         );
     }
+    // Replies of local backends leave through the stack, on any of these interfaces.
+    let egress: &mut programs::SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .ok_or(DataplaneError::MissingProgram(EGRESS_PROGRAM))?
+        .try_into()
+        .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
+    egress.load().map_err(|e| DataplaneError::Load(e.into()))?;
+    for iface in interfaces {
+        egress
+            .attach(&iface.name, programs::TcAttachType::Egress)
+            .map_err(|source| DataplaneError::AttachEgress {
+                interface: iface.name.clone(),
+                source,
+            })?;
+    }
     Ok(())
 }
 
@@ -442,6 +459,20 @@ impl Dataplane for Xdp {
                 .map_err(map_err("maglev"))?;
         }
         Ok(())
+    }
+
+    fn is_local(&self, addr: Ipv4Addr) -> bool {
+        match nix::ifaddrs::getifaddrs() {
+            Ok(mut addrs) => addrs.any(|a| {
+                a.address
+                    .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
+                    == Some(addr)
+            }),
+            Err(error) => {
+                tracing::warn!(%addr, %error, "listing this host's addresses; taking the backend as remote");
+                false
+            }
+        }
     }
 
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {

@@ -399,6 +399,7 @@ mod tests {
             snat_port: 61001u16.to_be(),
             released: u32::from(released),
             last_seen_ns: last_seen_s * S,
+            ..FlowFwd::default()
         }
     }
 
