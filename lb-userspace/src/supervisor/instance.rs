@@ -7,7 +7,7 @@
 //! actor polls beside its channel, so GETs are answered and changes merged meanwhile but nothing
 //! interrupts it: stop the old process, start the new arguments, wait for health, persist; on
 //! failure start the previous arguments again. Only that future or the idle actor holds the
-//! [`Running`] process, so there are never two. A batch that would change nothing is answered
+//! process, so there are never two. A batch that would change nothing is answered
 //! without a restart.
 //!
 //! An exit the actor did not cause is seen at once (it awaits the child) and revived with the
@@ -39,6 +39,59 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A process up this long before it crashed resets the backoff.
 const STABLE_PERIOD: Duration = Duration::from_secs(60);
 const CHANNEL: usize = 64;
+
+/// Starts processes. The actor is written against this and [`Process`] so its timing can be
+/// tested on paused time; [`Spawner`] starts real llama-servers.
+pub(crate) trait Launcher: Send + Sync + 'static {
+    type Process: Process;
+
+    /// Starts `args` and returns once healthy; a failed start leaves no process behind.
+    fn start(
+        &self,
+        args: &SavedArgs,
+        startup: Duration,
+    ) -> impl Future<Output = Result<Self::Process, Failed>> + Send;
+}
+
+/// A healthy process.
+pub(crate) trait Process: Send + 'static {
+    fn pid(&self) -> u32;
+    /// When it was started, to tell a stable process from a crash loop.
+    fn started(&self) -> Instant;
+    /// Completes when it exits on its own; cancel-safe.
+    fn exited(&mut self) -> impl Future<Output = std::io::Result<ExitStatus>> + Send;
+    /// Stops it gracefully, within `grace`.
+    fn stop(self, grace: Duration) -> impl Future<Output = Option<ExitStatus>> + Send;
+}
+
+/// Real llama-server processes.
+pub(crate) struct Spawner;
+
+impl Launcher for Spawner {
+    type Process = Running;
+
+    async fn start(&self, args: &SavedArgs, startup: Duration) -> Result<Running, Failed> {
+        Running::start(args, startup).await
+    }
+}
+
+impl Process for Running {
+    fn pid(&self) -> u32 {
+        Running::pid(self)
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+        Running::exited(self).await
+    }
+
+    async fn stop(self, grace: Duration) -> Option<ExitStatus> {
+        Running::stop(self, grace).await
+    }
+}
 
 /// Per-instance knobs.
 #[derive(Clone, Debug)]
@@ -188,6 +241,18 @@ pub fn spawn(
     settings: Settings,
     store: Store,
 ) -> (InstanceHandle, JoinHandle<()>) {
+    spawn_with(Spawner, name, args, aliases, settings, store)
+}
+
+/// [`spawn`] with processes from `launcher`.
+pub(crate) fn spawn_with<L: Launcher>(
+    launcher: L,
+    name: &str,
+    args: SavedArgs,
+    aliases: Aliases,
+    settings: Settings,
+    store: Store,
+) -> (InstanceHandle, JoinHandle<()>) {
     let name: Arc<str> = Arc::from(name);
     let (requests, inbox) = mpsc::channel(CHANNEL);
     let mut actor = Actor {
@@ -196,6 +261,7 @@ pub fn spawn(
         applied: args,
         settings,
         store: Arc::new(store),
+        launcher: Arc::new(launcher),
         running: None,
         op: None,
         batch: None,
@@ -212,12 +278,12 @@ pub fn spawn(
     (InstanceHandle { name, requests }, task)
 }
 
-type OpFuture = Pin<Box<dyn Future<Output = OpDone> + Send>>;
+type OpFuture<P> = Pin<Box<dyn Future<Output = OpDone<P>> + Send>>;
 
 /// The one process operation in progress.
-struct Op {
+struct Op<P> {
     kind: OpKind,
-    future: OpFuture,
+    future: OpFuture<P>,
 }
 
 enum OpKind {
@@ -229,8 +295,8 @@ enum OpKind {
     },
 }
 
-struct OpDone {
-    running: Option<Running>,
+struct OpDone<P> {
+    running: Option<P>,
     /// Processes spawned.
     spawns: u64,
     /// The start of the wanted arguments.
@@ -249,15 +315,16 @@ struct Batch {
     due_now: bool,
 }
 
-struct Actor {
+struct Actor<L: Launcher> {
     name: Arc<str>,
     aliases: HashMap<String, Arc<Aliases>>,
     applied: SavedArgs,
     settings: Settings,
     store: Arc<Store>,
+    launcher: Arc<L>,
     /// The healthy process while no operation holds it.
-    running: Option<Running>,
-    op: Option<Op>,
+    running: Option<L::Process>,
+    op: Option<Op<L::Process>>,
     batch: Option<Batch>,
     /// Crashes since the last stable period, for the backoff.
     crashes: u32,
@@ -269,7 +336,7 @@ struct Actor {
     last_outcome: Option<Outcome>,
 }
 
-impl Actor {
+impl<L: Launcher> Actor<L> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
         loop {
             if self.op.is_none() {
@@ -348,13 +415,14 @@ impl Actor {
         }
     }
 
-    fn begin(&mut self, kind: OpKind, running: Option<Running>) {
+    fn begin(&mut self, kind: OpKind, running: Option<L::Process>) {
         let startup = self.settings.startup_timeout;
-        let future: OpFuture = match &kind {
+        let launcher = self.launcher.clone();
+        let future: OpFuture<L::Process> = match &kind {
             OpKind::Start | OpKind::Revive => {
                 let args = self.applied.clone();
                 Box::pin(async move {
-                    let result = Running::start(&args, startup).await;
+                    let result = launcher.start(&args, startup).await;
                     let spawns = spawned(&result);
                     let (running, result) = split(result);
                     OpDone {
@@ -367,6 +435,7 @@ impl Actor {
                 })
             }
             OpKind::Apply { target, .. } => Box::pin(apply(
+                launcher,
                 running,
                 self.applied.clone(),
                 target.clone(),
@@ -377,7 +446,7 @@ impl Actor {
         self.op = Some(Op { kind, future });
     }
 
-    fn finish(&mut self, done: OpDone) {
+    fn finish(&mut self, done: OpDone<L::Process>) {
         let Some(op) = self.op.take() else { return };
         self.starts += done.spawns;
         self.running = done.running;
@@ -385,7 +454,7 @@ impl Actor {
             // Up again (an apply can start from down): no revival is due.
             self.retry_at = None;
         }
-        let pid = self.running.as_ref().map(Running::pid);
+        let pid = self.running.as_ref().map(Process::pid);
         match (op.kind, done.result) {
             (OpKind::Start, Ok(())) => {
                 info!(pid, args = ?self.applied.argv(), "llama-server started");
@@ -454,7 +523,7 @@ impl Actor {
         let Some(running) = self.running.take() else {
             return;
         };
-        let uptime = running.started.elapsed();
+        let uptime = running.started().elapsed();
         if uptime >= STABLE_PERIOD {
             self.crashes = 0;
         }
@@ -583,7 +652,7 @@ impl Actor {
             applied: self.applied.clone(),
             applying,
             pending: self.batch.as_ref().map(|b| b.change.clone()),
-            pid: self.running.as_ref().map(Running::pid),
+            pid: self.running.as_ref().map(Process::pid),
             starts: self.starts,
             revivals: self.revivals,
             last_outcome: self.last_outcome.clone(),
@@ -593,19 +662,20 @@ impl Actor {
 
 /// The transaction: stop `running`, start `target`, wait for health, persist; on failure start
 /// `previous` again.
-async fn apply(
-    running: Option<Running>,
+async fn apply<L: Launcher>(
+    launcher: Arc<L>,
+    running: Option<L::Process>,
     previous: SavedArgs,
     target: SavedArgs,
     settings: Settings,
     store: Arc<Store>,
-) -> OpDone {
+) -> OpDone<L::Process> {
     if let Some(running) = running {
         let pid = running.pid();
         let status = running.stop(settings.stop_grace).await;
         debug!(pid, ?status, "stopped for an apply");
     }
-    let started = Running::start(&target, settings.startup_timeout).await;
+    let started = launcher.start(&target, settings.startup_timeout).await;
     let mut spawns = spawned(&started);
     match started {
         Ok(running) => {
@@ -622,7 +692,7 @@ async fn apply(
             }
         }
         Err(failed) => {
-            let restarted = Running::start(&previous, settings.startup_timeout).await;
+            let restarted = launcher.start(&previous, settings.startup_timeout).await;
             spawns += spawned(&restarted);
             let (running, restore) = split(restarted);
             OpDone {
@@ -636,7 +706,7 @@ async fn apply(
     }
 }
 
-fn spawned(result: &Result<Running, Failed>) -> u64 {
+fn spawned<P>(result: &Result<P, Failed>) -> u64 {
     match result {
         Ok(_) => 1,
         Err(failed) => match failed.error {
@@ -646,7 +716,7 @@ fn spawned(result: &Result<Running, Failed>) -> u64 {
     }
 }
 
-fn split(result: Result<Running, Failed>) -> (Option<Running>, Result<(), Failed>) {
+fn split<P>(result: Result<P, Failed>) -> (Option<P>, Result<(), Failed>) {
     match result {
         Ok(running) => (Some(running), Ok(())),
         Err(failed) => (None, Err(failed)),
@@ -663,14 +733,14 @@ fn backoff(crashes: u32) -> Duration {
     }
 }
 
-async fn op_done(op: &mut Option<Op>) -> OpDone {
+async fn op_done<P>(op: &mut Option<Op<P>>) -> OpDone<P> {
     match op {
         Some(op) => op.future.as_mut().await,
         None => std::future::pending().await,
     }
 }
 
-async fn exited(running: &mut Option<Running>) -> std::io::Result<ExitStatus> {
+async fn exited<P: Process>(running: &mut Option<P>) -> std::io::Result<ExitStatus> {
     match running {
         Some(running) => running.exited().await,
         None => std::future::pending().await,
@@ -680,11 +750,323 @@ async fn exited(running: &mut Option<Running>) -> std::io::Result<ExitStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{ArgValue, DriverConfig};
+    use serde_json::json;
+    use std::os::unix::process::ExitStatusExt;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use tokio::time::sleep;
 
     #[test]
     fn backoff_doubles_to_a_cap() {
         let secs: Vec<f64> = (1..=10).map(|n| backoff(n).as_secs_f64()).collect();
         assert_eq!(secs, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    /// Processes on paused time: a start takes `restart`, args with `--bad` exit before they
+    /// are healthy, and the test can crash the running one.
+    #[derive(Clone)]
+    struct Fake {
+        restart: Duration,
+        /// Every start: when it began and with what.
+        starts: Arc<Mutex<Vec<(Instant, SavedArgs)>>>,
+        crash: Arc<Mutex<Option<oneshot::Sender<ExitStatus>>>>,
+    }
+
+    struct FakeProcess {
+        pid: u32,
+        started: Instant,
+        exit: oneshot::Receiver<ExitStatus>,
+    }
+
+    impl Launcher for Fake {
+        type Process = FakeProcess;
+
+        async fn start(&self, args: &SavedArgs, _: Duration) -> Result<FakeProcess, Failed> {
+            let began = Instant::now();
+            let pid = {
+                let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+                starts.push((began, args.clone()));
+                starts.len() as u32
+            };
+            sleep(self.restart).await;
+            if args.args.contains_key("--bad") {
+                return Err(Failed {
+                    error: StartError::Exited {
+                        status: ExitStatus::from_raw(1 << 8),
+                    },
+                    tail: vec!["error: invalid argument: --bad".to_owned()],
+                });
+            }
+            let (crash, exit) = oneshot::channel();
+            *self.crash.lock().unwrap_or_else(|e| e.into_inner()) = Some(crash);
+            Ok(FakeProcess {
+                pid,
+                started: began,
+                exit,
+            })
+        }
+    }
+
+    impl Process for FakeProcess {
+        fn pid(&self) -> u32 {
+            self.pid
+        }
+
+        fn started(&self) -> Instant {
+            self.started
+        }
+
+        async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+            match (&mut self.exit).await {
+                Ok(status) => Ok(status),
+                // A later start replaced the crash switch: this one never exits on its own.
+                Err(_) => std::future::pending().await,
+            }
+        }
+
+        async fn stop(self, _: Duration) -> Option<ExitStatus> {
+            Some(ExitStatus::from_raw(0))
+        }
+    }
+
+    impl Fake {
+        fn new(restart: Duration) -> Fake {
+            Fake {
+                restart,
+                starts: Arc::default(),
+                crash: Arc::default(),
+            }
+        }
+
+        /// The starts after the first, as (time since `t0`, --model, --ctx-size).
+        fn restarts(&self, t0: Instant) -> Vec<(Duration, String, String)> {
+            let starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+            let flag = |args: &SavedArgs, name: &str| match args.args.get(name) {
+                Some(ArgValue::Value(v)) => v.clone(),
+                Some(ArgValue::Flag) => "true".to_owned(),
+                None => String::new(),
+            };
+            starts[1..]
+                .iter()
+                .map(|(at, args)| {
+                    let since = at.saturating_duration_since(t0);
+                    (since, flag(args, "--model"), flag(args, "--ctx-size"))
+                })
+                .collect()
+        }
+
+        fn crash(&self) {
+            let crash = self.crash.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(crash) = crash {
+                let _ = crash.send(ExitStatus::from_raw(libc::SIGKILL));
+            }
+        }
+    }
+
+    const HELP: &str = "-m,    --model FNAME    model path\n-c,    --ctx-size N     context size\n";
+
+    struct Setup {
+        handle: InstanceHandle,
+        fake: Fake,
+        dir: PathBuf,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// An instance on fake processes with a 200 ms window, its first start done.
+    async fn setup(tag: &str, restart: Duration) -> Setup {
+        let dir = std::env::temp_dir().join(format!("steer-actor-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let driver = DriverConfig::File {
+            path: dir.join("config.toml"),
+            name: "gpt".to_owned(),
+        };
+        let store = Store::open(&driver).await.unwrap_or_else(|e| panic!("{e}"));
+        let args = SavedArgs {
+            binary: "llama-server".to_owned(),
+            args: [
+                (
+                    "--model".to_owned(),
+                    ArgValue::Value("first.gguf".to_owned()),
+                ),
+                ("--port".to_owned(), ArgValue::Value("8080".to_owned())),
+            ]
+            .into(),
+        };
+        let settings = Settings {
+            startup_timeout: Duration::from_secs(60),
+            debounce: Duration::from_millis(200),
+            stop_grace: Duration::from_secs(1),
+            allowed_binaries: Vec::new(),
+        };
+        let fake = Fake::new(restart);
+        let aliases = Aliases::parse_help(HELP);
+        let (handle, _task) = spawn_with(fake.clone(), "gpt", args, aliases, settings, store);
+        sleep(restart + Duration::from_millis(1)).await;
+        let status = handle.status().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status.state, State::Running);
+        Setup { handle, fake, dir }
+    }
+
+    fn input(value: serde_json::Value) -> InputArgs {
+        serde_json::from_value(value).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Submits each change at its time (ms after `t0`) and returns the outcome receivers.
+    async fn submit_at(
+        handle: &InstanceHandle,
+        t0: Instant,
+        changes: Vec<(u64, serde_json::Value)>,
+    ) -> Vec<oneshot::Receiver<Outcome>> {
+        let mut outcomes = Vec::new();
+        for (ms, change) in changes {
+            sleep_until(t0 + Duration::from_millis(ms)).await;
+            let outcome = handle.submit(input(change)).await;
+            outcomes.push(outcome.unwrap_or_else(|e| panic!("{e}")));
+        }
+        outcomes
+    }
+
+    async fn applied_model(outcome: oneshot::Receiver<Outcome>) -> String {
+        match outcome.await {
+            Ok(Outcome::Applied { args, .. }) => match &args.args["--model"] {
+                ArgValue::Value(model) => model.clone(),
+                ArgValue::Flag => panic!("--model without a value"),
+            },
+            other => panic!("not applied: {other:?}"),
+        }
+    }
+
+    /// Issue example 1: window 200 ms; changes at 0, 20, 100 and 200 ms -> one restart, with
+    /// -m foo.gguf -c 6, once the window after the last change has passed.
+    #[tokio::test(start_paused = true)]
+    async fn debounce_example_one_restart() {
+        let setup = setup("example1", Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        let outcomes = submit_at(
+            &setup.handle,
+            t0,
+            vec![
+                (0, json!({"-m": "foo.gguf"})),
+                (20, json!({"-m": "baz.gguf", "-c": 5})),
+                (100, json!({"-m": "foo.gguf"})),
+                (200, json!({"-c": 6})),
+            ],
+        )
+        .await;
+        for outcome in outcomes {
+            assert_eq!(applied_model(outcome).await, "foo.gguf");
+        }
+        let restarts = setup.fake.restarts(t0);
+        assert_eq!(
+            restarts,
+            [(
+                Duration::from_millis(400),
+                "foo.gguf".to_owned(),
+                "6".to_owned()
+            )]
+        );
+    }
+
+    /// Issue example 2: restarts take 2 s; changes at 200, 401 and 602 ms -> exactly two
+    /// restarts, foo then baz; bar is never applied.
+    #[tokio::test(start_paused = true)]
+    async fn debounce_example_pending_change() {
+        let setup = setup("example2", Duration::from_secs(2)).await;
+        let t0 = Instant::now();
+        let mut outcomes = submit_at(
+            &setup.handle,
+            t0,
+            vec![
+                (200, json!({"-m": "foo"})),
+                (401, json!({"-m": "bar"})),
+                (602, json!({"-m": "baz"})),
+            ],
+        )
+        .await
+        .into_iter();
+        let mut next = || outcomes.next().unwrap_or_else(|| panic!("three outcomes"));
+        assert_eq!(applied_model(next()).await, "foo");
+        assert_eq!(applied_model(next()).await, "baz", "bar merged into baz");
+        assert_eq!(applied_model(next()).await, "baz");
+        let models: Vec<_> = setup.fake.restarts(t0).into_iter().map(|r| r.1).collect();
+        assert_eq!(models, ["foo", "baz"]);
+        assert_eq!(setup.fake.restarts(t0)[0].0, Duration::from_millis(400));
+        let status = setup
+            .handle
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status.starts, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_args_roll_back_and_are_not_persisted() {
+        let setup = setup("rollback", Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        let outcome = setup
+            .handle
+            .submit(input(json!({"--bad": true, "-c": 64})))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        match outcome.await {
+            Ok(Outcome::Rejected(rejection)) => {
+                assert!(rejection.restored);
+                assert_eq!(rejection.exit_status.as_deref(), Some("exit status: 1"));
+                assert_eq!(rejection.output_tail, ["error: invalid argument: --bad"]);
+            }
+            other => panic!("not rejected: {other:?}"),
+        }
+        let restarts = setup.fake.restarts(t0);
+        let ctx: Vec<_> = restarts.iter().map(|r| r.2.as_str()).collect();
+        assert_eq!(ctx, ["64", ""], "the bad args, then the previous ones");
+        let status = setup
+            .handle
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status.state, State::Running);
+        assert!(!status.applied.args.contains_key("--bad"));
+        let persisted = std::fs::read_to_string(setup.dir.join("config.toml")).unwrap_or_default();
+        assert!(!persisted.contains("--bad"), "{persisted}");
+    }
+
+    /// The first crash revives at once, repeated ones back off (0.5 s, 1 s), and a process
+    /// that lived for the stable period resets that.
+    #[tokio::test(start_paused = true)]
+    async fn crashes_revive_with_backoff_that_resets() {
+        let setup = setup("crash", Duration::ZERO).await;
+        let t0 = Instant::now();
+        let mut crashes = Vec::new();
+        for wait in [1, 1, 1, 61] {
+            sleep(Duration::from_secs(wait)).await;
+            crashes.push(Instant::now().saturating_duration_since(t0));
+            setup.fake.crash();
+            // Virtual time stands still until the actor has seen the exit.
+            sleep(Duration::from_secs(2)).await;
+        }
+        let revived: Vec<Duration> = setup.fake.restarts(t0).iter().map(|r| r.0).collect();
+        let delays: Vec<f64> = revived
+            .iter()
+            .zip(&crashes)
+            .map(|(r, c)| (r.saturating_sub(*c)).as_secs_f64())
+            .collect();
+        assert_eq!(
+            delays,
+            [0.0, 0.5, 1.0, 0.0],
+            "revived at {revived:?} after {crashes:?}"
+        );
+        let status = setup
+            .handle
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((status.revivals, status.starts), (4, 5));
     }
 }
