@@ -28,7 +28,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::args::{Aliases, ArgsError, Change, InputArgs};
-use super::process::{Failed, Running, StartError};
+use super::process::{Failed, Launcher, Process, Spawner, StartError};
 use crate::store::{ArgValue, SavedArgs, Store};
 
 /// A batch waits at most this many debounce windows after its first change.
@@ -39,59 +39,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A process up this long before it crashed resets the backoff.
 const STABLE_PERIOD: Duration = Duration::from_secs(60);
 const CHANNEL: usize = 64;
-
-/// Starts processes. The actor is written against this and [`Process`] so its timing can be
-/// tested on paused time; [`Spawner`] starts real llama-servers.
-pub(crate) trait Launcher: Send + Sync + 'static {
-    type Process: Process;
-
-    /// Starts `args` and returns once healthy; a failed start leaves no process behind.
-    fn start(
-        &self,
-        args: &SavedArgs,
-        startup: Duration,
-    ) -> impl Future<Output = Result<Self::Process, Failed>> + Send;
-}
-
-/// A healthy process.
-pub(crate) trait Process: Send + 'static {
-    fn pid(&self) -> u32;
-    /// When it was started, to tell a stable process from a crash loop.
-    fn started(&self) -> Instant;
-    /// Completes when it exits on its own; cancel-safe.
-    fn exited(&mut self) -> impl Future<Output = std::io::Result<ExitStatus>> + Send;
-    /// Stops it gracefully, within `grace`.
-    fn stop(self, grace: Duration) -> impl Future<Output = Option<ExitStatus>> + Send;
-}
-
-/// Real llama-server processes.
-pub(crate) struct Spawner;
-
-impl Launcher for Spawner {
-    type Process = Running;
-
-    async fn start(&self, args: &SavedArgs, startup: Duration) -> Result<Running, Failed> {
-        Running::start(args, startup).await
-    }
-}
-
-impl Process for Running {
-    fn pid(&self) -> u32 {
-        Running::pid(self)
-    }
-
-    fn started(&self) -> Instant {
-        self.started
-    }
-
-    async fn exited(&mut self) -> std::io::Result<ExitStatus> {
-        Running::exited(self).await
-    }
-
-    async fn stop(self, grace: Duration) -> Option<ExitStatus> {
-        Running::stop(self, grace).await
-    }
-}
 
 /// Per-instance knobs.
 #[derive(Clone, Debug)]

@@ -78,13 +78,52 @@ impl Tail {
     }
 }
 
+/// Starts processes. The instance actor is written against this and [`Process`] so its timing
+/// can be tested on paused time; [`Spawner`] starts real llama-servers.
+pub trait Launcher: Send + Sync + 'static {
+    type Process: Process;
+
+    /// Starts `args` and returns once healthy; a failed start leaves no process behind.
+    fn start(
+        &self,
+        args: &SavedArgs,
+        startup: Duration,
+    ) -> impl Future<Output = Result<Self::Process, Failed>> + Send;
+}
+
+/// A healthy process.
+pub trait Process: Send + 'static {
+    fn pid(&self) -> u32;
+    /// When it was started, to tell a stable process from a crash loop.
+    fn started(&self) -> Instant;
+    /// Completes when it exits on its own; cancel-safe.
+    fn exited(&mut self) -> impl Future<Output = std::io::Result<ExitStatus>> + Send;
+    /// Stops it gracefully, within `grace`.
+    fn stop(self, grace: Duration) -> impl Future<Output = Option<ExitStatus>> + Send;
+}
+
+/// Starts real llama-servers.
+pub struct Spawner;
+
+impl Launcher for Spawner {
+    type Process = Running;
+
+    fn start(
+        &self,
+        args: &SavedArgs,
+        startup: Duration,
+    ) -> impl Future<Output = Result<Running, Failed>> + Send {
+        Running::start(args, startup)
+    }
+}
+
 /// A healthy llama-server. Dropping it kills the process (SIGKILL); [`Running::stop`] is the
 /// graceful way.
 #[derive(Debug)]
 pub struct Running {
     child: Child,
     pid: u32,
-    pub started: Instant,
+    started: Instant,
 }
 
 /// A start that failed, with what the process printed.
@@ -158,17 +197,36 @@ impl Running {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    /// SIGKILL and wait.
+    async fn kill(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    fn signal(&self, signal: Signal) {
+        // The child leads its own group (see `spawn`), so helpers it forks get the signal too.
+        let group = Pid::from_raw(self.pid as i32);
+        if let Err(err) = killpg(group, signal) {
+            debug!(pid = self.pid, %signal, %err, "signalling llama-server");
+        }
+    }
+}
+
+impl Process for Running {
+    fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// Completes when the process exits on its own. Cancel-safe.
-    pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    async fn exited(&mut self) -> std::io::Result<ExitStatus> {
         self.child.wait().await
     }
 
     /// SIGTERM to the process group, SIGKILL after `grace`; returns once it is gone.
-    pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+    async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
         self.signal(Signal::SIGTERM);
         match timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),
@@ -181,20 +239,6 @@ impl Running {
                 self.signal(Signal::SIGKILL);
                 self.child.wait().await.ok()
             }
-        }
-    }
-
-    /// SIGKILL and wait.
-    async fn kill(mut self) {
-        self.signal(Signal::SIGKILL);
-        let _ = self.child.wait().await;
-    }
-
-    fn signal(&self, signal: Signal) {
-        // The child leads its own group (see `spawn`), so helpers it forks get the signal too.
-        let group = Pid::from_raw(self.pid as i32);
-        if let Err(err) = killpg(group, signal) {
-            debug!(pid = self.pid, %signal, %err, "signalling llama-server");
         }
     }
 }
