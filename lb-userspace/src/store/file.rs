@@ -334,6 +334,25 @@ mod tests {
         Ok(())
     }
 
+    #[tokio::test]
+    async fn other_entries_keep_their_content_across_a_save()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = temp_dir()?;
+        let path = dir.join("c.toml");
+        // A plain value after a table in name order: the writer must still put it first.
+        let before = "zz = 1\n[aa]\nbinary = \"/a\"\nx = [1, 2]\n[aa.args]\n\"-c\" = 5\n";
+        fs::write(&path, before)?;
+        FileStore::new(path.clone(), "gpt".into())
+            .save(&args("/m.gguf"))
+            .await?;
+        let after: toml::Table = fs::read_to_string(&path)?.parse()?;
+        let mut expected: toml::Table = before.parse()?;
+        expected.insert("gpt".into(), toml::Value::try_from(args("/m.gguf"))?);
+        assert_eq!(after, expected);
+        fs::remove_dir_all(dir)?;
+        Ok(())
+    }
+
     #[test]
     fn lines_are_one_based() {
         assert_eq!(line_of("a\nb\nc", 0), 1);
