@@ -345,16 +345,18 @@ struct Setup {
 }
 
 impl Setup {
+    /// With the file driver: `config.toml` in the test's directory, name `gpt`.
     fn new(tag: &str) -> Setup {
-        let dir = TempDir::new(tag);
-        let driver = DriverConfig::File {
-            path: dir.0.join("config.toml"),
+        Setup::with_driver(tag, |dir| DriverConfig::File {
+            path: dir.join("config.toml"),
             name: "gpt".to_owned(),
-        };
-        Setup::with_driver(dir, driver)
+        })
     }
 
-    fn with_driver(dir: TempDir, driver: DriverConfig) -> Setup {
+    /// With the driver `driver` makes, given the test's directory.
+    fn with_driver(tag: &str, driver: impl FnOnce(&Path) -> DriverConfig) -> Setup {
+        let dir = TempDir::new(tag);
+        let driver = driver(&dir.0);
         let model = model_path();
         for name in ["foo.gguf", "bar.gguf", "baz.gguf", "main.gguf"] {
             std::os::unix::fs::symlink(&model, dir.0.join(name)).expect("symlink the model");
@@ -754,7 +756,9 @@ fn five_hundred_changes_end_in_the_merged_args() {
 }
 
 /// A supervisor killed with SIGKILL and started again, with other command-line args, comes back
-/// with the last persisted arguments. One line per driver calls this.
+/// with the last persisted arguments. One test per driver calls this, e.g. for etcd:
+/// `persisted_args_survive_a_sigkill(Setup::with_driver("persist-etcd", |_| DriverConfig::Etcd
+/// { addr: etcd.endpoint(), name: "gpt".into() }))` with `etcd` a running `tests::etcd::Etcd`.
 fn persisted_args_survive_a_sigkill(setup: Setup) {
     let mut supervisor = setup.start();
     let (status, body) = supervisor.post(json!({"-c": 1024, "--temp": 0.25}));

@@ -117,7 +117,7 @@ impl Launcher for Spawner {
     }
 }
 
-/// A healthy llama-server. Dropping it kills the process (SIGKILL); [`Running::stop`] is the
+/// A healthy llama-server. Dropping it kills the process (SIGKILL); [`Process::stop`] is the
 /// graceful way.
 #[derive(Debug)]
 pub struct Running {
