@@ -50,6 +50,7 @@ struct SuperviseArgs {
     /// The llama-server binary (a path, or a name looked up in PATH).
     #[arg(long, value_name = "PATH")]
     binary: String,
+    /// The GGUF model llama-server loads (`--model`).
     #[arg(long, value_name = "FILE")]
     model: String,
     /// The port llama-server listens on; the supervisor checks /health there.
@@ -76,6 +77,8 @@ struct SuperviseArgs {
     /// A binary the API may switch `binary` to (repeatable).
     #[arg(long = "allowed-binary", value_name = "PATH")]
     allowed_binaries: Vec<String>,
+    /// Log filter (`info`, `debug`; llama-server's output is `llama_server=debug`); default:
+    /// RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
     /// More llama-server arguments, e.g. `-- -np 2 -c 2048`.
