@@ -95,6 +95,7 @@ pub struct Status {
     pub applying: Option<SavedArgs>,
     /// Changes merged and waiting for the next apply.
     pub pending: Option<Change>,
+    /// The healthy process; none while an apply or revival has it in hand, or while down.
     pub pid: Option<u32>,
     /// Processes spawned so far, revivals and rollbacks included.
     pub starts: u64,
