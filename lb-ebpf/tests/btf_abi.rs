@@ -9,7 +9,13 @@ use serde_json::Value;
 /// Structs in the object's BTF that are the program's own, not part of the shared ABI.
 const KERNEL_ONLY: &[&str] = &["steer_abi_anchor"];
 
+/// The object's BTF types, dumped once for all tests (they run in parallel).
 fn btf_types() -> Vec<Value> {
+    static TYPES: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+    TYPES.get_or_init(dump_btf).clone()
+}
+
+fn dump_btf() -> Vec<Value> {
     let dir = std::env::temp_dir().join(format!("steer-btf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");
     let object = dir.join("steer.bpf.o");

@@ -57,6 +57,32 @@ pub struct ServiceConfig {
     pub address: SocketAddrV4,
     pub policy: Policy,
     pub backends: Vec<BackendConfig>,
+    /// Active health checks of the backends; `None` when `[service.health] enabled = false`.
+    pub health: Option<HealthConfig>,
+}
+
+/// `[service.health]`: an HTTP GET of `path` on every backend each `interval`; 200 within
+/// `timeout` is a pass (llama.cpp's `/health` answers 503 while loading). A backend turns down
+/// after `fall` failures in a row and up again after `rise` passes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: NonZeroU32,
+    pub fall: NonZeroU32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: "/health".to_owned(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: NonZeroU32::MIN.saturating_add(1),
+            fall: NonZeroU32::MIN.saturating_add(1),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,6 +249,19 @@ struct RawService {
     policy: Policy,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    enabled: Option<bool>,
+    path: Option<String>,
+    interval: Option<Timeout>,
+    timeout: Option<Timeout>,
+    rise: Option<NonZeroU32>,
+    fall: Option<NonZeroU32>,
 }
 
 #[derive(Deserialize)]
@@ -616,7 +655,48 @@ impl Doc<'_> {
             address,
             policy: raw.policy,
             backends,
+            health: self.health(i, raw.health.as_ref())?,
         })
+    }
+
+    fn health(
+        &self,
+        i: usize,
+        raw: Option<&Spanned<RawHealth>>,
+    ) -> Result<Option<HealthConfig>, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(Some(HealthConfig::default()));
+        };
+        let (span, raw) = (raw.span(), raw.get_ref());
+        if raw.enabled == Some(false) {
+            return Ok(None);
+        }
+        let default = HealthConfig::default();
+        let health = HealthConfig {
+            path: raw.path.clone().unwrap_or(default.path),
+            interval: raw.interval.as_ref().map_or(default.interval, |t| t.0),
+            timeout: raw.timeout.as_ref().map_or(default.timeout, |t| t.0),
+            rise: raw.rise.unwrap_or(default.rise),
+            fall: raw.fall.unwrap_or(default.fall),
+        };
+        if !health.path.starts_with('/') || health.path.chars().any(char::is_whitespace) {
+            return Err(self.invalid(
+                Some(span),
+                format!("service[{i}].health.path"),
+                format!(
+                    "`{}` is not an absolute URL path like \"/health\"",
+                    health.path
+                ),
+            ));
+        }
+        if health.timeout > health.interval {
+            return Err(self.invalid(
+                Some(span),
+                format!("service[{i}].health.timeout"),
+                "must not be longer than the interval",
+            ));
+        }
+        Ok(Some(health))
     }
 
     /// A VIP or backend address: a real host and port.
@@ -870,6 +950,39 @@ address = "10.0.0.100:81"
         let (line, field, message) = invalid(&text);
         assert_eq!((line, field.as_str()), (3, "agent.admin_addr"));
         assert!(message.contains("admin_token_file"), "{message}");
+    }
+
+    #[test]
+    fn health_checks_default_on_and_can_be_tuned_or_turned_off() -> Result<(), ConfigError> {
+        let config = parse(EXAMPLE)?;
+        assert_eq!(config.services[0].health, Some(HealthConfig::default()));
+        let tuned = EXAMPLE.replace(
+            "policy = \"least_connections\"\n",
+            "policy = \"least_connections\"\n[service.health]\npath = \"/ready\"\n\
+             interval = \"2s\"\ntimeout = \"1s\"\nrise = 3\nfall = 1\n",
+        );
+        let health = parse(&tuned)?.services[0].health.clone();
+        assert_eq!(
+            health,
+            Some(HealthConfig {
+                path: "/ready".to_owned(),
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: NonZeroU32::MIN.saturating_add(2),
+                fall: NonZeroU32::MIN,
+            })
+        );
+        let off = format!("{EXAMPLE}[service.health]\nenabled = false\n");
+        assert_eq!(parse(&off)?.services[1].health, None);
+
+        let bad_path = tuned.replace("\"/ready\"", "\"ready\"");
+        let (line, field, _) = invalid(&bad_path);
+        assert_eq!((line, field.as_str()), (15, "service[0].health.path"));
+        let slow = tuned.replace("\"1s\"", "\"3s\"");
+        let (_, field, message) = invalid(&slow);
+        assert_eq!(field, "service[0].health.timeout");
+        assert!(message.contains("interval"), "{message}");
+        Ok(())
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod policy;
 pub mod store;
 pub mod supervisor;
@@ -83,6 +84,17 @@ async fn serve<D: Dataplane>(
         source,
     })?;
     let (table, task) = table::start(dataplane, &config.services)?;
+    // Aborted when this returns: the checkers hold table handles the table task waits out.
+    let mut health_checks = tokio::task::JoinSet::new();
+    for service in &config.services {
+        if let Some(health) = &service.health {
+            health_checks.spawn(health::run(
+                table.clone(),
+                service.name.clone(),
+                health.clone(),
+            ));
+        }
+    }
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());
     for spec in &config.instances {
@@ -102,6 +114,7 @@ async fn serve<D: Dataplane>(
     );
     let served = serve_http(listener, app, shutdown).await;
     info!("admin API stopped");
+    health_checks.shutdown().await;
     // The server, and with it the router holding the last table and instance handles, is gone:
     // the instances stop their processes, and the table task ends and hands the dataplane back.
     for instance in instance_tasks {

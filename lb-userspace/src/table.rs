@@ -87,6 +87,8 @@ pub struct BackendInfo {
     pub state: BackendState,
     /// `local` (on this host) or `remote`.
     pub kind: BackendKind,
+    /// Passing its health checks; an unhealthy backend takes no new connections.
+    pub healthy: bool,
     pub active_connections: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -160,6 +162,7 @@ enum Command {
     Add(NewBackend, Reply<BackendInfo>),
     Remove(u32, Reply<BackendInfo>),
     SetState(u32, BackendState, Reply<BackendInfo>),
+    SetHealth(u32, SocketAddrV4, bool, Reply<()>),
     List(Reply<Snapshot>),
 }
 
@@ -195,6 +198,18 @@ impl TableHandle {
 
     pub async fn activate_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
         self.call(|reply| Command::SetState(id, BackendState::Active, reply))
+            .await
+    }
+
+    /// Record a health-check verdict for the backend at `address` under `id`; a verdict about a
+    /// backend that has since left the id is dropped.
+    pub async fn set_health(
+        &self,
+        id: u32,
+        address: SocketAddrV4,
+        healthy: bool,
+    ) -> Result<(), TableError> {
+        self.call(|reply| Command::SetHealth(id, address, healthy, reply))
             .await
     }
 
@@ -253,6 +268,8 @@ struct SlotBackend {
     state: BackendState,
     /// On this host: destination NAT only, replies un-NATed on egress.
     local: bool,
+    /// Passing its health checks (or not checked); starts true.
+    healthy: bool,
     /// The id's kernel counters when this backend got it: an id's counters are never reset.
     stats_base: BackendStats,
 }
@@ -302,6 +319,7 @@ impl<D: Dataplane> Table<D> {
                     max_connections,
                     state: BackendState::Active,
                     local,
+                    healthy: true,
                     stats_base: BackendStats::default(),
                 });
             }
@@ -315,6 +333,9 @@ impl<D: Dataplane> Table<D> {
             Command::Add(backend, reply) => drop(reply.send(self.add(backend))),
             Command::Remove(id, reply) => drop(reply.send(self.remove(id))),
             Command::SetState(id, state, reply) => drop(reply.send(self.set_state(id, state))),
+            Command::SetHealth(id, address, healthy, reply) => {
+                drop(reply.send(self.set_health(id, address, healthy)));
+            }
             Command::List(reply) => drop(reply.send(self.snapshot())),
         }
     }
@@ -355,6 +376,7 @@ impl<D: Dataplane> Table<D> {
             max_connections: new.max_connections,
             state: BackendState::Active,
             local: self.dataplane.is_local(*new.address.ip()),
+            healthy: true,
             stats_base,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
@@ -384,6 +406,34 @@ impl<D: Dataplane> Table<D> {
         let info = self.info(service, slot)?;
         info!(id, service = %info.service, address = %info.address, ?state, "backend state changed");
         Ok(info)
+    }
+
+    fn set_health(
+        &mut self,
+        id: u32,
+        address: SocketAddrV4,
+        healthy: bool,
+    ) -> Result<(), TableError> {
+        let (service, slot) = split_id(id);
+        let current = self
+            .services
+            .get(service)
+            .and_then(|s| s.slots[slot].backend.as_ref());
+        match current {
+            Some(b) if b.address == address && b.healthy != healthy => {}
+            _ => return Ok(()),
+        }
+        self.change(service, slot, |s| {
+            if let Some(backend) = &mut s.backend {
+                backend.healthy = healthy;
+            }
+        })?;
+        if healthy {
+            info!(id, %address, "backend healthy again: takes new connections");
+        } else {
+            warn!(id, %address, "backend failed its health checks: no new connections");
+        }
+        Ok(())
     }
 
     fn occupied(&self, id: u32) -> Result<(usize, usize), TableError> {
@@ -429,7 +479,12 @@ impl<D: Dataplane> Table<D> {
                     addr: u32::from_ne_bytes(b.address.ip().octets()),
                     port: b.address.port().to_be(),
                     weight: u32::from(b.weight.get()),
-                    state: b.state.abi(),
+                    // Unhealthy: DOWN for new flows; open ones keep going (conntrack).
+                    state: if b.healthy {
+                        b.state.abi()
+                    } else {
+                        backend_state::DOWN
+                    },
                     max_conns: b.max_connections,
                     kind: if b.local {
                         backend_kind::LOCAL
@@ -451,7 +506,7 @@ impl<D: Dataplane> Table<D> {
         let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
             .filter_map(|(slot, s)| match &s.backend {
-                Some(b) if b.state == BackendState::Active => {
+                Some(b) if b.state == BackendState::Active && b.healthy => {
                     Some((slot, u32::from(b.weight.get()), b.address))
                 }
                 _ => None,
@@ -507,6 +562,7 @@ impl<D: Dataplane> Table<D> {
             } else {
                 BackendKind::Remote
             },
+            healthy: b.healthy,
             active_connections: self.dataplane.connections(id),
             packets: stats.packets.saturating_sub(b.stats_base.packets),
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
@@ -567,12 +623,14 @@ mod tests {
                 address: addr("10.0.0.100:80"),
                 policy: Policy::RoundRobin,
                 backends: vec![backend("10.0.1.2:8080", 1), backend("10.0.1.3:8080", 1)],
+                health: None,
             },
             ServiceConfig {
                 name: "embed".to_owned(),
                 address: addr("10.0.0.100:81"),
                 policy: Policy::LeastConnections,
                 backends: vec![],
+                health: None,
             },
         ]
     }

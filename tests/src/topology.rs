@@ -251,7 +251,7 @@ impl Topology {
         let mut cfg = format!(
             "[agent]\ninterfaces = [{}]\nxdp_mode = \"native\"\nadmin_addr = \"{ADMIN_ADDR}\"\n\
              snat_ports = \"{}-{}\"\n\n[[service]]\nname = \"web\"\naddress = \"{VIP}\"\n\
-             policy = \"{}\"\n",
+             policy = \"{}\"\n\n[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             interfaces.join(", "),
             SNAT_PORTS.start(),
             SNAT_PORTS.end(),

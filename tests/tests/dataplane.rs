@@ -234,6 +234,71 @@ fn local_backend_on_the_lb_host_mixes_with_a_remote_one() {
     assert_eq!(view["new_flows"].as_u64(), Some(5), "{view}");
 }
 
+/// A backend failing its health checks (503, as llama.cpp while loading) gets no new connection
+/// while an open one to it completes; it rejoins once it passes again.
+#[test]
+fn unhealthy_backend_gets_no_new_connections_and_rejoins_when_healthy() {
+    let mut topo = topology("health", "round_robin", 2);
+    topo.start_agent();
+    let b2 = topo.backend("b2").addr;
+    let set_health = |verdict: &'static str| {
+        topo.lb.block_on(|| async move {
+            let mut conn = HttpConn::connect(SocketAddr::V4(b2))
+                .await
+                .expect("connect b2");
+            conn.request_ok("PUT", "/health", Some(verdict.as_bytes()))
+                .await;
+        });
+    };
+    let wait_healthy = |want: bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let view = topo.backend_view(b2).expect("b2 listed");
+            if view["healthy"].as_bool() == Some(want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "b2 not healthy={want}: {view}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    topo.client.block_on(|| async {
+        // An open connection on b2.
+        let mut held = None;
+        for _ in 0..4 {
+            let (conn, answer) = whoami_new(VIP).await;
+            if topo.check_whoami(&answer).0 == "b2" {
+                held = Some(conn);
+                break;
+            }
+        }
+        let mut held = held.expect("a connection on b2 within 4");
+
+        set_health("fail");
+        wait_healthy(false);
+        for i in 0..10 {
+            let (_, answer) = whoami_new(VIP).await;
+            assert_eq!(topo.check_whoami(&answer).0, "b1", "new connection {i}");
+        }
+        let answer = held.get("/whoami").await.text();
+        assert_eq!(
+            topo.check_whoami(&answer).0,
+            "b2",
+            "the open connection completes"
+        );
+
+        set_health("ok");
+        wait_healthy(true);
+        let mut names = HashSet::new();
+        for _ in 0..4 {
+            names.insert(topo.check_whoami(&whoami_new(VIP).await.1).0);
+        }
+        assert_eq!(names.len(), 2, "b2 takes new connections again: {names:?}");
+    });
+}
+
 #[test]
 fn least_connections_follows_held_open_connections() {
     const HELD: usize = 8;

@@ -5,8 +5,15 @@
 //!   tell which backend answered and which source address the load balancer used)
 //! - `GET /bytes/{n}` -> `n` deterministic bytes ([`tests::topology::pattern`])
 //! - `POST /echo` -> the request body back (up to 64 MiB)
+//! - `GET /health` -> 200, or 503 (as llama.cpp while loading) after `PUT /health` with body
+//!   `fail`; `PUT /health` with `ok` heals it. A test can make a backend fail its health checks
+//!   on demand, which a real llama-server cannot do.
 
 use std::net::SocketAddr;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context;
 use axum::{
@@ -17,6 +24,12 @@ use axum::{
     response::IntoResponse,
     routing::{get, post},
 };
+
+#[derive(Clone)]
+struct Backend {
+    name: String,
+    failing: Arc<AtomicBool>,
+}
 use clap::Parser;
 
 /// Largest body `/echo` accepts and `/bytes` produces.
@@ -33,8 +46,28 @@ struct Args {
     listen: SocketAddr,
 }
 
-async fn whoami(State(name): State<String>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
-    format!("{name} {peer}")
+async fn whoami(
+    State(backend): State<Backend>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> String {
+    format!("{} {peer}", backend.name)
+}
+
+async fn health(State(backend): State<Backend>) -> StatusCode {
+    if backend.failing.load(Ordering::Relaxed) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn set_health(State(backend): State<Backend>, body: Bytes) -> StatusCode {
+    match &body[..] {
+        b"fail" => backend.failing.store(true, Ordering::Relaxed),
+        b"ok" => backend.failing.store(false, Ordering::Relaxed),
+        _ => return StatusCode::BAD_REQUEST,
+    }
+    StatusCode::OK
 }
 
 async fn bytes(Path(n): Path<usize>) -> impl IntoResponse {
@@ -69,8 +102,12 @@ fn main() -> anyhow::Result<()> {
             .route("/whoami", get(whoami))
             .route("/bytes/{n}", get(bytes))
             .route("/echo", post(echo))
+            .route("/health", get(health).put(set_health))
             .layer(DefaultBodyLimit::max(MAX_BODY))
-            .with_state(args.name.clone());
+            .with_state(Backend {
+                name: args.name.clone(),
+                failing: Arc::new(AtomicBool::new(false)),
+            });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("bind {}", args.listen))?;
