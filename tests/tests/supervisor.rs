@@ -756,9 +756,7 @@ fn five_hundred_changes_end_in_the_merged_args() {
 }
 
 /// A supervisor killed with SIGKILL and started again, with other command-line args, comes back
-/// with the last persisted arguments. One test per driver calls this, e.g. for etcd:
-/// `persisted_args_survive_a_sigkill(Setup::with_driver("persist-etcd", |_| DriverConfig::Etcd
-/// { addr: etcd.endpoint(), name: "gpt".into() }))` with `etcd` a running `tests::etcd::Etcd`.
+/// with the last persisted arguments. One test per driver calls this.
 fn persisted_args_survive_a_sigkill(setup: Setup) {
     let mut supervisor = setup.start();
     let (status, body) = supervisor.post(json!({"-c": 1024, "--temp": 0.25}));
@@ -795,6 +793,15 @@ fn persisted_args_survive_a_sigkill(setup: Setup) {
 #[test]
 fn persisted_args_survive_a_sigkill_file_driver() {
     persisted_args_survive_a_sigkill(Setup::new("persist-file"));
+}
+
+#[test]
+fn persisted_args_survive_a_sigkill_etcd_driver() {
+    let etcd = tests::etcd::Etcd::start();
+    persisted_args_survive_a_sigkill(Setup::with_driver("persist-etcd", |_| DriverConfig::Etcd {
+        addr: etcd.endpoint(),
+        name: "gpt".into(),
+    }));
 }
 
 /// Two instances keep their configs in one file under two names; each change touches only its
