@@ -223,6 +223,7 @@ async fn add_backend(
         address: request.address,
         weight: request.weight,
         max_connections: request.max_connections,
+        healthy: true,
     };
     let info = state.table.add_backend(backend).await?;
     Ok((StatusCode::CREATED, Json(info)))

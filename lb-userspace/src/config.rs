@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::dataplane::xdp::{XdpMode, XdpOptions};
 use crate::policy::Policy;
 use crate::store::DriverConfig;
-use crate::supervisor::{self, InstanceSpec, Settings};
+use crate::supervisor::{self, InstanceBackend, InstanceSpec, Settings};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -207,6 +207,8 @@ struct RawConfig {
 /// `[[instance]]`: a llama-server the agent supervises. Its arguments are persisted through
 /// `config_driver` (default: the file driver at /var/lib/steer/config.toml, under the
 /// instance's name), which wins over `model`, `port` and `args` once it holds a config.
+/// With `service`, it is a backend of that service at `address`; llama-server then gets
+/// `--host 0.0.0.0` unless `args` set `--host`, so that traffic NATed to that address reaches it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInstance {
@@ -224,6 +226,9 @@ struct RawInstance {
     #[serde(default)]
     allowed_binaries: Vec<String>,
     config_driver: Option<DriverConfig>,
+    service: Option<Spanned<String>>,
+    address: Option<Spanned<SocketAddrV4>>,
+    drain_timeout: Option<Spanned<Timeout>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -464,7 +469,7 @@ impl Doc<'_> {
             }
             services.push(service);
         }
-        let instances = self.instances(raw.instance)?;
+        let instances = self.instances(raw.instance, &services)?;
         Ok(Config {
             path: self.path.to_owned(),
             xdp: XdpOptions {
@@ -489,7 +494,11 @@ impl Doc<'_> {
         })
     }
 
-    fn instances(&self, raw: Vec<RawInstance>) -> Result<Vec<InstanceSpec>, ConfigError> {
+    fn instances(
+        &self,
+        raw: Vec<RawInstance>,
+        services: &[ServiceConfig],
+    ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
         for (i, instance) in raw.into_iter().enumerate() {
             let name = instance.name.get_ref().trim();
@@ -510,6 +519,15 @@ impl Doc<'_> {
                 return Err(self.invalid(span, field("port"), message));
             }
             let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
+            let backend = self.instance_backend(i, &instance, services)?;
+            let mut extra_args = instance.args;
+            let sets_host = extra_args
+                .iter()
+                .any(|a| a == "--host" || a.starts_with("--host="));
+            if backend.is_some() && !sets_host {
+                // llama-server listens on 127.0.0.1 by default: NATed traffic would not reach it.
+                extra_args.extend(["--host".to_owned(), "0.0.0.0".to_owned()]);
+            }
             instances.push(InstanceSpec {
                 driver: instance
                     .config_driver
@@ -518,7 +536,8 @@ impl Doc<'_> {
                 binary: instance.binary,
                 model: instance.model,
                 port,
-                extra_args: instance.args,
+                extra_args,
+                backend,
                 settings: Settings {
                     startup_timeout: timeout(
                         instance.startup_timeout,
@@ -531,6 +550,47 @@ impl Doc<'_> {
             });
         }
         Ok(instances)
+    }
+
+    /// The backend an instance with `service` is; `address` and `drain_timeout` need `service`.
+    fn instance_backend(
+        &self,
+        i: usize,
+        instance: &RawInstance,
+        services: &[ServiceConfig],
+    ) -> Result<Option<InstanceBackend>, ConfigError> {
+        let field = |what: &str| format!("instance[{i}].{what}");
+        let Some(service) = &instance.service else {
+            let stray = [
+                ("address", instance.address.as_ref().map(Spanned::span)),
+                (
+                    "drain_timeout",
+                    instance.drain_timeout.as_ref().map(Spanned::span),
+                ),
+            ];
+            if let Some((what, span)) = stray.into_iter().find(|(_, span)| span.is_some()) {
+                let message = "only an instance with `service` is a backend";
+                return Err(self.invalid(span, field(what), message));
+            }
+            return Ok(None);
+        };
+        let name = service.get_ref().trim();
+        if !services.iter().any(|s| s.name == name) {
+            let message = format!("no service named `{name}`");
+            return Err(self.invalid(Some(service.span()), field("service"), message));
+        }
+        let address = match &instance.address {
+            Some(address) => Some(self.endpoint(address, || field("address"))?),
+            None => None,
+        };
+        Ok(Some(InstanceBackend {
+            service: name.to_owned(),
+            address,
+            drain_timeout: instance
+                .drain_timeout
+                .as_ref()
+                .map_or(supervisor::DEFAULT_DRAIN_TIMEOUT, |t| t.get_ref().0),
+        }))
     }
 
     fn interfaces(
@@ -1098,6 +1158,52 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (12, "instance[1].port"));
         let (line, field, _) = invalid(&format!("{base}{}", gpt.replace("8081", "0")));
         assert_eq!((line, field.as_str()), (7, "instance[0].port"));
+        Ok(())
+    }
+
+    #[test]
+    fn instances_as_backends() -> Result<(), ConfigError> {
+        let base = "[agent]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"chat\"\n\
+                    address = \"10.0.0.100:80\"\n\n";
+        let gpt = "[[instance]]\nname = \"gpt\"\nbinary = \"llama-server\"\nmodel = \"m.gguf\"\n\
+                   port = 8081\nargs = [\"-np\", \"2\"]\n";
+        let config = parse(&format!("{base}{gpt}service = \"chat\"\n"))?;
+        let gpt_spec = &config.instances[0];
+        let backend = gpt_spec.backend.as_ref().expect("a backend");
+        assert_eq!(backend.service, "chat");
+        assert_eq!(backend.address, None, "the first interface's address");
+        assert_eq!(backend.drain_timeout, supervisor::DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(gpt_spec.extra_args, ["-np", "2", "--host", "0.0.0.0"]);
+
+        let text = format!(
+            "{base}{}service = \"chat\"\naddress = \"10.0.1.5:9000\"\ndrain_timeout = \"2s\"\n",
+            gpt.replace("\"2\"]", "\"2\", \"--host\", \"10.0.1.5\"]")
+        );
+        let config = parse(&text)?;
+        let backend = config.instances[0].backend.as_ref().expect("a backend");
+        assert_eq!(
+            backend.address,
+            Some("10.0.1.5:9000".parse().expect("addr"))
+        );
+        assert_eq!(backend.drain_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.instances[0].extra_args,
+            ["-np", "2", "--host", "10.0.1.5"],
+            "its own --host is kept"
+        );
+        assert!(
+            parse(&format!("{base}{gpt}"))?.instances[0]
+                .backend
+                .is_none()
+        );
+
+        let (line, field, message) = invalid(&format!("{base}{gpt}service = \"nope\"\n"));
+        assert_eq!((line, field.as_str()), (14, "instance[0].service"));
+        assert!(message.contains("`nope`"), "{message}");
+        let (line, field, _) = invalid(&format!("{base}{gpt}address = \"10.0.1.5:9000\"\n"));
+        assert_eq!((line, field.as_str()), (14, "instance[0].address"));
+        let (_, field, _) = invalid(&format!("{base}{gpt}drain_timeout = \"1s\"\n"));
+        assert_eq!(field, "instance[0].drain_timeout");
         Ok(())
     }
 

@@ -98,7 +98,11 @@ async fn serve<D: Dataplane>(
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());
     for spec in &config.instances {
-        let (handle, task) = supervisor::start(spec.clone()).await?;
+        let link = match &spec.backend {
+            Some(backend) => Some(instance_backend(&table, config, spec, backend).await?),
+            None => None,
+        };
+        let (handle, task) = supervisor::start(spec.clone(), link).await?;
         instances.push(handle);
         instance_tasks.push(task);
     }
@@ -123,6 +127,40 @@ async fn serve<D: Dataplane>(
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     served.map_err(|source| AgentError::Serve { addr, source })?;
     Ok(dataplane)
+}
+
+/// Adds a served instance to its service, taking no connections until its process is healthy.
+async fn instance_backend(
+    table: &table::TableHandle,
+    config: &Config,
+    spec: &supervisor::InstanceSpec,
+    backend: &supervisor::InstanceBackend,
+) -> Result<supervisor::BackendLink, AgentError> {
+    let address = match backend.address {
+        Some(address) => address,
+        None => {
+            // Config validation guarantees at least one interface.
+            let interface = config.xdp.interfaces.first().map_or("", String::as_str);
+            let ip = dataplane::xdp::interface_ipv4(interface)?;
+            std::net::SocketAddrV4::new(ip, spec.port)
+        }
+    };
+    let info = table
+        .add_backend(table::NewBackend {
+            service: backend.service.clone(),
+            address,
+            weight: config::Weight::ONE,
+            max_connections: 0,
+            healthy: false,
+        })
+        .await?;
+    info!(instance = %spec.name, id = info.id, %address, kind = ?info.kind, "instance is a backend");
+    Ok(supervisor::BackendLink::new(
+        table.clone(),
+        info.id,
+        address,
+        backend.drain_timeout,
+    ))
 }
 
 /// Serves `app` until `shutdown` completes, then lets requests in flight finish.

@@ -178,6 +178,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             allowed_binaries: args.allowed_binaries,
         },
         driver,
+        backend: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {

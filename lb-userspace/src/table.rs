@@ -56,6 +56,9 @@ pub struct NewBackend {
     pub address: SocketAddrV4,
     pub weight: Weight,
     pub max_connections: u32,
+    /// `false` for a backend that must not take connections before it is reported healthy
+    /// (a supervised instance that is still starting).
+    pub healthy: bool,
 }
 
 /// What a listed backend may be; a removed one is no longer listed.
@@ -376,7 +379,7 @@ impl<D: Dataplane> Table<D> {
             max_connections: new.max_connections,
             state: BackendState::Active,
             local: self.dataplane.is_local(*new.address.ip()),
-            healthy: true,
+            healthy: new.healthy,
             stats_base,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
@@ -641,6 +644,7 @@ mod tests {
             address: addr(address),
             weight: Weight::ONE,
             max_connections: 0,
+            healthy: true,
         }
     }
 

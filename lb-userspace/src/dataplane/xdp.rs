@@ -214,24 +214,41 @@ impl Drop for Xdp {
     }
 }
 
-/// Each interface's index and first IPv4 address, or the error naming the first that lacks one.
-fn resolve_interfaces(names: &[String]) -> Result<Vec<Interface>, DataplaneError> {
-    let addrs: Vec<_> = nix::ifaddrs::getifaddrs()
+/// The first IPv4 address of interface `name` (where a supervised instance is reached by
+/// default).
+pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr, DataplaneError> {
+    first_ipv4(&interface_addresses()?, name)
+}
+
+fn interface_addresses() -> Result<Vec<nix::ifaddrs::InterfaceAddress>, DataplaneError> {
+    Ok(nix::ifaddrs::getifaddrs()
         .map_err(|errno| DataplaneError::Io {
             what: "listing interface addresses".into(),
             source: errno.into(),
         })?
-        .collect();
+        .collect())
+}
+
+fn first_ipv4(
+    addrs: &[nix::ifaddrs::InterfaceAddress],
+    name: &str,
+) -> Result<Ipv4Addr, DataplaneError> {
+    addrs
+        .iter()
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address.as_ref()?.as_sockaddr_in().map(|sin| sin.ip()))
+        .ok_or_else(|| DataplaneError::NoIpv4Address(name.to_owned()))
+}
+
+/// Each interface's index and first IPv4 address, or the error naming the first that lacks one.
+fn resolve_interfaces(names: &[String]) -> Result<Vec<Interface>, DataplaneError> {
+    let addrs = interface_addresses()?;
     names
         .iter()
         .map(|name| {
             let ifindex = nix::net::if_::if_nametoindex(name.as_str())
                 .map_err(|_| DataplaneError::NoSuchInterface(name.clone()))?;
-            let snat_addr = addrs
-                .iter()
-                .filter(|a| a.interface_name == *name)
-                .find_map(|a| a.address.as_ref()?.as_sockaddr_in().map(|sin| sin.ip()))
-                .ok_or_else(|| DataplaneError::NoIpv4Address(name.clone()))?;
+            let snat_addr = first_ipv4(&addrs, name)?;
             Ok(Interface {
                 name: name.clone(),
                 ifindex,

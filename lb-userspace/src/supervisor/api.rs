@@ -258,7 +258,7 @@ mod tests {
             stop_grace: Duration::from_secs(1),
             allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
         };
-        instance::spawn(name, args, Aliases::default(), settings, store).0
+        instance::spawn(name, args, Aliases::default(), settings, store, None).0
     }
 
     fn temp_dir(tag: &str) -> std::path::PathBuf {

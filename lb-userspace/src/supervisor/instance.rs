@@ -28,6 +28,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::args::{Aliases, ArgsError, Change, InputArgs};
+use super::backend::BackendLink;
 use super::process::{Failed, Launcher, Process, Spawner, StartError};
 use crate::store::{ArgValue, SavedArgs, Store};
 
@@ -180,16 +181,18 @@ impl InstanceHandle {
     }
 }
 
-/// Starts the actor for `args` (already canonical under `aliases`). The task ends, after
-/// stopping the process, when every handle is gone.
+/// Starts the actor for `args` (already canonical under `aliases`), reporting to `link` when
+/// the instance is a backend. The task ends, after stopping the process, when every handle is
+/// gone.
 pub fn spawn(
     name: &str,
     args: SavedArgs,
     aliases: Aliases,
     settings: Settings,
     store: Store,
+    link: Option<BackendLink>,
 ) -> (InstanceHandle, JoinHandle<()>) {
-    spawn_with(Spawner, name, args, aliases, settings, store)
+    spawn_with(Spawner, name, args, aliases, settings, store, link)
 }
 
 /// [`spawn`] with processes from `launcher`.
@@ -200,6 +203,7 @@ pub(crate) fn spawn_with<L: Launcher>(
     aliases: Aliases,
     settings: Settings,
     store: Store,
+    link: Option<BackendLink>,
 ) -> (InstanceHandle, JoinHandle<()>) {
     let name: Arc<str> = Arc::from(name);
     let (requests, inbox) = mpsc::channel(CHANNEL);
@@ -210,6 +214,7 @@ pub(crate) fn spawn_with<L: Launcher>(
         settings,
         store: Arc::new(store),
         launcher: Arc::new(launcher),
+        link: link.map(Arc::new),
         running: None,
         op: None,
         batch: None,
@@ -270,6 +275,8 @@ struct Actor<L: Launcher> {
     settings: Settings,
     store: Arc<Store>,
     launcher: Arc<L>,
+    /// The instance's backend, when it serves a service.
+    link: Option<Arc<BackendLink>>,
     /// The healthy process while no operation holds it.
     running: Option<L::Process>,
     op: Option<Op<L::Process>>,
@@ -297,7 +304,13 @@ impl<L: Launcher> Actor<L> {
                     None => break,
                 },
                 done = op_done(&mut self.op) => self.finish(done),
-                status = exited(&mut self.running), if self.op.is_none() => self.crashed(status),
+                status = exited(&mut self.running), if self.op.is_none() => {
+                    let seen = Instant::now();
+                    self.crashed(status);
+                    if let Some(link) = &self.link {
+                        link.down(seen).await;
+                    }
+                }
                 () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }
         }
@@ -315,9 +328,15 @@ impl<L: Launcher> Actor<L> {
         }
         self.op = None;
         if let Some(running) = self.running.take() {
+            if let Some(link) = &self.link {
+                link.drain().await;
+            }
             let pid = running.pid();
             let status = running.stop(self.settings.stop_grace).await;
             info!(pid, ?status, "llama-server stopped");
+            if let Some(link) = &self.link {
+                link.down(Instant::now()).await;
+            }
         }
     }
 
@@ -366,11 +385,15 @@ impl<L: Launcher> Actor<L> {
     fn begin(&mut self, kind: OpKind, running: Option<L::Process>) {
         let startup = self.settings.startup_timeout;
         let launcher = self.launcher.clone();
+        let link = self.link.clone();
         let future: OpFuture<L::Process> = match &kind {
             OpKind::Start | OpKind::Revive => {
                 let args = self.applied.clone();
                 Box::pin(async move {
                     let result = launcher.start(&args, startup).await;
+                    if let (Ok(_), Some(link)) = (&result, &link) {
+                        link.up().await;
+                    }
                     let spawns = spawned(&result);
                     let (running, result) = split(result);
                     OpDone {
@@ -389,6 +412,7 @@ impl<L: Launcher> Actor<L> {
                 target.clone(),
                 self.settings.clone(),
                 self.store.clone(),
+                link,
             )),
         };
         self.op = Some(Op { kind, future });
@@ -608,8 +632,8 @@ impl<L: Launcher> Actor<L> {
     }
 }
 
-/// The transaction: stop `running`, start `target`, wait for health, persist; on failure start
-/// `previous` again.
+/// The transaction: drain the backend, stop `running`, start `target`, wait for health,
+/// persist; on failure start `previous` again. The backend rejoins once a start is healthy.
 async fn apply<L: Launcher>(
     launcher: Arc<L>,
     running: Option<L::Process>,
@@ -617,7 +641,11 @@ async fn apply<L: Launcher>(
     target: SavedArgs,
     settings: Settings,
     store: Arc<Store>,
+    link: Option<Arc<BackendLink>>,
 ) -> OpDone<L::Process> {
+    if let Some(link) = &link {
+        link.drain().await;
+    }
     if let Some(running) = running {
         let pid = running.pid();
         let status = running.stop(settings.stop_grace).await;
@@ -627,6 +655,9 @@ async fn apply<L: Launcher>(
     let mut spawns = spawned(&started);
     match started {
         Ok(running) => {
+            if let Some(link) = &link {
+                link.up().await;
+            }
             let persist_error = store.save(&target).await.err().map(|err| {
                 warn!(%err, "applied arguments not persisted");
                 err.to_string()
@@ -642,6 +673,13 @@ async fn apply<L: Launcher>(
         Err(failed) => {
             let restarted = launcher.start(&previous, settings.startup_timeout).await;
             spawns += spawned(&restarted);
+            if let Some(link) = &link {
+                match &restarted {
+                    Ok(_) => link.up().await,
+                    // Down until a revival is healthy.
+                    Err(_) => link.down(Instant::now()).await,
+                }
+            }
             let (running, restore) = split(restarted);
             OpDone {
                 running,
@@ -829,6 +867,11 @@ mod tests {
 
     /// An instance on fake processes with a 200 ms window, its first start done.
     async fn setup(tag: &str, restart: Duration) -> Setup {
+        setup_with(tag, restart, None).await
+    }
+
+    /// [`setup`], the instance reporting to `link`.
+    async fn setup_with(tag: &str, restart: Duration, link: Option<BackendLink>) -> Setup {
         let dir = std::env::temp_dir().join(format!("steer-actor-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         let driver = DriverConfig::File {
@@ -855,7 +898,7 @@ mod tests {
         };
         let fake = Fake::new(restart);
         let aliases = Aliases::parse_help(HELP);
-        let (handle, _task) = spawn_with(fake.clone(), "gpt", args, aliases, settings, store);
+        let (handle, _task) = spawn_with(fake.clone(), "gpt", args, aliases, settings, store, link);
         sleep(restart + Duration::from_millis(1)).await;
         let status = handle.status().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(status.state, State::Running);
@@ -1016,5 +1059,94 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((status.revivals, status.starts), (4, 5));
+    }
+
+    /// A served instance's backend: DOWN until the first start is healthy, DOWN at once when
+    /// the process exits and up again once revived; an apply drains it first, waits for its
+    /// connections (or the drain timeout) before stopping the process, and activates it after.
+    #[tokio::test(start_paused = true)]
+    async fn backend_follows_the_process() {
+        use crate::config::{ServiceConfig, Weight};
+        use crate::fake::FakeDataplane;
+        use crate::table::NewBackend;
+        use lb_common::backend_state::{ACTIVE, DOWN, DRAINING};
+
+        let dataplane = FakeDataplane::default();
+        let service = ServiceConfig {
+            name: "chat".to_owned(),
+            address: "10.0.0.100:80".parse().expect("vip"),
+            policy: crate::policy::Policy::RoundRobin,
+            backends: Vec::new(),
+            health: None,
+        };
+        let (table, _table_task) =
+            crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
+        let address = "10.0.0.1:8080".parse().expect("address");
+        let added = table
+            .add_backend(NewBackend {
+                service: "chat".to_owned(),
+                address,
+                weight: Weight::ONE,
+                max_connections: 0,
+                healthy: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let id = added.id;
+        let state = || dataplane.maps().backends[&id].state;
+        assert_eq!(state(), DOWN, "not before the first healthy start");
+        let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(5));
+        let restart = Duration::from_millis(300);
+        let setup = setup_with("backend", restart, Some(link)).await;
+        assert_eq!(state(), ACTIVE);
+
+        setup.fake.crash();
+        sleep(Duration::from_millis(1)).await;
+        assert_eq!(state(), DOWN, "down as soon as the exit is seen");
+        sleep(restart).await;
+        assert_eq!(state(), ACTIVE, "revived and healthy");
+
+        // An apply with one open connection: drained, the process kept until it is gone.
+        dataplane.maps().conns.insert(id, 1);
+        let t0 = Instant::now();
+        let before = setup.fake.restarts(t0).len();
+        let outcome = setup
+            .handle
+            .submit(input(json!({"-c": 64})))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(state(), DRAINING);
+        assert_eq!(
+            setup.fake.restarts(t0).len(),
+            before,
+            "waits for the connection"
+        );
+        dataplane.maps().conns.insert(id, 0);
+        sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            setup.fake.restarts(t0).len(),
+            before + 1,
+            "restarted once drained"
+        );
+        assert_eq!(state(), DRAINING, "not back before healthy");
+        assert!(matches!(outcome.await, Ok(Outcome::Applied { .. })));
+        assert_eq!(state(), ACTIVE);
+
+        // A connection that never ends holds the restart up for the drain timeout only.
+        dataplane.maps().conns.insert(id, 1);
+        let t1 = Instant::now();
+        let outcome = setup
+            .handle
+            .submit(input(json!({"-c": 128})))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(outcome.await, Ok(Outcome::Applied { .. })));
+        let restarted = setup.fake.restarts(t1)[before + 1].0;
+        assert!(
+            restarted >= Duration::from_millis(5200) && restarted < Duration::from_millis(5400),
+            "debounce + drain timeout, then the restart: {restarted:?}"
+        );
+        assert_eq!(state(), ACTIVE);
     }
 }

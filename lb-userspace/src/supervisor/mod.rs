@@ -8,12 +8,13 @@
 
 pub mod api;
 mod args;
+mod backend;
 mod instance;
 mod process;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 pub use args::{ArgsError, HelpError};
+pub use backend::BackendLink;
 pub use instance::{InstanceError, InstanceHandle, Outcome, Settings, State, Status};
 
 use crate::config::AdminToken;
@@ -35,6 +37,7 @@ pub const DEFAULT_CONFIG_NAME: &str = "default";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The file driver at [`DEFAULT_CONFIG_PATH`] under `name`.
 pub fn default_driver(name: &str) -> DriverConfig {
@@ -55,6 +58,19 @@ pub struct InstanceSpec {
     pub extra_args: Vec<String>,
     pub settings: Settings,
     pub driver: DriverConfig,
+    /// The service it is a backend of, if any.
+    pub backend: Option<InstanceBackend>,
+}
+
+/// `[[instance]] service = ...`: the instance is a backend of that service.
+#[derive(Clone, Debug)]
+pub struct InstanceBackend {
+    pub service: String,
+    /// Where clients' traffic reaches it; `None`: the first IPv4 address of the agent's first
+    /// interface, at the instance's port.
+    pub address: Option<SocketAddrV4>,
+    /// How long a restart or shutdown waits for its connections to finish.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,10 +111,12 @@ pub enum SupervisorError {
     },
 }
 
-/// Loads (or persists) the instance's arguments and starts its actor, which starts the process.
-/// The task ends, with the process stopped, once every handle is dropped.
+/// Loads (or persists) the instance's arguments and starts its actor, which starts the process
+/// and reports to `link` when the instance is a backend. The task ends, with the process
+/// stopped, once every handle is dropped.
 pub async fn start(
     spec: InstanceSpec,
+    link: Option<BackendLink>,
 ) -> Result<(InstanceHandle, JoinHandle<()>), SupervisorError> {
     let name = spec.name.clone();
     let store_error = |source| SupervisorError::Store {
@@ -162,6 +180,7 @@ pub async fn start(
         aliases,
         spec.settings,
         store,
+        link,
     ))
 }
 
@@ -183,7 +202,7 @@ pub async fn supervise(
     let addr = listener
         .local_addr()
         .map_err(|source| SupervisorError::Bind { addr, source })?;
-    let (handle, task) = start(spec).await?;
+    let (handle, task) = start(spec, None).await?;
     let app = crate::api::with_fallbacks(api::router(vec![handle], token));
     info!(api = %addr, "supervisor ready");
     let served = crate::serve_http(listener, app, shutdown).await;
