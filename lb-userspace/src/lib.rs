@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 pub mod supervisor;
@@ -106,9 +107,14 @@ async fn serve<D: Dataplane>(
         instances.push(handle);
         instance_tasks.push(task);
     }
-    let app = api::with_fallbacks(api::router(table, config.admin_token.clone()).merge(
-        supervisor::api::router(instances, config.admin_token.clone()),
-    ));
+    let app = api::with_fallbacks(
+        api::router(table.clone(), config.admin_token.clone())
+            .merge(supervisor::api::router(
+                instances.clone(),
+                config.admin_token.clone(),
+            ))
+            .merge(metrics::router(Some(table), instances)),
+    );
     info!(
         admin = %addr,
         interfaces = ?config.xdp.interfaces,
@@ -276,6 +282,12 @@ address = "10.0.1.2:8080"
         let response = get(addr, "/v1/params").await?;
         assert!(response.contains(r#""--model":"m.gguf""#), "{response}");
         assert!(get(addr, "/v1/backends").await?.starts_with("HTTP/1.1 200"));
+        let metrics = get(addr, "/metrics").await?;
+        assert!(
+            metrics.contains(r#"steer_instance_starts_total{name="gpt"}"#)
+                && metrics.contains(r#"steer_backend_up{service="chat""#),
+            "{metrics}"
+        );
         assert!(get(addr, "/v2/nothing").await?.starts_with("HTTP/1.1 404"));
         assert!(
             std::fs::read_to_string(&store)?.contains("[gpt]"),

@@ -24,7 +24,7 @@ use tracing::info;
 
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
-pub use instance::{InstanceError, InstanceHandle, Outcome, Settings, State, Status};
+pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
 
 use crate::config::AdminToken;
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError};
@@ -203,7 +203,9 @@ pub async fn supervise(
         .local_addr()
         .map_err(|source| SupervisorError::Bind { addr, source })?;
     let (handle, task) = start(spec, None).await?;
-    let app = crate::api::with_fallbacks(api::router(vec![handle], token));
+    let app = crate::api::with_fallbacks(
+        api::router(vec![handle.clone()], token).merge(crate::metrics::router(None, vec![handle])),
+    );
     info!(api = %addr, "supervisor ready");
     let served = crate::serve_http(listener, app, shutdown).await;
     // The router held the last handle: the actor stops llama-server and ends.

@@ -1,0 +1,643 @@
+//! `GET /metrics`: backends, services and supervised instances in the Prometheus text format
+//! (0.0.4), encoded by `prometheus-client`.
+//!
+//! Nothing is kept between scrapes: each one takes a table snapshot and every instance's status
+//! and encodes them as const metrics, so values are as fresh as the kernel's counters. Backend
+//! counters count from the moment the backend got its id (the table rebases them), so a backend
+//! removed and added again starts its series over from zero, which Prometheus reads as a counter
+//! reset; service counters run for as long as the agent's maps live.
+//!
+//! Per-backend series come from [`BackendInfo`]: a new per-backend value (idle and busy slots,
+//! say) is a field there and one more [`family`] call in [`backends`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder, prometheus_text,
+};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::api::ApiError;
+use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
+use crate::table::{
+    BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
+};
+
+/// What `/metrics` reads from: the agent's table (none under `steer supervise`) and instances.
+#[derive(Clone)]
+struct Sources {
+    table: Option<TableHandle>,
+    instances: Arc<[InstanceHandle]>,
+}
+
+/// `GET /metrics`, without fallbacks (see [`crate::api::with_fallbacks`]). Reads need no token.
+pub fn router(table: Option<TableHandle>, instances: Vec<InstanceHandle>) -> Router {
+    let sources = Sources {
+        table,
+        instances: instances.into(),
+    };
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(sources)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("encoding the metrics: {0}")]
+struct EncodeError(#[from] fmt::Error);
+
+impl From<EncodeError> for ApiError {
+    fn from(err: EncodeError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+    }
+}
+
+async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, ApiError> {
+    let snapshot = match &sources.table {
+        Some(table) => Some(table.list().await?),
+        None => None,
+    };
+    let mut instances = Vec::with_capacity(sources.instances.len());
+    for instance in sources.instances.iter() {
+        instances.push(instance.status().await?);
+    }
+    let text = Scrape {
+        snapshot,
+        instances,
+    }
+    .render()?;
+    Ok((
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        text,
+    ))
+}
+
+/// One scrape's values.
+#[derive(Debug)]
+struct Scrape {
+    snapshot: Option<Snapshot>,
+    instances: Vec<Status>,
+}
+
+impl Scrape {
+    fn render(self) -> Result<String, EncodeError> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        if let Some(snapshot) = &self.snapshot {
+            backends(&mut encoder, &snapshot.backends)?;
+            services(&mut encoder, &snapshot.services)?;
+        }
+        if self.instances.is_empty() {
+            return Ok(());
+        }
+        instances(&mut encoder, &self.instances)
+    }
+}
+
+/// One metric family: `name` (the encoder appends `_total` to counters) and its series.
+fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, value) in series {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(value: u64) -> ConstCounter<u64> {
+    ConstCounter::new(value)
+}
+
+fn gauge(value: u64) -> ConstGauge<u64> {
+    ConstGauge::new(value)
+}
+
+/// `service`, `backend` (its address) and `id`.
+struct BackendLabels<'a>(&'a BackendInfo);
+
+impl EncodeLabelSet for BackendLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        ("service", self.0.service.as_str()).encode(encoder.encode_label())?;
+        ("backend", self.0.address.to_string()).encode(encoder.encode_label())?;
+        ("id", self.0.id).encode(encoder.encode_label())
+    }
+}
+
+/// Every state a listed backend can be in.
+const STATES: [BackendState; 2] = [BackendState::Active, BackendState::Draining];
+
+/// As the API spells it. A new state fails to compile here: add it to [`STATES`] as well.
+fn state_label(state: BackendState) -> &'static str {
+    match state {
+        BackendState::Active => "active",
+        BackendState::Draining => "draining",
+    }
+}
+
+fn per_backend<M>(
+    backends: &[BackendInfo],
+    value: impl Fn(&BackendInfo) -> M,
+) -> impl Iterator<Item = (BackendLabels<'_>, M)> {
+    backends.iter().map(move |b| (BackendLabels(b), value(b)))
+}
+
+fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::Result {
+    family(
+        encoder,
+        "steer_backend_up",
+        "1 when the backend takes new connections: active and healthy.",
+        per_backend(backends, |b| {
+            gauge(u64::from(b.state == BackendState::Active && b.healthy))
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_backend_state",
+        "1 for the backend's current state (active: takes new flows; draining: keeps its flows, \
+         takes no new ones).",
+        backends.iter().flat_map(|b| {
+            STATES.map(|state| {
+                let labels = (BackendLabels(b), [("state", state_label(state))]);
+                (labels, gauge(u64::from(b.state == state)))
+            })
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_backend_healthy",
+        "1 while the backend passes its health checks (or is not checked).",
+        per_backend(backends, |b| gauge(u64::from(b.healthy))),
+    )?;
+    family(
+        encoder,
+        "steer_backend_active_connections",
+        "Connections the kernel counts as open to the backend.",
+        per_backend(backends, |b| gauge(b.active_connections)),
+    )?;
+    family(
+        encoder,
+        "steer_backend_connections",
+        "New connections (flows) steered to the backend since it got its id.",
+        per_backend(backends, |b| counter(b.new_flows)),
+    )?;
+    // The kernel counts a flow's packets both ways in one per-backend counter.
+    family(
+        encoder,
+        "steer_backend_packets",
+        "Packets of the backend's flows, both directions (client to backend and replies).",
+        per_backend(backends, |b| counter(b.packets)),
+    )?;
+    family(
+        encoder,
+        "steer_backend_bytes",
+        "IP bytes (headers included) of the backend's flows, both directions.",
+        per_backend(backends, |b| counter(b.bytes)),
+    )
+}
+
+type Counted = fn(&ServiceCounters) -> u64;
+
+/// One counter per service, labelled `service`.
+fn per_service(
+    services: &[ServiceInfo],
+    value: Counted,
+) -> impl Iterator<Item = ([(&str, &str); 1], ConstCounter<u64>)> {
+    services
+        .iter()
+        .map(move |s| ([("service", s.name.as_str())], counter(value(&s.counters))))
+}
+
+/// `N` counters per service, labelled `service` and `label` (one value per counter).
+fn per_service_by<'a, const N: usize>(
+    services: &'a [ServiceInfo],
+    label: &'static str,
+    values: [(&'static str, Counted); N],
+) -> impl Iterator<Item = ([(&'static str, &'a str); 2], ConstCounter<u64>)> {
+    services.iter().flat_map(move |s| {
+        values.map(|(name, value)| {
+            let labels = [("service", s.name.as_str()), (label, name)];
+            (labels, counter(value(&s.counters)))
+        })
+    })
+}
+
+fn services(encoder: &mut DescriptorEncoder, services: &[ServiceInfo]) -> fmt::Result {
+    family(
+        encoder,
+        "steer_service_new_flows",
+        "New connections steered to a backend.",
+        per_service(services, |c| c.new_flows),
+    )?;
+    family(
+        encoder,
+        "steer_service_no_backend",
+        "New connections (SYNs) that found no active, healthy backend with room; passed to the \
+         host stack.",
+        per_service(services, |c| c.no_backend),
+    )?;
+    family(
+        encoder,
+        "steer_service_passed",
+        "Packets to the service passed to the host stack untouched: no_route (no route or \
+         neighbour for the next hop), no_snat_port (every source port towards the backend taken), \
+         no_flow (not a SYN and no tracked flow).",
+        per_service_by(
+            services,
+            "reason",
+            [
+                ("no_route", |c| c.no_route),
+                ("no_snat_port", |c| c.no_snat_port),
+                ("no_flow", |c| c.no_flow),
+            ],
+        ),
+    )?;
+    family(
+        encoder,
+        "steer_service_closed_flows",
+        "Flows that ended with FIN or RST.",
+        per_service(services, |c| c.closed_flows),
+    )?;
+    family(
+        encoder,
+        "steer_service_packets",
+        "Packets steered: forward (client to backend) and reply (backend to client).",
+        per_service_by(
+            services,
+            "direction",
+            [
+                ("forward", |c| c.fwd_packets),
+                ("reply", |c| c.reply_packets),
+            ],
+        ),
+    )?;
+    family(
+        encoder,
+        "steer_service_bytes",
+        "IP bytes (headers included) steered: forward (client to backend) and reply.",
+        per_service_by(
+            services,
+            "direction",
+            [("forward", |c| c.fwd_bytes), ("reply", |c| c.reply_bytes)],
+        ),
+    )
+}
+
+fn instances(encoder: &mut DescriptorEncoder, instances: &[Status]) -> fmt::Result {
+    // `name`, not `instance`: Prometheus sets `instance` on every scraped series itself.
+    let labels = |status: &Status| [("name", status.name.clone())];
+    family(
+        encoder,
+        "steer_instance_up",
+        "1 while the instance's llama-server runs healthy with its applied arguments.",
+        instances.iter().map(|s| {
+            (
+                labels(s),
+                gauge(u64::from(s.state == InstanceState::Running)),
+            )
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_instance_starts",
+        "llama-server processes started, revivals and rollbacks included.",
+        instances.iter().map(|s| (labels(s), counter(s.starts))),
+    )?;
+    family(
+        encoder,
+        "steer_instance_restarts",
+        "Revivals of llama-server after it exited on its own.",
+        instances.iter().map(|s| (labels(s), counter(s.revivals))),
+    )?;
+    family(
+        encoder,
+        "steer_instance_last_apply_success",
+        "1 if the last argument change was applied, 0 if it was rejected; absent before the first.",
+        instances.iter().filter_map(|s| {
+            let applied = matches!(s.last_outcome.as_ref()?, Outcome::Applied { .. });
+            Some((labels(s), gauge(u64::from(applied))))
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, ServiceConfig, Weight};
+    use crate::fake::FakeDataplane;
+    use crate::policy::Policy;
+    use crate::store::SavedArgs;
+    use crate::supervisor::Rejection;
+    use crate::table;
+    use axum::body::Body;
+    use axum::http::Request;
+    use lb_common::{BackendStats, counter as kernel};
+    use prometheus_parse::{Sample, Value};
+    use std::net::SocketAddrV4;
+    use tower::ServiceExt;
+
+    fn services() -> Vec<ServiceConfig> {
+        let backend = |address: &str| BackendConfig {
+            address: address.parse().unwrap_or_else(|e| panic!("{address}: {e}")),
+            weight: Weight::ONE,
+            max_connections: 0,
+        };
+        vec![ServiceConfig {
+            name: "chat".to_owned(),
+            address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
+            policy: Policy::RoundRobin,
+            backends: vec![backend("10.0.1.2:8080"), backend("10.0.1.3:8080")],
+            health: None,
+        }]
+    }
+
+    fn parse(text: &str) -> Vec<Sample> {
+        let lines = text.lines().map(|line| Ok(line.to_owned()));
+        prometheus_parse::Scrape::parse(lines)
+            .unwrap_or_else(|e| panic!("{e}: {text}"))
+            .samples
+    }
+
+    /// The value of the one sample of `name` whose labels include `labels`.
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .collect();
+        match found[..] {
+            [sample] => match sample.value {
+                Value::Counter(v) | Value::Gauge(v) => v,
+                ref other => panic!("{name}{labels:?}: neither counter nor gauge: {other:?}"),
+            },
+            _ => panic!("{name}{labels:?}: {} samples, want 1", found.len()),
+        }
+    }
+
+    async fn get_metrics(app: Router) -> (Option<String>, String) {
+        let request = Request::get("/metrics")
+            .body(Body::empty())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let response = app.oneshot(request).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (content_type, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn backends_and_services_from_the_table() -> Result<(), table::TableError> {
+        let fake = FakeDataplane::default();
+        let (handle, _task) = table::start(fake.clone(), &services())?;
+        {
+            let mut maps = fake.maps();
+            maps.stats.insert(
+                1,
+                BackendStats {
+                    packets: 12,
+                    bytes: 3400,
+                    new_flows: 3,
+                },
+            );
+            maps.conns.insert(1, 2);
+            let mut counters = [0; kernel::MAX as usize];
+            for (i, c) in counters.iter_mut().enumerate() {
+                *c = 100 + i as u64;
+            }
+            maps.counters.insert(0, counters);
+        }
+        handle.drain_backend(0).await?;
+        let app = router(Some(handle.clone()), Vec::new());
+
+        let (content_type, text) = get_metrics(app.clone()).await;
+        assert_eq!(content_type.as_deref(), Some(prometheus_text::CONTENT_TYPE));
+        assert!(
+            text.contains("# TYPE steer_backend_connections_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE steer_backend_up gauge\n"), "{text}");
+        let samples = parse(&text);
+        let b0 = [
+            ("service", "chat"),
+            ("backend", "10.0.1.2:8080"),
+            ("id", "0"),
+        ];
+        let b1 = [
+            ("service", "chat"),
+            ("backend", "10.0.1.3:8080"),
+            ("id", "1"),
+        ];
+        for (name, labels, want) in [
+            ("steer_backend_up", &b0, 0.0),
+            ("steer_backend_up", &b1, 1.0),
+            ("steer_backend_healthy", &b0, 1.0),
+            ("steer_backend_active_connections", &b1, 2.0),
+            ("steer_backend_connections_total", &b1, 3.0),
+            ("steer_backend_connections_total", &b0, 0.0),
+            ("steer_backend_packets_total", &b1, 12.0),
+            ("steer_backend_bytes_total", &b1, 3400.0),
+        ] {
+            assert_eq!(value(&samples, name, labels), want, "{name}{labels:?}");
+        }
+        for (labels, state, want) in [
+            (&b0, "draining", 1.0),
+            (&b0, "active", 0.0),
+            (&b1, "active", 1.0),
+            (&b1, "draining", 0.0),
+        ] {
+            let mut labels = labels.to_vec();
+            labels.push(("state", state));
+            assert_eq!(value(&samples, "steer_backend_state", &labels), want);
+        }
+
+        let chat = [("service", "chat")];
+        let at = |i: u32| 100.0 + f64::from(i);
+        for (name, labels, want) in [
+            (
+                "steer_service_new_flows_total",
+                &chat[..],
+                at(kernel::NEW_FLOWS),
+            ),
+            (
+                "steer_service_no_backend_total",
+                &chat,
+                at(kernel::NO_BACKEND),
+            ),
+            (
+                "steer_service_closed_flows_total",
+                &chat,
+                at(kernel::CLOSED_FLOWS),
+            ),
+            (
+                "steer_service_passed_total",
+                &[("service", "chat"), ("reason", "no_route")],
+                at(kernel::NO_ROUTE),
+            ),
+            (
+                "steer_service_passed_total",
+                &[("reason", "no_snat_port")],
+                at(kernel::NO_SNAT_PORT),
+            ),
+            (
+                "steer_service_passed_total",
+                &[("reason", "no_flow")],
+                at(kernel::NO_FLOW),
+            ),
+            (
+                "steer_service_packets_total",
+                &[("direction", "forward")],
+                at(kernel::FWD_PACKETS),
+            ),
+            (
+                "steer_service_packets_total",
+                &[("direction", "reply")],
+                at(kernel::REPLY_PACKETS),
+            ),
+            (
+                "steer_service_bytes_total",
+                &[("direction", "forward")],
+                at(kernel::FWD_BYTES),
+            ),
+            (
+                "steer_service_bytes_total",
+                &[("direction", "reply")],
+                at(kernel::REPLY_BYTES),
+            ),
+        ] {
+            assert_eq!(value(&samples, name, labels), want, "{name}{labels:?}");
+        }
+        assert!(
+            !text.contains("steer_instance_"),
+            "no instance families without instances"
+        );
+
+        // Removed and added again, the backend gets the same id and its counters start over.
+        handle.remove_backend(1).await?;
+        let again = Request::post("/v1/backends")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                r#"{"service":"chat","address":"10.0.1.3:8080"}"#,
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let added = crate::api::router(handle, None)
+            .oneshot(again)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(added.status(), StatusCode::CREATED);
+        let samples = parse(&get_metrics(app).await.1);
+        assert_eq!(value(&samples, "steer_backend_connections_total", &b1), 0.0);
+        assert_eq!(value(&samples, "steer_backend_packets_total", &b1), 0.0);
+        Ok(())
+    }
+
+    fn status(name: &str, state: InstanceState, last_outcome: Option<Outcome>) -> Status {
+        let args = SavedArgs {
+            binary: "/opt/llama/llama-server".to_owned(),
+            args: Default::default(),
+        };
+        Status {
+            name: name.to_owned(),
+            state,
+            applied: args,
+            applying: None,
+            pending: None,
+            pid: None,
+            starts: 5,
+            revivals: 3,
+            last_outcome,
+        }
+    }
+
+    #[test]
+    fn instances_with_their_last_apply() -> Result<(), EncodeError> {
+        let args = SavedArgs {
+            binary: "/opt/llama/llama-server".to_owned(),
+            args: Default::default(),
+        };
+        let applied = Outcome::Applied {
+            args: args.clone(),
+            pid: 42,
+            persist_error: None,
+        };
+        let rejected = Outcome::Rejected(Rejection {
+            args,
+            error: "exited".to_owned(),
+            exit_status: None,
+            output_tail: Vec::new(),
+            restored: true,
+        });
+        let text = Scrape {
+            snapshot: None,
+            instances: vec![
+                status("a", InstanceState::Running, Some(applied)),
+                status("b", InstanceState::Reviving, Some(rejected)),
+                status("c", InstanceState::Down, None),
+            ],
+        }
+        .render()?;
+        let samples = parse(&text);
+        for (name, instance, want) in [
+            ("steer_instance_up", "a", 1.0),
+            ("steer_instance_up", "b", 0.0),
+            ("steer_instance_starts_total", "a", 5.0),
+            ("steer_instance_restarts_total", "c", 3.0),
+            ("steer_instance_last_apply_success", "a", 1.0),
+            ("steer_instance_last_apply_success", "b", 0.0),
+        ] {
+            assert_eq!(
+                value(&samples, name, &[("name", instance)]),
+                want,
+                "{name} {instance}"
+            );
+        }
+        assert!(
+            !samples
+                .iter()
+                .any(|s| s.metric == "steer_instance_last_apply_success"
+                    && s.labels.get("name") == Some("c")),
+            "no apply yet: no sample"
+        );
+        assert!(
+            samples
+                .iter()
+                .all(|s| !s.metric.starts_with("steer_backend_")),
+            "`steer supervise` has no table"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn state_labels_are_the_api_spelling() {
+        for state in STATES {
+            assert_eq!(
+                serde_json::to_value(state).ok(),
+                Some(serde_json::Value::from(state_label(state)))
+            );
+        }
+    }
+}
