@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod llama;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

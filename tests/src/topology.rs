@@ -408,8 +408,7 @@ impl Topology {
             .unwrap_or_else(|e| panic!("admin API: {e}; agent log:\n{}", self.agent_log()))
     }
 
-    /// `GET /metrics` from the admin API, parsed as Prometheus text; panics (with the agent's
-    /// log) when it fails or does not parse.
+    /// `GET /metrics` from the admin API, parsed (see [`crate::metrics`]).
     pub fn metrics(&self) -> prometheus_parse::Scrape {
         let text = self.lb.block_on(|| async {
             let mut conn = HttpConn::connect(SocketAddr::V4(ADMIN_ADDR))
@@ -417,13 +416,7 @@ impl Topology {
                 .unwrap_or_else(|e| panic!("connect {ADMIN_ADDR}: {e}"));
             conn.get("/metrics").await.text()
         });
-        let lines = text.lines().map(|line| Ok(line.to_owned()));
-        prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| {
-            panic!(
-                "/metrics does not parse ({e}):\n{text}\nagent log:\n{}",
-                self.agent_log()
-            )
-        })
+        crate::metrics::parse(&text)
     }
 
     /// `GET /v1/backends` as a list.

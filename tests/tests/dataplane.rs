@@ -15,7 +15,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use tests::{
-    netns,
+    metrics, netns,
     topology::{CLIENT_ADDR, HttpConn, LB_CLIENT_SIDE, Topology, VIP, pattern},
 };
 use tokio::task::JoinSet;
@@ -97,22 +97,6 @@ fn round_robin_alternates_exactly_over_200_connections() {
     }
 }
 
-/// The value of the one sample of `name` whose labels include `labels`.
-fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let found: Vec<_> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-        .collect();
-    match found[..] {
-        [sample] => match sample.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
-            ref other => panic!("{name}{labels:?} is neither a counter nor a gauge: {other:?}"),
-        },
-        _ => panic!("{name}{labels:?}: {} samples, want 1", found.len()),
-    }
-}
-
 /// `/metrics` parses as Prometheus text and counts what the client sent: each connection is one
 /// new flow of the service and of the backend that answered it, and the backends' packets and
 /// bytes add up to the service's, both directions.
@@ -123,7 +107,10 @@ fn metrics_count_the_connections_sent_through_the_vip() {
     topo.start_agent();
     let web = [("service", "web")];
     let scrape = topo.metrics();
-    assert_eq!(metric(&scrape, "steer_service_new_flows_total", &web), 0.0);
+    assert_eq!(
+        metrics::value(&scrape, "steer_service_new_flows_total", &web),
+        0.0
+    );
     let answers = topo.client.block_on(|| async {
         let mut answers = Vec::new();
         for _ in 0..CONNECTIONS {
@@ -143,16 +130,17 @@ fn metrics_count_the_connections_sent_through_the_vip() {
     }
 
     let scrape = topo.metrics();
+    let value = |name: &str, labels: &[(&str, &str)]| metrics::value(&scrape, name, labels);
     let count = |value: u64| value as f64;
     assert_eq!(
-        metric(&scrape, "steer_service_new_flows_total", &web),
+        value("steer_service_new_flows_total", &web),
         count(CONNECTIONS)
     );
     assert_eq!(
-        metric(&scrape, "steer_service_closed_flows_total", &web),
+        value("steer_service_closed_flows_total", &web),
         count(CONNECTIONS)
     );
-    assert_eq!(metric(&scrape, "steer_service_no_backend_total", &web), 0.0);
+    assert_eq!(value("steer_service_no_backend_total", &web), 0.0);
     let (mut packets, mut bytes) = (0.0, 0.0);
     for b in &topo.backends {
         let address = b.addr.to_string();
@@ -160,28 +148,22 @@ fn metrics_count_the_connections_sent_through_the_vip() {
         let want = sent.get(&b.name).copied().unwrap_or(0);
         assert_eq!(want, CONNECTIONS / 2, "round robin: {sent:?}");
         assert_eq!(
-            metric(&scrape, "steer_backend_connections_total", &labels),
+            value("steer_backend_connections_total", &labels),
             count(want),
             "{}",
             b.name
         );
-        assert_eq!(metric(&scrape, "steer_backend_up", &labels), 1.0);
-        assert_eq!(
-            metric(&scrape, "steer_backend_active_connections", &labels),
-            0.0
-        );
+        assert_eq!(value("steer_backend_up", &labels), 1.0);
+        assert_eq!(value("steer_backend_active_connections", &labels), 0.0);
         let mut state = labels.to_vec();
         state.push(("state", "active"));
-        assert_eq!(metric(&scrape, "steer_backend_state", &state), 1.0);
-        packets += metric(&scrape, "steer_backend_packets_total", &labels);
-        bytes += metric(&scrape, "steer_backend_bytes_total", &labels);
+        assert_eq!(value("steer_backend_state", &state), 1.0);
+        packets += value("steer_backend_packets_total", &labels);
+        bytes += value("steer_backend_bytes_total", &labels);
     }
     let both = |name: &str| {
-        metric(
-            &scrape,
-            name,
-            &[("service", "web"), ("direction", "forward")],
-        ) + metric(&scrape, name, &[("service", "web"), ("direction", "reply")])
+        value(name, &[("service", "web"), ("direction", "forward")])
+            + value(name, &[("service", "web"), ("direction", "reply")])
     };
     // At least SYN, request and FIN forward and SYN-ACK, response and FIN back, per connection.
     assert!(packets >= count(6 * CONNECTIONS), "{packets} packets");

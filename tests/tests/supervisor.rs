@@ -23,6 +23,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tests::llama::{llama_server_path, model_path};
+use tests::metrics;
 use tests::topology::steer_bin;
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -127,6 +128,15 @@ impl Supervisor {
         let (status, body) = http(self.api, "GET", "/v1/params", None, None);
         assert_eq!(status, 200, "GET /v1/params: {body}");
         body
+    }
+
+    /// `GET /metrics` and this instance's `name` label.
+    fn metrics(&self) -> (prometheus_parse::Scrape, String) {
+        let (status, body) = http(self.api, "GET", "/metrics", None, None);
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        let scrape = metrics::parse(body.as_str().unwrap_or_default());
+        let name = self.get()["name"].as_str().unwrap_or_default().to_owned();
+        (scrape, name)
     }
 
     fn post(&self, args: Value) -> (u16, Value) {
@@ -492,6 +502,13 @@ fn sigkill_is_revived_within_the_startup_time() {
         after["applied"], before["applied"],
         "revived with the same args"
     );
+    let (scrape, name) = supervisor.metrics();
+    let name = [("name", name.as_str())];
+    let value = |metric| metrics::value(&scrape, metric, &name);
+    assert_eq!(value("steer_instance_restarts_total"), 1.0);
+    assert_eq!(value("steer_instance_starts_total"), starts(&after) as f64);
+    assert_eq!(value("steer_instance_up"), 1.0);
+    assert_eq!(value("steer_instance_last_apply_success"), 1.0);
     assert!(
         supervisor.log().contains("llama-server revived"),
         "{}",
@@ -538,6 +555,10 @@ fn bad_args_are_rejected_and_the_old_args_serve_again() {
         assert_eq!(now["applied"], before["applied"], "{what}");
         assert!(health(setup.options.port), "{what}: the old args serve");
         assert_eq!(now["last_outcome"]["result"], "rejected", "{what}");
+        let (scrape, name) = supervisor.metrics();
+        let name = [("name", name.as_str())];
+        let success = metrics::value(&scrape, "steer_instance_last_apply_success", &name);
+        assert_eq!(success, 0.0, "{what}");
     }
     let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).expect("config");
     assert!(!persisted.contains("nonexistent") && !persisted.contains("no-such-flag"));
