@@ -4,8 +4,8 @@
 //! Nothing is kept between scrapes: each one takes a table snapshot and every instance's status
 //! and encodes them as const metrics, so values are as fresh as the kernel's counters. Backend
 //! counters count from the moment the backend got its id (the table rebases them), so a backend
-//! removed and added again starts its series over from zero, which Prometheus reads as a counter
-//! reset; service counters run for as long as the agent's maps live.
+//! removed and added again at the same id starts its series over from zero, which Prometheus
+//! reads as a counter reset; service counters run for as long as the agent's maps live.
 //!
 //! Per-backend series come from [`BackendInfo`]: a new per-backend value (idle and busy slots,
 //! say) is a field there and one more [`family`] call in [`backends`].
@@ -26,6 +26,7 @@ use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+use tracing::warn;
 
 use crate::api::ApiError;
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
@@ -74,7 +75,8 @@ async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, Api
         snapshot,
         instances,
     }
-    .render()?;
+    .render()
+    .inspect_err(|err| warn!(%err, "/metrics not served"))?;
     Ok((
         [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
         text,
