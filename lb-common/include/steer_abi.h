@@ -32,6 +32,8 @@ enum steer_policy {
 	STEER_POLICY_LEAST_CONNECTIONS = 1,
 	/* Client-address affinity through a Maglev table built by the agent. */
 	STEER_POLICY_MAGLEV = 2,
+	/* Most free llama.cpp slots: idle at the agent's last poll less steered since. */
+	STEER_POLICY_SLOTS = 3,
 };
 
 /* Zero is DOWN, so an unwritten backend entry is never chosen. */
@@ -101,13 +103,17 @@ struct steer_backend {
 	/* Bumped whenever the id is given to a new backend, so a flow of the
 	 * previous owner never releases a count of the new one. */
 	__u32 generation;
-	__u32 _pad1;
+	/* Idle llama.cpp slots at the agent's last poll (policy slots). */
+	__u32 idle_slots;
 };
 
 /* Element of the mmap-able connection count array, index backend id. The
  * kernel and the agent both change it with atomic operations. */
 struct steer_backend_conns {
 	__u64 active;
+	/* New flows steered to the backend; the agent subtracts those its last
+	 * slot poll already saw, so policy slots counts them as taken. */
+	__u64 steered;
 };
 
 struct steer_backend_stats {
@@ -180,7 +186,7 @@ struct steer_event {
 _Static_assert(sizeof(struct steer_service_key) == 8, "steer_service_key");
 _Static_assert(sizeof(struct steer_service) == 16, "steer_service");
 _Static_assert(sizeof(struct steer_backend) == 32, "steer_backend");
-_Static_assert(sizeof(struct steer_backend_conns) == 8, "steer_backend_conns");
+_Static_assert(sizeof(struct steer_backend_conns) == 16, "steer_backend_conns");
 _Static_assert(sizeof(struct steer_backend_stats) == 24, "steer_backend_stats");
 _Static_assert(sizeof(struct steer_flow_key) == 16, "steer_flow_key");
 _Static_assert(sizeof(struct steer_flow_fwd) == 40, "steer_flow_fwd");

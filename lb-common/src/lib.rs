@@ -23,6 +23,7 @@ pub mod policy {
     pub const ROUND_ROBIN: u32 = 0;
     pub const LEAST_CONNECTIONS: u32 = 1;
     pub const MAGLEV: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// `enum steer_backend_state`.
@@ -87,6 +88,7 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
             ("STEER_POLICY_ROUND_ROBIN", policy::ROUND_ROBIN),
             ("STEER_POLICY_LEAST_CONNECTIONS", policy::LEAST_CONNECTIONS),
             ("STEER_POLICY_MAGLEV", policy::MAGLEV),
+            ("STEER_POLICY_SLOTS", policy::SLOTS),
         ],
     ),
     (
@@ -178,13 +180,16 @@ pub struct Backend {
     pub max_conns: u32,
     pub kind: u32,
     pub generation: u32,
-    pub _pad1: u32,
+    /// Idle llama.cpp slots at the agent's last poll (policy `slots`).
+    pub idle_slots: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendConns {
     pub active: u64,
+    /// New flows steered to the backend, less those the agent's last slot poll already saw.
+    pub steered: u64,
 }
 
 #[repr(C)]
@@ -273,8 +278,10 @@ macro_rules! layouts {
 layouts! {
     ServiceKey = "steer_service_key" { vip, port, proto, _pad }
     Service = "steer_service" { id, policy, backend_count, rr_len }
-    Backend = "steer_backend" { addr, port, _pad0, weight, state, max_conns, kind, generation, _pad1 }
-    BackendConns = "steer_backend_conns" { active }
+    Backend = "steer_backend" {
+        addr, port, _pad0, weight, state, max_conns, kind, generation, idle_slots,
+    }
+    BackendConns = "steer_backend_conns" { active, steered }
     BackendStats = "steer_backend_stats" { packets, bytes, new_flows }
     FlowKey = "steer_flow_key" { src_addr, dst_addr, src_port, dst_port, proto, _pad }
     FlowFwd = "steer_flow_fwd" {
@@ -293,7 +300,7 @@ const _: () = {
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<Service>() == 16);
     assert!(size_of::<Backend>() == 32);
-    assert!(size_of::<BackendConns>() == 8);
+    assert!(size_of::<BackendConns>() == 16);
     assert!(size_of::<BackendStats>() == 24);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowFwd>() == 40);

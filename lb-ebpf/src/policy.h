@@ -71,6 +71,43 @@ static __always_inline int pick_least_connections(const struct steer_service *sv
 	return found;
 }
 
+/* Idle slots at the agent's last poll less the flows steered since, so a
+ * burst between two polls spreads instead of piling onto one backend. */
+static __always_inline __u64 free_slots(const struct steer_backend *b, __u32 id)
+{
+	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
+	__u64 steered;
+
+	if (!c)
+		return 0;
+	steered = READ_ONCE(c->steered);
+	return steered < b->idle_slots ? b->idle_slots - steered : 0;
+}
+
+/* Most free slots; ties go to fewer active connections, then the lowest slot. */
+static __always_inline int pick_slots(const struct steer_service *svc, __u32 *backend_id)
+{
+	__u64 best_free = 0, best_conns = 0, conns, free;
+	__u32 slot;
+	int found = -1;
+
+	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
+		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
+
+		if (!b || !backend_has_room(b, id, &conns))
+			continue;
+		free = free_slots(b, id);
+		if (found < 0 || free > best_free || (free == best_free && conns < best_conns)) {
+			best_free = free;
+			best_conns = conns;
+			*backend_id = id;
+			found = 0;
+		}
+	}
+	return found;
+}
+
 /* murmur3's 32-bit finalizer; lb-common's client_hash is the same function. */
 static __always_inline __u32 client_hash(__u32 addr)
 {
@@ -118,32 +155,42 @@ static __always_inline int pick_backend(const struct steer_service *svc, __be32 
 		return pick_least_connections(svc, backend_id);
 	case STEER_POLICY_MAGLEV:
 		return pick_maglev(svc, client_addr, backend_id);
+	case STEER_POLICY_SLOTS:
+		return pick_slots(svc, backend_id);
 	default:
 		return -1;
 	}
 }
 
 /* Take one connection of the backend's cap; fails when another CPU took the last. */
-static __always_inline int claim_connection(const struct steer_backend *b, __u32 id)
+static __always_inline int claim_active(struct steer_backend_conns *c, __u32 max_conns)
 {
-	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
 	int i;
 
-	if (!c)
-		return -1;
-	if (b->max_conns == 0) {
+	if (max_conns == 0) {
 		__sync_fetch_and_add(&c->active, 1);
 		return 0;
 	}
 	for (i = 0; i < 8; i++) {
 		__u64 cur = READ_ONCE(c->active);
 
-		if (cur >= b->max_conns)
+		if (cur >= max_conns)
 			return -1;
 		if (__sync_val_compare_and_swap(&c->active, cur, cur + 1) == cur)
 			return 0;
 	}
 	return -1;
+}
+
+/* A claimed connection also counts as steered (policy slots reads it). */
+static __always_inline int claim_connection(const struct steer_backend *b, __u32 id)
+{
+	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
+
+	if (!c || claim_active(c, b->max_conns))
+		return -1;
+	__sync_fetch_and_add(&c->steered, 1);
+	return 0;
 }
 
 static __always_inline void return_connection(__u32 id)

@@ -348,7 +348,8 @@ pub(crate) mod tests {
             body,
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
                 "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
-                "healthy": true, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0}]})
+                "healthy": true, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
+                "steered_since_poll": 0}]})
         );
 
         let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4}"#;

@@ -47,6 +47,8 @@ pub struct Config {
     /// When set, mutating API calls need `Authorization: Bearer <token>`.
     pub admin_token: Option<AdminToken>,
     pub services: Vec<ServiceConfig>,
+    /// Slot polls, one per service with policy `slots` or a `[service.slots]` table.
+    pub slot_polls: Vec<SlotPoll>,
     /// llama-server processes the agent supervises (`[[instance]]`).
     pub instances: Vec<InstanceSpec>,
 }
@@ -84,6 +86,19 @@ impl Default for HealthConfig {
         }
     }
 }
+
+/// `[service.slots]`: every `interval`, a GET of each backend's llama.cpp `/slots` (or, where
+/// that is off, `/metrics` and `/props`), answered within `timeout`; the idle slots it finds
+/// steer policy `slots`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPoll {
+    pub service: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+const DEFAULT_SLOT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+const DEFAULT_SLOT_POLL_TIMEOUT: Duration = Duration::from_millis(400);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -256,6 +271,14 @@ struct RawService {
     backend: Vec<Spanned<RawBackend>>,
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
+    slots: Option<Spanned<RawSlots>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlots {
+    interval: Option<Timeout>,
+    timeout: Option<Timeout>,
 }
 
 #[derive(Default, Deserialize)]
@@ -446,7 +469,9 @@ impl Doc<'_> {
             ));
         }
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
+        let mut slot_polls = Vec::new();
         for (i, service) in raw.service.iter().enumerate() {
+            slot_polls.extend(self.slot_poll(i, service.get_ref())?);
             let service = self.service(i, service.get_ref())?;
             if let Some(other) = services.iter().position(|s| s.name == service.name) {
                 let name = &raw.service[i].get_ref().name;
@@ -490,8 +515,37 @@ impl Doc<'_> {
             admin_addr,
             admin_token,
             services,
+            slot_polls,
             instances,
         })
+    }
+
+    /// A service's slot poll: with policy `slots` or a `[service.slots]` table.
+    fn slot_poll(&self, i: usize, raw: &RawService) -> Result<Option<SlotPoll>, ConfigError> {
+        let (span, slots) = match &raw.slots {
+            Some(slots) => (Some(slots.span()), slots.get_ref()),
+            None if raw.policy == Policy::Slots => (None, &RawSlots::default()),
+            None => return Ok(None),
+        };
+        let poll = SlotPoll {
+            service: raw.name.get_ref().trim().to_owned(),
+            interval: slots
+                .interval
+                .as_ref()
+                .map_or(DEFAULT_SLOT_POLL_INTERVAL, |t| t.0),
+            timeout: slots
+                .timeout
+                .as_ref()
+                .map_or(DEFAULT_SLOT_POLL_TIMEOUT, |t| t.0),
+        };
+        if poll.timeout > poll.interval {
+            return Err(self.invalid(
+                span,
+                format!("service[{i}].slots.timeout"),
+                "must not be longer than the interval",
+            ));
+        }
+        Ok(Some(poll))
     }
 
     fn instances(
@@ -1204,6 +1258,48 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (14, "instance[0].address"));
         let (_, field, _) = invalid(&format!("{base}{gpt}drain_timeout = \"1s\"\n"));
         assert_eq!(field, "instance[0].drain_timeout");
+        Ok(())
+    }
+
+    #[test]
+    fn slot_polls_follow_policy_slots_or_a_slots_table() -> Result<(), ConfigError> {
+        let service = |name: &str, port: u16, extra: &str| {
+            format!("[[service]]\nname = \"{name}\"\naddress = \"10.0.0.100:{port}\"\n{extra}\n")
+        };
+        let text = [
+            "[agent]\ninterfaces = [\"eth0\"]\n".to_owned(),
+            service("chat", 80, "policy = \"slots\""),
+            service("rr", 81, ""),
+            service(
+                "tuned",
+                82,
+                "[service.slots]\ninterval = \"2s\"\ntimeout = \"1s\"",
+            ),
+        ]
+        .concat();
+        let config = parse(&text)?;
+        assert_eq!(config.services[0].policy, Policy::Slots);
+        let polls: Vec<(&str, Duration, Duration)> = config
+            .slot_polls
+            .iter()
+            .map(|p| (p.service.as_str(), p.interval, p.timeout))
+            .collect();
+        assert_eq!(
+            polls,
+            [
+                (
+                    "chat",
+                    Duration::from_millis(500),
+                    Duration::from_millis(400)
+                ),
+                ("tuned", Duration::from_secs(2), Duration::from_secs(1)),
+            ]
+        );
+        let slow = text.replace("timeout = \"1s\"", "timeout = \"3s\"");
+        let (line, field, message) = invalid(&slow);
+        assert!(line > 11, "in the third service, line {line}");
+        assert_eq!(field, "service[2].slots.timeout");
+        assert_eq!(message, "must not be longer than the interval");
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub enum Write {
     Ring(u32),
     Maglev(u32),
     Reset(u32),
+    ForgetSteered(u32),
 }
 
 #[derive(Debug, Default)]
@@ -27,6 +28,7 @@ pub struct Maps {
     pub rings: HashMap<u32, Vec<u32>>,
     pub maglev: HashMap<u32, Vec<u32>>,
     pub conns: HashMap<u32, u64>,
+    pub steered: HashMap<u32, u64>,
     pub stats: HashMap<u32, BackendStats>,
     pub counters: HashMap<u32, [u64; counter::MAX as usize]>,
     /// Addresses `is_local` answers true for.
@@ -96,11 +98,24 @@ impl Dataplane for FakeDataplane {
         let mut maps = self.maps();
         maps.writes.push(Write::Reset(id));
         maps.conns.insert(id, 0);
+        maps.steered.insert(id, 0);
         Ok(())
     }
 
     fn connections(&self, id: u32) -> u64 {
         self.maps().conns.get(&id).copied().unwrap_or(0)
+    }
+
+    fn steered(&self, id: u32) -> u64 {
+        self.maps().steered.get(&id).copied().unwrap_or(0)
+    }
+
+    fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
+        let mut maps = self.maps();
+        maps.writes.push(Write::ForgetSteered(id));
+        let steered = maps.steered.entry(id).or_default();
+        *steered = steered.saturating_sub(seen);
+        Ok(())
     }
 
     fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {

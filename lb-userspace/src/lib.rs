@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod policy;
+pub mod slots;
 pub mod store;
 pub mod supervisor;
 pub mod table;
@@ -95,6 +96,9 @@ async fn serve<D: Dataplane>(
                 health.clone(),
             ));
         }
+    }
+    for poll in &config.slot_polls {
+        health_checks.spawn(slots::run(table.clone(), poll.clone()));
     }
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());

@@ -20,6 +20,8 @@ pub enum Policy {
     LeastConnections,
     /// Client-address affinity: a returning client lands on the backend that holds its cache.
     Maglev,
+    /// Most free llama.cpp slots: idle at the last poll, less the connections steered since.
+    Slots,
 }
 
 impl Policy {
@@ -29,6 +31,7 @@ impl Policy {
             Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
             Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
             Policy::Maglev => lb_common::policy::MAGLEV,
+            Policy::Slots => lb_common::policy::SLOTS,
         }
     }
 }
@@ -39,6 +42,7 @@ impl std::fmt::Display for Policy {
             Policy::RoundRobin => "round_robin",
             Policy::LeastConnections => "least_connections",
             Policy::Maglev => "maglev",
+            Policy::Slots => "slots",
         })
     }
 }
@@ -52,6 +56,10 @@ pub struct BackendView {
     /// 0: no cap.
     pub max_conns: u32,
     pub conns: u64,
+    /// Idle slots at the agent's last poll.
+    pub idle_slots: u32,
+    /// Connections steered since that poll (`steer_backend_conns.steered`).
+    pub steered: u64,
 }
 
 impl BackendView {
@@ -60,6 +68,11 @@ impl BackendView {
         self.state == backend_state::ACTIVE
             && self.weight > 0
             && (self.max_conns == 0 || self.conns < u64::from(self.max_conns))
+    }
+
+    /// `free_slots`: idle slots at the last poll not yet taken by a steered connection.
+    pub fn free_slots(&self) -> u64 {
+        u64::from(self.idle_slots).saturating_sub(self.steered)
     }
 }
 
@@ -103,6 +116,7 @@ pub fn choose(service: &ServiceView<'_>, cursor: u64, client: Ipv4Addr) -> Optio
         lb_common::policy::ROUND_ROBIN => pick_round_robin(service, cursor),
         lb_common::policy::LEAST_CONNECTIONS => pick_least_connections(service),
         lb_common::policy::MAGLEV => pick_maglev(service, client),
+        lb_common::policy::SLOTS => pick_slots(service),
         _ => None,
     }
 }
@@ -156,6 +170,24 @@ fn pick_least_connections(service: &ServiceView<'_>) -> Option<u32> {
         });
         if better {
             best = Some((slot, b.conns, weight));
+        }
+    }
+    best.map(|(slot, _, _)| service.backend_id(slot))
+}
+
+fn pick_slots(service: &ServiceView<'_>) -> Option<u32> {
+    let mut best: Option<(u32, u64, u64)> = None; // (slot, free, conns)
+    for slot in 0..service.backend_count.min(MAX_BACKENDS_PER_SERVICE) {
+        let b = service.backend(slot);
+        if !b.usable() {
+            continue;
+        }
+        let free = b.free_slots();
+        let better = best.is_none_or(|(_, best_free, best_conns)| {
+            free > best_free || (free == best_free && b.conns < best_conns)
+        });
+        if better {
+            best = Some((slot, free, b.conns));
         }
     }
     best.map(|(slot, _, _)| service.backend_id(slot))
@@ -264,7 +296,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::policy::{LEAST_CONNECTIONS, ROUND_ROBIN};
+    use lb_common::policy::{LEAST_CONNECTIONS, ROUND_ROBIN, SLOTS};
     use proptest::prelude::*;
 
     /// `choose` for the policies that ignore the client.
@@ -278,6 +310,8 @@ mod tests {
             weight,
             max_conns: 0,
             conns: 0,
+            idle_slots: 0,
+            steered: 0,
         }
     }
 
@@ -417,14 +451,69 @@ mod tests {
     }
 
     fn backend_strategy() -> impl Strategy<Value = BackendView> {
-        (0u32..3, 0u32..4, 0u32..4, 0u64..5).prop_map(|(state, weight, max_conns, conns)| {
-            BackendView {
+        (0u32..3, 0u32..4, 0u32..4, 0u64..5, 0u32..5, 0u64..6).prop_map(
+            |(state, weight, max_conns, conns, idle_slots, steered)| BackendView {
                 state,
                 weight,
                 max_conns,
                 conns,
-            }
-        })
+                idle_slots,
+                steered,
+            },
+        )
+    }
+
+    #[test]
+    fn slots_prefers_free_slots_then_fewer_connections_then_lowest_slot() {
+        let b = |idle_slots, steered, conns| BackendView {
+            idle_slots,
+            steered,
+            conns,
+            ..active(1)
+        };
+        let slots = |backends: &[BackendView]| pick(&view(SLOTS, 1, &[], backends), 0);
+        assert_eq!(slots(&[b(1, 0, 0), b(3, 0, 5)]), Some(65), "most idle");
+        assert_eq!(
+            slots(&[b(1, 0, 0), b(3, 3, 0)]),
+            Some(64),
+            "steered since the poll count as taken"
+        );
+        assert_eq!(
+            slots(&[b(2, 9, 4), b(0, 0, 3)]),
+            Some(65),
+            "none free anywhere: fewer connections"
+        );
+        assert_eq!(slots(&[b(2, 0, 1), b(2, 0, 1)]), Some(64), "lowest slot");
+        let full = BackendView {
+            max_conns: 1,
+            ..b(4, 0, 1)
+        };
+        assert_eq!(
+            slots(&[full, b(0, 0, 7)]),
+            Some(65),
+            "a full backend is skipped"
+        );
+        assert_eq!(slots(&[]), None);
+    }
+
+    /// A burst between two polls: each choice takes a slot, so it spreads by free slots.
+    #[test]
+    fn slots_spreads_a_burst_between_polls() {
+        let mut backends = [3, 1, 2].map(|idle_slots| BackendView {
+            idle_slots,
+            ..active(1)
+        });
+        let mut picks = Vec::new();
+        for _ in 0..8 {
+            let id = pick(&view(SLOTS, 0, &[], &backends), 0).expect("a usable backend");
+            let b = &mut backends[id as usize];
+            b.steered += 1;
+            b.conns += 1;
+            picks.push(id);
+        }
+        // The first 6 fill the 3 + 1 + 2 free slots (equal free goes to fewer connections);
+        // then none is free and fewest connections wins.
+        assert_eq!(picks, [0, 2, 0, 1, 2, 0, 1, 1]);
     }
 
     fn addr(slot: u32) -> SocketAddrV4 {
@@ -486,7 +575,7 @@ mod tests {
         fn never_picks_an_unusable_backend(
             backends in prop::collection::vec(backend_strategy(), 0..8),
             ring in prop::collection::vec(0u32..8, 0..16),
-            policy in 0u32..2,
+            policy in 0u32..4,
             id in 0u32..MAX_SERVICES,
             cursor in any::<u64>(),
         ) {
@@ -510,6 +599,26 @@ mod tests {
                 let p = backends[id as usize];
                 for o in usable {
                     prop_assert!(p.conns * u64::from(o.weight) <= o.conns * u64::from(p.weight));
+                }
+            }
+        }
+
+        #[test]
+        fn slots_picks_a_maximum_of_free_slots(
+            backends in prop::collection::vec(backend_strategy(), 1..8),
+        ) {
+            let svc = view(SLOTS, 0, &[], &backends);
+            let usable: Vec<&BackendView> = backends.iter().filter(|b| b.usable()).collect();
+            let picked = pick(&svc, 0);
+            prop_assert_eq!(picked.is_some(), !usable.is_empty());
+            if let Some(id) = picked {
+                let p = backends[id as usize];
+                prop_assert!(p.usable());
+                for o in usable {
+                    prop_assert!(p.free_slots() >= o.free_slots());
+                    if p.free_slots() == o.free_slots() {
+                        prop_assert!(p.conns <= o.conns);
+                    }
                 }
             }
         }

@@ -93,6 +93,13 @@ pub struct BackendInfo {
     /// Passing its health checks; an unhealthy backend takes no new connections.
     pub healthy: bool,
     pub active_connections: u64,
+    /// llama.cpp slots at the last slot poll (policy `slots`); absent until one answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_slots: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_slots: Option<u32>,
+    /// New flows steered to it and not yet seen by a published slot poll.
+    pub steered_since_poll: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -166,6 +173,7 @@ enum Command {
     Remove(u32, Reply<BackendInfo>),
     SetState(u32, BackendState, Reply<BackendInfo>),
     SetHealth(u32, SocketAddrV4, bool, Reply<()>),
+    SetSlots(SlotReport, Reply<()>),
     List(Reply<Snapshot>),
 }
 
@@ -216,9 +224,32 @@ impl TableHandle {
             .await
     }
 
+    /// Publish a slot poll of the backend at `address` under `id` (dropped if the id has since
+    /// changed hands): the kernel gets its idle slots and forgets the steered flows it saw.
+    pub async fn set_slots(&self, report: SlotReport) -> Result<(), TableError> {
+        self.call(|reply| Command::SetSlots(report, reply)).await
+    }
+
     pub async fn list(&self) -> Result<Snapshot, TableError> {
         self.call(Command::List).await
     }
+}
+
+/// One slot poll of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotReport {
+    pub id: u32,
+    pub address: SocketAddrV4,
+    pub slots: SlotCounts,
+    /// The backend's `steered_since_poll` when the poll was sent: the flows the poll has seen.
+    pub steered_before: u64,
+}
+
+/// A llama.cpp server's slots: all of them, and those not processing a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotCounts {
+    pub total: u32,
+    pub idle: u32,
 }
 
 /// Program the configured services into `dataplane`, then spawn the task that owns the table.
@@ -275,6 +306,50 @@ struct SlotBackend {
     healthy: bool,
     /// The id's kernel counters when this backend got it: an id's counters are never reset.
     stats_base: BackendStats,
+    /// At the last slot poll; `None` until one answers.
+    slots: Option<SlotCounts>,
+}
+
+impl SlotBackend {
+    /// The kernel's cap: `max_connections` when configured, else the slot count once a poll
+    /// knows it, else none (0).
+    fn max_conns(&self) -> u32 {
+        match (self.max_connections, self.slots) {
+            (0, Some(slots)) => slots.total,
+            (configured, _) => configured,
+        }
+    }
+}
+
+/// A slot's `steer_backend` entry.
+fn kernel_backend(s: &Slot) -> Backend {
+    match &s.backend {
+        Some(b) => Backend {
+            addr: u32::from_ne_bytes(b.address.ip().octets()),
+            port: b.address.port().to_be(),
+            weight: u32::from(b.weight.get()),
+            // Unhealthy: DOWN for new flows; open ones keep going (conntrack).
+            state: if b.healthy {
+                b.state.abi()
+            } else {
+                backend_state::DOWN
+            },
+            max_conns: b.max_conns(),
+            kind: if b.local {
+                backend_kind::LOCAL
+            } else {
+                backend_kind::REMOTE
+            },
+            generation: s.generation,
+            idle_slots: b.slots.map_or(0, |slots| slots.idle),
+            ..Backend::default()
+        },
+        None => Backend {
+            state: backend_state::DOWN,
+            generation: s.generation,
+            ..Backend::default()
+        },
+    }
 }
 
 fn split_id(id: u32) -> (usize, usize) {
@@ -324,6 +399,7 @@ impl<D: Dataplane> Table<D> {
                     local,
                     healthy: true,
                     stats_base: BackendStats::default(),
+                    slots: None,
                 });
             }
         }
@@ -339,6 +415,7 @@ impl<D: Dataplane> Table<D> {
             Command::SetHealth(id, address, healthy, reply) => {
                 drop(reply.send(self.set_health(id, address, healthy)));
             }
+            Command::SetSlots(report, reply) => drop(reply.send(self.set_slots(report))),
             Command::List(reply) => drop(reply.send(self.snapshot())),
         }
     }
@@ -381,6 +458,7 @@ impl<D: Dataplane> Table<D> {
             local: self.dataplane.is_local(*new.address.ip()),
             healthy: new.healthy,
             stats_base,
+            slots: None,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
         let info = self.info(service, slot)?;
@@ -439,6 +517,32 @@ impl<D: Dataplane> Table<D> {
         Ok(())
     }
 
+    /// Only the backend entry changes: its idle slots (and cap, when that follows the slots).
+    /// Written before the steered flows the poll saw are forgotten, so the kernel may briefly
+    /// count them twice (too few free slots) but never as free.
+    fn set_slots(&mut self, report: SlotReport) -> Result<(), TableError> {
+        let (service, slot) = split_id(report.id);
+        let Some(s) = self.services.get_mut(service).map(|e| &mut e.slots[slot]) else {
+            return Ok(());
+        };
+        let Some(backend) = s.backend.as_mut().filter(|b| b.address == report.address) else {
+            return Ok(());
+        };
+        let old = backend.slots.replace(report.slots);
+        if let Err(err) = self.dataplane.write_backend(report.id, kernel_backend(s)) {
+            if let Some(backend) = &mut s.backend {
+                backend.slots = old;
+            }
+            return Err(err.into());
+        }
+        if old.map(|o| o.total) != Some(report.slots.total) {
+            info!(id = report.id, address = %report.address, total = report.slots.total, "slot count known");
+        }
+        self.dataplane
+            .forget_steered(report.id, report.steered_before)?;
+        Ok(())
+    }
+
     fn occupied(&self, id: u32) -> Result<(usize, usize), TableError> {
         let (service, slot) = split_id(id);
         match self.services.get(service).map(|s| &s.slots[slot].backend) {
@@ -476,35 +580,10 @@ impl<D: Dataplane> Table<D> {
         let entry = &self.services[service];
         let service_id = service as u32;
         for slot in slots {
-            let s = &entry.slots[slot];
-            let kernel = match &s.backend {
-                Some(b) => Backend {
-                    addr: u32::from_ne_bytes(b.address.ip().octets()),
-                    port: b.address.port().to_be(),
-                    weight: u32::from(b.weight.get()),
-                    // Unhealthy: DOWN for new flows; open ones keep going (conntrack).
-                    state: if b.healthy {
-                        b.state.abi()
-                    } else {
-                        backend_state::DOWN
-                    },
-                    max_conns: b.max_connections,
-                    kind: if b.local {
-                        backend_kind::LOCAL
-                    } else {
-                        backend_kind::REMOTE
-                    },
-                    generation: s.generation,
-                    ..Backend::default()
-                },
-                None => Backend {
-                    state: backend_state::DOWN,
-                    generation: s.generation,
-                    ..Backend::default()
-                },
-            };
-            self.dataplane
-                .write_backend(backend_id(service, slot), kernel)?;
+            self.dataplane.write_backend(
+                backend_id(service, slot),
+                kernel_backend(&entry.slots[slot]),
+            )?;
         }
         let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
@@ -558,7 +637,7 @@ impl<D: Dataplane> Table<D> {
             service: entry.name.clone(),
             address: b.address,
             weight: b.weight.get(),
-            max_connections: b.max_connections,
+            max_connections: b.max_conns(),
             state: b.state,
             kind: if b.local {
                 BackendKind::Local
@@ -567,6 +646,9 @@ impl<D: Dataplane> Table<D> {
             },
             healthy: b.healthy,
             active_connections: self.dataplane.connections(id),
+            total_slots: b.slots.map(|s| s.total),
+            idle_slots: b.slots.map(|s| s.idle),
+            steered_since_poll: self.dataplane.steered(id),
             packets: stats.packets.saturating_sub(b.stats_base.packets),
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
             new_flows: stats.new_flows.saturating_sub(b.stats_base.new_flows),
@@ -947,6 +1029,8 @@ mod tests {
                     weight: b.weight,
                     max_conns: b.max_conns,
                     conns: maps.conns.get(&id).copied().unwrap_or(0),
+                    idle_slots: b.idle_slots,
+                    steered: maps.steered.get(&id).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -998,6 +1082,97 @@ mod tests {
         );
         fake.maps().conns.insert(65, 3);
         assert_eq!(kernel_choice(&fake, embed, 0), Some(64), "tie: lowest slot");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn slot_polls_set_idle_slots_and_the_default_cap() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let capped = NewBackend {
+            max_connections: 1,
+            ..new_backend("chat", "10.0.1.4:8080")
+        };
+        handle.add_backend(capped).await?;
+        fake.maps().steered.extend([(0, 5), (2, 1)]);
+        fake.maps().writes.clear();
+        let report = |id, address: &str, total, idle, steered_before| SlotReport {
+            id,
+            address: addr(address),
+            slots: SlotCounts { total, idle },
+            steered_before,
+        };
+        handle
+            .set_slots(report(0, "10.0.1.2:8080", 4, 3, 2))
+            .await?;
+        handle
+            .set_slots(report(2, "10.0.1.4:8080", 4, 4, 1))
+            .await?;
+        {
+            let maps = fake.maps();
+            assert_eq!(
+                maps.writes,
+                [
+                    Write::Backend(0),
+                    Write::ForgetSteered(0),
+                    Write::Backend(2),
+                    Write::ForgetSteered(2)
+                ],
+                "only the backend entry, then the steered flows the poll saw"
+            );
+            let b = maps.backends[&0];
+            assert_eq!(
+                (b.idle_slots, b.max_conns),
+                (3, 4),
+                "cap defaults to the slots"
+            );
+            assert_eq!(
+                maps.steered[&0], 3,
+                "flows steered after the poll was sent stay"
+            );
+            assert_eq!(maps.backends[&2].max_conns, 1, "a configured cap stays");
+        }
+        let list = handle.list().await?;
+        let b = &list.backends[0];
+        assert_eq!(
+            (
+                b.total_slots,
+                b.idle_slots,
+                b.max_connections,
+                b.steered_since_poll
+            ),
+            (Some(4), Some(3), 4, 3)
+        );
+        assert_eq!(
+            (
+                list.backends[1].total_slots,
+                list.backends[1].max_connections
+            ),
+            (None, 0)
+        );
+
+        fake.maps().writes.clear();
+        handle
+            .set_slots(report(1, "10.0.9.9:8080", 2, 2, 0))
+            .await?;
+        handle
+            .set_slots(report(5, "10.0.1.2:8080", 2, 2, 0))
+            .await?;
+        assert!(fake.maps().writes.is_empty(), "stale reports are dropped");
+
+        // The slots policy through the model: free 3 - 3, 0 (never polled), 4 - 0.
+        fake.maps()
+            .services
+            .get_mut(&chat_key())
+            .expect("chat")
+            .policy = lb_common::policy::SLOTS;
+        assert_eq!(kernel_choice(&fake, chat_key(), 0), Some(2), "most free");
+        fake.maps().steered.insert(2, 4);
+        fake.maps().conns.insert(0, 1);
+        assert_eq!(
+            kernel_choice(&fake, chat_key(), 0),
+            Some(1),
+            "all taken: fewer connections"
+        );
         Ok(())
     }
 

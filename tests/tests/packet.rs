@@ -230,18 +230,34 @@ impl Lab {
         cursor.set(0, value, 0).expect("rr_cursor set");
     }
 
-    fn set_conns(&mut self, id: u32, active: u64) {
+    /// As the agent publishes a slot poll: the backend's idle slots.
+    fn set_idle_slots(&mut self, slot: u32, idle_slots: u32) {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
+        let backend = backends.get(&slot, 0).expect("backends get");
+        let backend = Backend {
+            idle_slots,
+            ..backend
+        };
+        backends.set(slot, backend, 0).expect("backends set");
+    }
+
+    fn set_conns(&mut self, id: u32, active: u64, steered: u64) {
         let mut conns: Array<&mut MapData, BackendConns> =
             Array::try_from(self.ebpf.map_mut("backend_conns").expect("conns")).expect("array");
         conns
-            .set(id, BackendConns { active }, 0)
+            .set(id, BackendConns { active, steered }, 0)
             .expect("conns set");
     }
 
-    fn conns(&self, id: u32) -> u64 {
+    fn backend_conns(&self, id: u32) -> BackendConns {
         let conns: Array<&MapData, BackendConns> =
             Array::try_from(self.ebpf.map("backend_conns").expect("conns")).expect("array");
-        conns.get(&id, 0).expect("conns get").active
+        conns.get(&id, 0).expect("conns get")
+    }
+
+    fn conns(&self, id: u32) -> u64 {
+        self.backend_conns(id).active
     }
 
     fn counter(&self, which: u32) -> u64 {
@@ -495,7 +511,7 @@ fn fin_and_rst_release_the_count_exactly_once() {
 #[test]
 fn least_connections_follows_open_connections_and_caps() {
     in_lab(policy::LEAST_CONNECTIONS, |lab| {
-        lab.set_conns(0, 3);
+        lab.set_conns(0, 3, 0);
         for port in 0..3 {
             assert_eq!(lab.forward(client(40300 + port), SYN).1, BACKENDS[1]);
         }
@@ -513,6 +529,41 @@ fn least_connections_follows_open_connections_and_caps() {
         );
         assert_eq!(output, full, "passed untouched");
         assert_eq!(lab.counter(counter::NO_BACKEND), 1);
+    });
+}
+
+/// Policy slots: most free slots (idle at the poll less steered since), then fewer connections,
+/// then the lowest slot; every new flow counts as steered until the agent's next poll.
+#[test]
+fn slots_prefers_free_slots_and_counts_steered_flows() {
+    in_lab(policy::SLOTS, |lab| {
+        lab.set_idle_slots(0, 1);
+        lab.set_idle_slots(1, 2);
+        let picks: Vec<SocketAddrV4> = (0..5)
+            .map(|i| lab.forward(client(42000 + i), SYN).1)
+            .collect();
+        let [b0, b1] = BACKENDS;
+        // Free 1,2 -> 1; 1,1 tie -> fewer connections; 0,1 -> 1; then none free: fewer
+        // connections, and at 2 and 2 the lowest slot.
+        assert_eq!(picks, [b1, b0, b1, b0, b0]);
+        let counts = |lab: &Lab, id| {
+            let c = lab.backend_conns(id);
+            (c.active, c.steered)
+        };
+        assert_eq!((counts(lab, 0), counts(lab, 1)), ((3, 3), (2, 2)));
+
+        // A closed flow gives its connection back but stays steered: the poll decides.
+        lab.forward(client(42000), FIN | ACK);
+        assert_eq!(counts(lab, 1), (1, 2));
+        // The agent publishes a poll that saw slot 1's flows: 2 idle, its steered forgotten.
+        lab.set_idle_slots(1, 2);
+        lab.set_conns(1, 1, 0);
+        assert_eq!(lab.forward(client(42010), SYN).1, b1);
+        assert_eq!(counts(lab, 1), (2, 1));
+        // Not active: never chosen, whatever its free slots.
+        lab.set_state(1, backend_state::DRAINING);
+        lab.set_idle_slots(1, 9);
+        assert_eq!(lab.forward(client(42011), SYN).1, b0);
     });
 }
 
@@ -634,12 +685,13 @@ fn kernel_choices_match_the_policy_model() {
     in_lab(policy::ROUND_ROBIN, |lab| {
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
-        for case in 0..400u16 {
+        for case in 0..500u16 {
             let policy = [
                 policy::ROUND_ROBIN,
                 policy::LEAST_CONNECTIONS,
                 policy::MAGLEV,
-            ][rng.below(3) as usize];
+                policy::SLOTS,
+            ][rng.below(4) as usize];
             let backend_count = 1 + rng.below(u64::from(MODEL_SLOTS)) as u32;
             let views: Vec<BackendView> = (0..MODEL_SLOTS)
                 .map(|_| BackendView {
@@ -652,6 +704,8 @@ fn kernel_choices_match_the_policy_model() {
                     weight: rng.below(4) as u32,
                     max_conns: [0, 0, 1 + rng.below(4) as u32][rng.below(3) as usize],
                     conns: rng.below(6),
+                    idle_slots: rng.below(5) as u32,
+                    steered: rng.below(6),
                 })
                 .collect();
             // The agent's ring, or a stale one naming any slot, as between two agent writes.
@@ -676,7 +730,8 @@ fn kernel_choices_match_the_policy_model() {
                 let slot = slot as u32;
                 let addr = model_backend(slot);
                 lab.set_backend(slot, addr, view.state, view.weight, view.max_conns);
-                lab.set_conns(slot, view.conns);
+                lab.set_idle_slots(slot, view.idle_slots);
+                lab.set_conns(slot, view.conns, view.steered);
             }
             lab.set_service(policy, backend_count, &ring);
             lab.set_cursor(cursor);

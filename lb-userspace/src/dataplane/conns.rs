@@ -1,32 +1,51 @@
 //! Active connection counts per backend id, shared with the kernel through the mmap-able
 //! `backend_conns` array. The kernel program and the agent (conntrack expiry, later the proxy)
 //! change the same words with atomic operations, so no map syscall sits on the connection path.
+//! Each element also holds the flows steered since the last slot poll (policy `slots`).
 
 use std::{
     io,
+    mem::offset_of,
     os::fd::{AsRawFd, BorrowedFd},
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
-/// A shared mapping of one `u64` counter per backend id. Unmapped on drop; the mapping keeps the
-/// kernel map alive on its own, so it may outlive the program's other handles.
+use lb_common::BackendConns;
+
+/// One `steer_backend_conns` element as the agent touches it: only atomically.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct SharedConns {
+    pub active: AtomicU64,
+    pub steered: AtomicU64,
+}
+
+// The kernel's element, word for word.
+const _: () = {
+    assert!(size_of::<SharedConns>() == size_of::<BackendConns>());
+    assert!(offset_of!(SharedConns, active) == offset_of!(BackendConns, active));
+    assert!(offset_of!(SharedConns, steered) == offset_of!(BackendConns, steered));
+};
+
+/// A shared mapping of one [`SharedConns`] per backend id. Unmapped on drop; the mapping keeps
+/// the kernel map alive on its own, so it may outlive the program's other handles.
 #[derive(Debug)]
 pub struct ConnCounts {
-    base: NonNull<AtomicU64>,
+    base: NonNull<SharedConns>,
     entries: usize,
     mapped_len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory accessed only through `AtomicU64`, which is safe to
-// use from any thread; the pointer is owned by this value and unmapped only in `drop`.
+// SAFETY: the mapping is plain shared memory accessed only through `AtomicU64`s, which are safe
+// to use from any thread; the pointer is owned by this value and unmapped only in `drop`.
 unsafe impl Send for ConnCounts {}
 // SAFETY: see `Send`: every access is an atomic operation on `AtomicU64`.
 unsafe impl Sync for ConnCounts {}
 
 impl ConnCounts {
-    /// Map `entries` counters of the BPF array behind `fd` (created with `BPF_F_MMAPABLE`, value
-    /// size 8) shared and read/write.
+    /// Map `entries` elements of the BPF array behind `fd` (created with `BPF_F_MMAPABLE`, value
+    /// `steer_backend_conns`) shared and read/write.
     pub(crate) fn map_bpf_array(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
         Self::map(Some(fd), entries)
     }
@@ -43,7 +62,7 @@ impl ConnCounts {
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))?;
         let bytes = entries
-            .checked_mul(size_of::<AtomicU64>())
+            .checked_mul(size_of::<SharedConns>())
             .filter(|&bytes| bytes > 0)
             .ok_or_else(|| io::Error::other(format!("cannot map {entries} counters")))?;
         // The kernel maps an mmap-able array in whole pages.
@@ -67,7 +86,7 @@ impl ConnCounts {
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = NonNull::new(addr.cast::<AtomicU64>())
+        let base = NonNull::new(addr.cast::<SharedConns>())
             .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
         Ok(Self {
             base,
@@ -76,10 +95,10 @@ impl ConnCounts {
         })
     }
 
-    /// Every counter, index backend id.
-    pub fn as_slice(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is page-aligned (so 8-aligned), at least `entries * 8` bytes long,
-        // lives as long as `self`, and is only ever accessed atomically.
+    /// Every element, index backend id.
+    pub fn as_slice(&self) -> &[SharedConns] {
+        // SAFETY: the mapping is page-aligned (so 8-aligned), at least `entries * 16` bytes
+        // long, lives as long as `self`, and is only ever accessed atomically.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries) }
     }
 
@@ -94,7 +113,7 @@ impl ConnCounts {
     }
 
     fn slot(&self, id: u32) -> Option<&AtomicU64> {
-        self.as_slice().get(id as usize)
+        self.as_slice().get(id as usize).map(|c| &c.active)
     }
 
     /// Active connections on `id`; 0 for an id beyond the array.
@@ -102,11 +121,34 @@ impl ConnCounts {
         self.slot(id).map_or(0, |c| c.load(Ordering::Acquire))
     }
 
-    /// Set `id`'s count to zero (the id changed owner). False if `id` is beyond the array.
+    /// Set `id`'s counts to zero (the id changed owner). False if `id` is beyond the array.
     pub fn reset(&self, id: u32) -> bool {
-        self.slot(id)
-            .map(|c| c.store(0, Ordering::Release))
+        self.as_slice()
+            .get(id as usize)
+            .map(|c| {
+                c.active.store(0, Ordering::Release);
+                c.steered.store(0, Ordering::Release);
+            })
             .is_some()
+    }
+
+    /// Flows steered to `id` since the last slot poll was published; 0 beyond the array.
+    pub fn steered(&self, id: u32) -> u64 {
+        self.as_slice()
+            .get(id as usize)
+            .map_or(0, |c| c.steered.load(Ordering::Acquire))
+    }
+
+    /// Forget `seen` steered flows of `id`: a slot poll taken after them has counted them. Those
+    /// steered since stay. Saturates at zero. False if `id` is beyond the array.
+    pub fn forget_steered(&self, id: u32, seen: u64) -> bool {
+        self.as_slice().get(id as usize).is_some_and(|c| {
+            c.steered
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    Some(cur.saturating_sub(seen))
+                })
+                .is_ok()
+        })
     }
 
     /// Take one connection of `id`'s cap `max` (0: no cap), as the kernel's `claim_connection`
@@ -183,6 +225,24 @@ mod tests {
         assert!(!counts.acquire(16, 0));
         assert!(!counts.release(16));
         assert!(!counts.reset(16));
+        assert_eq!(counts.steered(16), 0);
+        assert!(!counts.forget_steered(16, 1));
+    }
+
+    #[test]
+    fn forgetting_steered_keeps_the_later_ones_and_reset_clears_them() {
+        let counts = ConnCounts::anonymous(4).expect("anonymous mapping");
+        let c = &counts.as_slice()[2];
+        c.steered.fetch_add(5, Ordering::AcqRel); // as the kernel's claim_connection does
+        let seen = counts.steered(2);
+        c.steered.fetch_add(2, Ordering::AcqRel); // steered while the poll was out
+        assert!(counts.forget_steered(2, seen));
+        assert_eq!(counts.steered(2), 2);
+        assert!(counts.forget_steered(2, 10));
+        assert_eq!(counts.steered(2), 0, "never below zero");
+        c.steered.fetch_add(1, Ordering::AcqRel);
+        assert!(counts.reset(2));
+        assert_eq!(counts.steered(2), 0);
     }
 
     #[test]

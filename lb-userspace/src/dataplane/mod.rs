@@ -26,6 +26,10 @@ pub trait Dataplane: Send + 'static {
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// Active connections counted on a backend id (kernel and, later, proxy).
     fn connections(&self, id: u32) -> u64;
+    /// New flows steered to a backend id and not yet seen by a published slot poll.
+    fn steered(&self, id: u32) -> u64;
+    /// Forget `seen` of a backend id's steered flows: a slot poll that counted them was written.
+    fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError>;
     /// Per-backend counters summed over CPUs.
     fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError>;
     /// Per-service counters summed over CPUs, indexed by `lb_common::counter`.

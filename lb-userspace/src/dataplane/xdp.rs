@@ -297,7 +297,7 @@ fn fill_interfaces(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Data
     Ok(())
 }
 
-/// mmap `backend_conns`; the typed view first checks it is an array of 8-byte values.
+/// mmap `backend_conns`; the typed view first checks its value size is `steer_backend_conns`'.
 fn map_conn_counts(ebpf: &Ebpf) -> Result<ConnCounts, DataplaneError> {
     const NAME: &str = "backend_conns";
     let map = ebpf.map(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
@@ -502,6 +502,18 @@ impl Dataplane for Xdp {
 
     fn connections(&self, id: u32) -> u64 {
         self.conns.get(id)
+    }
+
+    fn steered(&self, id: u32) -> u64 {
+        self.conns.steered(id)
+    }
+
+    fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
+        if self.conns.forget_steered(id, seen) {
+            Ok(())
+        } else {
+            Err(out_of_range("backend id", id, self.conns.len() as u32))
+        }
     }
 
     fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {

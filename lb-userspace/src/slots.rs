@@ -1,0 +1,368 @@
+//! Slot polling for policy `slots`: every interval, each backend of a service is asked how many
+//! of its llama.cpp slots are idle, and the answer goes to the backend table, which writes it to
+//! the kernel and forgets the connections the poll has already seen.
+//!
+//! `/slots` lists every slot with `is_processing`. A server started with `--no-slots` answers 501
+//! there (builds without the endpoint, 404); then `/metrics` (`llamacpp:requests_processing`,
+//! needs `--metrics`) and `/props` (`total_slots`) give the same counts.
+
+use std::collections::HashSet;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::SlotPoll;
+use crate::table::{SlotCounts, SlotReport, TableHandle};
+
+/// `/slots` grows with the slot count and each busy slot's sampling parameters (about 1.3 KB
+/// for one); this leaves room for hundreds of slots.
+const MAX_RESPONSE: usize = 1 << 20;
+const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("GET {path}: {source}")]
+    Io {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("GET {path}: not an HTTP response")]
+    Malformed { path: &'static str },
+    #[error("GET {path}: status {status}")]
+    Status { path: &'static str, status: u16 },
+    #[error("GET {path}: more than {MAX_RESPONSE} bytes")]
+    TooLarge { path: &'static str },
+    #[error("GET {path}: {source}")]
+    Json {
+        path: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("GET /metrics: no {PROCESSING_GAUGE} gauge")]
+    NoProcessingGauge,
+}
+
+/// Poll the backends of `poll.service` until the task is aborted or the table stops.
+pub async fn run(table: TableHandle, poll: SlotPoll) {
+    let span = info_span!("slots", service = %poll.service);
+    async move {
+        // Backends whose last poll failed, so a failure is logged once per streak.
+        let mut failing: HashSet<(u32, SocketAddrV4)> = HashSet::new();
+        let mut tick = tokio::time::interval(poll.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Ok(snapshot) = table.list().await else {
+                return; // the table is gone: the agent is stopping
+            };
+            let mut polls = tokio::task::JoinSet::new();
+            for b in snapshot
+                .backends
+                .iter()
+                .filter(|b| b.service == poll.service)
+            {
+                // The flows steered so far are the ones this poll can see.
+                let (id, address, steered_before) = (b.id, b.address, b.steered_since_poll);
+                let timeout = poll.timeout;
+                polls.spawn(async move {
+                    let result = poll_backend(address, timeout).await;
+                    (id, address, steered_before, result)
+                });
+            }
+            failing.retain(|key| snapshot.backends.iter().any(|b| (b.id, b.address) == *key));
+            while let Some(Ok((id, address, steered_before, result))) = polls.join_next().await {
+                let slots = match result {
+                    Ok(slots) => slots,
+                    Err(error) => {
+                        if failing.insert((id, address)) {
+                            warn!(id, %address, %error, "slot poll failed; keeping the last count");
+                        } else {
+                            debug!(id, %address, %error, "slot poll failed");
+                        }
+                        continue;
+                    }
+                };
+                if failing.remove(&(id, address)) {
+                    info!(id, %address, "slot poll answers again");
+                }
+                let report = SlotReport {
+                    id,
+                    address,
+                    slots,
+                    steered_before,
+                };
+                if let Err(error) = table.set_slots(report).await {
+                    warn!(id, %address, %error, "publishing a slot poll");
+                    if matches!(error, crate::table::TableError::Stopped) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The slots of the llama-server at `address`, from `/slots`, or from `/metrics` and `/props`
+/// where `/slots` is off; all within `timeout`.
+pub async fn poll_backend(
+    address: SocketAddrV4,
+    timeout: Duration,
+) -> Result<SlotCounts, PollError> {
+    let exchange = async {
+        match get(address, "/slots").await {
+            Ok(body) => parse_slots(&body).map_err(|source| PollError::Json {
+                path: "/slots",
+                source,
+            }),
+            Err(PollError::Status {
+                status: 404 | 501, ..
+            }) => {
+                let metrics = get(address, "/metrics").await?;
+                let processing = parse_processing(&String::from_utf8_lossy(&metrics))
+                    .ok_or(PollError::NoProcessingGauge)?;
+                let props = get(address, "/props").await?;
+                let total = parse_total_slots(&props).map_err(|source| PollError::Json {
+                    path: "/props",
+                    source,
+                })?;
+                Ok(SlotCounts {
+                    total,
+                    idle: total.saturating_sub(processing),
+                })
+            }
+            Err(error) => Err(error),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| PollError::Timeout(timeout))?
+}
+
+/// `/slots`: `[{"id":0,...,"is_processing":false}, ...]`.
+fn parse_slots(body: &[u8]) -> Result<SlotCounts, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Slot {
+        is_processing: bool,
+    }
+    let slots: Vec<Slot> = serde_json::from_slice(body)?;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(SlotCounts {
+        total: count(slots.len()),
+        idle: count(slots.iter().filter(|s| !s.is_processing).count()),
+    })
+}
+
+/// `/props`: `{"total_slots":2, ...}`.
+fn parse_total_slots(body: &[u8]) -> Result<u32, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Props {
+        total_slots: u32,
+    }
+    serde_json::from_slice::<Props>(body).map(|p| p.total_slots)
+}
+
+/// The `llamacpp:requests_processing` gauge of a Prometheus text exposition.
+fn parse_processing(metrics: &str) -> Option<u32> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(PROCESSING_GAUGE)?.strip_prefix(' ')?;
+        let value: f64 = value.split_whitespace().next()?.parse().ok()?;
+        // A gauge of requests: a whole, non-negative number.
+        (value >= 0.0 && value <= f64::from(u32::MAX)).then_some(value as u32)
+    })
+}
+
+/// One `GET path` with `Connection: close`; the body of a 200 answer. llama-server sends
+/// `Content-Length`, and closes after it.
+async fn get(address: SocketAddrV4, path: &'static str) -> Result<Vec<u8>, PollError> {
+    let io = |source| PollError::Io { path, source };
+    let mut stream = TcpStream::connect(address).await.map_err(io)?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
+    let mut response = Vec::new();
+    let read = (&mut stream)
+        .take(MAX_RESPONSE as u64 + 1)
+        .read_to_end(&mut response)
+        .await
+        .map_err(io)?;
+    if read > MAX_RESPONSE {
+        return Err(PollError::TooLarge { path });
+    }
+    parse_response(&response, path)
+}
+
+/// The body of a 200 response, cut to its `Content-Length` when it has one.
+fn parse_response(response: &[u8], path: &'static str) -> Result<Vec<u8>, PollError> {
+    let malformed = || PollError::Malformed { path };
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(malformed)?;
+    let head = std::str::from_utf8(&response[..end]).map_err(|_| malformed())?;
+    let body = &response[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(malformed)?;
+    let status: u16 = match status_line.split(' ').collect::<Vec<_>>()[..] {
+        [version, status, ..] if version.starts_with("HTTP/1.") => {
+            status.parse().map_err(|_| malformed())?
+        }
+        _ => return Err(malformed()),
+    };
+    if status != 200 {
+        return Err(PollError::Status { path, status });
+    }
+    let length = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    match length {
+        Some(length) => body.get(..length).map(<[u8]>::to_vec).ok_or_else(malformed),
+        None => Ok(body.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Captured from llama-server 11434.0.0 (`-np 2 -c 2048`) while slot 1 answered a chat.
+    const SLOTS_ONE_BUSY: &str = include_str!("../fixtures/llama-server/slots_one_busy.json");
+    /// The same server idle.
+    const SLOTS_IDLE: &str = r#"[{"id":0,"n_ctx":1024,"speculative":false,"is_processing":false},{"id":1,"n_ctx":1024,"speculative":false,"is_processing":false}]"#;
+    /// Its `/metrics` (with `--metrics`) at that moment, comments cut.
+    const METRICS_ONE_BUSY: &str = "# HELP llamacpp:requests_processing Number of requests processing\n\
+        # TYPE llamacpp:requests_processing gauge\n\
+        llamacpp:requests_processing 1\n\
+        llamacpp:requests_deferred 0\n\
+        llamacpp:n_busy_slots_per_decode 0\n";
+    /// `/slots` of a server started with `--no-slots`.
+    const NO_SLOTS: &str = "HTTP/1.1 501 Not Implemented\r\nServer: llama.cpp\r\n\
+        Content-Type: application/json; charset=utf-8\r\nContent-Length: 132\r\n\
+        Connection: close\r\n\r\n\
+        {\"error\":{\"code\":501,\"message\":\"This server does not support slots endpoint. \
+        Start it with `--slots`\",\"type\":\"not_supported_error\"}}";
+
+    #[test]
+    fn parses_real_llama_server_answers() -> Result<(), serde_json::Error> {
+        assert_eq!(
+            parse_slots(SLOTS_ONE_BUSY.as_bytes())?,
+            SlotCounts { total: 2, idle: 1 }
+        );
+        assert_eq!(
+            parse_slots(SLOTS_IDLE.as_bytes())?,
+            SlotCounts { total: 2, idle: 2 }
+        );
+        assert_eq!(
+            parse_total_slots(
+                br#"{"default_generation_settings":{},"total_slots":2,"model_alias":"m"}"#
+            )?,
+            2
+        );
+        assert_eq!(parse_processing(METRICS_ONE_BUSY), Some(1));
+        assert_eq!(parse_processing("llamacpp:requests_processing_x 3\n"), None);
+        assert_eq!(parse_processing("llamacpp:requests_processing -1\n"), None);
+        assert!(parse_slots(br#"{"error":"no"}"#).is_err());
+        assert!(
+            parse_slots(br#"[{"id":0}]"#).is_err(),
+            "is_processing is needed"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn responses_are_cut_to_their_length_and_errors_keep_the_status() {
+        let ok = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\ncontent-length: 2\r\n\r\n[]garbage";
+        assert_eq!(
+            parse_response(ok.as_bytes(), "/slots").ok(),
+            Some(b"[]".to_vec())
+        );
+        assert!(matches!(
+            parse_response(NO_SLOTS.as_bytes(), "/slots"),
+            Err(PollError::Status { status: 501, .. })
+        ));
+        assert!(matches!(
+            parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", "/slots"),
+            Err(PollError::Malformed { .. })
+        ));
+        let short = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[]";
+        assert!(matches!(
+            parse_response(short.as_bytes(), "/slots"),
+            Err(PollError::Malformed { .. })
+        ));
+    }
+
+    /// A loopback llama-server stand-in: `answer(path)` is the whole HTTP response.
+    async fn server(answer: fn(&str) -> String) -> SocketAddrV4 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("not IPv4");
+        };
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
+                let _ = stream.write_all(answer(&path).as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    fn ok(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test]
+    async fn polls_slots_or_falls_back_to_metrics_and_props() {
+        let timeout = Duration::from_secs(2);
+        let with_slots = server(|path| match path {
+            "/slots" => ok(SLOTS_ONE_BUSY),
+            _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned(),
+        })
+        .await;
+        assert_eq!(
+            poll_backend(with_slots, timeout).await.ok(),
+            Some(SlotCounts { total: 2, idle: 1 })
+        );
+        let no_slots = server(|path| match path {
+            "/metrics" => ok(METRICS_ONE_BUSY),
+            "/props" => ok(r#"{"total_slots":4}"#),
+            _ => NO_SLOTS.to_owned(),
+        })
+        .await;
+        assert_eq!(
+            poll_backend(no_slots, timeout).await.ok(),
+            Some(SlotCounts { total: 4, idle: 3 })
+        );
+        let nothing = server(|_| NO_SLOTS.replace("slots endpoint", "metrics endpoint")).await;
+        assert!(matches!(
+            poll_backend(nothing, timeout).await,
+            Err(PollError::Status {
+                path: "/metrics",
+                status: 501
+            })
+        ));
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let std::net::SocketAddr::V4(silent_addr) = silent.local_addr().expect("addr") else {
+            panic!("not IPv4");
+        };
+        assert!(matches!(
+            poll_backend(silent_addr, Duration::from_millis(100)).await,
+            Err(PollError::Timeout(_))
+        ));
+    }
+}
