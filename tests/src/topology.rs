@@ -126,6 +126,10 @@ pub struct Topology {
     /// Scratch directory for the config and the agent's log.
     pub dir: PathBuf,
     policy: String,
+    /// Replaces the backend hosts' `steer-test-backend`s as the service's configured backends.
+    service_backends: Option<Vec<SocketAddrV4>>,
+    /// Bodies of `[[instance]]` sections, each a backend of the service.
+    instances: Vec<String>,
 }
 
 impl Topology {
@@ -160,6 +164,8 @@ impl Topology {
             client_if,
             dir,
             policy: policy.to_owned(),
+            service_backends: None,
+            instances: Vec::new(),
         };
         let client_mac = topo.client.mac(&topo.client_if);
         topo.lb
@@ -257,14 +263,36 @@ impl Topology {
             SNAT_PORTS.end(),
             self.policy
         );
-        for b in &self.backends {
+        for addr in self.configured_backends() {
             let _ = write!(
                 cfg,
-                "\n[[service.backend]]\naddress = \"{}\"\nweight = 1\nmax_connections = 0\n",
-                b.addr
+                "\n[[service.backend]]\naddress = \"{addr}\"\nweight = 1\nmax_connections = 0\n"
             );
         }
+        for body in &self.instances {
+            let _ = write!(cfg, "\n[[instance]]\nservice = \"web\"\n{body}");
+        }
         cfg
+    }
+
+    /// The service's `[[service.backend]]` addresses: every backend host's unless replaced.
+    fn configured_backends(&self) -> Vec<SocketAddrV4> {
+        self.service_backends
+            .clone()
+            .unwrap_or_else(|| self.backends.iter().map(|b| b.addr).collect())
+    }
+
+    /// Makes `addrs` the service's configured backends instead of the backend hosts' servers
+    /// (e.g. a llama-server a test runs in a backend namespace). Before [`Topology::start_agent`].
+    pub fn set_service_backends(&mut self, addrs: Vec<SocketAddrV4>) {
+        self.service_backends = Some(addrs);
+    }
+
+    /// Adds an `[[instance]]` section with `body` (name, binary, model, port, ...) that serves
+    /// the service: a llama-server the agent supervises as a local backend. Before
+    /// [`Topology::start_agent`], which then waits for its backend to be listed too.
+    pub fn add_instance(&mut self, body: &str) {
+        self.instances.push(body.to_owned());
     }
 
     /// Gives the client `n` more addresses (10.201.0.10 on), each known to the LB as a neighbour,
@@ -301,7 +329,8 @@ impl Topology {
     }
 
     /// Writes the config, starts `steer run` inside the LB namespace and waits (at most 30 s)
-    /// until `GET /v1/backends` lists every backend. Panics with the agent's log otherwise.
+    /// until `GET /v1/backends` lists every backend (configured ones and instances). Panics with
+    /// the agent's log otherwise.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
         let config = self.dir.join("steer.toml");
@@ -319,6 +348,7 @@ impl Topology {
         let child = self.lb.spawn(cmd);
         self.agent = Some(Agent { child, log });
 
+        let expected = self.configured_backends().len() + self.instances.len();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.agent_mut().child.try_wait() {
@@ -328,7 +358,7 @@ impl Topology {
                 );
             }
             if let Ok(v) = self.try_admin("GET", "/v1/backends", None)
-                && v["backends"].as_array().map(Vec::len) == Some(self.backends.len())
+                && v["backends"].as_array().map(Vec::len) == Some(expected)
             {
                 return;
             }
