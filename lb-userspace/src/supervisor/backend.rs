@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep};
 use tracing::{info, warn};
 
-use crate::table::{TableError, TableHandle};
+use crate::table::{BackendInfo, BackendState, TableError, TableHandle};
 
 /// How often the drain wait looks at the backend's connection count.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
@@ -77,14 +77,19 @@ impl BackendLink {
     /// No new connections; returns once the open ones are gone or the drain timeout passed.
     pub async fn drain(&self) {
         let started = Instant::now();
+        // One an operator drained stays drained after the restart.
+        let was_active = match self.backend().await {
+            Ok(backend) => backend.is_some_and(|b| b.state == BackendState::Active),
+            Err(err) => return self.failed("reading the backend", &err),
+        };
         if let Err(err) = self.table.drain_backend(self.id).await {
             return self.failed("draining the backend", &err);
         }
-        self.drained.store(true, Ordering::SeqCst);
+        self.drained.fetch_or(was_active, Ordering::SeqCst);
         let deadline = started + self.drain_timeout;
         loop {
-            let open = match self.connections().await {
-                Ok(open) => open,
+            let open = match self.backend().await {
+                Ok(backend) => backend.map_or(0, |b| b.active_connections),
                 Err(err) => return self.failed("reading the backend's connections", &err),
             };
             if open == 0 {
@@ -99,13 +104,9 @@ impl BackendLink {
         }
     }
 
-    async fn connections(&self) -> Result<u64, TableError> {
+    async fn backend(&self) -> Result<Option<BackendInfo>, TableError> {
         let snapshot = self.table.list().await?;
-        Ok(snapshot
-            .backends
-            .iter()
-            .find(|b| b.id == self.id)
-            .map_or(0, |b| b.active_connections))
+        Ok(snapshot.backends.into_iter().find(|b| b.id == self.id))
     }
 
     fn failed(&self, what: &str, err: &TableError) {

@@ -1063,7 +1063,8 @@ mod tests {
 
     /// A served instance's backend: DOWN until the first start is healthy, DOWN at once when
     /// the process exits and up again once revived; an apply drains it first, waits for its
-    /// connections (or the drain timeout) before stopping the process, and activates it after.
+    /// connections (or the drain timeout) before stopping the process, and activates it after,
+    /// unless an operator had drained it.
     #[tokio::test(start_paused = true)]
     async fn backend_follows_the_process() {
         use crate::config::{ServiceConfig, Weight};
@@ -1148,5 +1149,21 @@ mod tests {
             "debounce + drain timeout, then the restart: {restarted:?}"
         );
         assert_eq!(state(), ACTIVE);
+
+        // One an operator drained stays drained through a revival and an apply.
+        dataplane.maps().conns.insert(id, 0);
+        table
+            .drain_backend(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        setup.fake.crash();
+        sleep(restart * 2).await;
+        let outcome = setup
+            .handle
+            .submit(input(json!({"-c": 256})))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(outcome.await, Ok(Outcome::Applied { .. })));
+        assert_eq!(state(), DRAINING);
     }
 }
