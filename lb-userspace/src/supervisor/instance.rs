@@ -334,9 +334,6 @@ impl<L: Launcher> Actor<L> {
             let pid = running.pid();
             let status = running.stop(self.settings.stop_grace).await;
             info!(pid, ?status, "llama-server stopped");
-            if let Some(link) = &self.link {
-                link.down(Instant::now()).await;
-            }
         }
     }
 
@@ -673,12 +670,9 @@ async fn apply<L: Launcher>(
         Err(failed) => {
             let restarted = launcher.start(&previous, settings.startup_timeout).await;
             spawns += spawned(&restarted);
-            if let Some(link) = &link {
-                match &restarted {
-                    Ok(_) => link.up().await,
-                    // Down until a revival is healthy.
-                    Err(_) => link.down(Instant::now()).await,
-                }
+            // Failed too: the backend stays drained until a revival is healthy.
+            if let (Ok(_), Some(link)) = (&restarted, &link) {
+                link.up().await;
             }
             let (running, restore) = split(restarted);
             OpDone {
