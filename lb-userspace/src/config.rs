@@ -966,7 +966,7 @@ address = "10.0.0.100:81"
         assert_eq!(chat.backends[0].weight.get(), 3);
         assert_eq!(chat.backends[0].max_connections, 8);
         assert_eq!(chat.backends[1].weight, Weight::ONE);
-        assert_eq!(config.services[1].policy, Policy::RoundRobin);
+        assert_eq!(config.services[1].policy, Policy::Slots, "the default");
         assert!(config.services[1].backends.is_empty());
         assert!(
             config
@@ -1269,7 +1269,7 @@ address = "10.0.0.100:81"
         let text = [
             "[agent]\ninterfaces = [\"eth0\"]\n".to_owned(),
             service("chat", 80, "policy = \"slots\""),
-            service("rr", 81, ""),
+            service("rr", 81, "policy = \"round_robin\""),
             service(
                 "tuned",
                 82,

@@ -15,12 +15,14 @@ use lb_common::{
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
-    #[default]
     RoundRobin,
     LeastConnections,
     /// Client-address affinity: a returning client lands on the backend that holds its cache.
     Maglev,
     /// Most free llama.cpp slots: idle at the last poll, less the connections steered since.
+    /// The default: Steer's services are llama.cpp servers. A backend that answers no slot poll
+    /// counts no free slot, so among such backends the choice is the least connected.
+    #[default]
     Slots,
 }
 

@@ -31,7 +31,7 @@ fn check_config_prints_a_summary_of_the_example() {
     );
     assert!(stdout.contains("interfaces: eth0 (native XDP)"), "{stdout}");
     assert!(
-        stdout.contains("service chat 10.0.0.100:80 round_robin: 2 backend(s)"),
+        stdout.contains("service chat 10.0.0.100:80 slots: 2 backend(s)"),
         "{stdout}"
     );
 }
