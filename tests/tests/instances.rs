@@ -7,7 +7,9 @@
 //! from the moment the agent marks it down until it is revived and healthy, and nothing sent
 //! meanwhile fails; an args change drains the instance first (no new connection, nothing sent
 //! after the change is lost) and it comes back with the new arguments; the agent's shutdown
-//! drains and stops the instances.
+//! drains and stops the instances. And under policy maglev: 50 client addresses each keep their
+//! instance, removing one moves only its clients, `/metrics` counts exactly what each instance
+//! answered, and a streamed chat comes through event by event.
 
 use std::{
     collections::BTreeMap,
@@ -444,5 +446,155 @@ fn supervised_instances_are_local_backends() {
             !Path::new(&format!("/proc/{pid}")).exists(),
             "llama-server {pid} outlived the agent"
         );
+    }
+}
+
+/// `GET /v1/models` on a new connection from `from` to the VIP: the alias that answered.
+async fn model_from(from: std::net::Ipv4Addr) -> String {
+    let mut conn = HttpConn::connect_from(Some(from), SocketAddr::V4(VIP))
+        .await
+        .unwrap_or_else(|e| panic!("connect from {from}: {e}"));
+    let answer: Value = serde_json::from_slice(&conn.get("/v1/models").await.body)
+        .unwrap_or_else(|e| panic!("/v1/models from {from}: bad JSON: {e}"));
+    answer["data"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no model id in {answer}"))
+        .to_owned()
+}
+
+/// A streamed chat through the VIP: the server-sent events as they arrive, with their times.
+async fn streamed_chat() -> Vec<(Instant, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(SocketAddr::V4(VIP))
+        .await
+        .expect("connect to the VIP");
+    let body = json!({
+        "messages": [{"role": "user", "content": "Count to five."}],
+        "max_tokens": 12,
+        "stream": true,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {VIP}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let (mut events, mut pending) = (Vec::new(), String::new());
+    let mut buf = vec![0u8; 16 << 10];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf))
+            .await
+            .expect("the stream ends within the wait")
+            .expect("read");
+        if read == 0 {
+            return events;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..read]));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            if let Some(at) = event.find("data: ") {
+                events.push((Instant::now(), event[at + 6..].trim().to_owned()));
+            }
+        }
+    }
+}
+
+/// Maglev over supervised llama-servers: each of 50 client addresses keeps its instance over 10
+/// new connections, removing one instance moves only its clients, `/metrics` counts exactly the
+/// connections each instance answered, and a streamed chat arrives event by event.
+#[test]
+fn maglev_keeps_clients_on_their_instance_and_metrics_count_them() {
+    netns::require_root("the instance integration test");
+    let mut topo = Topology::new(
+        "imag",
+        "maglev",
+        1,
+        Path::new(env!("CARGO_BIN_EXE_steer-test-backend")),
+    );
+    topo.set_service_backends(Vec::new());
+    let clients = topo.add_client_addresses(50);
+    let (binary, model) = (llama_server_path(), model_path());
+    let store = topo.dir.join("instances.toml");
+    let instances = [("m1", 8093), ("m2", 8094), ("m3", 8095)];
+    for (name, port) in instances {
+        topo.add_instance(&format!(
+            "name = \"{name}\"\nbinary = {:?}\nmodel = {:?}\nport = {port}\n\
+             args = [\"-np\", \"1\", \"-c\", \"512\", \"--alias\", \"{name}\"]\n\
+             config_driver = {{ type = \"file\", path = {:?}, name = \"{name}\" }}\n",
+            path_str(&binary),
+            path_str(&model),
+            path_str(&store),
+        ));
+    }
+    topo.start_agent();
+    wait_all_up(&topo);
+
+    let placement = |topo: &Topology| -> Vec<String> {
+        let clients = clients.clone();
+        let seen = topo.client.block_on(|| async move {
+            let mut seen = Vec::new();
+            for from in clients {
+                let mut models = Vec::new();
+                for _ in 0..10 {
+                    models.push(model_from(from).await);
+                }
+                seen.push((from, models));
+            }
+            seen
+        });
+        seen.into_iter()
+            .map(|(from, models)| {
+                assert!(
+                    models.iter().all(|m| *m == models[0]),
+                    "client {from} moved between instances: {models:?}"
+                );
+                models[0].clone()
+            })
+            .collect()
+    };
+    let before = placement(&topo);
+    let mut answered: BTreeMap<&str, u64> = BTreeMap::new();
+    for name in &before {
+        *answered.entry(name.as_str()).or_default() += 10;
+    }
+    eprintln!("maglev placement of 50 clients: {answered:?}");
+    assert_eq!(
+        answered.len(),
+        3,
+        "every instance has clients: {answered:?}"
+    );
+
+    // Each instance's connection counter is exactly what it answered.
+    let scrape = topo.metrics();
+    for (name, port) in instances {
+        let backend = instance_addr(port).to_string();
+        let counted = tests::metrics::value(
+            &scrape,
+            "steer_backend_connections_total",
+            &[("backend", backend.as_str())],
+        );
+        let want = answered.get(name).copied().unwrap_or(0) as f64;
+        assert_eq!(counted, want, "{name} ({backend}) connections");
+    }
+
+    let events = topo.client.block_on(streamed_chat);
+    assert!(events.len() >= 3, "a stream of events: {events:?}");
+    assert_eq!(events.last().map(|(_, e)| e.as_str()), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&events[0].1).expect("an event is JSON");
+    assert_eq!(first["object"], "chat.completion.chunk", "{first}");
+
+    let m3 = backend(&topo, instance_addr(8095))["id"]
+        .as_u64()
+        .expect("id");
+    topo.admin("DELETE", &format!("/v1/backends/{m3}"), None);
+    let after = placement(&topo);
+    for (i, (was, is)) in before.iter().zip(&after).enumerate() {
+        if was == "m3" {
+            assert_ne!(is, "m3", "client {i} still on the removed instance");
+        } else {
+            assert_eq!(was, is, "client {i} moved from {was} although {was} stayed");
+        }
     }
 }
