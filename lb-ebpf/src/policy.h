@@ -17,11 +17,32 @@ static __always_inline int backend_has_room(const struct steer_backend *b, __u32
 	return b->max_conns == 0 || *conns < b->max_conns;
 }
 
+enum table_entry { ENTRY_TAKEN, ENTRY_FULL, ENTRY_INVALID };
+
+/* One entry of a ring or lookup table names a backend slot of the service:
+ * take it if that backend has room. An invalid entry ends the walk. */
+static __always_inline enum table_entry try_entry(const struct steer_service *svc,
+						  const __u32 *slot, __u32 *backend_id)
+{
+	struct steer_backend *b;
+	__u64 conns;
+	__u32 id;
+
+	if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
+		return ENTRY_INVALID;
+	id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
+	b = bpf_map_lookup_elem(&backends, &id);
+	if (!b || !backend_has_room(b, id, &conns))
+		return ENTRY_FULL;
+	*backend_id = id;
+	return ENTRY_TAKEN;
+}
+
 /* Walk the service's weighted ring from a shared cursor; skip backends without room. */
 static __always_inline int pick_round_robin(const struct steer_service *svc, __u32 *backend_id)
 {
 	__u32 key = svc->id, len = svc->rr_len, i;
-	__u64 *cursor, start, conns;
+	__u64 *cursor, start;
 
 	if (len == 0 || len > STEER_RR_RING_SIZE)
 		return -1;
@@ -31,17 +52,14 @@ static __always_inline int pick_round_robin(const struct steer_service *svc, __u
 	start = __sync_fetch_and_add(cursor, 1);
 	for (i = 0; i < STEER_RR_RING_SIZE && i < len; i++) {
 		__u32 pos = svc->id * STEER_RR_RING_SIZE + (__u32)((start + i) % len);
-		__u32 *slot = bpf_map_lookup_elem(&rr_ring, &pos);
-		struct steer_backend *b;
-		__u32 id;
 
-		if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
-			return -1;
-		id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
-		b = bpf_map_lookup_elem(&backends, &id);
-		if (b && backend_has_room(b, id, &conns)) {
-			*backend_id = id;
+		switch (try_entry(svc, bpf_map_lookup_elem(&rr_ring, &pos), backend_id)) {
+		case ENTRY_TAKEN:
 			return 0;
+		case ENTRY_INVALID:
+			return -1;
+		case ENTRY_FULL:
+			break;
 		}
 	}
 	return -1;
@@ -125,21 +143,17 @@ static __always_inline int pick_maglev(const struct steer_service *svc, __be32 c
 				       __u32 *backend_id)
 {
 	__u32 start = client_hash(client_addr) % STEER_MAGLEV_SIZE, i;
-	__u64 conns;
 
 	for (i = 0; i < STEER_MAGLEV_PROBES; i++) {
 		__u32 pos = svc->id * STEER_MAGLEV_SIZE + (start + i) % STEER_MAGLEV_SIZE;
-		__u32 *slot = bpf_map_lookup_elem(&maglev, &pos);
-		struct steer_backend *b;
-		__u32 id;
 
-		if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
-			return -1;
-		id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
-		b = bpf_map_lookup_elem(&backends, &id);
-		if (b && backend_has_room(b, id, &conns)) {
-			*backend_id = id;
+		switch (try_entry(svc, bpf_map_lookup_elem(&maglev, &pos), backend_id)) {
+		case ENTRY_TAKEN:
 			return 0;
+		case ENTRY_INVALID:
+			return -1;
+		case ENTRY_FULL:
+			break;
 		}
 	}
 	return -1;
