@@ -215,6 +215,22 @@ fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::R
         "steer_backend_bytes",
         "IP bytes (headers included) of the backend's flows, both directions.",
         per_backend(backends, |b| counter(b.bytes)),
+    )?;
+    // Only backends whose llama.cpp slots were polled (policy slots) have these series.
+    family(
+        encoder,
+        "steer_backend_slots",
+        "llama.cpp slots of the backend at the last poll, by state (idle or busy).",
+        backends.iter().flat_map(|b| {
+            let (total, idle) = (b.total_slots.unwrap_or(0), b.idle_slots.unwrap_or(0));
+            let polled = b.total_slots.is_some();
+            [("idle", idle), ("busy", total.saturating_sub(idle))]
+                .into_iter()
+                .filter(move |_| polled)
+                .map(move |(state, n)| {
+                    ((BackendLabels(b), [("state", state)]), gauge(u64::from(n)))
+                })
+        }),
     )
 }
 
@@ -629,6 +645,28 @@ mod tests {
                 .iter()
                 .all(|s| !s.metric.starts_with("steer_backend_")),
             "`steer supervise` has no table"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn slots_of_polled_backends_by_state() -> Result<(), table::TableError> {
+        let (handle, _task) = table::start(FakeDataplane::default(), &services())?;
+        let report = table::SlotReport {
+            id: 1,
+            address: std::net::SocketAddrV4::new([10, 0, 1, 3].into(), 8080),
+            slots: table::SlotCounts { total: 4, idle: 1 },
+            steered_before: 0,
+        };
+        handle.set_slots(report).await?;
+        let samples = parse(&get_metrics(router(Some(handle), Vec::new())).await.1);
+        let b1 = |state| [("backend", "10.0.1.3:8080"), ("state", state)];
+        assert_eq!(value(&samples, "steer_backend_slots", &b1("idle")), 1.0);
+        assert_eq!(value(&samples, "steer_backend_slots", &b1("busy")), 3.0);
+        assert!(
+            !samples.iter().any(|s| s.metric == "steer_backend_slots"
+                && s.labels.get("backend") == Some("10.0.1.2:8080")),
+            "a backend never polled has no slot series"
         );
         Ok(())
     }
