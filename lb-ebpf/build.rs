@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 
 /// clang binaries tried in order; `STEER_CLANG` overrides.
 const CLANGS: &[&str] = &["clang-19", "clang"];
-const PROGRAMS: &[&str] = &["steer.bpf.c"];
+const PROGRAMS: &[&str] = &["steer.bpf.c", "empty.bpf.c"];
 const HEADERS: &[&str] = &[
     "src/parsing.h",
     "src/csum.h",

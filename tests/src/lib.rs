@@ -2,6 +2,7 @@
 //! integration tests on veth + network-namespace topologies.
 
 pub mod etcd;
+pub mod lab;
 pub mod llama;
 pub mod metrics;
 pub mod netns;

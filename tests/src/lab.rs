@@ -1,0 +1,383 @@
+//! The packet lab: a network namespace with the LB's two interfaces (client side, backend side),
+//! routes and static neighbours that make `bpf_fib_lookup` succeed, and Steer's programs loaded
+//! (not attached: `BPF_PROG_TEST_RUN` needs no attachment). The packet tests and the XDP
+//! benchmark run crafted frames through it.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
+};
+use lb_common::{
+    Backend, BackendConns, FlowFwd, FlowKey, Iface, Service, ServiceKey, backend_kind,
+    backend_state, policy,
+};
+
+use crate::{
+    netns::{self, NetNs},
+    packet::{Frame, assert_only_nat_fields_changed, parse_checked},
+    testrun::{XDP_REDIRECT, test_run},
+};
+
+pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 210, 0, 100), 80);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 2);
+pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 1);
+pub const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 210, 2, 1);
+pub const BACKENDS: [SocketAddrV4; 2] = [
+    SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 2), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(10, 210, 2, 3), 8080),
+];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+pub const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+pub const BACKEND_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 2, 2], [0x02, 0, 0, 0, 2, 3]];
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+/// Backends of the policy model test: slot n is 10.210.2.(MODEL_HOST_BASE + n).
+pub const MODEL_SLOTS: u32 = 8;
+pub const MODEL_HOST_BASE: u8 = 10;
+
+pub fn model_backend(slot: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(10, 210, 2, MODEL_HOST_BASE + slot as u8),
+        8080,
+    )
+}
+
+pub fn mac_str(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+pub fn ne(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT_IP, port)
+}
+
+/// A namespace with the LB's two interfaces (client side, backend side), static neighbours for
+/// the client and both backends, and the program loaded (not attached: test runs need no attach).
+pub struct Lab {
+    pub ebpf: Ebpf,
+}
+
+pub fn build_namespace() -> NetNs {
+    netns::require_root("the packet lab (tests and XDP benchmark)");
+    let ns = NetNs::new("pkt");
+    let sh = |args: &[&str]| {
+        let out = ns.exec(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (name, mac, addr) in [
+        ("pcli", LB_CLIENT_MAC, LB_CLIENT_SIDE),
+        ("pbe", LB_BACKEND_MAC, LB_BACKEND_SIDE),
+    ] {
+        let peer = format!("{name}-peer");
+        sh(&[
+            "ip", "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["ip", "link", "set", name, "address", &mac_str(mac)]);
+        sh(&["ip", "addr", "add", &format!("{addr}/24"), "dev", name]);
+        sh(&["ip", "link", "set", name, "up"]);
+        sh(&["ip", "link", "set", &peer, "up"]);
+    }
+    sh(&["ip", "link", "set", "lo", "up"]);
+    let neighbours = [
+        (CLIENT_IP, CLIENT_MAC, "pcli"),
+        (*BACKENDS[0].ip(), BACKEND_MACS[0], "pbe"),
+        (*BACKENDS[1].ip(), BACKEND_MACS[1], "pbe"),
+    ];
+    let model = (0..MODEL_SLOTS).map(|slot| (*model_backend(slot).ip(), BACKEND_MACS[0], "pbe"));
+    for (ip, mac, dev) in neighbours.into_iter().chain(model) {
+        let (ip, mac) = (ip.to_string(), mac_str(mac));
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    // As the agent does: the program looks routes up as if from lo (see nat.h).
+    sh(&["sysctl", "-qw", "net.ipv4.conf.lo.forwarding=1"]);
+    ns
+}
+
+impl Lab {
+    /// Load the program and write the maps for one service at VIP with both backends active.
+    pub fn load(policy: u32) -> Lab {
+        Lab::load_with(policy, None)
+    }
+
+    /// Like [`Lab::load`], with each conntrack map sized `conntrack_entries` when given.
+    pub fn load_with(policy: u32, conntrack_entries: Option<u32>) -> Lab {
+        let mut loader = EbpfLoader::new();
+        if let Some(entries) = conntrack_entries {
+            loader
+                .map_max_entries("ct_fwd", entries)
+                .map_max_entries("ct_rev", entries);
+        }
+        let mut ebpf = loader
+            .load(lb_ebpf::steer_bpf())
+            .expect("loading the object");
+        let prog: &mut Xdp = ebpf
+            .program_mut("steer_xdp")
+            .expect("program steer_xdp")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("the verifier accepts steer_xdp");
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut("steer_tc_egress")
+            .expect("program steer_tc_egress")
+            .try_into()
+            .expect("a TC program");
+        egress.load().expect("the verifier accepts steer_tc_egress");
+        let mut lab = Lab { ebpf };
+        for (name, addr) in [("pcli", LB_CLIENT_SIDE), ("pbe", LB_BACKEND_SIDE)] {
+            let ifindex = nix::net::if_::if_nametoindex(name).expect("interface exists");
+            let mut tx: DevMapHash<&mut MapData> =
+                DevMapHash::try_from(lab.ebpf.map_mut("tx_ports").expect("tx_ports"))
+                    .expect("devmap");
+            tx.insert(ifindex, ifindex, None, 0)
+                .expect("tx_ports insert");
+            let mut ifaces: HashMap<&mut MapData, u32, Iface> =
+                HashMap::try_from(lab.ebpf.map_mut("ifaces").expect("ifaces")).expect("hash");
+            let iface = Iface {
+                snat_addr: ne(addr),
+                _pad: 0,
+            };
+            ifaces.insert(ifindex, iface, 0).expect("ifaces insert");
+        }
+        for (slot, addr) in BACKENDS.iter().enumerate() {
+            lab.set_backend(slot as u32, *addr, backend_state::ACTIVE, 1, 0);
+        }
+        lab.set_service(policy, 2, &[0, 1]);
+        lab
+    }
+
+    pub fn set_backend(
+        &mut self,
+        slot: u32,
+        addr: SocketAddrV4,
+        state: u32,
+        weight: u32,
+        max: u32,
+    ) {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
+        let backend = Backend {
+            addr: ne(*addr.ip()),
+            port: addr.port().to_be(),
+            weight,
+            state,
+            max_conns: max,
+            generation: 1,
+            ..Default::default()
+        };
+        backends.set(slot, backend, 0).expect("backends set");
+    }
+
+    /// Make slot 0 the only backend: one on this host at `addr`.
+    pub fn set_only_local_backend(&mut self, addr: SocketAddrV4) {
+        let backend = Backend {
+            addr: ne(*addr.ip()),
+            port: addr.port().to_be(),
+            weight: 1,
+            state: backend_state::ACTIVE,
+            kind: backend_kind::LOCAL,
+            generation: 1,
+            ..Default::default()
+        };
+        Array::<_, Backend>::try_from(self.ebpf.map_mut("backends").expect("backends"))
+            .expect("array")
+            .set(0, backend, 0)
+            .expect("backends set");
+        self.set_service(policy::ROUND_ROBIN, 1, &[0]);
+    }
+
+    pub fn set_state(&mut self, slot: u32, state: u32) {
+        self.set_backend(slot, BACKENDS[slot as usize], state, 1, 0);
+    }
+
+    pub fn set_service(&mut self, policy: u32, backend_count: u32, ring: &[u32]) {
+        let mut rr: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("rr_ring").expect("rr_ring")).expect("array");
+        for (i, slot) in ring.iter().enumerate() {
+            rr.set(i as u32, *slot, 0).expect("rr_ring set");
+        }
+        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.ebpf.map_mut("services").expect("services")).expect("hash");
+        let key = ServiceKey {
+            vip: ne(*VIP.ip()),
+            port: VIP.port().to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        let service = Service {
+            id: 0,
+            policy,
+            backend_count,
+            rr_len: ring.len() as u32,
+        };
+        services.insert(key, service, 0).expect("services insert");
+    }
+
+    pub fn set_maglev(&mut self, table: &[u32]) {
+        let mut maglev: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("maglev").expect("maglev")).expect("array");
+        for (pos, slot) in (0u32..).zip(table) {
+            maglev.set(pos, slot, 0).expect("maglev set");
+        }
+    }
+
+    pub fn set_cursor(&mut self, value: u64) {
+        let mut cursor: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("rr_cursor").expect("rr_cursor")).expect("array");
+        cursor.set(0, value, 0).expect("rr_cursor set");
+    }
+
+    /// As the agent publishes a slot poll: the backend's idle slots.
+    pub fn set_idle_slots(&mut self, slot: u32, idle_slots: u32) {
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
+        let backend = backends.get(&slot, 0).expect("backends get");
+        let backend = Backend {
+            idle_slots,
+            ..backend
+        };
+        backends.set(slot, backend, 0).expect("backends set");
+    }
+
+    pub fn set_conns(&mut self, id: u32, active: u64, steered: u64) {
+        let mut conns: Array<&mut MapData, BackendConns> =
+            Array::try_from(self.ebpf.map_mut("backend_conns").expect("conns")).expect("array");
+        conns
+            .set(id, BackendConns { active, steered }, 0)
+            .expect("conns set");
+    }
+
+    pub fn backend_conns(&self, id: u32) -> BackendConns {
+        let conns: Array<&MapData, BackendConns> =
+            Array::try_from(self.ebpf.map("backend_conns").expect("conns")).expect("array");
+        conns.get(&id, 0).expect("conns get")
+    }
+
+    pub fn conns(&self, id: u32) -> u64 {
+        self.backend_conns(id).active
+    }
+
+    pub fn counter(&self, which: u32) -> u64 {
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("service_stats").expect("stats")).expect("array");
+        stats.get(&which, 0).expect("stats get").iter().sum()
+    }
+
+    pub fn flow(&self, client: SocketAddrV4) -> Option<FlowFwd> {
+        let ct: HashMap<&MapData, FlowKey, FlowFwd> =
+            HashMap::try_from(self.ebpf.map("ct_fwd").expect("ct_fwd")).expect("hash");
+        let key = FlowKey {
+            src_addr: ne(*client.ip()),
+            dst_addr: ne(*VIP.ip()),
+            src_port: client.port().to_be(),
+            dst_port: VIP.port().to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        ct.get(&key, 0).ok()
+    }
+
+    pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self
+            .ebpf
+            .program("steer_xdp")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let fd = prog.fd().expect("loaded program fd");
+        let out = test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        (out.verdict, out.data)
+    }
+
+    /// Run the TC egress program on a frame the host sends.
+    pub fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program("steer_tc_egress")
+            .expect("program")
+            .try_into()
+            .expect("tc");
+        let fd = prog.fd().expect("loaded program fd");
+        let out = test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        (out.verdict, out.data)
+    }
+
+    /// Send a client packet of `flags` and return where it was sent (must be redirected).
+    pub fn forward(&self, from: SocketAddrV4, flags: u8) -> (SocketAddrV4, SocketAddrV4) {
+        let input = Frame::tcp(from, VIP, flags).with_payload(b"hello").build();
+        let (verdict, output) = self.run(&input);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "client packet {flags:#x} not redirected"
+        );
+        assert_only_nat_fields_changed(&input, &output);
+        let out = parse_checked(&output);
+        assert_eq!(out.src_mac, LB_BACKEND_MAC);
+        let backend = BACKENDS
+            .iter()
+            .position(|b| *b == out.dst)
+            .unwrap_or_else(|| panic!("sent to {} which is no backend", out.dst));
+        assert_eq!(out.dst_mac, BACKEND_MACS[backend]);
+        assert_eq!(
+            *out.src.ip(),
+            LB_BACKEND_SIDE,
+            "source is the LB's egress address"
+        );
+        assert!(
+            SNAT_PORTS.contains(&out.src.port()),
+            "source port {}",
+            out.src.port()
+        );
+        (out.src, out.dst)
+    }
+
+    /// Send a backend reply to `snat` and check it comes back as VIP -> client.
+    pub fn reply(
+        &self,
+        backend: SocketAddrV4,
+        snat: SocketAddrV4,
+        flags: u8,
+        client: SocketAddrV4,
+    ) {
+        let input = Frame::tcp(backend, snat, flags)
+            .with_payload(b"world")
+            .build();
+        let (verdict, output) = self.run(&input);
+        assert_eq!(verdict, XDP_REDIRECT, "reply {flags:#x} not redirected");
+        assert_only_nat_fields_changed(&input, &output);
+        let out = parse_checked(&output);
+        assert_eq!((out.src, out.dst), (VIP, client));
+        assert_eq!((out.src_mac, out.dst_mac), (LB_CLIENT_MAC, CLIENT_MAC));
+    }
+}
+
+pub fn in_lab(policy: u32, test: impl FnOnce(&mut Lab) + Send) {
+    let ns = build_namespace();
+    ns.run(move || {
+        let mut lab = Lab::load(policy);
+        test(&mut lab);
+    });
+}
