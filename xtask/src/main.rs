@@ -1,4 +1,4 @@
-//! `cargo xtask`: the developer and CI entry points (`deps`, `build-ebpf`, `test`, `demo`).
+//! `cargo xtask`: the developer and CI entry points (`deps`, `build-ebpf`, `test`, `demo`, `bench`).
 //!
 //! Kept light on purpose (clap, anyhow, serde_json): it must build before anything else is
 //! installed, so that `cargo xtask deps` can install the rest.
@@ -8,6 +8,7 @@
     reason = "a CLI: paths and test summaries go to stdout"
 )]
 
+mod bench;
 mod cache;
 mod cargo;
 mod deps;
@@ -44,9 +45,16 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Bring up client, load balancer and two backends in network namespaces, run the agent,
-    /// send traffic through it and show where it went (needs root).
+    /// Bring up a client and the load balancer in network namespaces; the agent supervises two
+    /// llama-servers and balances chats over them (needs root).
     Demo,
+    /// Run the benchmarks (needs root): the XDP program's cost per packet beside an empty
+    /// program; results in bench/results/.
+    Bench {
+        /// A short smoke of the harness; its figures are not measurements.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +64,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => cargo::build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { args } => test::run(&args),
         Task::Demo => test::demo(),
+        Task::Bench { quick } => bench::run(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
