@@ -25,6 +25,9 @@ const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
 const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_CLOSED_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_QUEUE_SIZE: usize = 1024;
+const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(100);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(100);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -35,6 +38,43 @@ pub struct Overrides {
     pub interfaces: Vec<String>,
     pub xdp_mode: Option<XdpMode>,
     pub admin_addr: Option<SocketAddr>,
+    pub dataplane: Option<DataplaneKind>,
+}
+
+/// What carries new connections: XDP, with the userspace proxy for what it passes, or the proxy
+/// alone (no BPF at all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneKind {
+    #[default]
+    Xdp,
+    Userspace,
+}
+
+/// How the userspace proxy carries a service's connections (`[[service]] mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// TCP spliced both ways, unparsed.
+    #[default]
+    L4,
+}
+
+/// The userspace proxy of one service: its listener on the service address, the per-backend cap
+/// and the FIFO queue of connections waiting for room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub service: String,
+    pub address: SocketAddrV4,
+    pub mode: ProxyMode,
+    /// Per backend; 0: the backend's own `max_connections`.
+    pub max_connections_per_backend: u32,
+    /// Connections that may wait; one more is closed at once.
+    pub queue_size: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+    /// Longest wait for the backend's first byte.
+    pub response_timeout: Duration,
 }
 
 /// The validated config.
@@ -49,6 +89,9 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Slot polls, one per service with policy `slots` or a `[service.slots]` table.
     pub slot_polls: Vec<SlotPoll>,
+    /// One per service, in service order.
+    pub proxies: Vec<ProxyConfig>,
+    pub dataplane: DataplaneKind,
     /// llama-server processes the agent supervises (`[[instance]]`).
     pub instances: Vec<InstanceSpec>,
 }
@@ -258,6 +301,7 @@ struct RawAgent {
     flow_idle_timeout: Option<Timeout>,
     closed_flow_timeout: Option<Timeout>,
     flow_events: Option<bool>,
+    dataplane: Option<DataplaneKind>,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +316,13 @@ struct RawService {
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
     slots: Option<Spanned<RawSlots>>,
+    #[serde(default)]
+    mode: ProxyMode,
+    #[serde(default)]
+    max_connections_per_backend: u32,
+    queue_size: Option<usize>,
+    queue_timeout: Option<Timeout>,
+    response_timeout: Option<Timeout>,
 }
 
 #[derive(Default, Deserialize)]
@@ -470,6 +521,7 @@ impl Doc<'_> {
         }
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
         let mut slot_polls = Vec::new();
+        let mut proxies = Vec::with_capacity(raw.service.len());
         for (i, service) in raw.service.iter().enumerate() {
             slot_polls.extend(self.slot_poll(i, service.get_ref())?);
             let service = self.service(i, service.get_ref())?;
@@ -492,6 +544,7 @@ impl Doc<'_> {
                     ),
                 ));
             }
+            proxies.push(proxy_config(&service, raw.service[i].get_ref()));
             services.push(service);
         }
         let instances = self.instances(raw.instance, &services)?;
@@ -516,6 +569,8 @@ impl Doc<'_> {
             admin_token,
             services,
             slot_polls,
+            proxies,
+            dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
             instances,
         })
     }
@@ -837,6 +892,24 @@ pub(crate) fn usable_endpoint(addr: SocketAddrV4) -> bool {
 }
 
 /// The summary `steer check-config` prints.
+fn proxy_config(service: &ServiceConfig, raw: &RawService) -> ProxyConfig {
+    ProxyConfig {
+        service: service.name.clone(),
+        address: service.address,
+        mode: raw.mode,
+        max_connections_per_backend: raw.max_connections_per_backend,
+        queue_size: raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+        queue_timeout: raw
+            .queue_timeout
+            .as_ref()
+            .map_or(DEFAULT_QUEUE_TIMEOUT, |t| t.0),
+        response_timeout: raw
+            .response_timeout
+            .as_ref()
+            .map_or(DEFAULT_RESPONSE_TIMEOUT, |t| t.0),
+    }
+}
+
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let xdp = &self.xdp;
@@ -977,13 +1050,43 @@ address = "10.0.0.100:81"
     }
 
     #[test]
+    fn proxy_settings_default_per_service() -> Result<(), ConfigError> {
+        let text = "[agent]\ninterfaces = [\"lo\"]\ndataplane = \"userspace\"\n\n[[service]]\nname = \"a\"\n\
+                    address = \"127.0.0.2:80\"\nmode = \"l4\"\nmax_connections_per_backend = 1\n\
+                    queue_size = 3\nqueue_timeout = \"2s\"\nresponse_timeout = \"5s\"\n\n\
+                    [[service]]\nname = \"b\"\naddress = \"127.0.0.2:81\"\n";
+        let config = parse(text)?;
+        assert_eq!(config.dataplane, DataplaneKind::Userspace);
+        let a = &config.proxies[0];
+        assert_eq!(
+            (
+                a.service.as_str(),
+                a.max_connections_per_backend,
+                a.queue_size
+            ),
+            ("a", 1, 3)
+        );
+        assert_eq!(a.queue_timeout, Duration::from_secs(2));
+        assert_eq!(a.response_timeout, Duration::from_secs(5));
+        let b = &config.proxies[1];
+        assert_eq!((b.mode, b.max_connections_per_backend), (ProxyMode::L4, 0));
+        assert_eq!(b.queue_size, DEFAULT_QUEUE_SIZE);
+        assert_eq!(b.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+        assert_eq!(b.response_timeout, DEFAULT_RESPONSE_TIMEOUT);
+        assert_eq!(parse(EXAMPLE)?.dataplane, DataplaneKind::Xdp);
+        Ok(())
+    }
+
+    #[test]
     fn defaults_and_overrides() -> Result<(), ConfigError> {
         let overrides = Overrides {
             interfaces: vec!["veth9".to_owned()],
             xdp_mode: Some(XdpMode::Native),
             admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dataplane: Some(DataplaneKind::Userspace),
         };
         let config = Config::parse(Path::new("x.toml"), "", &overrides)?;
+        assert_eq!(config.dataplane, DataplaneKind::Userspace);
         assert_eq!(config.xdp.interfaces, ["veth9"]);
         assert_eq!(config.xdp.mode, XdpMode::Native);
         assert_eq!(config.admin_addr.port(), 0);

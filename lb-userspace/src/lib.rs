@@ -19,12 +19,16 @@ mod fake;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, DataplaneKind};
+use crate::dataplane::conns::ConnCounts;
+use crate::dataplane::memory::Userspace;
+use crate::dataplane::proxy::{self, ProxyError};
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::supervisor::SupervisorError;
@@ -44,6 +48,8 @@ pub enum AgentError {
     Table(#[from] TableError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     #[error("serving the admin API on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -54,16 +60,33 @@ pub enum AgentError {
     TableTask(#[source] tokio::task::JoinError),
 }
 
-/// Run the agent until `shutdown` completes: load and attach XDP, program the configured
-/// services, start the configured llama-server instances, serve the admin API; then stop
+/// Run the agent until `shutdown` completes: load and attach XDP (unless the dataplane is
+/// `userspace`, or not root: then with a warning), program the configured services, listen on
+/// their addresses, start the configured llama-server instances, serve the admin API; then stop
 /// serving, stop the instances and detach.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Bind first: a taken port should fail before anything is attached.
     let listener = bind(config.admin_addr).await?;
-    let xdp = Xdp::load(&config.xdp)?;
-    let xdp = serve(xdp, &config, listener, shutdown).await?;
-    drop(xdp);
-    info!(interfaces = ?config.xdp.interfaces, "XDP detached");
+    let mut kind = config.dataplane;
+    if kind == DataplaneKind::Xdp && !nix::unistd::geteuid().is_root() {
+        // Loading BPF needs root; any other load error is the operator's to fix, so it stays one.
+        warn!("not root: cannot load XDP; every connection goes through the userspace proxy");
+        kind = DataplaneKind::Userspace;
+    }
+    match kind {
+        DataplaneKind::Xdp => {
+            let xdp = Xdp::load(&config.xdp)?;
+            let counts = xdp.conn_counts();
+            let xdp = serve(xdp, counts, kind, &config, listener, shutdown).await?;
+            drop(xdp);
+            info!(interfaces = ?config.xdp.interfaces, "XDP detached");
+        }
+        DataplaneKind::Userspace => {
+            let userspace = Userspace::new()?;
+            let counts = userspace.conn_counts();
+            serve(userspace, counts, kind, &config, listener, shutdown).await?;
+        }
+    }
     Ok(())
 }
 
@@ -73,10 +96,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
         .map_err(|source| AgentError::Bind { addr, source })
 }
 
-/// Program `dataplane` with the config's services and serve the API on `listener` until
-/// `shutdown`; the dataplane comes back once the table task has stopped.
+/// Program `dataplane` with the config's services, proxy their addresses counting in `counts`,
+/// and serve the API on `listener` until `shutdown`; the dataplane comes back once the table task
+/// has stopped. With XDP a service address that cannot be listened on is a warning (XDP still
+/// carries that service); with the userspace dataplane it is an error.
 async fn serve<D: Dataplane>(
     dataplane: D,
+    counts: Arc<ConnCounts>,
+    kind: DataplaneKind,
     config: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -100,6 +127,22 @@ async fn serve<D: Dataplane>(
     for poll in &config.slot_polls {
         health_checks.spawn(slots::run(table.clone(), poll.clone()));
     }
+    // Aborted when this returns, with their connections.
+    let mut proxies = tokio::task::JoinSet::new();
+    let mut gates = Vec::with_capacity(config.proxies.len());
+    for (id, settings) in config.proxies.iter().enumerate() {
+        let listener = match (proxy::listen(settings), kind) {
+            (Ok(listener), _) => listener,
+            (Err(error), DataplaneKind::Xdp) => {
+                warn!(%error, "no userspace path for this service: XDP carries it alone");
+                continue;
+            }
+            (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
+        };
+        let gate = proxy::Gate::new(settings.clone(), id, Arc::clone(&counts), table.routes());
+        proxies.spawn(proxy::serve(Arc::clone(&gate), listener));
+        gates.push(gate);
+    }
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());
     for spec in &config.instances {
@@ -117,10 +160,12 @@ async fn serve<D: Dataplane>(
                 instances.clone(),
                 config.admin_token.clone(),
             ))
-            .merge(metrics::router(Some(table), instances)),
+            .merge(metrics::router(Some(table), instances))
+            .merge(proxy::router(gates)),
     );
     info!(
         admin = %addr,
+        dataplane = ?kind,
         interfaces = ?config.xdp.interfaces,
         services = config.services.len(),
         instances = config.instances.len(),
@@ -129,6 +174,7 @@ async fn serve<D: Dataplane>(
     let served = serve_http(listener, app, shutdown).await;
     info!("admin API stopped");
     health_checks.shutdown().await;
+    proxies.shutdown().await;
     // The server, and with it the router holding the last table and instance handles, is gone:
     // the instances stop their processes, and the table task ends and hands the dataplane back.
     for instance in instance_tasks {
@@ -224,10 +270,11 @@ address = "10.0.1.2:8080"
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let fake = FakeDataplane::default();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
         let agent = tokio::spawn({
             let fake = fake.clone();
             async move {
-                serve(fake, &config, listener, async {
+                serve(fake, counts, DataplaneKind::Xdp, &config, listener, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -273,11 +320,20 @@ address = "10.0.1.2:8080"
         let listener = bind(config.admin_addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
         let agent = tokio::spawn(async move {
             let stopped = async {
                 let _ = stopped.await;
             };
-            serve(FakeDataplane::default(), &config, listener, stopped).await
+            serve(
+                FakeDataplane::default(),
+                counts,
+                DataplaneKind::Xdp,
+                &config,
+                listener,
+                stopped,
+            )
+            .await
         });
 
         let response = get(addr, "/v1/instances/gpt/params").await?;

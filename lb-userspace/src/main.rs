@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use lb_userspace::config::{AdminToken, Config, Overrides, parse_duration};
+use lb_userspace::config::{AdminToken, Config, DataplaneKind, Overrides, parse_duration};
 use lb_userspace::dataplane::xdp::XdpMode;
 use lb_userspace::store::DriverConfig;
 use lb_userspace::supervisor::{self, InstanceSpec, Settings};
@@ -109,6 +109,9 @@ struct RunArgs {
     /// Admin API listen address; replaces the config's `agent.admin_addr`.
     #[arg(long, value_name = "ADDR")]
     admin_addr: Option<SocketAddr>,
+    /// `userspace`: no BPF, every connection through the proxy; replaces `agent.dataplane`.
+    #[arg(long, value_enum)]
+    dataplane: Option<DataplaneKind>,
     /// Log filter (`info`, `debug`, `lb_userspace=debug,...`); default: RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -137,6 +140,7 @@ fn try_main() -> anyhow::Result<()> {
                 interfaces: args.interfaces,
                 xdp_mode: args.xdp_mode,
                 admin_addr: args.admin_addr,
+                dataplane: args.dataplane,
             };
             let config = Config::load(&args.config, &overrides)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

@@ -10,23 +10,25 @@
 //! at something unwritten: a removed backend is written DOWN before it leaves the ring.
 
 use std::net::SocketAddrV4;
+use std::sync::Arc;
 
 use lb_common::{
     Backend, BackendStats, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, Service, ServiceKey,
     backend_kind, backend_state, counter,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{BackendConfig, ServiceConfig, Weight};
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::policy::{Policy, maglev_table, rr_ring};
+use crate::policy::{BackendView, Policy, maglev_table, rr_ring};
 
 /// Commands waiting for the table task; callers wait beyond this.
 const QUEUE: usize = 64;
 const SLOTS: usize = MAX_BACKENDS_PER_SERVICE as usize;
+const UNSPECIFIED: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -166,6 +168,24 @@ pub struct Snapshot {
     pub backends: Vec<BackendInfo>,
 }
 
+/// One service as the kernel's maps describe it, for the userspace proxy to choose exactly as
+/// the kernel does; connection counts are read live at choice time, so they are left at zero.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    pub id: u32,
+    /// `enum steer_policy`.
+    pub policy: u32,
+    pub backend_count: u32,
+    pub ring: Vec<u32>,
+    /// Empty until a `maglev` service first has an active backend.
+    pub maglev: Vec<u32>,
+    /// Indexed by slot: the kernel's view of the entry, and where to connect.
+    pub backends: Vec<(BackendView, SocketAddrV4)>,
+}
+
+/// Every service's [`Route`], indexed by service id.
+pub type Routes = Arc<Vec<Route>>;
+
 type Reply<T> = oneshot::Sender<Result<T, TableError>>;
 
 enum Command {
@@ -181,6 +201,7 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct TableHandle {
     tx: mpsc::Sender<Command>,
+    routes: watch::Receiver<Routes>,
 }
 
 impl TableHandle {
@@ -233,6 +254,11 @@ impl TableHandle {
     pub async fn list(&self) -> Result<Snapshot, TableError> {
         self.call(Command::List).await
     }
+
+    /// The routes, republished after every write to the maps: no round trip per connection.
+    pub fn routes(&self) -> watch::Receiver<Routes> {
+        self.routes.clone()
+    }
 }
 
 /// One slot poll of a backend.
@@ -258,7 +284,8 @@ pub fn start<D: Dataplane>(
     dataplane: D,
     services: &[ServiceConfig],
 ) -> Result<(TableHandle, JoinHandle<D>), TableError> {
-    let mut table = Table::new(dataplane, services)?;
+    let (routes_tx, routes) = watch::channel(Routes::default());
+    let mut table = Table::new(dataplane, services, routes_tx)?;
     for id in 0..table.services.len() {
         table.sync(id, 0..SLOTS)?;
     }
@@ -272,12 +299,13 @@ pub fn start<D: Dataplane>(
         }
         .instrument(tracing::info_span!("table")),
     );
-    Ok((TableHandle { tx }, task))
+    Ok((TableHandle { tx, routes }, task))
 }
 
 struct Table<D> {
     dataplane: D,
     services: Vec<ServiceEntry>,
+    routes: watch::Sender<Routes>,
 }
 
 struct ServiceEntry {
@@ -365,7 +393,11 @@ fn backend_id(service: usize, slot: usize) -> u32 {
 }
 
 impl<D: Dataplane> Table<D> {
-    fn new(dataplane: D, services: &[ServiceConfig]) -> Result<Self, TableError> {
+    fn new(
+        dataplane: D,
+        services: &[ServiceConfig],
+        routes: watch::Sender<Routes>,
+    ) -> Result<Self, TableError> {
         if services.len() > MAX_SERVICES as usize {
             return Err(TableError::TooManyServices {
                 count: services.len(),
@@ -374,6 +406,7 @@ impl<D: Dataplane> Table<D> {
         let mut table = Table {
             dataplane,
             services: Vec::with_capacity(services.len()),
+            routes,
         };
         for service in services {
             table.services.push(ServiceEntry {
@@ -597,12 +630,14 @@ impl<D: Dataplane> Table<D> {
         let weights: Vec<(u32, u32)> = active.iter().map(|&(slot, w, _)| (slot, w)).collect();
         let ring = rr_ring(&weights);
         self.dataplane.write_rr_ring(service_id, &ring)?;
-        if entry.policy == Policy::Maglev {
-            // With no active backend the old table stays: the kernel finds no room either way.
-            let table = maglev_table(&active);
-            if !table.is_empty() {
-                self.dataplane.write_maglev(service_id, &table)?;
-            }
+        let maglev = if entry.policy == Policy::Maglev {
+            maglev_table(&active)
+        } else {
+            Vec::new()
+        };
+        // With no active backend the old table stays: the kernel finds no room either way.
+        if !maglev.is_empty() {
+            self.dataplane.write_maglev(service_id, &maglev)?;
         }
         let backend_count = entry
             .slots
@@ -621,7 +656,39 @@ impl<D: Dataplane> Table<D> {
             backend_count: backend_count as u32,
             rr_len: ring.len() as u32,
         };
-        self.dataplane.upsert_service(key, kernel)
+        self.dataplane.upsert_service(key, kernel)?;
+        let backends = entry
+            .slots
+            .iter()
+            .map(|s| {
+                let b = kernel_backend(s);
+                let view = BackendView {
+                    state: b.state,
+                    weight: b.weight,
+                    max_conns: b.max_conns,
+                    idle_slots: b.idle_slots,
+                    ..BackendView::default()
+                };
+                (view, s.backend.as_ref().map_or(UNSPECIFIED, |b| b.address))
+            })
+            .collect();
+        self.routes.send_modify(|routes| {
+            let routes = Arc::make_mut(routes);
+            if routes.len() <= service {
+                routes.resize_with(service + 1, Route::default);
+            }
+            let route = &mut routes[service];
+            // As in the kernel, an empty Maglev table leaves the old one in place.
+            if !maglev.is_empty() {
+                route.maglev = maglev;
+            }
+            route.id = service_id;
+            route.policy = kernel.policy;
+            route.backend_count = kernel.backend_count;
+            route.ring = ring;
+            route.backends = backends;
+        });
+        Ok(())
     }
 
     fn info(&self, service: usize, slot: usize) -> Result<BackendInfo, TableError> {
@@ -1048,6 +1115,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn routes_are_republished_with_every_write() -> Result<(), TableError> {
+        let (_fake, handle, _task) = started()?;
+        let mut routes = handle.routes();
+        let chat = routes.borrow_and_update()[0].clone();
+        assert_eq!(chat.ring, [0, 1]);
+        assert_eq!(chat.backends[1].1, addr("10.0.1.3:8080"));
+        assert_eq!(chat.backends[1].0.state, backend_state::ACTIVE);
+        handle.drain_backend(1).await?;
+        assert!(routes.has_changed().unwrap_or(false));
+        let chat = routes.borrow_and_update()[0].clone();
+        assert_eq!(chat.ring, [0]);
+        assert_eq!(chat.backends[1].0.state, backend_state::DRAINING);
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn kernel_choices_follow_the_table() -> Result<(), TableError> {
         let (fake, handle, _task) = started()?;
         let picks = |n: u64| -> Vec<Option<u32>> {
@@ -1181,7 +1264,11 @@ mod tests {
         let mut config = services();
         config[0].backends.push(backend("10.0.1.2:8080", 2));
         assert!(matches!(
-            Table::new(FakeDataplane::default(), &config),
+            Table::new(
+                FakeDataplane::default(),
+                &config,
+                watch::channel(Routes::default()).0
+            ),
             Err(TableError::DuplicateAddress { .. })
         ));
     }

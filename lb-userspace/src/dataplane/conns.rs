@@ -1,6 +1,7 @@
 //! Active connection counts per backend id, shared with the kernel through the mmap-able
 //! `backend_conns` array. The kernel program and the agent (conntrack expiry, later the proxy)
 //! change the same words with atomic operations, so no map syscall sits on the connection path.
+//! With `--dataplane userspace` the same type holds anonymous memory: one code path either way.
 //! Each element also holds the flows steered since the last slot poll (policy `slots`).
 
 use std::{
@@ -50,9 +51,8 @@ impl ConnCounts {
         Self::map(Some(fd), entries)
     }
 
-    /// Anonymous shared counters: the same semantics without a kernel map, for tests.
-    #[cfg(test)]
-    pub(crate) fn anonymous(entries: u32) -> io::Result<Self> {
+    /// Anonymous shared counters: the same semantics without a kernel map.
+    pub fn anonymous(entries: u32) -> io::Result<Self> {
         Self::map(None, entries)
     }
 
@@ -152,21 +152,25 @@ impl ConnCounts {
     }
 
     /// Take one connection of `id`'s cap `max` (0: no cap), as the kernel's `claim_connection`
-    /// does: compare-and-swap so two claimers never both take the last one. False when full or
-    /// `id` is beyond the array.
+    /// does: compare-and-swap so two claimers never both take the last one, then count it as
+    /// steered for policy `slots`. False when full or `id` is beyond the array.
     pub fn acquire(&self, id: u32, max: u32) -> bool {
-        let Some(count) = self.slot(id) else {
+        let Some(c) = self.as_slice().get(id as usize) else {
             return false;
         };
+        let claimed = max == 0
+            || c.active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    (cur < u64::from(max)).then_some(cur + 1)
+                })
+                .is_ok();
         if max == 0 {
-            count.fetch_add(1, Ordering::AcqRel);
-            return true;
+            c.active.fetch_add(1, Ordering::AcqRel);
         }
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur < u64::from(max)).then_some(cur + 1)
-            })
-            .is_ok()
+        if claimed {
+            c.steered.fetch_add(1, Ordering::AcqRel);
+        }
+        claimed
     }
 
     /// Give one connection of `id` back. Saturates at zero: a count reset while the connection
@@ -205,6 +209,7 @@ mod tests {
         assert!(counts.acquire(7, 2));
         assert!(!counts.acquire(7, 2), "cap of 2 reached");
         assert_eq!(counts.get(7), 2);
+        assert_eq!(counts.steered(7), 2, "each claim is a steered flow");
         assert!(counts.release(7));
         assert!(counts.acquire(7, 2));
         assert!(counts.reset(7));

@@ -2,6 +2,8 @@
 //! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
 
 pub mod conns;
+pub mod memory;
+pub mod proxy;
 pub mod xdp;
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
