@@ -299,7 +299,7 @@ pub(crate) mod tests {
         config.admin_token.unwrap_or_else(|| panic!("no token"))
     }
 
-    async fn call(
+    pub(crate) async fn call(
         app: &Router,
         method: Method,
         uri: &str,

@@ -223,7 +223,7 @@ async fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::call_with;
+    use crate::api::tests::{call, call_with};
     use crate::store::{DriverConfig, SavedArgs, Store};
     use crate::supervisor::args::Aliases;
     use crate::supervisor::instance::{self, Settings};
@@ -265,15 +265,6 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("steer-params-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         dir
-    }
-
-    async fn call(
-        app: &Router,
-        method: Method,
-        uri: &str,
-        body: Option<&str>,
-    ) -> (StatusCode, Value) {
-        call_with(app, method, uri, body, None).await
     }
 
     #[tokio::test]
