@@ -114,6 +114,68 @@ fn counter(admin: SocketAddr, service: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{service}.{name} in {body}"))
 }
 
+/// Waits until the agent on `admin` proxies `service`.
+fn wait_ready(admin: SocketAddr, service: &str) {
+    let started = Instant::now();
+    let name = format!("\"{service}\"");
+    while get(admin, "/v1/proxy").is_none_or(|r| !r.contains(&name)) {
+        assert!(started.elapsed() < WAIT, "steer did not come up");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Not root, no `--dataplane`: the agent warns, loads no BPF and proxies every connection.
+#[test]
+fn without_root_the_userspace_dataplane_is_chosen() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !is_root || !setpriv.exists() {
+        eprintln!("skipped: needs root and setpriv to run steer as another user");
+        return;
+    }
+    let [a, b] = [backend("a", false), backend("b", false)];
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let vip = SocketAddr::from((Ipv4Addr::new(127, 0, 78, 1), free_port()));
+    let config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\n[[service]]\nname = \"rr\"\n\
+         address = \"{vip}\"\npolicy = \"round_robin\"\n[service.health]\nenabled = false\n\n\
+         [[service.backend]]\naddress = \"{a}\"\n\n[[service.backend]]\naddress = \"{b}\"\n"
+    );
+    let id = std::process::id();
+    let path = std::env::temp_dir().join(format!("steer-proxy-nobody-{id}.toml"));
+    std::fs::write(&path, config).expect("write the config");
+    let log_path = std::env::temp_dir().join(format!("steer-proxy-nobody-{id}.log"));
+    let log = std::fs::File::create(&log_path).expect("create the log");
+    let agent = Agent(
+        Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_steer"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start steer"),
+    );
+    wait_ready(admin, "rr");
+    let answers: Vec<String> = (0..2)
+        .map(|_| {
+            let mut client = Client::connect(vip);
+            client.send();
+            client.answer().expect("an answer")
+        })
+        .collect();
+    assert_eq!(answers, ["a", "b"]);
+    drop(agent);
+    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    assert!(log.contains("not root"), "{log}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&log_path);
+}
+
 #[test]
 fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
     let [a, b, c, d, e, f] = [
@@ -171,11 +233,7 @@ fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
             .spawn()
             .expect("start steer"),
     );
-    let started = Instant::now();
-    while get(admin, "/v1/proxy").is_none_or(|r| !r.contains("\"slow\"")) {
-        assert!(started.elapsed() < WAIT, "steer did not come up");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(admin, "slow");
 
     // Balanced per policy: round robin alternates.
     let answers: Vec<String> = (0..4)
