@@ -17,15 +17,35 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     let target = cargo::target_dir()?;
     cargo::run(cargo::cargo().args(["build", "-p", "tests", "--bin", "steer-bench-xdp"]))?;
+    // The end-to-end benchmark runs the agent and the test backends next to itself.
+    cargo::run(cargo::cargo().args([
+        "build",
+        "-p",
+        "tests",
+        "--bin",
+        "steer-bench-e2e",
+        "--bin",
+        "steer-test-backend",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "steer",
+    ]))?;
     let results = if quick {
         target.join("bench-quick")
     } else {
         cargo::root().join("bench").join("results")
     };
-    let mut bench = Command::new(target.join("debug").join("steer-bench-xdp"));
-    bench.arg("--out").arg(results.join("xdp.json"));
-    if quick {
-        bench.arg("--quick");
+    for (bin, json) in [
+        ("steer-bench-xdp", "xdp.json"),
+        ("steer-bench-e2e", "e2e.json"),
+    ] {
+        let mut bench = Command::new(target.join("debug").join(bin));
+        bench.arg("--out").arg(results.join(json));
+        if quick {
+            bench.arg("--quick");
+        }
+        cargo::run(&mut bench)?;
     }
-    cargo::run(&mut bench)
+    Ok(())
 }

@@ -44,6 +44,22 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "etcd-server",
         "the etcd the store and supervisor tests start",
     ),
+    (
+        "wrk",
+        "load generator of the end-to-end benchmark (cargo xtask bench)",
+    ),
+    (
+        "haproxy",
+        "HAProxy mode tcp, a baseline of the end-to-end benchmark",
+    ),
+    (
+        "nginx-light",
+        "nginx, a baseline of the end-to-end benchmark",
+    ),
+    (
+        "libnginx-mod-stream",
+        "nginx's stream (TCP proxy) module for that baseline",
+    ),
 ];
 
 /// Whether dpkg records `package` as installed.
