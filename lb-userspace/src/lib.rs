@@ -73,6 +73,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         warn!("not root: cannot load XDP; every connection goes through the userspace proxy");
         kind = DataplaneKind::Userspace;
     }
+    // Root: SYNs to the VIPs from other hosts reach the proxies; held until the agent stops.
+    let mut routes = Vec::new();
+    if nix::unistd::geteuid().is_root() {
+        let mut vips: Vec<_> = config.services.iter().map(|s| *s.address.ip()).collect();
+        vips.sort_unstable();
+        vips.dedup();
+        for vip in vips {
+            routes.extend(proxy::LocalRoute::add(vip)?);
+        }
+    }
     match kind {
         DataplaneKind::Xdp => {
             let xdp = Xdp::load(&config.xdp)?;
@@ -87,6 +97,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             serve(userspace, counts, kind, &config, listener, shutdown).await?;
         }
     }
+    drop(routes);
     Ok(())
 }
 

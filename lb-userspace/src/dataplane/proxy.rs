@@ -10,8 +10,9 @@
 //! [`KERNEL_RELEASE_TICK`].
 //!
 //! The listener binds with `IP_FREEBIND`, so a VIP that is not (yet) a local address can be
-//! bound without privileges; off-host clients then reach it only where the VIP is routed to this
-//! host. Loopback VIPs (127.0.0.0/8) work as they are.
+//! bound without privileges. For SYNs from other hosts (passed by XDP, or every one without it)
+//! to reach it, the agent, when root, makes the VIP local with a [`LocalRoute`] (`ip route replace
+//! local VIP/32 dev lo`), removed on exit. Loopback VIPs (127.0.0.0/8) work as they are.
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -39,6 +40,8 @@ const BACKLOG: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("`ip {args}`: {message}")]
+    Route { args: String, message: String },
     #[error("listening on {address} for service `{service}`: {source}")]
     Listen {
         service: String,
@@ -282,6 +285,70 @@ impl Gate {
             Refusal::Connect => &c.connect_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A local route that delivers a VIP to this host's stack, deleted on drop.
+#[derive(Debug)]
+pub struct LocalRoute {
+    vip: Ipv4Addr,
+}
+
+impl LocalRoute {
+    /// Route `vip` locally unless it is one of the host's addresses already (then `None`: that
+    /// route is not ours to delete). `replace`, so a route a killed agent left behind is taken.
+    pub fn add(vip: Ipv4Addr) -> Result<Option<Self>, ProxyError> {
+        if vip.is_loopback() || host_has(vip) {
+            return Ok(None);
+        }
+        ip_route("replace", vip)?;
+        Ok(Some(LocalRoute { vip }))
+    }
+}
+
+impl Drop for LocalRoute {
+    fn drop(&mut self) {
+        if let Err(error) = ip_route("del", self.vip) {
+            warn!(%error, "removing the VIP's local route");
+        }
+    }
+}
+
+fn host_has(addr: Ipv4Addr) -> bool {
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            a.address
+                .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
+                == Some(addr)
+        })
+    })
+}
+
+fn ip_route(verb: &str, vip: Ipv4Addr) -> Result<(), ProxyError> {
+    let args = [
+        "route".to_owned(),
+        verb.to_owned(),
+        "local".to_owned(),
+        format!("{vip}/32"),
+        "dev".to_owned(),
+        "lo".to_owned(),
+        "table".to_owned(),
+        "local".to_owned(),
+    ];
+    let error = |message: String| ProxyError::Route {
+        args: args.join(" "),
+        message,
+    };
+    let output = std::process::Command::new("ip")
+        .args(&args)
+        .output()
+        .map_err(|e| error(e.to_string()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(error(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
     }
 }
 
