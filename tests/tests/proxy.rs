@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tests::netns;
@@ -59,4 +60,67 @@ fn a_client_on_the_lb_host_is_balanced_by_the_proxy() {
         !local.contains(&VIP.ip().to_string()),
         "route left: {local}"
     );
+}
+
+/// The backend's name in a `/whoami` answer.
+fn name(answer: &str) -> String {
+    let (name, _) = answer
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("bad /whoami answer {answer:?}"));
+    name.to_owned()
+}
+
+/// XDP on, one connection per backend: with both taken, the kernel passes the next SYNs to the
+/// stack, the VIP's local route hands them to the proxy, and they wait in its queue until a
+/// kernel flow ends; each is then served by the backend that flow freed.
+#[test]
+fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
+    netns::require_root("the integration tests");
+    let backend_bin = Path::new(env!("CARGO_BIN_EXE_steer-test-backend"));
+    let mut topo = Topology::new("prq", "round_robin", 2, backend_bin);
+    topo.set_service_backends(Vec::new());
+    topo.start_agent();
+    for backend in [topo.backend("b1").addr, topo.backend("b2").addr] {
+        let body = serde_json::json!({"service": "web", "address": backend.to_string(), "weight": 1, "max_connections": 1});
+        topo.admin("POST", "/v1/backends", Some(&body));
+    }
+    topo.client.block_on(|| async {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut conn = HttpConn::connect(SocketAddr::V4(VIP))
+                .await
+                .unwrap_or_else(|e| panic!("connect to {VIP}: {e}"));
+            let backend = name(&conn.get("/whoami").await.text());
+            held.push((conn, backend));
+        }
+        assert_ne!(held[0].1, held[1].1, "one flow per backend");
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let mut conn = HttpConn::connect(SocketAddr::V4(VIP))
+                .await
+                .unwrap_or_else(|e| panic!("connect to {VIP} beyond capacity: {e}"));
+            waiting.push(tokio::spawn(async move {
+                let answer = conn.get("/whoami").await.text();
+                (conn, name(&answer))
+            }));
+            // Queued in this order.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(waiting.iter().all(|w| !w.is_finished()), "both wait");
+        // Served connections stay open: only the ended kernel flows free room.
+        let mut served = Vec::new();
+        for waiter in waiting {
+            let (conn, freed) = held.remove(0);
+            drop(conn);
+            let (conn, served_by) = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("served once a flow ended")
+                .expect("waiter task");
+            assert_eq!(served_by, freed, "the backend the ended flow freed");
+            served.push(conn);
+        }
+    });
+    let proxy = topo.admin("GET", "/v1/proxy", None);
+    assert_eq!(proxy[0]["queued"].as_u64(), Some(2), "{proxy}");
 }
