@@ -73,7 +73,25 @@ struct Case {
     name: &'static str,
     what: &'static str,
     new_conn: Wrk,
+    /// SYNs the client retransmitted during the new-connections run (`TcpExtTCPSynRetrans`).
+    syn_retrans: u64,
     keepalive: Wrk,
+}
+
+/// The client's `TcpExt: TCPSynRetrans` counter (from `/proc/net/netstat` in its namespace).
+fn syn_retrans(client: &NetNs) -> u64 {
+    let out = client.exec(&["cat", "/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no TcpExt in /proc/net/netstat: {text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TCPSynRetrans in /proc/net/netstat: {text}"))
 }
 
 /// Runs wrk in the client namespace for `secs` against `url`; panics with wrk's output when it
@@ -184,12 +202,15 @@ fn measure(
 ) -> Case {
     eprintln!("steer-bench-e2e: {name}: {}", urls.join(" "));
     wrk_all(client, urls, false, 1);
+    let before = syn_retrans(client);
     let new_conn = wrk_all(client, urls, true, secs);
+    let syn_retrans = syn_retrans(client).saturating_sub(before);
     let keepalive = wrk_all(client, urls, false, secs);
     Case {
         name,
         what,
         new_conn,
+        syn_retrans,
         keepalive,
     }
 }
@@ -378,15 +399,17 @@ fn ratio(x: f64, direct: f64) -> f64 {
 fn print_table(cases: &[Case]) {
     let Some(direct) = cases.first() else { return };
     println!(
-        "\n| case | new conn/s | x direct | keep-alive req/s | x direct | p50 ms | p99 ms | errors |"
+        "\n| case | new conn/s | x direct | SYN retrans | keep-alive req/s | x direct | p50 ms | p99 ms \
+         | errors |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in cases {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
             c.name,
             c.new_conn.requests_per_s,
             ratio(c.new_conn.requests_per_s, direct.new_conn.requests_per_s),
+            c.syn_retrans,
             c.keepalive.requests_per_s,
             ratio(c.keepalive.requests_per_s, direct.keepalive.requests_per_s),
             c.keepalive.p50_ms,
@@ -434,6 +457,7 @@ fn main() -> ExitCode {
                 "case": c.name,
                 "what": c.what,
                 "new_connections": figure(&c.new_conn, &dn),
+                "new_connections_client_syn_retransmits": c.syn_retrans,
                 "keepalive": figure(&c.keepalive, &dk),
             })).collect::<Vec<_>>(),
         });
