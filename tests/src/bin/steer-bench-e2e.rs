@@ -299,7 +299,7 @@ fn need(tool: &str) {
     assert!(found, "{tool} not found: run `cargo xtask deps` as root");
 }
 
-fn run(secs: u32) -> Vec<Case> {
+fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
     for tool in ["wrk", "haproxy", "nginx"] {
         need(tool);
     }
@@ -349,6 +349,23 @@ fn run(secs: u32) -> Vec<Case> {
         &vip,
         secs,
     ));
+    let scrape = topo.metrics();
+    let web = [("service", "web")];
+    let counter =
+        |name: &str, labels: &[(&str, &str)]| tests::metrics::value(&scrape, name, labels) as u64;
+    let steer_counters = AgentCounters {
+        new_flows: counter("steer_service_new_flows_total", &web),
+        closed_flows: counter("steer_service_closed_flows_total", &web),
+        no_backend: counter("steer_service_no_backend_total", &web),
+        no_snat_port: counter(
+            "steer_service_passed_total",
+            &[("service", "web"), ("reason", "no_snat_port")],
+        ),
+        no_route: counter(
+            "steer_service_passed_total",
+            &[("service", "web"), ("reason", "no_route")],
+        ),
+    };
     let status = topo.stop_agent(Signal::SIGTERM);
     assert!(status.success(), "agent exited with {status}");
 
@@ -389,7 +406,18 @@ fn run(secs: u32) -> Vec<Case> {
     stop_proxy(nginx, "nginx");
     // Give nginx's workers a moment to go before the namespaces do.
     thread::sleep(Duration::from_millis(200));
-    cases
+    (cases, steer_counters)
+}
+
+/// The agent's own counters for the service after the Steer runs (warm-up, new connections,
+/// keep-alive), to tell where new flows went.
+#[derive(Debug, Clone, Copy)]
+struct AgentCounters {
+    new_flows: u64,
+    closed_flows: u64,
+    no_backend: u64,
+    no_snat_port: u64,
+    no_route: u64,
 }
 
 fn ratio(x: f64, direct: f64) -> f64 {
@@ -430,8 +458,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let secs = if args.quick { 1 } else { 5 };
-    let cases = run(secs);
+    let (cases, steer) = run(secs);
     print_table(&cases);
+    println!("Steer's counters after its runs: {steer:?}");
     if let Some(out) = args.out {
         let direct = cases.first().map(|c| (c.new_conn, c.keepalive));
         let (dn, dk) = direct.unwrap_or_default();
@@ -453,6 +482,13 @@ fn main() -> ExitCode {
             "connections": CONNECTIONS,
             "fixed_rate_latency": "not measured: wrk2 is not packaged in Debian; latency is \
                                    wrk's closed-loop p50/p99 at the given connections",
+            "steer_agent_counters": {
+                "new_flows": steer.new_flows,
+                "closed_flows": steer.closed_flows,
+                "no_backend": steer.no_backend,
+                "passed_no_snat_port": steer.no_snat_port,
+                "passed_no_route": steer.no_route,
+            },
             "cases": cases.iter().map(|c| json!({
                 "case": c.name,
                 "what": c.what,
