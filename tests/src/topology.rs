@@ -545,7 +545,9 @@ impl Response {
     }
 }
 
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// A bound on every read and write; above the instance test's 20 s drain timeout plus a restart,
+/// since an admin POST of new arguments answers only once they are applied.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One keep-alive HTTP/1.1 client connection (bodies with Content-Length or chunked).
 #[derive(Debug)]
