@@ -76,6 +76,9 @@ struct Case {
     /// SYNs the client retransmitted during the new-connections run (`TcpExtTCPSynRetrans`).
     syn_retrans: u64,
     keepalive: Wrk,
+    /// The load balancer process's CPU over the new-connections and keep-alive runs, in cores
+    /// (CPU seconds per second; 2 is the whole VM). None for direct.
+    lb_cpu: (Option<f64>, Option<f64>),
 }
 
 /// The client's `TcpExt: TCPSynRetrans` counter (from `/proc/net/netstat` in its namespace).
@@ -193,26 +196,76 @@ fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32) -> Wrk {
 
 /// Both figures for `urls` (loaded at once); a short keep-alive warm-up first (ARP, caches, the
 /// proxy's pools).
+/// `lb_pid` is the load balancer's process (the agent or the proxy), whose CPU time (with its
+/// children's, e.g. nginx's workers) is measured over each run.
 fn measure(
     client: &NetNs,
     name: &'static str,
     what: &'static str,
     urls: &[String],
     secs: u32,
+    lb_pid: Option<u32>,
 ) -> Case {
     eprintln!("steer-bench-e2e: {name}: {}", urls.join(" "));
+    let cpu = || lb_pid.map_or(0.0, cpu_seconds);
     wrk_all(client, urls, false, 1);
-    let before = syn_retrans(client);
+    let before = (syn_retrans(client), cpu());
     let new_conn = wrk_all(client, urls, true, secs);
-    let syn_retrans = syn_retrans(client).saturating_sub(before);
+    let syn_retrans = syn_retrans(client).saturating_sub(before.0);
+    let mid = cpu();
     let keepalive = wrk_all(client, urls, false, secs);
+    let after = cpu();
+    let share = |cpu_s: f64| lb_pid.map(|_| cpu_s / f64::from(secs));
     Case {
         name,
         what,
         new_conn,
         syn_retrans,
         keepalive,
+        lb_cpu: (share(mid - before.1), share(after - mid)),
     }
+}
+
+/// User + system CPU seconds of `pid` and its direct children, from `/proc` (0 when gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15, counted after the ")" that ends the command name.
+    let read = |path: &Path| -> Option<(u32, f64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some((ppid, ticks / hz))
+    };
+    let mut total = read(Path::new(&format!("/proc/{pid}/stat"))).map_or(0.0, |(_, s)| s);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            if let Some((ppid, s)) = read(&entry.path().join("stat"))
+                && ppid == pid
+            {
+                total += s;
+            }
+        }
+    }
+    total
+}
+
+/// The agent's pid: the process whose command line names this topology's config.
+fn agent_pid(dir: &Path) -> u32 {
+    let config = dir.join("steer.toml").display().to_string();
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(&config)
+                .then_some(pid)
+        })
+        .unwrap_or_else(|| panic!("no agent process running with {config}"))
 }
 
 /// Waits (at most 10 s) until `addr` answers `GET /whoami` from the client namespace; the panic
@@ -334,6 +387,7 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
         "client to both backends' own addresses via the LB's kernel forwarding (no XDP)",
         &direct,
         secs,
+        None,
     ));
     topo.lb.sysctl("net.ipv4.ip_forward", "0");
 
@@ -348,6 +402,7 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
         "Steer agent, XDP on the LB's veths, forwarding off",
         &vip,
         secs,
+        Some(agent_pid(&dir)),
     ));
     let scrape = topo.metrics();
     let web = [("service", "web")];
@@ -385,6 +440,7 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
         "HAProxy 2.6 mode tcp on the VIP, nbthread 2, roundrobin",
         &vip,
         secs,
+        Some(haproxy.id()),
     ));
     stop_proxy(haproxy, "haproxy");
 
@@ -402,6 +458,7 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
         "nginx stream proxy on the VIP, 2 workers, round robin",
         &vip,
         secs,
+        Some(nginx.id()),
     ));
     stop_proxy(nginx, "nginx");
     // Give nginx's workers a moment to go before the namespaces do.
@@ -427,19 +484,22 @@ fn ratio(x: f64, direct: f64) -> f64 {
 fn print_table(cases: &[Case]) {
     let Some(direct) = cases.first() else { return };
     println!(
-        "\n| case | new conn/s | x direct | SYN retrans | keep-alive req/s | x direct | p50 ms | p99 ms \
-         | errors |"
+        "\n| case | new conn/s | x direct | LB CPU | SYN retrans | keep-alive req/s | x direct | LB CPU \
+         | p50 ms | p99 ms | errors |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let cores = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.2}"));
     for c in cases {
         println!(
-            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |",
             c.name,
             c.new_conn.requests_per_s,
             ratio(c.new_conn.requests_per_s, direct.new_conn.requests_per_s),
+            cores(c.lb_cpu.0),
             c.syn_retrans,
             c.keepalive.requests_per_s,
             ratio(c.keepalive.requests_per_s, direct.keepalive.requests_per_s),
+            cores(c.lb_cpu.1),
             c.keepalive.p50_ms,
             c.keepalive.p99_ms,
             c.new_conn.errors + c.keepalive.errors,
@@ -447,7 +507,9 @@ fn print_table(cases: &[Case]) {
     }
     println!(
         "\np50/p99: wrk's latency on the keep-alive run at {CONNECTIONS} connections (closed \
-         loop); latency at a fixed offered load is not measured (wrk2 is not in Debian)."
+         loop); latency at a fixed offered load is not measured (wrk2 is not in Debian). LB CPU: \
+         the agent's or proxy's own CPU (user + system, with children) in cores, not the \
+         softirq time XDP and the kernel spend on the packets."
     );
 }
 
@@ -494,6 +556,8 @@ fn main() -> ExitCode {
                 "what": c.what,
                 "new_connections": figure(&c.new_conn, &dn),
                 "new_connections_client_syn_retransmits": c.syn_retrans,
+                "new_connections_lb_process_cpu_cores": c.lb_cpu.0,
+                "keepalive_lb_process_cpu_cores": c.lb_cpu.1,
                 "keepalive": figure(&c.keepalive, &dk),
             })).collect::<Vec<_>>(),
         });
