@@ -18,8 +18,8 @@ enum {
 };
 
 /* Source ports for flows to remote backends: [snat_port_min, snat_port_max]. */
-const volatile __u16 snat_port_min = 61000;
-const volatile __u16 snat_port_max = 65535;
+const volatile __u16 snat_port_min = 16384;
+const volatile __u16 snat_port_max = 32767;
 
 struct next_hop {
 	__u32 ifindex;

@@ -21,7 +21,9 @@ use crate::supervisor::{self, InstanceBackend, InstanceSpec, Settings};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
-const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+/// Below Linux's default ephemeral range (32768-60999), so the host's own connections never take
+/// a port a flow holds; 16,384 ports per backend.
+const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 16384..=32767;
 const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_CLOSED_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -353,7 +355,7 @@ struct RawBackend {
     max_connections: u32,
 }
 
-/// `"61000-65535"`: SNAT source ports, unprivileged and in order.
+/// `"16384-32767"`: SNAT source ports, unprivileged and in order.
 struct PortRange(RangeInclusive<u16>);
 
 impl<'de> Deserialize<'de> for PortRange {
@@ -362,7 +364,7 @@ impl<'de> Deserialize<'de> for PortRange {
         let bad = |why: &str| serde::de::Error::custom(format_args!("`{text}`: {why}"));
         let (start, end) = text
             .split_once('-')
-            .ok_or_else(|| bad("expected a port range like \"61000-65535\""))?;
+            .ok_or_else(|| bad("expected a port range like \"16384-32767\""))?;
         let port = |s: &str| {
             s.trim()
                 .parse::<u16>()

@@ -36,7 +36,7 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 pub const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 pub const BACKEND_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 2, 2], [0x02, 0, 0, 0, 2, 3]];
-pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 16384..=32767;
 /// Backends of the policy model test: slot n is 10.210.2.(MODEL_HOST_BASE + n).
 pub const MODEL_SLOTS: u32 = 8;
 pub const MODEL_HOST_BASE: u8 = 10;

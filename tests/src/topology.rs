@@ -36,7 +36,7 @@ pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 201, 200, 100)
 /// The agent's admin API, on the LB namespace's own loopback.
 pub const ADMIN_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090);
 /// The range the agent takes SNAT source ports from (set in the generated config).
-pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 16384..=32767;
 /// The client's address.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 /// The LB's address on the client link.

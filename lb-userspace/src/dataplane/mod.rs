@@ -66,6 +66,11 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "snat_ports {snat} overlap the host's own ephemeral ports {local} \
+         (net.ipv4.ip_local_port_range): choose SNAT ports outside them"
+    )]
+    SnatPortsOverlap { snat: String, local: String },
     #[error("interface `{0}` does not exist")]
     NoSuchInterface(String),
     #[error("interface `{0}` has no IPv4 address to use as the source towards backends")]

@@ -38,6 +38,8 @@ const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
 /// routes up as if from lo (see nat.h): lo needs it on, while the data interfaces keep theirs.
 const LO_FORWARDING: &str = "/proc/sys/net/ipv4/conf/lo/forwarding";
+/// The ports the host's own outgoing connections (health checks, slot polls) take.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// How the program is attached (`--xdp-mode`).
 #[derive(
@@ -135,6 +137,7 @@ impl Xdp {
             source: std::io::Error::other(e),
         })?;
         let interfaces = resolve_interfaces(&options.interfaces)?;
+        check_snat_ports(&options.snat_ports)?;
         let flow_events = u32::from(options.flow_events);
         let mut ebpf = EbpfLoader::new()
             .override_global("snat_port_min", options.snat_ports.start(), true)
@@ -340,6 +343,39 @@ fn dup_map<V: aya::Pod>(
     Map::from_map_data(data)
         .and_then(Array::try_from)
         .map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+/// A SNAT port inside the host's ephemeral range could be claimed by a flow while the host's
+/// own connection to the same backend uses it; its replies would then go to the client.
+fn check_snat_ports(snat: &RangeInclusive<u16>) -> Result<(), DataplaneError> {
+    let text = fs::read_to_string(LOCAL_PORT_RANGE).map_err(|source| DataplaneError::Io {
+        what: format!("reading {LOCAL_PORT_RANGE}"),
+        source,
+    })?;
+    match parse_port_range(&text) {
+        Some(local) if ranges_overlap(snat, &local) => Err(DataplaneError::SnatPortsOverlap {
+            snat: format!("{}-{}", snat.start(), snat.end()),
+            local: format!("{}-{}", local.start(), local.end()),
+        }),
+        Some(_) => Ok(()),
+        None => Err(DataplaneError::Io {
+            what: format!("reading {LOCAL_PORT_RANGE}"),
+            source: std::io::Error::other(format!("unexpected content {text:?}")),
+        }),
+    }
+}
+
+/// `"32768\t60999\n"`, as the kernel prints `ip_local_port_range`.
+fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Some(low..=high),
+        _ => None,
+    }
+}
+
+fn ranges_overlap(a: &RangeInclusive<u16>, b: &RangeInclusive<u16>) -> bool {
+    a.start() <= b.end() && b.start() <= a.end()
 }
 
 fn enable_lo_forwarding() -> Result<(), DataplaneError> {
@@ -575,11 +611,23 @@ fn resolve_neighbour(backend: &Backend) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn snat_ports_must_stay_out_of_the_hosts_ephemeral_range() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+        let local = 32768..=60999;
+        assert!(!ranges_overlap(&(16384..=32767), &local));
+        assert!(!ranges_overlap(&(61000..=65535), &local));
+        assert!(ranges_overlap(&(30000..=40000), &local));
+        assert!(ranges_overlap(&(60999..=61000), &local));
+    }
+
     fn options(interfaces: &[&str]) -> XdpOptions {
         XdpOptions {
             interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
             mode: XdpMode::Native,
-            snat_ports: 61000..=65535,
+            snat_ports: 16384..=32767,
             flow_events: false,
             conntrack_entries: 1024,
             flow_idle_timeout: std::time::Duration::from_secs(300),
