@@ -80,6 +80,23 @@ async fn file_store(path: &Path, name: &str) -> Store {
     Store::open(&driver).await.expect("opening the file store")
 }
 
+/// Saves under two names of one store, one of them twice: each loads back its own last save.
+async fn two_names_keep_their_own(gpt: &Store, deepseek: &Store) {
+    gpt.save(&args("/m/gpt.gguf")).await.expect("save gpt");
+    deepseek
+        .save(&args("/m/deepseek.gguf"))
+        .await
+        .expect("save deepseek");
+    gpt.save(&args("/m/gpt-2.gguf"))
+        .await
+        .expect("save gpt again");
+    assert_eq!(gpt.load().await.expect("load"), Some(args("/m/gpt-2.gguf")));
+    assert_eq!(
+        deepseek.load().await.expect("load"),
+        Some(args("/m/deepseek.gguf"))
+    );
+}
+
 async fn etcd_store(addr: &str, name: &str) -> Result<Store, StoreError> {
     let driver = DriverConfig::Etcd {
         addr: addr.into(),
@@ -128,20 +145,7 @@ async fn two_names_in_one_file_do_not_disturb_each_other() {
     let path = dir.file("config.toml");
     let gpt = file_store(&path, "gpt").await;
     let deepseek = file_store(&path, "deepseek").await;
-    gpt.save(&args("/m/gpt.gguf")).await.expect("save gpt");
-    deepseek
-        .save(&args("/m/deepseek.gguf"))
-        .await
-        .expect("save deepseek");
-    gpt.save(&args("/m/gpt-2.gguf"))
-        .await
-        .expect("save gpt again");
-
-    assert_eq!(gpt.load().await.expect("load"), Some(args("/m/gpt-2.gguf")));
-    assert_eq!(
-        deepseek.load().await.expect("load"),
-        Some(args("/m/deepseek.gguf"))
-    );
+    two_names_keep_their_own(&gpt, &deepseek).await;
     let text = fs::read_to_string(&path).expect("reading the file");
     assert!(
         text.contains("[gpt.args]") && text.contains("[deepseek.args]"),
@@ -310,19 +314,7 @@ async fn etcd_round_trip_and_two_names() {
         .expect("open deepseek");
     assert_eq!(gpt.load().await.expect("load"), None);
 
-    gpt.save(&args("/m/gpt.gguf")).await.expect("save gpt");
-    deepseek
-        .save(&args("/m/deepseek.gguf"))
-        .await
-        .expect("save deepseek");
-    gpt.save(&args("/m/gpt-2.gguf"))
-        .await
-        .expect("save gpt again");
-    assert_eq!(gpt.load().await.expect("load"), Some(args("/m/gpt-2.gguf")));
-    assert_eq!(
-        deepseek.load().await.expect("load"),
-        Some(args("/m/deepseek.gguf"))
-    );
+    two_names_keep_their_own(&gpt, &deepseek).await;
 
     // Behind the store's back: one key per name under the prefix, holding the JSON.
     let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
