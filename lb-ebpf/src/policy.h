@@ -52,15 +52,12 @@ static __always_inline int pick_round_robin(const struct steer_service *svc, __u
 	start = __sync_fetch_and_add(cursor, 1);
 	for (i = 0; i < STEER_RR_RING_SIZE && i < len; i++) {
 		__u32 pos = svc->id * STEER_RR_RING_SIZE + (__u32)((start + i) % len);
+		enum table_entry entry;
 
-		switch (try_entry(svc, bpf_map_lookup_elem(&rr_ring, &pos), backend_id)) {
-		case ENTRY_TAKEN:
-			return 0;
-		case ENTRY_INVALID:
-			return -1;
-		case ENTRY_FULL:
-			break;
-		}
+		entry = try_entry(svc, bpf_map_lookup_elem(&rr_ring, &pos), backend_id);
+
+		if (entry != ENTRY_FULL)
+			return entry == ENTRY_TAKEN ? 0 : -1;
 	}
 	return -1;
 }
@@ -146,15 +143,12 @@ static __always_inline int pick_maglev(const struct steer_service *svc, __be32 c
 
 	for (i = 0; i < STEER_MAGLEV_PROBES; i++) {
 		__u32 pos = svc->id * STEER_MAGLEV_SIZE + (start + i) % STEER_MAGLEV_SIZE;
+		enum table_entry entry;
 
-		switch (try_entry(svc, bpf_map_lookup_elem(&maglev, &pos), backend_id)) {
-		case ENTRY_TAKEN:
-			return 0;
-		case ENTRY_INVALID:
-			return -1;
-		case ENTRY_FULL:
-			break;
-		}
+		entry = try_entry(svc, bpf_map_lookup_elem(&maglev, &pos), backend_id);
+
+		if (entry != ENTRY_FULL)
+			return entry == ENTRY_TAKEN ? 0 : -1;
 	}
 	return -1;
 }
