@@ -4,6 +4,7 @@
 pub mod conns;
 pub mod memory;
 pub mod proxy;
+pub mod splice;
 pub mod xdp;
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
