@@ -60,6 +60,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "libnginx-mod-stream",
         "nginx's stream (TCP proxy) module for that baseline",
     ),
+    (
+        "fonts-dejavu-core",
+        "the TTF the benchmark plots' text is drawn with (plotters, no fontconfig)",
+    ),
 ];
 
 /// Whether dpkg records `package` as installed.

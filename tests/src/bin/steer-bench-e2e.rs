@@ -1,84 +1,150 @@
-//! `cargo xtask bench`: end to end on network namespaces, Steer against direct forwarding,
-//! HAProxy and nginx.
+//! `cargo xtask bench`: end to end on network namespaces, Steer's XDP and userspace paths against
+//! direct forwarding, HAProxy and nginx, and the agent's own cost.
 //!
 //! One topology for every case ([`Topology`]): a client namespace, the LB namespace and two
-//! backend namespaces running `steer-test-backend`. The load generator is Debian's `wrk`, run
-//! inside the client namespace against `GET /whoami`, for a bounded time per figure:
-//! - new connections: `Connection: close` on every request (one request per TCP connection);
-//! - keep-alive: requests per second on long-lived connections, with wrk's latency p50/p99
-//!   at that fixed concurrency (closed loop; a fixed offered rate needs wrk2, not in Debian).
+//! backend namespaces running `steer-test-backend`. Figures, each for a bounded time, all from
+//! the client namespace:
+//! - new connections/s: Debian's `wrk` with `Connection: close` (one request per TCP connection)
+//!   on `GET /whoami`;
+//! - keep-alive requests/s: `wrk` on long-lived connections;
+//! - latency at a fixed offered load: this file's open-loop client ([`fixed_rate`]) starts
+//!   `GET /whoami` on schedule whatever the answers (wrk2 is not in Debian), once on keep-alive
+//!   connections and once with a new connection per request (so the handshake through the load
+//!   balancer counts);
+//! - bulk: `wrk` downloading `GET /bytes/1048576` on 4 connections, bytes per second.
 //!
 //! Cases, in this order on the same hosts:
-//! - `direct`: the client to both backends at their own addresses (one wrk each, at once) through
-//!   the LB namespace with kernel forwarding on and no XDP (the limit);
-//! - `steer-xdp`: the agent running with XDP on the LB's veths, forwarding off, client to the VIP;
-//! - `haproxy`: HAProxy `mode tcp` in the LB namespace listening on the VIP (nbthread 2,
+//! - `direct`: the client to both backends at their own addresses (load split between them)
+//!   through the LB namespace with kernel forwarding on and no XDP (the limit);
+//! - `steer-xdp`: the agent with XDP on the LB's veths, forwarding off, client to the VIP;
+//! - `steer-userspace-l4`: the agent with `--dataplane userspace` (no BPF): its proxy listens on
+//!   the VIP and splices TCP;
+//! - `steer-userspace-http`: the same with the service's `mode = "http"`, when this agent
+//!   accepts that mode (a row saying it was skipped otherwise);
+//! - `haproxy-tcp` / `haproxy-http`: HAProxy in `mode tcp` / `mode http` on the VIP (nbthread 2,
 //!   maxconn, balance roundrobin), forwarding off;
 //! - `nginx`: nginx `stream` proxy on the VIP (2 workers, round robin), forwarding off.
 //!
-//! Prints a table (each figure also as a ratio to direct) and writes JSON (`--out`). Every
-//! process is stopped and every namespace deleted on the way out (the harness guards).
+//! For both Steer agents also: idle CPU and resident memory (before the load), resident memory
+//! after it, CPU under it, and the kernel memory of the agent's BPF maps.
+//!
+//! Prints markdown tables (every figure also as a ratio to direct), writes JSON (`--out`, the
+//! tables beside it) and PNG plots (`--plots`). Every process is stopped and every namespace
+//! deleted on the way out (the harness guards).
 
 #![expect(
     clippy::print_stdout,
-    reason = "the benchmark's table is for a person to read"
+    reason = "the benchmark's tables are for a person to read"
 )]
 
 use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
+    sync::{Arc, Mutex, PoisonError},
     thread,
     time::{Duration, Instant},
 };
 
 use clap::Parser;
 use nix::sys::signal::Signal;
-use serde_json::json;
+use serde_json::{Value, json};
 use tests::{
+    bench::{Series, bar_chart, p50_p99, ratio, write_results},
     netns::{self, ChildGuard, NetNs},
-    topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary},
+    topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
 };
 
 #[derive(Parser)]
-#[command(about = "End-to-end requests per second through Steer, HAProxy and nginx vs direct")]
+#[command(about = "End to end through Steer (XDP, userspace), HAProxy and nginx vs direct")]
 struct Args {
     /// About 1 s per figure (a smoke of the harness, not a measurement).
     #[arg(long)]
     quick: bool,
-    /// Where to write the results as JSON.
+    /// Where to write the results as JSON (the markdown tables go beside it, `.md`).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Where to draw the PNG plots.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 /// Concurrent connections wrk keeps open.
 const CONNECTIONS: u32 = 32;
 /// wrk threads (the VM has 2 cores, shared with everything else).
 const WRK_THREADS: u32 = 2;
-/// The request every figure is made of: a few bytes each way.
+/// The request of every figure but bulk: a few bytes each way.
 const PATH: &str = "/whoami";
+/// The bulk download: 1 MiB bodies on a few connections.
+const BULK_PATH: &str = "/bytes/1048576";
+const BULK_CONNECTIONS: u32 = 4;
+/// Fixed offered loads, well below every path's capacity on this VM.
+const KEEPALIVE_RATE: f64 = 2000.0;
+const NEW_CONN_RATE: f64 = 1000.0;
+/// Requests the open-loop client lets be outstanding; one more due is counted as late.
+const MAX_OUTSTANDING: usize = 512;
 
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy, Default)]
 struct Wrk {
     requests_per_s: f64,
+    /// wrk's `Transfer/sec` (response bytes, headers included).
+    bytes_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
     /// Socket errors plus non-2xx answers.
     errors: u64,
 }
 
+/// What one fixed-rate run measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fixed {
+    rate: f64,
+    completed: u64,
+    /// Failed requests (connect, I/O, non-200, or unanswered at the end).
+    errors: u64,
+    /// Requests not started because `MAX_OUTSTANDING` were outstanding.
+    late: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// The agent's cost beside its case.
+#[derive(Debug, Clone, Copy, Default)]
+struct AgentCost {
+    idle_cpu_cores: f64,
+    idle_rss_kib: u64,
+    loaded_rss_kib: u64,
+    /// Peak resident memory over the whole run (`VmHWM`).
+    hwm_kib: u64,
+    bpf_maps: u64,
+    /// Sum of the maps' `memlock` (kernel memory charged for them).
+    bpf_map_bytes: u64,
+}
+
 /// One case's figures.
 struct Case {
     name: &'static str,
-    what: &'static str,
+    what: String,
     new_conn: Wrk,
     /// SYNs the client retransmitted during the new-connections run (`TcpExtTCPSynRetrans`).
     syn_retrans: u64,
     keepalive: Wrk,
+    fixed_keepalive: Fixed,
+    fixed_new: Fixed,
+    bulk: Wrk,
     /// The load balancer process's CPU over the new-connections and keep-alive runs, in cores
     /// (CPU seconds per second; 2 is the whole VM). None for direct.
     lb_cpu: (Option<f64>, Option<f64>),
+    agent: Option<AgentCost>,
+}
+
+/// A case that did not run, and why.
+struct Skipped {
+    name: &'static str,
+    why: String,
 }
 
 /// The client's `TcpExt: TCPSynRetrans` counter (from `/proc/net/netstat` in its namespace).
@@ -145,6 +211,15 @@ fn parse_latency(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * scale)
 }
 
+/// A wrk byte count like `1.05GB`, `812.33KB` or `120B` (powers of 1024).
+fn parse_bytes(s: &str) -> Option<f64> {
+    let units = [("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1), ("B", 0)];
+    units.iter().find_map(|&(unit, power)| {
+        let n = s.strip_suffix(unit)?;
+        n.parse::<f64>().ok().map(|v| v * 1024f64.powi(power))
+    })
+}
+
 fn parse_wrk(text: &str) -> Option<Wrk> {
     let mut w = Wrk::default();
     let mut rate = None;
@@ -152,6 +227,7 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Requests/sec:", v] => rate = v.parse::<f64>().ok(),
+            ["Transfer/sec:", v] => w.bytes_per_s = parse_bytes(v).unwrap_or(f64::NAN),
             ["50%", v] => w.p50_ms = parse_latency(v).unwrap_or(f64::NAN),
             ["99%", v] => w.p99_ms = parse_latency(v).unwrap_or(f64::NAN),
             ["Non-2xx", "or", "3xx", "responses:", n] => w.errors += n.parse::<u64>().unwrap_or(0),
@@ -170,12 +246,12 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
     Some(w)
 }
 
-/// One figure over `urls` at once, the connections and threads split between them (one wrk per
-/// URL): requests per second summed, latency the worst of the runs'.
-fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32) -> Wrk {
+/// One figure over `urls` at once, `conns` connections and the threads split between them (one
+/// wrk each): rates summed, latency the worst of the runs'.
+fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32, conns: u32) -> Wrk {
     let n = u32::try_from(urls.len()).expect("a few URLs");
     let threads = (WRK_THREADS / n).max(1);
-    let conns = (CONNECTIONS / n).max(threads);
+    let conns = (conns / n).max(threads);
     let runs: Vec<Wrk> = thread::scope(|scope| {
         let handles: Vec<_> = urls
             .iter()
@@ -188,41 +264,140 @@ fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32) -> Wrk {
     });
     runs.iter().fold(Wrk::default(), |acc, w| Wrk {
         requests_per_s: acc.requests_per_s + w.requests_per_s,
+        bytes_per_s: acc.bytes_per_s + w.bytes_per_s,
         p50_ms: acc.p50_ms.max(w.p50_ms),
         p99_ms: acc.p99_ms.max(w.p99_ms),
         errors: acc.errors + w.errors,
     })
 }
 
-/// Both figures for `urls` (loaded at once); a short keep-alive warm-up first (ARP, caches, the
-/// proxy's pools).
-/// `lb_pid` is the load balancer's process (the agent or the proxy), whose CPU time (with its
-/// children's, e.g. nginx's workers) is measured over each run.
+/// Latency at a fixed offered load: `GET /whoami` started every `1/rate` s for `secs` (spread
+/// over `addrs` in turn), each on a pooled keep-alive connection or, with `fresh`, a new one.
+/// Open loop: a slow answer delays no later request, so it cannot hide the queueing it causes.
+/// Latency runs from the request's start (connect included when fresh) to its whole answer.
+async fn fixed_rate(addrs: &[SocketAddrV4], rate: f64, secs: u32, fresh: bool) -> Fixed {
+    type Pool = Arc<Vec<Mutex<Vec<HttpConn>>>>;
+    let pools: Pool = Arc::new(addrs.iter().map(|_| Mutex::new(Vec::new())).collect());
+    let total = (rate * f64::from(secs)) as u64;
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut fixed = Fixed {
+        rate,
+        ..Fixed::default()
+    };
+    let mut latencies = Vec::new();
+    let mut collect = |result: Result<Result<f64, ()>, tokio::task::JoinError>| match result {
+        Ok(Ok(ms)) => latencies.push(ms),
+        _ => fixed.errors += 1,
+    };
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        while let Some(done) = tasks.try_join_next() {
+            collect(done);
+        }
+        if tasks.len() >= MAX_OUTSTANDING {
+            fixed.late += 1;
+            continue;
+        }
+        let which = (i % addrs.len() as u64) as usize;
+        let addr = SocketAddr::V4(addrs[which]);
+        let pools = Arc::clone(&pools);
+        tasks.spawn(async move {
+            let began = Instant::now();
+            let pooled = if fresh {
+                None
+            } else {
+                pools[which]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop()
+            };
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => HttpConn::connect(addr).await.map_err(drop)?,
+            };
+            match conn.try_request("GET", PATH, None).await {
+                Ok(r) if r.status == 200 => {
+                    let ms = began.elapsed().as_secs_f64() * 1e3;
+                    if !fresh {
+                        pools[which]
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(conn);
+                    }
+                    Ok(ms)
+                }
+                _ => Err(()),
+            }
+        });
+    }
+    // Bounded: what has not answered 5 s after the last start counts as failed.
+    let drain = async {
+        while let Some(done) = tasks.join_next().await {
+            collect(done);
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        fixed.errors += tasks.len() as u64;
+        tasks.abort_all();
+    }
+    fixed.completed = latencies.len() as u64;
+    (fixed.p50_ms, fixed.p99_ms) = p50_p99(&mut latencies);
+    fixed
+}
+
+/// Every figure of a case, for `targets` (loaded at once); a short keep-alive warm-up first
+/// (ARP, caches, the proxy's pools). `lb_pid` is the load balancer's process (the agent or the
+/// proxy), whose CPU time (with its children's, e.g. nginx's workers) is measured over the
+/// new-connection and keep-alive runs.
 fn measure(
     client: &NetNs,
     name: &'static str,
-    what: &'static str,
-    urls: &[String],
+    what: &str,
+    targets: &[SocketAddrV4],
     secs: u32,
     lb_pid: Option<u32>,
 ) -> Case {
+    let urls: Vec<String> = targets
+        .iter()
+        .map(|a| format!("http://{a}{PATH}"))
+        .collect();
+    let bulk: Vec<String> = targets
+        .iter()
+        .map(|a| format!("http://{a}{BULK_PATH}"))
+        .collect();
     eprintln!("steer-bench-e2e: {name}: {}", urls.join(" "));
     let cpu = || lb_pid.map_or(0.0, cpu_seconds);
-    wrk_all(client, urls, false, 1);
+    // A smoke run (1 s figures) skips the warm-up.
+    if secs > 1 {
+        wrk_all(client, &urls, false, 1, CONNECTIONS);
+    }
     let before = (syn_retrans(client), cpu());
-    let new_conn = wrk_all(client, urls, true, secs);
+    let new_conn = wrk_all(client, &urls, true, secs, CONNECTIONS);
     let syn_retrans = syn_retrans(client).saturating_sub(before.0);
     let mid = cpu();
-    let keepalive = wrk_all(client, urls, false, secs);
+    let keepalive = wrk_all(client, &urls, false, secs, CONNECTIONS);
     let after = cpu();
+    let fixed_keepalive =
+        client.block_on(|| async { fixed_rate(targets, KEEPALIVE_RATE, secs, false).await });
+    let fixed_new =
+        client.block_on(|| async { fixed_rate(targets, NEW_CONN_RATE, secs, true).await });
+    let bulk = wrk_all(client, &bulk, false, secs, BULK_CONNECTIONS);
     let share = |cpu_s: f64| lb_pid.map(|_| cpu_s / f64::from(secs));
     Case {
         name,
-        what,
+        what: what.to_owned(),
         new_conn,
         syn_retrans,
         keepalive,
+        fixed_keepalive,
+        fixed_new,
+        bulk,
         lb_cpu: (share(mid - before.1), share(after - mid)),
+        agent: None,
     }
 }
 
@@ -252,6 +427,66 @@ fn cpu_seconds(pid: u32) -> f64 {
     total
 }
 
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`); 0 when missing.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// The BPF maps `pid` holds open (counted once each, by map id) and the sum of their `memlock`,
+/// from `/proc/<pid>/fdinfo`.
+fn bpf_maps(pid: u32) -> (u64, u64) {
+    let mut maps = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        for entry in entries.flatten() {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let field = |name: &str| {
+                info.lines().find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(':')?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            if let (Some(id), Some(memlock)) = (field("map_id"), field("memlock")) {
+                maps.insert(id, memlock);
+            }
+        }
+    }
+    (maps.len() as u64, maps.values().sum())
+}
+
+/// The agent's idle cost: CPU over `secs` of no traffic, resident memory, its BPF maps.
+fn agent_idle(pid: u32, secs: u32) -> AgentCost {
+    let before = cpu_seconds(pid);
+    thread::sleep(Duration::from_secs(u64::from(secs)));
+    let (bpf_maps, bpf_map_bytes) = bpf_maps(pid);
+    AgentCost {
+        idle_cpu_cores: (cpu_seconds(pid) - before) / f64::from(secs),
+        idle_rss_kib: status_kib(pid, "VmRSS"),
+        bpf_maps,
+        bpf_map_bytes,
+        ..AgentCost::default()
+    }
+}
+
+/// Adds the after-load memory figures to `case`'s agent cost.
+fn agent_loaded(mut idle: AgentCost, pid: u32) -> AgentCost {
+    idle.loaded_rss_kib = status_kib(pid, "VmRSS");
+    idle.hwm_kib = status_kib(pid, "VmHWM");
+    idle
+}
+
 /// The agent's pid: the process whose command line names this topology's config.
 fn agent_pid(dir: &Path) -> u32 {
     let config = dir.join("steer.toml").display().to_string();
@@ -262,7 +497,8 @@ fn agent_pid(dir: &Path) -> u32 {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             String::from_utf8_lossy(&cmdline)
-                .contains(&config)
+                .split('\0')
+                .any(|arg| arg == config)
                 .then_some(pid)
         })
         .unwrap_or_else(|| panic!("no agent process running with {config}"))
@@ -291,8 +527,8 @@ fn wait_serving(client: &NetNs, addr: SocketAddrV4, what: &str, log: Option<&Pat
     });
 }
 
-/// Starts a proxy in the LB namespace with its output in `log`.
-fn spawn_proxy(lb: &NetNs, program: &str, args: &[&str], log: &Path) -> ChildGuard {
+/// Starts a proxy (or an agent) in the LB namespace with its output in `log`.
+fn spawn_logged(lb: &NetNs, program: &Path, args: &[&str], log: &Path) -> ChildGuard {
     let out =
         std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let mut cmd = Command::new(program);
@@ -313,10 +549,10 @@ fn stop_proxy(mut child: ChildGuard, what: &str) {
     }
 }
 
-fn haproxy_config(topo: &Topology) -> String {
+fn haproxy_config(topo: &Topology, mode: &str) -> String {
     let mut cfg = format!(
         "global\n    nbthread 2\n    maxconn 8000\n\n\
-         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    \
+         defaults\n    mode {mode}\n    timeout connect 5s\n    timeout client 30s\n    \
          timeout server 30s\n    maxconn 8000\n\n\
          frontend web\n    bind {VIP}\n    default_backend llama\n\n\
          backend llama\n    balance roundrobin\n"
@@ -352,7 +588,71 @@ fn need(tool: &str) {
     assert!(found, "{tool} not found: run `cargo xtask deps` as root");
 }
 
-fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
+/// `text` with `from` replaced once by `to`; panics when `from` is not there (the generated
+/// config changed shape).
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "no {from:?} in the agent config:\n{text}"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// `steer check-config` on `config`: Err with the agent's words when it refuses it.
+fn agent_accepts(config: &Path) -> Result<(), String> {
+    let out = Command::new(steer_bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .map_err(|e| format!("running steer check-config: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// Runs the agent with `config` (text) in the LB namespace as `name`, measures its idle cost and
+/// the case, and stops it. Err when the agent refuses the config.
+fn userspace_case(
+    topo: &Topology,
+    name: &'static str,
+    what: &str,
+    config: &str,
+    secs: u32,
+    idle_secs: u32,
+) -> Result<Case, String> {
+    let path = topo.dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("write the agent config");
+    agent_accepts(&path)?;
+    let log = topo.dir.join(format!("{name}.log"));
+    let config_arg = path.display().to_string();
+    let agent = spawn_logged(
+        &topo.lb,
+        &steer_bin(),
+        &["run", "--config", &config_arg, "--log-level", "warn"],
+        &log,
+    );
+    wait_serving(&topo.client, VIP, name, Some(&log));
+    let idle = agent_idle(agent.id(), idle_secs);
+    let mut case = measure(&topo.client, name, what, &[VIP], secs, Some(agent.id()));
+    case.agent = Some(agent_loaded(idle, agent.id()));
+    stop_proxy(agent, name);
+    Ok(case)
+}
+
+/// The agent's own counters for the service after the XDP runs, to tell where new flows went.
+#[derive(Debug, Clone, Copy)]
+struct AgentCounters {
+    new_flows: u64,
+    closed_flows: u64,
+    no_backend: u64,
+    no_snat_port: u64,
+    no_route: u64,
+}
+
+fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
     for tool in ["wrk", "haproxy", "nginx"] {
         need(tool);
     }
@@ -365,11 +665,12 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
     let mut topo = Topology::new("e2e", "round_robin", 2, &backend_bin);
     let dir = topo.dir.clone();
     let mut cases = Vec::new();
+    let mut skipped = Vec::new();
 
     // (a) direct: each backend at its own address through the LB's kernel forwarding, both at
     // once (one wrk each, half the connections), so the limit has the same two backends.
-    let mut direct = Vec::new();
     topo.lb.sysctl("net.ipv4.ip_forward", "1");
+    let direct: Vec<SocketAddrV4> = topo.backends.iter().map(|b| b.addr).collect();
     for b in &topo.backends {
         topo.client
             .route_via(&format!("{}/32", b.addr.ip()), &LB_CLIENT_SIDE.to_string());
@@ -379,7 +680,6 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
             &format!("backend {} (direct)", b.name),
             None,
         );
-        direct.push(format!("http://{}{PATH}", b.addr));
     }
     cases.push(measure(
         &topo.client,
@@ -391,19 +691,22 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
     ));
     topo.lb.sysctl("net.ipv4.ip_forward", "0");
 
-    let vip = [format!("http://{VIP}{PATH}")];
-
     // (b) Steer with XDP.
+    let base_config = topo.config();
     topo.start_agent();
     wait_serving(&topo.client, VIP, "steer", None);
-    cases.push(measure(
+    let pid = agent_pid(&dir);
+    let idle = agent_idle(pid, idle_secs);
+    let mut xdp = measure(
         &topo.client,
         "steer-xdp",
         "Steer agent, XDP on the LB's veths, forwarding off",
-        &vip,
+        &[VIP],
         secs,
-        Some(agent_pid(&dir)),
-    ));
+        Some(pid),
+    );
+    xdp.agent = Some(agent_loaded(idle, pid));
+    cases.push(xdp);
     let scrape = topo.metrics();
     let web = [("service", "web")];
     let counter =
@@ -424,93 +727,257 @@ fn run(secs: u32) -> (Vec<Case>, AgentCounters) {
     let status = topo.stop_agent(Signal::SIGTERM);
     assert!(status.success(), "agent exited with {status}");
 
+    // (c) Steer's userspace path: no BPF; the agent makes the VIP local itself (and undoes it
+    // on exit), so these run before the VIP becomes an address of the LB's lo below.
+    let userspace = replace_once(
+        &base_config,
+        "[agent]\n",
+        "[agent]\ndataplane = \"userspace\"\n",
+    );
+    let policy_line = "policy = \"round_robin\"\n";
+    let variants = [
+        (
+            "steer-userspace-l4",
+            "Steer agent, --dataplane userspace, proxy mode l4 (TCP splice)",
+            userspace.clone(),
+        ),
+        (
+            "steer-userspace-http",
+            "Steer agent, --dataplane userspace, proxy mode http",
+            replace_once(
+                &userspace,
+                policy_line,
+                &format!("{policy_line}mode = \"http\"\n"),
+            ),
+        ),
+    ];
+    for (name, what, config) in variants {
+        match userspace_case(&topo, name, what, &config, secs, idle_secs) {
+            Ok(case) => cases.push(case),
+            Err(why) => {
+                eprintln!("steer-bench-e2e: {name} skipped: {why}");
+                skipped.push(Skipped { name, why });
+            }
+        }
+    }
+
     // The proxies listen on the VIP, a local address of the LB from now on.
     topo.lb.addr_add("lo", &format!("{}/32", VIP.ip()));
 
-    // (c) HAProxy mode tcp.
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_config(&topo)).expect("write haproxy.cfg");
-    let cfg_arg = cfg.display().to_string();
-    let log = dir.join("haproxy.log");
-    let haproxy = spawn_proxy(&topo.lb, "haproxy", &["-db", "-f", &cfg_arg], &log);
-    wait_serving(&topo.client, VIP, "haproxy", Some(&log));
-    cases.push(measure(
-        &topo.client,
-        "haproxy",
-        "HAProxy 2.6 mode tcp on the VIP, nbthread 2, roundrobin",
-        &vip,
-        secs,
-        Some(haproxy.id()),
-    ));
-    stop_proxy(haproxy, "haproxy");
+    // (d) HAProxy, mode tcp and mode http.
+    for (name, mode) in [("haproxy-tcp", "tcp"), ("haproxy-http", "http")] {
+        let cfg = dir.join(format!("{name}.cfg"));
+        std::fs::write(&cfg, haproxy_config(&topo, mode)).expect("write haproxy.cfg");
+        let cfg_arg = cfg.display().to_string();
+        let log = dir.join(format!("{name}.log"));
+        let haproxy = spawn_logged(
+            &topo.lb,
+            Path::new("haproxy"),
+            &["-db", "-f", &cfg_arg],
+            &log,
+        );
+        wait_serving(&topo.client, VIP, name, Some(&log));
+        cases.push(measure(
+            &topo.client,
+            name,
+            &format!("HAProxy 2.6 mode {mode} on the VIP, nbthread 2, roundrobin"),
+            &[VIP],
+            secs,
+            Some(haproxy.id()),
+        ));
+        stop_proxy(haproxy, name);
+    }
 
-    // (d) nginx stream.
+    // (e) nginx stream.
     let cfg = dir.join("nginx.conf");
     std::fs::write(&cfg, nginx_config(&topo, &dir)).expect("write nginx.conf");
     let cfg_arg = cfg.display().to_string();
     let prefix = format!("{}/", dir.display());
     let log = dir.join("nginx.log");
-    let nginx = spawn_proxy(&topo.lb, "nginx", &["-p", &prefix, "-c", &cfg_arg], &log);
+    let nginx = spawn_logged(
+        &topo.lb,
+        Path::new("nginx"),
+        &["-p", &prefix, "-c", &cfg_arg],
+        &log,
+    );
     wait_serving(&topo.client, VIP, "nginx", Some(&log));
     cases.push(measure(
         &topo.client,
         "nginx",
         "nginx stream proxy on the VIP, 2 workers, round robin",
-        &vip,
+        &[VIP],
         secs,
         Some(nginx.id()),
     ));
     stop_proxy(nginx, "nginx");
     // Give nginx's workers a moment to go before the namespaces do.
     thread::sleep(Duration::from_millis(200));
-    (cases, steer_counters)
+    (cases, skipped, steer_counters)
 }
 
-/// The agent's own counters for the service after the Steer runs (warm-up, new connections,
-/// keep-alive), to tell where new flows went.
-#[derive(Debug, Clone, Copy)]
-struct AgentCounters {
-    new_flows: u64,
-    closed_flows: u64,
-    no_backend: u64,
-    no_snat_port: u64,
-    no_route: u64,
-}
-
-fn ratio(x: f64, direct: f64) -> f64 {
-    if direct > 0.0 { x / direct } else { f64::NAN }
-}
-
-fn print_table(cases: &[Case]) {
-    let Some(direct) = cases.first() else { return };
-    println!(
-        "\n| case | new conn/s | x direct | LB CPU | SYN retrans | keep-alive req/s | x direct | LB CPU \
-         | p50 ms | p99 ms | errors |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+fn tables(cases: &[Case], skipped: &[Skipped]) -> String {
+    let Some(d) = cases.first() else {
+        return String::new();
+    };
+    let mut md = String::new();
     let cores = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.2}"));
+    let _ = writeln!(
+        md,
+        "| case | new conn/s | x direct | LB CPU | keep-alive req/s | x direct | LB CPU | bulk MB/s | x direct | errors |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for c in cases {
-        println!(
-            "| {} | {:.0} | {:.2} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |",
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} |",
             c.name,
             c.new_conn.requests_per_s,
-            ratio(c.new_conn.requests_per_s, direct.new_conn.requests_per_s),
+            ratio(c.new_conn.requests_per_s, d.new_conn.requests_per_s),
             cores(c.lb_cpu.0),
-            c.syn_retrans,
             c.keepalive.requests_per_s,
-            ratio(c.keepalive.requests_per_s, direct.keepalive.requests_per_s),
+            ratio(c.keepalive.requests_per_s, d.keepalive.requests_per_s),
             cores(c.lb_cpu.1),
-            c.keepalive.p50_ms,
-            c.keepalive.p99_ms,
-            c.new_conn.errors + c.keepalive.errors,
+            c.bulk.bytes_per_s / 1e6,
+            ratio(c.bulk.bytes_per_s, d.bulk.bytes_per_s),
+            c.new_conn.errors + c.keepalive.errors + c.bulk.errors,
         );
     }
-    println!(
-        "\np50/p99: wrk's latency on the keep-alive run at {CONNECTIONS} connections (closed \
-         loop); latency at a fixed offered load is not measured (wrk2 is not in Debian). LB CPU: \
-         the agent's or proxy's own CPU (user + system, with children) in cores, not the \
-         softirq time XDP and the kernel spend on the packets."
+    let _ = writeln!(
+        md,
+        "\n| case | keep-alive at {KEEPALIVE_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | new connection at {NEW_CONN_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | failed or late |"
     );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for c in cases {
+        let (k, n) = (&c.fixed_keepalive, &c.fixed_new);
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            c.name,
+            k.p50_ms,
+            k.p99_ms,
+            ratio(k.p99_ms, d.fixed_keepalive.p99_ms),
+            n.p50_ms,
+            n.p99_ms,
+            ratio(n.p99_ms, d.fixed_new.p99_ms),
+            k.errors + k.late + n.errors + n.late,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| agent | idle CPU (cores) | idle RSS MiB | RSS after load MiB | peak RSS MiB | CPU under new conns | CPU under keep-alive | BPF maps | map memory MiB |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for c in cases {
+        if let Some(a) = &c.agent {
+            let mib = |kib: u64| kib as f64 / 1024.0;
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.1} |",
+                c.name,
+                a.idle_cpu_cores,
+                mib(a.idle_rss_kib),
+                mib(a.loaded_rss_kib),
+                mib(a.hwm_kib),
+                cores(c.lb_cpu.0),
+                cores(c.lb_cpu.1),
+                a.bpf_maps,
+                a.bpf_map_bytes as f64 / (1024.0 * 1024.0),
+            );
+        }
+    }
+    for s in skipped {
+        let _ = writeln!(md, "\n{} skipped: {}", s.name, s.why);
+    }
+    md
+}
+
+fn plots(cases: &[Case], dir: &Path) -> Result<(), tests::bench::PlotError> {
+    let Some(d) = cases.first() else {
+        return Ok(());
+    };
+    let series = |values: &dyn Fn(&Case) -> Vec<f64>| -> Vec<Series> {
+        cases
+            .iter()
+            .map(|c| Series {
+                name: c.name.to_owned(),
+                values: values(c),
+            })
+            .collect()
+    };
+    let throughput = series(&|c| {
+        vec![
+            ratio(c.new_conn.requests_per_s, d.new_conn.requests_per_s),
+            ratio(c.keepalive.requests_per_s, d.keepalive.requests_per_s),
+            ratio(c.bulk.bytes_per_s, d.bulk.bytes_per_s),
+        ]
+    });
+    bar_chart(
+        &dir.join("e2e-throughput.png"),
+        "End to end: throughput as a ratio to direct (higher is better)",
+        "x direct",
+        &[
+            "new connections/s".to_owned(),
+            "keep-alive requests/s".to_owned(),
+            "bulk bytes/s".to_owned(),
+        ],
+        &throughput,
+        Some(1.0),
+    )?;
+    let latency = series(&|c| {
+        vec![
+            c.fixed_keepalive.p50_ms,
+            c.fixed_keepalive.p99_ms,
+            c.fixed_new.p50_ms,
+            c.fixed_new.p99_ms,
+        ]
+    });
+    bar_chart(
+        &dir.join("e2e-latency.png"),
+        "End to end: latency at a fixed offered load (lower is better)",
+        "ms",
+        &[
+            format!("keep-alive {KEEPALIVE_RATE:.0}/s p50"),
+            "p99".to_owned(),
+            format!("new conn {NEW_CONN_RATE:.0}/s p50"),
+            "p99".to_owned(),
+        ],
+        &latency,
+        None,
+    )
+}
+
+fn wrk_json(w: &Wrk, d: &Wrk) -> Value {
+    json!({
+        "requests_per_s": w.requests_per_s,
+        "bytes_per_s": w.bytes_per_s,
+        "ratio_to_direct": ratio(w.requests_per_s, d.requests_per_s),
+        "bytes_ratio_to_direct": ratio(w.bytes_per_s, d.bytes_per_s),
+        "latency_p50_ms": w.p50_ms,
+        "latency_p99_ms": w.p99_ms,
+        "errors": w.errors,
+    })
+}
+
+fn fixed_json(f: &Fixed, d: &Fixed) -> Value {
+    json!({
+        "offered_per_s": f.rate,
+        "completed": f.completed,
+        "failed": f.errors,
+        "late": f.late,
+        "latency_p50_ms": f.p50_ms,
+        "latency_p99_ms": f.p99_ms,
+        "p50_ratio_to_direct": ratio(f.p50_ms, d.p50_ms),
+        "p99_ratio_to_direct": ratio(f.p99_ms, d.p99_ms),
+    })
 }
 
 fn main() -> ExitCode {
@@ -519,52 +986,65 @@ fn main() -> ExitCode {
         eprintln!("steer-bench-e2e needs root (network namespaces, XDP): run `cargo xtask bench`");
         return ExitCode::FAILURE;
     }
-    let secs = if args.quick { 1 } else { 5 };
-    let (cases, steer) = run(secs);
-    print_table(&cases);
-    println!("Steer's counters after its runs: {steer:?}");
+    let (secs, idle_secs) = if args.quick { (1, 1) } else { (5, 5) };
+    let (cases, skipped, steer) = run(secs, idle_secs);
+    let mut md = tables(&cases, &skipped);
+    let _ = writeln!(md, "\nSteer XDP's counters after its runs: {steer:?}");
+    println!("\n{md}");
+    if let Some(dir) = &args.plots
+        && let Err(e) = plots(&cases, dir)
+    {
+        eprintln!("steer-bench-e2e: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(out) = args.out {
-        let direct = cases.first().map(|c| (c.new_conn, c.keepalive));
-        let (dn, dk) = direct.unwrap_or_default();
-        let figure = |w: &Wrk, d: &Wrk| {
-            json!({
-                "requests_per_s": w.requests_per_s,
-                "ratio_to_direct": ratio(w.requests_per_s, d.requests_per_s),
-                "latency_p50_ms": w.p50_ms,
-                "latency_p99_ms": w.p99_ms,
-                "errors": w.errors,
-            })
-        };
+        let d = cases.first();
         let json = json!({
-            "method": "wrk in the client namespace, GET /whoami of steer-test-backend, \
-                       2 backend namespaces, one LB namespace",
+            "method": "client, LB and 2 backend namespaces; wrk for rates and bulk, the \
+                       benchmark's own open-loop client for latency at a fixed offered load",
             "quick": args.quick,
             "seconds_per_figure": secs,
             "wrk_threads": WRK_THREADS,
             "connections": CONNECTIONS,
-            "fixed_rate_latency": "not measured: wrk2 is not packaged in Debian; latency is \
-                                   wrk's closed-loop p50/p99 at the given connections",
-            "steer_agent_counters": {
+            "bulk": {"path": BULK_PATH, "connections": BULK_CONNECTIONS},
+            "fixed_rate": {
+                "keepalive_per_s": KEEPALIVE_RATE,
+                "new_connection_per_s": NEW_CONN_RATE,
+                "max_outstanding": MAX_OUTSTANDING,
+            },
+            "steer_xdp_agent_counters": {
                 "new_flows": steer.new_flows,
                 "closed_flows": steer.closed_flows,
                 "no_backend": steer.no_backend,
                 "passed_no_snat_port": steer.no_snat_port,
                 "passed_no_route": steer.no_route,
             },
-            "cases": cases.iter().map(|c| json!({
-                "case": c.name,
-                "what": c.what,
-                "new_connections": figure(&c.new_conn, &dn),
-                "new_connections_client_syn_retransmits": c.syn_retrans,
-                "new_connections_lb_process_cpu_cores": c.lb_cpu.0,
-                "keepalive_lb_process_cpu_cores": c.lb_cpu.1,
-                "keepalive": figure(&c.keepalive, &dk),
-            })).collect::<Vec<_>>(),
+            "skipped": skipped.iter().map(|s| json!({"case": s.name, "why": s.why})).collect::<Vec<_>>(),
+            "cases": cases.iter().map(|c| {
+                let d = d.unwrap_or(c);
+                json!({
+                    "case": c.name,
+                    "what": c.what,
+                    "new_connections": wrk_json(&c.new_conn, &d.new_conn),
+                    "new_connections_client_syn_retransmits": c.syn_retrans,
+                    "new_connections_lb_process_cpu_cores": c.lb_cpu.0,
+                    "keepalive": wrk_json(&c.keepalive, &d.keepalive),
+                    "keepalive_lb_process_cpu_cores": c.lb_cpu.1,
+                    "fixed_rate_keepalive": fixed_json(&c.fixed_keepalive, &d.fixed_keepalive),
+                    "fixed_rate_new_connection": fixed_json(&c.fixed_new, &d.fixed_new),
+                    "bulk": wrk_json(&c.bulk, &d.bulk),
+                    "agent": c.agent.map(|a| json!({
+                        "idle_cpu_cores": a.idle_cpu_cores,
+                        "idle_rss_kib": a.idle_rss_kib,
+                        "rss_after_load_kib": a.loaded_rss_kib,
+                        "peak_rss_kib": a.hwm_kib,
+                        "bpf_maps": a.bpf_maps,
+                        "bpf_map_memlock_bytes": a.bpf_map_bytes,
+                    })),
+                })
+            }).collect::<Vec<_>>(),
         });
-        if let Some(dir) = out.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        if let Err(e) = std::fs::write(&out, format!("{json:#}\n")) {
+        if let Err(e) = write_results(&out, &json, &md) {
             eprintln!("steer-bench-e2e: writing {}: {e}", out.display());
             return ExitCode::FAILURE;
         }

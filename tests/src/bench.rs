@@ -1,0 +1,275 @@
+//! What the benchmark binaries share: a seeded random source, percentiles, writing each result
+//! set (JSON, its markdown table, PNG plots) atomically, and one bar-chart shape for every plot.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Once,
+};
+
+use plotters::{
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+    style::{FontStyle, register_font},
+};
+
+/// SplitMix64: a small deterministic generator, so a simulation with the same seed replays
+/// exactly (no `rand` dependency for one function).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Exponentially distributed with mean `mean`.
+    pub fn exp(&mut self, mean: f64) -> f64 {
+        -mean * (1.0 - self.unit()).ln()
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The `q` quantile (0..=1) of `values` by the nearest-rank method; NaN when empty.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_unstable_by(f64::total_cmp);
+    let rank = (q * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+/// p50 and p99 of `values`.
+pub fn p50_p99(values: &mut [f64]) -> (f64, f64) {
+    (percentile(values, 0.50), percentile(values, 0.99))
+}
+
+/// `x / base`, NaN when the base is not positive.
+pub fn ratio(x: f64, base: f64) -> f64 {
+    if base > 0.0 { x / base } else { f64::NAN }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, creating the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes a benchmark's results: `out` (JSON) and, beside it, `out` with extension `md` (the
+/// markdown tables the benchmark printed), so `cargo xtask bench` can gather a report.
+pub fn write_results(out: &Path, json: &serde_json::Value, markdown: &str) -> std::io::Result<()> {
+    write_atomic(out, format!("{json:#}\n").as_bytes())?;
+    write_atomic(&out.with_extension("md"), markdown.as_bytes())
+}
+
+/// The TTF the plots' text is drawn with (Debian `fonts-dejavu-core`, installed by
+/// `cargo xtask deps`): plotters' `ab_glyph` backend reads no system font configuration.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("font {FONT}: {0} (install fonts-dejavu-core: cargo xtask deps)")]
+    Font(String),
+    #[error("drawing {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+}
+
+fn register_sans() -> Result<(), PlotError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = std::fs::read(FONT)
+            .map_err(|e| PlotError::Font(e.to_string()))
+            .and_then(|bytes| {
+                // Registered fonts must live for the whole process.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                register_font("sans-serif", FontStyle::Normal, bytes)
+                    .map_err(|_| PlotError::Font("not a TrueType font".to_owned()))
+            });
+    });
+    result
+}
+
+/// One coloured series of a bar chart: a value per group (NaN: no bar).
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub values: Vec<f64>,
+}
+
+/// A grouped bar chart in a PNG: for each group (x axis), one bar per series, coloured by series
+/// with a legend, each bar labelled with its value. A horizontal line at `reference` (e.g. 1.0
+/// for ratios to a baseline) when given.
+pub fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[Series],
+    reference: Option<f64>,
+) -> Result<(), PlotError> {
+    register_sans()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| PlotError::Draw {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    draw_bars(path, title, y_label, groups, series, reference).map_err(|e| PlotError::Draw {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0x4e, 0x79, 0xa7),
+    RGBColor(0xf2, 0x8e, 0x2b),
+    RGBColor(0x59, 0xa1, 0x4f),
+    RGBColor(0xe1, 0x57, 0x59),
+    RGBColor(0x76, 0xb7, 0xb2),
+    RGBColor(0xb0, 0x7a, 0xa1),
+];
+
+fn draw_bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[Series],
+    reference: Option<f64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let per_group = series.len() + 1; // one empty bar between groups
+    let bars = groups.len() * per_group;
+    let top = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .chain(reference)
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.3;
+    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0..bars).into_segmented(), 0.0..top)?;
+    let names = groups.to_vec();
+    let label_at = series.len() / 2;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars)
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) if i % per_group == label_at => {
+                names.get(i / per_group).cloned().unwrap_or_default()
+            }
+            _ => String::new(),
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (k, s) in series.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let data: Vec<(usize, f64)> = s
+            .values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(g, &v)| (g * per_group + k, v))
+            .collect();
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(color.filled())
+                    .margin(2)
+                    .data(data.iter().copied()),
+            )?
+            .label(s.name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        chart.draw_series(data.iter().map(|&(i, v)| {
+            Text::new(
+                format_value(v),
+                (SegmentValue::CenterOf(i), v),
+                ("sans-serif", 11)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            )
+        }))?;
+    }
+    if let Some(r) = reference {
+        chart.draw_series(LineSeries::new(
+            [(SegmentValue::Exact(0), r), (SegmentValue::Exact(bars), r)],
+            BLACK.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// A short label for a bar: 3 significant digits.
+fn format_value(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(p50_p99(&mut v), (50.0, 99.0));
+        let mut one = vec![7.0];
+        assert_eq!(p50_p99(&mut one), (7.0, 7.0));
+        assert!(percentile(&mut [], 0.5).is_nan());
+    }
+
+    #[test]
+    fn the_generator_replays_from_its_seed() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        let xs: Vec<u64> = (0..5).map(|_| a.next_u64()).collect();
+        let ys: Vec<u64> = (0..5).map(|_| b.next_u64()).collect();
+        assert_eq!(xs, ys);
+        assert!((0..1000).all(|_| (0.0..1.0).contains(&a.unit())));
+    }
+}
