@@ -132,6 +132,16 @@ struct steer_flow_key {
 	__u8 _pad[3];
 };
 
+/* Where a flow's packets leave: bpf_fib_lookup's answer, kept in the flow's
+ * conntrack entry and looked up again about once a second, so route and
+ * neighbour changes take effect without a lookup on every packet. An ifindex
+ * of 0 means not looked up yet. */
+struct steer_next_hop {
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
 enum steer_flow_flags {
 	/* The backend is on this host: destination NAT only, the stack delivers
 	 * it, and the TC egress program undoes the NAT on the replies. */
@@ -151,7 +161,9 @@ struct steer_flow_fwd {
 	__u32 released;
 	__u32 flags;		/* enum steer_flow_flags */
 	__u32 _pad;
+	/* Also when the next hop was last looked up. */
 	__u64 last_seen_ns;
+	struct steer_next_hop hop;	/* towards the backend; unused for local flows */
 };
 
 /* ct_rev value, key backend -> SNAT address and port (remote backends), or
@@ -162,7 +174,9 @@ struct steer_flow_rev {
 	__u16 client_port;
 	__u16 vip_port;
 	__u32 backend_id;
+	/* Also when the next hop was last looked up. */
 	__u64 last_seen_ns;
+	struct steer_next_hop hop;	/* towards the client; found on the first reply */
 };
 
 struct steer_iface {
@@ -189,8 +203,9 @@ _Static_assert(sizeof(struct steer_backend) == 32, "steer_backend");
 _Static_assert(sizeof(struct steer_backend_conns) == 16, "steer_backend_conns");
 _Static_assert(sizeof(struct steer_backend_stats) == 24, "steer_backend_stats");
 _Static_assert(sizeof(struct steer_flow_key) == 16, "steer_flow_key");
-_Static_assert(sizeof(struct steer_flow_fwd) == 40, "steer_flow_fwd");
-_Static_assert(sizeof(struct steer_flow_rev) == 24, "steer_flow_rev");
+_Static_assert(sizeof(struct steer_next_hop) == 16, "steer_next_hop");
+_Static_assert(sizeof(struct steer_flow_fwd) == 56, "steer_flow_fwd");
+_Static_assert(sizeof(struct steer_flow_rev) == 40, "steer_flow_rev");
 _Static_assert(sizeof(struct steer_iface) == 8, "steer_iface");
 _Static_assert(sizeof(struct steer_event) == 32, "steer_event");
 

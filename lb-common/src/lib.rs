@@ -211,6 +211,15 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+/// A flow's next hop as `bpf_fib_lookup` found it; `ifindex` 0: not looked up yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowFwd {
@@ -224,6 +233,8 @@ pub struct FlowFwd {
     pub flags: u32,
     pub _pad: u32,
     pub last_seen_ns: u64,
+    /// Towards the backend (remote flows).
+    pub hop: NextHop,
 }
 
 #[repr(C)]
@@ -235,6 +246,8 @@ pub struct FlowRev {
     pub vip_port: u16,
     pub backend_id: u32,
     pub last_seen_ns: u64,
+    /// Towards the client, found on the first reply.
+    pub hop: NextHop,
 }
 
 #[repr(C)]
@@ -284,11 +297,14 @@ layouts! {
     BackendConns = "steer_backend_conns" { active, steered }
     BackendStats = "steer_backend_stats" { packets, bytes, new_flows }
     FlowKey = "steer_flow_key" { src_addr, dst_addr, src_port, dst_port, proto, _pad }
+    NextHop = "steer_next_hop" { ifindex, smac, dmac }
     FlowFwd = "steer_flow_fwd" {
         backend_id, generation, backend_addr, snat_addr, backend_port, snat_port, released,
-        flags, _pad, last_seen_ns,
+        flags, _pad, last_seen_ns, hop,
     }
-    FlowRev = "steer_flow_rev" { client_addr, vip, client_port, vip_port, backend_id, last_seen_ns }
+    FlowRev = "steer_flow_rev" {
+        client_addr, vip, client_port, vip_port, backend_id, last_seen_ns, hop,
+    }
     Iface = "steer_iface" { snat_addr, _pad }
     Event = "steer_event" {
         timestamp_ns, kind, service_id, backend_id, client_addr, client_port, _pad0, _pad1,
@@ -303,9 +319,10 @@ const _: () = {
     assert!(size_of::<BackendConns>() == 16);
     assert!(size_of::<BackendStats>() == 24);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<FlowFwd>() == 40);
+    assert!(size_of::<NextHop>() == 16);
+    assert!(size_of::<FlowFwd>() == 56);
     assert!(offset_of!(FlowFwd, last_seen_ns) == 32);
-    assert!(size_of::<FlowRev>() == 24);
+    assert!(size_of::<FlowRev>() == 40);
     assert!(size_of::<Iface>() == 8);
     assert!(size_of::<Event>() == 32);
 };
@@ -320,6 +337,7 @@ mod pod {
     unsafe impl aya::Pod for BackendConns {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowFwd {}
     unsafe impl aya::Pod for FlowRev {}
     unsafe impl aya::Pod for Iface {}

@@ -6,6 +6,7 @@
 #define STEER_CSUM_H
 
 #include <linux/types.h>
+#include <bpf/bpf_helpers.h>	/* __always_inline that inlines (linux/stddef.h's only hints) */
 
 static __always_inline __u16 csum_fold(__u32 sum)
 {

@@ -21,15 +21,10 @@ enum {
 const volatile __u16 snat_port_min = 16384;
 const volatile __u16 snat_port_max = 32767;
 
-struct next_hop {
-	__u32 ifindex;
-	__u8 smac[ETH_ALEN];
-	__u8 dmac[ETH_ALEN];
-};
-
-/* Route dst; only interfaces in tx_ports can be the way out. */
+/* Route dst; only interfaces in tx_ports can be the way out. hop is written
+ * only on success, so a flow's cached hop stays whole when a lookup fails. */
 static __always_inline int next_hop(struct xdp_md *ctx, __be32 src, __be32 dst, __u16 tot_len,
-				    struct next_hop *hop)
+				    struct steer_next_hop *hop)
 {
 	struct bpf_fib_lookup fib;
 
@@ -115,7 +110,7 @@ static __always_inline void rewrite_tuple(struct packet *pkt, __be32 saddr, __be
 
 /* Full NAT towards the next hop. */
 static __always_inline void rewrite(struct packet *pkt, __be32 saddr, __be16 sport, __be32 daddr,
-				    __be16 dport, const struct next_hop *hop)
+				    __be16 dport, const struct steer_next_hop *hop)
 {
 	rewrite_tuple(pkt, saddr, sport, daddr, dport);
 	__builtin_memcpy(pkt->eth->h_source, hop->smac, ETH_ALEN);

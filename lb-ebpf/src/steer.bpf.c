@@ -34,13 +34,12 @@ const volatile struct steer_abi_anchor {
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
 
-static __always_inline void touch(__u64 *last_seen_ns)
+/* A flow's entry is refreshed about once a second, not on every packet: its
+ * last_seen for expiry (sparing the shared cache line) and its next hop. The
+ * coarse clock is CLOCK_MONOTONIC at tick resolution, and cheaper to read. */
+static __always_inline int refresh_due(const __u64 *last_seen_ns, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
-
-	/* Spare the shared cache line: one write a second is enough for expiry. */
-	if (now - READ_ONCE(*last_seen_ns) > STEER_LAST_SEEN_GRANULARITY_NS)
-		*last_seen_ns = now;
+	return now - READ_ONCE(*last_seen_ns) > STEER_LAST_SEEN_GRANULARITY_NS;
 }
 
 static __always_inline void account(__u32 backend_id, enum steer_counter packets,
@@ -72,11 +71,10 @@ static __always_inline struct steer_flow_rev *reply_flow(const struct packet *pk
 	return bpf_map_lookup_elem(&ct_rev, &key);
 }
 
-/* The bookkeeping of a backend's reply, local or remote: refresh, release on
- * FIN/RST, count. */
+/* The bookkeeping of a backend's reply, local or remote: release on FIN/RST,
+ * count. */
 static __always_inline void track_reply(const struct packet *pkt, struct steer_flow_rev *rev)
 {
-	touch(&rev->last_seen_ns);
 	if (tcp_ends_flow(pkt->tcp)) {
 		struct steer_flow_key key;
 		struct steer_flow_fwd *flow;
@@ -93,17 +91,22 @@ static __always_inline void track_reply(const struct packet *pkt, struct steer_f
 static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct steer_flow_rev *rev = reply_flow(pkt);
-	struct next_hop hop;
+	__u64 now;
 
 	if (!rev)
 		return -1;
-	if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &hop)) {
-		count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
-		return XDP_PASS;
+	now = bpf_ktime_get_coarse_ns();
+	if (refresh_due(&rev->last_seen_ns, now) || !rev->hop.ifindex) {
+		if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &rev->hop)) {
+			count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE,
+			      1);
+			return XDP_PASS;
+		}
+		rev->last_seen_ns = now;
 	}
 	track_reply(pkt, rev);
-	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &hop);
-	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &rev->hop);
+	return bpf_redirect_map(&tx_ports, rev->hop.ifindex, 0);
 }
 
 static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
@@ -112,13 +115,17 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 	__be32 client_addr = pkt->ip->saddr;
 	__be16 client_port = pkt->tcp->source;
 	int local = flow->flags & STEER_FLOW_LOCAL;
-	struct next_hop hop = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
 
-	if (!local && next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &hop)) {
-		count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE, 1);
-		return XDP_PASS;
+	if (refresh_due(&flow->last_seen_ns, now)) {
+		if (!local &&
+		    next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &flow->hop)) {
+			count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
+			      STEER_CNT_NO_ROUTE, 1);
+			return XDP_PASS;
+		}
+		flow->last_seen_ns = now;
 	}
-	touch(&flow->last_seen_ns);
 	if (tcp_ends_flow(pkt->tcp))
 		flow_closed(flow, client_addr, client_port);
 	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
@@ -127,8 +134,9 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 			      flow->backend_port);
 		return XDP_PASS;
 	}
-	rewrite(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr, flow->backend_port, &hop);
-	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+	rewrite(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr, flow->backend_port,
+		&flow->hop);
+	return bpf_redirect_map(&tx_ports, flow->hop.ifindex, 0);
 }
 
 static __always_inline int refuse_new_flow(const struct packet *pkt, __u32 service_id,
@@ -151,7 +159,6 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	struct steer_flow_rev rev = {};
 	struct steer_flow_fwd flow = {};
 	struct steer_iface *iface = NULL;
-	struct next_hop hop = {};
 	struct steer_backend *b;
 	__u32 id = 0;
 	int local, claimed;
@@ -163,10 +170,10 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 		return XDP_PASS;
 	local = b->kind == STEER_BACKEND_LOCAL;
 	if (!local) {
-		if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &hop))
+		if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &flow.hop))
 			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
 					       STEER_EVENT_NO_ROUTE);
-		iface = bpf_map_lookup_elem(&ifaces, &hop.ifindex);
+		iface = bpf_map_lookup_elem(&ifaces, &flow.hop.ifindex);
 		if (!iface)
 			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
 					       STEER_EVENT_NO_ROUTE);
@@ -179,7 +186,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	rev.client_port = key->src_port;
 	rev.vip_port = key->dst_port;
 	rev.backend_id = id;
-	rev.last_seen_ns = bpf_ktime_get_ns();
+	rev.last_seen_ns = bpf_ktime_get_coarse_ns();
 	if (local) {
 		flow.snat_addr = key->src_addr;
 		flow.snat_port = key->src_port;
@@ -219,8 +226,9 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 			      flow.backend_port);
 		return XDP_PASS;
 	}
-	rewrite(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr, flow.backend_port, &hop);
-	return bpf_redirect_map(&tx_ports, hop.ifindex, 0);
+	rewrite(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr, flow.backend_port,
+		&flow.hop);
+	return bpf_redirect_map(&tx_ports, flow.hop.ifindex, 0);
 }
 
 SEC("xdp")
@@ -266,6 +274,7 @@ int steer_tc_egress(struct __sk_buff *skb)
 {
 	struct steer_flow_rev *rev;
 	struct packet pkt;
+	__u64 now;
 
 	/* Locally sent packets may carry headers outside the linear part. */
 	if ((void *)(long)skb->data + STEER_HEADERS_LEN > (void *)(long)skb->data_end &&
@@ -276,6 +285,9 @@ int steer_tc_egress(struct __sk_buff *skb)
 	rev = reply_flow(&pkt);
 	if (!rev)
 		return TC_ACT_OK;
+	now = bpf_ktime_get_coarse_ns();
+	if (refresh_due(&rev->last_seen_ns, now))
+		rev->last_seen_ns = now;
 	track_reply(&pkt, rev);
 	/* The helpers below may move the data: pkt is not read after them. */
 	rewrite_source_skb(skb, &pkt, rev->vip, rev->vip_port);

@@ -240,6 +240,66 @@ fn source_ports_never_collide_for_one_backend() {
     });
 }
 
+/// `ip ARGS` in the calling thread's namespace (the lab's, inside `in_lab`).
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A flow keeps its next hop in conntrack and looks it up again about once a second: after a
+/// neighbour's MAC changes, both directions reach the new MAC, and once the neighbour is gone
+/// the packets are passed untouched to the stack (which resolves it) and counted as no route.
+#[test]
+fn flows_follow_next_hop_changes_within_a_second() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        const LONGER_THAN_REFRESH: std::time::Duration = std::time::Duration::from_millis(1200);
+        let c = client(40600);
+        let (snat, backend) = lab.forward(c, SYN);
+        lab.reply(backend, snat, SYN | ACK, c);
+        let new_macs = [[0x02, 0, 0, 0, 2, 0x99], [0x02, 0, 0, 0, 1, 0x99]];
+        for (addr, mac, dev) in [
+            (*backend.ip(), new_macs[0], "pbe"),
+            (CLIENT_IP, new_macs[1], "pcli"),
+        ] {
+            let (addr, mac) = (addr.to_string(), mac_str(mac));
+            ip(&[
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        std::thread::sleep(LONGER_THAN_REFRESH);
+        let to_backend = Frame::tcp(c, VIP, ACK).build();
+        let to_client = Frame::tcp(backend, snat, ACK).build();
+        for (frame, mac) in [(&to_backend, new_macs[0]), (&to_client, new_macs[1])] {
+            let (verdict, output) = lab.run(frame);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(parse_checked(&output).dst_mac, mac, "the new MAC");
+        }
+
+        ip(&["neigh", "del", &backend.ip().to_string(), "dev", "pbe"]);
+        ip(&["neigh", "del", &CLIENT_IP.to_string(), "dev", "pcli"]);
+        std::thread::sleep(LONGER_THAN_REFRESH);
+        for frame in [to_backend, to_client] {
+            assert_eq!(lab.run(&frame), (XDP_PASS, frame.clone()), "no neighbour");
+        }
+        assert_eq!(lab.counter(counter::NO_ROUTE), 2);
+    });
+}
+
 #[test]
 fn frames_steer_does_not_handle_pass_byte_identical() {
     in_lab(policy::ROUND_ROBIN, |lab| {

@@ -30,10 +30,10 @@ use clap::Parser;
 use lb_common::{FlowFwd, FlowKey, FlowRev, backend_state, policy};
 use serde_json::json;
 use tests::{
-    lab::{BACKENDS, LB_BACKEND_SIDE, Lab, VIP, build_namespace, ne},
+    lab::{BACKENDS, LB_BACKEND_SIDE, Lab, VIP, build_namespace, client, ne},
     netns,
     packet::{ACK, Frame, SYN},
-    testrun::test_run,
+    testrun::{XDP_PASS, XDP_REDIRECT, test_run},
 };
 
 #[derive(Parser)]
@@ -66,12 +66,14 @@ fn stats(info: &ProgramInfo) -> (u64, u64) {
     (info.run_time().as_nanos() as u64, info.run_count())
 }
 
-/// Mean ns per run of `prog` over `frames` (each run once).
-fn cost(prog: &Xdp, frames: impl Iterator<Item = Vec<u8>>) -> (f64, u64) {
+/// Mean ns per run of `prog` over `frames` (each run once), each of which must get `verdict`:
+/// a figure of another path than the one named would be no figure at all.
+fn cost(prog: &Xdp, frames: impl Iterator<Item = Vec<u8>>, verdict: u32) -> (f64, u64) {
     let fd = prog.fd().expect("program fd");
     let before = stats(&prog.info().expect("program info"));
     for frame in frames {
-        test_run(fd.as_fd(), &frame, 1).expect("BPF_PROG_TEST_RUN");
+        let run = test_run(fd.as_fd(), &frame, 1).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(run.verdict, verdict, "verdict of a benchmark frame");
     }
     let after = stats(&prog.info().expect("program info"));
     let runs = after.1 - before.1;
@@ -198,7 +200,7 @@ fn measure(runs: u32) -> Vec<Figure> {
     empty_prog.load().expect("the verifier accepts empty_xdp");
     let empty_prog = xdp(&empty, "empty_xdp");
     let syn = |n: u32| Frame::tcp(nth_client(n), VIP, SYN).build();
-    let (empty_ns, _) = cost(empty_prog, (0..runs).map(syn));
+    let (empty_ns, _) = cost(empty_prog, (0..runs).map(syn), XDP_PASS);
 
     let mut figures = Vec::new();
     let mut figure = |name: &str, backends: u32, fill: u32, (ns, runs): (f64, u64)| {
@@ -223,7 +225,11 @@ fn measure(runs: u32) -> Vec<Figure> {
             let mut next = 0;
             while next < runs {
                 let batch = NEW_FLOW_BATCH.min(runs - next);
-                let (ns, done) = cost(xdp(&lab.ebpf, "steer_xdp"), (next..next + batch).map(syn));
+                let (ns, done) = cost(
+                    xdp(&lab.ebpf, "steer_xdp"),
+                    (next..next + batch).map(syn),
+                    XDP_REDIRECT,
+                );
                 total_ns += ns * done as f64;
                 total_runs += done;
                 next += batch;
@@ -243,30 +249,35 @@ fn measure(runs: u32) -> Vec<Figure> {
         // The lab's own two backends, so `forward` can check where the SYN went.
         let mut lab = Lab::load_with(policy::ROUND_ROBIN, Some(CT_ENTRIES));
         fill_conntrack(&mut lab, fill);
-        let client = nth_client(1 << 24);
+        // The lab's client, whose neighbour is known: replies to it are forwarded, not passed.
+        let client = client(40000);
         let (snat, backend) = lab.forward(client, SYN);
         let prog = xdp(&lab.ebpf, "steer_xdp");
-        let ack = Frame::tcp(client, VIP, ACK).build();
-        figure(
-            "established flow, client to backend",
-            2,
-            fill,
-            cost(prog, (0..runs).map(|_| ack.clone())),
-        );
-        let reply = Frame::tcp(backend, snat, ACK).build();
-        figure(
-            "established flow, reply",
-            2,
-            fill,
-            cost(prog, (0..runs).map(|_| reply.clone())),
-        );
-        let other = Frame::tcp(client, SocketAddrV4::new(*BACKENDS[0].ip(), 80), SYN).build();
-        figure(
-            "non-VIP packet",
-            2,
-            fill,
-            cost(prog, (0..runs).map(|_| other.clone())),
-        );
+        let cases = [
+            (
+                "established flow, client to backend",
+                Frame::tcp(client, VIP, ACK).build(),
+                XDP_REDIRECT,
+            ),
+            (
+                "established flow, reply",
+                Frame::tcp(backend, snat, ACK).build(),
+                XDP_REDIRECT,
+            ),
+            (
+                "non-VIP packet",
+                Frame::tcp(client, SocketAddrV4::new(*BACKENDS[0].ip(), 80), SYN).build(),
+                XDP_PASS,
+            ),
+        ];
+        for (name, frame, verdict) in cases {
+            figure(
+                name,
+                2,
+                fill,
+                cost(prog, (0..runs).map(|_| frame.clone()), verdict),
+            );
+        }
     }
     figures
 }

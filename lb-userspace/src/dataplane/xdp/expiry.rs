@@ -102,7 +102,8 @@ pub(super) fn fwd_key_of(rev: &FlowRev) -> FlowKey {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_coarse_ns` (which the kernel
+/// reads at tick resolution, a few ms behind at most).
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -464,7 +465,7 @@ mod tests {
             client_port: client.src_port,
             vip_port: client.dst_port,
             backend_id: f.backend_id,
-            last_seen_ns: 0,
+            ..FlowRev::default()
         };
         assert_eq!(fwd_key_of(&rev), client);
         let rev_key = rev_key_of(&f);
