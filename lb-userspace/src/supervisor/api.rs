@@ -120,7 +120,7 @@ impl ParamsState {
 impl From<InstanceError> for ApiError {
     fn from(err: InstanceError) -> Self {
         let status = match &err {
-            InstanceError::Invalid(_) => StatusCode::BAD_REQUEST,
+            InstanceError::Invalid(_) | InstanceError::PortFixed { .. } => StatusCode::BAD_REQUEST,
             InstanceError::BinaryNotAllowed(_) => StatusCode::FORBIDDEN,
             InstanceError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
         };

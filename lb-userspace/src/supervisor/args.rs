@@ -75,6 +75,14 @@ impl Change {
         out
     }
 
+    /// The `--port` this change sets, if any.
+    pub fn port(&self) -> Option<u16> {
+        match self.flags.get(PORT) {
+            Some(Some(ArgValue::Value(text))) => parse_port(text),
+            _ => None,
+        }
+    }
+
     /// Rejects a change that would leave the instance without a usable `--port`.
     pub fn check(&self) -> Result<(), ArgsError> {
         match self.flags.get(PORT) {

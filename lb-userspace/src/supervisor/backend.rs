@@ -46,6 +46,11 @@ impl BackendLink {
         }
     }
 
+    /// Where the table sends this backend's connections.
+    pub fn address(&self) -> SocketAddrV4 {
+        self.address
+    }
+
     /// The process is gone: no new connections. `exited` is when that was seen (the actor
     /// awaits the child, so an exit is seen as it happens); the delay until the kernel map holds
     /// DOWN is logged.

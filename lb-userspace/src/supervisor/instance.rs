@@ -15,6 +15,7 @@
 //! process has lived for [`STABLE_PERIOD`].
 
 use std::collections::HashMap;
+use std::net::SocketAddrV4;
 use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -57,6 +58,12 @@ pub enum InstanceError {
     Invalid(#[from] ArgsError),
     #[error("binary {0} is not allowed: the supervisor lists allowed ones with --allowed-binary")]
     BinaryNotAllowed(String),
+    /// The table sends the service's connections to this port; moving it needs a config change.
+    #[error(
+        "--port {port} is refused: this instance is the backend {backend} of a service, so its \
+         port is fixed by `port` in the config file"
+    )]
+    PortFixed { port: u16, backend: SocketAddrV4 },
     #[error("instance `{0}` has stopped")]
     Stopped(Arc<str>),
 }
@@ -546,6 +553,14 @@ impl<L: Launcher> Actor<L> {
             .await
             .change(input.binary, input.flags);
         change.check()?;
+        if let (Some(port), Some(link)) = (change.port(), &self.link)
+            && port != link.address().port()
+        {
+            return Err(InstanceError::PortFixed {
+                port,
+                backend: link.address(),
+            });
+        }
         let (waiter, outcome) = oneshot::channel();
         let now = Instant::now();
         let debounce = self.settings.debounce;
@@ -1094,6 +1109,18 @@ mod tests {
         let restart = Duration::from_millis(300);
         let setup = setup_with("backend", restart, Some(link)).await;
         assert_eq!(state(), ACTIVE);
+
+        // The table's address holds the port: a move is refused, the same port is fine.
+        let moved = setup.handle.submit(input(json!({"--port": 8081}))).await;
+        match moved {
+            Err(err @ InstanceError::PortFixed { .. }) => {
+                assert!(err.to_string().contains("10.0.0.1:8080"), "{err}");
+            }
+            other => panic!("a port move must be refused: {other:?}"),
+        }
+        let same = setup.handle.submit(input(json!({"--port": 8080}))).await;
+        assert!(matches!(same.map(|_| ()), Ok(())), "same port accepted");
+        sleep(Duration::from_secs(1)).await;
 
         setup.fake.crash();
         sleep(Duration::from_millis(1)).await;
