@@ -30,6 +30,8 @@ const DEFAULT_CLOSED_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_QUEUE_SIZE: usize = 1024;
 const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(100);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(100);
+/// Chat requests with long prompts stay well below this; a body is held in memory until sent.
+const DEFAULT_MAX_REQUEST_BODY: usize = 16 << 20;
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -54,12 +56,14 @@ pub enum DataplaneKind {
 }
 
 /// How the userspace proxy carries a service's connections (`[[service]] mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     /// TCP spliced both ways, unparsed.
     #[default]
     L4,
+    /// An HTTP/1.1 reverse proxy that chooses a backend per request.
+    Http,
 }
 
 /// The userspace proxy of one service: its listener on the service address, the per-backend cap
@@ -69,14 +73,28 @@ pub struct ProxyConfig {
     pub service: String,
     pub address: SocketAddrV4,
     pub mode: ProxyMode,
-    /// Per backend; 0: the backend's own `max_connections`.
-    pub max_connections_per_backend: u32,
-    /// Connections that may wait; one more is closed at once.
+    /// Per backend: connections (`max_connections_per_backend`, l4) or requests in flight
+    /// (`max_requests_per_backend`, http); 0: the backend's own `max_connections`.
+    pub max_per_backend: u32,
+    /// Connections or requests that may wait; one more is refused at once.
     pub queue_size: usize,
     /// Longest wait in the queue.
     pub queue_timeout: Duration,
-    /// Longest wait for the backend's first byte.
+    /// Longest wait for the response, from when the request (l4: the client's first bytes) was
+    /// sent: the first byte (l4) or the response head (http).
     pub response_timeout: Duration,
+    /// http: the largest request body taken (it is read whole before a backend is chosen).
+    pub max_request_body: usize,
+}
+
+impl ProxyConfig {
+    /// The config field [`Self::max_per_backend`] comes from.
+    pub fn cap_field(&self) -> &'static str {
+        match self.mode {
+            ProxyMode::L4 => "max_connections_per_backend",
+            ProxyMode::Http => "max_requests_per_backend",
+        }
+    }
 }
 
 /// The validated config.
@@ -320,8 +338,9 @@ struct RawService {
     slots: Option<Spanned<RawSlots>>,
     #[serde(default)]
     mode: ProxyMode,
-    #[serde(default)]
-    max_connections_per_backend: u32,
+    max_connections_per_backend: Option<Spanned<u32>>,
+    max_requests_per_backend: Option<Spanned<u32>>,
+    max_request_body: Option<Spanned<usize>>,
     queue_size: Option<usize>,
     queue_timeout: Option<Timeout>,
     response_timeout: Option<Timeout>,
@@ -546,7 +565,7 @@ impl Doc<'_> {
                     ),
                 ));
             }
-            proxies.push(proxy_config(&service, raw.service[i].get_ref()));
+            proxies.push(self.proxy_config(i, &service, raw.service[i].get_ref())?);
             services.push(service);
         }
         let instances = self.instances(raw.instance, &services)?;
@@ -575,6 +594,78 @@ impl Doc<'_> {
             dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
             instances,
         })
+    }
+
+    /// The service's proxy settings; a cap or body limit of the other mode is an error.
+    fn proxy_config(
+        &self,
+        i: usize,
+        service: &ServiceConfig,
+        raw: &RawService,
+    ) -> Result<ProxyConfig, ConfigError> {
+        let span = |field: &Option<Spanned<u32>>| field.as_ref().map(Spanned::span);
+        let (cap, misplaced) = match raw.mode {
+            ProxyMode::L4 => (
+                &raw.max_connections_per_backend,
+                [
+                    (
+                        "max_requests_per_backend",
+                        span(&raw.max_requests_per_backend),
+                    ),
+                    (
+                        "max_request_body",
+                        raw.max_request_body.as_ref().map(Spanned::span),
+                    ),
+                ],
+            ),
+            ProxyMode::Http => (
+                &raw.max_requests_per_backend,
+                [
+                    (
+                        "max_connections_per_backend",
+                        span(&raw.max_connections_per_backend),
+                    ),
+                    ("", None),
+                ],
+            ),
+        };
+        let config = ProxyConfig {
+            service: service.name.clone(),
+            address: service.address,
+            mode: raw.mode,
+            max_per_backend: cap.as_ref().map_or(0, |c| *c.get_ref()),
+            queue_size: raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            queue_timeout: raw
+                .queue_timeout
+                .as_ref()
+                .map_or(DEFAULT_QUEUE_TIMEOUT, |t| t.0),
+            response_timeout: raw
+                .response_timeout
+                .as_ref()
+                .map_or(DEFAULT_RESPONSE_TIMEOUT, |t| t.0),
+            max_request_body: raw
+                .max_request_body
+                .as_ref()
+                .map_or(DEFAULT_MAX_REQUEST_BODY, |b| *b.get_ref()),
+        };
+        for (field, span) in misplaced {
+            if let Some(span) = span {
+                let mode = if raw.mode == ProxyMode::L4 {
+                    "l4"
+                } else {
+                    "http"
+                };
+                return Err(self.invalid(
+                    Some(span),
+                    format!("service[{i}].{field}"),
+                    format!(
+                        "not for mode = \"{mode}\" (this service's cap per backend is `{}`)",
+                        config.cap_field()
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// A service's slot poll: with policy `slots` or a `[service.slots]` table.
@@ -894,24 +985,6 @@ pub(crate) fn usable_endpoint(addr: SocketAddrV4) -> bool {
 }
 
 /// The summary `steer check-config` prints.
-fn proxy_config(service: &ServiceConfig, raw: &RawService) -> ProxyConfig {
-    ProxyConfig {
-        service: service.name.clone(),
-        address: service.address,
-        mode: raw.mode,
-        max_connections_per_backend: raw.max_connections_per_backend,
-        queue_size: raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
-        queue_timeout: raw
-            .queue_timeout
-            .as_ref()
-            .map_or(DEFAULT_QUEUE_TIMEOUT, |t| t.0),
-        response_timeout: raw
-            .response_timeout
-            .as_ref()
-            .map_or(DEFAULT_RESPONSE_TIMEOUT, |t| t.0),
-    }
-}
-
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let xdp = &self.xdp;
@@ -1061,21 +1134,66 @@ address = "10.0.0.100:81"
         assert_eq!(config.dataplane, DataplaneKind::Userspace);
         let a = &config.proxies[0];
         assert_eq!(
-            (
-                a.service.as_str(),
-                a.max_connections_per_backend,
-                a.queue_size
-            ),
+            (a.service.as_str(), a.max_per_backend, a.queue_size),
             ("a", 1, 3)
         );
         assert_eq!(a.queue_timeout, Duration::from_secs(2));
         assert_eq!(a.response_timeout, Duration::from_secs(5));
         let b = &config.proxies[1];
-        assert_eq!((b.mode, b.max_connections_per_backend), (ProxyMode::L4, 0));
+        assert_eq!((b.mode, b.max_per_backend), (ProxyMode::L4, 0));
         assert_eq!(b.queue_size, DEFAULT_QUEUE_SIZE);
         assert_eq!(b.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
         assert_eq!(b.response_timeout, DEFAULT_RESPONSE_TIMEOUT);
         assert_eq!(parse(EXAMPLE)?.dataplane, DataplaneKind::Xdp);
+        Ok(())
+    }
+
+    #[test]
+    fn http_services_cap_requests_and_each_mode_rejects_the_others_fields()
+    -> Result<(), ConfigError> {
+        let service = |extra: &str| {
+            format!(
+                "[agent]\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"chat\"\n\
+                 address = \"127.0.0.2:80\"\n{extra}\n"
+            )
+        };
+        let config = parse(&service(
+            "mode = \"http\"\nmax_requests_per_backend = 1\nmax_request_body = 1000",
+        ))?;
+        let chat = &config.proxies[0];
+        assert_eq!(
+            (chat.mode, chat.max_per_backend, chat.max_request_body),
+            (ProxyMode::Http, 1, 1000)
+        );
+        assert_eq!(chat.cap_field(), "max_requests_per_backend");
+        assert_eq!(
+            parse(&service("mode = \"http\""))?.proxies[0].max_request_body,
+            DEFAULT_MAX_REQUEST_BODY
+        );
+        for (extra, line, field, names) in [
+            (
+                "mode = \"http\"\nmax_connections_per_backend = 1",
+                8,
+                "service[0].max_connections_per_backend",
+                "max_requests_per_backend",
+            ),
+            (
+                "max_requests_per_backend = 1",
+                7,
+                "service[0].max_requests_per_backend",
+                "max_connections_per_backend",
+            ),
+            (
+                "max_request_body = 10",
+                7,
+                "service[0].max_request_body",
+                "max_connections_per_backend",
+            ),
+        ] {
+            let (at, got, message) = invalid(&service(extra));
+            assert_eq!((at, got.as_str()), (line, field), "{extra}: {message}");
+            assert!(message.contains(names), "{extra}: {message}");
+        }
         Ok(())
     }
 

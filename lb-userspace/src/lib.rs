@@ -123,6 +123,7 @@ async fn serve<D: Dataplane>(
         addr: config.admin_addr,
         source,
     })?;
+    let dataplane = proxy::HttpUnsteered::new(dataplane, &config.proxies);
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
     let mut health_checks = tokio::task::JoinSet::new();
@@ -171,7 +172,7 @@ async fn serve<D: Dataplane>(
                 instances.clone(),
                 config.admin_token.clone(),
             ))
-            .merge(metrics::router(Some(table), instances))
+            .merge(metrics::agent_router(table, instances, gates.clone()))
             .merge(proxy::router(gates)),
     );
     info!(
@@ -193,7 +194,7 @@ async fn serve<D: Dataplane>(
     }
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     served.map_err(|source| AgentError::Serve { addr, source })?;
-    Ok(dataplane)
+    Ok(dataplane.inner)
 }
 
 /// Adds a served instance to its service, taking no connections until its process is healthy.

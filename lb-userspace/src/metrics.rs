@@ -25,28 +25,50 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use crate::api::ApiError;
+use crate::dataplane::proxy::{Gate, ProxyStats};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
 };
 
-/// What `/metrics` reads from: the agent's table (none under `steer supervise`) and instances.
+/// What `/metrics` reads from: the agent's table and userspace proxies (none under
+/// `steer supervise`) and instances.
 #[derive(Clone)]
 struct Sources {
     table: Option<TableHandle>,
     instances: Arc<[InstanceHandle]>,
+    proxies: Arc<[Arc<Gate>]>,
 }
 
-/// `GET /metrics`, without fallbacks (see [`crate::api::with_fallbacks`]). Reads need no token.
+/// `GET /metrics` of `steer supervise`, without fallbacks (see [`crate::api::with_fallbacks`]).
+/// Reads need no token.
 pub fn router(table: Option<TableHandle>, instances: Vec<InstanceHandle>) -> Router {
-    let sources = Sources {
+    sources_router(Sources {
         table,
         instances: instances.into(),
-    };
+        proxies: Arc::new([]),
+    })
+}
+
+/// `GET /metrics` of the agent: [`router`]'s and the userspace proxies' series.
+pub fn agent_router(
+    table: TableHandle,
+    instances: Vec<InstanceHandle>,
+    proxies: Vec<Arc<Gate>>,
+) -> Router {
+    sources_router(Sources {
+        table: Some(table),
+        instances: instances.into(),
+        proxies: proxies.into(),
+    })
+}
+
+fn sources_router(sources: Sources) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .with_state(sources)
@@ -71,9 +93,15 @@ async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, Api
     for instance in sources.instances.iter() {
         instances.push(instance.status().await?);
     }
+    let proxies = sources
+        .proxies
+        .iter()
+        .map(|gate| (gate.stats(), gate.wait_histogram()))
+        .collect();
     let text = Scrape {
         snapshot,
         instances,
+        proxies,
     }
     .render()
     .inspect_err(|err| warn!(%err, "/metrics not served"))?;
@@ -88,6 +116,8 @@ async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, Api
 struct Scrape {
     snapshot: Option<Snapshot>,
     instances: Vec<Status>,
+    /// Each proxy's counters and queue wait histogram.
+    proxies: Vec<(ProxyStats, Histogram)>,
 }
 
 impl Scrape {
@@ -105,6 +135,9 @@ impl Collector for Scrape {
         if let Some(snapshot) = &self.snapshot {
             backends(&mut encoder, &snapshot.backends)?;
             services(&mut encoder, &snapshot.services)?;
+        }
+        if !self.proxies.is_empty() {
+            proxies(&mut encoder, &self.proxies)?;
         }
         if self.instances.is_empty() {
             return Ok(());
@@ -318,6 +351,57 @@ fn services(encoder: &mut DescriptorEncoder, services: &[ServiceInfo]) -> fmt::R
             "direction",
             [("forward", |c| c.fwd_bytes), ("reply", |c| c.reply_bytes)],
         ),
+    )
+}
+
+fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)]) -> fmt::Result {
+    let labels = |s: &ProxyStats| [("service", s.service.clone())];
+    family(
+        encoder,
+        "steer_proxy_queue_depth",
+        "Connections (l4) or requests (http) waiting in the userspace proxy's queue for room on a \
+         backend.",
+        proxies
+            .iter()
+            .map(|(s, _)| (labels(s), gauge(s.queue_depth))),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_admitted",
+        "Connections (l4) or requests (http) the userspace proxy sent to a backend.",
+        proxies
+            .iter()
+            .map(|(s, _)| (labels(s), counter(s.admitted))),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_queue_wait_seconds",
+        "How long admitted connections or requests waited for room (0 when there was room).",
+        proxies.iter().map(|(s, wait)| (labels(s), wait.clone())),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_refused",
+        "Connections (l4: closed) or requests (http: answered with an error) the userspace proxy \
+         refused, by reason: queue_full (503), queue_timeout (504), response_timeout (524), \
+         connect_failed (502 after one retry), bad_gateway (502), body_too_large (413).",
+        proxies.iter().flat_map(|(s, _)| {
+            s.refused.iter().map(|(&reason, &n)| {
+                (
+                    [
+                        ("service", s.service.clone()),
+                        ("reason", reason.to_owned()),
+                    ],
+                    counter(n),
+                )
+            })
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_retried",
+        "http requests sent to another backend after the first could not be reached.",
+        proxies.iter().map(|(s, _)| (labels(s), counter(s.retried))),
     )
 }
 
@@ -616,6 +700,7 @@ mod tests {
                 status("b", InstanceState::Reviving, Some(rejected)),
                 status("c", InstanceState::Down, None),
             ],
+            proxies: Vec::new(),
         }
         .render()?;
         let samples = parse(&text);

@@ -2,6 +2,7 @@
 //! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
 
 pub mod conns;
+pub mod http;
 pub mod memory;
 pub mod proxy;
 pub mod splice;

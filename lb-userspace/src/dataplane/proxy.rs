@@ -9,18 +9,22 @@
 //! changes only the shared counter, which nothing can wait on, so waiters also look again every
 //! [`KERNEL_RELEASE_TICK`].
 //!
+//! `mode = "l4"` carries each connection whole to one backend; `mode = "http"` ([`super::http`])
+//! parses HTTP/1.1 and admits each request on its own through the same [`Gate`].
+//!
 //! The listener binds with `IP_FREEBIND`, so a VIP that is not (yet) a local address can be
 //! bound without privileges. For SYNs from other hosts (passed by XDP, or every one without it)
 //! to reach it, the agent, when root, makes the VIP local with a [`LocalRoute`] (`ip route replace
 //! local VIP/32 dev lo`), removed on exit. Loopback VIPs (127.0.0.0/8) work as they are.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -28,8 +32,12 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
+use lb_common::{Backend, BackendStats, Service, ServiceKey};
+
 use super::conns::ConnCounts;
-use crate::config::ProxyConfig;
+use super::http;
+use super::{Dataplane, DataplaneError};
+use crate::config::{ProxyConfig, ProxyMode};
 use crate::policy::{BackendView, ServiceView, choose};
 use crate::table::Routes;
 
@@ -51,43 +59,95 @@ pub enum ProxyError {
     },
 }
 
-/// Why a connection was closed without being proxied to the end.
+/// Why a connection (l4) or request (http) was refused or cut short.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The queue held `queue_size` connections already.
+    /// The queue held `queue_size` connections or requests already.
     QueueFull,
     /// No backend had room within `queue_timeout`.
     QueueTimeout,
-    /// The backend sent nothing within `response_timeout`.
+    /// The backend sent no response within `response_timeout` of the request.
     ResponseTimeout,
-    /// The chosen backend refused or could not be reached.
+    /// No backend could be reached (http: after one retry on another backend).
     Connect,
+    /// http: the backend failed after the request was sent, before a response head.
+    BadGateway,
+    /// http: the request body was over `max_request_body`.
+    BodyTooLarge,
 }
 
-/// A service's proxy counters (`GET /v1/proxy`).
-#[derive(Debug, Default)]
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::QueueFull,
+        Refusal::QueueTimeout,
+        Refusal::ResponseTimeout,
+        Refusal::Connect,
+        Refusal::BadGateway,
+        Refusal::BodyTooLarge,
+    ];
+
+    /// As `/v1/proxy` and the `reason` label of `/metrics` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::QueueFull => "queue_full",
+            Refusal::QueueTimeout => "queue_timeout",
+            Refusal::ResponseTimeout => "response_timeout",
+            Refusal::Connect => "connect_failed",
+            Refusal::BadGateway => "bad_gateway",
+            Refusal::BodyTooLarge => "body_too_large",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the queue wait histogram: 1 ms to `queue_timeout`'s default 100 s.
+pub const WAIT_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0,
+];
+
+/// A service's proxy counters (`GET /v1/proxy`, `/metrics`).
+#[derive(Debug)]
 struct Counters {
     accepted: AtomicU64,
+    admitted: AtomicU64,
     queued: AtomicU64,
-    queue_full: AtomicU64,
-    queue_timeout: AtomicU64,
-    response_timeout: AtomicU64,
-    connect_failed: AtomicU64,
+    /// http: requests sent again to another backend after a failed connect.
+    retried: AtomicU64,
+    /// Indexed like [`Refusal::ALL`].
+    refused: [AtomicU64; Refusal::ALL.len()],
+    /// Seconds each admitted connection or request waited (0 without a wait).
+    wait: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            accepted: AtomicU64::default(),
+            admitted: AtomicU64::default(),
+            queued: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            refused: Default::default(),
+            wait: Histogram::new(WAIT_BUCKETS),
+        }
+    }
 }
 
 /// The counters of one service at one moment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProxyStats {
     pub service: String,
     pub address: SocketAddrV4,
+    pub mode: ProxyMode,
+    /// Client connections accepted.
     pub accepted: u64,
-    /// Connections that had to wait for room.
+    /// Connections (l4) or requests (http) that got a backend.
+    pub admitted: u64,
+    /// Of those and the ones that timed out: how many had to wait for room.
     pub queued: u64,
     pub queue_depth: u64,
-    pub queue_full: u64,
-    pub queue_timeout: u64,
-    pub response_timeout: u64,
-    pub connect_failed: u64,
+    pub retried: u64,
+    /// By [`Refusal::name`].
+    #[serde(flatten)]
+    pub refused: BTreeMap<&'static str, u64>,
 }
 
 /// Backend choice, capacity and the FIFO queue of one service.
@@ -166,18 +226,34 @@ impl Gate {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
-    pub async fn admit(self: &Arc<Self>, client: Ipv4Addr) -> Result<Lease, Refusal> {
+    /// `avoid`: a backend id not to choose (one that just refused).
+    pub async fn admit(
+        self: &Arc<Self>,
+        client: Ipv4Addr,
+        avoid: Option<u32>,
+    ) -> Result<Lease, Refusal> {
+        let started = tokio::time::Instant::now();
+        let admitted = |lease: Lease| {
+            self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+            let waited = started.elapsed().as_secs_f64();
+            self.counters.wait.observe(waited);
+            Ok(lease)
+        };
         let ticket = {
             let mut queue = self.lock_queue();
             // Nobody waiting: no one to overtake.
             if queue.is_empty()
-                && let Some(lease) = self.try_claim(client)
+                && let Some(lease) = self.try_claim(client, avoid)
             {
-                return Ok(lease);
+                return admitted(lease);
             }
             if queue.len() >= self.config.queue_size {
-                self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                self.count(Refusal::QueueFull);
                 return Err(Refusal::QueueFull);
             }
             let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -197,22 +273,22 @@ impl Gate {
             // Registered before looking, so a release between the look and the wait still wakes.
             released.as_mut().enable();
             if self.lock_queue().front() == Some(&waiting.ticket)
-                && let Some(lease) = self.try_claim(client)
+                && let Some(lease) = self.try_claim(client, avoid)
             {
-                return Ok(lease);
+                return admitted(lease);
             }
             tokio::select! {
                 () = &mut released => {}
                 changed = routes.changed() => {
                     if changed.is_err() {
                         // The table is gone: the agent is stopping.
-                        self.counters.queue_timeout.fetch_add(1, Ordering::Relaxed);
+                        self.count(Refusal::QueueTimeout);
                         return Err(Refusal::QueueTimeout);
                     }
                 }
                 () = tokio::time::sleep(KERNEL_RELEASE_TICK) => {}
                 () = &mut deadline => {
-                    self.counters.queue_timeout.fetch_add(1, Ordering::Relaxed);
+                    self.count(Refusal::QueueTimeout);
                     return Err(Refusal::QueueTimeout);
                 }
             }
@@ -221,16 +297,22 @@ impl Gate {
 
     /// The kernel's choice over the current routes and live counts, then its claim; a claim lost
     /// to a concurrent claimer chooses again with the new counts.
-    fn try_claim(self: &Arc<Self>, client: Ipv4Addr) -> Option<Lease> {
+    fn try_claim(self: &Arc<Self>, client: Ipv4Addr, avoid: Option<u32>) -> Option<Lease> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
-        let cap = self.config.max_connections_per_backend;
+        let cap = self.config.max_per_backend;
         for _ in 0..route.backends.len().max(1) {
             let backends: Vec<BackendView> = (0u32..)
                 .zip(&route.backends)
                 .map(|(slot, &(view, _))| {
                     let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot;
                     BackendView {
+                        // Down for this choice: the policy skips it as the kernel would.
+                        state: if avoid == Some(id) {
+                            lb_common::backend_state::DOWN
+                        } else {
+                            view.state
+                        },
                         max_conns: if cap == 0 { view.max_conns } else { cap },
                         conns: self.counts.get(id),
                         steered: self.counts.steered(id),
@@ -266,25 +348,105 @@ impl Gate {
         ProxyStats {
             service: self.config.service.clone(),
             address: self.config.address,
+            mode: self.config.mode,
             accepted: c.accepted.load(Ordering::Relaxed),
+            admitted: c.admitted.load(Ordering::Relaxed),
             queued: c.queued.load(Ordering::Relaxed),
             queue_depth: self.lock_queue().len() as u64,
-            queue_full: c.queue_full.load(Ordering::Relaxed),
-            queue_timeout: c.queue_timeout.load(Ordering::Relaxed),
-            response_timeout: c.response_timeout.load(Ordering::Relaxed),
-            connect_failed: c.connect_failed.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            refused: Refusal::ALL
+                .iter()
+                .zip(&c.refused)
+                .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 
-    fn count(&self, refusal: Refusal) {
-        let c = &self.counters;
-        let counter = match refusal {
-            // Counted where they happen.
-            Refusal::QueueFull | Refusal::QueueTimeout => return,
-            Refusal::ResponseTimeout => &c.response_timeout,
-            Refusal::Connect => &c.connect_failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// The queue wait histogram (shares its counts with the gate's).
+    pub fn wait_histogram(&self) -> Histogram {
+        self.counters.wait.clone()
+    }
+
+    pub fn count(&self, refusal: Refusal) {
+        // `ALL` lists them in declaration order.
+        self.counters.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request sent again to another backend.
+    pub fn count_retry(&self) {
+        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The dataplane without the kernel entries of `mode = "http"` services: XDP does not know their
+/// addresses, so it passes their SYNs on (to the VIP's local route) and the HTTP listener sees
+/// every connection. Everything else goes to `inner`.
+pub struct HttpUnsteered<D> {
+    pub inner: D,
+    http: Vec<ServiceKey>,
+}
+
+impl<D> HttpUnsteered<D> {
+    pub fn new(inner: D, proxies: &[ProxyConfig]) -> Self {
+        let http = proxies
+            .iter()
+            .filter(|p| p.mode == ProxyMode::Http)
+            .map(|p| ServiceKey {
+                vip: u32::from_ne_bytes(p.address.ip().octets()),
+                port: p.address.port().to_be(),
+                proto: libc::IPPROTO_TCP as u8,
+                _pad: 0,
+            })
+            .collect();
+        HttpUnsteered { inner, http }
+    }
+}
+
+impl<D: Dataplane> Dataplane for HttpUnsteered<D> {
+    fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
+        if self.http.contains(&key) {
+            return Ok(());
+        }
+        self.inner.upsert_service(key, service)
+    }
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        if self.http.contains(&key) {
+            return Ok(());
+        }
+        self.inner.remove_service(key)
+    }
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
+        self.inner.write_backend(id, backend)
+    }
+    fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
+        self.inner.write_rr_ring(service_id, ring)
+    }
+    fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        self.inner.write_maglev(service_id, table)
+    }
+    fn is_local(&self, addr: Ipv4Addr) -> bool {
+        self.inner.is_local(addr)
+    }
+    fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.inner.reset_connections(id)
+    }
+    fn connections(&self, id: u32) -> u64 {
+        self.inner.connections(id)
+    }
+    fn steered(&self, id: u32) -> u64 {
+        self.inner.steered(id)
+    }
+    fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
+        self.inner.forget_steered(id, seen)
+    }
+    fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
+        self.inner.backend_stats(id)
+    }
+    fn service_counters(
+        &self,
+        service_id: u32,
+    ) -> Result<[u64; lb_common::counter::MAX as usize], DataplaneError> {
+        self.inner.service_counters(service_id)
     }
 }
 
@@ -387,6 +549,7 @@ pub fn listen(config: &ProxyConfig) -> Result<TcpListener, ProxyError> {
 /// the caller aborts on shutdown.
 pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
     let span = info_span!("proxy", service = %gate.config.service, address = %gate.config.address, mode = ?gate.config.mode);
+    let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
         loop {
@@ -395,15 +558,22 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                     Ok((client, SocketAddr::V4(peer))) => {
                         gate.counters.accepted.fetch_add(1, Ordering::Relaxed);
                         let gate = Arc::clone(&gate);
-                        connections.spawn(
-                            async move {
-                                if let Err(refusal) = proxy(&gate, client, *peer.ip()).await {
-                                    gate.count(refusal);
-                                    debug!(?refusal, "connection closed");
+                        let span = info_span!("conn", client = %peer);
+                        match gate.config.mode {
+                            ProxyMode::L4 => connections.spawn(
+                                async move {
+                                    if let Err(refusal) = proxy(&gate, client, *peer.ip()).await {
+                                        gate.count(refusal);
+                                        debug!(?refusal, "connection closed");
+                                    }
                                 }
-                            }
-                            .instrument(info_span!("conn", client = %peer)),
-                        );
+                                .instrument(span),
+                            ),
+                            ProxyMode::Http => connections.spawn(
+                                http::serve_connection(gate, Arc::clone(&pool), client, *peer.ip())
+                                    .instrument(span),
+                            ),
+                        };
                     }
                     // The listener is IPv4.
                     Ok((_, SocketAddr::V6(_))) => {}
@@ -421,35 +591,15 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
     .await;
 }
 
-/// Carry one client connection to a backend and back. Half-closes pass through: each direction
-/// ends on its own EOF with a `shutdown(SHUT_WR)` towards the other side.
-async fn proxy(gate: &Arc<Gate>, mut client: TcpStream, peer: Ipv4Addr) -> Result<(), Refusal> {
-    let lease = gate.admit(peer).await?;
+/// Carry one client connection to a backend and back.
+async fn proxy(gate: &Arc<Gate>, client: TcpStream, peer: Ipv4Addr) -> Result<(), Refusal> {
+    let lease = gate.admit(peer, None).await?;
     let backend = TcpStream::connect(lease.address)
         .await
         .map_err(|_| Refusal::Connect)?;
     debug!(backend = %lease.address, id = lease.id, "proxying");
-    let (mut client_rx, mut client_tx) = client.split();
-    let (mut backend_rx, mut backend_tx) = backend.into_split();
-    let up = async {
-        tokio::io::copy(&mut client_rx, &mut backend_tx).await?;
-        backend_tx.shutdown().await
-    };
-    let response_timeout = gate.config.response_timeout;
-    let down = async {
-        let mut first = [0u8; 4096];
-        let n = tokio::time::timeout(response_timeout, backend_rx.read(&mut first))
-            .await
-            .map_err(|_| Ended::ResponseTimeout)??;
-        client_tx.write_all(&first[..n]).await?;
-        if n > 0 {
-            tokio::io::copy(&mut backend_rx, &mut client_tx).await?;
-        }
-        client_tx.shutdown().await?;
-        Ok::<(), Ended>(())
-    };
-    match tokio::try_join!(async { up.await.map_err(Ended::Io) }, down) {
-        Ok(((), ())) => Ok(()),
+    match carry(client, backend, gate.config.response_timeout).await {
+        Ok(()) => Ok(()),
         Err(Ended::ResponseTimeout) => Err(Refusal::ResponseTimeout),
         // A peer reset: nothing more to carry.
         Err(Ended::Io(error)) => {
@@ -457,6 +607,49 @@ async fn proxy(gate: &Arc<Gate>, mut client: TcpStream, peer: Ipv4Addr) -> Resul
             Ok(())
         }
     }
+}
+
+/// The copy both ways. Half-closes pass through: each direction ends on its own EOF with a
+/// `shutdown(SHUT_WR)` towards the other side. The backend must answer within
+/// `response_timeout` of the client's first bytes reaching it (or speak first).
+async fn carry(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    response_timeout: Duration,
+) -> Result<(), Ended> {
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut backend_rx, mut backend_tx) = backend.split();
+    let (sent, request_sent) = tokio::sync::oneshot::channel::<()>();
+    let up = async {
+        let mut first = [0u8; 4096];
+        let n = client_rx.read(&mut first).await?;
+        backend_tx.write_all(&first[..n]).await?;
+        let _ = sent.send(());
+        if n > 0 {
+            tokio::io::copy(&mut client_rx, &mut backend_tx).await?;
+        }
+        backend_tx.shutdown().await?;
+        Ok::<(), Ended>(())
+    };
+    let down = async {
+        let mut first = [0u8; 4096];
+        let read = backend_rx.read(&mut first);
+        tokio::pin!(read);
+        let n = tokio::select! {
+            n = &mut read => n?,
+            // Sent (or the client closed without a byte): the clock runs.
+            _ = request_sent => tokio::time::timeout(response_timeout, &mut read)
+                .await
+                .map_err(|_| Ended::ResponseTimeout)??,
+        };
+        client_tx.write_all(&first[..n]).await?;
+        if n > 0 {
+            tokio::io::copy(&mut backend_rx, &mut client_tx).await?;
+        }
+        client_tx.shutdown().await?;
+        Ok::<(), Ended>(())
+    };
+    tokio::try_join!(up, down).map(|((), ())| ())
 }
 
 enum Ended {
@@ -483,7 +676,8 @@ mod tests {
             service: "chat".to_owned(),
             address: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
             mode: ProxyMode::L4,
-            max_connections_per_backend: cap,
+            max_per_backend: cap,
+            max_request_body: 1 << 20,
             queue_size,
             queue_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
@@ -531,26 +725,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn claims_by_policy_up_to_the_cap_and_counts_in_the_shared_array() {
         let (gate, counts, _routes) = gate(0, 1, 2);
-        let a = gate.admit(client()).await.expect("room on backend 0");
-        let b = gate.admit(client()).await.expect("room on backend 1");
+        let a = gate.admit(client(), None).await.expect("room on backend 0");
+        let b = gate.admit(client(), None).await.expect("room on backend 1");
         assert_eq!((a.id, b.id), (0, 1));
         assert_eq!(b.address, "10.0.1.2:80".parse().expect("address"));
         assert_eq!((counts.get(0), counts.get(1)), (1, 1));
-        assert_eq!(gate.admit(client()).await.err(), Some(Refusal::QueueFull));
+        assert_eq!(
+            gate.admit(client(), None).await.err(),
+            Some(Refusal::QueueFull)
+        );
         drop(a);
         assert_eq!(counts.get(0), 0, "released on drop");
-        assert_eq!(gate.stats().queue_full, 1);
+        assert_eq!(gate.stats().refused["queue_full"], 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiters_are_served_in_order_as_soon_as_a_lease_is_dropped() {
         let (gate, _counts, _routes) = gate(8, 1, 1);
-        let first = gate.admit(client()).await.expect("room");
+        let first = gate.admit(client(), None).await.expect("room");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for n in 0..3 {
             let (gate, tx) = (Arc::clone(&gate), tx.clone());
             tokio::spawn(async move {
-                let lease = gate.admit(client()).await;
+                let lease = gate.admit(client(), None).await;
                 let _ = tx.send((n, Instant::now(), lease));
             });
             // Queue them in a known order.
@@ -569,20 +766,117 @@ mod tests {
         }
         assert_eq!(gate.stats().queued, 3);
         assert_eq!(gate.stats().queue_depth, 0);
+        // Waits of 0 (the first), 0, 1 and 2 s (each release a second after the one before).
+        let wait = wait_buckets(&gate);
+        for (le, count) in [("0.001", 2), ("0.5", 2), ("1", 3), ("2.5", 4)] {
+            assert_eq!(wait.get(le), Some(&count), "le {le}: {wait:?}");
+        }
+        assert_eq!(gate.stats().admitted, 4);
+    }
+
+    /// Cumulative counts of the wait histogram by upper bound, as `/metrics` shows them.
+    fn wait_buckets(gate: &Gate) -> std::collections::HashMap<String, u64> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("wait", "", gate.wait_histogram());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("wait_bucket{le=\"")?;
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((le.trim_end_matches(".0").to_owned(), count.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_to_avoid_is_not_chosen_even_when_the_policy_would() {
+        let (gate, _counts, _routes) = gate(0, 1, 2);
+        // Round robin's next pick is backend 0.
+        let lease = gate.admit(client(), Some(0)).await.expect("room on 1");
+        assert_eq!(lease.id, 1);
+        assert_eq!(
+            gate.admit(client(), Some(0)).await.err(),
+            Some(Refusal::QueueFull),
+            "1 is full and 0 avoided"
+        );
+        assert_eq!(gate.admit(client(), None).await.map(|l| l.id).ok(), Some(0));
+    }
+
+    /// A backend that answers each line after `delay`, on loopback.
+    async fn slow_echo(delay: Duration) -> SocketAddrV4 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let SocketAddr::V4(address) = listener.local_addr().expect("address") else {
+            unreachable!("bound to IPv4")
+        };
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut line = [0u8; 64];
+                    while let Ok(n @ 1..) = stream.read(&mut line).await {
+                        tokio::time::sleep(delay).await;
+                        let _ = stream.write_all(&line[..n]).await;
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// Connected client and backend sides of a proxied connection through `carry`.
+    async fn carried(
+        backend: SocketAddrV4,
+        response_timeout: Duration,
+    ) -> (TcpStream, tokio::task::JoinHandle<Result<(), Ended>>) {
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(front.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (accepted, _) = front.accept().await.expect("accept");
+        let backend = TcpStream::connect(backend).await.expect("connect backend");
+        let task = tokio::spawn(carry(accepted, backend, response_timeout));
+        (client, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn l4_response_timeout_runs_from_the_first_bytes_sent_not_the_connect() {
+        let backend = slow_echo(Duration::from_secs(3)).await;
+        let (mut client, task) = carried(backend, Duration::from_secs(5)).await;
+        // Idle for longer than response_timeout before asking: no timeout.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        client.write_all(b"hello\n").await.expect("send");
+        let mut answer = [0u8; 6];
+        client
+            .read_exact(&mut answer)
+            .await
+            .expect("answered in 3 s");
+        assert_eq!(&answer, b"hello\n");
+        drop(client);
+        assert!(task.await.expect("carry task").is_ok());
+
+        let backend = slow_echo(Duration::from_secs(3)).await;
+        let (mut client, task) = carried(backend, Duration::from_secs(2)).await;
+        client.write_all(b"hello\n").await.expect("send");
+        let sent = Instant::now();
+        assert!(matches!(
+            task.await.expect("carry task"),
+            Err(Ended::ResponseTimeout)
+        ));
+        assert_eq!(sent.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_times_out_and_leaves_the_queue() {
         let (gate, _counts, _routes) = gate(1, 1, 1);
-        let _held = gate.admit(client()).await.expect("room");
+        let _held = gate.admit(client(), None).await.expect("room");
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client()).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         assert_eq!(
-            gate.admit(client()).await.err(),
+            gate.admit(client(), None).await.err(),
             Some(Refusal::QueueFull),
             "queue_size 1 is taken"
         );
@@ -592,7 +886,7 @@ mod tests {
         );
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         let stats = gate.stats();
-        assert_eq!((stats.queue_timeout, stats.queue_depth), (1, 0));
+        assert_eq!((stats.refused["queue_timeout"], stats.queue_depth), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -603,7 +897,7 @@ mod tests {
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client()).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(counts.release(0), "the kernel's flow ends");
@@ -613,7 +907,7 @@ mod tests {
         assert!(counts.acquire(0, 1));
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client()).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         let added = Instant::now();

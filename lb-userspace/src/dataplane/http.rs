@@ -1,0 +1,479 @@
+//! `mode = "http"`: an HTTP/1.1 reverse proxy that admits every request on its own through the
+//! service's [`Gate`] (policy, shared counts, FIFO queue), so one keep-alive client connection is
+//! balanced request by request.
+//!
+//! A request's body is read whole (up to `max_request_body`) before it waits for a backend: a slow
+//! upload never holds one, and a request can be sent again. Its claim is held until the response
+//! body has been passed to the client, or the client went away; then the backend connection is
+//! closed, which makes llama-server stop generating and free its slot. Responses pass frame by
+//! frame (server-sent events arrive as they are produced).
+//!
+//! Backend connections are kept alive in a [`Pool`]. llama-server closes the connection after a
+//! streamed answer although it announced keep-alive; a request that fails on a reused connection
+//! before any response came is sent again on a new one, so the client never sees that.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+use tracing::{Instrument, debug, debug_span};
+
+use super::proxy::{Gate, Lease, Refusal};
+
+/// What the client gets: an error of the proxy's own, or the backend's body passed on.
+type ProxyBody = Either<Full<Bytes>, Passed>;
+
+/// Serve one client connection (keep-alive) until the client closes it.
+pub async fn serve_connection(gate: Arc<Gate>, pool: Arc<Pool>, client: TcpStream, peer: Ipv4Addr) {
+    let service = hyper::service::service_fn(move |request| {
+        let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
+        async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
+    });
+    if let Err(error) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await
+    {
+        debug!(%error, "client connection ended");
+    }
+}
+
+/// The request as it goes to every backend it is tried on.
+struct Outgoing {
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+}
+
+impl Outgoing {
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = self.parts.uri.clone();
+        *request.headers_mut() = self.parts.headers.clone();
+        request
+    }
+}
+
+async fn handle(
+    gate: &Arc<Gate>,
+    pool: &Arc<Pool>,
+    peer: Ipv4Addr,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    match forward(gate, pool, peer, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            gate.count(error.refusal);
+            debug!(refusal = ?error.refusal, message = %error.message, "request refused");
+            error.response()
+        }
+    }
+}
+
+/// A refused request: its status, reason and a message naming the limit.
+struct Refused {
+    refusal: Refusal,
+    message: String,
+}
+
+impl Refused {
+    fn status(&self) -> StatusCode {
+        match self.refusal {
+            Refusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::QueueTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // Cloudflare's "a timeout occurred", which llama.cpp clients show as it is.
+            Refusal::ResponseTimeout => {
+                StatusCode::from_u16(524).unwrap_or(StatusCode::GATEWAY_TIMEOUT)
+            }
+            Refusal::Connect | Refusal::BadGateway => StatusCode::BAD_GATEWAY,
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// OpenAI's error shape, which llama.cpp's clients display.
+    fn response(&self) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = serde_json::json!({
+            "error": {"code": status.as_u16(), "type": self.refusal.name(), "message": self.message}
+        });
+        let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.refusal == Refusal::QueueFull {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+async fn forward(
+    gate: &Arc<Gate>,
+    pool: &Arc<Pool>,
+    peer: Ipv4Addr,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Refused> {
+    let config = gate.config();
+    let service = &config.service;
+    let refused = |refusal, message: String| Refused { refusal, message };
+    let (mut parts, body) = request.into_parts();
+    let max = config.max_request_body;
+    let body = match Limited::new(body, max).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return Err(refused(
+                Refusal::BodyTooLarge,
+                format!(
+                    "the request body of service `{service}` is over max_request_body {max} bytes"
+                ),
+            ));
+        }
+        Err(error) => {
+            // The client went away mid-body: nobody reads this answer.
+            return Err(refused(
+                Refusal::BadGateway,
+                format!("reading the request body: {error}"),
+            ));
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    forwarded_for(&mut parts.headers, peer);
+    // The backend gets origin form; Host stays as the client sent it.
+    if let Some(path) = parts.uri.path_and_query() {
+        parts.uri = path.clone().into();
+    }
+    let outgoing = Outgoing { parts, body };
+    let mut avoid = None;
+    let mut unreachable = Vec::new();
+    // One retry on another backend when the chosen one cannot be reached.
+    for _ in 0..2 {
+        let lease = gate.admit(peer, avoid).await.map_err(|refusal| {
+            let message = match refusal {
+                Refusal::QueueFull => format!(
+                    "the queue of service `{service}` is full (queue_size {})",
+                    config.queue_size
+                ),
+                _ => format!(
+                    "no backend of service `{service}` had room within queue_timeout {:?}",
+                    config.queue_timeout
+                ),
+            };
+            refused(refusal, message)
+        })?;
+        let address = lease.address;
+        let span = debug_span!("request", backend = %address, id = lease.id);
+        match exchange(pool, address, &outgoing, config.response_timeout)
+            .instrument(span)
+            .await
+        {
+            Ok((response, upstream)) => return Ok(pass(response, upstream, lease, pool)),
+            Err(Failed::Connect(error)) => {
+                debug!(%address, %error, "backend unreachable");
+                unreachable.push(format!("{address}: {error}"));
+                avoid = Some(lease.id);
+                if unreachable.len() == 1 {
+                    gate.count_retry();
+                }
+            }
+            Err(Failed::ResponseTimeout) => {
+                return Err(refused(
+                    Refusal::ResponseTimeout,
+                    format!(
+                        "backend {address} of service `{service}` sent no response within \
+                         response_timeout {:?}",
+                        config.response_timeout
+                    ),
+                ));
+            }
+            Err(Failed::Broken(error)) => {
+                return Err(refused(
+                    Refusal::BadGateway,
+                    format!("backend {address} of service `{service}` failed: {error}"),
+                ));
+            }
+        }
+    }
+    Err(refused(
+        Refusal::Connect,
+        format!(
+            "no backend of service `{service}` could be reached ({})",
+            unreachable.join("; ")
+        ),
+    ))
+}
+
+/// Why a request got no response head from a backend.
+enum Failed {
+    /// Before anything was sent: another backend may take it.
+    Connect(String),
+    ResponseTimeout,
+    Broken(hyper::Error),
+}
+
+/// Send `outgoing` to `address` on a pooled connection or a new one; the response head and the
+/// connection its body comes on. `response_timeout` runs from when the request is sent.
+async fn exchange(
+    pool: &Pool,
+    address: SocketAddrV4,
+    outgoing: &Outgoing,
+    response_timeout: Duration,
+) -> Result<(Response<Incoming>, Upstream), Failed> {
+    if let Some(mut upstream) = pool.take(address).await {
+        match send(&mut upstream, outgoing, response_timeout).await {
+            Ok(response) => return Ok((response, upstream)),
+            // The backend had closed it (llama-server does after a stream): try a new one.
+            Err(Failed::Broken(error)) => debug!(%error, "a pooled connection failed"),
+            Err(other) => return Err(other),
+        }
+    }
+    let mut upstream = Upstream::connect(address, response_timeout).await?;
+    let response = send(&mut upstream, outgoing, response_timeout).await?;
+    Ok((response, upstream))
+}
+
+async fn send(
+    upstream: &mut Upstream,
+    outgoing: &Outgoing,
+    response_timeout: Duration,
+) -> Result<Response<Incoming>, Failed> {
+    tokio::time::timeout(
+        response_timeout,
+        upstream.sender.send_request(outgoing.request()),
+    )
+    .await
+    .map_err(|_| Failed::ResponseTimeout)?
+    .map_err(Failed::Broken)
+}
+
+/// The client's response: the backend's head without hop-by-hop headers, its body passed on.
+fn pass(
+    response: Response<Incoming>,
+    upstream: Upstream,
+    lease: Lease,
+    pool: &Arc<Pool>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = Passed {
+        body,
+        held: Some((upstream, lease)),
+        pool: Arc::clone(pool),
+    };
+    Response::from_parts(parts, Either::Right(body))
+}
+
+/// Headers of one hop (RFC 9110 7.6.1), and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Append the client to `X-Forwarded-For`.
+fn forwarded_for(headers: &mut HeaderMap, peer: Ipv4Addr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {peer}"),
+        None => peer.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// An HTTP/1.1 connection to a backend; dropping it closes the connection.
+pub struct Upstream {
+    address: SocketAddrV4,
+    sender: SendRequest<Full<Bytes>>,
+    connection: AbortHandle,
+}
+
+impl Upstream {
+    /// `timeout` bounds the connect: a backend that does not answer SYNs is unreachable.
+    async fn connect(address: SocketAddrV4, timeout: Duration) -> Result<Upstream, Failed> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| Failed::Connect(format!("no connection within {timeout:?}")))?
+            .map_err(|error| Failed::Connect(error.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| Failed::Connect(error.to_string()))?;
+        let connection = tokio::spawn(
+            async move {
+                if let Err(error) = connection.await {
+                    debug!(%error, "backend connection ended");
+                }
+            }
+            .in_current_span(),
+        )
+        .abort_handle();
+        Ok(Upstream {
+            address,
+            sender,
+            connection,
+        })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// Idle keep-alive connections per backend address.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddrV4, Vec<Upstream>>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddrV4, Vec<Upstream>>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest idle connection to `address` that is still open and ready.
+    async fn take(&self, address: SocketAddrV4) -> Option<Upstream> {
+        loop {
+            let mut upstream = self.lock().get_mut(&address)?.pop()?;
+            // Ready at once when idle; an error when the backend closed it.
+            if upstream.sender.ready().await.is_ok() {
+                return Some(upstream);
+            }
+        }
+    }
+
+    fn put(&self, upstream: Upstream) {
+        if !upstream.sender.is_closed() {
+            self.lock()
+                .entry(upstream.address)
+                .or_default()
+                .push(upstream);
+        }
+    }
+}
+
+/// A backend's response body on its way to the client, holding the backend's claim and
+/// connection: at its end both are given back, dropped before (the client went away) the
+/// connection is closed.
+pub struct Passed {
+    body: Incoming,
+    held: Option<(Upstream, Lease)>,
+    pool: Arc<Pool>,
+}
+
+impl Passed {
+    fn finish(&mut self) {
+        if let Some((upstream, lease)) = self.held.take() {
+            if self.body.is_end_stream() {
+                self.pool.put(upstream);
+            }
+            drop(lease);
+        }
+    }
+}
+
+impl Drop for Passed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for Passed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            self.finish();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_client_is_appended() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "chat.example"),
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/json"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        forwarded_for(&mut headers, Ipv4Addr::new(10, 9, 9, 9));
+        let mut left: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("?")))
+            .collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                ("content-type", "application/json"),
+                ("host", "chat.example"),
+                ("x-forwarded-for", "10.1.1.1, 10.9.9.9"),
+            ]
+        );
+    }
+}
