@@ -253,7 +253,7 @@ impl Gate {
                 return admitted(lease);
             }
             if queue.len() >= self.config.queue_size {
-                self.count(Refusal::QueueFull);
+                self.tally(Refusal::QueueFull);
                 return Err(Refusal::QueueFull);
             }
             let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -282,13 +282,13 @@ impl Gate {
                 changed = routes.changed() => {
                     if changed.is_err() {
                         // The table is gone: the agent is stopping.
-                        self.count(Refusal::QueueTimeout);
+                        self.tally(Refusal::QueueTimeout);
                         return Err(Refusal::QueueTimeout);
                     }
                 }
                 () = tokio::time::sleep(KERNEL_RELEASE_TICK) => {}
                 () = &mut deadline => {
-                    self.count(Refusal::QueueTimeout);
+                    self.tally(Refusal::QueueTimeout);
                     return Err(Refusal::QueueTimeout);
                 }
             }
@@ -367,7 +367,14 @@ impl Gate {
         self.counters.wait.clone()
     }
 
+    /// Count a refusal of the caller's; the queue's own ([`Gate::admit`]'s) are counted already.
     pub fn count(&self, refusal: Refusal) {
+        if !matches!(refusal, Refusal::QueueFull | Refusal::QueueTimeout) {
+            self.tally(refusal);
+        }
+    }
+
+    fn tally(&self, refusal: Refusal) {
         // `ALL` lists them in declaration order.
         self.counters.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
     }
