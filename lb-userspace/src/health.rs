@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span};
 
 use crate::config::HealthConfig;
@@ -92,42 +90,17 @@ pub async fn run(table: TableHandle, service: String, config: HealthConfig) {
 
 /// One GET of `path`; `Ok` when the answer's status is 200 within `timeout`.
 async fn probe(address: SocketAddrV4, path: &str, timeout: Duration) -> Result<(), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(address)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        // The status line is all we need: "HTTP/1.1 200 OK".
-        let mut head = [0u8; 16];
-        let mut len = 0;
-        while len < 12 {
-            match stream.read(&mut head[len..]).await {
-                Ok(0) => return Err("closed before a status line".to_owned()),
-                Ok(n) => len += n,
-                Err(e) => return Err(format!("receive: {e}")),
-            }
-        }
-        let status = &head[9..12];
-        if head.starts_with(b"HTTP/1.") && status == b"200" {
-            Ok(())
-        } else {
-            Err(format!("status {}", String::from_utf8_lossy(status)))
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+    match tokio::time::timeout(timeout, crate::probe::get(address, path)).await {
+        Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::num::NonZeroU32;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn config(rise: u32, fall: u32) -> HealthConfig {
@@ -182,7 +155,7 @@ mod tests {
             Ok(())
         );
         let loading = probe(server("503 Service Unavailable").await, "/health", timeout).await;
-        assert_eq!(loading, Err("status 503".to_owned()));
+        assert_eq!(loading, Err("GET /health: status 503".to_owned()));
         let closed = {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -193,6 +166,6 @@ mod tests {
             panic!("not IPv4");
         };
         let refused = probe(closed, "/health", timeout).await;
-        assert!(refused.is_err_and(|e| e.starts_with("connect")));
+        assert!(refused.is_err_and(|e| e.contains("refused")));
     }
 }

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod slots;
 pub mod store;
 pub mod supervisor;

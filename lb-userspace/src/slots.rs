@@ -11,34 +11,20 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::SlotPoll;
+use crate::probe::{GetError, get};
 use crate::table::{SlotCounts, SlotReport, TableHandle};
 
-/// `/slots` grows with the slot count and each busy slot's sampling parameters (about 1.3 KB
-/// for one); this leaves room for hundreds of slots.
-const MAX_RESPONSE: usize = 1 << 20;
 const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
-    #[error("GET {path}: {source}")]
-    Io {
-        path: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Get(#[from] GetError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("GET {path}: not an HTTP response")]
-    Malformed { path: &'static str },
-    #[error("GET {path}: status {status}")]
-    Status { path: &'static str, status: u16 },
-    #[error("GET {path}: more than {MAX_RESPONSE} bytes")]
-    TooLarge { path: &'static str },
     #[error("GET {path}: {source}")]
     Json {
         path: &'static str,
@@ -123,7 +109,7 @@ pub async fn poll_backend(
                 path: "/slots",
                 source,
             }),
-            Err(PollError::Status {
+            Err(GetError::Status {
                 status: 404 | 501, ..
             }) => {
                 let metrics = get(address, "/metrics").await?;
@@ -139,7 +125,7 @@ pub async fn poll_backend(
                     idle: total.saturating_sub(processing),
                 })
             }
-            Err(error) => Err(error),
+            Err(error) => Err(error.into()),
         }
     };
     tokio::time::timeout(timeout, exchange)
@@ -180,59 +166,10 @@ fn parse_processing(metrics: &str) -> Option<u32> {
     })
 }
 
-/// One `GET path` with `Connection: close`; the body of a 200 answer. llama-server sends
-/// `Content-Length`, and closes after it.
-async fn get(address: SocketAddrV4, path: &'static str) -> Result<Vec<u8>, PollError> {
-    let io = |source| PollError::Io { path, source };
-    let mut stream = TcpStream::connect(address).await.map_err(io)?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(io)?;
-    let mut response = Vec::new();
-    let read = (&mut stream)
-        .take(MAX_RESPONSE as u64 + 1)
-        .read_to_end(&mut response)
-        .await
-        .map_err(io)?;
-    if read > MAX_RESPONSE {
-        return Err(PollError::TooLarge { path });
-    }
-    parse_response(&response, path)
-}
-
-/// The body of a 200 response, cut to its `Content-Length` when it has one.
-fn parse_response(response: &[u8], path: &'static str) -> Result<Vec<u8>, PollError> {
-    let malformed = || PollError::Malformed { path };
-    let end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(malformed)?;
-    let head = std::str::from_utf8(&response[..end]).map_err(|_| malformed())?;
-    let body = &response[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or_else(malformed)?;
-    let status: u16 = match status_line.split(' ').collect::<Vec<_>>()[..] {
-        [version, status, ..] if version.starts_with("HTTP/1.") => {
-            status.parse().map_err(|_| malformed())?
-        }
-        _ => return Err(malformed()),
-    };
-    if status != 200 {
-        return Err(PollError::Status { path, status });
-    }
-    let length = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    match length {
-        Some(length) => body.get(..length).map(<[u8]>::to_vec).ok_or_else(malformed),
-        None => Ok(body.to_vec()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// Captured from llama-server 11434.0.0 (`-np 2 -c 2048`) while slot 1 answered a chat.
@@ -277,28 +214,6 @@ mod tests {
             "is_processing is needed"
         );
         Ok(())
-    }
-
-    #[test]
-    fn responses_are_cut_to_their_length_and_errors_keep_the_status() {
-        let ok = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\ncontent-length: 2\r\n\r\n[]garbage";
-        assert_eq!(
-            parse_response(ok.as_bytes(), "/slots").ok(),
-            Some(b"[]".to_vec())
-        );
-        assert!(matches!(
-            parse_response(NO_SLOTS.as_bytes(), "/slots"),
-            Err(PollError::Status { status: 501, .. })
-        ));
-        assert!(matches!(
-            parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", "/slots"),
-            Err(PollError::Malformed { .. })
-        ));
-        let short = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[]";
-        assert!(matches!(
-            parse_response(short.as_bytes(), "/slots"),
-            Err(PollError::Malformed { .. })
-        ));
     }
 
     /// A loopback llama-server stand-in: `answer(path)` is the whole HTTP response.
@@ -351,10 +266,7 @@ mod tests {
         let nothing = server(|_| NO_SLOTS.replace("slots endpoint", "metrics endpoint")).await;
         assert!(matches!(
             poll_backend(nothing, timeout).await,
-            Err(PollError::Status {
-                path: "/metrics",
-                status: 501
-            })
+            Err(PollError::Get(GetError::Status { ref path, status: 501 })) if path == "/metrics"
         ));
         let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let std::net::SocketAddr::V4(silent_addr) = silent.local_addr().expect("addr") else {
