@@ -11,7 +11,13 @@
 
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
-enum { STEER_CT_DEFAULT_ENTRIES = 262144, STEER_EVENTS_BYTES = 256 * 1024 };
+enum {
+	STEER_CT_DEFAULT_ENTRIES = 262144,
+	STEER_EVENTS_BYTES = 256 * 1024,
+	/* How long a cached next hop and a flow's last_seen stand before they
+	 * are refreshed: route and neighbour changes take effect within it. */
+	STEER_REFRESH_NS = 1000000000,
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -91,6 +97,24 @@ struct {
 	__type(value, struct steer_flow_rev);
 	__uint(max_entries, STEER_CT_DEFAULT_ENTRIES);
 } ct_rev SEC(".maps");
+
+/* Kernel-only: how a new flow reaches a remote backend, cached so that a SYN
+ * does not pay for a route lookup. Looked up again when older than
+ * STEER_REFRESH_NS or found for another address (the id got a new backend). */
+struct backend_route {
+	__u64 checked_ns;
+	__u32 addr;		/* the backend address it was found for */
+	__u32 snat_addr;	/* the egress interface's source address */
+	struct steer_next_hop hop;
+};
+
+/* Index: backend id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct backend_route);
+	__uint(max_entries, STEER_MAX_BACKENDS);
+} backend_routes SEC(".maps");
 
 /* Key: ifindex of an interface Steer is attached to. */
 struct {

@@ -45,6 +45,37 @@ static __always_inline int next_hop(struct xdp_md *ctx, __be32 src, __be32 dst, 
 	return 0;
 }
 
+/* The route to a remote backend for a new flow: the cached one when it is
+ * fresh and for the backend's address, else looked up (by destination alone:
+ * it serves every client) and cached. NULL: no way there. */
+static __always_inline const struct backend_route *
+backend_route(struct xdp_md *ctx, __u32 id, const struct steer_backend *b, __u16 tot_len,
+	      __u64 now)
+{
+	struct backend_route *route = bpf_map_lookup_elem(&backend_routes, &id);
+	struct steer_next_hop hop;
+	struct steer_iface *iface;
+
+	if (!route)
+		return NULL;
+	if (READ_ONCE(route->addr) == b->addr &&
+	    now - READ_ONCE(route->checked_ns) <= STEER_REFRESH_NS)
+		return route;
+	if (next_hop(ctx, 0, b->addr, tot_len, &hop))
+		return NULL;
+	iface = bpf_map_lookup_elem(&ifaces, &hop.ifindex);
+	if (!iface)
+		return NULL;
+	route->hop = hop;
+	route->snat_addr = iface->snat_addr;
+	/* The address after what it names: another CPU that sees the new
+	 * address reads the route found for it (x86 keeps stores in order). */
+	asm volatile("" ::: "memory");
+	route->addr = b->addr;
+	route->checked_ns = now;
+	return route;
+}
+
 static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr, __be32 daddr,
 				       __be16 sport, __be16 dport)
 {

@@ -14,7 +14,6 @@
 #include "policy.h"
 
 enum {
-	STEER_LAST_SEEN_GRANULARITY_NS = 1000000000,
 	STEER_HEADERS_LEN = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr),
 };
 
@@ -39,7 +38,7 @@ const volatile struct steer_abi_anchor {
  * coarse clock is CLOCK_MONOTONIC at tick resolution, and cheaper to read. */
 static __always_inline int refresh_due(const __u64 *last_seen_ns, __u64 now)
 {
-	return now - READ_ONCE(*last_seen_ns) > STEER_LAST_SEEN_GRANULARITY_NS;
+	return now - READ_ONCE(*last_seen_ns) > STEER_REFRESH_NS;
 }
 
 static __always_inline void account(__u32 backend_id, enum steer_counter packets,
@@ -150,31 +149,28 @@ static __always_inline int refuse_new_flow(const struct packet *pkt, __u32 servi
 
 /* A SYN with no flow: choose a backend, claim its capacity and the reply
  * tuple, record the flow both ways, then rewrite. Any failure passes the SYN
- * on. A local backend keeps the client's source; a remote one gets the
- * egress interface's address and a free port. */
+ * on. A local backend (no route) keeps the client's source; a remote one gets
+ * the egress interface's address and a free port. */
 static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 				    const struct steer_service *svc,
 				    const struct steer_flow_key *key)
 {
+	const struct backend_route *route = NULL;
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct steer_flow_rev rev = {};
 	struct steer_flow_fwd flow = {};
-	struct steer_iface *iface = NULL;
 	struct steer_backend *b;
 	__u32 id = 0;
-	int local, claimed;
+	int claimed;
 
 	if (pick_backend(svc, key->src_addr, &id))
 		return refuse_new_flow(pkt, svc->id, 0, STEER_CNT_NO_BACKEND, STEER_EVENT_NO_BACKEND);
 	b = bpf_map_lookup_elem(&backends, &id);
 	if (!b)
 		return XDP_PASS;
-	local = b->kind == STEER_BACKEND_LOCAL;
-	if (!local) {
-		if (next_hop(ctx, pkt->ip->saddr, b->addr, pkt->len, &flow.hop))
-			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
-					       STEER_EVENT_NO_ROUTE);
-		iface = bpf_map_lookup_elem(&ifaces, &flow.hop.ifindex);
-		if (!iface)
+	if (b->kind != STEER_BACKEND_LOCAL) {
+		route = backend_route(ctx, id, b, pkt->len, now);
+		if (!route)
 			return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_ROUTE,
 					       STEER_EVENT_NO_ROUTE);
 	}
@@ -186,14 +182,15 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	rev.client_port = key->src_port;
 	rev.vip_port = key->dst_port;
 	rev.backend_id = id;
-	rev.last_seen_ns = bpf_ktime_get_coarse_ns();
-	if (local) {
+	rev.last_seen_ns = now;
+	if (!route) {	/* local */
 		flow.snat_addr = key->src_addr;
 		flow.snat_port = key->src_port;
 		flow.flags = STEER_FLOW_LOCAL;
 		claimed = claim_reply_tuple(b->addr, b->port, flow.snat_addr, flow.snat_port, &rev);
 	} else {
-		flow.snat_addr = iface->snat_addr;
+		flow.hop = route->hop;
+		flow.snat_addr = route->snat_addr;
 		claimed = claim_snat_port(b->addr, b->port, flow.snat_addr, &rev, &flow.snat_port);
 	}
 	if (claimed) {
@@ -221,7 +218,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
 	if (flow_events)
 		emit_event(STEER_EVENT_FLOW_OPENED, svc->id, id, key->src_addr, key->src_port);
-	if (local) {
+	if (!route) {
 		rewrite_tuple(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr,
 			      flow.backend_port);
 		return XDP_PASS;

@@ -253,13 +253,15 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A flow keeps its next hop in conntrack and looks it up again about once a second: after a
-/// neighbour's MAC changes, both directions reach the new MAC, and once the neighbour is gone
-/// the packets are passed untouched to the stack (which resolves it) and counted as no route.
+/// A flow keeps its next hop in conntrack, and new flows the one of their backend, and both look
+/// it up again about once a second: after a neighbour's MAC changes, both directions of a flow
+/// and a new flow reach the new MAC, and once the neighbour is gone the packets are passed
+/// untouched to the stack (which resolves it) and counted as no route.
 #[test]
 fn flows_follow_next_hop_changes_within_a_second() {
     in_lab(policy::ROUND_ROBIN, |lab| {
         const LONGER_THAN_REFRESH: std::time::Duration = std::time::Duration::from_millis(1200);
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
         let c = client(40600);
         let (snat, backend) = lab.forward(c, SYN);
         lab.reply(backend, snat, SYN | ACK, c);
@@ -284,7 +286,12 @@ fn flows_follow_next_hop_changes_within_a_second() {
         std::thread::sleep(LONGER_THAN_REFRESH);
         let to_backend = Frame::tcp(c, VIP, ACK).build();
         let to_client = Frame::tcp(backend, snat, ACK).build();
-        for (frame, mac) in [(&to_backend, new_macs[0]), (&to_client, new_macs[1])] {
+        let new_flow = Frame::tcp(client(40601), VIP, SYN).build();
+        for (frame, mac) in [
+            (&to_backend, new_macs[0]),
+            (&to_client, new_macs[1]),
+            (&new_flow, new_macs[0]),
+        ] {
             let (verdict, output) = lab.run(frame);
             assert_eq!(verdict, XDP_REDIRECT);
             assert_eq!(parse_checked(&output).dst_mac, mac, "the new MAC");
@@ -293,10 +300,11 @@ fn flows_follow_next_hop_changes_within_a_second() {
         ip(&["neigh", "del", &backend.ip().to_string(), "dev", "pbe"]);
         ip(&["neigh", "del", &CLIENT_IP.to_string(), "dev", "pcli"]);
         std::thread::sleep(LONGER_THAN_REFRESH);
-        for frame in [to_backend, to_client] {
+        let another_flow = Frame::tcp(client(40602), VIP, SYN).build();
+        for frame in [to_backend, to_client, another_flow] {
             assert_eq!(lab.run(&frame), (XDP_PASS, frame.clone()), "no neighbour");
         }
-        assert_eq!(lab.counter(counter::NO_ROUTE), 2);
+        assert_eq!(lab.counter(counter::NO_ROUTE), 3);
     });
 }
 
