@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tests::netns;
@@ -123,4 +123,606 @@ fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
     });
     let proxy = topo.admin("GET", "/v1/proxy", None);
     assert_eq!(proxy[0]["queued"].as_u64(), Some(2), "{proxy}");
+}
+
+/// A process on the test host, killed however the test ends.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Upper bound for any wait in the HTTP-mode tests.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts `cmd` with its output in `dir/<name>.log`.
+fn start(mut cmd: std::process::Command, dir: &Path, name: &str) -> Process {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("create a log");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log);
+    Process(cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")))
+}
+
+/// A llama-server on 127.0.0.1:`port` with one slot; `--alias` names it in every answer.
+fn llama_server(dir: &Path, alias: &str, port: u16) -> Process {
+    let mut cmd = std::process::Command::new(tests::llama::llama_server_path());
+    cmd.arg("-m")
+        .arg(tests::llama::model_path())
+        .args(["-np", "1", "-c", "4096", "-t", "1", "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--alias", alias]);
+    start(cmd, dir, alias)
+}
+
+/// The parts of one response the tests look at; each body frame with its arrival time.
+struct Answer {
+    status: u16,
+    headers: hyper::HeaderMap,
+    /// When the response head arrived.
+    head_at: Instant,
+    frames: Vec<(Instant, bytes::Bytes)>,
+}
+
+impl Answer {
+    fn body(&self) -> String {
+        let bytes: Vec<u8> = self.frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body())
+            .unwrap_or_else(|e| panic!("{e}: not JSON: {}", self.body()))
+    }
+
+    /// The error body's `type` and `message`, checking its `code` is the status.
+    fn error(&self) -> (String, String) {
+        let error = &self.json()["error"];
+        assert_eq!(
+            error["code"].as_u64(),
+            Some(u64::from(self.status)),
+            "{error}"
+        );
+        let text = |key: &str| error[key].as_str().unwrap_or_default().to_owned();
+        (text("type"), text("message"))
+    }
+
+    fn done_at(&self) -> Instant {
+        self.frames.last().map_or(self.head_at, |&(at, _)| at)
+    }
+
+    /// The server-sent events' JSON payloads, each with the arrival of the frame it ended in.
+    fn events(&self) -> Vec<(Instant, serde_json::Value)> {
+        let mut events = Vec::new();
+        let mut text = String::new();
+        for (at, frame) in &self.frames {
+            text.push_str(&String::from_utf8_lossy(frame));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                if let Some(data) = event.trim().strip_prefix("data: ")
+                    && let Ok(value) = serde_json::from_str(data)
+                {
+                    events.push((*at, value));
+                }
+            }
+        }
+        events
+    }
+}
+
+/// One keep-alive HTTP/1.1 client connection.
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    _connection: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    async fn connect(to: SocketAddr) -> Client {
+        let stream = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(to))
+            .await
+            .unwrap_or_else(|_| panic!("connect to {to}: timed out"))
+            .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap_or_else(|e| panic!("handshake with {to}: {e}"));
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Client {
+            sender,
+            _connection: connection,
+        }
+    }
+
+    /// Sends one request and reads the whole answer, frame by frame; panics on a transport
+    /// error (the proxy answers every refusal with a status).
+    async fn send(&mut self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Answer {
+        let answer = self.head(method, path, body).await;
+        answer.finish().await
+    }
+
+    /// Sends one request; the answer with its body still to read.
+    async fn head(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Streaming {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "steer-test")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("a request");
+        tokio::time::timeout(WAIT, self.sender.ready())
+            .await
+            .expect("connection ready in time")
+            .expect("the connection is still open");
+        let response = tokio::time::timeout(WAIT, self.sender.send_request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        Streaming {
+            head_at: Instant::now(),
+            response,
+        }
+    }
+}
+
+/// A response whose body is still coming.
+struct Streaming {
+    head_at: Instant,
+    response: hyper::Response<hyper::body::Incoming>,
+}
+
+impl Streaming {
+    async fn finish(self) -> Answer {
+        use http_body_util::BodyExt;
+        let (parts, mut body) = self.response.into_parts();
+        let mut frames = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .expect("the body went on within WAIT");
+            match frame {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        frames.push((Instant::now(), data));
+                    }
+                }
+                Some(Err(e)) => panic!("reading the body: {e}"),
+            }
+        }
+        Answer {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            head_at: self.head_at,
+            frames,
+        }
+    }
+}
+
+/// A chat completion of exactly `tokens` tokens.
+fn chat(tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "messages": [{"role": "user", "content": "Tell a story about a lighthouse."}],
+        "max_tokens": tokens,
+        "ignore_eos": true,
+        "stream": stream,
+    })
+}
+
+/// `GET path` on the admin API.
+async fn admin(admin: SocketAddr, path: &str) -> String {
+    Client::connect(admin)
+        .await
+        .send("GET", path, None)
+        .await
+        .body()
+}
+
+/// The value of the `/metrics` line starting with `series` (name and labels as encoded).
+fn series(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// One service's counter from `GET /v1/proxy`.
+async fn proxy_stat(to: SocketAddr, service: &str, name: &str) -> u64 {
+    let stats: serde_json::Value =
+        serde_json::from_str(&admin(to, "/v1/proxy").await).expect("JSON");
+    stats
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["service"] == service))
+        .and_then(|s| s[name].as_u64())
+        .unwrap_or_else(|| panic!("{service}.{name} in {stats}"))
+}
+
+/// The streamed answer came in pieces while it was generated: from the first event to the last
+/// passed at least half the time llama-server says it spent generating.
+fn assert_incremental(answer: &Answer, how: &str) {
+    assert_eq!(answer.status, 200, "{how}: {}", answer.body());
+    let events = answer.events();
+    let (first, _) = events.first().unwrap_or_else(|| panic!("{how}: no events"));
+    let (last, timings) = events
+        .iter()
+        .rev()
+        .find(|(_, e)| e.get("timings").is_some())
+        .unwrap_or_else(|| panic!("{how}: no final event with timings"));
+    let generating = Duration::from_secs_f64(
+        timings["timings"]["predicted_ms"]
+            .as_f64()
+            .expect("predicted_ms")
+            / 1000.0,
+    );
+    let spread = *last - *first;
+    assert!(
+        spread >= generating / 2,
+        "{how}: first to last event {spread:?}, generated over {generating:?}: buffered"
+    );
+}
+
+/// `steer run --dataplane userspace` as an unprivileged user (uid 65534), every service on a
+/// loopback VIP, backends two real llama-servers with one slot each (`a`, `b`), a server that
+/// sleeps before answering, and addresses nothing listens on. HTTP mode balances per request on
+/// one keep-alive connection, queues beyond `max_requests_per_backend` in FIFO order, answers
+/// its limits with JSON errors (503 + Retry-After, 504, 524, 502, 413) that `/metrics` counts,
+/// retries an unreachable backend once on another, and streams through both modes.
+#[test]
+fn http_mode_without_root_balances_queues_refuses_and_streams() {
+    netns::require_root("running steer as another user (setpriv)");
+    let dir = std::env::temp_dir().join(format!("steer-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (port_a, port_b, port_slow) = (free_port(), free_port(), free_port());
+    let _llamas = [
+        llama_server(&dir, "a", port_a),
+        llama_server(&dir, "b", port_b),
+    ];
+    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_steer-slow-http-server"));
+    slow.args([
+        "--listen",
+        &format!("127.0.0.1:{port_slow}"),
+        "--delay-ms",
+        "3000",
+    ]);
+    let _slow = start(slow, &dir, "slow");
+    let [a, b, sleeper] = [port_a, port_b, port_slow].map(|p| format!("127.0.0.1:{p}"));
+    // Nothing listens on these (connect refused).
+    let [dead1, dead2] = [free_port(), free_port()].map(|p| format!("127.0.0.1:{p}"));
+
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let vip_ip = [127, 0, 79, (std::process::id() % 250 + 1) as u8];
+    let mut vips = std::collections::BTreeMap::new();
+    let mut config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\ndataplane = \"userspace\"\n"
+    );
+    for (name, settings, backends) in [
+        (
+            "chat",
+            "mode = \"http\"\nmax_requests_per_backend = 1",
+            &[&a, &b][..],
+        ),
+        ("chat-l4", "mode = \"l4\"", &[&a, &b]),
+        (
+            "one",
+            "mode = \"http\"\nmax_requests_per_backend = 1",
+            &[&a],
+        ),
+        (
+            "tight",
+            "mode = \"http\"\nmax_requests_per_backend = 1\nqueue_size = 1\nqueue_timeout = \"1s\"",
+            &[&b],
+        ),
+        (
+            "slow",
+            "mode = \"http\"\nresponse_timeout = \"1s\"",
+            &[&sleeper],
+        ),
+        ("dead", "mode = \"http\"", &[&dead1, &dead2]),
+        ("retry", "mode = \"http\"", &[&dead1, &a]),
+        ("small", "mode = \"http\"\nmax_request_body = 100", &[&a]),
+    ] {
+        let vip = SocketAddr::from((vip_ip, free_port()));
+        vips.insert(name, vip);
+        config.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\naddress = \"{vip}\"\npolicy = \"round_robin\"\n\
+             {settings}\n[service.health]\nenabled = false\n"
+        ));
+        for backend in backends {
+            config.push_str(&format!("[[service.backend]]\naddress = \"{backend}\"\n"));
+        }
+    }
+    let path = dir.join("steer.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut agent = std::process::Command::new("/usr/bin/setpriv");
+    agent
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(tests::topology::steer_bin())
+        .args(["run", "--config"])
+        .arg(&path);
+    let agent = start(agent, &dir, "steer");
+    let vip = |name: &str| vips[name];
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        // Both models loaded, the agent serving.
+        let deadline = Instant::now() + WAIT;
+        for backend in [&a, &b] {
+            let addr: SocketAddr = backend.parse().expect("an address");
+            loop {
+                if let Ok(Ok(stream)) = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                {
+                    drop(stream);
+                    let health = Client::connect(addr)
+                        .await
+                        .send("GET", "/health", None)
+                        .await;
+                    if health.status == 200 {
+                        break;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "llama-server {backend} not ready"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        while tokio::net::TcpStream::connect(vip("small")).await.is_err() {
+            assert!(Instant::now() < deadline, "steer not listening");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
+            .expect("the agent's status");
+        assert!(
+            status.lines().any(|l| l.starts_with("Uid:\t65534\t")),
+            "steer runs as uid 65534: {status}"
+        );
+
+        // Keep-alive: one client connection, each request balanced on its own.
+        let mut client = Client::connect(vip("chat")).await;
+        let mut aliases = Vec::new();
+        for _ in 0..6 {
+            let models = client.send("GET", "/v1/models", None).await;
+            assert_eq!(models.status, 200, "{}", models.body());
+            aliases.push(
+                models.json()["data"][0]["id"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+            );
+        }
+        assert_eq!(aliases, ["a", "b", "a", "b", "a", "b"], "per request");
+        assert_eq!(
+            proxy_stat(admin_addr, "chat", "accepted").await,
+            1,
+            "one connection"
+        );
+
+        // Streaming passes event by event through both modes (and the pool copes with
+        // llama-server closing the connection after a stream: the next request on it works).
+        for service in ["chat", "chat-l4"] {
+            let mut client = Client::connect(vip(service)).await;
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(64, true)))
+                .await;
+            assert_incremental(&answer, service);
+        }
+        for _ in 0..2 {
+            let answer = client.send("GET", "/v1/models", None).await;
+            assert_eq!(answer.status, 200, "after streams: {}", answer.body());
+        }
+
+        // A burst of 6 on 2 backends of capacity 1: 2 run, 4 wait, all complete.
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let to = vip("chat");
+            burst.spawn(async move {
+                let mut client = Client::connect(to).await;
+                client
+                    .send("POST", "/v1/chat/completions", Some(&chat(32, false)))
+                    .await
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let metrics = admin(admin_addr, "/metrics").await;
+        assert_eq!(
+            series(&metrics, "steer_proxy_queue_depth{service=\"chat\"}"),
+            4.0,
+            "waiting while 2 run"
+        );
+        let mut served = std::collections::BTreeMap::new();
+        while let Some(answer) = burst.join_next().await {
+            let answer = answer.expect("a burst task");
+            assert_eq!(answer.status, 200, "{}", answer.body());
+            let alias = answer.json()["model"].as_str().unwrap_or("?").to_owned();
+            *served.entry(alias).or_insert(0) += 1;
+        }
+        assert!(
+            served.len() == 2,
+            "both backends served the burst: {served:?}"
+        );
+
+        // FIFO on one backend of capacity 1: each starts once the one before has finished.
+        let mut burst = Vec::new();
+        for _ in 0..4 {
+            let to = vip("one");
+            burst.push(tokio::spawn(async move {
+                let mut client = Client::connect(to).await;
+                client
+                    .send("POST", "/v1/chat/completions", Some(&chat(16, true)))
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut answers = Vec::new();
+        for task in burst {
+            answers.push(task.await.expect("a FIFO task"));
+        }
+        for pair in answers.windows(2) {
+            assert_eq!(pair[1].status, 200, "{}", pair[1].body());
+            assert!(
+                pair[1].head_at >= pair[0].done_at(),
+                "served in order, one at a time"
+            );
+        }
+
+        // queue_size 1, queue_timeout 1s: one streams, one waits, the next is refused at once;
+        // the waiter gets 504 after queue_timeout.
+        let mut holder = Client::connect(vip("tight")).await;
+        let holding = holder
+            .head("POST", "/v1/chat/completions", Some(&chat(2000, true)))
+            .await;
+        assert_eq!(holding.response.status(), 200);
+        let tight = vip("tight");
+        let waiter = tokio::spawn(async move {
+            let mut client = Client::connect(tight).await;
+            let sent = Instant::now();
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
+                .await;
+            (sent.elapsed(), answer)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let metrics = admin(admin_addr, "/metrics").await;
+        assert_eq!(
+            series(&metrics, "steer_proxy_queue_depth{service=\"tight\"}"),
+            1.0
+        );
+        let mut third = Client::connect(vip("tight")).await;
+        let sent = Instant::now();
+        let full = third
+            .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
+            .await;
+        assert_eq!(full.status, 503, "{}", full.body());
+        assert!(sent.elapsed() < Duration::from_millis(500), "at once");
+        assert_eq!(
+            full.headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let (kind, message) = full.error();
+        assert_eq!(kind, "queue_full");
+        assert!(
+            message.contains("queue_size 1") && message.contains("`tight`"),
+            "{message}"
+        );
+        let (waited, timed_out) = waiter.await.expect("the waiter");
+        assert_eq!(timed_out.status, 504, "{}", timed_out.body());
+        assert!(
+            waited >= Duration::from_millis(900),
+            "after queue_timeout: {waited:?}"
+        );
+        let (kind, message) = timed_out.error();
+        assert_eq!(kind, "queue_timeout");
+        assert!(message.contains("queue_timeout 1s"), "{message}");
+        // The client goes away mid-stream: its claim is released, the next is served.
+        drop(holding);
+        drop(holder);
+        let after = third
+            .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
+            .await;
+        assert_eq!(
+            after.status,
+            200,
+            "served once the holder left: {}",
+            after.body()
+        );
+
+        // A backend that sleeps past response_timeout: 524.
+        let sent = Instant::now();
+        let slow = Client::connect(vip("slow"))
+            .await
+            .send("GET", "/v1/models", None)
+            .await;
+        assert_eq!(slow.status, 524, "{}", slow.body());
+        assert!(sent.elapsed() >= Duration::from_millis(900));
+        let (kind, message) = slow.error();
+        assert_eq!(kind, "response_timeout");
+        assert!(message.contains("response_timeout 1s"), "{message}");
+
+        // Both backends refuse: one retry, then 502.
+        let dead = Client::connect(vip("dead"))
+            .await
+            .send("GET", "/v1/models", None)
+            .await;
+        assert_eq!(dead.status, 502, "{}", dead.body());
+        let (kind, message) = dead.error();
+        assert_eq!(kind, "connect_failed");
+        assert!(
+            message.contains(&dead1) && message.contains(&dead2),
+            "{message}"
+        );
+        // One refuses, the retry on the other succeeds.
+        let mut client = Client::connect(vip("retry")).await;
+        for _ in 0..2 {
+            let answer = client.send("GET", "/v1/models", None).await;
+            assert_eq!(answer.status, 200, "{}", answer.body());
+            assert_eq!(answer.json()["data"][0]["id"], "a");
+        }
+        assert!(proxy_stat(admin_addr, "retry", "retried").await >= 1);
+
+        // A body over max_request_body: 413 before any backend is chosen.
+        let big = serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(200)}]});
+        let too_large = Client::connect(vip("small"))
+            .await
+            .send("POST", "/v1/chat/completions", Some(&big))
+            .await;
+        assert_eq!(too_large.status, 413, "{}", too_large.body());
+        let (kind, message) = too_large.error();
+        assert_eq!(kind, "body_too_large");
+        assert!(message.contains("max_request_body 100"), "{message}");
+
+        let metrics = admin(admin_addr, "/metrics").await;
+        for (service, reason) in [
+            ("tight", "queue_full"),
+            ("tight", "queue_timeout"),
+            ("slow", "response_timeout"),
+            ("dead", "connect_failed"),
+            ("small", "body_too_large"),
+        ] {
+            let name =
+                format!("steer_proxy_refused_total{{service=\"{service}\",reason=\"{reason}\"}}");
+            assert_eq!(series(&metrics, &name), 1.0, "{name}");
+        }
+        // Every admitted request of `chat` is in the wait histogram; 4 of the burst waited.
+        let admitted = series(&metrics, "steer_proxy_admitted_total{service=\"chat\"}");
+        assert_eq!(
+            series(
+                &metrics,
+                "steer_proxy_queue_wait_seconds_count{service=\"chat\"}"
+            ),
+            admitted
+        );
+        let quick = series(
+            &metrics,
+            "steer_proxy_queue_wait_seconds_bucket{service=\"chat\",le=\"0.1\"}",
+        );
+        assert!(
+            admitted - quick >= 4.0,
+            "{admitted} admitted, {quick} within 100 ms"
+        );
+    });
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }
