@@ -3,9 +3,17 @@
 
 use std::{
     path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::Once,
+    time::Duration,
 };
 
+use nix::sys::signal::Signal;
+
+use crate::{
+    netns::{ChildGuard, NetNs},
+    topology::{Topology, steer_bin},
+};
 use plotters::{
     prelude::*,
     style::text_anchor::{HPos, Pos, VPos},
@@ -59,6 +67,54 @@ pub fn percentile(values: &mut [f64], q: f64) -> f64 {
 /// p50 and p99 of `values`.
 pub fn p50_p99(values: &mut [f64]) -> (f64, f64) {
     (percentile(values, 0.50), percentile(values, 0.99))
+}
+
+/// Starts `program` in `ns` with its stdout and stderr in `log`.
+pub fn spawn_logged(ns: &NetNs, program: &Path, args: &[&str], log: &Path) -> ChildGuard {
+    let out =
+        std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup log"))
+        .stderr(out);
+    ns.spawn(cmd)
+}
+
+/// Stops a process with SIGTERM (an agent detaches, nginx's master stops its workers), killing
+/// it after 5 s.
+pub fn stop(mut child: ChildGuard, what: &str) {
+    if child
+        .signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))
+        .is_none()
+    {
+        eprintln!("{what} still running 5 s after SIGTERM; killing it");
+    }
+}
+
+/// Writes `config` to `<topology dir>/<name>.toml` and starts `steer run` with it in the LB
+/// namespace, its output in `<name>.log` (for configs [`Topology::start_agent`] does not write,
+/// e.g. another dataplane or policy on the same hosts). Returns the agent and its log's path.
+pub fn spawn_agent(topo: &Topology, name: &str, config: &str) -> (ChildGuard, PathBuf) {
+    let path = topo.dir.join(format!("{name}.toml"));
+    write_atomic(&path, config.as_bytes())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let log = topo.dir.join(format!("{name}.log"));
+    let config_arg = path.display().to_string();
+    let agent = spawn_logged(
+        &topo.lb,
+        &steer_bin(),
+        &["run", "--config", &config_arg, "--log-level", "warn"],
+        &log,
+    );
+    (agent, log)
+}
+
+/// `text` with `from` replaced once by `to`; panics when `from` is not there (e.g. the generated
+/// agent config changed shape).
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "no {from:?} in:\n{text}");
+    text.replacen(from, to, 1)
 }
 
 /// `x / base`, NaN when the base is not positive.

@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 3] = [
+const BENCHES: [(&str, &str, bool, &str); 4] = [
     (
         "steer-bench-xdp",
         "xdp.json",
@@ -25,6 +25,12 @@ const BENCHES: [(&str, &str, bool, &str); 3] = [
         "e2e.json",
         true,
         "End to end on namespaces, and the agent's cost",
+    ),
+    (
+        "steer-bench-llama",
+        "llama.json",
+        true,
+        "Balancing quality on llama.cpp",
     ),
     (
         "steer-bench-fleet",

@@ -52,8 +52,11 @@ use clap::Parser;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tests::{
-    bench::{Series, bar_chart, p50_p99, ratio, write_results},
-    netns::{self, ChildGuard, NetNs},
+    bench::{
+        Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged, stop,
+        write_results,
+    },
+    netns::{self, NetNs},
     topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
 };
 
@@ -527,28 +530,6 @@ fn wait_serving(client: &NetNs, addr: SocketAddrV4, what: &str, log: Option<&Pat
     });
 }
 
-/// Starts a proxy (or an agent) in the LB namespace with its output in `log`.
-fn spawn_logged(lb: &NetNs, program: &Path, args: &[&str], log: &Path) -> ChildGuard {
-    let out =
-        std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup log"))
-        .stderr(out);
-    lb.spawn(cmd)
-}
-
-/// Stops a proxy with SIGTERM (nginx's master then stops its workers), killing it after 5 s.
-fn stop_proxy(mut child: ChildGuard, what: &str) {
-    if child
-        .signal_and_wait(Signal::SIGTERM, Duration::from_secs(5))
-        .is_none()
-    {
-        eprintln!("steer-bench-e2e: {what} still running 5 s after SIGTERM; killing it");
-    }
-}
-
 fn haproxy_config(topo: &Topology, mode: &str) -> String {
     let mut cfg = format!(
         "global\n    nbthread 2\n    maxconn 8000\n\n\
@@ -588,16 +569,6 @@ fn need(tool: &str) {
     assert!(found, "{tool} not found: run `cargo xtask deps` as root");
 }
 
-/// `text` with `from` replaced once by `to`; panics when `from` is not there (the generated
-/// config changed shape).
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    assert!(
-        text.contains(from),
-        "no {from:?} in the agent config:\n{text}"
-    );
-    text.replacen(from, to, 1)
-}
-
 /// `steer check-config` on `config`: Err with the agent's words when it refuses it.
 fn agent_accepts(config: &Path) -> Result<(), String> {
     let out = Command::new(steer_bin())
@@ -623,22 +594,15 @@ fn userspace_case(
     secs: u32,
     idle_secs: u32,
 ) -> Result<Case, String> {
-    let path = topo.dir.join(format!("{name}.toml"));
+    let path = topo.dir.join(format!("{name}-check.toml"));
     std::fs::write(&path, config).expect("write the agent config");
     agent_accepts(&path)?;
-    let log = topo.dir.join(format!("{name}.log"));
-    let config_arg = path.display().to_string();
-    let agent = spawn_logged(
-        &topo.lb,
-        &steer_bin(),
-        &["run", "--config", &config_arg, "--log-level", "warn"],
-        &log,
-    );
+    let (agent, log) = spawn_agent(topo, name, config);
     wait_serving(&topo.client, VIP, name, Some(&log));
     let idle = agent_idle(agent.id(), idle_secs);
     let mut case = measure(&topo.client, name, what, &[VIP], secs, Some(agent.id()));
     case.agent = Some(agent_loaded(idle, agent.id()));
-    stop_proxy(agent, name);
+    stop(agent, name);
     Ok(case)
 }
 
@@ -785,7 +749,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
             secs,
             Some(haproxy.id()),
         ));
-        stop_proxy(haproxy, name);
+        stop(haproxy, name);
     }
 
     // (e) nginx stream.
@@ -809,7 +773,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
         secs,
         Some(nginx.id()),
     ));
-    stop_proxy(nginx, "nginx");
+    stop(nginx, "nginx");
     // Give nginx's workers a moment to go before the namespaces do.
     thread::sleep(Duration::from_millis(200));
     (cases, skipped, steer_counters)
