@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -36,6 +35,7 @@ use lb_common::{Backend, BackendStats, Service, ServiceKey};
 
 use super::conns::ConnCounts;
 use super::http;
+use super::splice;
 use super::{Dataplane, DataplaneError};
 use crate::config::{ProxyConfig, ProxyMode};
 use crate::policy::{BackendView, ServiceView, choose};
@@ -616,44 +616,35 @@ async fn proxy(gate: &Arc<Gate>, client: TcpStream, peer: Ipv4Addr) -> Result<()
     }
 }
 
-/// The copy both ways. Half-closes pass through: each direction ends on its own EOF with a
-/// `shutdown(SHUT_WR)` towards the other side. The backend must answer within
-/// `response_timeout` of the client's first bytes reaching it (or speak first).
+/// The relay both ways, zero-copy ([`splice::relay`]). Half-closes pass through: each direction
+/// ends on its own EOF with a `shutdown(SHUT_WR)` towards the other side. The backend must answer
+/// within `response_timeout` of the client's first bytes (or speak first).
 async fn carry(
-    mut client: TcpStream,
-    mut backend: TcpStream,
+    client: TcpStream,
+    backend: TcpStream,
     response_timeout: Duration,
 ) -> Result<(), Ended> {
-    let (mut client_rx, mut client_tx) = client.split();
-    let (mut backend_rx, mut backend_tx) = backend.split();
     let (sent, request_sent) = tokio::sync::oneshot::channel::<()>();
     let up = async {
-        let mut first = [0u8; 4096];
-        let n = client_rx.read(&mut first).await?;
-        backend_tx.write_all(&first[..n]).await?;
+        // First bytes (or the client's EOF) there: they go out in this task's next step. A peek,
+        // since readiness alone may be spurious.
+        client.peek(&mut [0u8; 1]).await?;
         let _ = sent.send(());
-        if n > 0 {
-            tokio::io::copy(&mut client_rx, &mut backend_tx).await?;
-        }
-        backend_tx.shutdown().await?;
+        splice::relay(&client, &backend).await?;
         Ok::<(), Ended>(())
     };
     let down = async {
-        let mut first = [0u8; 4096];
-        let read = backend_rx.read(&mut first);
-        tokio::pin!(read);
-        let n = tokio::select! {
-            n = &mut read => n?,
+        let mut first = [0u8; 1];
+        let answered = backend.peek(&mut first);
+        tokio::pin!(answered);
+        tokio::select! {
+            peeked = &mut answered => peeked?,
             // Sent (or the client closed without a byte): the clock runs.
-            _ = request_sent => tokio::time::timeout(response_timeout, &mut read)
+            _ = request_sent => tokio::time::timeout(response_timeout, &mut answered)
                 .await
                 .map_err(|_| Ended::ResponseTimeout)??,
         };
-        client_tx.write_all(&first[..n]).await?;
-        if n > 0 {
-            tokio::io::copy(&mut backend_rx, &mut client_tx).await?;
-        }
-        client_tx.shutdown().await?;
+        splice::relay(&backend, &client).await?;
         Ok::<(), Ended>(())
     };
     tokio::try_join!(up, down).map(|((), ())| ())
@@ -673,6 +664,7 @@ impl From<std::io::Error> for Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use crate::config::ProxyMode;
     use crate::table::Route;
     use lb_common::{backend_state, policy};
