@@ -130,6 +130,8 @@ pub struct Topology {
     service_backends: Option<Vec<SocketAddrV4>>,
     /// Bodies of `[[instance]]` sections, each a backend of the service.
     instances: Vec<String>,
+    /// More `[[service]]` settings, one per line (e.g. `mode = "http"`).
+    service_settings: String,
 }
 
 impl Topology {
@@ -166,6 +168,7 @@ impl Topology {
             policy: policy.to_owned(),
             service_backends: None,
             instances: Vec::new(),
+            service_settings: String::new(),
         };
         let client_mac = topo.client.mac(&topo.client_if);
         topo.lb
@@ -257,11 +260,12 @@ impl Topology {
         let mut cfg = format!(
             "[agent]\ninterfaces = [{}]\nxdp_mode = \"native\"\nadmin_addr = \"{ADMIN_ADDR}\"\n\
              snat_ports = \"{}-{}\"\n\n[[service]]\nname = \"web\"\naddress = \"{VIP}\"\n\
-             policy = \"{}\"\n\n[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
+             policy = \"{}\"\n{}\n[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             interfaces.join(", "),
             SNAT_PORTS.start(),
             SNAT_PORTS.end(),
-            self.policy
+            self.policy,
+            self.service_settings,
         );
         for addr in self.configured_backends() {
             let _ = write!(
@@ -286,6 +290,13 @@ impl Topology {
     /// (e.g. a llama-server a test runs in a backend namespace). Before [`Topology::start_agent`].
     pub fn set_service_backends(&mut self, addrs: Vec<SocketAddrV4>) {
         self.service_backends = Some(addrs);
+    }
+
+    /// Adds `lines` (e.g. `mode = "http"`) to the service's settings. Before
+    /// [`Topology::start_agent`].
+    pub fn add_service_settings(&mut self, lines: &str) {
+        self.service_settings.push_str(lines);
+        self.service_settings.push('\n');
     }
 
     /// Adds an `[[instance]]` section with `body` (name, binary, model, port, ...) that serves

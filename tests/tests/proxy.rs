@@ -125,6 +125,46 @@ fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
     assert_eq!(proxy[0]["queued"].as_u64(), Some(2), "{proxy}");
 }
 
+/// XDP on, service `mode = "http"`: the kernel has no entry for the VIP, so a client's SYNs from
+/// another host reach the HTTP listener (through the VIP's local route), and the requests of one
+/// keep-alive connection are balanced each on its own.
+#[test]
+fn with_xdp_an_http_service_is_balanced_per_request_by_the_proxy() {
+    netns::require_root("the integration tests");
+    let backend_bin = Path::new(env!("CARGO_BIN_EXE_steer-test-backend"));
+    let mut topo = Topology::new("prh", "round_robin", 2, backend_bin);
+    topo.add_service_settings("mode = \"http\"\nmax_requests_per_backend = 1");
+    topo.start_agent();
+    let names: Vec<String> = topo.client.block_on(|| async {
+        let mut conn = HttpConn::connect(SocketAddr::V4(VIP))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {VIP}: {e}"));
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(name(&conn.get("/whoami").await.text()));
+        }
+        names
+    });
+    assert_eq!(
+        names,
+        ["b1", "b2", "b1", "b2"],
+        "per request, one connection"
+    );
+    let proxy = topo.admin("GET", "/v1/proxy", None);
+    assert_eq!(proxy[0]["accepted"].as_u64(), Some(1), "{proxy}");
+    assert_eq!(proxy[0]["admitted"].as_u64(), Some(4), "{proxy}");
+    let metrics = topo.metrics();
+    assert_eq!(
+        tests::metrics::value(
+            &metrics,
+            "steer_service_new_flows_total",
+            &[("service", "web")]
+        ),
+        0.0,
+        "XDP steered nothing"
+    );
+}
+
 /// A process on the test host, killed however the test ends.
 struct Process(std::process::Child);
 

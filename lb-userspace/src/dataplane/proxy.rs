@@ -788,6 +788,32 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn http_services_get_no_kernel_entry() -> Result<(), crate::table::TableError> {
+        let service = |name: &str, port| crate::config::ServiceConfig {
+            name: name.to_owned(),
+            address: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), port),
+            policy: crate::policy::Policy::RoundRobin,
+            backends: Vec::new(),
+            health: None,
+        };
+        let services = [service("l4", 80), service("chat", 81)];
+        let mut http = config(0, 1);
+        http.address = services[1].address;
+        http.mode = ProxyMode::Http;
+        let fake = crate::fake::FakeDataplane::default();
+        let dataplane = HttpUnsteered::new(fake.clone(), &[config(0, 1), http]);
+        let (_table, _task) = crate::table::start(dataplane, &services)?;
+        let ports: Vec<u16> = fake
+            .maps()
+            .services
+            .keys()
+            .map(|key| u16::from_be(key.port))
+            .collect();
+        assert_eq!(ports, [80], "only the l4 service is the kernel's");
+        Ok(())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_backend_to_avoid_is_not_chosen_even_when_the_policy_would() {
         let (gate, _counts, _routes) = gate(0, 1, 2);
