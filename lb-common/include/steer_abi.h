@@ -25,6 +25,8 @@ enum steer_limits {
 	STEER_MAGLEV_SIZE = 16381,
 	/* Table entries tried from the client's own when its backend has no room. */
 	STEER_MAGLEV_PROBES = 16,
+	/* Slots of the VIP filter, index steer_addr_hash(vip) % size. */
+	STEER_VIP_FILTER_SIZE = 4096,
 };
 
 enum steer_policy {

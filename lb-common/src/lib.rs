@@ -17,6 +17,7 @@ pub const RR_RING_SIZE: u32 = 256;
 pub const MAX_INTERFACES: u32 = 64;
 pub const MAGLEV_SIZE: u32 = 16381;
 pub const MAGLEV_PROBES: u32 = 16;
+pub const VIP_FILTER_SIZE: u32 = 4096;
 
 /// `enum steer_policy`.
 pub mod policy {
@@ -80,6 +81,7 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
             ("STEER_MAX_INTERFACES", MAX_INTERFACES),
             ("STEER_MAGLEV_SIZE", MAGLEV_SIZE),
             ("STEER_MAGLEV_PROBES", MAGLEV_PROBES),
+            ("STEER_VIP_FILTER_SIZE", VIP_FILTER_SIZE),
         ],
     ),
     (
@@ -148,6 +150,13 @@ pub const fn client_hash(addr_be: u32) -> u32 {
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^= h >> 16;
     h
+}
+
+/// The slot of the kernel's VIP filter (`vip_filter`) that counts the services on `vip_be` (an
+/// address in network byte order): the program looks `services` up only for a destination whose
+/// slot is not zero.
+pub const fn vip_filter_slot(vip_be: u32) -> u32 {
+    client_hash(vip_be) % VIP_FILTER_SIZE
 }
 
 /// Key of the `services` map. Address and port in network byte order.

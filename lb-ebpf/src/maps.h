@@ -26,6 +26,16 @@ struct {
 	__uint(max_entries, STEER_MAX_SERVICES);
 } services SEC(".maps");
 
+/* Index: client_hash(vip) % STEER_VIP_FILTER_SIZE; value: how many services
+ * have a VIP of that slot. Zero: the destination is no VIP, and the packet
+ * skips the services lookup (lb-common's vip_filter_slot is the same index). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, STEER_VIP_FILTER_SIZE);
+} vip_filter SEC(".maps");
+
 /* Index: backend id. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -136,6 +146,60 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, STEER_EVENTS_BYTES);
 } events SEC(".maps");
+
+/* Kernel-only, per CPU: the coarse clock as last read and the jiffy it was
+ * read in. */
+struct clock_cache {
+	__u64 jiffies;
+	__u64 now_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct clock_cache);
+	__uint(max_entries, 1);
+} clock SEC(".maps");
+
+/* murmur3's 32-bit finalizer; lb-common's client_hash is the same function.
+ * It spreads client addresses over Maglev tables and VIPs over vip_filter. */
+static __always_inline __u32 client_hash(__u32 addr)
+{
+	addr ^= addr >> 16;
+	addr *= 0x85ebca6b;
+	addr ^= addr >> 13;
+	addr *= 0xc2b2ae35;
+	addr ^= addr >> 16;
+	return addr;
+}
+
+/* CLOCK_MONOTONIC_COARSE, read once a jiffy per CPU: bpf_jiffies64 is inlined
+ * by the verifier, while each clock helper is a call, dear on every packet.
+ * The coarse clock itself moves once a jiffy, so nothing is lost. */
+static __always_inline __u64 coarse_now(void)
+{
+	__u32 key = 0;
+	struct clock_cache *c = bpf_map_lookup_elem(&clock, &key);
+	__u64 jiffies = bpf_jiffies64();
+
+	if (!c)
+		return bpf_ktime_get_coarse_ns();
+	if (c->jiffies != jiffies) {
+		c->jiffies = jiffies;
+		c->now_ns = bpf_ktime_get_coarse_ns();
+	}
+	return c->now_ns;
+}
+
+/* Whether daddr may be a VIP (filter slots are shared, so this can be wrong
+ * only the safe way). */
+static __always_inline int maybe_vip(__be32 daddr)
+{
+	__u32 slot = client_hash(daddr) % STEER_VIP_FILTER_SIZE;
+	__u32 *services = bpf_map_lookup_elem(&vip_filter, &slot);
+
+	return services && *services;
+}
 
 static __always_inline void count(__u32 service_id, enum steer_counter counter, __u64 n)
 {

@@ -123,17 +123,6 @@ static __always_inline int pick_slots(const struct steer_service *svc, __u32 *ba
 	return found;
 }
 
-/* murmur3's 32-bit finalizer; lb-common's client_hash is the same function. */
-static __always_inline __u32 client_hash(__u32 addr)
-{
-	addr ^= addr >> 16;
-	addr *= 0x85ebca6b;
-	addr ^= addr >> 13;
-	addr *= 0xc2b2ae35;
-	addr ^= addr >> 16;
-	return addr;
-}
-
 /* The client address picks an entry of the service's Maglev table; when that
  * backend has no room, the next entries are tried (a bounded few). */
 static __always_inline int pick_maglev(const struct steer_service *svc, __be32 client_addr,

@@ -34,8 +34,7 @@ const volatile struct steer_abi_anchor {
 } steer_abi_anchor __attribute__((used));
 
 /* A flow's entry is refreshed about once a second, not on every packet: its
- * last_seen for expiry (sparing the shared cache line) and its next hop. The
- * coarse clock is CLOCK_MONOTONIC at tick resolution, and cheaper to read. */
+ * last_seen for expiry (sparing the shared cache line) and its next hop. */
 static __always_inline int refresh_due(const __u64 *last_seen_ns, __u64 now)
 {
 	return now - READ_ONCE(*last_seen_ns) > STEER_REFRESH_NS;
@@ -89,12 +88,17 @@ static __always_inline void track_reply(const struct packet *pkt, struct steer_f
 /* Remote backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
 static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 {
-	struct steer_flow_rev *rev = reply_flow(pkt);
+	__u16 port = bpf_ntohs(pkt->tcp->dest);
+	struct steer_flow_rev *rev;
 	__u64 now;
 
+	/* Replies come back to an SNAT port: anything else skips the lookup. */
+	if (port < snat_port_min || port > snat_port_max)
+		return -1;
+	rev = reply_flow(pkt);
 	if (!rev)
 		return -1;
-	now = bpf_ktime_get_coarse_ns();
+	now = coarse_now();
 	if (refresh_due(&rev->last_seen_ns, now) || !rev->hop.ifindex) {
 		if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &rev->hop)) {
 			count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE,
@@ -114,7 +118,7 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 	__be32 client_addr = pkt->ip->saddr;
 	__be16 client_port = pkt->tcp->source;
 	int local = flow->flags & STEER_FLOW_LOCAL;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = coarse_now();
 
 	if (refresh_due(&flow->last_seen_ns, now)) {
 		if (!local &&
@@ -156,7 +160,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 				    const struct steer_flow_key *key)
 {
 	const struct backend_route *route = NULL;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = coarse_now();
 	struct steer_flow_rev rev = {};
 	struct steer_flow_fwd flow = {};
 	struct steer_backend *b;
@@ -228,10 +232,23 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	return bpf_redirect_map(&tx_ports, flow.hop.ifindex, 0);
 }
 
+/* The service of a packet to a VIP:port; NULL for any other packet. */
+static __always_inline struct steer_service *service_of(const struct packet *pkt)
+{
+	struct steer_service_key key;
+
+	if (!maybe_vip(pkt->ip->daddr))
+		return NULL;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.vip = pkt->ip->daddr;
+	key.port = pkt->tcp->dest;
+	key.proto = IPPROTO_TCP;
+	return bpf_map_lookup_elem(&services, &key);
+}
+
 SEC("xdp")
 int steer_xdp(struct xdp_md *ctx)
 {
-	struct steer_service_key service_key;
 	struct steer_flow_key key;
 	struct steer_service *svc;
 	struct steer_flow_fwd *flow;
@@ -241,11 +258,7 @@ int steer_xdp(struct xdp_md *ctx)
 	if (parse_packet(data, data_end, data_end - data, &pkt))
 		return XDP_PASS;
 
-	__builtin_memset(&service_key, 0, sizeof(service_key));
-	service_key.vip = pkt.ip->daddr;
-	service_key.port = pkt.tcp->dest;
-	service_key.proto = IPPROTO_TCP;
-	svc = bpf_map_lookup_elem(&services, &service_key);
+	svc = service_of(&pkt);
 	if (!svc) {
 		int verdict = handle_reply(ctx, &pkt);
 
@@ -282,7 +295,7 @@ int steer_tc_egress(struct __sk_buff *skb)
 	rev = reply_flow(&pkt);
 	if (!rev)
 		return TC_ACT_OK;
-	now = bpf_ktime_get_coarse_ns();
+	now = coarse_now();
 	if (refresh_due(&rev->last_seen_ns, now))
 		rev->last_seen_ns = now;
 	track_reply(&pkt, rev);

@@ -234,6 +234,12 @@ impl Lab {
             rr_len: ring.len() as u32,
         };
         services.insert(key, service, 0).expect("services insert");
+        // As the agent does: the program looks services up only for addresses the filter counts.
+        let mut filter: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("vip_filter").expect("vip_filter")).expect("array");
+        filter
+            .set(lb_common::vip_filter_slot(key.vip), 1, 0)
+            .expect("vip_filter set");
     }
 
     pub fn set_maglev(&mut self, table: &[u32]) {

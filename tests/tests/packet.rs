@@ -373,8 +373,10 @@ fn frames_steer_does_not_handle_pass_byte_identical() {
         let mut bad_doff = whole.clone();
         bad_doff[14 + 20 + 12] = 4 << 4;
         cases.push(("TCP data offset below 5", bad_doff));
-        let unknown_reply = Frame::tcp(BACKENDS[0], SocketAddrV4::new(LB_BACKEND_SIDE, 61000), ACK);
+        let unknown_reply = Frame::tcp(BACKENDS[0], SocketAddrV4::new(LB_BACKEND_SIDE, 16500), ACK);
         cases.push(("reply-like packet of no flow", unknown_reply.build()));
+        let outside_snat = Frame::tcp(BACKENDS[0], SocketAddrV4::new(LB_BACKEND_SIDE, 61000), ACK);
+        cases.push(("to a port outside the SNAT range", outside_snat.build()));
 
         for (name, frame) in cases {
             let (verdict, output) = lab.run(&frame);

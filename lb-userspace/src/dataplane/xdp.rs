@@ -2,7 +2,7 @@
 //!
 //! Who owns what:
 //! - [`Xdp`] (the reconciler, through `&mut self`) holds the handles of the maps it writes
-//!   (`services`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
+//!   (`services`, `vip_filter`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
 //!   program and its links inside the [`Ebpf`].
 //! - The conntrack expiry task owns `ct_fwd` and `ct_rev`, and reads `backends` through a second
 //!   handle on a duplicated fd.
@@ -15,7 +15,7 @@ mod events;
 mod expiry;
 mod sys;
 
-use std::{fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd, sync::Arc};
+use std::{collections::HashSet, fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -112,6 +112,9 @@ pub struct Xdp {
     interfaces: Vec<String>,
     mode: XdpMode,
     services: HashMap<MapData, ServiceKey, Service>,
+    /// The keys in `services`, from which each `vip_filter` slot's count is taken.
+    service_keys: HashSet<ServiceKey>,
+    vip_filter: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     rr_ring: Array<MapData, u32>,
     maglev: Array<MapData, u32>,
@@ -151,6 +154,7 @@ impl Xdp {
         fill_interfaces(&mut ebpf, &interfaces)?;
         let conns = Arc::new(map_conn_counts(&ebpf)?);
         let services = take_map(&mut ebpf, "services")?;
+        let vip_filter = take_map(&mut ebpf, "vip_filter")?;
         let backends = take_map(&mut ebpf, "backends")?;
         let backends_for_expiry = dup_map(&backends, "backends")?;
         let rr_ring = take_map(&mut ebpf, "rr_ring")?;
@@ -187,6 +191,8 @@ impl Xdp {
             interfaces: interfaces.into_iter().map(|i| i.name).collect(),
             mode: options.mode,
             services,
+            service_keys: HashSet::new(),
+            vip_filter,
             backends,
             rr_ring,
             maglev,
@@ -200,6 +206,19 @@ impl Xdp {
     /// The per-backend connection counts the kernel shares, for the user-space proxy.
     pub fn conn_counts(&self) -> Arc<ConnCounts> {
         Arc::clone(&self.conns)
+    }
+
+    /// Set the `vip_filter` slot of `vip` to the number of known services whose VIP shares it.
+    fn write_vip_filter(&mut self, vip: u32) -> Result<(), DataplaneError> {
+        let slot = lb_common::vip_filter_slot(vip);
+        let count = self
+            .service_keys
+            .iter()
+            .filter(|k| lb_common::vip_filter_slot(k.vip) == slot)
+            .count();
+        self.vip_filter
+            .set(slot, count as u32, 0)
+            .map_err(map_err("vip_filter"))
     }
 }
 
@@ -448,7 +467,11 @@ fn out_of_range(what: &'static str, value: impl Into<u64>, limit: u32) -> Datapl
 }
 
 impl Dataplane for Xdp {
+    /// The filter counts the service before the program can find it, and forgets it after.
     fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
+        if self.service_keys.insert(key) {
+            self.write_vip_filter(key.vip)?;
+        }
         self.services
             .insert(key, service, 0)
             .map_err(map_err("services"))
@@ -456,12 +479,14 @@ impl Dataplane for Xdp {
 
     fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
         match self.services.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(e) => Err(map_err("services")(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(map_err("services")(e)),
         }
+        if self.service_keys.remove(&key) {
+            self.write_vip_filter(key.vip)?;
+        }
+        Ok(())
     }
 
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
