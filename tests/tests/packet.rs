@@ -403,11 +403,40 @@ impl Rng {
     }
 }
 
+/// The two paths choose alike: over 500 random map states (stale rings and tables included),
+/// the kernel's choice for a SYN equals the policy model's and the userspace proxy's (`Gate`,
+/// reading the kernel's own connection array and the table's routes built from the same state).
 #[test]
-fn kernel_choices_match_the_policy_model() {
+fn kernel_and_proxy_choices_match_the_policy_model() {
+    use lb_userspace::config::{ProxyConfig, ProxyMode};
+    use lb_userspace::dataplane::{conns::ConnCounts, proxy::Gate};
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
+    use lb_userspace::table::Route;
+    use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
     in_lab(policy::ROUND_ROBIN, |lab| {
+        let counts = {
+            let map = lab.ebpf.map("backend_conns").expect("backend_conns");
+            let aya::maps::Map::Array(data) = map else {
+                panic!("backend_conns is not an array")
+            };
+            let entries = data.info().expect("map info").max_entries();
+            let fd = data.fd().as_fd();
+            Arc::new(ConnCounts::map_bpf_array(fd, entries).expect("mmap backend_conns"))
+        };
+        let (routes, published) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let proxy = ProxyConfig {
+            service: "model".to_owned(),
+            address: VIP,
+            mode: ProxyMode::L4,
+            // 0: each backend's own max_connections, as the kernel reads it.
+            max_per_backend: 0,
+            queue_size: 0,
+            queue_timeout: Duration::ZERO,
+            response_timeout: Duration::ZERO,
+            max_request_body: 0,
+        };
+        let gate = Gate::new(proxy, 0, counts, published);
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..500u16 {
@@ -494,6 +523,22 @@ fn kernel_choices_match_the_policy_model() {
                 backends: &views,
             };
             let expected = choose(&service, cursor, *from.ip());
+            routes.send_replace(Arc::new(vec![Route {
+                id: 0,
+                policy,
+                backend_count,
+                ring: ring.clone(),
+                maglev: maglev.clone(),
+                backends: (0..)
+                    .zip(&views)
+                    .map(|(slot, view)| (*view, model_backend(slot)))
+                    .collect(),
+            }]));
+            assert_eq!(
+                gate.choose_at(cursor, *from.ip()),
+                expected,
+                "case {case}: the proxy's choice; {service:?} cursor {cursor}"
+            );
             let service = ServiceView {
                 maglev: &[],
                 ..service

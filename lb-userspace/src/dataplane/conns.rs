@@ -47,7 +47,7 @@ unsafe impl Sync for ConnCounts {}
 impl ConnCounts {
     /// Map `entries` elements of the BPF array behind `fd` (created with `BPF_F_MMAPABLE`, value
     /// `steer_backend_conns`) shared and read/write.
-    pub(crate) fn map_bpf_array(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+    pub fn map_bpf_array(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
         Self::map(Some(fd), entries)
     }
 

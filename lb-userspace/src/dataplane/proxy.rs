@@ -39,7 +39,7 @@ use super::splice;
 use super::{Dataplane, DataplaneError};
 use crate::config::{ProxyConfig, ProxyMode};
 use crate::policy::{BackendView, ServiceView, choose};
-use crate::table::Routes;
+use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
 pub const KERNEL_RELEASE_TICK: Duration = Duration::from_millis(50);
@@ -300,47 +300,68 @@ impl Gate {
     fn try_claim(self: &Arc<Self>, client: Ipv4Addr, avoid: Option<u32>) -> Option<Lease> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
-        let cap = self.config.max_per_backend;
         for _ in 0..route.backends.len().max(1) {
-            let backends: Vec<BackendView> = (0u32..)
-                .zip(&route.backends)
-                .map(|(slot, &(view, _))| {
-                    let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot;
-                    BackendView {
-                        // Down for this choice: the policy skips it as the kernel would.
-                        state: if avoid == Some(id) {
-                            lb_common::backend_state::DOWN
-                        } else {
-                            view.state
-                        },
-                        max_conns: if cap == 0 { view.max_conns } else { cap },
-                        conns: self.counts.get(id),
-                        steered: self.counts.steered(id),
-                        ..view
-                    }
-                })
-                .collect();
-            let view = ServiceView {
-                policy: route.policy,
-                id: route.id,
-                backend_count: route.backend_count,
-                ring: &route.ring,
-                maglev: &route.maglev,
-                backends: &backends,
-            };
             let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let id = choose(&view, cursor, client)?;
-            let slot = (id % lb_common::MAX_BACKENDS_PER_SERVICE) as usize;
-            let (picked, address) = backends.get(slot).zip(route.backends.get(slot))?;
-            if self.counts.acquire(id, picked.max_conns) {
+            let (id, max, address) = self.choose(route, cursor, client, avoid)?;
+            if self.counts.acquire(id, max) {
                 return Some(Lease {
                     gate: Arc::clone(self),
                     id,
-                    address: address.1,
+                    address,
                 });
             }
         }
         None
+    }
+
+    /// What [`Gate::admit`] would choose now with the round-robin cursor at `cursor`, without
+    /// claiming: the packet tests hold it against the kernel's choice on the same state.
+    pub fn choose_at(&self, cursor: u64, client: Ipv4Addr) -> Option<u32> {
+        let routes = self.routes.borrow().clone();
+        let route = routes.get(self.id)?;
+        self.choose(route, cursor, client, None).map(|(id, ..)| id)
+    }
+
+    /// The policy's backend for `client` over `route` and the live counts: its id, cap and
+    /// address.
+    fn choose(
+        &self,
+        route: &Route,
+        cursor: u64,
+        client: Ipv4Addr,
+        avoid: Option<u32>,
+    ) -> Option<(u32, u32, SocketAddrV4)> {
+        let cap = self.config.max_per_backend;
+        let backends: Vec<BackendView> = (0u32..)
+            .zip(&route.backends)
+            .map(|(slot, &(view, _))| {
+                let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot;
+                BackendView {
+                    // Down for this choice: the policy skips it as the kernel would.
+                    state: if avoid == Some(id) {
+                        lb_common::backend_state::DOWN
+                    } else {
+                        view.state
+                    },
+                    max_conns: if cap == 0 { view.max_conns } else { cap },
+                    conns: self.counts.get(id),
+                    steered: self.counts.steered(id),
+                    ..view
+                }
+            })
+            .collect();
+        let view = ServiceView {
+            policy: route.policy,
+            id: route.id,
+            backend_count: route.backend_count,
+            ring: &route.ring,
+            maglev: &route.maglev,
+            backends: &backends,
+        };
+        let id = choose(&view, cursor, client)?;
+        let slot = (id % lb_common::MAX_BACKENDS_PER_SERVICE) as usize;
+        let (picked, (_, address)) = backends.get(slot).zip(route.backends.get(slot))?;
+        Some((id, picked.max_conns, *address))
     }
 
     pub fn stats(&self) -> ProxyStats {
@@ -664,10 +685,9 @@ impl From<std::io::Error> for Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use crate::config::ProxyMode;
-    use crate::table::Route;
     use lb_common::{backend_state, policy};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::Instant;
 
     fn config(queue_size: usize, cap: u32) -> ProxyConfig {
