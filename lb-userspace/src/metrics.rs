@@ -384,7 +384,8 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
         "steer_proxy_refused",
         "Connections (l4: closed) or requests (http: answered with an error) the userspace proxy \
          refused, by reason: queue_full (503), queue_timeout (504), response_timeout (524), \
-         connect_failed (502 after one retry), bad_gateway (502), body_too_large (413).",
+         connect_failed (502 after one retry), bad_gateway (502), body_too_large (413), \
+         bad_request (400: the body could not be read).",
         proxies.iter().flat_map(|(s, _)| {
             s.refused.iter().map(|(&reason, &n)| {
                 (

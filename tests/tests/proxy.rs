@@ -260,10 +260,16 @@ impl Answer {
     }
 }
 
-/// One keep-alive HTTP/1.1 client connection.
+/// One keep-alive HTTP/1.1 client connection, closed on drop.
 struct Client {
     sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    _connection: tokio::task::JoinHandle<()>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
 }
 
 impl Client {
@@ -279,10 +285,7 @@ impl Client {
         let connection = tokio::spawn(async move {
             let _ = connection.await;
         });
-        Client {
-            sender,
-            _connection: connection,
-        }
+        Client { sender, connection }
     }
 
     /// Sends one request and reads the whole answer, frame by frame; panics on a transport
@@ -475,6 +478,11 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
         ),
         ("dead", "mode = \"http\"", &[&dead1, &dead2]),
         ("retry", "mode = \"http\"", &[&dead1, &a]),
+        (
+            "lonely",
+            "mode = \"http\"\nqueue_timeout = \"10s\"",
+            &[&dead1],
+        ),
         ("small", "mode = \"http\"\nmax_request_body = 100", &[&a]),
     ] {
         let vip = SocketAddr::from((vip_ip, free_port()));
@@ -676,6 +684,30 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
         let (kind, message) = timed_out.error();
         assert_eq!(kind, "queue_timeout");
         assert!(message.contains("queue_timeout 1s"), "{message}");
+        // A client that goes away while queued leaves the queue.
+        let mut leaving = Client::connect(tight).await;
+        let left = tokio::spawn(async move {
+            leaving
+                .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
+                .await
+        });
+        let depth = |want: f64| async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let metrics = admin(admin_addr, "/metrics").await;
+                if series(&metrics, "steer_proxy_queue_depth{service=\"tight\"}") == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "tight's queue depth never {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        depth(1.0).await;
+        left.abort();
+        depth(0.0).await;
         // The client goes away mid-stream: its claim is released, the next is served.
         drop(holding);
         drop(holder);
@@ -713,6 +745,18 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
             message.contains(&dead1) && message.contains(&dead2),
             "{message}"
         );
+        // No other backend to retry on: 502 at once, not after queue_timeout.
+        let sent = Instant::now();
+        let lonely = Client::connect(vip("lonely"))
+            .await
+            .send("GET", "/v1/models", None)
+            .await;
+        assert_eq!(lonely.status, 502, "{}", lonely.body());
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            sent.elapsed()
+        );
         // One refuses, the retry on the other succeeds.
         let mut client = Client::connect(vip("retry")).await;
         for _ in 0..2 {
@@ -739,6 +783,7 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
             ("tight", "queue_timeout"),
             ("slow", "response_timeout"),
             ("dead", "connect_failed"),
+            ("lonely", "connect_failed"),
             ("small", "body_too_large"),
         ] {
             let name =

@@ -99,6 +99,7 @@ impl Refused {
             }
             Refusal::Connect | Refusal::BadGateway => StatusCode::BAD_GATEWAY,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -152,6 +153,8 @@ async fn forward(
         }
     };
     strip_hop_by_hop(&mut parts.headers);
+    // The body is here already: a backend asked to wait for it would only add a round trip.
+    parts.headers.remove(header::EXPECT);
     forwarded_for(&mut parts.headers, peer);
     // The backend gets origin form; Host stays as the client sent it.
     if let Some(path) = parts.uri.path_and_query() {
@@ -185,10 +188,12 @@ async fn forward(
             Err(Failed::Connect(error)) => {
                 debug!(%address, %error, "backend unreachable");
                 unreachable.push(format!("{address}: {error}"));
-                avoid = Some(lease.id);
-                if unreachable.len() == 1 {
-                    gate.count_retry();
+                // Waiting in the queue for no other backend would end in a 504, not the 502.
+                if avoid.is_some() || !gate.has_backend_besides(lease.id) {
+                    break;
                 }
+                avoid = Some(lease.id);
+                gate.count_retry();
             }
             Err(Failed::ResponseTimeout) => {
                 return Err(refused(

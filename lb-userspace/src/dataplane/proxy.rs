@@ -74,16 +74,19 @@ pub enum Refusal {
     BadGateway,
     /// http: the request body was over `max_request_body`.
     BodyTooLarge,
+    /// http: the request body could not be read (the client went away mid-body).
+    BadRequest,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::QueueFull,
         Refusal::QueueTimeout,
         Refusal::ResponseTimeout,
         Refusal::Connect,
         Refusal::BadGateway,
         Refusal::BodyTooLarge,
+        Refusal::BadRequest,
     ];
 
     /// As `/v1/proxy` and the `reason` label of `/metrics` spell it.
@@ -95,6 +98,7 @@ impl Refusal {
             Refusal::Connect => "connect_failed",
             Refusal::BadGateway => "bad_gateway",
             Refusal::BodyTooLarge => "body_too_large",
+            Refusal::BadRequest => "bad_request",
         }
     }
 }
@@ -381,6 +385,17 @@ impl Gate {
                 .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
                 .collect(),
         }
+    }
+
+    /// Whether the service has an active backend other than `id` (one to retry on).
+    pub fn has_backend_besides(&self, id: u32) -> bool {
+        let routes = self.routes.borrow();
+        routes.get(self.id).is_some_and(|route| {
+            (0u32..).zip(&route.backends).any(|(slot, (view, _))| {
+                route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot != id
+                    && view.state == lb_common::backend_state::ACTIVE
+            })
+        })
     }
 
     /// The queue wait histogram (shares its counts with the gate's).
@@ -846,6 +861,12 @@ mod tests {
             "1 is full and 0 avoided"
         );
         assert_eq!(gate.admit(client(), None).await.map(|l| l.id).ok(), Some(0));
+        assert!(gate.has_backend_besides(0) && gate.has_backend_besides(1));
+        let (alone, _counts, _routes) = self::gate(0, 1, 1);
+        assert!(
+            !alone.has_backend_besides(0),
+            "no other backend to retry on"
+        );
     }
 
     /// A backend that answers each line after `delay`, on loopback.
