@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 4] = [
+const BENCHES: [(&str, &str, bool, &str); 5] = [
     (
         "steer-bench-xdp",
         "xdp.json",
@@ -25,6 +25,12 @@ const BENCHES: [(&str, &str, bool, &str); 4] = [
         "e2e.json",
         true,
         "End to end on namespaces, and the agent's cost",
+    ),
+    (
+        "steer-bench-relay",
+        "relay.json",
+        false,
+        "The l4 proxy's relay: splice(2) beside a userspace copy",
     ),
     (
         "steer-bench-llama",

@@ -7,7 +7,7 @@
 //! (`CLOCK_THREAD_CPUTIME_ID`), which is what zero copy saves. Each method runs alternately, and
 //! the median of the runs is reported.
 //!
-//! Prints a table and writes the figures as JSON (`--out`).
+//! Prints a markdown table and writes the figures as JSON (`--out`) with the table beside it.
 
 #![expect(
     clippy::print_stdout,
@@ -182,19 +182,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let (_, base_rate, base_cpu) = figures[0];
-    println!(
-        "relay of {gib:.2} GiB over loopback, median of {runs} run(s) per method\n\
-         {:<36} {:>8} {:>8} {:>16} {:>10}",
-        "method", "GiB/s", "x copy", "relay CPU s/GiB", "x copy"
+    let mut table = format!(
+        "Relay of {gib:.2} GiB over loopback, median of {runs} run(s) per method.\n\n\
+         | method | GiB/s | x copy | relay CPU s/GiB | x copy |\n| --- | ---: | ---: | ---: | ---: |\n"
     );
     for (method, rate, cpu) in &figures {
-        println!(
-            "{:<36} {rate:>8.2} {:>8.2} {cpu:>16.3} {:>10.2}",
+        table.push_str(&format!(
+            "| {} | {rate:.2} | {:.2} | {cpu:.3} | {:.2} |\n",
             method.name(),
             rate / base_rate,
             cpu / base_cpu
-        );
+        ));
     }
+    println!("{table}");
     if let Some(out) = args.out {
         let json = json!({
             "bytes": bytes,
@@ -207,12 +207,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "cpu_vs_copy": cpu / base_cpu,
             })).collect::<Vec<_>>(),
         });
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = out.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
-        std::fs::rename(&tmp, &out)?;
+        tests::bench::write_results(&out, &json, &table)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }
