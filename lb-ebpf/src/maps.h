@@ -26,6 +26,16 @@ struct {
 	__uint(max_entries, STEER_MAX_SERVICES);
 } services SEC(".maps");
 
+/* Index: service id; value: the VIP:port the id serves, zero when none. A
+ * packet of a tracked flow checks here (an array read) that its service is
+ * still there, instead of looking services up (a hash lookup). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct steer_service_key);
+	__uint(max_entries, STEER_MAX_SERVICES);
+} service_keys SEC(".maps");
+
 /* Index: client_hash(vip) % STEER_VIP_FILTER_SIZE; value: how many services
  * have a VIP of that slot. Zero: the destination is no VIP, and the packet
  * skips the services lookup (lb-common's vip_filter_slot is the same index). */

@@ -232,49 +232,60 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	return bpf_redirect_map(&tx_ports, flow.hop.ifindex, 0);
 }
 
-/* The service of a packet to a VIP:port; NULL for any other packet. */
-static __always_inline struct steer_service *service_of(const struct packet *pkt)
+/* Whether the flow's service still serves the packet's VIP:port. */
+static __always_inline int service_serves(const struct steer_flow_fwd *flow,
+					  const struct packet *pkt)
 {
-	struct steer_service_key key;
+	__u32 id = flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
+	struct steer_service_key *served = bpf_map_lookup_elem(&service_keys, &id);
 
-	if (!maybe_vip(pkt->ip->daddr))
-		return NULL;
-	__builtin_memset(&key, 0, sizeof(key));
-	key.vip = pkt->ip->daddr;
-	key.port = pkt->tcp->dest;
-	key.proto = IPPROTO_TCP;
-	return bpf_map_lookup_elem(&services, &key);
+	return served && served->vip == pkt->ip->daddr && served->port == pkt->tcp->dest;
+}
+
+/* Client -> VIP: a tracked flow is forwarded, a SYN opens one. -1: no
+ * service has this VIP:port. */
+static __always_inline int handle_vip(struct xdp_md *ctx, struct packet *pkt)
+{
+	struct steer_service_key service_key;
+	struct steer_flow_key key;
+	struct steer_service *svc;
+	struct steer_flow_fwd *flow;
+
+	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
+	flow = bpf_map_lookup_elem(&ct_fwd, &key);
+	/* A SYN on a closed flow's tuple is a new connection reusing the port. */
+	if (flow && !(READ_ONCE(flow->released) && tcp_is_syn(pkt->tcp)) &&
+	    service_serves(flow, pkt))
+		return forward_flow(ctx, pkt, flow);
+
+	__builtin_memset(&service_key, 0, sizeof(service_key));
+	service_key.vip = pkt->ip->daddr;
+	service_key.port = pkt->tcp->dest;
+	service_key.proto = IPPROTO_TCP;
+	svc = bpf_map_lookup_elem(&services, &service_key);
+	if (!svc)
+		return -1;
+	if (!tcp_is_syn(pkt->tcp)) {
+		count(svc->id, STEER_CNT_NO_FLOW, 1);
+		return XDP_PASS;
+	}
+	return new_flow(ctx, pkt, svc, &key);
 }
 
 SEC("xdp")
 int steer_xdp(struct xdp_md *ctx)
 {
-	struct steer_flow_key key;
-	struct steer_service *svc;
-	struct steer_flow_fwd *flow;
-	struct packet pkt;
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+	struct packet pkt;
+	int verdict = -1;
 
 	if (parse_packet(data, data_end, data_end - data, &pkt))
 		return XDP_PASS;
-
-	svc = service_of(&pkt);
-	if (!svc) {
-		int verdict = handle_reply(ctx, &pkt);
-
-		return verdict < 0 ? XDP_PASS : verdict;
-	}
-
-	flow_key_of(&key, pkt.ip->saddr, pkt.ip->daddr, pkt.tcp->source, pkt.tcp->dest);
-	flow = bpf_map_lookup_elem(&ct_fwd, &key);
-	/* A SYN on a closed flow's tuple is a new connection reusing the port. */
-	if (flow && !(READ_ONCE(flow->released) && tcp_is_syn(pkt.tcp)))
-		return forward_flow(ctx, &pkt, flow);
-	if (!tcp_is_syn(pkt.tcp)) {
-		count(svc->id, STEER_CNT_NO_FLOW, 1);
-		return XDP_PASS;
-	}
-	return new_flow(ctx, &pkt, svc, &key);
+	if (maybe_vip(pkt.ip->daddr))
+		verdict = handle_vip(ctx, &pkt);
+	if (verdict < 0)
+		verdict = handle_reply(ctx, &pkt);
+	return verdict < 0 ? XDP_PASS : verdict;
 }
 
 /* Replies of local backends leave through the stack: set their source back

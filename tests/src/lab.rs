@@ -234,11 +234,41 @@ impl Lab {
             rr_len: ring.len() as u32,
         };
         services.insert(key, service, 0).expect("services insert");
-        // As the agent does: the program looks services up only for addresses the filter counts.
+        // As the agent does: the program looks services up only for addresses the filter counts,
+        // and a flow's packets check their service id still serves the VIP.
         let mut filter: Array<&mut MapData, u32> =
             Array::try_from(self.ebpf.map_mut("vip_filter").expect("vip_filter")).expect("array");
         filter
             .set(lb_common::vip_filter_slot(key.vip), 1, 0)
+            .expect("vip_filter set");
+        let mut keys: Array<&mut MapData, ServiceKey> =
+            Array::try_from(self.ebpf.map_mut("service_keys").expect("service_keys"))
+                .expect("array");
+        keys.set(service.id, key, 0).expect("service_keys set");
+    }
+
+    /// Take the service away as the agent does: its id serves nothing, then no entry, then the
+    /// filter forgets its VIP.
+    pub fn remove_service(&mut self) {
+        let key = ServiceKey {
+            vip: ne(*VIP.ip()),
+            port: VIP.port().to_be(),
+            proto: 6,
+            _pad: 0,
+        };
+        Array::<_, ServiceKey>::try_from(self.ebpf.map_mut("service_keys").expect("service_keys"))
+            .expect("array")
+            .set(0, ServiceKey::default(), 0)
+            .expect("service_keys set");
+        HashMap::<_, ServiceKey, Service>::try_from(
+            self.ebpf.map_mut("services").expect("services"),
+        )
+        .expect("hash")
+        .remove(&key)
+        .expect("services remove");
+        Array::<_, u32>::try_from(self.ebpf.map_mut("vip_filter").expect("vip_filter"))
+            .expect("array")
+            .set(lb_common::vip_filter_slot(key.vip), 0, 0)
             .expect("vip_filter set");
     }
 

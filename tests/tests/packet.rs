@@ -76,6 +76,24 @@ fn local_backend_gets_destination_nat_and_replies_are_undone_on_egress() {
     });
 }
 
+/// Once a service is taken away, the client packets of its open flows are no longer steered:
+/// they pass untouched to the stack, and a new SYN opens nothing.
+#[test]
+fn flows_of_a_removed_service_are_passed_untouched() {
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let c = client(40700);
+        lab.forward(c, SYN);
+        lab.remove_service();
+        for frame in [
+            Frame::tcp(c, VIP, ACK).build(),
+            Frame::tcp(client(40701), VIP, SYN).build(),
+        ] {
+            assert_eq!(lab.run(&frame), (XDP_PASS, frame.clone()));
+        }
+        assert_eq!(lab.counter(counter::NEW_FLOWS), 1);
+    });
+}
+
 #[test]
 fn round_robin_alternates_between_backends() {
     in_lab(policy::ROUND_ROBIN, |lab| {

@@ -2,7 +2,7 @@
 //!
 //! Who owns what:
 //! - [`Xdp`] (the reconciler, through `&mut self`) holds the handles of the maps it writes
-//!   (`services`, `vip_filter`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
+//!   (`services`, `service_keys`, `vip_filter`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
 //!   program and its links inside the [`Ebpf`].
 //! - The conntrack expiry task owns `ct_fwd` and `ct_rev`, and reads `backends` through a second
 //!   handle on a duplicated fd.
@@ -15,7 +15,10 @@ mod events;
 mod expiry;
 mod sys;
 
-use std::{collections::HashSet, fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd, sync::Arc};
+use std::{
+    collections::HashMap as StdHashMap, fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd,
+    sync::Arc,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -112,8 +115,10 @@ pub struct Xdp {
     interfaces: Vec<String>,
     mode: XdpMode,
     services: HashMap<MapData, ServiceKey, Service>,
-    /// The keys in `services`, from which each `vip_filter` slot's count is taken.
-    service_keys: HashSet<ServiceKey>,
+    /// The keys in `services` and their service ids: what `service_keys` holds, and what each
+    /// `vip_filter` slot's count is taken from.
+    service_ids: StdHashMap<ServiceKey, u32>,
+    service_keys: Array<MapData, ServiceKey>,
     vip_filter: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     rr_ring: Array<MapData, u32>,
@@ -154,6 +159,7 @@ impl Xdp {
         fill_interfaces(&mut ebpf, &interfaces)?;
         let conns = Arc::new(map_conn_counts(&ebpf)?);
         let services = take_map(&mut ebpf, "services")?;
+        let service_keys = take_map(&mut ebpf, "service_keys")?;
         let vip_filter = take_map(&mut ebpf, "vip_filter")?;
         let backends = take_map(&mut ebpf, "backends")?;
         let backends_for_expiry = dup_map(&backends, "backends")?;
@@ -191,7 +197,8 @@ impl Xdp {
             interfaces: interfaces.into_iter().map(|i| i.name).collect(),
             mode: options.mode,
             services,
-            service_keys: HashSet::new(),
+            service_ids: StdHashMap::new(),
+            service_keys,
             vip_filter,
             backends,
             rr_ring,
@@ -208,12 +215,19 @@ impl Xdp {
         Arc::clone(&self.conns)
     }
 
+    /// What service id `id` serves, for the packets of its flows.
+    fn write_service_key(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
+        self.service_keys
+            .set(id, key, 0)
+            .map_err(map_err("service_keys"))
+    }
+
     /// Set the `vip_filter` slot of `vip` to the number of known services whose VIP shares it.
     fn write_vip_filter(&mut self, vip: u32) -> Result<(), DataplaneError> {
         let slot = lb_common::vip_filter_slot(vip);
         let count = self
-            .service_keys
-            .iter()
+            .service_ids
+            .keys()
             .filter(|k| lb_common::vip_filter_slot(k.vip) == slot)
             .count();
         self.vip_filter
@@ -467,23 +481,32 @@ fn out_of_range(what: &'static str, value: impl Into<u64>, limit: u32) -> Datapl
 }
 
 impl Dataplane for Xdp {
-    /// The filter counts the service before the program can find it, and forgets it after.
+    /// The filter counts the service before the program can find it, and forgets it after; its
+    /// flows find it in `service_keys` once it is in `services`, and no more before it leaves.
     fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
-        if self.service_keys.insert(key) {
+        let old_id = self.service_ids.insert(key, service.id);
+        if old_id.is_none() {
             self.write_vip_filter(key.vip)?;
         }
         self.services
             .insert(key, service, 0)
-            .map_err(map_err("services"))
+            .map_err(map_err("services"))?;
+        if let Some(old_id) = old_id.filter(|&old_id| old_id != service.id) {
+            self.write_service_key(old_id, ServiceKey::default())?;
+        }
+        self.write_service_key(service.id, key)
     }
 
     fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        if let Some(&id) = self.service_ids.get(&key) {
+            self.write_service_key(id, ServiceKey::default())?;
+        }
         match self.services.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(map_err("services")(e)),
         }
-        if self.service_keys.remove(&key) {
+        if self.service_ids.remove(&key).is_some() {
             self.write_vip_filter(key.vip)?;
         }
         Ok(())
