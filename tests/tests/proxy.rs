@@ -135,21 +135,25 @@ fn with_xdp_an_http_service_is_balanced_per_request_by_the_proxy() {
     let mut topo = Topology::new("prh", "round_robin", 2, backend_bin);
     topo.add_service_settings("mode = \"http\"\nmax_requests_per_backend = 1");
     topo.start_agent();
-    let names: Vec<String> = topo.client.block_on(|| async {
+    let answers: Vec<String> = topo.client.block_on(|| async {
         let mut conn = HttpConn::connect(SocketAddr::V4(VIP))
             .await
             .unwrap_or_else(|e| panic!("connect to {VIP}: {e}"));
-        let mut names = Vec::new();
+        let mut answers = Vec::new();
         for _ in 0..4 {
-            names.push(name(&conn.get("/whoami").await.text()));
+            answers.push(conn.get("/whoami").await.text());
         }
-        names
+        answers
     });
+    let names: Vec<String> = answers.iter().map(|a| name(a)).collect();
     assert_eq!(
         names,
         ["b1", "b2", "b1", "b2"],
         "per request, one connection"
     );
+    // `NAME peer`: each backend saw both its requests on one pooled connection from the proxy.
+    assert_eq!(answers[0], answers[2], "kept alive towards b1");
+    assert_eq!(answers[1], answers[3], "kept alive towards b2");
     let proxy = topo.admin("GET", "/v1/proxy", None);
     assert_eq!(proxy[0]["accepted"].as_u64(), Some(1), "{proxy}");
     assert_eq!(proxy[0]["admitted"].as_u64(), Some(4), "{proxy}");

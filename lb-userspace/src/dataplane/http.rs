@@ -50,6 +50,11 @@ pub async fn serve_connection(gate: Arc<Gate>, pool: Arc<Pool>, client: TcpStrea
     }
 }
 
+/// A client's request body: hyper's [`Incoming`], or any other in tests.
+trait ClientBody: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static> {}
+
+impl<B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>> ClientBody for B {}
+
 /// The request as it goes to every backend it is tried on.
 struct Outgoing {
     parts: hyper::http::request::Parts,
@@ -66,11 +71,11 @@ impl Outgoing {
     }
 }
 
-async fn handle(
+async fn handle<B: ClientBody>(
     gate: &Arc<Gate>,
     pool: &Arc<Pool>,
     peer: Ipv4Addr,
-    request: Request<Incoming>,
+    request: Request<B>,
 ) -> Response<ProxyBody> {
     match forward(gate, pool, peer, request).await {
         Ok(response) => response,
@@ -123,11 +128,11 @@ impl Refused {
     }
 }
 
-async fn forward(
+async fn forward<B: ClientBody>(
     gate: &Arc<Gate>,
     pool: &Arc<Pool>,
     peer: Ipv4Addr,
-    request: Request<Incoming>,
+    request: Request<B>,
 ) -> Result<Response<ProxyBody>, Refused> {
     let config = gate.config();
     let service = &config.service;
@@ -276,6 +281,7 @@ fn pass(
     strip_hop_by_hop(&mut parts.headers);
     let body = Passed {
         body,
+        ended: false,
         held: Some((upstream, lease)),
         pool: Arc::clone(pool),
     };
@@ -399,6 +405,8 @@ impl Pool {
 /// connection is closed.
 pub struct Passed {
     body: Incoming,
+    /// The body's end was read (`is_end_stream` stays false after a chunked body's end).
+    ended: bool,
     held: Option<(Upstream, Lease)>,
     pool: Arc<Pool>,
 }
@@ -406,7 +414,8 @@ pub struct Passed {
 impl Passed {
     fn finish(&mut self) {
         if let Some((upstream, lease)) = self.held.take() {
-            if self.body.is_end_stream() {
+            // An empty body may never be polled.
+            if self.ended || self.body.is_end_stream() {
                 self.pool.put(upstream);
             }
             drop(lease);
@@ -430,6 +439,7 @@ impl Body for Passed {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         if !matches!(frame, Some(Ok(_))) {
+            self.ended = frame.is_none();
             self.finish();
         }
         Poll::Ready(frame)
@@ -447,6 +457,122 @@ impl Body for Passed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ProxyMode;
+    use crate::dataplane::conns::ConnCounts;
+    use crate::dataplane::proxy::tests::{config, routes_to};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A backend on loopback whose every answer is a chunked body: `frames` frames, then the
+    /// end, or with `frames` 0 a body that never ends. Counts the connections it accepted and
+    /// the ones that were closed.
+    async fn chunked_backend(frames: usize) -> (SocketAddrV4, Arc<(AtomicUsize, AtomicUsize)>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
+            unreachable!("bound to IPv4")
+        };
+        let seen = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let counts = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counts.0.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&counts);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel(4);
+                        tokio::spawn(async move {
+                            for _ in 0..frames {
+                                let _ = tx.send(Bytes::from("data: x\n\n")).await;
+                            }
+                            if frames == 0 {
+                                // Never ends: the sender lives as long as the body is read.
+                                tx.closed().await;
+                            }
+                        });
+                        Ok::<_, Infallible>(Response::new(Frames(rx)))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    counts.1.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (address, seen)
+    }
+
+    /// A body of unknown length (sent chunked): each message a data frame, then the end.
+    struct Frames(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// A gate over `backend`, its counts, and the routes' sender (the table, kept alive).
+    fn http_gate(
+        backend: SocketAddrV4,
+    ) -> (
+        Arc<Gate>,
+        Arc<ConnCounts>,
+        tokio::sync::watch::Sender<crate::table::Routes>,
+    ) {
+        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
+        let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
+        let mut config = config(8, 1);
+        config.mode = ProxyMode::Http;
+        let gate = Gate::new(config, 0, Arc::clone(&counts), routes);
+        (gate, counts, table)
+    }
+
+    fn get() -> Request<Full<Bytes>> {
+        Request::get("/v1/chat/completions")
+            .body(Full::new(Bytes::new()))
+            .expect("a request")
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_read_to_the_end_frees_the_claim_and_keeps_the_connection() {
+        let (backend, seen) = chunked_backend(3).await;
+        let (gate, counts, _table) = http_gate(backend);
+        let pool = Arc::new(Pool::default());
+        for _ in 0..2 {
+            let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(counts.get(0), 1, "claimed while the body is passed");
+            let body = response.into_body().collect().await.expect("the body");
+            assert_eq!(body.to_bytes(), "data: x\n\n".repeat(3));
+            assert_eq!(counts.get(0), 0, "released at the body's end");
+        }
+        assert_eq!(seen.0.load(Ordering::SeqCst), 1, "one pooled connection");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_frees_the_claim_and_closes_the_backend_connection() {
+        let (backend, seen) = chunked_backend(0).await;
+        let (gate, counts, _table) = http_gate(backend);
+        let pool = Arc::new(Pool::default());
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(response);
+        assert_eq!(counts.get(0), 0, "released");
+        let closed = async {
+            while seen.1.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the backend saw its connection closed");
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_the_client_is_appended() {

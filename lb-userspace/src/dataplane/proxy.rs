@@ -698,14 +698,14 @@ impl From<std::io::Error> for Ended {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::ProxyMode;
     use lb_common::{backend_state, policy};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::Instant;
 
-    fn config(queue_size: usize, cap: u32) -> ProxyConfig {
+    pub(crate) fn config(queue_size: usize, cap: u32) -> ProxyConfig {
         ProxyConfig {
             service: "chat".to_owned(),
             address: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
@@ -720,17 +720,26 @@ mod tests {
 
     /// Round robin over `n` active backends 10.0.1.<slot+1>:80.
     fn routes(n: u32) -> Routes {
-        let backends = (0..n)
-            .map(|slot| {
+        let addresses: Vec<SocketAddrV4> = (0..n)
+            .map(|slot| SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, (slot + 1) as u8), 80))
+            .collect();
+        routes_to(&addresses)
+    }
+
+    /// Round robin over active backends at `addresses`.
+    pub(crate) fn routes_to(addresses: &[SocketAddrV4]) -> Routes {
+        let backends: Vec<_> = addresses
+            .iter()
+            .map(|&address| {
                 let view = BackendView {
                     state: backend_state::ACTIVE,
                     weight: 1,
                     ..BackendView::default()
                 };
-                let ip = Ipv4Addr::new(10, 0, 1, (slot + 1) as u8);
-                (view, SocketAddrV4::new(ip, 80))
+                (view, address)
             })
             .collect();
+        let n = backends.len() as u32;
         Arc::new(vec![Route {
             id: 0,
             policy: policy::ROUND_ROBIN,
