@@ -150,9 +150,9 @@ async fn forward<B: ClientBody>(
             ));
         }
         Err(error) => {
-            // The client went away mid-body: nobody reads this answer.
+            // The client went away mid-body: most likely nobody reads this answer.
             return Err(refused(
-                Refusal::BadGateway,
+                Refusal::BadRequest,
                 format!("reading the request body: {error}"),
             ));
         }
@@ -572,6 +572,66 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), closed)
             .await
             .expect("the backend saw its connection closed");
+    }
+
+    /// A request body that fails after `sent` bytes: a client gone mid-upload.
+    struct CutOff(Option<Bytes>);
+
+    impl Body for CutOff {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(match self.0.take() {
+                Some(sent) => Ok(Frame::data(sent)),
+                None => Err(std::io::ErrorKind::ConnectionReset.into()),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_too_large_or_cut_off_are_refused_before_a_backend_is_chosen() {
+        let (backend, seen) = chunked_backend(1).await;
+        let (gate, _counts, _table) = http_gate(backend);
+        let pool = Arc::new(Pool::default());
+        let max = gate.config().max_request_body;
+        let large = Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(vec![b'x'; max + 1])))
+            .expect("a request");
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, large).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a body")
+            .to_bytes();
+        let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(error["error"]["type"], "body_too_large");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("max_request_body {max}"))),
+            "{error}"
+        );
+        let cut = Request::post("/v1/chat/completions")
+            .body(CutOff(Some(Bytes::from("{\"messages\""))))
+            .expect("a request");
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, cut).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let stats = gate.stats();
+        assert_eq!(
+            (
+                stats.refused["body_too_large"],
+                stats.refused["bad_request"]
+            ),
+            (1, 1)
+        );
+        assert_eq!(stats.admitted, 0, "no backend claimed");
+        assert_eq!(seen.0.load(Ordering::SeqCst), 0, "no backend connection");
     }
 
     #[test]
