@@ -179,6 +179,10 @@ struct steer_flow_rev {
 	/* Also when the next hop was last looked up. */
 	__u64 last_seen_ns;
 	struct steer_next_hop hop;	/* towards the client; found on the first reply */
+	/* 1 once either side sent FIN or RST: quiet for the closed-flow timeout,
+	 * the tuple may go to a new flow (2 while one takes it). */
+	__u32 closed;
+	__u32 _pad;
 };
 
 struct steer_iface {
@@ -207,7 +211,7 @@ _Static_assert(sizeof(struct steer_backend_stats) == 24, "steer_backend_stats");
 _Static_assert(sizeof(struct steer_flow_key) == 16, "steer_flow_key");
 _Static_assert(sizeof(struct steer_next_hop) == 16, "steer_next_hop");
 _Static_assert(sizeof(struct steer_flow_fwd) == 56, "steer_flow_fwd");
-_Static_assert(sizeof(struct steer_flow_rev) == 40, "steer_flow_rev");
+_Static_assert(sizeof(struct steer_flow_rev) == 48, "steer_flow_rev");
 _Static_assert(sizeof(struct steer_iface) == 8, "steer_iface");
 _Static_assert(sizeof(struct steer_event) == 32, "steer_event");
 

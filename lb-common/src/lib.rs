@@ -257,6 +257,9 @@ pub struct FlowRev {
     pub last_seen_ns: u64,
     /// Towards the client, found on the first reply.
     pub hop: NextHop,
+    /// 1 once either side sent FIN or RST (2 while a new flow takes the tuple over).
+    pub closed: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -312,7 +315,7 @@ layouts! {
         flags, _pad, last_seen_ns, hop,
     }
     FlowRev = "steer_flow_rev" {
-        client_addr, vip, client_port, vip_port, backend_id, last_seen_ns, hop,
+        client_addr, vip, client_port, vip_port, backend_id, last_seen_ns, hop, closed, _pad,
     }
     Iface = "steer_iface" { snat_addr, _pad }
     Event = "steer_event" {
@@ -331,7 +334,7 @@ const _: () = {
     assert!(size_of::<NextHop>() == 16);
     assert!(size_of::<FlowFwd>() == 56);
     assert!(offset_of!(FlowFwd, last_seen_ns) == 32);
-    assert!(size_of::<FlowRev>() == 40);
+    assert!(size_of::<FlowRev>() == 48);
     assert!(size_of::<Iface>() == 8);
     assert!(size_of::<Event>() == 32);
 };

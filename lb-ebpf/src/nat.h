@@ -20,6 +20,10 @@ enum {
 /* Source ports for flows to remote backends: [snat_port_min, snat_port_max]. */
 const volatile __u16 snat_port_min = 16384;
 const volatile __u16 snat_port_max = 32767;
+/* How long a closed flow keeps its reply tuple after its last packet, so late
+ * packets of the close never reach a new flow (the agent's closed-flow
+ * timeout, after which its expiry deletes the entries). */
+const volatile __u64 closed_flow_ns = 10000000000ULL;
 
 /* Route dst; only interfaces in tx_ports can be the way out. hop is written
  * only on success, so a flow's cached hop stays whole when a lookup fails. */
@@ -87,8 +91,26 @@ static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr
 	key->proto = IPPROTO_TCP;
 }
 
+/* Take over the reply tuple of a flow closed and quiet for closed_flow_ns, as
+ * the agent's expiry would free it, without waiting for its sweep. The
+ * compare-and-swap lets one CPU alone take it. */
+static __always_inline int reclaim_reply_tuple(const struct steer_flow_key *key,
+					       const struct steer_flow_rev *rev, __u64 now)
+{
+	struct steer_flow_rev *old = bpf_map_lookup_elem(&ct_rev, key);
+
+	/* Signed: another CPU's clock read may be a tick ahead of ours. */
+	if (!old || READ_ONCE(old->closed) != 1 ||
+	    (__s64)(now - READ_ONCE(old->last_seen_ns)) <= (__s64)closed_flow_ns)
+		return -1;
+	if (__sync_val_compare_and_swap(&old->closed, 1, 2) != 1)
+		return -1;
+	return bpf_map_update_elem(&ct_rev, key, rev, BPF_EXIST);
+}
+
 /* Record the reply tuple backend -> addr:port, unless a live flow has it: the
- * BPF_NOEXIST insert is the claim, so two flows never share a tuple. */
+ * BPF_NOEXIST insert (or the takeover of a closed flow's) is the claim, so two
+ * flows never share a tuple. */
 static __always_inline int claim_reply_tuple(__be32 backend_addr, __be16 backend_port,
 					     __be32 addr, __be16 port,
 					     const struct steer_flow_rev *rev)
@@ -96,7 +118,28 @@ static __always_inline int claim_reply_tuple(__be32 backend_addr, __be16 backend
 	struct steer_flow_key key;
 
 	flow_key_of(&key, backend_addr, addr, backend_port, port);
-	return bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST);
+	if (bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST) == 0)
+		return 0;
+	return reclaim_reply_tuple(&key, rev, rev->last_seen_ns);	/* the new flow's: now */
+}
+
+/* A packet of a closing flow: mark its reply tuple closed and keep it held
+ * while packets come, unless a new flow has taken it already. */
+static __always_inline void hold_closed_tuple(const struct steer_flow_fwd *flow,
+					      const struct packet *pkt, __u64 now)
+{
+	struct steer_flow_key key;
+	struct steer_flow_rev *rev;
+
+	flow_key_of(&key, flow->backend_addr, flow->snat_addr, flow->backend_port,
+		    flow->snat_port);
+	rev = bpf_map_lookup_elem(&ct_rev, &key);
+	if (!rev || rev->client_addr != pkt->ip->saddr || rev->client_port != pkt->tcp->source ||
+	    rev->vip != pkt->ip->daddr || rev->vip_port != pkt->tcp->dest)
+		return;
+	if (READ_ONCE(rev->closed) == 0)
+		rev->closed = 1;
+	rev->last_seen_ns = now;
 }
 
 /* Claim a source port towards a remote backend whose reply tuple is free. */

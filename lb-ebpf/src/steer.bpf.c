@@ -77,6 +77,8 @@ static __always_inline void track_reply(const struct packet *pkt, struct steer_f
 		struct steer_flow_key key;
 		struct steer_flow_fwd *flow;
 
+		if (READ_ONCE(rev->closed) == 0)
+			rev->closed = 1;
 		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
 		flow = bpf_map_lookup_elem(&ct_fwd, &key);
 		if (flow && flow->backend_id == rev->backend_id)
@@ -131,6 +133,8 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 	}
 	if (tcp_ends_flow(pkt->tcp))
 		flow_closed(flow, client_addr, client_port);
+	if (READ_ONCE(flow->released))
+		hold_closed_tuple(flow, pkt, now);
 	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
 	if (local) {
 		rewrite_tuple(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr,

@@ -131,6 +131,21 @@ impl Lab {
                 .map_max_entries("ct_fwd", entries)
                 .map_max_entries("ct_rev", entries);
         }
+        Lab::load_from(&mut loader, policy)
+    }
+
+    /// Like [`Lab::load`], with a single SNAT port and the given closed-flow timeout, so tests
+    /// can watch one reply tuple being held and taken over.
+    pub fn load_one_snat_port(policy: u32, port: u16, closed_flow_ns: u64) -> Lab {
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("snat_port_min", &port, true)
+            .override_global("snat_port_max", &port, true)
+            .override_global("closed_flow_ns", &closed_flow_ns, true);
+        Lab::load_from(&mut loader, policy)
+    }
+
+    fn load_from(loader: &mut EbpfLoader, policy: u32) -> Lab {
         let mut ebpf = loader
             .load(lb_ebpf::steer_bpf())
             .expect("loading the object");

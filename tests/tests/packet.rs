@@ -326,6 +326,48 @@ fn flows_follow_next_hop_changes_within_a_second() {
     });
 }
 
+/// With one SNAT port, a closed flow's reply tuple stays its own while packets of the close come
+/// and for the closed-flow timeout after the last, then a new flow takes it over; an open
+/// flow's tuple is never taken.
+#[test]
+fn closed_flows_reply_tuple_is_taken_over_after_the_closed_timeout() {
+    const PORT: u16 = 20000;
+    const CLOSED: std::time::Duration = std::time::Duration::from_secs(2);
+    let ns = build_namespace();
+    ns.run(|| {
+        let mut lab = Lab::load_one_snat_port(policy::ROUND_ROBIN, PORT, CLOSED.as_nanos() as u64);
+        // Ring [0]: every flow goes to the same backend, so all want the same tuple.
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+        let (first, second, third) = (client(40800), client(40801), client(40802));
+        let (snat, backend) = lab.forward(first, SYN);
+        assert_eq!(snat.port(), PORT);
+        let refused = Frame::tcp(second, VIP, SYN).build();
+        assert_eq!(
+            lab.run(&refused),
+            (XDP_PASS, refused.clone()),
+            "open flow's tuple"
+        );
+
+        lab.reply(backend, snat, FIN | ACK, first);
+        assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
+        std::thread::sleep(CLOSED / 2);
+        // The last ACK of the close holds the tuple for the whole timeout again.
+        assert_eq!(lab.forward(first, ACK), (snat, backend));
+        std::thread::sleep(CLOSED * 2 / 3);
+        assert_eq!(
+            lab.run(&refused),
+            (XDP_PASS, refused.clone()),
+            "held after the close"
+        );
+        assert_eq!(lab.counter(counter::NO_SNAT_PORT), 2);
+
+        std::thread::sleep(CLOSED * 3 / 4);
+        assert_eq!(lab.forward(third, SYN), (snat, backend), "taken over");
+        lab.reply(backend, snat, SYN | ACK, third);
+        assert_eq!(lab.conns(0), 1, "the first flow released its count once");
+    });
+}
+
 #[test]
 fn frames_steer_does_not_handle_pass_byte_identical() {
     in_lab(policy::ROUND_ROBIN, |lab| {

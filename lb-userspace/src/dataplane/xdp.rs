@@ -147,10 +147,14 @@ impl Xdp {
         let interfaces = resolve_interfaces(&options.interfaces)?;
         check_snat_ports(&options.snat_ports)?;
         let flow_events = u32::from(options.flow_events);
+        // The kernel takes over a closed flow's reply tuple after the same time expiry frees it.
+        let closed_flow_ns =
+            u64::try_from(options.closed_flow_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("snat_port_min", options.snat_ports.start(), true)
             .override_global("snat_port_max", options.snat_ports.end(), true)
             .override_global("flow_events", &flow_events, true)
+            .override_global("closed_flow_ns", &closed_flow_ns, true)
             .map_max_entries("ct_fwd", options.conntrack_entries)
             .map_max_entries("ct_rev", options.conntrack_entries)
             .load(lb_ebpf::steer_bpf())

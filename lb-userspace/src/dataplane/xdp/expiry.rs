@@ -246,9 +246,11 @@ impl Expiry {
         Ok(())
     }
 
-    fn reply_last_seen(&self, flow: &FlowFwd) -> Result<Option<u64>, SweepError> {
+    /// The last reply of the flow at `key`, unless a new flow has taken its reply tuple over.
+    fn reply_last_seen(&self, key: &FlowKey, flow: &FlowFwd) -> Result<Option<u64>, SweepError> {
         Ok(lookup(&self.ct_rev, &rev_key_of(flow))
             .map_err(rev_err)?
+            .filter(|rev| fwd_key_of(rev) == *key)
             .map(|rev| rev.last_seen_ns))
     }
 
@@ -260,7 +262,7 @@ impl Expiry {
         if fwd_verdict(&flow, None, now_ns, self.timeouts) == Verdict::Keep {
             return Ok(false);
         }
-        let reply = self.reply_last_seen(&flow)?;
+        let reply = self.reply_last_seen(key, &flow)?;
         if fwd_verdict(&flow, reply, now_ns, self.timeouts) == Verdict::Keep {
             return Ok(false);
         }
