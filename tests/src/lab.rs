@@ -134,13 +134,17 @@ impl Lab {
         Lab::load_from(&mut loader, policy)
     }
 
-    /// Like [`Lab::load`], with a single SNAT port and the given closed-flow timeout, so tests
-    /// can watch one reply tuple being held and taken over.
-    pub fn load_one_snat_port(policy: u32, port: u16, closed_flow_ns: u64) -> Lab {
+    /// Like [`Lab::load`], with a small SNAT port range and the given closed-flow timeout, so
+    /// tests can fill the range and watch reply tuples being held and taken over.
+    pub fn load_snat_ports(
+        policy: u32,
+        ports: std::ops::RangeInclusive<u16>,
+        closed_flow_ns: u64,
+    ) -> Lab {
         let mut loader = EbpfLoader::new();
         loader
-            .override_global("snat_port_min", &port, true)
-            .override_global("snat_port_max", &port, true)
+            .override_global("snat_port_min", ports.start(), true)
+            .override_global("snat_port_max", ports.end(), true)
             .override_global("closed_flow_ns", &closed_flow_ns, true);
         Lab::load_from(&mut loader, policy)
     }

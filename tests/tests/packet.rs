@@ -326,6 +326,25 @@ fn flows_follow_next_hop_changes_within_a_second() {
     });
 }
 
+/// The port search tries 64 ports in a row from a random one, so a range of 64 fills to its
+/// last port, and the next SYN is passed.
+#[test]
+fn a_small_snat_range_fills_to_its_last_port() {
+    const PORTS: std::ops::RangeInclusive<u16> = 20000..=20063;
+    let ns = build_namespace();
+    ns.run(|| {
+        let mut lab = Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 10_000_000_000);
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+        let ports: std::collections::HashSet<u16> = (0..64)
+            .map(|i| lab.forward(client(41000 + i), SYN).0.port())
+            .collect();
+        assert_eq!(ports, PORTS.collect());
+        let refused = Frame::tcp(client(41064), VIP, SYN).build();
+        assert_eq!(lab.run(&refused), (XDP_PASS, refused.clone()));
+        assert_eq!(lab.counter(counter::NO_SNAT_PORT), 1);
+    });
+}
+
 /// With one SNAT port, a closed flow's reply tuple stays its own while packets of the close come
 /// and for the closed-flow timeout after the last, then a new flow takes it over; an open
 /// flow's tuple is never taken.
@@ -335,7 +354,8 @@ fn closed_flows_reply_tuple_is_taken_over_after_the_closed_timeout() {
     const CLOSED: std::time::Duration = std::time::Duration::from_secs(2);
     let ns = build_namespace();
     ns.run(|| {
-        let mut lab = Lab::load_one_snat_port(policy::ROUND_ROBIN, PORT, CLOSED.as_nanos() as u64);
+        let mut lab =
+            Lab::load_snat_ports(policy::ROUND_ROBIN, PORT..=PORT, CLOSED.as_nanos() as u64);
         // Ring [0]: every flow goes to the same backend, so all want the same tuple.
         lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
         let (first, second, third) = (client(40800), client(40801), client(40802));
