@@ -400,6 +400,20 @@ async fn proxy_stat(to: SocketAddr, service: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{service}.{name} in {stats}"))
 }
 
+/// Waits (at most 10 s) until `/metrics` shows `want` waiting in `service`'s queue.
+async fn wait_queue_depth(admin_addr: SocketAddr, service: &str, want: u64) {
+    let name = format!("steer_proxy_queue_depth{{service=\"{service}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let depth = series(&admin(admin_addr, "/metrics").await, &name);
+        if depth == want as f64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {depth}, never {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The streamed answer came in pieces while it was generated: from the first event to the last
 /// passed at least half the time llama-server says it spent generating.
 fn assert_incremental(answer: &Answer, how: &str) {
@@ -591,17 +605,11 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
             burst.spawn(async move {
                 let mut client = Client::connect(to).await;
                 client
-                    .send("POST", "/v1/chat/completions", Some(&chat(32, false)))
+                    .send("POST", "/v1/chat/completions", Some(&chat(64, false)))
                     .await
             });
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let metrics = admin(admin_addr, "/metrics").await;
-        assert_eq!(
-            series(&metrics, "steer_proxy_queue_depth{service=\"chat\"}"),
-            4.0,
-            "waiting while 2 run"
-        );
+        wait_queue_depth(admin_addr, "chat", 4).await;
         let mut served = std::collections::BTreeMap::new();
         while let Some(answer) = burst.join_next().await {
             let answer = answer.expect("a burst task");
@@ -616,7 +624,7 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
 
         // FIFO on one backend of capacity 1: each starts once the one before has finished.
         let mut burst = Vec::new();
-        for _ in 0..4 {
+        for i in 0..4 {
             let to = vip("one");
             burst.push(tokio::spawn(async move {
                 let mut client = Client::connect(to).await;
@@ -624,7 +632,20 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
                     .send("POST", "/v1/chat/completions", Some(&chat(16, true)))
                     .await
             }));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // In line in this order: the first admitted, then each queued (counts only grow).
+            let (stat, want) = if i == 0 {
+                ("admitted", 1)
+            } else {
+                ("queued", i)
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while proxy_stat(admin_addr, "one", stat).await < want {
+                assert!(
+                    Instant::now() < deadline,
+                    "request {i} never reached the gate"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         let mut answers = Vec::new();
         for task in burst {
@@ -654,12 +675,7 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
                 .await;
             (sent.elapsed(), answer)
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let metrics = admin(admin_addr, "/metrics").await;
-        assert_eq!(
-            series(&metrics, "steer_proxy_queue_depth{service=\"tight\"}"),
-            1.0
-        );
+        wait_queue_depth(admin_addr, "tight", 1).await;
         let mut third = Client::connect(vip("tight")).await;
         let sent = Instant::now();
         let full = third
@@ -695,23 +711,9 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
                 .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
                 .await
         });
-        let depth = |want: f64| async move {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let metrics = admin(admin_addr, "/metrics").await;
-                if series(&metrics, "steer_proxy_queue_depth{service=\"tight\"}") == want {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "tight's queue depth never {want}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        depth(1.0).await;
+        wait_queue_depth(admin_addr, "tight", 1).await;
         left.abort();
-        depth(0.0).await;
+        wait_queue_depth(admin_addr, "tight", 0).await;
         // The client goes away mid-stream: its claim is released, the next is served.
         drop(holding);
         drop(holder);
