@@ -15,6 +15,7 @@ use crate::{
     topology::{Topology, steer_bin},
 };
 use plotters::{
+    coord::ranged1d::{AsRangedCoord, ValueFormatter},
     prelude::*,
     style::text_anchor::{HPos, Pos, VPos},
     style::{FontStyle, register_font},
@@ -176,6 +177,15 @@ pub struct Series {
     pub values: Vec<f64>,
 }
 
+/// The y axis of a [`bar_chart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// From zero.
+    Linear,
+    /// Logarithmic, for figures spanning orders of magnitude (latencies with outliers).
+    Log,
+}
+
 /// A grouped bar chart in a PNG: for each group (x axis), one bar per series, coloured by series
 /// with a legend, each bar labelled with its value. A horizontal line at `reference` (e.g. 1.0
 /// for ratios to a baseline) when given.
@@ -186,6 +196,7 @@ pub fn bar_chart(
     groups: &[String],
     series: &[Series],
     reference: Option<f64>,
+    scale: Scale,
 ) -> Result<(), PlotError> {
     register_sans()?;
     if let Some(dir) = path.parent() {
@@ -194,39 +205,65 @@ pub fn bar_chart(
             message: e.to_string(),
         })?;
     }
-    draw_bars(path, title, y_label, groups, series, reference).map_err(|e| PlotError::Draw {
+    let values = || {
+        series
+            .iter()
+            .flat_map(|s| s.values.iter().copied())
+            .chain(reference)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let top = values().fold(1e-9, f64::max);
+    let drawn = match scale {
+        Scale::Linear => draw_bars(
+            path,
+            title,
+            y_label,
+            groups,
+            series,
+            reference,
+            0.0..top * 1.3,
+            0.0,
+        ),
+        Scale::Log => {
+            let bottom = values().fold(top, f64::min) / 2.0;
+            let y = (bottom..top * 3.0).log_scale();
+            draw_bars(path, title, y_label, groups, series, reference, y, bottom)
+        }
+    };
+    drawn.map_err(|e| PlotError::Draw {
         path: path.to_owned(),
         message: e.to_string(),
     })
 }
 
-const PALETTE: [RGBColor; 6] = [
+const PALETTE: [RGBColor; 7] = [
     RGBColor(0x4e, 0x79, 0xa7),
     RGBColor(0xf2, 0x8e, 0x2b),
     RGBColor(0x59, 0xa1, 0x4f),
     RGBColor(0xe1, 0x57, 0x59),
     RGBColor(0x76, 0xb7, 0xb2),
     RGBColor(0xb0, 0x7a, 0xa1),
+    RGBColor(0x9c, 0x75, 0x5f),
 ];
 
-fn draw_bars(
+/// Draws the chart on `y` (linear or log), bars rising from `baseline`.
+#[expect(clippy::too_many_arguments, reason = "one private call site per scale")]
+fn draw_bars<Y>(
     path: &Path,
     title: &str,
     y_label: &str,
     groups: &[String],
     series: &[Series],
     reference: Option<f64>,
-) -> Result<(), Box<dyn std::error::Error>> {
+    y: Y,
+    baseline: f64,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
     let per_group = series.len() + 1; // one empty bar between groups
     let bars = groups.len() * per_group;
-    let top = series
-        .iter()
-        .flat_map(|s| s.values.iter().copied())
-        .chain(reference)
-        .filter(|v| v.is_finite())
-        .fold(0.0_f64, f64::max)
-        .max(1e-9)
-        * 1.3;
     let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -234,7 +271,7 @@ fn draw_bars(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..bars).into_segmented(), 0.0..top)?;
+        .build_cartesian_2d((0..bars).into_segmented(), y)?;
     let names = groups.to_vec();
     let label_at = series.len() / 2;
     chart
@@ -262,6 +299,7 @@ fn draw_bars(
         chart
             .draw_series(
                 Histogram::vertical(&chart)
+                    .baseline(baseline)
                     .style(color.filled())
                     .margin(2)
                     .data(data.iter().copied()),

@@ -40,7 +40,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     sync::{Arc, Mutex, PoisonError},
@@ -53,7 +53,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged, stop,
+        Scale, Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged, stop,
         write_results,
     },
     netns::{self, NetNs},
@@ -110,6 +110,8 @@ struct Fixed {
     errors: u64,
     /// Requests not started because `MAX_OUTSTANDING` were outstanding.
     late: u64,
+    /// SYNs the client retransmitted meanwhile (new-connection runs).
+    syn_retrans: u64,
     p50_ms: f64,
     p99_ms: f64,
 }
@@ -275,10 +277,17 @@ fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32, conns: u32) 
 }
 
 /// Latency at a fixed offered load: `GET /whoami` started every `1/rate` s for `secs` (spread
-/// over `addrs` in turn), each on a pooled keep-alive connection or, with `fresh`, a new one.
+/// over `addrs` in turn) from source address `from`, each on a pooled keep-alive connection or,
+/// with `fresh`, a new one.
 /// Open loop: a slow answer delays no later request, so it cannot hide the queueing it causes.
 /// Latency runs from the request's start (connect included when fresh) to its whole answer.
-async fn fixed_rate(addrs: &[SocketAddrV4], rate: f64, secs: u32, fresh: bool) -> Fixed {
+async fn fixed_rate(
+    from: Ipv4Addr,
+    addrs: &[SocketAddrV4],
+    rate: f64,
+    secs: u32,
+    fresh: bool,
+) -> Fixed {
     type Pool = Arc<Vec<Mutex<Vec<HttpConn>>>>;
     let pools: Pool = Arc::new(addrs.iter().map(|_| Mutex::new(Vec::new())).collect());
     let total = (rate * f64::from(secs)) as u64;
@@ -317,7 +326,9 @@ async fn fixed_rate(addrs: &[SocketAddrV4], rate: f64, secs: u32, fresh: bool) -
             };
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => HttpConn::connect(addr).await.map_err(drop)?,
+                None => HttpConn::connect_from(Some(from), addr)
+                    .await
+                    .map_err(drop)?,
             };
             match conn.try_request("GET", PATH, None).await {
                 Ok(r) if r.status == 200 => {
@@ -353,11 +364,15 @@ async fn fixed_rate(addrs: &[SocketAddrV4], rate: f64, secs: u32, fresh: bool) -
 }
 
 /// Every figure of a case, for `targets` (loaded at once); a short keep-alive warm-up first
-/// (ARP, caches, the proxy's pools). `lb_pid` is the load balancer's process (the agent or the
+/// (ARP, caches, the proxy's pools). The fixed-rate runs connect from `from`, an address no
+/// earlier run used: the wrk runs leave thousands of closed connections in TIME_WAIT (at the
+/// side that closed first), and a new SYN that reuses such a tuple can wait a 1 s retransmit;
+/// that is the client's port reuse, not the load balancer. `lb_pid` is the load balancer's process (the agent or the
 /// proxy), whose CPU time (with its children's, e.g. nginx's workers) is measured over the
 /// new-connection and keep-alive runs.
 fn measure(
     client: &NetNs,
+    from: Ipv4Addr,
     name: &'static str,
     what: &str,
     targets: &[SocketAddrV4],
@@ -380,21 +395,23 @@ fn measure(
     }
     let before = (syn_retrans(client), cpu());
     let new_conn = wrk_all(client, &urls, true, secs, CONNECTIONS);
-    let syn_retrans = syn_retrans(client).saturating_sub(before.0);
+    let new_conn_retrans = syn_retrans(client).saturating_sub(before.0);
     let mid = cpu();
     let keepalive = wrk_all(client, &urls, false, secs, CONNECTIONS);
     let after = cpu();
     let fixed_keepalive =
-        client.block_on(|| async { fixed_rate(targets, KEEPALIVE_RATE, secs, false).await });
-    let fixed_new =
-        client.block_on(|| async { fixed_rate(targets, NEW_CONN_RATE, secs, true).await });
+        client.block_on(|| async { fixed_rate(from, targets, KEEPALIVE_RATE, secs, false).await });
+    let retrans_before = syn_retrans(client);
+    let mut fixed_new =
+        client.block_on(|| async { fixed_rate(from, targets, NEW_CONN_RATE, secs, true).await });
+    fixed_new.syn_retrans = syn_retrans(client).saturating_sub(retrans_before);
     let bulk = wrk_all(client, &bulk, false, secs, BULK_CONNECTIONS);
     let share = |cpu_s: f64| lb_pid.map(|_| cpu_s / f64::from(secs));
     Case {
         name,
         what: what.to_owned(),
         new_conn,
-        syn_retrans,
+        syn_retrans: new_conn_retrans,
         keepalive,
         fixed_keepalive,
         fixed_new,
@@ -588,6 +605,7 @@ fn agent_accepts(config: &Path) -> Result<(), String> {
 /// the case, and stops it. Err when the agent refuses the config.
 fn userspace_case(
     topo: &Topology,
+    from: Ipv4Addr,
     name: &'static str,
     what: &str,
     config: &str,
@@ -600,7 +618,15 @@ fn userspace_case(
     let (agent, log) = spawn_agent(topo, name, config);
     wait_serving(&topo.client, VIP, name, Some(&log));
     let idle = agent_idle(agent.id(), idle_secs);
-    let mut case = measure(&topo.client, name, what, &[VIP], secs, Some(agent.id()));
+    let mut case = measure(
+        &topo.client,
+        from,
+        name,
+        what,
+        &[VIP],
+        secs,
+        Some(agent.id()),
+    );
     case.agent = Some(agent_loaded(idle, agent.id()));
     stop(agent, name);
     Ok(case)
@@ -630,6 +656,9 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
     let dir = topo.dir.clone();
     let mut cases = Vec::new();
     let mut skipped = Vec::new();
+    // One fresh source address per case for its fixed-rate runs (see `measure`).
+    let mut sources = topo.add_client_addresses(8).into_iter();
+    let mut source = || sources.next().expect("a source address per case");
 
     // (a) direct: each backend at its own address through the LB's kernel forwarding, both at
     // once (one wrk each, half the connections), so the limit has the same two backends.
@@ -647,6 +676,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
     }
     cases.push(measure(
         &topo.client,
+        source(),
         "direct",
         "client to both backends' own addresses via the LB's kernel forwarding (no XDP)",
         &direct,
@@ -663,6 +693,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
     let idle = agent_idle(pid, idle_secs);
     let mut xdp = measure(
         &topo.client,
+        source(),
         "steer-xdp",
         "Steer agent, XDP on the LB's veths, forwarding off",
         &[VIP],
@@ -716,7 +747,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
         ),
     ];
     for (name, what, config) in variants {
-        match userspace_case(&topo, name, what, &config, secs, idle_secs) {
+        match userspace_case(&topo, source(), name, what, &config, secs, idle_secs) {
             Ok(case) => cases.push(case),
             Err(why) => {
                 eprintln!("steer-bench-e2e: {name} skipped: {why}");
@@ -743,6 +774,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
         wait_serving(&topo.client, VIP, name, Some(&log));
         cases.push(measure(
             &topo.client,
+            source(),
             name,
             &format!("HAProxy 2.6 mode {mode} on the VIP, nbthread 2, roundrobin"),
             &[VIP],
@@ -767,6 +799,7 @@ fn run(secs: u32, idle_secs: u32) -> (Vec<Case>, Vec<Skipped>, AgentCounters) {
     wait_serving(&topo.client, VIP, "nginx", Some(&log));
     cases.push(measure(
         &topo.client,
+        source(),
         "nginx",
         "nginx stream proxy on the VIP, 2 workers, round robin",
         &[VIP],
@@ -787,20 +820,21 @@ fn tables(cases: &[Case], skipped: &[Skipped]) -> String {
     let cores = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.2}"));
     let _ = writeln!(
         md,
-        "| case | new conn/s | x direct | LB CPU | keep-alive req/s | x direct | LB CPU | bulk MB/s | x direct | errors |"
+        "| case | new conn/s | x direct | LB CPU | SYN retrans | keep-alive req/s | x direct | LB CPU | bulk MB/s | x direct | errors |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for c in cases {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} |",
             c.name,
             c.new_conn.requests_per_s,
             ratio(c.new_conn.requests_per_s, d.new_conn.requests_per_s),
             cores(c.lb_cpu.0),
+            c.syn_retrans,
             c.keepalive.requests_per_s,
             ratio(c.keepalive.requests_per_s, d.keepalive.requests_per_s),
             cores(c.lb_cpu.1),
@@ -811,17 +845,17 @@ fn tables(cases: &[Case], skipped: &[Skipped]) -> String {
     }
     let _ = writeln!(
         md,
-        "\n| case | keep-alive at {KEEPALIVE_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | new connection at {NEW_CONN_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | failed or late |"
+        "\n| case | keep-alive at {KEEPALIVE_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | new connection at {NEW_CONN_RATE:.0}/s: p50 ms | p99 ms | p99 x direct | SYN retrans | failed or late |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for c in cases {
         let (k, n) = (&c.fixed_keepalive, &c.fixed_new);
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
             c.name,
             k.p50_ms,
             k.p99_ms,
@@ -829,6 +863,7 @@ fn tables(cases: &[Case], skipped: &[Skipped]) -> String {
             n.p50_ms,
             n.p99_ms,
             ratio(n.p99_ms, d.fixed_new.p99_ms),
+            n.syn_retrans,
             k.errors + k.late + n.errors + n.late,
         );
     }
@@ -895,6 +930,7 @@ fn plots(cases: &[Case], dir: &Path) -> Result<(), tests::bench::PlotError> {
         ],
         &throughput,
         Some(1.0),
+        Scale::Linear,
     )?;
     let latency = series(&|c| {
         vec![
@@ -906,7 +942,7 @@ fn plots(cases: &[Case], dir: &Path) -> Result<(), tests::bench::PlotError> {
     });
     bar_chart(
         &dir.join("e2e-latency.png"),
-        "End to end: latency at a fixed offered load (lower is better)",
+        "End to end: latency at a fixed offered load (log scale, lower is better)",
         "ms",
         &[
             format!("keep-alive {KEEPALIVE_RATE:.0}/s p50"),
@@ -916,6 +952,7 @@ fn plots(cases: &[Case], dir: &Path) -> Result<(), tests::bench::PlotError> {
         ],
         &latency,
         None,
+        Scale::Log,
     )
 }
 
@@ -937,6 +974,7 @@ fn fixed_json(f: &Fixed, d: &Fixed) -> Value {
         "completed": f.completed,
         "failed": f.errors,
         "late": f.late,
+        "client_syn_retransmits": f.syn_retrans,
         "latency_p50_ms": f.p50_ms,
         "latency_p99_ms": f.p99_ms,
         "p50_ratio_to_direct": ratio(f.p50_ms, d.p50_ms),

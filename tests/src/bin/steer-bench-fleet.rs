@@ -40,7 +40,7 @@ use clap::Parser;
 use lb_common::{MAX_BACKENDS_PER_SERVICE, backend_state};
 use lb_userspace::policy::{BackendView, Policy, ServiceView, choose, maglev_table, rr_ring};
 use serde_json::json;
-use tests::bench::{Rng, Series, bar_chart, p50_p99, ratio, write_results};
+use tests::bench::{Rng, Scale, Series, bar_chart, p50_p99, ratio, write_results};
 
 #[derive(Parser)]
 #[command(about = "Steer's policies over 100 and 1,000 simulated backends, and their cost")]
@@ -468,10 +468,11 @@ fn main() -> ExitCode {
         let plots = [
             (
                 "fleet-latency-p99.png",
-                "Fleet simulation: request latency p99 (virtual s)",
+                "Fleet simulation: request latency p99 (virtual s, log scale)",
                 "p99 latency, s",
                 groups.clone(),
                 by_policy(&|s| s.latency.1),
+                Scale::Log,
             ),
             (
                 "fleet-spread.png",
@@ -479,6 +480,7 @@ fn main() -> ExitCode {
                 "max / mean in-flight",
                 groups,
                 by_policy(&|s| s.max_over_mean),
+                Scale::Linear,
             ),
             (
                 "fleet-choice-cost.png",
@@ -486,10 +488,11 @@ fn main() -> ExitCode {
                 "ns per choice",
                 sizes.iter().map(|m| format!("{m} backends")).collect(),
                 cost_series,
+                Scale::Linear,
             ),
         ];
-        for (file, title, y, groups, series) in plots {
-            if let Err(e) = bar_chart(&dir.join(file), title, y, &groups, &series, None) {
+        for (file, title, y, groups, series, scale) in plots {
+            if let Err(e) = bar_chart(&dir.join(file), title, y, &groups, &series, None, scale) {
                 eprintln!("steer-bench-fleet: {e}");
                 return ExitCode::FAILURE;
             }
