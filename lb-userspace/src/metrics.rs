@@ -1,8 +1,9 @@
-//! `GET /metrics`: backends, services and supervised instances in the Prometheus text format
-//! (0.0.4), encoded by `prometheus-client`.
+//! `GET /metrics`: backends, services, userspace proxies and supervised instances in the
+//! Prometheus text format (0.0.4), encoded by `prometheus-client`.
 //!
-//! Nothing is kept between scrapes: each one takes a table snapshot and every instance's status
-//! and encodes them as const metrics, so values are as fresh as the kernel's counters. Backend
+//! Nothing is kept between scrapes: each one takes a table snapshot, every proxy's counters and
+//! wait histogram (kept by its gate) and every instance's status and encodes them, so values are
+//! as fresh as the kernel's counters. Backend
 //! counters count from the moment the backend got its id (the table rebases them), so a backend
 //! removed and added again at the same id starts its series over from zero, which Prometheus
 //! reads as a counter reset; service counters run for as long as the agent's maps live.

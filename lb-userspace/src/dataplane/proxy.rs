@@ -4,13 +4,14 @@
 //! [`Routes`] and claims capacity in the same [`ConnCounts`] the kernel reads, so both paths share
 //! one count per backend.
 //!
-//! A connection that finds no backend with room waits in the service's FIFO queue. Releasing a
-//! proxied connection and every table change wake the queue at once; a flow the kernel ends
+//! A connection (http: a request) that finds no backend with room waits in the service's FIFO
+//! queue. Releasing a claim and every table change wake the queue at once; a flow the kernel ends
 //! changes only the shared counter, which nothing can wait on, so waiters also look again every
 //! [`KERNEL_RELEASE_TICK`].
 //!
 //! `mode = "l4"` carries each connection whole to one backend; `mode = "http"` ([`super::http`])
-//! parses HTTP/1.1 and admits each request on its own through the same [`Gate`].
+//! parses HTTP/1.1 and admits each request on its own through the same [`Gate`]. XDP never steers
+//! an http service ([`HttpUnsteered`]), so all its connections reach the listener.
 //!
 //! The listener binds with `IP_FREEBIND`, so a VIP that is not (yet) a local address can be
 //! bound without privileges. For SYNs from other hosts (passed by XDP, or every one without it)
