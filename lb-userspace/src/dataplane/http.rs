@@ -9,8 +9,10 @@
 //! frame (server-sent events arrive as they are produced).
 //!
 //! Backend connections are kept alive in a [`Pool`]. llama-server closes the connection after a
-//! streamed answer although it announced keep-alive; a request that fails on a reused connection
-//! before any response came is sent again on a new one, so the client never sees that.
+//! streamed answer although it announced keep-alive; a request that a reused connection failed
+//! before any response came is sent again on a new one when it was never written (hyper hands it
+//! back) or its method is idempotent, so the client never sees that; a POST the backend may have
+//! read is not run twice: it gets 502.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -26,7 +28,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
@@ -42,7 +44,10 @@ pub async fn serve_connection(gate: Arc<Gate>, pool: Arc<Pool>, client: TcpStrea
         let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
         async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
     });
+    // The timer enables hyper's header read timeout (30 s): a client that never finishes its
+    // request head, or sits idle that long between requests, is closed.
     if let Err(error) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(client), service)
         .await
     {
@@ -210,7 +215,7 @@ async fn forward<B: ClientBody>(
                     ),
                 ));
             }
-            Err(Failed::Broken(error)) => {
+            Err(Failed::Broken(error) | Failed::Unsent(error)) => {
                 return Err(refused(
                     Refusal::BadGateway,
                     format!("backend {address} of service `{service}` failed: {error}"),
@@ -231,7 +236,10 @@ async fn forward<B: ClientBody>(
 enum Failed {
     /// Before anything was sent: another backend may take it.
     Connect(String),
+    /// The connection ended before the request was written: it may be sent again.
+    Unsent(hyper::Error),
     ResponseTimeout,
+    /// After (part of) the request was written: the backend may have acted on it.
     Broken(hyper::Error),
 }
 
@@ -246,13 +254,23 @@ async fn exchange(
     if let Some(mut upstream) = pool.take(address).await {
         match send(&mut upstream, outgoing, response_timeout).await {
             Ok(response) => return Ok((response, upstream)),
-            // The backend had closed it (llama-server does after a stream): try a new one.
-            Err(Failed::Broken(error)) => debug!(%error, "a pooled connection failed"),
+            // The backend had closed it (llama-server does after a stream): try a new one, if
+            // the request never left or repeating it is harmless.
+            Err(Failed::Unsent(error)) => debug!(%error, "a pooled connection was closed"),
+            Err(Failed::Broken(error)) if outgoing.parts.method.is_idempotent() => {
+                debug!(%error, "a pooled connection failed");
+            }
             Err(other) => return Err(other),
         }
     }
     let mut upstream = Upstream::connect(address, response_timeout).await?;
-    let response = send(&mut upstream, outgoing, response_timeout).await?;
+    let response = send(&mut upstream, outgoing, response_timeout)
+        .await
+        .map_err(|failed| match failed {
+            // Closed before it took anything: as good as refused.
+            Failed::Unsent(error) => Failed::Connect(error.to_string()),
+            other => other,
+        })?;
     Ok((response, upstream))
 }
 
@@ -261,13 +279,14 @@ async fn send(
     outgoing: &Outgoing,
     response_timeout: Duration,
 ) -> Result<Response<Incoming>, Failed> {
-    tokio::time::timeout(
-        response_timeout,
-        upstream.sender.send_request(outgoing.request()),
-    )
-    .await
-    .map_err(|_| Failed::ResponseTimeout)?
-    .map_err(Failed::Broken)
+    let sent = upstream.sender.try_send_request(outgoing.request());
+    match tokio::time::timeout(response_timeout, sent).await {
+        Ok(Ok(response)) => Ok(response),
+        // hyper hands the request back when it never wrote it.
+        Ok(Err(error)) if error.message().is_some() => Err(Failed::Unsent(error.into_error())),
+        Ok(Err(error)) => Err(Failed::Broken(error.into_error())),
+        Err(_) => Err(Failed::ResponseTimeout),
+    }
 }
 
 /// The client's response: the backend's head without hop-by-hop headers, its body passed on.
@@ -572,6 +591,127 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), closed)
             .await
             .expect("the backend saw its connection closed");
+    }
+
+    /// A backend that answers the first request of each connection (keep-alive) and reads the
+    /// second, then closes without answering. Returns the request lines it read.
+    async fn second_request_dropping_backend() -> (SocketAddrV4, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
+            unreachable!("bound to IPv4")
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let lines = Arc::clone(&lines);
+                tokio::spawn(async move {
+                    for answer in [true, false] {
+                        // A whole bodyless request arrives in one read on loopback.
+                        let mut request = [0u8; 4096];
+                        let Ok(n @ 1..) = stream.read(&mut request).await else {
+                            return;
+                        };
+                        let text = String::from_utf8_lossy(&request[..n]);
+                        let line = text.lines().next().unwrap_or_default().to_owned();
+                        lines
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(line);
+                        if answer {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            let _ = stream.write_all(ok).await;
+                        }
+                    }
+                });
+            }
+        });
+        (address, seen)
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_lost_after_sending_repeats_only_idempotent_requests() {
+        let (backend, seen) = second_request_dropping_backend().await;
+        let (gate, _counts, _table) = http_gate(backend);
+        let pool = Arc::new(Pool::default());
+        // Read to the end, so the connection goes back to the pool.
+        let status = async |response: Response<ProxyBody>| {
+            let status = response.status();
+            response.into_body().collect().await.expect("the body");
+            status
+        };
+        let post = || {
+            Request::post("/v1/chat/completions")
+                .body(Full::new(Bytes::new()))
+                .expect("a request")
+        };
+        assert_eq!(
+            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            200
+        );
+        // Read by the backend on the pooled connection, then lost: a POST is not sent twice.
+        let lost = handle(&gate, &pool, Ipv4Addr::LOCALHOST, post()).await;
+        assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
+        let body = lost
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("bad_gateway"),
+            "{body:?}"
+        );
+        assert_eq!(
+            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            200
+        );
+        // The same loss for a GET: sent again on a new connection, and answered.
+        assert_eq!(
+            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            200
+        );
+        let lines = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let get_line = "GET /v1/chat/completions HTTP/1.1";
+        let post_line = "POST /v1/chat/completions HTTP/1.1";
+        assert_eq!(
+            lines,
+            [get_line, post_line, get_line, get_line, get_line],
+            "the POST once, the lost GET twice"
+        );
+    }
+
+    /// A client that never finishes its request head is closed by hyper's header read timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_head_is_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (backend, _seen) = chunked_backend(1).await;
+        let (gate, _counts, _table) = http_gate(backend);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let front = listener.local_addr().expect("address");
+        let mut client = TcpStream::connect(front).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let started = tokio::time::Instant::now();
+        let served = tokio::spawn(serve_connection(
+            gate,
+            Arc::new(Pool::default()),
+            accepted,
+            Ipv4Addr::LOCALHOST,
+        ));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a head");
+        served.await.expect("the connection task");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert!(!String::from_utf8_lossy(&rest).contains("200"), "no answer");
     }
 
     /// A request body that fails after `sent` bytes: a client gone mid-upload.
