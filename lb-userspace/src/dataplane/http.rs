@@ -8,11 +8,12 @@
 //! closed, which makes llama-server stop generating and free its slot. Responses pass frame by
 //! frame (server-sent events arrive as they are produced).
 //!
-//! Backend connections are kept alive in a [`Pool`]. llama-server closes the connection after a
-//! streamed answer although it announced keep-alive; a request that a reused connection failed
-//! before any response came is sent again on a new one when it was never written (hyper hands it
-//! back) or its method is idempotent, so the client never sees that; a POST the backend may have
-//! read is not run twice: it gets 502.
+//! Backend connections are kept alive in a [`Pool`] after answers of declared length.
+//! llama-server closes the connection after a streamed (chunked) answer although it announced
+//! keep-alive, so those connections are closed rather than pooled. A request that a reused
+//! connection failed before any response came is sent again on a new one when it was never
+//! written (hyper hands it back) or its method is idempotent; a POST the backend may have read
+//! is not run twice: it gets 502.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -299,6 +300,7 @@ fn pass(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body = Passed {
+        reusable: body.size_hint().exact().is_some(),
         body,
         ended: false,
         held: Some((upstream, lease)),
@@ -424,6 +426,11 @@ impl Pool {
 /// connection is closed.
 pub struct Passed {
     body: Incoming,
+    /// The answer declared its length. One that did not (chunked: a streamed chat completion)
+    /// does not go back to the pool: llama-server closes the connection after it, and a request
+    /// sent there in the moment before that FIN arrives would be lost, where a POST may not be
+    /// sent again.
+    reusable: bool,
     /// The body's end was read (`is_end_stream` stays false after a chunked body's end).
     ended: bool,
     held: Option<(Upstream, Lease)>,
@@ -434,7 +441,7 @@ impl Passed {
     fn finish(&mut self) {
         if let Some((upstream, lease)) = self.held.take() {
             // An empty body may never be polled.
-            if self.ended || self.body.is_end_stream() {
+            if self.reusable && (self.ended || self.body.is_end_stream()) {
                 self.pool.put(upstream);
             }
             drop(lease);
@@ -559,7 +566,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_chunked_answer_read_to_the_end_frees_the_claim_and_keeps_the_connection() {
+    async fn a_chunked_answer_read_to_the_end_frees_the_claim_and_its_connection() {
         let (backend, seen) = chunked_backend(3).await;
         let (gate, counts, _table) = http_gate(backend);
         let pool = Arc::new(Pool::default());
@@ -571,7 +578,13 @@ mod tests {
             assert_eq!(body.to_bytes(), "data: x\n\n".repeat(3));
             assert_eq!(counts.get(0), 0, "released at the body's end");
         }
-        assert_eq!(seen.0.load(Ordering::SeqCst), 1, "one pooled connection");
+        // Not pooled: llama-server closes after a streamed answer (a declared length is; see
+        // a_reused_connection_lost_after_sending_repeats_only_idempotent_requests).
+        assert_eq!(
+            seen.0.load(Ordering::SeqCst),
+            2,
+            "a connection per chunked answer"
+        );
     }
 
     #[tokio::test]
