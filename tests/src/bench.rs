@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Once,
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -155,19 +155,18 @@ pub enum PlotError {
 }
 
 fn register_sans() -> Result<(), PlotError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = std::fs::read(FONT)
-            .map_err(|e| PlotError::Font(e.to_string()))
-            .and_then(|bytes| {
-                // Registered fonts must live for the whole process.
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                register_font("sans-serif", FontStyle::Normal, bytes)
-                    .map_err(|_| PlotError::Font("not a TrueType font".to_owned()))
-            });
-    });
-    result
+    // Registered once per process; every later call sees the first call's outcome.
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let bytes = std::fs::read(FONT).map_err(|e| e.to_string())?;
+            // Registered fonts must live for the whole process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| "not a TrueType font".to_owned())
+        })
+        .clone()
+        .map_err(PlotError::Font)
 }
 
 /// One coloured series of a bar chart: a value per group (NaN: no bar).
