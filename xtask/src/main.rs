@@ -48,8 +48,9 @@ enum Task {
     /// Bring up a client and the load balancer in network namespaces; the agent supervises two
     /// llama-servers and balances chats over them (needs root).
     Demo,
-    /// Run the benchmarks (needs root): the XDP program's cost per packet beside an empty
-    /// program; results in bench/results/.
+    /// Run the benchmarks (needs root), each beside a baseline of the same run: XDP cost per
+    /// packet, end to end against direct/HAProxy/nginx, the l4 relay, balancing quality on
+    /// llama.cpp, a fleet simulation; results in bench/results/, plots in docs/img/.
     Bench {
         /// A short smoke of the harness; its figures are not measurements.
         #[arg(long)]
