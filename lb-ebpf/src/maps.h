@@ -136,6 +136,18 @@ struct {
 	__uint(max_entries, STEER_MAX_BACKENDS);
 } backend_routes SEC(".maps");
 
+/* Kernel-only, index backend id: where the backend's next SNAT port search
+ * starts. Ports are handed out in order, so each comes back as late as the
+ * range allows: a backend that closed first keeps the tuple in TIME_WAIT
+ * (60 s), and refuses a SYN on it whose timestamps are older, as another
+ * client's may be. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, STEER_MAX_BACKENDS);
+} snat_cursor SEC(".maps");
+
 /* Key: ifindex of an interface Steer is attached to. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -14,8 +14,7 @@ enum {
 	 * work with forwarding off on the interfaces it serves. lo forwards
 	 * nothing of theirs (the agent turns on its forwarding flag alone). */
 	STEER_FIB_IFINDEX = 1,
-	/* A taken port costs one lookup, so a nearly full range still finds
-	 * its free ports (at 90% taken, 64 tries miss 1 SYN in 800). */
+	/* Ports tried from a backend's cursor on (a taken one costs a lookup). */
 	STEER_SNAT_PORT_TRIES = 64,
 };
 
@@ -145,24 +144,29 @@ static __always_inline void hold_closed_tuple(const struct steer_flow_fwd *flow,
 	rev->last_seen_ns = now;
 }
 
-/* Claim a source port towards a remote backend whose reply tuple is free. */
-static __always_inline int claim_snat_port(__be32 backend_addr, __be16 backend_port,
-					   __be32 snat_addr, const struct steer_flow_rev *rev,
-					   __be16 *snat_port)
+/* Claim a source port towards a remote backend whose reply tuple is free,
+ * the first one from the backend's cursor on. */
+static __always_inline int claim_snat_port(__u32 backend_id, __be32 backend_addr,
+					   __be16 backend_port, __be32 snat_addr,
+					   const struct steer_flow_rev *rev, __be16 *snat_port)
 {
 	__u32 range = (__u32)snat_port_max - snat_port_min + 1;
-	__u32 start = bpf_get_prandom_u32(), i;
+	__u32 *cursor = bpf_map_lookup_elem(&snat_cursor, &backend_id);
+	__u32 start, i;
 
-	if (snat_port_max < snat_port_min)
+	if (!cursor || snat_port_max < snat_port_min)
 		return -1;
+	start = READ_ONCE(*cursor);
 	for (i = 0; i < STEER_SNAT_PORT_TRIES; i++) {
 		__be16 port = bpf_htons(snat_port_min + (start + i) % range);
 
 		if (claim_reply_tuple(backend_addr, backend_port, snat_addr, port, rev) == 0) {
+			__sync_fetch_and_add(cursor, i + 1);
 			*snat_port = port;
 			return 0;
 		}
 	}
+	__sync_fetch_and_add(cursor, STEER_SNAT_PORT_TRIES);
 	return -1;
 }
 

@@ -199,7 +199,8 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	} else {
 		flow.hop = route->hop;
 		flow.snat_addr = route->snat_addr;
-		claimed = claim_snat_port(b->addr, b->port, flow.snat_addr, &rev, &flow.snat_port);
+		claimed = claim_snat_port(id, b->addr, b->port, flow.snat_addr, &rev,
+					  &flow.snat_port);
 	}
 	if (claimed) {
 		return_connection(id);

@@ -326,8 +326,8 @@ fn flows_follow_next_hop_changes_within_a_second() {
     });
 }
 
-/// The port search tries 64 ports in a row from a random one, so a range of 64 fills to its
-/// last port, and the next SYN is passed.
+/// The port search tries 64 ports in a row, so a range of 64 fills to its last port, and the
+/// next SYN is passed.
 #[test]
 fn a_small_snat_range_fills_to_its_last_port() {
     const PORTS: std::ops::RangeInclusive<u16> = 20000..=20063;
@@ -342,6 +342,32 @@ fn a_small_snat_range_fills_to_its_last_port() {
         let refused = Frame::tcp(client(41064), VIP, SYN).build();
         assert_eq!(lab.run(&refused), (XDP_PASS, refused.clone()));
         assert_eq!(lab.counter(counter::NO_SNAT_PORT), 1);
+    });
+}
+
+/// SNAT ports are handed out in order, so a closed flow's port comes back only after every other
+/// port of the range was used (a backend keeps a tuple it closed in TIME_WAIT, where a SYN from
+/// another client may be refused).
+#[test]
+fn snat_ports_are_handed_out_in_order() {
+    const PORTS: std::ops::RangeInclusive<u16> = 20000..=20007;
+    let ns = build_namespace();
+    ns.run(|| {
+        let mut lab = Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 0);
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+        let first = client(42000);
+        let (snat, backend) = lab.forward(first, SYN);
+        lab.reply(backend, snat, FIN | ACK, first);
+        lab.forward(first, FIN | ACK);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let ports: Vec<u16> = (1..=8)
+            .map(|i| lab.forward(client(42000 + i), SYN).0.port())
+            .collect();
+        assert_eq!(snat.port(), 20000);
+        assert_eq!(
+            ports,
+            [20001, 20002, 20003, 20004, 20005, 20006, 20007, 20000]
+        );
     });
 }
 
