@@ -150,6 +150,20 @@ enum steer_flow_flags {
 	STEER_FLOW_LOCAL = 1,
 };
 
+/* How a flow's reply tuple may be reused after the first FIN or RST, and for
+ * how long it stays held from the flow's last packet. */
+enum steer_flow_close {
+	STEER_FLOW_OPEN = 0,
+	/* The client's FIN first, or a reset: held for closed_flow_ns. */
+	STEER_FLOW_CLOSED = 1,
+	/* A new flow is taking the tuple over. */
+	STEER_FLOW_TAKEN = 2,
+	/* The backend's FIN first: it keeps the tuple in TIME_WAIT, where a SYN
+	 * from another client (older TCP timestamps) may be refused, so it is
+	 * held for time_wait_ns. */
+	STEER_FLOW_BACKEND_CLOSED = 3,
+};
+
 /* ct_fwd value, key client -> VIP. For a local flow the source stays the
  * client's own (snat_addr and snat_port hold it unchanged). */
 struct steer_flow_fwd {
@@ -179,9 +193,7 @@ struct steer_flow_rev {
 	/* Also when the next hop was last looked up. */
 	__u64 last_seen_ns;
 	struct steer_next_hop hop;	/* towards the client; found on the first reply */
-	/* 1 once either side sent FIN or RST: quiet for the closed-flow timeout,
-	 * the tuple may go to a new flow (2 while one takes it). */
-	__u32 closed;
+	__u32 closed;		/* enum steer_flow_close */
 	__u32 _pad;
 };
 

@@ -60,6 +60,14 @@ pub mod flow_flags {
     pub const LOCAL: u32 = 1;
 }
 
+/// `enum steer_flow_close`: `FlowRev::closed`.
+pub mod flow_close {
+    pub const OPEN: u32 = 0;
+    pub const CLOSED: u32 = 1;
+    pub const TAKEN: u32 = 2;
+    pub const BACKEND_CLOSED: u32 = 3;
+}
+
 /// `enum steer_event_kind`.
 pub mod event_kind {
     pub const FLOW_OPENED: u32 = 1;
@@ -127,6 +135,15 @@ pub const ENUMS: &[(&str, &[(&str, u32)])] = &[
     (
         "steer_flow_flags",
         &[("STEER_FLOW_LOCAL", flow_flags::LOCAL)],
+    ),
+    (
+        "steer_flow_close",
+        &[
+            ("STEER_FLOW_OPEN", flow_close::OPEN),
+            ("STEER_FLOW_CLOSED", flow_close::CLOSED),
+            ("STEER_FLOW_TAKEN", flow_close::TAKEN),
+            ("STEER_FLOW_BACKEND_CLOSED", flow_close::BACKEND_CLOSED),
+        ],
     ),
     (
         "steer_event_kind",

@@ -25,6 +25,9 @@ const volatile __u16 snat_port_max = 32767;
  * packets of the close never reach a new flow (the agent's closed-flow
  * timeout, after which its expiry deletes the entries). */
 const volatile __u64 closed_flow_ns = 10000000000ULL;
+/* How long a tuple the backend closed first stays held: Linux's TIME_WAIT
+ * (60 s, fixed) and the coarse clock's refresh of last_seen_ns. */
+const volatile __u64 time_wait_ns = 62000000000ULL;
 
 /* Route dst; only interfaces in tx_ports can be the way out. hop is written
  * only on success, so a flow's cached hop stays whole when a lookup fails. */
@@ -92,18 +95,27 @@ static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr
 	key->proto = IPPROTO_TCP;
 }
 
-/* Take over old, the reply tuple of a flow closed and quiet for
- * closed_flow_ns, as the agent's expiry would free it, without waiting for
- * its sweep. The compare-and-swap lets one CPU alone take it. */
+/* Take over old, the reply tuple of a flow closed and quiet for its hold
+ * (closed_flow_ns, or time_wait_ns when the backend closed first), as the
+ * agent's expiry would free it, without waiting for its sweep. The
+ * compare-and-swap lets one CPU alone take it. */
 static __always_inline int reclaim_reply_tuple(const struct steer_flow_key *key,
 					       struct steer_flow_rev *old,
 					       const struct steer_flow_rev *rev)
 {
-	/* Signed: another CPU's clock read may be a tick ahead of ours. */
-	if (READ_ONCE(old->closed) != 1 ||
-	    (__s64)(rev->last_seen_ns - READ_ONCE(old->last_seen_ns)) <= (__s64)closed_flow_ns)
+	__u32 closed = READ_ONCE(old->closed);
+	__u64 hold;
+
+	if (closed == STEER_FLOW_CLOSED)
+		hold = closed_flow_ns;
+	else if (closed == STEER_FLOW_BACKEND_CLOSED)
+		hold = time_wait_ns;
+	else
 		return -1;
-	if (__sync_val_compare_and_swap(&old->closed, 1, 2) != 1)
+	/* Signed: another CPU's clock read may be a tick ahead of ours. */
+	if ((__s64)(rev->last_seen_ns - READ_ONCE(old->last_seen_ns)) <= (__s64)hold)
+		return -1;
+	if (__sync_val_compare_and_swap(&old->closed, closed, STEER_FLOW_TAKEN) != closed)
 		return -1;
 	return bpf_map_update_elem(&ct_rev, key, rev, BPF_EXIST);
 }
@@ -139,8 +151,8 @@ static __always_inline void hold_closed_tuple(const struct steer_flow_fwd *flow,
 	if (!rev || rev->client_addr != pkt->ip->saddr || rev->client_port != pkt->tcp->source ||
 	    rev->vip != pkt->ip->daddr || rev->vip_port != pkt->tcp->dest)
 		return;
-	if (READ_ONCE(rev->closed) == 0)
-		rev->closed = 1;
+	if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN)
+		rev->closed = STEER_FLOW_CLOSED;
 	rev->last_seen_ns = now;
 }
 

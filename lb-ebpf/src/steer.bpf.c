@@ -30,6 +30,7 @@ const volatile struct steer_abi_anchor {
 	enum steer_counter counter;
 	enum steer_event_kind event_kind;
 	enum steer_flow_flags flow_flags;
+	enum steer_flow_close flow_close;
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
 
@@ -77,8 +78,9 @@ static __always_inline void track_reply(const struct packet *pkt, struct steer_f
 		struct steer_flow_key key;
 		struct steer_flow_fwd *flow;
 
-		if (READ_ONCE(rev->closed) == 0)
-			rev->closed = 1;
+		/* The side that closes first keeps TIME_WAIT. */
+		if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN)
+			rev->closed = pkt->tcp->rst ? STEER_FLOW_CLOSED : STEER_FLOW_BACKEND_CLOSED;
 		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
 		flow = bpf_map_lookup_elem(&ct_fwd, &key);
 		if (flow && flow->backend_id == rev->backend_id)

@@ -134,18 +134,21 @@ impl Lab {
         Lab::load_from(&mut loader, policy)
     }
 
-    /// Like [`Lab::load`], with a small SNAT port range and the given closed-flow timeout, so
-    /// tests can fill the range and watch reply tuples being held and taken over.
+    /// Like [`Lab::load`], with a small SNAT port range and the given holds of a closed flow's
+    /// reply tuple (closed first by the client, by the backend), so tests can fill the range and
+    /// watch reply tuples being held and taken over.
     pub fn load_snat_ports(
         policy: u32,
         ports: std::ops::RangeInclusive<u16>,
         closed_flow_ns: u64,
+        time_wait_ns: u64,
     ) -> Lab {
         let mut loader = EbpfLoader::new();
         loader
             .override_global("snat_port_min", ports.start(), true)
             .override_global("snat_port_max", ports.end(), true)
-            .override_global("closed_flow_ns", &closed_flow_ns, true);
+            .override_global("closed_flow_ns", &closed_flow_ns, true)
+            .override_global("time_wait_ns", &time_wait_ns, true);
         Lab::load_from(&mut loader, policy)
     }
 

@@ -333,7 +333,8 @@ fn a_small_snat_range_fills_to_its_last_port() {
     const PORTS: std::ops::RangeInclusive<u16> = 20000..=20063;
     let ns = build_namespace();
     ns.run(|| {
-        let mut lab = Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 10_000_000_000);
+        let mut lab =
+            Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 10_000_000_000, 62_000_000_000);
         lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
         let ports: std::collections::HashSet<u16> = (0..64)
             .map(|i| lab.forward(client(41000 + i), SYN).0.port())
@@ -353,7 +354,7 @@ fn snat_ports_are_handed_out_in_order() {
     const PORTS: std::ops::RangeInclusive<u16> = 20000..=20007;
     let ns = build_namespace();
     ns.run(|| {
-        let mut lab = Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 0);
+        let mut lab = Lab::load_snat_ports(policy::ROUND_ROBIN, PORTS, 0, 0);
         lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
         let first = client(42000);
         let (snat, backend) = lab.forward(first, SYN);
@@ -372,45 +373,75 @@ fn snat_ports_are_handed_out_in_order() {
 }
 
 /// With one SNAT port, a closed flow's reply tuple stays its own while packets of the close come
-/// and for the closed-flow timeout after the last, then a new flow takes it over; an open
-/// flow's tuple is never taken.
+/// and for its hold after the last, then a new flow takes it over; an open flow's tuple is never
+/// taken. The hold is the closed-flow timeout when the client closes first, and the backend's
+/// TIME_WAIT when the backend does (it could refuse another client's SYN on the tuple).
 #[test]
-fn closed_flows_reply_tuple_is_taken_over_after_the_closed_timeout() {
+fn closed_flows_reply_tuple_is_taken_over_after_its_hold() {
+    use std::{thread::sleep, time::Duration};
     const PORT: u16 = 20000;
-    const CLOSED: std::time::Duration = std::time::Duration::from_secs(2);
+    const CLOSED: Duration = Duration::from_secs(2);
+    const TIME_WAIT: Duration = Duration::from_secs(4);
     let ns = build_namespace();
     ns.run(|| {
-        let mut lab =
-            Lab::load_snat_ports(policy::ROUND_ROBIN, PORT..=PORT, CLOSED.as_nanos() as u64);
-        // Ring [0]: every flow goes to the same backend, so all want the same tuple.
-        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
-        let (first, second, third) = (client(40800), client(40801), client(40802));
-        let (snat, backend) = lab.forward(first, SYN);
-        assert_eq!(snat.port(), PORT);
-        let refused = Frame::tcp(second, VIP, SYN).build();
-        assert_eq!(
-            lab.run(&refused),
-            (XDP_PASS, refused.clone()),
-            "open flow's tuple"
-        );
+        for backend_first in [false, true] {
+            let mut lab = Lab::load_snat_ports(
+                policy::ROUND_ROBIN,
+                PORT..=PORT,
+                CLOSED.as_nanos() as u64,
+                TIME_WAIT.as_nanos() as u64,
+            );
+            // Ring [0]: every flow goes to the same backend, so all want the same tuple.
+            lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+            let (first, second, third) = (client(40800), client(40801), client(40802));
+            let (snat, backend) = lab.forward(first, SYN);
+            assert_eq!(snat.port(), PORT);
+            let refused = Frame::tcp(second, VIP, SYN).build();
+            assert_eq!(
+                lab.run(&refused),
+                (XDP_PASS, refused.clone()),
+                "open flow's tuple"
+            );
 
-        lab.reply(backend, snat, FIN | ACK, first);
-        assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
-        std::thread::sleep(CLOSED / 2);
-        // The last ACK of the close holds the tuple for the whole timeout again.
-        assert_eq!(lab.forward(first, ACK), (snat, backend));
-        std::thread::sleep(CLOSED * 2 / 3);
-        assert_eq!(
-            lab.run(&refused),
-            (XDP_PASS, refused.clone()),
-            "held after the close"
-        );
-        assert_eq!(lab.counter(counter::NO_SNAT_PORT), 2);
-
-        std::thread::sleep(CLOSED * 3 / 4);
-        assert_eq!(lab.forward(third, SYN), (snat, backend), "taken over");
-        lab.reply(backend, snat, SYN | ACK, third);
-        assert_eq!(lab.conns(0), 1, "the first flow released its count once");
+            if backend_first {
+                lab.reply(backend, snat, FIN | ACK, first);
+                assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
+            } else {
+                assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
+                lab.reply(backend, snat, FIN | ACK, first);
+            }
+            sleep(CLOSED / 2);
+            // The last ACK of the close holds the tuple for the whole hold again.
+            assert_eq!(lab.forward(first, ACK), (snat, backend));
+            let last_ack = std::time::Instant::now();
+            sleep(CLOSED * 2 / 3);
+            assert_eq!(
+                lab.run(&refused),
+                (XDP_PASS, refused.clone()),
+                "held after the close (backend first: {backend_first})"
+            );
+            let mut refusals = 2;
+            if backend_first {
+                sleep(CLOSED * 3 / 4);
+                assert_eq!(
+                    lab.run(&refused),
+                    (XDP_PASS, refused.clone()),
+                    "past the closed timeout, still in the backend's TIME_WAIT"
+                );
+                refusals += 1;
+                sleep((TIME_WAIT + CLOSED / 4).saturating_sub(last_ack.elapsed()));
+            } else {
+                sleep(CLOSED * 3 / 4);
+            }
+            assert_eq!(lab.counter(counter::NO_SNAT_PORT), refusals);
+            assert_eq!(
+                lab.forward(third, SYN),
+                (snat, backend),
+                "taken over (backend first: {backend_first})"
+            );
+            lab.reply(backend, snat, SYN | ACK, third);
+            assert_eq!(lab.conns(0), 1, "the first flow released its count once");
+        }
     });
 }
 

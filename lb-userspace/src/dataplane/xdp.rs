@@ -37,6 +37,10 @@ const PROGRAM: &str = "steer_xdp";
 /// Undoes the destination NAT of local backends on their replies.
 const EGRESS_PROGRAM: &str = "steer_tc_egress";
 /// How long the connect that resolves a new backend's neighbour may take.
+/// How long a reply tuple the backend closed first stays held before its SNAT port is used
+/// again: Linux backends keep it in TIME_WAIT for 60 s (fixed) and may refuse a SYN on it from
+/// another client, whose TCP timestamps can be older; 2 s more for the coarse clock.
+const BACKEND_TIME_WAIT: std::time::Duration = std::time::Duration::from_secs(62);
 const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
 /// routes up as if from lo (see nat.h): lo needs it on, while the data interfaces keep theirs.
@@ -150,11 +154,13 @@ impl Xdp {
         // The kernel takes over a closed flow's reply tuple after the same time expiry frees it.
         let closed_flow_ns =
             u64::try_from(options.closed_flow_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let time_wait_ns = u64::try_from(BACKEND_TIME_WAIT.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("snat_port_min", options.snat_ports.start(), true)
             .override_global("snat_port_max", options.snat_ports.end(), true)
             .override_global("flow_events", &flow_events, true)
             .override_global("closed_flow_ns", &closed_flow_ns, true)
+            .override_global("time_wait_ns", &time_wait_ns, true)
             .map_max_entries("ct_fwd", options.conntrack_entries)
             .map_max_entries("ct_rev", options.conntrack_entries)
             .load(lb_ebpf::steer_bpf())
@@ -190,7 +196,11 @@ impl Xdp {
             ct_rev,
             backends_for_expiry,
             Arc::clone(&conns),
-            expiry::Timeouts::new(options.flow_idle_timeout, options.closed_flow_timeout),
+            expiry::Timeouts::new(
+                options.flow_idle_timeout,
+                options.closed_flow_timeout,
+                BACKEND_TIME_WAIT,
+            ),
         );
         let tasks = vec![
             tokio::spawn(events::run(events)).abort_handle(),

@@ -11,7 +11,7 @@
 use std::{io, os::fd::AsFd, sync::Arc, time::Duration};
 
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
-use lb_common::{Backend, FlowFwd, FlowKey, FlowRev};
+use lb_common::{Backend, FlowFwd, FlowKey, FlowRev, flow_close};
 
 use super::sys;
 use crate::dataplane::conns::ConnCounts;
@@ -27,14 +27,27 @@ const BPF_NOEXIST: u64 = 1;
 pub(super) struct Timeouts {
     pub(super) idle_ns: u64,
     pub(super) closed_ns: u64,
+    /// A reply tuple the backend closed first: its TIME_WAIT (the kernel's `time_wait_ns`).
+    pub(super) time_wait_ns: u64,
 }
 
 impl Timeouts {
-    pub(super) fn new(idle: Duration, closed: Duration) -> Self {
+    pub(super) fn new(idle: Duration, closed: Duration, time_wait: Duration) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
             idle_ns: ns(idle),
             closed_ns: ns(closed),
+            time_wait_ns: ns(time_wait),
+        }
+    }
+
+    /// How long a reverse entry stays after its last packet: the kernel's own hold
+    /// (`reclaim_reply_tuple`) once closed, the idle timeout while open.
+    fn rev_hold_ns(&self, rev: &FlowRev) -> u64 {
+        match rev.closed {
+            flow_close::OPEN => self.idle_ns,
+            flow_close::BACKEND_CLOSED => self.time_wait_ns,
+            _ => self.closed_ns,
         }
     }
 }
@@ -66,7 +79,7 @@ pub(super) fn fwd_verdict(
     }
 }
 
-/// A reverse entry outlived its forward entry: idle, and no forward entry points at it.
+/// A reverse entry outlived its forward entry: past its hold, and no forward entry points at it.
 pub(super) fn rev_is_orphan(
     rev: &FlowRev,
     rev_key: &FlowKey,
@@ -74,8 +87,13 @@ pub(super) fn rev_is_orphan(
     now_ns: u64,
     timeouts: Timeouts,
 ) -> bool {
-    now_ns.saturating_sub(rev.last_seen_ns) > timeouts.idle_ns
-        && fwd.is_none_or(|fwd| rev_key_of(fwd) != *rev_key)
+    !rev_is_held(rev, now_ns, timeouts) && fwd.is_none_or(|fwd| rev_key_of(fwd) != *rev_key)
+}
+
+/// A reverse entry still inside its hold: a backend's TIME_WAIT outlasts the closed timeout,
+/// so the entry (and with it the SNAT port) may stay after its forward entry went.
+pub(super) fn rev_is_held(rev: &FlowRev, now_ns: u64, timeouts: Timeouts) -> bool {
+    now_ns.saturating_sub(rev.last_seen_ns) <= timeouts.rev_hold_ns(rev)
 }
 
 /// The `ct_rev` key of a forward entry: backend -> SNAT address and port.
@@ -293,8 +311,10 @@ impl Expiry {
                 source,
             })?;
         let rev_key = rev_key_of(&flow);
+        // A tuple in the backend's TIME_WAIT stays held; the reverse pass deletes it later.
         if let Some(rev) = lookup(&self.ct_rev, &rev_key).map_err(rev_err)?
             && fwd_key_of(&rev) == *key
+            && (rev.closed == flow_close::OPEN || !rev_is_held(&rev, now_ns, self.timeouts))
         {
             match self.ct_rev.remove(&rev_key) {
                 Err(e) if !errno_is(&e, libc::ENOENT) => return Err(rev_err(e)),
@@ -389,7 +409,11 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn timeouts() -> Timeouts {
-        Timeouts::new(Duration::from_secs(300), Duration::from_secs(10))
+        Timeouts::new(
+            Duration::from_secs(300),
+            Duration::from_secs(10),
+            Duration::from_secs(62),
+        )
     }
 
     fn flow(last_seen_s: u64, released: bool) -> FlowFwd {
@@ -497,5 +521,23 @@ mod tests {
         assert!(rev_is_orphan(&rev, &rev_key, Some(&other), 2000 * S, t));
         // Not idle yet.
         assert!(!rev_is_orphan(&rev, &rev_key, None, 1200 * S, t));
+    }
+
+    #[test]
+    fn closed_reverse_entries_are_held_for_the_closed_timeout_or_the_backends_time_wait() {
+        let t = timeouts();
+        let rev_key = rev_key_of(&flow(0, true));
+        let closed = |how| FlowRev {
+            last_seen_ns: 1000 * S,
+            closed: how,
+            ..FlowRev::default()
+        };
+        let by_client = closed(flow_close::CLOSED);
+        assert!(!rev_is_orphan(&by_client, &rev_key, None, 1010 * S, t));
+        assert!(rev_is_orphan(&by_client, &rev_key, None, 1011 * S, t));
+        let by_backend = closed(flow_close::BACKEND_CLOSED);
+        assert!(rev_is_held(&by_backend, 1011 * S, t), "in TIME_WAIT");
+        assert!(!rev_is_orphan(&by_backend, &rev_key, None, 1062 * S, t));
+        assert!(rev_is_orphan(&by_backend, &rev_key, None, 1063 * S, t));
     }
 }
