@@ -27,6 +27,14 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Every policy, in the order reports list them.
+    pub const ALL: [Policy; 4] = [
+        Policy::RoundRobin,
+        Policy::LeastConnections,
+        Policy::Slots,
+        Policy::Maglev,
+    ];
+
     /// The value the kernel reads in `steer_service.policy`.
     pub fn abi(self) -> u32 {
         match self {

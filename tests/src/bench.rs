@@ -1,4 +1,4 @@
-//! What the benchmark binaries share: a seeded random source, percentiles, writing each result
+//! What the benchmark binaries share: their common options, a seeded random source, percentiles, writing each result
 //! set (JSON, its markdown table, PNG plots) atomically, and one bar-chart shape for every plot.
 
 use std::{
@@ -20,6 +20,17 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
     style::{FontStyle, register_font},
 };
+
+/// The options every benchmark binary takes (`#[command(flatten)]`).
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A short run: a smoke of the harness, not a measurement.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the results as JSON (the markdown tables go beside it, `.md`).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
 
 /// SplitMix64: a small deterministic generator, so a simulation with the same seed replays
 /// exactly (no `rand` dependency for one function).

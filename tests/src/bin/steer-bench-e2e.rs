@@ -53,8 +53,8 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        Scale, Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged, stop,
-        write_results,
+        RunArgs, Scale, Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged,
+        stop, write_results,
     },
     netns::{self, NetNs},
     topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
@@ -63,12 +63,8 @@ use tests::{
 #[derive(Parser)]
 #[command(about = "End to end through Steer (XDP, userspace), HAProxy and nginx vs direct")]
 struct Args {
-    /// About 1 s per figure (a smoke of the harness, not a measurement).
-    #[arg(long)]
-    quick: bool,
-    /// Where to write the results as JSON (the markdown tables go beside it, `.md`).
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Where to draw the PNG plots.
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
@@ -988,7 +984,7 @@ fn main() -> ExitCode {
         eprintln!("steer-bench-e2e needs root (network namespaces, XDP): run `cargo xtask bench`");
         return ExitCode::FAILURE;
     }
-    let (secs, idle_secs) = if args.quick { (1, 1) } else { (5, 5) };
+    let (secs, idle_secs) = if args.run.quick { (1, 1) } else { (5, 5) };
     let (cases, skipped, steer) = run(secs, idle_secs);
     let mut md = tables(&cases, &skipped);
     let _ = writeln!(md, "\nSteer XDP's counters after its runs: {steer:?}");
@@ -999,12 +995,12 @@ fn main() -> ExitCode {
         eprintln!("steer-bench-e2e: {e}");
         return ExitCode::FAILURE;
     }
-    if let Some(out) = args.out {
+    if let Some(out) = args.run.out {
         let d = cases.first();
         let json = json!({
             "method": "client, LB and 2 backend namespaces; wrk for rates and bulk, the \
                        benchmark's own open-loop client for latency at a fixed offered load",
-            "quick": args.quick,
+            "quick": args.run.quick,
             "seconds_per_figure": secs,
             "wrk_threads": WRK_THREADS,
             "connections": CONNECTIONS,

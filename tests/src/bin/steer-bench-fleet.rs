@@ -40,28 +40,18 @@ use clap::Parser;
 use lb_common::{MAX_BACKENDS_PER_SERVICE, backend_state};
 use lb_userspace::policy::{BackendView, Policy, ServiceView, choose, maglev_table, rr_ring};
 use serde_json::json;
-use tests::bench::{Rng, Scale, Series, bar_chart, p50_p99, ratio, write_results};
+use tests::bench::{Rng, RunArgs, Scale, Series, bar_chart, p50_p99, ratio, write_results};
 
 #[derive(Parser)]
 #[command(about = "Steer's policies over 100 and 1,000 simulated backends, and their cost")]
 struct Args {
-    /// Few requests and calls (a smoke of the harness, not a measurement).
-    #[arg(long)]
-    quick: bool,
-    /// Where to write the results as JSON (the markdown table goes beside it, `.md`).
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Where to draw the PNG plots.
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
 }
 
-const POLICIES: [Policy; 4] = [
-    Policy::RoundRobin,
-    Policy::LeastConnections,
-    Policy::Slots,
-    Policy::Maglev,
-];
 const FLEETS: [usize; 2] = [100, 1000];
 const SEED: u64 = 0x5745_4552;
 /// Offered load as a share of the fleet's capacity.
@@ -365,20 +355,20 @@ fn choice_cost(policy: Policy, backends: u32, calls: u64) -> (f64, f64) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (requests, calls) = if args.quick {
+    let (requests, calls) = if args.run.quick {
         (4_000, 20_000)
     } else {
         (300_000, 2_000_000)
     };
     let mut sims = Vec::new();
     for &n in &FLEETS {
-        for &policy in &POLICIES {
+        for &policy in &Policy::ALL {
             eprintln!("steer-bench-fleet: {n} backends, {policy}");
             sims.push(simulate(n, policy, requests));
         }
     }
     let sizes = [2u32, 16, 64];
-    let costs: Vec<(Policy, u32, f64, f64)> = POLICIES
+    let costs: Vec<(Policy, u32, f64, f64)> = Policy::ALL
         .iter()
         .flat_map(|&p| sizes.iter().map(move |&m| (p, m)))
         .map(|(p, m)| {
@@ -428,7 +418,7 @@ fn main() -> ExitCode {
     if let Some(dir) = &args.plots {
         let groups: Vec<String> = FLEETS.iter().map(|n| format!("{n} backends")).collect();
         let by_policy = |f: &dyn Fn(&SimResult) -> f64| -> Vec<Series> {
-            POLICIES
+            Policy::ALL
                 .iter()
                 .map(|&p| Series {
                     name: p.to_string(),
@@ -443,7 +433,7 @@ fn main() -> ExitCode {
                 })
                 .collect()
         };
-        let cost_series: Vec<Series> = POLICIES
+        let cost_series: Vec<Series> = Policy::ALL
             .iter()
             .map(|&p| Series {
                 name: p.to_string(),
@@ -499,10 +489,10 @@ fn main() -> ExitCode {
         }
     }
 
-    if let Some(out) = &args.out {
+    if let Some(out) = &args.run.out {
         let json = json!({
             "method": "discrete-event simulation in virtual time driving lb_userspace::policy::choose",
-            "quick": args.quick,
+            "quick": args.run.quick,
             "seed": SEED,
             "model": {
                 "requests_per_run": requests,

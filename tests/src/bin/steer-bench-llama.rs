@@ -40,8 +40,8 @@ use lb_userspace::policy::Policy;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        Rng, Scale, Series, bar_chart, p50_p99, replace_once, spawn_agent, spawn_logged, stop,
-        write_results,
+        Rng, RunArgs, Scale, Series, bar_chart, p50_p99, replace_once, spawn_agent, spawn_logged,
+        stop, write_results,
     },
     llama::{llama_server_path, model_path},
     netns::{self, ChildGuard},
@@ -56,23 +56,13 @@ use tokio::{
 #[derive(Parser)]
 #[command(about = "Steer's policies over three unequal real llama-servers")]
 struct Args {
-    /// A few seconds per policy (a smoke of the harness, not a measurement).
-    #[arg(long)]
-    quick: bool,
-    /// Where to write the results as JSON (the markdown table goes beside it, `.md`).
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
-    /// Where to draw the PNG plot.
+    #[command(flatten)]
+    run: RunArgs,
+    /// Where to draw the PNG plots.
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
 }
 
-const POLICIES: [Policy; 4] = [
-    Policy::RoundRobin,
-    Policy::LeastConnections,
-    Policy::Slots,
-    Policy::Maglev,
-];
 /// (alias, threads, slots) of the three backends, one per backend namespace. One thread each:
 /// a 2-thread server oversubscribed this 2-core VM (its threads wait for each other at every
 /// step) and was the slowest of the three in a trial run, so capacity differs by slots (a
@@ -363,7 +353,7 @@ fn run(secs: u64, drain: Duration, tokens: (u32, u32)) -> Vec<Run> {
         "[service.slots]\ninterval = \"500ms\"\n\n[service.health]\ninterval = \"1s\"\ntimeout = \"900ms\"\n",
     );
     let mut runs = Vec::new();
-    for policy in POLICIES {
+    for policy in Policy::ALL {
         let config = replace_once(
             &base,
             "policy = \"round_robin\"\n",
@@ -433,7 +423,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     // A smoke run: short answers only, cut 3 s after its 2 s.
-    let (secs, drain, tokens) = if args.quick {
+    let (secs, drain, tokens) = if args.run.quick {
         (2, Duration::from_secs(3), (SHORT_TOKENS, 2 * SHORT_TOKENS))
     } else {
         (45, Duration::from_secs(30), (SHORT_TOKENS, LONG_TOKENS))
@@ -466,11 +456,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if let Some(out) = &args.out {
+    if let Some(out) = &args.run.out {
         let json = json!({
             "method": "3 llama-servers in backend namespaces behind Steer XDP; closed-loop \
                        client in the client namespace, one new connection per request",
-            "quick": args.quick,
+            "quick": args.run.quick,
             "seconds_per_policy": secs,
             "drain_seconds": drain.as_secs(),
             "servers": SERVERS.iter().map(|&(alias, threads, slots)| json!({

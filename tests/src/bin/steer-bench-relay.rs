@@ -16,7 +16,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -25,16 +24,13 @@ use clap::Parser;
 use lb_userspace::dataplane::splice;
 use nix::time::{ClockId, clock_gettime};
 use serde_json::json;
+use tests::bench::RunArgs;
 
 #[derive(Parser)]
 #[command(about = "Splice relay beside a userspace copy, over loopback")]
 struct Args {
-    /// Fewer, smaller runs (a smoke of the harness, not a measurement).
-    #[arg(long)]
-    quick: bool,
-    /// Where to write the results as JSON.
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -159,7 +155,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (bytes, runs) = if args.quick {
+    let (bytes, runs) = if args.run.quick {
         (64 << 20, 1)
     } else {
         (4 << 30, 5)
@@ -195,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     println!("{table}");
-    if let Some(out) = args.out {
+    if let Some(out) = args.run.out {
         let json = json!({
             "bytes": bytes,
             "runs": runs,

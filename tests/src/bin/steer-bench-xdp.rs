@@ -17,7 +17,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
-    path::PathBuf,
     process::ExitCode,
 };
 
@@ -30,6 +29,7 @@ use clap::Parser;
 use lb_common::{FlowFwd, FlowKey, FlowRev, backend_state, policy};
 use serde_json::json;
 use tests::{
+    bench::RunArgs,
     lab::{BACKENDS, LB_BACKEND_SIDE, Lab, VIP, build_namespace, client, ne},
     netns,
     packet::{ACK, Frame, SYN},
@@ -39,12 +39,8 @@ use tests::{
 #[derive(Parser)]
 #[command(about = "Per-packet cost of Steer's XDP program beside an empty one")]
 struct Args {
-    /// Fewer runs per figure (a smoke of the harness, not a measurement).
-    #[arg(long)]
-    quick: bool,
-    /// Where to write the results as JSON.
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// Conntrack capacity in the benchmark, so filling it takes seconds.
@@ -154,7 +150,7 @@ fn main() -> ExitCode {
         eprintln!("steer-bench-xdp needs root (BPF, network namespaces): run `cargo xtask bench`");
         return ExitCode::FAILURE;
     }
-    let runs: u32 = if args.quick { 500 } else { 20_000 };
+    let runs: u32 = if args.run.quick { 500 } else { 20_000 };
     // Held for the whole run: the kernel counts run time only while statistics are on.
     let _stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(fd) => fd,
@@ -166,7 +162,7 @@ fn main() -> ExitCode {
     let ns = build_namespace();
     let figures = ns.run(|| measure(runs));
     print_table(&figures);
-    if let Some(out) = args.out {
+    if let Some(out) = args.run.out {
         let json = json!({
             "method": "BPF_PROG_TEST_RUN, repeat 1, run_time_ns / run_cnt with BPF_ENABLE_STATS",
             "runs_per_figure": runs,
