@@ -153,6 +153,26 @@ pub fn write_results(out: &Path, json: &serde_json::Value, markdown: &str) -> st
     write_atomic(&out.with_extension("md"), markdown.as_bytes())
 }
 
+/// [`write_results`] for the benchmark binary `bin`: success, or the error on stderr and a
+/// failing exit status.
+pub fn save_results(
+    bin: &str,
+    out: &Path,
+    json: &serde_json::Value,
+    markdown: &str,
+) -> std::process::ExitCode {
+    match write_results(out, json, markdown) {
+        Ok(()) => {
+            eprintln!("{bin}: wrote {}", out.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{bin}: writing {}: {e}", out.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The TTF the plots' text is drawn with (Debian `fonts-dejavu-core`, installed by
 /// `cargo xtask deps`): plotters' `ab_glyph` backend reads no system font configuration.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";

@@ -53,8 +53,8 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        RunArgs, Scale, Series, bar_chart, p50_p99, ratio, replace_once, spawn_agent, spawn_logged,
-        stop, write_results,
+        RunArgs, Scale, Series, bar_chart, p50_p99, ratio, replace_once, save_results, spawn_agent,
+        spawn_logged, stop,
     },
     netns::{self, NetNs},
     topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
@@ -1042,11 +1042,7 @@ fn main() -> ExitCode {
                 })
             }).collect::<Vec<_>>(),
         });
-        if let Err(e) = write_results(&out, &json, &md) {
-            eprintln!("steer-bench-e2e: writing {}: {e}", out.display());
-            return ExitCode::FAILURE;
-        }
-        println!("\nwrote {}", out.display());
+        return save_results("steer-bench-e2e", &out, &json, &md);
     }
     ExitCode::SUCCESS
 }

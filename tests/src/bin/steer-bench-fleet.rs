@@ -40,7 +40,7 @@ use clap::Parser;
 use lb_common::{MAX_BACKENDS_PER_SERVICE, backend_state};
 use lb_userspace::policy::{BackendView, Policy, ServiceView, choose, maglev_table, rr_ring};
 use serde_json::json;
-use tests::bench::{Rng, RunArgs, Scale, Series, bar_chart, p50_p99, ratio, write_results};
+use tests::bench::{Rng, RunArgs, Scale, Series, bar_chart, p50_p99, ratio, save_results};
 
 #[derive(Parser)]
 #[command(about = "Steer's policies over 100 and 1,000 simulated backends, and their cost")]
@@ -529,11 +529,7 @@ fn main() -> ExitCode {
                 "ratio_to_trivial": ratio(real, trivial),
             })).collect::<Vec<_>>(),
         });
-        if let Err(e) = write_results(out, &json, &md) {
-            eprintln!("steer-bench-fleet: writing {}: {e}", out.display());
-            return ExitCode::FAILURE;
-        }
-        println!("wrote {}", out.display());
+        return save_results("steer-bench-fleet", out, &json, &md);
     }
     ExitCode::SUCCESS
 }

@@ -40,8 +40,8 @@ use lb_userspace::policy::Policy;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        Rng, RunArgs, Scale, Series, bar_chart, p50_p99, replace_once, spawn_agent, spawn_logged,
-        stop, write_results,
+        Rng, RunArgs, Scale, Series, bar_chart, p50_p99, replace_once, save_results, spawn_agent,
+        spawn_logged, stop,
     },
     llama::{llama_server_path, model_path},
     netns::{self, ChildGuard},
@@ -489,11 +489,7 @@ fn main() -> ExitCode {
                 "by_server": r.by_server,
             })).collect::<Vec<Value>>(),
         });
-        if let Err(e) = write_results(out, &json, &md) {
-            eprintln!("steer-bench-llama: writing {}: {e}", out.display());
-            return ExitCode::FAILURE;
-        }
-        println!("wrote {}", out.display());
+        return save_results("steer-bench-llama", out, &json, &md);
     }
     ExitCode::SUCCESS
 }
