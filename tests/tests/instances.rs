@@ -54,34 +54,47 @@ fn instance_addr(port: u16) -> SocketAddrV4 {
 }
 
 /// One chat completion on a new connection to `to`; the alias of the server that answered.
-async fn chat(to: SocketAddrV4) -> Result<String, String> {
-    let mut conn = HttpConn::connect(SocketAddr::V4(to))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let body = json!({
-        "messages": [{"role": "user", "content": "Say hi."}],
-        "max_tokens": 4,
-    })
-    .to_string();
-    let response = conn
-        .try_request("POST", "/v1/chat/completions", Some(body.as_bytes()))
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    if response.status != 200 {
-        return Err(format!("HTTP {}: {}", response.status, response.text()));
+async fn chat(to: SocketAddrV4) -> Sent {
+    let start = Instant::now();
+    let mut connected = None;
+    let result = async {
+        let mut conn = HttpConn::connect(SocketAddr::V4(to))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        connected = Some(Instant::now());
+        let body = json!({
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+        })
+        .to_string();
+        let response = conn
+            .try_request("POST", "/v1/chat/completions", Some(body.as_bytes()))
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        if response.status != 200 {
+            return Err(format!("HTTP {}: {}", response.status, response.text()));
+        }
+        let answer: Value =
+            serde_json::from_slice(&response.body).map_err(|e| format!("bad JSON: {e}"))?;
+        answer["model"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no model in {answer}"))
     }
-    let answer: Value =
-        serde_json::from_slice(&response.body).map_err(|e| format!("bad JSON: {e}"))?;
-    answer["model"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no model in {answer}"))
+    .await;
+    Sent {
+        start,
+        connected,
+        result,
+    }
 }
 
-/// One request of a load: when it started and who answered.
+/// One request of a load: when it started, when its connection was up (the SYN, and with it
+/// the kernel's choice of backend, came before), and who answered.
 #[derive(Debug)]
 struct Sent {
     start: Instant,
+    connected: Option<Instant>,
     result: Result<String, String>,
 }
 
@@ -93,13 +106,12 @@ fn load(topo: &Topology, stop: &AtomicBool) -> Vec<Sent> {
         let deadline = Instant::now() + WAIT;
         let worker = || async {
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let start = Instant::now();
-                let result = chat(VIP).await;
+                let chat = chat(VIP).await;
                 let mut sent = sent.lock().unwrap_or_else(|e| e.into_inner());
                 if sent.len() >= MAX_REQUESTS {
                     return;
                 }
-                sent.push(Sent { start, result });
+                sent.push(chat);
             }
         };
         tokio::join!(worker(), worker(), worker());
@@ -124,45 +136,50 @@ fn new_flows(b: &Value) -> u64 {
 /// How a backend left and came back, as polled every 10 ms.
 #[derive(Debug)]
 struct Absence {
-    /// First poll that saw it take no new flows, and its `new_flows` then.
+    /// When the first poll that saw it take no new flows answered, and its `new_flows` then.
     out: Instant,
     flows_out: u64,
-    /// Its `new_flows` at the last poll before it was back.
+    /// When the last poll that still saw it out was sent (it was out until at least then),
+    /// and its `new_flows` in that answer.
+    last_out: Instant,
     flows_last_out: u64,
-    /// First poll that saw it take new flows again.
+    /// When the first poll that saw it take new flows again answered (it was back by then).
     back: Instant,
 }
 
 /// Waits (bounded) for the backend at `addr` to stop taking new flows, then to take them again.
 fn watch_absence(topo: &Topology, addr: SocketAddrV4) -> Absence {
     let deadline = Instant::now() + WAIT;
+    // (sent, answered, view)
     let poll = || {
         assert!(
             Instant::now() < deadline,
             "backend {addr} did not leave and come back within {WAIT:?}"
         );
         thread::sleep(Duration::from_millis(10));
+        let sent = Instant::now();
         let b = backend(topo, addr);
-        (Instant::now(), b)
+        (sent, Instant::now(), b)
     };
-    let (out, flows_out) = loop {
-        let (at, b) = poll();
+    let (mut last_out, out, flows_out) = loop {
+        let (sent, answered, b) = poll();
         if !takes_new_flows(&b) {
-            break (at, new_flows(&b));
+            break (sent, answered, new_flows(&b));
         }
     };
     let mut flows_last_out = flows_out;
     loop {
-        let (at, b) = poll();
+        let (sent, answered, b) = poll();
         if takes_new_flows(&b) {
             return Absence {
                 out,
                 flows_out,
+                last_out,
                 flows_last_out,
-                back: at,
+                back: answered,
             };
         }
-        flows_last_out = new_flows(&b);
+        (last_out, flows_last_out) = (sent, new_flows(&b));
     }
 }
 
@@ -204,16 +221,20 @@ fn pid_of(topo: &Topology, name: &str) -> i32 {
     i32::try_from(pid).expect("pid fits i32")
 }
 
-/// Who answered the requests that started in `[from, to)`; panics on a failed one.
-fn answered_between(sent: &[Sent], from: Instant, to: Instant) -> BTreeMap<String, usize> {
+/// Whether `s` sent its SYN while the backend was out for certain: after the poll that saw
+/// it leave and before the last one that still saw it out.
+fn connected_while_out(s: &Sent, absence: &Absence) -> bool {
+    s.start >= absence.out && s.connected.is_some_and(|c| c <= absence.last_out)
+}
+
+/// Who answered the `chosen` requests; panics on a failed one.
+fn answered_by(sent: &[Sent], chosen: impl Fn(&Sent) -> bool) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for s in sent.iter().filter(|s| s.start >= from && s.start < to) {
-        let alias = s.result.as_ref().unwrap_or_else(|e| {
-            panic!(
-                "a request sent {:?} after the window opened failed: {e}",
-                s.start - from
-            )
-        });
+    for s in sent.iter().filter(|s| chosen(s)) {
+        let alias = s
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a request that should have been answered failed: {e}"));
         *counts.entry(alias.clone()).or_insert(0) += 1;
     }
     counts
@@ -319,6 +340,7 @@ fn supervised_instances_are_local_backends() {
         for i in 0..9 {
             let alias = chat(VIP)
                 .await
+                .result
                 .unwrap_or_else(|e| panic!("chat {i} through the VIP: {e}"));
             answers.push(alias);
         }
@@ -360,12 +382,15 @@ fn supervised_instances_are_local_backends() {
         absence.flows_out, absence.flows_last_out,
         "i1 got new flows while down"
     );
-    let during = answered_between(&sent, absence.out, absence.back);
+    // Requests that connected while i1 was out.
+    let during = answered_by(&sent, |s| connected_while_out(s, &absence));
+    eprintln!("answered while i1 was out: {during:?}");
     assert!(
         !during.contains_key(I1.0),
         "i1 answered while down: {during:?}"
     );
-    let after = answered_between(&sent, absence.back, Instant::now());
+    // Since it went out (none inside the absence, see above): i1 answered again once back.
+    let after = answered_by(&sent, |s| s.start >= absence.out);
     assert!(
         after.contains_key(I1.0),
         "i1 answered nothing after it rejoined: {after:?}"
@@ -414,14 +439,16 @@ fn supervised_instances_are_local_backends() {
         "i2 got new flows while drained"
     );
     // Nothing that started after the POST failed; while out, the others answered.
-    let since_post = answered_between(&sent, posted, Instant::now());
+    let since_post = answered_by(&sent, |s| s.start >= posted);
     eprintln!("answered after the POST: {since_post:?}");
-    let during = answered_between(&sent, absence.out, absence.back);
+    let during = answered_by(&sent, |s| connected_while_out(s, &absence));
+    eprintln!("answered while i2 was out: {during:?}");
     assert!(
         !during.contains_key(I2.0),
         "i2 answered while out: {during:?}"
     );
-    let after = answered_between(&sent, absence.back, Instant::now());
+    // Since it went out (none inside the absence, see above): i2 answered again once back.
+    let after = answered_by(&sent, |s| s.start >= absence.out);
     assert!(
         after.contains_key(I2.0),
         "i2 answered nothing after it came back: {after:?}"

@@ -18,7 +18,8 @@ pub struct Totals {
     pub failed: u64,
     pub ignored: u64,
     pub filtered: u64,
-    /// Test binaries or cargo invocations that exited non-zero.
+    /// Test binaries or cargo invocations that exited non-zero without a failed test to show
+    /// for it (a build error, a crash, a panic outside a test).
     pub failed_runs: u64,
 }
 
@@ -57,25 +58,25 @@ impl Totals {
     }
 }
 
-/// Runs `cmd`, echoing its stdout line by line while counting libtest summaries.
-fn run_counting(cmd: &mut Command) -> anyhow::Result<Totals> {
+/// Runs `cmd`, echoing its stdout line by line to `echo` while counting libtest summaries.
+fn run_counting(cmd: &mut Command, echo: &mut impl Write) -> anyhow::Result<Totals> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {cmd:?}"))?;
     let mut totals = Totals::default();
     let stdout = child.stdout.take().context("child stdout")?;
-    let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading test output")?;
         totals.add_line(&line);
-        writeln!(out, "{line}").context("writing stdout")?;
+        writeln!(echo, "{line}").context("echoing test output")?;
     }
-    drop(out);
     let status = child.wait().context("waiting for tests")?;
     if !status.success() {
         eprintln!("xtask: {cmd:?} exited with {status}");
-        totals.failed_runs += 1;
+        if totals.failed == 0 {
+            totals.failed_runs += 1;
+        }
     }
     Ok(totals)
 }
@@ -126,13 +127,17 @@ fn privileged_test_binaries() -> anyhow::Result<Vec<PathBuf>> {
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     deps::install_missing()?;
-    let mut totals = run_counting(cargo::cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "tests",
-        "--no-fail-fast",
-    ]))?;
+    let mut stdout = std::io::stdout();
+    let mut totals = run_counting(
+        cargo::cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "tests",
+            "--no-fail-fast",
+        ]),
+        &mut stdout,
+    )?;
     if !deps::running_as_root() {
         // The privileged part counts as one failed run: never report "ok" without it.
         totals.failed_runs += 1;
@@ -155,7 +160,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
             .args(extra)
             .env("STEER_BIN", &steer)
             .current_dir(&crate_dir);
-        totals.add(run_counting(&mut cmd)?);
+        totals.add(run_counting(&mut cmd, &mut stdout)?);
     }
     print_summary(&totals, started);
     if !totals.ok() {
@@ -188,7 +193,9 @@ pub fn demo() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Totals;
+    use std::process::Command;
+
+    use super::{Totals, run_counting};
 
     #[test]
     fn summary_lines_are_summed() {
@@ -207,5 +214,27 @@ mod tests {
             }
         );
         assert!(!t.ok());
+    }
+
+    #[test]
+    fn a_failed_run_counts_once_and_a_silent_failure_still_counts() {
+        let mut echo = Vec::new();
+        let with_failed_test = run_counting(
+            Command::new("sh").args([
+                "-c",
+                "echo 'test result: FAILED. 2 passed; 1 failed; 0 ignored'; exit 101",
+            ]),
+            &mut echo,
+        )
+        .unwrap();
+        assert!(String::from_utf8(echo).unwrap().contains("1 failed"));
+        assert_eq!(
+            (with_failed_test.failed, with_failed_test.failed_runs),
+            (1, 0)
+        );
+        let crashed =
+            run_counting(Command::new("sh").args(["-c", "exit 1"]), &mut Vec::new()).unwrap();
+        assert_eq!((crashed.failed, crashed.failed_runs), (0, 1));
+        assert!(!with_failed_test.ok() && !crashed.ok());
     }
 }
