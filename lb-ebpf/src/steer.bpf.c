@@ -260,9 +260,14 @@ static __always_inline int handle_vip(struct xdp_md *ctx, struct packet *pkt)
 
 	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
 	flow = bpf_map_lookup_elem(&ct_fwd, &key);
-	/* A SYN on a closed flow's tuple is a new connection reusing the port. */
-	if (flow && !(READ_ONCE(flow->released) && tcp_is_syn(pkt->tcp)) &&
-	    service_serves(flow, pkt))
+	if (flow && READ_ONCE(flow->released) && tcp_is_syn(pkt->tcp)) {
+		/* A new connection reusing a closed flow's tuple: the old entry must
+		 * not catch its packets if its SYN goes to the stack. The old reply
+		 * tuple keeps its own entry (and hold) in ct_rev. */
+		bpf_map_delete_elem(&ct_fwd, &key);
+		flow = NULL;
+	}
+	if (flow && service_serves(flow, pkt))
 		return forward_flow(ctx, pkt, flow);
 
 	__builtin_memset(&service_key, 0, sizeof(service_key));

@@ -445,6 +445,43 @@ fn closed_flows_reply_tuple_is_taken_over_after_its_hold() {
     });
 }
 
+/// A client reusing a closed flow's tuple while no backend can take it: its SYN goes to the stack
+/// (the proxy serves it), and so must the rest of that connection, not the old flow's backend.
+#[test]
+fn a_passed_syn_on_a_closed_tuple_leaves_its_connection_to_the_stack() {
+    const PORT: u16 = 20000;
+    let ns = build_namespace();
+    ns.run(|| {
+        let mut lab = Lab::load_snat_ports(
+            policy::ROUND_ROBIN,
+            PORT..=PORT,
+            10_000_000_000,
+            62_000_000_000,
+        );
+        lab.set_service(policy::ROUND_ROBIN, 2, &[0]);
+        let c = client(40900);
+        let (snat, backend) = lab.forward(c, SYN);
+        lab.reply(backend, snat, FIN | ACK, c);
+        assert_eq!(lab.forward(c, FIN | ACK), (snat, backend));
+        lab.forward(c, ACK);
+
+        // The only SNAT port is held after the close: the new SYN is passed.
+        let syn = Frame::tcp(c, VIP, SYN).build();
+        assert_eq!(lab.run(&syn), (XDP_PASS, syn.clone()));
+        assert_eq!(lab.counter(counter::NO_SNAT_PORT), 1);
+        for flags in [ACK, ACK | PSH, FIN | ACK] {
+            let packet = Frame::tcp(c, VIP, flags).with_payload(b"GET /").build();
+            assert_eq!(
+                lab.run(&packet),
+                (XDP_PASS, packet.clone()),
+                "flags {flags:#04x} of the passed connection went to the old flow's backend"
+            );
+        }
+        assert!(lab.flow(c).is_none(), "the closed flow's entry is gone");
+        assert_eq!(lab.conns(0), 0, "released once, not again");
+    });
+}
+
 #[test]
 fn frames_steer_does_not_handle_pass_byte_identical() {
     in_lab(policy::ROUND_ROBIN, |lab| {
