@@ -194,7 +194,10 @@ struct steer_flow_rev {
 	__u64 last_seen_ns;
 	struct steer_next_hop hop;	/* towards the client; found on the first reply */
 	__u32 closed;		/* enum steer_flow_close */
-	__u32 _pad;
+	/* Host-order sequence number just past the client's FIN (0: none seen):
+	 * a backend FIN that does not acknowledge it crossed it, and the backend
+	 * keeps TIME_WAIT too. */
+	__u32 client_fin_end;
 };
 
 struct steer_iface {

@@ -274,9 +274,10 @@ pub struct FlowRev {
     pub last_seen_ns: u64,
     /// Towards the client, found on the first reply.
     pub hop: NextHop,
-    /// 1 once either side sent FIN or RST (2 while a new flow takes the tuple over).
+    /// `flow_close`: who closed first, or taken over by a new flow.
     pub closed: u32,
-    pub _pad: u32,
+    /// Host-order sequence number just past the client's FIN (0: none seen).
+    pub client_fin_end: u32,
 }
 
 #[repr(C)]
@@ -332,7 +333,8 @@ layouts! {
         flags, _pad, last_seen_ns, hop,
     }
     FlowRev = "steer_flow_rev" {
-        client_addr, vip, client_port, vip_port, backend_id, last_seen_ns, hop, closed, _pad,
+        client_addr, vip, client_port, vip_port, backend_id, last_seen_ns, hop, closed,
+        client_fin_end,
     }
     Iface = "steer_iface" { snat_addr, _pad }
     Event = "steer_event" {

@@ -151,9 +151,23 @@ static __always_inline void hold_closed_tuple(const struct steer_flow_fwd *flow,
 	if (!rev || rev->client_addr != pkt->ip->saddr || rev->client_port != pkt->tcp->source ||
 	    rev->vip != pkt->ip->daddr || rev->vip_port != pkt->tcp->dest)
 		return;
-	if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN)
+	if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN) {
 		rev->closed = STEER_FLOW_CLOSED;
+		if (pkt->tcp->fin)
+			rev->client_fin_end = tcp_fin_end(pkt);
+	}
 	rev->last_seen_ns = now;
+}
+
+/* A backend FIN after the client's that does not acknowledge it: the FINs
+ * crossed (simultaneous close) and the backend keeps TIME_WAIT as well. */
+static __always_inline int fins_crossed(const struct tcphdr *tcp, const struct steer_flow_rev *rev)
+{
+	__u32 client_fin_end = READ_ONCE(rev->client_fin_end);
+
+	if (!tcp->fin || !client_fin_end)
+		return 0;
+	return !tcp->ack || (__s32)(bpf_ntohl(tcp->ack_seq) - client_fin_end) < 0;
 }
 
 /* Claim a source port towards a remote backend whose reply tuple is free,

@@ -102,4 +102,12 @@ static __always_inline int tcp_ends_flow(const struct tcphdr *tcp)
 	return tcp->fin || tcp->rst;
 }
 
+/* The sequence number just past a FIN segment: its data and the FIN itself. */
+static __always_inline __u32 tcp_fin_end(const struct packet *pkt)
+{
+	__u32 headers = pkt->ip->ihl * 4 + pkt->tcp->doff * 4;
+
+	return bpf_ntohl(pkt->tcp->seq) + bpf_ntohs(pkt->ip->tot_len) - headers + 1;
+}
+
 #endif /* STEER_PARSING_H */

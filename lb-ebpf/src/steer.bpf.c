@@ -78,9 +78,14 @@ static __always_inline void track_reply(const struct packet *pkt, struct steer_f
 		struct steer_flow_key key;
 		struct steer_flow_fwd *flow;
 
-		/* The side that closes first keeps TIME_WAIT. */
-		if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN)
+		__u32 closed = READ_ONCE(rev->closed);
+
+		/* The side that closes first keeps TIME_WAIT; both do when FINs cross. */
+		if (closed == STEER_FLOW_OPEN)
 			rev->closed = pkt->tcp->rst ? STEER_FLOW_CLOSED : STEER_FLOW_BACKEND_CLOSED;
+		else if (closed == STEER_FLOW_CLOSED && fins_crossed(pkt->tcp, rev))
+			__sync_val_compare_and_swap(&rev->closed, STEER_FLOW_CLOSED,
+						    STEER_FLOW_BACKEND_CLOSED);
 		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
 		flow = bpf_map_lookup_elem(&ct_fwd, &key);
 		if (flow && flow->backend_id == rev->backend_id)

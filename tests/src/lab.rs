@@ -37,6 +37,8 @@ pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 pub const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 pub const BACKEND_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 2, 2], [0x02, 0, 0, 0, 2, 3]];
 pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 16384..=32767;
+/// The data of every packet [`Lab::forward`] sends.
+pub const CLIENT_PAYLOAD: &[u8] = b"hello";
 /// Backends of the policy model test: slot n is 10.210.2.(MODEL_HOST_BASE + n).
 pub const MODEL_SLOTS: u32 = 8;
 pub const MODEL_HOST_BASE: u8 = 10;
@@ -385,7 +387,9 @@ impl Lab {
 
     /// Send a client packet of `flags` and return where it was sent (must be redirected).
     pub fn forward(&self, from: SocketAddrV4, flags: u8) -> (SocketAddrV4, SocketAddrV4) {
-        let input = Frame::tcp(from, VIP, flags).with_payload(b"hello").build();
+        let input = Frame::tcp(from, VIP, flags)
+            .with_payload(CLIENT_PAYLOAD)
+            .build();
         let (verdict, output) = self.run(&input);
         assert_eq!(
             verdict, XDP_REDIRECT,

@@ -375,16 +375,24 @@ fn snat_ports_are_handed_out_in_order() {
 /// With one SNAT port, a closed flow's reply tuple stays its own while packets of the close come
 /// and for its hold after the last, then a new flow takes it over; an open flow's tuple is never
 /// taken. The hold is the closed-flow timeout when the client closes first, and the backend's
-/// TIME_WAIT when the backend does (it could refuse another client's SYN on the tuple).
+/// TIME_WAIT when the backend does or when the two FINs cross (then both keep TIME_WAIT, and the
+/// backend could refuse another client's SYN on the tuple).
 #[test]
 fn closed_flows_reply_tuple_is_taken_over_after_its_hold() {
     use std::{thread::sleep, time::Duration};
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Close {
+        ClientFirst,
+        BackendFirst,
+        /// The client's FIN, then the backend's sent before it saw the client's.
+        Crossed,
+    }
     const PORT: u16 = 20000;
     const CLOSED: Duration = Duration::from_secs(2);
     const TIME_WAIT: Duration = Duration::from_secs(4);
     let ns = build_namespace();
     ns.run(|| {
-        for backend_first in [false, true] {
+        for close in [Close::ClientFirst, Close::BackendFirst, Close::Crossed] {
             let mut lab = Lab::load_snat_ports(
                 policy::ROUND_ROBIN,
                 PORT..=PORT,
@@ -403,12 +411,20 @@ fn closed_flows_reply_tuple_is_taken_over_after_its_hold() {
                 "open flow's tuple"
             );
 
-            if backend_first {
-                lab.reply(backend, snat, FIN | ACK, first);
+            // The backend's FIN acknowledges the client's (data and FIN) unless they cross.
+            let client_fin_end =
+                Frame::tcp(first, VIP, FIN | ACK).seq + CLIENT_PAYLOAD.len() as u32 + 1;
+            let mut backend_fin = Frame::tcp(backend, snat, FIN | ACK);
+            backend_fin.ack = match close {
+                Close::Crossed => client_fin_end - 1,
+                _ => client_fin_end,
+            };
+            if close == Close::BackendFirst {
+                assert_eq!(lab.run(&backend_fin.build()).0, XDP_REDIRECT);
                 assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
             } else {
                 assert_eq!(lab.forward(first, FIN | ACK), (snat, backend));
-                lab.reply(backend, snat, FIN | ACK, first);
+                assert_eq!(lab.run(&backend_fin.build()).0, XDP_REDIRECT);
             }
             sleep(CLOSED / 2);
             // The last ACK of the close holds the tuple for the whole hold again.
@@ -418,26 +434,26 @@ fn closed_flows_reply_tuple_is_taken_over_after_its_hold() {
             assert_eq!(
                 lab.run(&refused),
                 (XDP_PASS, refused.clone()),
-                "held after the close (backend first: {backend_first})"
+                "held after the close ({close:?})"
             );
             let mut refusals = 2;
-            if backend_first {
+            if close == Close::ClientFirst {
+                sleep(CLOSED * 3 / 4);
+            } else {
                 sleep(CLOSED * 3 / 4);
                 assert_eq!(
                     lab.run(&refused),
                     (XDP_PASS, refused.clone()),
-                    "past the closed timeout, still in the backend's TIME_WAIT"
+                    "past the closed timeout, still in the backend's TIME_WAIT ({close:?})"
                 );
                 refusals += 1;
                 sleep((TIME_WAIT + CLOSED / 4).saturating_sub(last_ack.elapsed()));
-            } else {
-                sleep(CLOSED * 3 / 4);
             }
             assert_eq!(lab.counter(counter::NO_SNAT_PORT), refusals);
             assert_eq!(
                 lab.forward(third, SYN),
                 (snat, backend),
-                "taken over (backend first: {backend_first})"
+                "taken over ({close:?})"
             );
             lab.reply(backend, snat, SYN | ACK, third);
             assert_eq!(lab.conns(0), 1, "the first flow released its count once");
