@@ -611,7 +611,7 @@ fn thousand_concurrent_connections_never_share_a_source_tuple() {
 }
 
 #[test]
-fn agent_exit_detaches_xdp_from_every_interface() {
+fn agent_exit_detaches_xdp_from_every_interface_and_restores_lo_forwarding() {
     for (tag, signal) in [("exit-t", Signal::SIGTERM), ("exit-i", Signal::SIGINT)] {
         agent_exit_detaches_xdp(tag, signal);
     }
@@ -636,6 +636,16 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
             .collect::<Vec<_>>()
     };
 
+    let lo_forwarding = |topo: &Topology| {
+        topo.lb
+            .exec_ok(&["sysctl", "-n", "net.ipv4.conf.lo.forwarding"])
+    };
+    assert_eq!(
+        lo_forwarding(&topo).trim(),
+        "0",
+        "a new namespace's default"
+    );
+
     topo.start_agent();
     for ifname in &ifaces {
         assert!(
@@ -643,6 +653,11 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
             "no XDP program on {ifname} while running"
         );
     }
+    assert_eq!(
+        lo_forwarding(&topo).trim(),
+        "1",
+        "the program's route lookups need it"
+    );
     let attached = bpftool_xdp(&topo);
     assert_eq!(
         attached.len(),
@@ -670,4 +685,5 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
         Vec::<serde_json::Value>::new(),
         "bpftool net after exit"
     );
+    assert_eq!(lo_forwarding(&topo).trim(), "0", "forwarding on lo left on");
 }

@@ -133,6 +133,8 @@ pub struct Xdp {
     /// The program and its links: dropping it detaches from every interface (aya's `Links`
     /// detach on drop; closing an XDP bpf_link fd detaches it).
     _ebpf: Ebpf,
+    /// After `_ebpf`: lo's forwarding goes back off once the program is detached.
+    _lo_forwarding: Option<LoForwarding>,
 }
 
 impl Xdp {
@@ -188,7 +190,7 @@ impl Xdp {
                 source: e.into(),
             })?;
 
-        enable_lo_forwarding()?;
+        let lo_forwarding = LoForwarding::enable()?;
         attach(&mut ebpf, &interfaces, options.mode)?;
 
         let expiry = expiry::Expiry::new(
@@ -221,6 +223,7 @@ impl Xdp {
             service_stats,
             conns,
             _ebpf: ebpf,
+            _lo_forwarding: lo_forwarding,
         })
     }
 
@@ -425,21 +428,41 @@ fn ranges_overlap(a: &RangeInclusive<u16>, b: &RangeInclusive<u16>) -> bool {
     a.start() <= b.end() && b.start() <= a.end()
 }
 
-fn enable_lo_forwarding() -> Result<(), DataplaneError> {
-    let io_err = |what: &str| {
-        let what = format!("{what} {LO_FORWARDING}");
-        move |source| DataplaneError::Io { what, source }
-    };
-    let current = fs::read_to_string(LO_FORWARDING).map_err(io_err("reading"))?;
-    if current.trim() != "1" {
-        fs::write(LO_FORWARDING, "1").map_err(io_err("writing 1 to"))?;
+/// Forwarding on lo, turned on for the program's route lookups while it is attached and back
+/// off when the agent detaches; `None` when it was on already (then not the agent's to undo).
+struct LoForwarding;
+
+impl LoForwarding {
+    fn enable() -> Result<Option<Self>, DataplaneError> {
+        let current = fs::read_to_string(LO_FORWARDING).map_err(|source| DataplaneError::Io {
+            what: format!("reading {LO_FORWARDING}"),
+            source,
+        })?;
+        if current.trim() == "1" {
+            return Ok(None);
+        }
+        fs::write(LO_FORWARDING, "1").map_err(|source| DataplaneError::Io {
+            what: format!("writing 1 to {LO_FORWARDING}"),
+            source,
+        })?;
         tracing::info!(
             path = LO_FORWARDING,
             "enabled forwarding on lo: the program's route lookups are made as if from lo, \
              and the kernel refuses them for a device with forwarding off"
         );
+        Ok(Some(LoForwarding))
     }
-    Ok(())
+}
+
+impl Drop for LoForwarding {
+    fn drop(&mut self) {
+        match fs::write(LO_FORWARDING, "0") {
+            Ok(()) => tracing::info!(path = LO_FORWARDING, "forwarding on lo off again"),
+            Err(error) => {
+                tracing::warn!(%error, path = LO_FORWARDING, "turning forwarding on lo off")
+            }
+        }
+    }
 }
 
 fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<(), DataplaneError> {
