@@ -97,6 +97,8 @@ async fn handle<B: ClientBody>(
 struct Refused {
     refusal: Refusal,
     message: String,
+    /// With a full queue: when to try again.
+    retry_after: Option<Duration>,
 }
 
 impl Refused {
@@ -127,8 +129,8 @@ impl Refused {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if self.refusal == Refusal::QueueFull {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(after) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
         }
         response
     }
@@ -142,7 +144,11 @@ async fn forward<B: ClientBody>(
 ) -> Result<Response<ProxyBody>, Refused> {
     let config = gate.config();
     let service = &config.service;
-    let refused = |refusal, message: String| Refused { refusal, message };
+    let refused = |refusal, message: String| Refused {
+        refusal,
+        message,
+        retry_after: (refusal == Refusal::QueueFull).then(|| gate.retry_after()),
+    };
     let (mut parts, body) = request.into_parts();
     let max = config.max_request_body;
     let body = match Limited::new(body, max).collect().await {

@@ -170,7 +170,13 @@ pub struct Gate {
     next_ticket: AtomicU64,
     released: Notify,
     counters: Counters,
+    /// When the last few waiters were served, newest last: the queue's recent pace, from which
+    /// a refusal tells the client when to come back.
+    served_from_queue: Mutex<VecDeque<tokio::time::Instant>>,
 }
+
+/// Waiters' service times kept for [`Gate::retry_after`].
+const PACE_SAMPLES: usize = 16;
 
 /// A claimed connection on a backend; dropping it gives the connection back and wakes the queue.
 #[derive(Debug)]
@@ -223,7 +229,39 @@ impl Gate {
             next_ticket: AtomicU64::new(0),
             released: Notify::new(),
             counters: Counters::default(),
+            served_from_queue: Mutex::new(VecDeque::with_capacity(PACE_SAMPLES)),
         })
+    }
+
+    /// When a client refused for a full queue should try again: the time between two waiters
+    /// served at the queue's recent pace (then a place is likely free), rounded up to whole
+    /// seconds; `queue_timeout` when no waiter was served within it (by then the head has
+    /// left either way).
+    pub fn retry_after(&self) -> Duration {
+        let limit = self.config.queue_timeout.max(Duration::from_secs(1));
+        let served = self
+            .served_from_queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (Some(&oldest), Some(&newest)) = (served.front(), served.back()) else {
+            return limit;
+        };
+        if served.len() < 2 || newest.elapsed() > limit {
+            return limit;
+        }
+        let gap = (newest - oldest).as_secs_f64() / (served.len() - 1) as f64;
+        Duration::from_secs(gap.ceil().max(1.0) as u64).min(limit)
+    }
+
+    fn note_served_from_queue(&self) {
+        let mut served = self
+            .served_from_queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if served.len() == PACE_SAMPLES {
+            served.pop_front();
+        }
+        served.push_back(tokio::time::Instant::now());
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
@@ -280,6 +318,7 @@ impl Gate {
             if self.lock_queue().front() == Some(&waiting.ticket)
                 && let Some(lease) = self.try_claim(client, avoid)
             {
+                self.note_served_from_queue();
                 return admitted(lease);
             }
             tokio::select! {
@@ -939,6 +978,33 @@ pub(crate) mod tests {
             Err(Ended::ResponseTimeout)
         ));
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_says_when_to_come_back_from_its_recent_pace() {
+        let (gate, _counts, _routes) = gate(1, 1, 1);
+        let timeout = gate.config().queue_timeout;
+        assert_eq!(gate.retry_after(), timeout, "no pace yet: queue_timeout");
+        let mut held = gate.admit(client(), None).await.expect("room");
+        // A waiter served every 2.5 s.
+        for _ in 0..4 {
+            let waiter = {
+                let gate = Arc::clone(&gate);
+                tokio::spawn(async move { gate.admit(client(), None).await })
+            };
+            tokio::task::yield_now().await;
+            assert_eq!(gate.stats().queue_depth, 1);
+            tokio::time::advance(Duration::from_millis(2500)).await;
+            drop(held);
+            held = waiter.await.expect("the waiter").expect("served");
+        }
+        assert_eq!(
+            gate.retry_after(),
+            Duration::from_secs(3),
+            "2.5 s, rounded up"
+        );
+        tokio::time::advance(timeout + Duration::from_secs(1)).await;
+        assert_eq!(gate.retry_after(), timeout, "nobody served lately");
     }
 
     #[tokio::test(start_paused = true)]
