@@ -132,6 +132,10 @@ pub struct Topology {
     instances: Vec<String>,
     /// More `[[service]]` settings, one per line (e.g. `mode = "http"`).
     service_settings: String,
+    /// More `[agent]` settings, one per line.
+    agent_settings: String,
+    /// The agent's `snat_ports`.
+    snat_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl Topology {
@@ -169,6 +173,8 @@ impl Topology {
             service_backends: None,
             instances: Vec::new(),
             service_settings: String::new(),
+            agent_settings: String::new(),
+            snat_ports: SNAT_PORTS,
         };
         let client_mac = topo.client.mac(&topo.client_if);
         topo.lb
@@ -259,11 +265,12 @@ impl Topology {
         interfaces.extend(self.backends.iter().map(|b| format!("{:?}", b.lb_if)));
         let mut cfg = format!(
             "[agent]\ninterfaces = [{}]\nxdp_mode = \"native\"\nadmin_addr = \"{ADMIN_ADDR}\"\n\
-             snat_ports = \"{}-{}\"\n\n[[service]]\nname = \"web\"\naddress = \"{VIP}\"\n\
+             snat_ports = \"{}-{}\"\n{}\n[[service]]\nname = \"web\"\naddress = \"{VIP}\"\n\
              policy = \"{}\"\n{}\n[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             interfaces.join(", "),
-            SNAT_PORTS.start(),
-            SNAT_PORTS.end(),
+            self.snat_ports.start(),
+            self.snat_ports.end(),
+            self.agent_settings,
             self.policy,
             self.service_settings,
         );
@@ -290,6 +297,18 @@ impl Topology {
     /// (e.g. a llama-server a test runs in a backend namespace). Before [`Topology::start_agent`].
     pub fn set_service_backends(&mut self, addrs: Vec<SocketAddrV4>) {
         self.service_backends = Some(addrs);
+    }
+
+    /// Adds `lines` (e.g. `closed_flow_timeout = "5s"`) to the agent's settings. Before
+    /// [`Topology::start_agent`].
+    pub fn add_agent_settings(&mut self, lines: &str) {
+        self.agent_settings.push_str(lines);
+        self.agent_settings.push('\n');
+    }
+
+    /// The agent's `snat_ports` (default [`SNAT_PORTS`]). Before [`Topology::start_agent`].
+    pub fn set_snat_ports(&mut self, ports: std::ops::RangeInclusive<u16>) {
+        self.snat_ports = ports;
     }
 
     /// Adds `lines` (e.g. `mode = "http"`) to the service's settings. Before
@@ -513,9 +532,10 @@ impl Topology {
             "{name} saw the connection from {peer}, not from the LB's address on its link"
         );
         assert!(
-            SNAT_PORTS.contains(&peer.port()),
-            "{name} saw source port {} outside {SNAT_PORTS:?}",
-            peer.port()
+            self.snat_ports.contains(&peer.port()),
+            "{name} saw source port {} outside {:?}",
+            peer.port(),
+            self.snat_ports
         );
         (name.to_owned(), peer)
     }
@@ -578,10 +598,20 @@ impl HttpConn {
         from: Option<Ipv4Addr>,
         addr: SocketAddr,
     ) -> std::io::Result<HttpConn> {
+        Self::connect_bound(from.map(|ip| SocketAddrV4::new(ip, 0)), addr).await
+    }
+
+    /// Connects within 10 s from `from` (address and port; port 0: any) when given. The port may
+    /// be one a closed connection of this host used just before (`SO_REUSEADDR`).
+    pub async fn connect_bound(
+        from: Option<SocketAddrV4>,
+        addr: SocketAddr,
+    ) -> std::io::Result<HttpConn> {
         let connect = async {
             let socket = tokio::net::TcpSocket::new_v4()?;
             if let Some(from) = from {
-                socket.bind(SocketAddr::from((from, 0)))?;
+                socket.set_reuseaddr(true)?;
+                socket.bind(SocketAddr::V4(from))?;
             }
             socket.connect(addr).await
         };
@@ -595,6 +625,13 @@ impl HttpConn {
             stream,
             buf: Vec::new(),
         })
+    }
+
+    /// Ends the connection with a reset (`SO_LINGER` 0), leaving this host no TIME_WAIT.
+    pub fn reset(self) {
+        self.stream
+            .set_zero_linger()
+            .expect("SO_LINGER on a connected socket");
     }
 
     /// Our end of the connection.

@@ -2,13 +2,13 @@
 //! connects to the VIP, which the agent routes locally while it runs, and the proxy balances it
 //! over the same backends. Needs root.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tests::netns;
-use tests::topology::{HttpConn, Topology, VIP};
+use tests::topology::{CLIENT_ADDR, HttpConn, Topology, VIP};
 
 #[test]
 fn a_client_on_the_lb_host_is_balanced_by_the_proxy() {
@@ -123,6 +123,67 @@ fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
     });
     let proxy = topo.admin("GET", "/v1/proxy", None);
     assert_eq!(proxy[0]["queued"].as_u64(), Some(2), "{proxy}");
+}
+
+/// XDP on, one SNAT port per backend: a client whose earlier connection (ended by a reset) still
+/// holds that port reuses its own source port; the kernel passes the new SYN (no free port) and
+/// the whole connection, not just its SYN, reaches the proxy, which serves it.
+#[test]
+fn a_reused_client_port_past_the_snat_ports_is_served_by_the_proxy() {
+    const SNAT_PORT: u16 = 20000;
+    netns::require_root("the integration tests");
+    let backend_bin = Path::new(env!("CARGO_BIN_EXE_steer-test-backend"));
+    let mut topo = Topology::new("prp", "round_robin", 2, backend_bin);
+    topo.set_snat_ports(SNAT_PORT..=SNAT_PORT);
+    // The reset connections keep their ports for the whole test.
+    topo.add_agent_settings("closed_flow_timeout = \"60s\"");
+    topo.start_agent();
+    let from = |port| Some(SocketAddrV4::new(CLIENT_ADDR, port));
+    let (first, again) = topo.client.block_on(|| async {
+        let mut through_xdp = Vec::new();
+        for port in [41001, 41002] {
+            let mut conn = HttpConn::connect_bound(from(port), SocketAddr::V4(VIP))
+                .await
+                .unwrap_or_else(|e| panic!("connect from port {port}: {e}"));
+            through_xdp.push(conn.get("/whoami").await.text());
+            conn.reset();
+        }
+        let mut conn = HttpConn::connect_bound(from(41001), SocketAddr::V4(VIP))
+            .await
+            .unwrap_or_else(|e| panic!("connect again from port 41001: {e}"));
+        // Two requests: the connection stays whole after its handshake.
+        let again = [
+            conn.get("/whoami").await.text(),
+            conn.get("/whoami").await.text(),
+        ];
+        (through_xdp, again)
+    });
+    let first: Vec<(String, SocketAddrV4)> = first.iter().map(|a| topo.check_whoami(a)).collect();
+    assert_ne!(first[0].0, first[1].0, "one backend each: {first:?}");
+    assert!(
+        first.iter().all(|(_, peer)| peer.port() == SNAT_PORT),
+        "{first:?}"
+    );
+    for answer in &again {
+        let peer: SocketAddrV4 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|peer| peer.parse().ok())
+            .unwrap_or_else(|| panic!("bad /whoami answer {answer:?}"));
+        assert_ne!(
+            peer.port(),
+            SNAT_PORT,
+            "the proxy's own connection, not an XDP flow: {answer}"
+        );
+    }
+    let proxy = topo.admin("GET", "/v1/proxy", None);
+    assert_eq!(proxy[0]["accepted"].as_u64(), Some(1), "{proxy}");
+    let passed = tests::metrics::value(
+        &topo.metrics(),
+        "steer_service_passed_total",
+        &[("service", "web"), ("reason", "no_snat_port")],
+    );
+    assert_eq!(passed, 1.0, "the SYN passed for want of a port");
 }
 
 /// XDP on, service `mode = "http"`: the kernel has no entry for the VIP, so a client's SYNs from
