@@ -61,6 +61,16 @@ struct Args {
     /// Where to draw the PNG plots.
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
+    /// Runs only this policy (repeatable, in the order given); all of them by default.
+    #[arg(long = "policy", value_name = "POLICY", value_parser = parse_policy)]
+    policies: Vec<Policy>,
+}
+
+fn parse_policy(name: &str) -> Result<Policy, String> {
+    Policy::ALL
+        .into_iter()
+        .find(|p| p.to_string() == name)
+        .ok_or_else(|| format!("no policy {name:?}"))
 }
 
 /// (alias, threads, slots) of the three backends, one per backend namespace. One thread each:
@@ -330,7 +340,7 @@ fn summarize(policy: Policy, ran: Vec<(Result<Done, String>, bool)>, seconds: f6
     }
 }
 
-fn run(secs: u64, drain: Duration, tokens: (u32, u32)) -> Vec<Run> {
+fn run(policies: &[Policy], secs: u64, drain: Duration, tokens: (u32, u32)) -> Vec<Run> {
     let backend_bin = sibling_binary("steer-test-backend");
     let mut topo = Topology::new("llama", "round_robin", SERVERS.len(), &backend_bin);
     let addrs: Vec<SocketAddrV4> = topo
@@ -353,7 +363,7 @@ fn run(secs: u64, drain: Duration, tokens: (u32, u32)) -> Vec<Run> {
         "[service.slots]\ninterval = \"500ms\"\n\n[service.health]\ninterval = \"1s\"\ntimeout = \"900ms\"\n",
     );
     let mut runs = Vec::new();
-    for policy in Policy::ALL {
+    for &policy in policies {
         let config = replace_once(
             &base,
             "policy = \"round_robin\"\n",
@@ -428,7 +438,12 @@ fn main() -> ExitCode {
     } else {
         (45, Duration::from_secs(30), (SHORT_TOKENS, LONG_TOKENS))
     };
-    let runs = run(secs, drain, tokens);
+    let policies = if args.policies.is_empty() {
+        Policy::ALL.to_vec()
+    } else {
+        args.policies.clone()
+    };
+    let runs = run(&policies, secs, drain, tokens);
     let md = table(&runs);
     println!("\n{md}");
     if let Some(dir) = &args.plots {
