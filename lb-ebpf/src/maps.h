@@ -136,11 +136,12 @@ struct {
 	__uint(max_entries, STEER_MAX_BACKENDS);
 } backend_routes SEC(".maps");
 
-/* Kernel-only, index backend id: where the backend's next SNAT port search
- * starts. Ports are handed out in order, so each comes back as late as the
- * range allows: a backend that closed first keeps the tuple in TIME_WAIT
- * (60 s), and refuses a SYN on it whose timestamps are older, as another
- * client's may be. */
+/* Index backend id: where the backend's next SNAT port search starts. Ports
+ * are handed out in order, so each comes back as late as the range allows: a
+ * backend that closed first keeps the tuple in TIME_WAIT (60 s), and refuses
+ * a SYN on it whose timestamps are older, as another client's may be. The
+ * agent seeds it at random when it loads the program, so a restarted agent
+ * does not hand out its previous run's ports again first. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);

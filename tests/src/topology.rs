@@ -358,11 +358,17 @@ impl Topology {
         }
     }
 
-    /// Writes the config, starts `steer run` inside the LB namespace and waits (at most 30 s)
+    /// Writes the config, starts `steer run` inside the LB namespace (again after
+    /// [`Topology::stop_agent`], as a restart) and waits (at most 30 s)
     /// until `GET /v1/backends` lists every backend (configured ones and instances). Panics with
     /// the agent's log otherwise.
     pub fn start_agent(&mut self) {
-        assert!(self.agent.is_none(), "agent already running");
+        assert!(
+            self.agent
+                .as_mut()
+                .is_none_or(|a| a.child.try_wait().is_some()),
+            "agent already running"
+        );
         let config = self.dir.join("steer.toml");
         std::fs::write(&config, self.config()).expect("write steer.toml");
         let log = self.dir.join("steer.log");

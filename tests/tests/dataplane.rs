@@ -610,6 +610,27 @@ fn thousand_concurrent_connections_never_share_a_source_tuple() {
     }
 }
 
+/// A restarted agent's maps know nothing of the source ports its previous run used, which the
+/// backends may still hold in TIME_WAIT: each run starts its port search at a random port, not at
+/// the range's first, so the first flow of two runs gets different ports (the same random start,
+/// a false failure, is 1 chance in 16,384).
+#[test]
+fn a_restarted_agent_does_not_start_on_its_previous_runs_ports() {
+    let mut topo = topology("restart", "round_robin", 1);
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        topo.start_agent();
+        let answer = topo.client.block_on(|| async { whoami_new(VIP).await.1 });
+        ports.push(topo.check_whoami(&answer).1.port());
+        let status = topo.stop_agent(Signal::SIGTERM);
+        assert!(status.success(), "agent exited with {status}");
+    }
+    assert_ne!(
+        ports[0], ports[1],
+        "both runs started on the same source port"
+    );
+}
+
 #[test]
 fn agent_exit_detaches_xdp_from_every_interface_and_restores_lo_forwarding() {
     for (tag, signal) in [("exit-t", Signal::SIGTERM), ("exit-i", Signal::SIGINT)] {

@@ -169,6 +169,7 @@ impl Xdp {
             .map_err(DataplaneError::Load)?;
 
         fill_interfaces(&mut ebpf, &interfaces)?;
+        seed_snat_cursors(&mut ebpf)?;
         let conns = Arc::new(map_conn_counts(&ebpf)?);
         let services = take_map(&mut ebpf, "services")?;
         let service_keys = take_map(&mut ebpf, "service_keys")?;
@@ -346,6 +347,32 @@ fn fill_interfaces(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Data
             snat_addr = %iface.snat_addr,
             "interface registered"
         );
+    }
+    Ok(())
+}
+
+/// Start each backend's SNAT port search at a random port. A restarted agent's maps know nothing
+/// of the ports its previous run handed out, which the backends may still hold in TIME_WAIT
+/// (60 s after they closed first): from the range's first port again, new flows would meet them
+/// one after another, each SYN answered with a stale ACK and retried by the client, for a second
+/// or more (seen in steer-bench-llama after each agent restart: a quarter of the connections).
+fn seed_snat_cursors(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    const NAME: &str = "snat_cursor";
+    let mut cursors: Array<&mut MapData, u32> = ebpf
+        .map_mut(NAME)
+        .ok_or(DataplaneError::MissingMap(NAME))?
+        .try_into()
+        .map_err(map_err(NAME))?;
+    let mut random = vec![0u8; cursors.len() as usize * 4];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .map_err(|source| DataplaneError::Io {
+            what: "reading /dev/urandom".into(),
+            source,
+        })?;
+    for (id, bytes) in (0..).zip(random.chunks_exact(4)) {
+        let seed = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        cursors.set(id, seed, 0).map_err(map_err(NAME))?;
     }
     Ok(())
 }
