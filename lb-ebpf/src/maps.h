@@ -14,6 +14,8 @@
 enum {
 	STEER_CT_DEFAULT_ENTRIES = 262144,
 	STEER_EVENTS_BYTES = 256 * 1024,
+	/* The reader is woken only once this much waits (see emit_event). */
+	STEER_EVENTS_WAKEUP_BYTES = STEER_EVENTS_BYTES / 4,
 	/* How long a cached next hop and a flow's last_seen stand before they
 	 * are refreshed: route and neighbour changes take effect within it. */
 	STEER_REFRESH_NS = 1000000000,
@@ -259,7 +261,13 @@ static __always_inline void emit_event(enum steer_event_kind kind, __u32 service
 	ev->client_port = client_port;
 	ev->_pad0 = 0;
 	ev->_pad1 = 0;
-	bpf_ringbuf_submit(ev, 0);
+	/* A wakeup is an interrupt to another CPU (a VM exit under a hypervisor),
+	 * too dear for every new flow: the agent drains the ring on a short timer
+	 * and is woken only when the ring fills up faster than that. */
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >=
+				       STEER_EVENTS_WAKEUP_BYTES ?
+				       BPF_RB_FORCE_WAKEUP :
+				       BPF_RB_NO_WAKEUP);
 }
 
 #endif /* STEER_MAPS_H */

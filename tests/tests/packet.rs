@@ -498,6 +498,47 @@ fn a_passed_syn_on_a_closed_tuple_leaves_its_connection_to_the_stack() {
     });
 }
 
+/// Flow events wake a reader blocked on the ring (the agent, through epoll) only once a quarter of
+/// the ring waits, not for every new flow (each wakeup is an interrupt to another CPU); the agent
+/// drains the ring on a timer besides.
+#[test]
+fn flow_events_wake_the_reader_only_when_a_quarter_of_the_ring_waits() {
+    use aya::maps::RingBuf;
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    const RING_BYTES: usize = 256 * 1024;
+    // Each record: its 8-byte header and the event, 8-aligned.
+    const RECORD: usize = (8 + size_of::<lb_common::Event>()).next_multiple_of(8);
+    in_lab(policy::ROUND_ROBIN, |lab| {
+        let mut ring =
+            RingBuf::try_from(lab.ebpf.take_map("events").expect("events map")).expect("a ringbuf");
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll");
+        epoll
+            .add(&ring, EpollEvent::new(EpollFlags::EPOLLIN, 0))
+            .expect("watch the ring");
+        let woken = || {
+            let mut ready = [EpollEvent::empty()];
+            epoll
+                .wait(&mut ready, EpollTimeout::ZERO)
+                .expect("epoll_wait")
+                > 0
+        };
+        // The event that finds a quarter of the ring taken (itself included) wakes the reader.
+        let wakes_at = (RING_BYTES / 4).div_ceil(RECORD);
+        let mut flows = 0;
+        while !woken() {
+            assert!(flows < 2 * wakes_at, "no wakeup after {flows} flow events");
+            lab.forward(client(10000 + flows as u16), SYN);
+            flows += 1;
+        }
+        assert_eq!(flows, wakes_at, "woken by the event that filled a quarter");
+        let mut read = 0;
+        while ring.next().is_some() {
+            read += 1;
+        }
+        assert_eq!(read, flows, "every event is in the ring");
+    });
+}
+
 #[test]
 fn frames_steer_does_not_handle_pass_byte_identical() {
     in_lab(policy::ROUND_ROBIN, |lab| {

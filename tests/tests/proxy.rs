@@ -184,6 +184,17 @@ fn a_reused_client_port_past_the_snat_ports_is_served_by_the_proxy() {
         &[("service", "web"), ("reason", "no_snat_port")],
     );
     assert_eq!(passed, 1.0, "the SYN passed for want of a port");
+    // One event never wakes the agent's reader: its timer drains the ring.
+    let logged = "new flow passed: no free source port towards the backend";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !topo.agent_log().contains(logged) {
+        assert!(
+            Instant::now() < deadline,
+            "no {logged:?} in the agent log:\n{}",
+            topo.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// XDP on, service `mode = "http"`: the kernel has no entry for the VIP, so a client's SYNs from

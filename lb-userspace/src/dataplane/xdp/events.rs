@@ -79,26 +79,37 @@ fn log(event: &Event, limiter: &mut WarnLimiter, now: Instant) {
     }
 }
 
-/// Drain the ringbuf whenever it becomes readable, until the task is aborted.
-pub(super) async fn run(ring: AsyncFd<RingBuf<MapData>>) {
-    let mut ring = ring;
+/// How often the ring is drained without a wakeup: the program wakes this reader only when a
+/// quarter of the ring is waiting (a wakeup per event would cost an interrupt per new flow), so a
+/// quiet ring's events reach the log within this.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Drain the ringbuf every [`DRAIN_INTERVAL`] and whenever the program wakes this task, until
+/// the task is aborted.
+pub(super) async fn run(mut ring: AsyncFd<RingBuf<MapData>>) {
     let mut limiter = WarnLimiter::default();
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(error) => {
-                tracing::error!(%error, "polling the events ringbuf; no more XDP events");
-                return;
-            }
-        };
+        tokio::select! {
+            ready = ring.readable_mut() => match ready {
+                // Cleared before draining: what arrives after the drain wakes this task again.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(error) => {
+                    tracing::error!(%error, "polling the events ringbuf; no more XDP events");
+                    return;
+                }
+            },
+            _ = tick.tick() => {}
+        }
         let now = Instant::now();
-        while let Some(item) = guard.get_inner_mut().next() {
+        let events = ring.get_mut();
+        while let Some(item) = events.next() {
             match decode(&item) {
                 Some(event) => log(&event, &mut limiter, now),
                 None => tracing::debug!(len = item.len(), "short record in the events ringbuf"),
             }
         }
-        guard.clear_ready();
     }
 }
 
