@@ -246,6 +246,20 @@ static __always_inline void count_backend(__u32 backend_id, __u64 bytes, __u64 n
 	stats->new_flows += new_flows;
 }
 
+/* A wakeup is an interrupt to another CPU (a VM exit under a hypervisor),
+ * too dear for every new flow: the agent drains the ring on a short timer,
+ * and the record that makes the waiting data cross a quarter of the ring
+ * (the reserved one included) wakes it early, once per crossing. */
+static __always_inline __u64 events_wakeup(void)
+{
+	const __u64 record = (BPF_RINGBUF_HDR_SZ + sizeof(struct steer_event) + 7) & ~7ULL;
+	__u64 waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+
+	if (waiting >= STEER_EVENTS_WAKEUP_BYTES && waiting < STEER_EVENTS_WAKEUP_BYTES + record)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void emit_event(enum steer_event_kind kind, __u32 service_id,
 				       __u32 backend_id, __u32 client_addr, __u16 client_port)
 {
@@ -261,13 +275,7 @@ static __always_inline void emit_event(enum steer_event_kind kind, __u32 service
 	ev->client_port = client_port;
 	ev->_pad0 = 0;
 	ev->_pad1 = 0;
-	/* A wakeup is an interrupt to another CPU (a VM exit under a hypervisor),
-	 * too dear for every new flow: the agent drains the ring on a short timer
-	 * and is woken only when the ring fills up faster than that. */
-	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >=
-				       STEER_EVENTS_WAKEUP_BYTES ?
-				       BPF_RB_FORCE_WAKEUP :
-				       BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(ev, events_wakeup());
 }
 
 #endif /* STEER_MAPS_H */
