@@ -369,7 +369,7 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
     family(
         encoder,
         "steer_proxy_admitted",
-        "Connections (l4) or requests (http) the userspace proxy sent to a backend.",
+        "Connections (l4) or requests (http) given a backend by the userspace proxy (a retry on another backend counts again).",
         proxies
             .iter()
             .map(|(s, _)| (labels(s), counter(s.admitted))),
