@@ -13,6 +13,8 @@
 //!   balancer counts);
 //! - bulk: `wrk` downloading `GET /bytes/1048576` on 4 connections, bytes per second.
 //!
+//! The new-connection run comes last in each case (see [`measure`]).
+//!
 //! Cases, in this order on the same hosts:
 //! - `direct`: the client to both backends at their own addresses (load split between them)
 //!   through the LB namespace with kernel forwarding on and no XDP (the limit);
@@ -360,12 +362,15 @@ async fn fixed_rate(
 }
 
 /// Every figure of a case, for `targets` (loaded at once); a short keep-alive warm-up first
-/// (ARP, caches, the proxy's pools). The fixed-rate runs connect from `from`, an address no
-/// earlier run used: the wrk runs leave thousands of closed connections in TIME_WAIT (at the
-/// side that closed first), and a new SYN that reuses such a tuple can wait a 1 s retransmit;
-/// that is the client's port reuse, not the load balancer. `lb_pid` is the load balancer's process (the agent or the
-/// proxy), whose CPU time (with its children's, e.g. nginx's workers) is measured over the
-/// new-connection and keep-alive runs.
+/// (ARP, caches, the proxy's pools). The wrk new-connection run comes last: through XDP it can
+/// use up the SNAT ports (each held up to 62 s after a backend-first close), and the runs after
+/// it would then measure the proxy the kernel passes SYNs to, not the XDP path. The fixed-rate
+/// runs connect from `from`, an address no earlier run used: the wrk runs leave thousands of
+/// closed connections in TIME_WAIT (at the side that closed first), and a new SYN that reuses
+/// such a tuple can wait a 1 s retransmit; that is the client's port reuse, not the load
+/// balancer. `lb_pid` is the load balancer's process (the agent or the proxy), whose CPU time
+/// (with its children's, e.g. nginx's workers) is measured over the keep-alive and
+/// new-connection runs.
 fn measure(
     client: &NetNs,
     from: Ipv4Addr,
@@ -389,12 +394,9 @@ fn measure(
     if secs > 1 {
         wrk_all(client, &urls, false, 1, CONNECTIONS);
     }
-    let before = (syn_retrans(client), cpu());
-    let new_conn = wrk_all(client, &urls, true, secs, CONNECTIONS);
-    let new_conn_retrans = syn_retrans(client).saturating_sub(before.0);
-    let mid = cpu();
+    let keepalive_cpu = cpu();
     let keepalive = wrk_all(client, &urls, false, secs, CONNECTIONS);
-    let after = cpu();
+    let keepalive_cpu = cpu() - keepalive_cpu;
     let fixed_keepalive =
         client.block_on(|| async { fixed_rate(from, targets, KEEPALIVE_RATE, secs, false).await });
     let retrans_before = syn_retrans(client);
@@ -402,6 +404,10 @@ fn measure(
         client.block_on(|| async { fixed_rate(from, targets, NEW_CONN_RATE, secs, true).await });
     fixed_new.syn_retrans = syn_retrans(client).saturating_sub(retrans_before);
     let bulk = wrk_all(client, &bulk, false, secs, BULK_CONNECTIONS);
+    let before = (syn_retrans(client), cpu());
+    let new_conn = wrk_all(client, &urls, true, secs, CONNECTIONS);
+    let new_conn_retrans = syn_retrans(client).saturating_sub(before.0);
+    let new_conn_cpu = cpu() - before.1;
     let share = |cpu_s: f64| lb_pid.map(|_| cpu_s / f64::from(secs));
     Case {
         name,
@@ -412,7 +418,7 @@ fn measure(
         fixed_keepalive,
         fixed_new,
         bulk,
-        lb_cpu: (share(mid - before.1), share(after - mid)),
+        lb_cpu: (share(new_conn_cpu), share(keepalive_cpu)),
         agent: None,
     }
 }
