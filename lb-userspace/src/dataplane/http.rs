@@ -494,6 +494,17 @@ mod tests {
     use crate::dataplane::proxy::tests::{config, routes_to};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// A response's whole body (reading it to the end releases the claim and pools the
+    /// connection).
+    async fn read_body(response: Response<ProxyBody>) -> Bytes {
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes()
+    }
+
     /// A backend on loopback whose every answer is a chunked body: `frames` frames, then the
     /// end, or with `frames` 0 a body that never ends. Counts the connections it accepted and
     /// the ones that were closed.
@@ -580,8 +591,7 @@ mod tests {
             let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(counts.get(0), 1, "claimed while the body is passed");
-            let body = response.into_body().collect().await.expect("the body");
-            assert_eq!(body.to_bytes(), "data: x\n\n".repeat(3));
+            assert_eq!(read_body(response).await, "data: x\n\n".repeat(3));
             assert_eq!(counts.get(0), 0, "released at the body's end");
         }
         // Not pooled: llama-server closes after a streamed answer (a declared length is; see
@@ -659,7 +669,7 @@ mod tests {
         // Read to the end, so the connection goes back to the pool.
         let status = async |response: Response<ProxyBody>| {
             let status = response.status();
-            response.into_body().collect().await.expect("the body");
+            read_body(response).await;
             status
         };
         let post = || {
@@ -674,12 +684,7 @@ mod tests {
         // Read by the backend on the pooled connection, then lost: a POST is not sent twice.
         let lost = handle(&gate, &pool, Ipv4Addr::LOCALHOST, post()).await;
         assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
-        let body = lost
-            .into_body()
-            .collect()
-            .await
-            .expect("the body")
-            .to_bytes();
+        let body = read_body(lost).await;
         assert!(
             String::from_utf8_lossy(&body).contains("bad_gateway"),
             "{body:?}"
@@ -762,12 +767,7 @@ mod tests {
             .expect("a request");
         let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, large).await;
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("a body")
-            .to_bytes();
+        let body = read_body(response).await;
         let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(error["error"]["type"], "body_too_large");
         assert!(
