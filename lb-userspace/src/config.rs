@@ -714,6 +714,30 @@ impl Doc<'_> {
                 let message = format!("`{name}` is already the name of instance[{other}]");
                 return Err(self.invalid(span, field("name"), message));
             }
+            // The name is a URL path segment and, by default, the store's config name.
+            if let Err(error) = crate::store::check_name(name) {
+                return Err(self.invalid(Some(instance.name.span()), field("name"), error.to_string()));
+            }
+            let driver = match instance.config_driver.clone() {
+                Some(driver) => {
+                    let span = Some(instance.name.span());
+                    if let Err(error) = crate::store::check_name(driver.name()) {
+                        return Err(self.invalid(span, field("config_driver.name"), error.to_string()));
+                    }
+                    driver
+                }
+                None => supervisor::default_driver(name),
+            };
+            // Two instances on one stored config would each start the other's arguments.
+            if let Some(other) = instances.iter().position(|s| s.driver == driver) {
+                let span = Some(instance.name.span());
+                let message = format!(
+                    "its arguments would be stored under config name `{}` in the same store as \
+                     instance[{other}]'s: give it its own `config_driver` name",
+                    driver.name()
+                );
+                return Err(self.invalid(span, field("config_driver"), message));
+            }
             let port = instance.port.get_ref().get();
             if let Some(other) = instances.iter().position(|s| s.port == port) {
                 let span = Some(instance.port.span());
@@ -731,9 +755,7 @@ impl Doc<'_> {
                 extra_args.extend(["--host".to_owned(), "0.0.0.0".to_owned()]);
             }
             instances.push(InstanceSpec {
-                driver: instance
-                    .config_driver
-                    .unwrap_or_else(|| supervisor::default_driver(name)),
+                driver,
                 name: name.to_owned(),
                 binary: instance.binary,
                 model: instance.model,
@@ -989,11 +1011,12 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let xdp = &self.xdp;
         writeln!(f, "{}: valid", self.path.display())?;
-        let mode = match xdp.mode {
-            XdpMode::Native => "native",
-            XdpMode::Skb => "skb",
+        let mode = match (self.dataplane, xdp.mode) {
+            (DataplaneKind::Userspace, _) => "no XDP: dataplane userspace",
+            (DataplaneKind::Xdp, XdpMode::Native) => "native XDP",
+            (DataplaneKind::Xdp, XdpMode::Skb) => "skb XDP",
         };
-        writeln!(f, "interfaces: {} ({mode} XDP)", xdp.interfaces.join(", "))?;
+        writeln!(f, "interfaces: {} ({mode})", xdp.interfaces.join(", "))?;
         let auth = match self.admin_token {
             Some(_) => "changes need the bearer token",
             None => "no token",
@@ -1213,6 +1236,11 @@ address = "10.0.0.100:81"
         assert_eq!(config.xdp.snat_ports, DEFAULT_SNAT_PORTS);
         assert_eq!(config.xdp.flow_idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
         assert!(config.xdp.flow_events);
+        let summary = config.to_string();
+        assert!(
+            summary.contains("interfaces: veth9 (no XDP: dataplane userspace)"),
+            "check-config must not claim XDP under userspace: {summary}"
+        );
         let config = Config::parse(Path::new("x.toml"), EXAMPLE, &overrides)?;
         assert_eq!(
             config.xdp.interfaces,
@@ -1435,6 +1463,29 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (12, "instance[1].port"));
         let (line, field, _) = invalid(&format!("{base}{}", gpt.replace("8081", "0")));
         assert_eq!((line, field.as_str()), (7, "instance[0].port"));
+
+        // One stored config for two instances: the second would start the first's arguments.
+        let shared = "config_driver = { type = \"file\", path = \"/tmp/c.toml\", name = \"q\" }\n";
+        let twin = twin.replace("8081", "8083");
+        let (_, field, message) = invalid(&format!("{base}{gpt}{shared}{twin}{shared}"));
+        assert_eq!(field, "instance[1].config_driver");
+        assert!(message.contains("config name `q`"), "{message}");
+        // The default driver is the instance's name in the default file.
+        let default_q = "config_driver = { type = \"file\", path = \"/var/lib/steer/config.toml\", name = \"q\" }\n";
+        let q = twin.replace("\"twin\"", "\"q\"");
+        let (_, field, _) = invalid(&format!("{base}{q}{gpt}{default_q}"));
+        assert_eq!(field, "instance[1].config_driver");
+        let elsewhere = shared.replace("/tmp/c.toml", "/tmp/d.toml");
+        parse(&format!("{base}{gpt}{shared}{twin}{elsewhere}"))?;
+
+        // Names `run` would refuse are refused here already, with the store's rule.
+        for bad in ["a/b", "a b", "../x"] {
+            let (_, field, message) = invalid(&format!("{base}{}", gpt.replace("\"gpt\"", &format!("{bad:?}"))));
+            assert_eq!(field, "instance[0].name", "{bad}");
+            assert!(message.contains("ASCII letters"), "{message}");
+        }
+        let (_, field, _) = invalid(&format!("{base}{gpt}{}", shared.replace("\"q\"", "\"a/b\"")));
+        assert_eq!(field, "instance[0].config_driver.name");
         Ok(())
     }
 

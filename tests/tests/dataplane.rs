@@ -707,4 +707,19 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
         "bpftool net after exit"
     );
     assert_eq!(lo_forwarding(&topo).trim(), "0", "forwarding on lo left on");
+
+    // A killed agent cannot turn it off; the next one knows the `1` is an agent's, not the
+    // operator's, and turns it off at its exit.
+    topo.start_agent();
+    topo.stop_agent(Signal::SIGKILL);
+    assert_eq!(lo_forwarding(&topo).trim(), "1", "left on by the killed agent");
+    topo.start_agent();
+    let status = topo.stop_agent(signal);
+    assert!(status.success(), "log:\n{}", topo.agent_log());
+    assert_eq!(
+        lo_forwarding(&topo).trim(),
+        "0",
+        "forwarding on lo left on after an agent was killed; log:\n{}",
+        topo.agent_log()
+    );
 }

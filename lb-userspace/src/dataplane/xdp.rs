@@ -17,6 +17,7 @@ mod sys;
 
 use std::{
     collections::HashMap as StdHashMap, fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd,
+    path::Path,
     sync::Arc,
 };
 
@@ -457,7 +458,26 @@ fn ranges_overlap(a: &RangeInclusive<u16>, b: &RangeInclusive<u16>) -> bool {
 
 /// Forwarding on lo, turned on for the program's route lookups while it is attached and back
 /// off when the agent detaches; `None` when it was on already (then not the agent's to undo).
-struct LoForwarding;
+///
+/// While it is on, a mark file under [`LO_FORWARDING_MARKS`] says so: an agent killed before it could turn it off
+/// leaves the mark, and the next agent then knows the `1` it finds is its predecessor's, not
+/// the operator's (`/run` is emptied at boot, as the sysctl is reset).
+struct LoForwarding {
+    mark: std::path::PathBuf,
+}
+
+/// Where the marks live, one per network namespace (each has its own sysctl).
+const LO_FORWARDING_MARKS: &str = "/run/steer";
+
+/// The mark of this process's network namespace, named by the namespace's inode.
+fn lo_forwarding_mark() -> Result<std::path::PathBuf, DataplaneError> {
+    use std::os::unix::fs::MetadataExt;
+    let netns = fs::metadata("/proc/self/ns/net").map_err(|source| DataplaneError::Io {
+        what: "reading /proc/self/ns/net".to_owned(),
+        source,
+    })?;
+    Ok(Path::new(LO_FORWARDING_MARKS).join(format!("lo-forwarding-netns-{}", netns.ino())))
+}
 
 impl LoForwarding {
     fn enable() -> Result<Option<Self>, DataplaneError> {
@@ -465,9 +485,25 @@ impl LoForwarding {
             what: format!("reading {LO_FORWARDING}"),
             source,
         })?;
-        if current.trim() == "1" {
+        let mark = lo_forwarding_mark()?;
+        let left_by_agent = mark.exists();
+        if current.trim() == "1" && !left_by_agent {
             return Ok(None);
         }
+        if left_by_agent {
+            tracing::info!(
+                mark = %mark.display(),
+                "forwarding on lo was turned on by an agent that did not exit cleanly: \
+                 turning it off again at exit"
+            );
+        }
+        // The mark first: a kill between the two writes must not leave a forgotten `1`.
+        fs::create_dir_all(LO_FORWARDING_MARKS)
+            .and_then(|()| fs::write(&mark, b""))
+            .map_err(|source| DataplaneError::Io {
+                what: format!("writing {}", mark.display()),
+                source,
+            })?;
         fs::write(LO_FORWARDING, "1").map_err(|source| DataplaneError::Io {
             what: format!("writing 1 to {LO_FORWARDING}"),
             source,
@@ -477,14 +513,19 @@ impl LoForwarding {
             "enabled forwarding on lo: the program's route lookups are made as if from lo, \
              and the kernel refuses them for a device with forwarding off"
         );
-        Ok(Some(LoForwarding))
+        Ok(Some(LoForwarding { mark }))
     }
 }
 
 impl Drop for LoForwarding {
     fn drop(&mut self) {
         match fs::write(LO_FORWARDING, "0") {
-            Ok(()) => tracing::info!(path = LO_FORWARDING, "forwarding on lo off again"),
+            Ok(()) => {
+                tracing::info!(path = LO_FORWARDING, "forwarding on lo off again");
+                if let Err(error) = fs::remove_file(&self.mark) {
+                    tracing::warn!(%error, path = %self.mark.display(), "removing the mark");
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, path = LO_FORWARDING, "turning forwarding on lo off")
             }

@@ -248,7 +248,7 @@ impl Store {
 
 /// Names become TOML table names and etcd key suffixes: keep them plain so neither needs
 /// escaping and no name can reach outside its own key.
-fn check_name(name: &str) -> Result<(), StoreError> {
+pub fn check_name(name: &str) -> Result<(), StoreError> {
     let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if name.is_empty() || name.len() > 128 || !name.chars().all(plain) {
         return Err(StoreError::InvalidName {
