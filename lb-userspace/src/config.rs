@@ -284,7 +284,8 @@ struct RawConfig {
 
 /// `[[instance]]`: a llama-server the agent supervises. Its arguments are persisted through
 /// `config_driver` (default: the file driver at /var/lib/steer/config.toml, under the
-/// instance's name), which wins over `model`, `port` and `args` once it holds a config.
+/// instance's name), which wins over `model`, `port` and `args` where they are unchanged since it
+/// was saved (see `supervisor::start`).
 /// With `service`, it is a backend of that service at `address`; llama-server then gets
 /// `--host 0.0.0.0` unless `args` set `--host`, so that traffic NATed to that address reaches it.
 #[derive(Deserialize)]
@@ -716,13 +717,21 @@ impl Doc<'_> {
             }
             // The name is a URL path segment and, by default, the store's config name.
             if let Err(error) = crate::store::check_name(name) {
-                return Err(self.invalid(Some(instance.name.span()), field("name"), error.to_string()));
+                return Err(self.invalid(
+                    Some(instance.name.span()),
+                    field("name"),
+                    error.to_string(),
+                ));
             }
             let driver = match instance.config_driver.clone() {
                 Some(driver) => {
                     let span = Some(instance.name.span());
                     if let Err(error) = crate::store::check_name(driver.name()) {
-                        return Err(self.invalid(span, field("config_driver.name"), error.to_string()));
+                        return Err(self.invalid(
+                            span,
+                            field("config_driver.name"),
+                            error.to_string(),
+                        ));
                     }
                     driver
                 }
@@ -1480,11 +1489,17 @@ address = "10.0.0.100:81"
 
         // Names `run` would refuse are refused here already, with the store's rule.
         for bad in ["a/b", "a b", "../x"] {
-            let (_, field, message) = invalid(&format!("{base}{}", gpt.replace("\"gpt\"", &format!("{bad:?}"))));
+            let (_, field, message) = invalid(&format!(
+                "{base}{}",
+                gpt.replace("\"gpt\"", &format!("{bad:?}"))
+            ));
             assert_eq!(field, "instance[0].name", "{bad}");
             assert!(message.contains("ASCII letters"), "{message}");
         }
-        let (_, field, _) = invalid(&format!("{base}{gpt}{}", shared.replace("\"q\"", "\"a/b\"")));
+        let (_, field, _) = invalid(&format!(
+            "{base}{gpt}{}",
+            shared.replace("\"q\"", "\"a/b\"")
+        ));
         assert_eq!(field, "instance[0].config_driver.name");
         Ok(())
     }

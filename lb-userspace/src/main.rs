@@ -57,9 +57,10 @@ struct SuperviseArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// Where the arguments are persisted, as JSON: {"type": "file", "path": "...", "name": "..."}
-    /// or {"type": "etcd", "addr": "127.0.0.1:2379", "name": "..."} (etcd needs the `etcd`
-    /// feature). Default: the file /var/lib/steer/config.toml, name "default". Persisted
-    /// arguments win over --binary, --model, --port and the arguments after `--`.
+    /// or {"type": "etcd", "addr": "127.0.0.1:2379", "name": "...", "cache": "FILE"} (etcd
+    /// needs the `etcd` feature). Default: the file /var/lib/steer/config.toml, name "default".
+    /// Persisted arguments win over --binary, --model, --port and the arguments after `--`
+    /// where those are unchanged since they were saved; an edit of them wins.
     #[arg(long, value_name = "JSON", value_parser = parse_driver)]
     config_driver: Option<DriverConfig>,
     /// How long a start may take to answer 200 on /health.

@@ -40,6 +40,21 @@ impl Etcd {
         panic!("etcd did not start:\n{}", failures.join("\n---\n"));
     }
 
+    /// Stops etcd with SIGSTOP: connections stay open and requests go unanswered, as with a
+    /// hung or partitioned server. [`Etcd::resume`] lets it go on (and answer what it queued).
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to etcd: {e}"));
+    }
+
     /// The client address, `127.0.0.1:<port>`, as the etcd config driver takes it.
     pub fn endpoint(&self) -> String {
         self.client.to_string()

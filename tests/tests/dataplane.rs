@@ -712,7 +712,11 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
     // operator's, and turns it off at its exit.
     topo.start_agent();
     topo.stop_agent(Signal::SIGKILL);
-    assert_eq!(lo_forwarding(&topo).trim(), "1", "left on by the killed agent");
+    assert_eq!(
+        lo_forwarding(&topo).trim(),
+        "1",
+        "left on by the killed agent"
+    );
     topo.start_agent();
     let status = topo.stop_agent(signal);
     assert!(status.success(), "log:\n{}", topo.agent_log());

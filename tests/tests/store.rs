@@ -90,19 +90,23 @@ async fn two_names_keep_their_own(gpt: &Store, deepseek: &Store) {
     gpt.save(&args("/m/gpt-2.gguf"))
         .await
         .expect("save gpt again");
-    assert_eq!(gpt.load().await.expect("load"), Some(args("/m/gpt-2.gguf")));
-    assert_eq!(
-        deepseek.load().await.expect("load"),
-        Some(args("/m/deepseek.gguf"))
-    );
+    assert_eq!(loaded(gpt).await, Some(args("/m/gpt-2.gguf")));
+    assert_eq!(loaded(deepseek).await, Some(args("/m/deepseek.gguf")));
 }
 
-async fn etcd_store(addr: &str, name: &str) -> Result<Store, StoreError> {
+/// An etcd store whose cache is `cache`.
+async fn etcd_store(addr: &str, name: &str, cache: &Path) -> Result<Store, StoreError> {
     let driver = DriverConfig::Etcd {
         addr: addr.into(),
         name: name.into(),
+        cache: Some(cache.to_path_buf()),
     };
     Store::open(&driver).await
+}
+
+/// The applied arguments a store holds.
+async fn loaded(store: &Store) -> Option<SavedArgs> {
+    store.load().await.expect("load").map(|stored| stored.args)
 }
 
 /// The supervisor keeps a store in spawned tasks: it and its futures must be `Send`.
@@ -127,16 +131,13 @@ async fn file_round_trip() {
     let dir = TempDir::new();
     let store = file_store(&dir.file("config.toml"), "gpt").await;
     assert_eq!(store.name(), "gpt");
-    assert_eq!(store.load().await.expect("load"), None);
+    assert_eq!(loaded(&store).await, None);
     store.save(&args("/m/a.gguf")).await.expect("save");
-    assert_eq!(store.load().await.expect("load"), Some(args("/m/a.gguf")));
+    assert_eq!(loaded(&store).await, Some(args("/m/a.gguf")));
     store.save(&args("/m/b.gguf")).await.expect("save again");
     // A second handle (as after a restart) sees the last save.
     let reopened = file_store(&dir.file("config.toml"), "gpt").await;
-    assert_eq!(
-        reopened.load().await.expect("load"),
-        Some(args("/m/b.gguf"))
-    );
+    assert_eq!(loaded(&reopened).await, Some(args("/m/b.gguf")));
 }
 
 #[tokio::test]
@@ -243,8 +244,8 @@ async fn concurrent_saves_from_two_tasks_keep_both() {
     }
     for name in ["gpt", "deepseek"] {
         let last = format!("/m/{name}-{}.gguf", SAVES - 1);
-        let loaded = file_store(&path, name).await.load().await.expect("load");
-        assert_eq!(loaded, Some(args(&last)), "{name}");
+        let store = file_store(&path, name).await;
+        assert_eq!(loaded(&store).await, Some(args(&last)), "{name}");
     }
 }
 
@@ -278,8 +279,8 @@ async fn concurrent_saves_from_two_processes_keep_both() {
     );
     for name in ["gpt", "deepseek"] {
         let last = format!("/m/{name}-{}.gguf", SAVES - 1);
-        let loaded = file_store(&path, name).await.load().await.expect("load");
-        assert_eq!(loaded, Some(args(&last)), "{name}");
+        let store = file_store(&path, name).await;
+        assert_eq!(loaded(&store).await, Some(args(&last)), "{name}");
     }
 }
 
@@ -308,11 +309,15 @@ async fn save_many(path: &Path, name: &str) {
 #[tokio::test]
 async fn etcd_round_trip_and_two_names() {
     let etcd = Etcd::start();
-    let gpt = etcd_store(&etcd.endpoint(), "gpt").await.expect("open gpt");
-    let deepseek = etcd_store(&etcd.endpoint(), "deepseek")
+    let dir = TempDir::new();
+    let cache = dir.file("etcd-cache.toml");
+    let gpt = etcd_store(&etcd.endpoint(), "gpt", &cache)
+        .await
+        .expect("open gpt");
+    let deepseek = etcd_store(&etcd.endpoint(), "deepseek", &cache)
         .await
         .expect("open deepseek");
-    assert_eq!(gpt.load().await.expect("load"), None);
+    assert_eq!(loaded(&gpt).await, None);
 
     two_names_keep_their_own(&gpt, &deepseek).await;
 
@@ -351,36 +356,105 @@ async fn etcd_round_trip_and_two_names() {
 }
 
 #[tokio::test]
-async fn unreachable_etcd_is_a_prompt_error_naming_the_address() {
+async fn unreachable_etcd_falls_back_to_the_cache_promptly() {
     // A loopback port nobody listens on.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("finding a free port")
         .to_string();
-    fails_promptly_naming(&addr, "nothing listens there").await;
+    falls_back_promptly(&addr, "nothing listens there").await;
 }
 
 #[tokio::test]
-async fn silent_etcd_times_out_naming_the_address() {
+async fn silent_etcd_falls_back_to_the_cache_promptly() {
     // Connections complete in the kernel's backlog, but nothing ever answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
     let addr = silent.local_addr().expect("local addr").to_string();
-    fails_promptly_naming(&addr, "nothing answers there").await;
+    falls_back_promptly(&addr, "nothing answers there").await;
 }
 
-/// Loading through an etcd store at `addr` fails within 10 s with an error that names `addr`.
-async fn fails_promptly_naming(addr: &str, why: &str) {
+/// With etcd at `addr` not answering: a save fails within 10 s naming `addr` and the cache,
+/// and a load (as after a restart) gets the cached arguments within 10 s.
+async fn falls_back_promptly(addr: &str, why: &str) {
+    let dir = TempDir::new();
+    let cache = dir.file("etcd-cache.toml");
+    let store = etcd_store(addr, "gpt", &cache)
+        .await
+        .expect("opening needs no etcd");
     let started = Instant::now();
-    let result = match etcd_store(addr, "gpt").await {
-        Ok(store) => store.load().await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    let err = result.expect_err(why);
+    let err = store
+        .save(&args("/m/a.gguf"))
+        .await
+        .expect_err("etcd did not confirm");
     let text = err.to_string();
-    assert!(text.contains(addr), "{text}");
+    assert!(text.contains(addr), "{why}: {text}");
+    assert!(text.contains(&cache.display().to_string()), "{why}: {text}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "{why}: took {:?}",
+        "{why}: save took {:?}",
         started.elapsed()
+    );
+
+    let started = Instant::now();
+    let reopened = etcd_store(addr, "gpt", &cache).await.expect("open");
+    assert_eq!(loaded(&reopened).await, Some(args("/m/a.gguf")), "{why}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{why}: load took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A save etcd does not confirm (paused: the put is sent and not answered) is written once
+/// etcd answers again, so a timed-out save is never left in doubt; a store that started
+/// without etcd or a cache never writes over what etcd holds.
+#[tokio::test]
+async fn unconfirmed_saves_reach_etcd_once_it_answers() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new();
+    let cache = dir.file("etcd-cache.toml");
+    let store = etcd_store(&etcd.endpoint(), "gpt", &cache)
+        .await
+        .expect("open");
+    store.save(&args("/m/a.gguf")).await.expect("save while up");
+    etcd.pause();
+    let err = store
+        .save(&args("/m/b.gguf"))
+        .await
+        .expect_err("a paused etcd does not confirm");
+    assert!(
+        err.to_string().contains("written to etcd once it answers"),
+        "{err}"
+    );
+    etcd.resume();
+    let other = etcd_store(&etcd.endpoint(), "gpt", &dir.file("other-cache.toml"))
+        .await
+        .expect("open");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while loaded(&other).await != Some(args("/m/b.gguf")) {
+        assert!(
+            Instant::now() < deadline,
+            "the unconfirmed save never reached etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Blind: etcd unreachable at load and nothing cached. Its save stays out of etcd's key
+    // (which holds b) even once etcd answers.
+    let blind_cache = dir.file("blind-cache.toml");
+    let blind = etcd_store(&etcd.endpoint(), "gpt", &blind_cache)
+        .await
+        .expect("open");
+    etcd.pause();
+    assert_eq!(loaded(&blind).await, None, "etcd paused, nothing cached");
+    etcd.resume();
+    blind
+        .save(&args("/m/c.gguf"))
+        .await
+        .expect("the txn answers");
+    assert_eq!(
+        loaded(&other).await,
+        Some(args("/m/b.gguf")),
+        "a blind start overwrote what etcd held"
     );
 }

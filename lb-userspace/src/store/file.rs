@@ -27,7 +27,7 @@ use nix::fcntl::{Flock, FlockArg};
 use toml::Spanned;
 use tracing::debug;
 
-use super::{SavedArgs, StoreError};
+use super::{Record, StoreError, Stored};
 
 /// How long a save waits for another writer's lock before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,25 +55,26 @@ impl FileStore {
         &self.path
     }
 
-    pub async fn load(&self) -> Result<Option<SavedArgs>, StoreError> {
+    pub async fn load(&self) -> Result<Option<Stored>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.load_blocking())
             .await
             .map_err(StoreError::Task)?
     }
 
-    pub async fn save(&self, args: &SavedArgs) -> Result<(), StoreError> {
-        let value = toml::Value::try_from(args).map_err(|e| StoreError::Encode {
-            name: self.name.clone(),
-            message: e.to_string(),
-        })?;
+    pub async fn save(&self, stored: &Stored) -> Result<(), StoreError> {
+        let value =
+            toml::Value::try_from(Record::from(stored)).map_err(|e| StoreError::Encode {
+                name: self.name.clone(),
+                message: e.to_string(),
+            })?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.save_blocking(value))
             .await
             .map_err(StoreError::Task)?
     }
 
-    fn load_blocking(&self) -> Result<Option<SavedArgs>, StoreError> {
+    fn load_blocking(&self) -> Result<Option<Stored>, StoreError> {
         // Saves replace the file by rename, so a reader needs no lock: it sees the old or the
         // new file, never a mix.
         let Some(text) = self.read()? else {
@@ -83,16 +84,17 @@ impl FileStore {
         let Some(entry) = doc.get(&self.name) else {
             return Ok(None);
         };
-        let args = entry
-            .get_ref()
-            .clone()
-            .try_into::<SavedArgs>()
-            .map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                line: line_of(&text, entry.span().start),
-                message: format!("config {:?}: {}", self.name, e.message()),
-            })?;
-        Ok(Some(args))
+        let record =
+            entry
+                .get_ref()
+                .clone()
+                .try_into::<Record>()
+                .map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    line: line_of(&text, entry.span().start),
+                    message: format!("config {:?}: {}", self.name, e.message()),
+                })?;
+        Ok(Some(record.into()))
     }
 
     fn save_blocking(&self, value: toml::Value) -> Result<(), StoreError> {
@@ -242,7 +244,14 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ArgValue;
+    use crate::store::{ArgValue, SavedArgs};
+
+    fn stored(model: &str) -> Stored {
+        Stored {
+            args: args(model),
+            configured: None,
+        }
+    }
 
     fn args(model: &str) -> SavedArgs {
         SavedArgs {
@@ -270,8 +279,14 @@ mod tests {
         let path = dir.join("new/sub/config.toml");
         let store = FileStore::new(path.clone(), "gpt".into());
         assert_eq!(store.load().await?, None);
-        store.save(&args("/m.gguf")).await?;
-        assert_eq!(store.load().await?, Some(args("/m.gguf")));
+        store.save(&stored("/m.gguf")).await?;
+        assert_eq!(store.load().await?, Some(stored("/m.gguf")));
+        let with_configured = Stored {
+            args: args("/m.gguf"),
+            configured: Some(args("/configured.gguf")),
+        };
+        store.save(&with_configured).await?;
+        assert_eq!(store.load().await?, Some(with_configured));
         assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
         assert_eq!(
             fs::metadata(dir.join("new"))?.permissions().mode() & 0o777,
@@ -302,7 +317,7 @@ mod tests {
                 ("--mlock".into(), ArgValue::Flag),
             ]),
         };
-        assert_eq!(loaded, Some(expected));
+        assert_eq!(loaded.map(|s| s.args), Some(expected));
         fs::remove_dir_all(dir)?;
         Ok(())
     }
@@ -329,7 +344,7 @@ mod tests {
         }
         // Another name in the same file is unaffected.
         let other = FileStore::new(path, "other".into());
-        assert_eq!(other.load().await?.map(|a| a.binary), Some("x".into()));
+        assert_eq!(other.load().await?.map(|s| s.args.binary), Some("x".into()));
         fs::remove_dir_all(dir)?;
         Ok(())
     }
@@ -343,7 +358,7 @@ mod tests {
         let before = "zz = 1\n[aa]\nbinary = \"/a\"\nx = [1, 2]\n[aa.args]\n\"-c\" = 5\n";
         fs::write(&path, before)?;
         FileStore::new(path.clone(), "gpt".into())
-            .save(&args("/m.gguf"))
+            .save(&stored("/m.gguf"))
             .await?;
         let after: toml::Table = fs::read_to_string(&path)?.parse()?;
         let mut expected: toml::Table = before.parse()?;

@@ -97,6 +97,50 @@ pub struct SavedArgs {
     pub args: BTreeMap<String, ArgValue>,
 }
 
+/// What a store keeps under a name: the arguments last applied, and the operator's own (the
+/// config file's or the command line's) they were reached from by API changes. Knowing the
+/// latter lets a restart tell an operator's edit of the config (which wins for the flags it
+/// changed) from API changes made since (which stay).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub args: SavedArgs,
+    /// `None` in a record written before this was kept.
+    pub configured: Option<SavedArgs>,
+}
+
+/// [`Stored`] as a file table or etcd value: `binary`, `args` and, when known, `configured`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    binary: String,
+    #[serde(default)]
+    args: BTreeMap<String, ArgValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    configured: Option<SavedArgs>,
+}
+
+impl From<Record> for Stored {
+    fn from(record: Record) -> Stored {
+        Stored {
+            args: SavedArgs {
+                binary: record.binary,
+                args: record.args,
+            },
+            configured: record.configured,
+        }
+    }
+}
+
+impl From<&Stored> for Record {
+    fn from(stored: &Stored) -> Record {
+        Record {
+            binary: stored.args.binary.clone(),
+            args: stored.args.args.clone(),
+            configured: stored.configured.clone(),
+        }
+    }
+}
+
 /// Which store to use and the config name inside it, as given to `--config-driver`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -104,8 +148,18 @@ pub enum DriverConfig {
     /// A TOML file with one table per name.
     File { path: PathBuf, name: String },
     /// An etcd v3 endpoint (`host:port`, plain HTTP/2 on loopback); needs the `etcd` feature.
-    Etcd { addr: String, name: String },
+    /// `cache` is a file store kept beside it (default [`DEFAULT_ETCD_CACHE`]): every load and
+    /// save writes it, and a start while etcd is unreachable reads it.
+    Etcd {
+        addr: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<PathBuf>,
+    },
 }
+
+/// The etcd driver's local copy when `cache` is not given.
+pub const DEFAULT_ETCD_CACHE: &str = "/var/lib/steer/etcd-cache.toml";
 
 impl DriverConfig {
     /// The config name inside the store.
@@ -182,6 +236,15 @@ pub enum StoreError {
         after: std::time::Duration,
     },
     #[cfg(feature = "etcd")]
+    #[error(
+        "{source}; kept in the cache {} and written to etcd once it answers",
+        cache.display()
+    )]
+    EtcdUnconfirmed {
+        cache: PathBuf,
+        source: Box<StoreError>,
+    },
+    #[cfg(feature = "etcd")]
     #[error("etcd at {addr}: key {key} does not hold a valid config: {source}")]
     EtcdCorrupt {
         addr: String,
@@ -191,9 +254,28 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether etcd did not answer (refused, unreachable, timed out), as opposed to answering
+    /// with something wrong.
+    #[cfg(feature = "etcd")]
+    fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }
+        )
+    }
+}
+
 /// An open store for one config name.
 #[derive(Debug)]
-pub enum Store {
+pub struct Store {
+    kind: Kind,
+    /// Written beside every save (see [`Stored::configured`]).
+    configured: Option<SavedArgs>,
+}
+
+#[derive(Debug)]
+enum Kind {
     File(FileStore),
     /// Boxed: the etcd client is several hundred bytes, the file store a path and a name.
     #[cfg(feature = "etcd")]
@@ -201,47 +283,68 @@ pub enum Store {
 }
 
 impl Store {
-    /// Opens the store `driver` names. The file driver touches nothing until the first
-    /// load or save.
+    /// Opens the store `driver` names. Neither driver touches its backing store until the first
+    /// load or save, so an etcd that is down does not stop the open.
     pub async fn open(driver: &DriverConfig) -> Result<Store, StoreError> {
         check_name(driver.name())?;
-        match driver {
+        let kind = match driver {
             DriverConfig::File { path, name } => {
-                Ok(Store::File(FileStore::new(path.clone(), name.clone())))
+                Kind::File(FileStore::new(path.clone(), name.clone()))
             }
             #[cfg(feature = "etcd")]
-            DriverConfig::Etcd { addr, name } => {
-                Ok(Store::Etcd(Box::new(EtcdStore::connect(addr, name).await?)))
+            DriverConfig::Etcd { addr, name, cache } => {
+                let cache = cache
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_CACHE));
+                Kind::Etcd(Box::new(EtcdStore::new(
+                    addr,
+                    name,
+                    FileStore::new(cache, name.clone()),
+                )))
             }
             #[cfg(not(feature = "etcd"))]
-            DriverConfig::Etcd { .. } => Err(StoreError::EtcdNotCompiled),
-        }
+            DriverConfig::Etcd { .. } => return Err(StoreError::EtcdNotCompiled),
+        };
+        Ok(Store {
+            kind,
+            configured: None,
+        })
     }
 
     /// The config name this store reads and writes.
     pub fn name(&self) -> &str {
-        match self {
-            Store::File(s) => s.name(),
+        match &self.kind {
+            Kind::File(s) => s.name(),
             #[cfg(feature = "etcd")]
-            Store::Etcd(s) => s.name(),
+            Kind::Etcd(s) => s.name(),
         }
     }
 
-    /// The saved arguments, or `None` when nothing was saved under this name yet.
-    pub async fn load(&self) -> Result<Option<SavedArgs>, StoreError> {
-        match self {
-            Store::File(s) => s.load().await,
+    /// The operator's arguments, saved beside the applied ones from now on.
+    pub fn set_configured(&mut self, configured: SavedArgs) {
+        self.configured = Some(configured);
+    }
+
+    /// What was saved, or `None` when nothing was saved under this name yet.
+    pub async fn load(&self) -> Result<Option<Stored>, StoreError> {
+        match &self.kind {
+            Kind::File(s) => s.load().await,
             #[cfg(feature = "etcd")]
-            Store::Etcd(s) => s.load().await,
+            Kind::Etcd(s) => s.load().await,
         }
     }
 
-    /// Replaces the arguments saved under this name, leaving other names alone.
+    /// Replaces what is saved under this name with `args` (and the configured arguments),
+    /// leaving other names alone.
     pub async fn save(&self, args: &SavedArgs) -> Result<(), StoreError> {
-        match self {
-            Store::File(s) => s.save(args).await,
+        let stored = Stored {
+            args: args.clone(),
+            configured: self.configured.clone(),
+        };
+        match &self.kind {
+            Kind::File(s) => s.save(&stored).await,
             #[cfg(feature = "etcd")]
-            Store::Etcd(s) => s.save(args).await,
+            Kind::Etcd(s) => s.save(&stored).await,
         }
     }
 }
@@ -349,6 +452,7 @@ mod tests {
         let driver = DriverConfig::Etcd {
             addr: "127.0.0.1:2379".into(),
             name: "gpt".into(),
+            cache: None,
         };
         match Store::open(&driver).await {
             Err(e @ StoreError::EtcdNotCompiled) => {

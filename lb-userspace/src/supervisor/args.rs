@@ -29,6 +29,12 @@ impl SavedArgs {
         argv
     }
 
+    /// Sets `--port` (its canonical name is the one llama-server's help lists first).
+    pub fn set_port(&mut self, port: u16) {
+        self.args
+            .insert(PORT.to_owned(), ArgValue::Value(port.to_string()));
+    }
+
     /// The `--port` llama-server listens on (and the supervisor checks `/health` on).
     pub fn port(&self) -> Option<u16> {
         match self.args.get(PORT) {
@@ -58,6 +64,25 @@ impl Change {
             self.binary = later.binary;
         }
         self.flags.extend(later.flags);
+    }
+
+    /// The change that turns `from` into `to` (both canonical).
+    pub fn between(from: &SavedArgs, to: &SavedArgs) -> Change {
+        let binary = (from.binary != to.binary).then(|| to.binary.clone());
+        let removed = from
+            .args
+            .keys()
+            .filter(|flag| !to.args.contains_key(*flag))
+            .map(|flag| (flag.clone(), None));
+        let set = to
+            .args
+            .iter()
+            .filter(|(flag, value)| from.args.get(*flag) != Some(value))
+            .map(|(flag, value)| (flag.clone(), Some(value.clone())));
+        Change {
+            binary,
+            flags: removed.chain(set).collect(),
+        }
     }
 
     /// `args` with this change applied.
@@ -523,6 +548,50 @@ mod tests {
                 Err(ArgsError::Positional(positional.to_owned()))
             );
         }
+    }
+
+    #[test]
+    fn between_is_the_change_from_one_to_the_other() {
+        let aliases = Aliases::parse_help(HELP);
+        let parse = |line: &str| {
+            aliases
+                .parse_argv(&words(line))
+                .map(|c| c.apply_to(&empty()))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let before = parse("-m a.gguf --port 8080 -c 2048 --mlock");
+        let after = parse("-m b.gguf --port 8080 -c 2048 -np 2");
+        let change = Change::between(&before, &after);
+        assert_eq!(
+            change.flags,
+            BTreeMap::from([
+                ("--mlock".to_owned(), None),
+                ("--model".to_owned(), text("b.gguf")),
+                ("--parallel".to_owned(), text("2")),
+            ])
+        );
+        assert_eq!(change.binary, None);
+        assert_eq!(change.apply_to(&before), after);
+        // Applied to something else (API changes since), it touches only what the edit did.
+        let mut changed_by_api = before.clone();
+        changed_by_api
+            .args
+            .insert("--ctx-size".to_owned(), ArgValue::Value("8192".to_owned()));
+        let merged = change.apply_to(&changed_by_api);
+        assert_eq!(
+            merged.argv(),
+            [
+                "--ctx-size",
+                "8192",
+                "--model",
+                "b.gguf",
+                "--parallel",
+                "2",
+                "--port",
+                "8080"
+            ]
+        );
+        assert_eq!(Change::between(&after, &after), Change::default());
     }
 
     #[test]

@@ -393,11 +393,18 @@ impl<L: Launcher> Actor<L> {
         let future: OpFuture<L::Process> = match &kind {
             OpKind::Start | OpKind::Revive => {
                 let args = self.applied.clone();
+                // The first start's arguments are persisted once healthy (with the configured
+                // ones beside them), never before: a config that does not come up is not kept.
+                let store = matches!(kind, OpKind::Start).then(|| self.store.clone());
                 Box::pin(async move {
                     let result = launcher.start(&args, startup).await;
                     if let (Ok(_), Some(link)) = (&result, &link) {
                         link.up().await;
                     }
+                    let persist_error = match (result.is_ok(), store) {
+                        (true, Some(store)) => persist(&store, &args).await,
+                        _ => None,
+                    };
                     let spawns = spawned(&result);
                     let (running, result) = split(result);
                     OpDone {
@@ -405,7 +412,7 @@ impl<L: Launcher> Actor<L> {
                         spawns,
                         result,
                         restore: None,
-                        persist_error: None,
+                        persist_error,
                     }
                 })
             }
@@ -670,10 +677,7 @@ async fn apply<L: Launcher>(
             if let Some(link) = &link {
                 link.up().await;
             }
-            let persist_error = store.save(&target).await.err().map(|err| {
-                warn!(%err, "applied arguments not persisted");
-                err.to_string()
-            });
+            let persist_error = persist(&store, &target).await;
             OpDone {
                 running: Some(running),
                 spawns,
@@ -699,6 +703,14 @@ async fn apply<L: Launcher>(
             }
         }
     }
+}
+
+/// Saves `args`; the error's text when that failed (the arguments run all the same).
+async fn persist(store: &Store, args: &SavedArgs) -> Option<String> {
+    store.save(args).await.err().map(|err| {
+        warn!(%err, "healthy arguments not persisted");
+        err.to_string()
+    })
 }
 
 fn spawned<P>(result: &Result<P, Failed>) -> u64 {

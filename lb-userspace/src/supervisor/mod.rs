@@ -1,10 +1,10 @@
 //! The llama-server supervisor: runs local llama-server processes, revives them when they exit,
 //! and changes their arguments over the API as transactions (see [`instance`] for the rules).
 //!
-//! Each instance's arguments live in a [`Store`] under a name. At start the persisted arguments
-//! win over the command line; when there are none, the command line's (binary, `--model`,
-//! `--port`, and the arguments after `--`) are persisted. Only arguments that came up healthy
-//! are ever saved.
+//! Each instance's arguments live in a [`Store`] under a name, beside the configured arguments
+//! (the config file's or the command line's: binary, `--model`, `--port` and the rest) they were
+//! reached from. At start the persisted arguments win, except where the config was edited since
+//! (see [`decide_args`]). Only arguments that came up healthy are ever saved.
 
 pub mod api;
 mod args;
@@ -20,14 +20,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
 pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
 
 use crate::config::AdminToken;
-use crate::store::{DriverConfig, SavedArgs, Store, StoreError};
+use crate::store::{DriverConfig, SavedArgs, Store, StoreError, Stored};
 
 /// Where arguments are kept when no `--config-driver` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/var/lib/steer/config.toml";
@@ -111,9 +111,10 @@ pub enum SupervisorError {
     },
 }
 
-/// Loads (or persists) the instance's arguments and starts its actor, which starts the process
-/// and reports to `link` when the instance is a backend. The task ends, with the process
-/// stopped, once every handle is dropped.
+/// Decides the instance's arguments from the configured and the persisted ones (see
+/// [`decide_args`]) and starts its actor, which starts the process, persists the arguments once
+/// they are healthy, and reports to `link` when the instance is a backend. The task ends, with
+/// the process stopped, once every handle is dropped.
 pub async fn start(
     spec: InstanceSpec,
     link: Option<BackendLink>,
@@ -123,57 +124,36 @@ pub async fn start(
         name: name.clone(),
         source,
     };
-    let help_error = |source| SupervisorError::Help {
-        name: name.clone(),
-        source,
-    };
-    let store = Store::open(&spec.driver).await.map_err(store_error)?;
-    let (args, aliases) = match store.load().await.map_err(store_error)? {
-        Some(saved) => {
-            let aliases = args::Aliases::learn(&saved.binary)
-                .await
-                .map_err(help_error)?;
-            // Canonical already unless edited by hand; either way one entry per option.
-            let flags = saved
-                .args
-                .into_iter()
-                .map(|(flag, value)| (flag, Some(value)));
-            let args = aliases.change(None, flags).apply_to(&SavedArgs {
-                binary: saved.binary,
-                args: BTreeMap::new(),
-            });
-            info!(name, driver = ?spec.driver, "using the persisted arguments");
-            (args, aliases)
-        }
-        None => {
-            let aliases = args::Aliases::learn(&spec.binary)
-                .await
-                .map_err(help_error)?;
-            let mut argv = vec![
-                "--model".to_owned(),
-                spec.model.clone(),
-                "--port".to_owned(),
-                spec.port.to_string(),
-            ];
-            argv.extend(spec.extra_args.iter().cloned());
-            let change = aliases
-                .parse_argv(&argv)
-                .map_err(|source| SupervisorError::Args {
-                    name: name.clone(),
-                    source,
-                })?;
-            let args = change.apply_to(&SavedArgs {
-                binary: spec.binary.clone(),
-                args: BTreeMap::new(),
-            });
-            store.save(&args).await.map_err(store_error)?;
-            info!(name, driver = ?spec.driver, "persisted the command line's arguments");
-            (args, aliases)
+    let mut store = Store::open(&spec.driver).await.map_err(store_error)?;
+    let stored = store.load().await.map_err(store_error)?;
+    let aliases =
+        args::Aliases::learn(&spec.binary)
+            .await
+            .map_err(|source| SupervisorError::Help {
+                name: name.clone(),
+                source,
+            })?;
+    let configured = configured_args(&spec, &aliases)?;
+    let (args, aliases) = match stored {
+        None => (configured.clone(), aliases),
+        Some(stored) => {
+            let aliases = if stored.args.binary == spec.binary {
+                aliases
+            } else {
+                args::Aliases::learn(&stored.args.binary)
+                    .await
+                    .map_err(|source| SupervisorError::Help {
+                        name: name.clone(),
+                        source,
+                    })?
+            };
+            (decide_args(&spec, &configured, stored, &aliases), aliases)
         }
     };
     if args.port().is_none() {
         return Err(SupervisorError::NoPort { name });
     }
+    store.set_configured(configured);
     Ok(instance::spawn(
         &spec.name,
         args,
@@ -182,6 +162,91 @@ pub async fn start(
         store,
         link,
     ))
+}
+
+/// The config file's or command line's arguments, canonical under `aliases`.
+fn configured_args(
+    spec: &InstanceSpec,
+    aliases: &args::Aliases,
+) -> Result<SavedArgs, SupervisorError> {
+    let mut argv = vec![
+        "--model".to_owned(),
+        spec.model.clone(),
+        "--port".to_owned(),
+        spec.port.to_string(),
+    ];
+    argv.extend(spec.extra_args.iter().cloned());
+    let change = aliases
+        .parse_argv(&argv)
+        .map_err(|source| SupervisorError::Args {
+            name: spec.name.clone(),
+            source,
+        })?;
+    Ok(change.apply_to(&SavedArgs {
+        binary: spec.binary.clone(),
+        args: BTreeMap::new(),
+    }))
+}
+
+/// What to start, given the persisted record and the arguments configured now.
+///
+/// - The persisted arguments are the last that came up healthy, API changes included: they
+///   win where the operator has not edited the config since.
+/// - Where the config changed since they were saved (against the configured arguments saved
+///   beside them), the config's edit is applied on top: flags the edit touches take the
+///   config's value, API changes to other flags stay.
+/// - A backend's `--port` is always the config's: the table sends its connections there.
+fn decide_args(
+    spec: &InstanceSpec,
+    configured: &SavedArgs,
+    stored: Stored,
+    aliases: &args::Aliases,
+) -> SavedArgs {
+    let name = spec.name.as_str();
+    // Canonical already unless edited by hand; either way one entry per option.
+    let flags = stored
+        .args
+        .args
+        .into_iter()
+        .map(|(flag, value)| (flag, Some(value)));
+    let saved = aliases.change(None, flags).apply_to(&SavedArgs {
+        binary: stored.args.binary,
+        args: BTreeMap::new(),
+    });
+    let mut args = match stored.configured {
+        Some(before) if before == *configured => {
+            info!(name, driver = ?spec.driver, "using the persisted arguments");
+            saved
+        }
+        Some(before) => {
+            let edit = args::Change::between(&before, configured);
+            info!(
+                name,
+                driver = ?spec.driver,
+                edit = ?edit,
+                "the config changed since the arguments were persisted: its edit wins over them"
+            );
+            edit.apply_to(&saved)
+        }
+        None => {
+            info!(
+                name,
+                driver = ?spec.driver,
+                "using the persisted arguments (saved without the configured ones)"
+            );
+            saved
+        }
+    };
+    if spec.backend.is_some() && args.port() != Some(spec.port) {
+        warn!(
+            name,
+            persisted = ?args.port(),
+            configured = spec.port,
+            "the persisted --port is not the config's: the backend is at the config's, so it wins"
+        );
+        args.set_port(spec.port);
+    }
+    args
 }
 
 /// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
@@ -211,4 +276,87 @@ pub async fn supervise(
     // The router held the last handle: the actor stops llama-server and ends.
     let _ = task.await;
     served.map_err(|source| SupervisorError::Serve { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ArgValue;
+
+    fn spec(port: u16, backend: bool) -> InstanceSpec {
+        InstanceSpec {
+            name: "gpt".to_owned(),
+            binary: "llama-server".to_owned(),
+            model: "/m/a.gguf".to_owned(),
+            port,
+            extra_args: Vec::new(),
+            settings: Settings {
+                startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+                debounce: DEFAULT_DEBOUNCE,
+                stop_grace: DEFAULT_STOP_GRACE,
+                allowed_binaries: Vec::new(),
+            },
+            driver: default_driver("gpt"),
+            backend: backend.then(|| InstanceBackend {
+                service: "chat".to_owned(),
+                address: None,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            }),
+        }
+    }
+
+    fn args(pairs: &[(&str, &str)]) -> SavedArgs {
+        SavedArgs {
+            binary: "llama-server".to_owned(),
+            args: pairs
+                .iter()
+                .map(|(flag, value)| ((*flag).to_owned(), ArgValue::Value((*value).to_owned())))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn persisted_arguments_win_until_the_config_is_edited() {
+        let aliases = args::Aliases::default();
+        let configured = args(&[("--model", "/m/a.gguf"), ("--port", "8081")]);
+        let by_api = args(&[("--model", "/m/a.gguf"), ("--port", "8081"), ("-c", "8192")]);
+        let stored = |configured: Option<SavedArgs>| Stored {
+            args: by_api.clone(),
+            configured,
+        };
+
+        // No edit since the save: the API's changes stay.
+        let decided = decide_args(
+            &spec(8081, false),
+            &configured,
+            stored(Some(configured.clone())),
+            &aliases,
+        );
+        assert_eq!(decided, by_api);
+
+        // The operator moved the model: that wins, the API's -c stays.
+        let edited = args(&[("--model", "/m/b.gguf"), ("--port", "8081")]);
+        let decided = decide_args(
+            &spec(8081, false),
+            &edited,
+            stored(Some(configured.clone())),
+            &aliases,
+        );
+        assert_eq!(
+            decided,
+            args(&[("--model", "/m/b.gguf"), ("--port", "8081"), ("-c", "8192")])
+        );
+
+        // A backend's port moved in the config: llama-server moves with it, even for a record
+        // saved before the configured arguments were kept beside it.
+        let moved = args(&[("--model", "/m/a.gguf"), ("--port", "9090")]);
+        for record in [stored(Some(configured.clone())), stored(None)] {
+            let decided = decide_args(&spec(9090, true), &moved, record, &aliases);
+            assert_eq!(decided.port(), Some(9090), "{decided:?}");
+            assert_eq!(decided.args.get("-c"), by_api.args.get("-c"));
+        }
+        // Not a backend, an old record: the persisted arguments as they are.
+        let decided = decide_args(&spec(9090, false), &moved, stored(None), &aliases);
+        assert_eq!(decided, by_api);
+    }
 }
