@@ -902,6 +902,41 @@ fn persisted_args_survive_a_sigkill_etcd_driver() {
     }));
 }
 
+/// etcd gone at start: the instance comes up with the arguments cached at the last save, and
+/// a change still applies, answered with a persist error that says where it is kept.
+#[test]
+fn etcd_down_at_start_uses_the_cached_arguments() {
+    let etcd = tests::etcd::Etcd::start();
+    let setup = Setup::with_driver("etcd-down", |dir| DriverConfig::Etcd {
+        addr: etcd.endpoint(),
+        name: "gpt".into(),
+        cache: Some(dir.join("etcd-cache.toml")),
+    });
+    let mut supervisor = setup.start();
+    let (status, body) = supervisor.post(json!({"-c": 1024}));
+    assert_eq!(status, 200, "{body}");
+    supervisor.kill_hard();
+    drop(etcd);
+
+    let again = setup.start();
+    let status = again.get();
+    assert_eq!(applied_flag(&status, "--ctx-size"), "1024", "{status}");
+    assert!(
+        again
+            .log()
+            .contains("etcd does not answer: using the arguments cached"),
+        "{}",
+        again.log()
+    );
+    let (code, body) = again.post(json!({"-c": 1536}));
+    assert_eq!(code, 200, "{body}");
+    let persist_error = body["persist_error"].as_str().unwrap_or_default();
+    assert!(
+        persist_error.contains("etcd-cache.toml"),
+        "the answer says where the change is kept: {body}"
+    );
+}
+
 /// Two instances keep their configs in one file under two names; each change touches only its
 /// own, and each comes back with its own after a restart.
 #[test]
