@@ -10,23 +10,25 @@ pub mod api;
 mod args;
 mod backend;
 mod instance;
+pub mod policy;
 mod process;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
 pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
+pub use policy::{ArgPolicy, PolicyError};
 
-use crate::config::AdminToken;
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError};
 
 /// Where arguments are kept when no `--config-driver` is given.
@@ -62,6 +64,29 @@ pub struct InstanceSpec {
     pub backend: Option<InstanceBackend>,
 }
 
+impl InstanceSpec {
+    /// The operator's arguments: the binary, `--model`, `--port` and the extra arguments.
+    pub fn operator_args(&self, aliases: &args::Aliases) -> Result<SavedArgs, SupervisorError> {
+        let mut argv = vec![
+            "--model".to_owned(),
+            self.model.clone(),
+            "--port".to_owned(),
+            self.port.to_string(),
+        ];
+        argv.extend(self.extra_args.iter().cloned());
+        let change = aliases
+            .parse_argv(&argv)
+            .map_err(|source| SupervisorError::Args {
+                name: self.name.clone(),
+                source,
+            })?;
+        Ok(change.apply_to(&SavedArgs {
+            binary: self.binary.clone(),
+            args: BTreeMap::new(),
+        }))
+    }
+}
+
 /// `[[instance]] service = ...`: the instance is a backend of that service.
 #[derive(Clone, Debug)]
 pub struct InstanceBackend {
@@ -93,10 +118,16 @@ pub enum SupervisorError {
         #[source]
         source: ArgsError,
     },
+    #[error("instance `{name}`: {source}")]
+    User {
+        name: String,
+        #[source]
+        source: process::UserError,
+    },
     #[error("instance `{name}`: the persisted arguments have no usable --port")]
     NoPort { name: String },
-    #[error("{addr} is not a loopback address: pass --admin-token-file")]
-    NotLoopback { addr: SocketAddr },
+    #[error("--admin-token-file: {0}")]
+    Token(#[from] crate::token::TokenError),
     #[error("binding the supervisor API to {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -142,6 +173,8 @@ pub async fn start(
                 binary: saved.binary,
                 args: BTreeMap::new(),
             });
+            let policy = &spec.settings.policy;
+            let args = policy::checked_at_load(&spec, policy, &aliases, args, &store).await?;
             info!(name, driver = ?spec.driver, "using the persisted arguments");
             (args, aliases)
         }
@@ -149,23 +182,7 @@ pub async fn start(
             let aliases = args::Aliases::learn(&spec.binary)
                 .await
                 .map_err(help_error)?;
-            let mut argv = vec![
-                "--model".to_owned(),
-                spec.model.clone(),
-                "--port".to_owned(),
-                spec.port.to_string(),
-            ];
-            argv.extend(spec.extra_args.iter().cloned());
-            let change = aliases
-                .parse_argv(&argv)
-                .map_err(|source| SupervisorError::Args {
-                    name: name.clone(),
-                    source,
-                })?;
-            let args = change.apply_to(&SavedArgs {
-                binary: spec.binary.clone(),
-                args: BTreeMap::new(),
-            });
+            let args = spec.operator_args(&aliases)?;
             store.save(&args).await.map_err(store_error)?;
             info!(name, driver = ?spec.driver, "persisted the command line's arguments");
             (args, aliases)
@@ -174,6 +191,7 @@ pub async fn start(
     if args.port().is_none() {
         return Err(SupervisorError::NoPort { name });
     }
+    check_user(&name, spec.settings.user.as_deref(), &args)?;
     Ok(instance::spawn(
         &spec.name,
         args,
@@ -184,18 +202,37 @@ pub async fn start(
     ))
 }
 
+/// Fails at start, naming the user or the file, when llama-server could not run as its user;
+/// warns when it runs as root.
+fn check_user(name: &str, user: Option<&str>, args: &SavedArgs) -> Result<(), SupervisorError> {
+    let error = |source| SupervisorError::User {
+        name: name.to_owned(),
+        source,
+    };
+    match process::RunAs::resolve(user).map_err(error)? {
+        Some(run_as) => {
+            run_as.check_access(args).map_err(error)?;
+            info!(name, user = run_as.name(), "llama-server runs unprivileged");
+        }
+        None if nix::unistd::geteuid().is_root() => warn!(
+            name,
+            "llama-server runs as ROOT (`user` is a uid-0 user): every argument the params API \
+             sets gets root's rights; set `user` to an unprivileged user"
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
 /// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
-/// stopped gracefully.
+/// stopped gracefully. Changes need the token in `token_file`, generated there if missing.
 pub async fn supervise(
     spec: InstanceSpec,
     addr: SocketAddr,
-    token: Option<AdminToken>,
+    token_file: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SupervisorError> {
-    // Whoever reaches the API can run any allowed binary: off loopback it must be authenticated.
-    if !addr.ip().is_loopback() && token.is_none() {
-        return Err(SupervisorError::NotLoopback { addr });
-    }
+    let token = Arc::new(crate::token::load_or_create(token_file)?);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| SupervisorError::Bind { addr, source })?;
