@@ -960,3 +960,90 @@ fn token_and_binary_allowlist() {
         "{stderr}"
     );
 }
+
+/// `/proc/PID/status` field `name` (`Uid`, `Gid`, `Groups`), split on whitespace.
+fn proc_status(pid: u32, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Issue 11, finding 1: with the supervisor as root, llama-server runs as `nobody` (no
+/// supplementary groups, no new privileges); even with the token, `--path /etc` and
+/// `--log-file` are 403s that touch no process; a `--path` persisted by an older agent is put
+/// back to the operator's (none) at load, with an error logged and the store rewritten.
+#[test]
+fn llama_server_runs_unprivileged_and_host_flags_are_forbidden() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to show that llama-server does not run as root");
+        return;
+    }
+    let setup = Setup::new("unprivileged");
+    let mut supervisor = setup.start();
+    let before = supervisor.get();
+    let pid = pid(&before);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("look up nobody")
+        .expect("a user nobody");
+    let uid = nobody.uid.to_string();
+    assert_eq!(proc_status(pid, "Uid"), [uid.as_str(); 4]);
+    let gid = nobody.gid.to_string();
+    assert_eq!(proc_status(pid, "Gid"), [gid.as_str(); 4]);
+    assert!(
+        proc_status(pid, "Groups").is_empty(),
+        "supplementary groups kept"
+    );
+    assert_eq!(proc_status(pid, "NoNewPrivs"), ["1"]);
+    assert!(
+        supervisor.log().contains("llama-server runs unprivileged"),
+        "{}",
+        supervisor.log()
+    );
+
+    for (flag, value) in [
+        ("--path", "/etc"),
+        ("--log-file", "/root/steer-owned"),
+        ("-lf", "/root/steer-owned"),
+        ("--host", "0.0.0.0"),
+        ("--slot-save-path", "/root"),
+    ] {
+        let (status, body) = supervisor.post(json!({ flag: value }));
+        assert_eq!(status, 403, "{flag}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("may not be set over the API"),
+            "{flag}: {error}"
+        );
+    }
+    let after = supervisor.get();
+    assert_eq!(self::pid(&after), pid, "nothing restarted");
+    assert_eq!(starts(&after), starts(&before));
+    assert!(after["pending"].is_null());
+    assert!(!Path::new("/root/steer-owned").exists());
+
+    // An older agent took any flag: a persisted --path is dropped at the next start.
+    supervisor.kill_hard();
+    let store = setup.dir.0.join("config.toml");
+    let persisted = std::fs::read_to_string(&store).expect("read the store");
+    let edited = persisted.replacen("[gpt.args]\n", "[gpt.args]\n--path = \"/etc\"\n", 1);
+    assert_ne!(edited, persisted, "no [gpt.args] in {persisted}");
+    std::fs::write(&store, edited).expect("write the store");
+    let supervisor = setup.start();
+    let status = supervisor.get();
+    assert!(
+        status["applied"]["args"].get("--path").is_none(),
+        "{status}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", self::pid(&status))).expect("cmdline");
+    assert!(
+        !cmdline.split(|&b| b == 0).any(|w| w == b"--path"),
+        "llama-server got --path"
+    );
+    let log = supervisor.log();
+    assert!(log.contains("ERROR") && log.contains("--path"), "{log}");
+    let rewritten = std::fs::read_to_string(&store).expect("read the store");
+    assert!(!rewritten.contains("--path"), "{rewritten}");
+}
