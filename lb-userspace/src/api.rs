@@ -25,15 +25,12 @@ pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 struct ApiState {
     table: TableHandle,
-    token: Option<Arc<AdminToken>>,
+    token: Arc<AdminToken>,
 }
 
-/// The admin API's routes. With a token, mutating calls need `Authorization: Bearer <token>`.
-pub fn router(table: TableHandle, token: Option<AdminToken>) -> Router {
-    let state = ApiState {
-        table,
-        token: token.map(Arc::new),
-    };
+/// The admin API's routes. Mutating calls need `Authorization: Bearer <token>`; reads are open.
+pub fn router(table: TableHandle, token: Arc<AdminToken>) -> Router {
+    let state = ApiState { table, token };
     Router::new()
         .route("/v1/backends", get(list_backends).post(add_backend))
         .route("/v1/backends/{id}", delete(remove_backend))
@@ -127,28 +124,25 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-impl FromRef<ApiState> for Option<Arc<AdminToken>> {
+impl FromRef<ApiState> for Arc<AdminToken> {
     fn from_ref(state: &ApiState) -> Self {
         state.token.clone()
     }
 }
 
-/// Proof that a mutating request carries the configured token (or that none is configured).
-/// Taken before the body, so a request without the token learns nothing else. Any router whose
-/// state yields the token can use it.
+/// Proof that a mutating request carries the token. Taken before the body, so a request
+/// without the token learns nothing else. Any router whose state yields the token can use it.
 pub(crate) struct Authorized;
 
 impl<S> FromRequestParts<S> for Authorized
 where
     S: Send + Sync,
-    Option<Arc<AdminToken>>: FromRef<S>,
+    Arc<AdminToken>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Some(token) = Option::<Arc<AdminToken>>::from_ref(state) else {
-            return Ok(Authorized);
-        };
+        let token = Arc::<AdminToken>::from_ref(state);
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -259,7 +253,7 @@ async fn activate_backend(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{BackendConfig, Overrides, ServiceConfig};
+    use crate::config::{BackendConfig, ServiceConfig};
     use crate::fake::FakeDataplane;
     use crate::policy::Policy;
     use crate::table;
@@ -282,30 +276,27 @@ pub(crate) mod tests {
         }]
     }
 
-    fn app(token: Option<AdminToken>) -> Router {
+    fn app() -> Router {
         let (handle, _task) = table::start(FakeDataplane::default(), &services())
             .unwrap_or_else(|e| panic!("starting the table: {e}"));
-        with_fallbacks(router(handle, token))
+        with_fallbacks(router(handle, test_token()))
     }
 
-    /// A token as the config would read it.
-    fn token() -> AdminToken {
-        let dir = std::env::temp_dir().join(format!("steer-api-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.join("token"), "t0ken").unwrap_or_else(|e| panic!("{e}"));
-        let text = "[agent]\ninterfaces = [\"lo\"]\nadmin_token_file = \"token\"\n";
-        let config = crate::config::Config::parse(&dir.join("c.toml"), text, &Overrides::default())
-            .unwrap_or_else(|e| panic!("{e}"));
-        config.admin_token.unwrap_or_else(|| panic!("no token"))
+    /// The token the unit tests' routers check.
+    pub(crate) const TEST_TOKEN: &str = "t0ken";
+
+    pub(crate) fn test_token() -> Arc<AdminToken> {
+        Arc::new(AdminToken::from_text(TEST_TOKEN).unwrap_or_else(|| panic!("a token")))
     }
 
+    /// A call carrying [`TEST_TOKEN`].
     pub(crate) async fn call(
         app: &Router,
         method: Method,
         uri: &str,
         body: Option<&str>,
     ) -> (StatusCode, Value) {
-        call_with(app, method, uri, body, None).await
+        call_with(app, method, uri, body, Some(TEST_TOKEN)).await
     }
 
     pub(crate) async fn call_with(
@@ -341,7 +332,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn list_add_drain_activate_remove() {
-        let app = app(None);
+        let app = app();
         let (status, body) = call(&app, Method::GET, "/v1/backends", None).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
@@ -390,7 +381,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn services_with_counters() {
-        let (status, body) = call(&app(None), Method::GET, "/v1/services", None).await;
+        let (status, body) = call(&app(), Method::GET, "/v1/services", None).await;
         assert_eq!(status, StatusCode::OK);
         let service = &body["services"][0];
         assert_eq!(service["name"], "chat");
@@ -414,7 +405,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn error_statuses_and_messages() {
-        let app = app(None);
+        let app = app();
         let post = |body: &'static str| {
             let app = app.clone();
             async move { call(&app, Method::POST, "/v1/backends", Some(body)).await }
@@ -487,7 +478,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn full_service_is_a_conflict() {
-        let app = app(None);
+        let app = app();
         for i in 1..lb_common::MAX_BACKENDS_PER_SERVICE {
             let body = format!(r#"{{"service":"chat","address":"10.0.2.{i}:80"}}"#);
             let (status, _) = call(&app, Method::POST, "/v1/backends", Some(&body)).await;
@@ -500,10 +491,11 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn token_guards_mutating_calls() {
-        let app = app(Some(token()));
-        let (status, _) = call(&app, Method::GET, "/v1/backends", None).await;
+        let app = app();
+        let (status, _) = call_with(&app, Method::GET, "/v1/backends", None, None).await;
         assert_eq!(status, StatusCode::OK, "reads need no token");
-        let (status, body) = call(&app, Method::POST, "/v1/backends/0/drain", None).await;
+        let (status, body) =
+            call_with(&app, Method::POST, "/v1/backends/0/drain", None, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert!(
             body["error"]
@@ -520,8 +512,8 @@ pub(crate) mod tests {
             )
         };
         assert_eq!(drain("wrong").await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(drain("t0ken").await.0, StatusCode::OK);
-        let (status, _) = call(&app, Method::POST, "/v1/backends", Some("{}")).await;
+        assert_eq!(drain(TEST_TOKEN).await.0, StatusCode::OK);
+        let (status, _) = call_with(&app, Method::POST, "/v1/backends", Some("{}"), None).await;
         assert_eq!(
             status,
             StatusCode::UNAUTHORIZED,

@@ -104,8 +104,9 @@ pub struct Config {
     pub path: PathBuf,
     pub xdp: XdpOptions,
     pub admin_addr: SocketAddr,
-    /// When set, mutating API calls need `Authorization: Bearer <token>`.
-    pub admin_token: Option<AdminToken>,
+    /// The file holding the token mutating API calls need (`Authorization: Bearer <token>`);
+    /// generated at the first start when missing (see [`crate::token`]).
+    pub admin_token_file: PathBuf,
     pub services: Vec<ServiceConfig>,
     /// Slot polls, one per service with policy `slots` or a `[service.slots]` table.
     pub slot_polls: Vec<SlotPoll>,
@@ -206,7 +207,8 @@ impl<'de> Deserialize<'de> for Weight {
     }
 }
 
-/// The admin API's bearer token, read from `admin_token_file`. Never printed.
+/// The admin API's bearer token, read from `admin_token_file` (see [`crate::token`]). Never
+/// printed.
 #[derive(Clone)]
 pub struct AdminToken(String);
 
@@ -244,13 +246,6 @@ pub enum ConfigError {
         /// Dotted path of the field (`service[0].backend[1].address`), or the flag.
         field: String,
         message: String,
-    },
-    #[error("{location}: agent.admin_token_file: reading {}: {source}", token_path.display())]
-    TokenFile {
-        location: Location,
-        token_path: PathBuf,
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -304,6 +299,14 @@ struct RawInstance {
     /// Binaries `binary` may be changed to over the API.
     #[serde(default)]
     allowed_binaries: Vec<String>,
+    /// Flags the API may set beyond the default tuning flags (`supervisor::policy`).
+    #[serde(default)]
+    api_flags: Vec<String>,
+    /// Where path-valued flags set over the API must point; default: `model`'s directory.
+    #[serde(default)]
+    model_dirs: Vec<PathBuf>,
+    /// Who llama-server runs as when the agent is root; default `nobody`.
+    user: Option<String>,
     config_driver: Option<DriverConfig>,
     service: Option<Spanned<String>>,
     address: Option<Spanned<SocketAddrV4>>,
@@ -517,22 +520,11 @@ impl Doc<'_> {
     fn build(&self, raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
         let agent = raw.agent;
         let interfaces = self.interfaces(agent.interfaces, &overrides.interfaces)?;
-        let admin_token = match &agent.admin_token_file {
-            Some(file) => Some(self.read_token(file)?),
-            None => None,
-        };
-        let admin_addr = match (overrides.admin_addr, &agent.admin_addr) {
-            (Some(addr), _) => {
-                self.check_admin_addr(addr, admin_token.is_some(), None, "--admin-addr")?
-            }
-            (None, Some(addr)) => self.check_admin_addr(
-                *addr.get_ref(),
-                admin_token.is_some(),
-                Some(addr.span()),
-                "agent.admin_addr",
-            )?,
-            (None, None) => DEFAULT_ADMIN_ADDR,
-        };
+        let admin_token_file = self.token_path(agent.admin_token_file.as_ref());
+        let admin_addr = overrides
+            .admin_addr
+            .or(agent.admin_addr.map(Spanned::into_inner))
+            .unwrap_or(DEFAULT_ADMIN_ADDR);
         if raw.service.len() > lb_common::MAX_SERVICES as usize {
             let extra = &raw.service[lb_common::MAX_SERVICES as usize];
             return Err(self.invalid(
@@ -588,7 +580,7 @@ impl Doc<'_> {
                     .map_or(DEFAULT_CLOSED_FLOW_TIMEOUT, |t| t.0),
             },
             admin_addr,
-            admin_token,
+            admin_token_file,
             services,
             slot_polls,
             proxies,
@@ -755,6 +747,11 @@ impl Doc<'_> {
             }
             let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
             let backend = self.instance_backend(i, &instance, services)?;
+            let policy = supervisor::ArgPolicy::new(
+                &instance.api_flags,
+                &instance.model_dirs,
+                &instance.model,
+            );
             let mut extra_args = instance.args;
             let sets_host = extra_args
                 .iter()
@@ -779,6 +776,8 @@ impl Doc<'_> {
                     debounce: timeout(instance.debounce, supervisor::DEFAULT_DEBOUNCE),
                     stop_grace: timeout(instance.stop_grace, supervisor::DEFAULT_STOP_GRACE),
                     allowed_binaries: instance.allowed_binaries,
+                    policy,
+                    user: instance.user,
                 },
             });
         }
@@ -871,41 +870,15 @@ impl Doc<'_> {
         Ok(names)
     }
 
-    fn check_admin_addr(
-        &self,
-        addr: SocketAddr,
-        has_token: bool,
-        span: Option<Range<usize>>,
-        field: &str,
-    ) -> Result<SocketAddr, ConfigError> {
-        // Anyone who can reach the API can steer traffic: off loopback it must be authenticated.
-        if !addr.ip().is_loopback() && !has_token {
-            return Err(self.invalid(
-                span,
-                field,
-                format!("{addr} is not a loopback address: set agent.admin_token_file"),
-            ));
-        }
-        Ok(addr)
-    }
-
-    fn read_token(&self, file: &Spanned<PathBuf>) -> Result<AdminToken, ConfigError> {
-        let token_path = match self.path.parent() {
+    /// `agent.admin_token_file`, relative to the config's directory; the default otherwise.
+    fn token_path(&self, file: Option<&Spanned<PathBuf>>) -> PathBuf {
+        let Some(file) = file else {
+            return PathBuf::from(crate::token::DEFAULT_TOKEN_FILE);
+        };
+        match self.path.parent() {
             Some(dir) => dir.join(file.get_ref()),
             None => file.get_ref().clone(),
-        };
-        let location = self.location(Some(file.span()));
-        let text =
-            std::fs::read_to_string(&token_path).map_err(|source| ConfigError::TokenFile {
-                location: location.clone(),
-                token_path: token_path.clone(),
-                source,
-            })?;
-        AdminToken::from_text(&text).ok_or_else(|| ConfigError::Invalid {
-            location,
-            field: "agent.admin_token_file".to_owned(),
-            message: format!("{} is empty", token_path.display()),
-        })
+        }
     }
 
     fn service(&self, i: usize, raw: &RawService) -> Result<ServiceConfig, ConfigError> {
@@ -1026,11 +999,12 @@ impl fmt::Display for Config {
             (DataplaneKind::Xdp, XdpMode::Skb) => "skb XDP",
         };
         writeln!(f, "interfaces: {} ({mode})", xdp.interfaces.join(", "))?;
-        let auth = match self.admin_token {
-            Some(_) => "changes need the bearer token",
-            None => "no token",
-        };
-        writeln!(f, "admin API: {} ({auth})", self.admin_addr)?;
+        writeln!(
+            f,
+            "admin API: {} (changes need the bearer token in {})",
+            self.admin_addr,
+            self.admin_token_file.display()
+        )?;
         writeln!(
             f,
             "flows: SNAT ports {}-{}, {} conntrack entries, idle timeout {:?}, closed timeout {:?}, events {}",
@@ -1068,7 +1042,7 @@ impl fmt::Display for Config {
                 instance.binary,
                 instance.model,
                 instance.port,
-                instance.extra_args.join(" "),
+                supervisor::policy::redact_argv(&instance.extra_args).join(" "),
                 instance.driver,
             )?;
         }
@@ -1139,7 +1113,10 @@ address = "10.0.0.100:81"
         assert_eq!(config.xdp.closed_flow_timeout, Duration::from_millis(500));
         assert!(!config.xdp.flow_events);
         assert_eq!(config.admin_addr, DEFAULT_ADMIN_ADDR);
-        assert!(config.admin_token.is_none());
+        assert_eq!(
+            config.admin_token_file,
+            Path::new(crate::token::DEFAULT_TOKEN_FILE)
+        );
         assert_eq!(config.services.len(), 2);
         let chat = &config.services[0];
         assert_eq!(chat.policy, Policy::LeastConnections);
@@ -1319,11 +1296,6 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (3, "agent.interfaces"));
         let (line, field, _) = invalid(&EXAMPLE.replace("\"eth1\"", "\"eth0\""));
         assert_eq!((line, field.as_str()), (3, "agent.interfaces"));
-
-        let text = EXAMPLE.replace("[agent]\n", "[agent]\nadmin_addr = \"0.0.0.0:9090\"\n");
-        let (line, field, message) = invalid(&text);
-        assert_eq!((line, field.as_str()), (3, "agent.admin_addr"));
-        assert!(message.contains("admin_token_file"), "{message}");
     }
 
     #[test]
@@ -1396,43 +1368,24 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (3 + 3 * 64, "service[64]"));
     }
 
+    /// The token itself is read (or generated) at start, by `crate::token`; the config only
+    /// says where, relative to its own directory.
     #[test]
-    fn token_file_is_read_relative_to_the_config() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = std::env::temp_dir().join(format!("steer-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("token"), "s3cret\n")?;
-        std::fs::write(dir.join("empty"), "\n")?;
-        let with = |file: &str| {
-            format!(
-                "[agent]\ninterfaces = [\"eth0\"]\nadmin_addr = \"0.0.0.0:9090\"\nadmin_token_file = \"{file}\"\n"
-            )
-        };
-        let path = dir.join("steer.toml");
-        let config = Config::parse(&path, &with("token"), &Overrides::default())?;
-        let token = config.admin_token.ok_or("no token")?;
-        assert!(token.matches("s3cret"));
-        assert!(!token.matches("s3cre"));
-        assert_eq!(format!("{token:?}"), "AdminToken(<redacted>)");
-
-        match Config::parse(&path, &with("missing"), &Overrides::default()) {
-            Err(ConfigError::TokenFile {
-                location,
-                token_path,
-                ..
-            }) => {
-                assert_eq!(location.line_column.map(|(line, _)| line), Some(4));
-                assert_eq!(token_path, dir.join("missing"));
-            }
-            other => panic!("{other:?}"),
-        }
-        match Config::parse(&path, &with("empty"), &Overrides::default()) {
-            Err(ConfigError::Invalid { field, message, .. }) => {
-                assert_eq!(field, "agent.admin_token_file");
-                assert!(message.ends_with("is empty"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
-        std::fs::remove_dir_all(&dir)?;
+    fn token_file_is_relative_to_the_config() -> Result<(), ConfigError> {
+        let text = "[agent]\ninterfaces = [\"eth0\"]\nadmin_addr = \"0.0.0.0:9090\"\n\
+                    admin_token_file = \"state/token\"\n";
+        let config = Config::parse(
+            Path::new("/etc/steer/steer.toml"),
+            text,
+            &Overrides::default(),
+        )?;
+        assert_eq!(config.admin_token_file, Path::new("/etc/steer/state/token"));
+        assert_eq!(config.admin_addr.to_string(), "0.0.0.0:9090");
+        let token = AdminToken::from_text(" s3cret\n");
+        assert!(token.as_ref().is_some_and(|t| t.matches("s3cret")));
+        assert!(token.as_ref().is_some_and(|t| !t.matches("s3cre")));
+        assert_eq!(format!("{token:?}"), "Some(AdminToken(<redacted>))");
+        assert!(AdminToken::from_text(" \n").is_none());
         Ok(())
     }
 

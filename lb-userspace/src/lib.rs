@@ -14,6 +14,7 @@ pub mod slots;
 pub mod store;
 pub mod supervisor;
 pub mod table;
+pub mod token;
 
 #[cfg(test)]
 mod fake;
@@ -59,6 +60,8 @@ pub enum AgentError {
     },
     #[error("the backend table task failed: {0}")]
     TableTask(#[source] tokio::task::JoinError),
+    #[error("agent.admin_token_file: {0}")]
+    Token(#[from] token::TokenError),
 }
 
 /// Run the agent until `shutdown` completes: load and attach XDP (unless the dataplane is
@@ -124,6 +127,7 @@ async fn serve<D: Dataplane>(
         addr: config.admin_addr,
         source,
     })?;
+    let admin_token = Arc::new(token::load_or_create(&config.admin_token_file)?);
     let dataplane = proxy::HttpUnsteered::new(dataplane, &config.proxies);
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
@@ -168,11 +172,8 @@ async fn serve<D: Dataplane>(
         instance_tasks.push(task);
     }
     let app = api::with_fallbacks(
-        api::router(table.clone(), config.admin_token.clone())
-            .merge(supervisor::api::router(
-                instances.clone(),
-                config.admin_token.clone(),
-            ))
+        api::router(table.clone(), admin_token.clone())
+            .merge(supervisor::api::router(instances.clone(), admin_token))
             .merge(metrics::agent_router(table, instances, gates.clone()))
             .merge(proxy::router(gates)),
     );
@@ -275,10 +276,36 @@ address = "10.0.0.100:80"
 address = "10.0.1.2:8080"
 "#;
 
+    /// A fresh directory for a test's token file and store.
+    fn temp_dir(tag: &str) -> std::io::Result<std::path::PathBuf> {
+        let dir = std::env::temp_dir().join(format!("steer-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// [`CONFIG`] with the token file in `dir`, then `more`.
+    fn config_in(dir: &Path, more: &str) -> Result<Config, config::ConfigError> {
+        let token = dir.join("admin.token");
+        let text = CONFIG.replace(
+            "[agent]\n",
+            &format!(
+                "[agent]\nadmin_token_file = {:?}\n",
+                token.display().to_string()
+            ),
+        );
+        Config::parse(
+            Path::new("test.toml"),
+            &format!("{text}{more}"),
+            &Overrides::default(),
+        )
+    }
+
     #[tokio::test]
     async fn serves_until_shutdown_and_returns_the_dataplane()
     -> Result<(), Box<dyn std::error::Error>> {
-        let config = Config::parse(Path::new("test.toml"), CONFIG, &Overrides::default())?;
+        let dir = temp_dir("serve")?;
+        let config = config_in(&dir, "")?;
         let listener = bind(config.admin_addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -305,12 +332,66 @@ address = "10.0.1.2:8080"
         let returned = agent.await??;
         assert!(!returned.maps().backends.is_empty());
         assert_eq!(fake.maps().rings[&0], [0]);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// With no token file yet, the agent generates one (mode 0600) and every mutating call
+    /// needs it; reads stay open.
+    #[tokio::test]
+    async fn a_token_is_generated_and_required() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("token")?;
+        let config = config_in(&dir, "")?;
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
+        let agent = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let fake = FakeDataplane::default();
+            serve(fake, counts, DataplaneKind::Xdp, &config, listener, stopped).await
+        });
+        let response = get(addr, "/v1/backends").await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let path = dir.join("admin.token");
+        assert_eq!(
+            std::fs::metadata(&path)?.permissions().mode() & 0o777,
+            0o600
+        );
+        let token = std::fs::read_to_string(&path)?;
+        for uri in ["/v1/backends/0/drain", "/v1/backends/0/activate"] {
+            let response = post(addr, uri, None).await?;
+            assert!(response.starts_with("HTTP/1.1 401"), "{uri}: {response}");
+            assert!(response.contains(r#"{"error":"#), "{response}");
+        }
+        let response = post(addr, "/v1/backends/0/drain", Some(token.trim())).await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let _ = stop.send(());
+        agent.await??;
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 
     async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        request(addr, &format!("GET {path} HTTP/1.1\r\n")).await
+    }
+
+    async fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> std::io::Result<String> {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        request(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\n{auth}Content-Length: 0\r\n"),
+        )
+        .await
+    }
+
+    /// Sends `head` (request line and headers) and reads the whole response.
+    async fn request(addr: SocketAddr, head: &str) -> std::io::Result<String> {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n");
+        let request = format!("{head}Host: steer\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
@@ -321,15 +402,13 @@ address = "10.0.1.2:8080"
     /// llama-server: it exits at once, so the instance stays down, but its params are served.
     #[tokio::test]
     async fn instances_are_served_on_the_admin_api() -> Result<(), Box<dyn std::error::Error>> {
-        let dir =
-            std::env::temp_dir().join(format!("steer-agent-instances-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = temp_dir("instances")?;
         let store = dir.join("config.toml");
         let text = format!(
-            "{CONFIG}\n[[instance]]\nname = \"gpt\"\nbinary = \"/bin/true\"\nmodel = \"m.gguf\"\n\
+            "\n[[instance]]\nname = \"gpt\"\nbinary = \"/bin/true\"\nmodel = \"m.gguf\"\n\
              port = 8081\nconfig_driver = {{ type = \"file\", path = {store:?}, name = \"gpt\" }}\n"
         );
-        let config = Config::parse(Path::new("test.toml"), &text, &Overrides::default())?;
+        let config = config_in(&dir, &text)?;
         let listener = bind(config.admin_addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use lb_userspace::config::{AdminToken, Config, DataplaneKind, Overrides, parse_duration};
+use lb_userspace::config::{Config, DataplaneKind, Overrides, parse_duration};
 use lb_userspace::dataplane::xdp::XdpMode;
 use lb_userspace::store::DriverConfig;
 use lb_userspace::supervisor::{self, InstanceSpec, Settings};
+use lb_userspace::token;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -39,12 +40,12 @@ enum Command {
     },
     /// Run one llama-server, revive it when it exits, and change its arguments over
     /// `POST /v1/params` until SIGINT or SIGTERM.
-    Supervise(SuperviseArgs),
+    Supervise(Box<SuperviseArgs>),
 }
 
 #[derive(Args)]
 struct SuperviseArgs {
-    /// Address of the params API; off loopback it needs --admin-token-file.
+    /// Address of the params API (changes need the token in --admin-token-file).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8084")]
     supervisor_addr: SocketAddr,
     /// The llama-server binary (a path, or a name looked up in PATH).
@@ -72,12 +73,24 @@ struct SuperviseArgs {
     /// How long llama-server gets between SIGTERM and SIGKILL.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     stop_grace: Duration,
-    /// File holding the bearer token that changes need.
-    #[arg(long, value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
+    /// File holding the bearer token that changes need; generated (mode 0600) when missing.
+    /// It must not be open to group or others.
+    #[arg(long, value_name = "FILE", default_value = token::DEFAULT_TOKEN_FILE)]
+    admin_token_file: PathBuf,
     /// A binary the API may switch `binary` to (repeatable).
     #[arg(long = "allowed-binary", value_name = "PATH")]
     allowed_binaries: Vec<String>,
+    /// A flag the API may set beyond the default tuning flags (repeatable), e.g. `--host`.
+    #[arg(long = "api-flag", value_name = "FLAG")]
+    api_flags: Vec<String>,
+    /// A directory path-valued flags set over the API (`--model`, `--lora`, ...) must lie in
+    /// (repeatable); default: the directory of --model.
+    #[arg(long = "model-dir", value_name = "DIR")]
+    model_dirs: Vec<PathBuf>,
+    /// The user llama-server runs as when the supervisor is root (default `nobody`); `root`
+    /// keeps root, with a warning.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
     /// Log filter (`info`, `debug`; llama-server's output is `llama_server=debug`); default:
     /// RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
@@ -132,6 +145,15 @@ fn try_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::CheckConfig { config } => {
             let config = Config::load(&config, &Overrides::default())?;
+            // A token file that exists must already pass the checks `run` makes; one this user
+            // may not open is the agent's to judge.
+            match token::read_existing(&config.admin_token_file) {
+                Err(token::TokenError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied => {}
+                other => {
+                    other.context("agent.admin_token_file")?;
+                }
+            }
             write!(std::io::stdout().lock(), "{config}").context("writing the summary")?;
             Ok(())
         }
@@ -151,25 +173,16 @@ fn try_main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Supervise(args) => supervise(args),
+        Command::Supervise(args) => supervise(*args),
     }
 }
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref())?;
-    let token = match &args.admin_token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading --admin-token-file {}", path.display()))?;
-            let token = AdminToken::from_text(&text)
-                .with_context(|| format!("--admin-token-file {} is empty", path.display()))?;
-            Some(token)
-        }
-        None => None,
-    };
     let driver = args
         .config_driver
         .unwrap_or_else(|| supervisor::default_driver(supervisor::DEFAULT_CONFIG_NAME));
+    let policy = supervisor::ArgPolicy::new(&args.api_flags, &args.model_dirs, &args.model);
     let spec = InstanceSpec {
         name: driver.name().to_owned(),
         binary: args.binary,
@@ -181,6 +194,8 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             debounce: args.debounce,
             stop_grace: args.stop_grace,
             allowed_binaries: args.allowed_binaries,
+            policy,
+            user: args.user,
         },
         driver,
         backend: None,
@@ -188,6 +203,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal().context("installing signal handlers")?;
+        let token = &args.admin_token_file;
         supervisor::supervise(spec, args.supervisor_addr, token, shutdown).await?;
         Ok(())
     })

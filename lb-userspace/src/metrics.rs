@@ -644,11 +644,15 @@ mod tests {
         handle.remove_backend(1).await?;
         let again = Request::post("/v1/backends")
             .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", crate::api::tests::TEST_TOKEN),
+            )
             .body(Body::from(
                 r#"{"service":"chat","address":"10.0.1.3:8080"}"#,
             ))
             .unwrap_or_else(|e| panic!("{e}"));
-        let added = crate::api::router(handle, None)
+        let added = crate::api::router(handle, crate::api::tests::test_token())
             .oneshot(again)
             .await
             .unwrap_or_else(|e| panic!("{e}"));

@@ -75,19 +75,41 @@ fn missing_config_file_is_named() {
     );
 }
 
+/// Every change needs the token: check-config says where it lives, and refuses a token file
+/// others may read, saying how to fix it.
 #[test]
-fn public_admin_address_needs_a_token() {
-    let out = steer(&[
-        "run",
-        "--config",
-        &example().to_string_lossy(),
-        "--admin-addr",
-        "0.0.0.0:9090",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
+fn check_config_names_the_token_file_and_refuses_a_shared_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let out = steer(&["check-config", "--config", &example().to_string_lossy()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stderr.contains("--admin-addr: 0.0.0.0:9090 is not a loopback address"),
+        stdout.contains("changes need the bearer token in /var/lib/steer/admin.token"),
+        "{stdout}"
+    );
+    let token = std::env::temp_dir().join(format!("steer-cli-{}-token", std::process::id()));
+    std::fs::write(&token, "s3cret\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "[agent]\ninterfaces = [\"eth0\"]\nadmin_addr = \"0.0.0.0:9090\"\nadmin_token_file = {:?}\n",
+        token.display().to_string()
+    );
+    let path = temp_config("shared-token", &text);
+    let out = steer(&["check-config", "--config", &path.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run `chmod 600 {}`", token.display())),
         "{stderr}"
     );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = steer(&["check-config", "--config", &path.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&token);
+    let _ = std::fs::remove_file(&path);
 }

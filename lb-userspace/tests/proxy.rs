@@ -139,12 +139,15 @@ fn without_root_the_userspace_dataplane_is_chosen() {
     let [a, b] = [backend("a", false), backend("b", false)];
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let vip = SocketAddr::from((Ipv4Addr::new(127, 0, 78, 1), free_port()));
+    let id = std::process::id();
+    // In /tmp itself: the agent runs as nobody and creates the token file there.
+    let token = std::env::temp_dir().join(format!("steer-proxy-nobody-{id}.token"));
     let config = format!(
-        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\n[[service]]\nname = \"rr\"\n\
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\nadmin_token_file = {token:?}\n\n\
+         [[service]]\nname = \"rr\"\n\
          address = \"{vip}\"\npolicy = \"round_robin\"\n[service.health]\nenabled = false\n\n\
          [[service.backend]]\naddress = \"{a}\"\n\n[[service.backend]]\naddress = \"{b}\"\n"
     );
-    let id = std::process::id();
     let path = std::env::temp_dir().join(format!("steer-proxy-nobody-{id}.toml"));
     std::fs::write(&path, config).expect("write the config");
     let log_path = std::env::temp_dir().join(format!("steer-proxy-nobody-{id}.log"));
@@ -174,6 +177,7 @@ fn without_root_the_userspace_dataplane_is_chosen() {
     assert!(log.contains("not root"), "{log}");
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&log_path);
+    let _ = std::fs::remove_file(&token);
 }
 
 #[test]
@@ -206,8 +210,9 @@ fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
         }
         text
     };
+    let token = std::env::temp_dir().join(format!("steer-proxy-{}.token", std::process::id()));
     let config = format!(
-        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n{}{}{}{}",
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\nadmin_token_file = {token:?}\n{}{}{}{}",
         service("rr", rr, "", &[a, b]),
         service(
             "cap",
@@ -301,4 +306,5 @@ fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
     );
     assert_eq!(counter(admin, "slow", "response_timeout"), 1);
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&token);
 }

@@ -1,6 +1,7 @@
 //! Support for Steer's privileged tests: packet tests through `BPF_PROG_TEST_RUN` and
 //! integration tests on veth + network-namespace topologies.
 
+pub mod admin;
 pub mod bench;
 pub mod etcd;
 pub mod lab;

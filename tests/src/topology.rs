@@ -265,9 +265,11 @@ impl Topology {
         interfaces.extend(self.backends.iter().map(|b| format!("{:?}", b.lb_if)));
         let mut cfg = format!(
             "[agent]\ninterfaces = [{}]\nxdp_mode = \"native\"\nadmin_addr = \"{ADMIN_ADDR}\"\n\
+             admin_token_file = {:?}\n\
              snat_ports = \"{}-{}\"\n{}\n[[service]]\nname = \"web\"\naddress = \"{VIP}\"\n\
              policy = \"{}\"\n{}\n[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             interfaces.join(", "),
+            self.dir.join("admin.token").display().to_string(),
             self.snat_ports.start(),
             self.snat_ports.end(),
             self.agent_settings,
@@ -371,6 +373,7 @@ impl Topology {
         );
         let config = self.dir.join("steer.toml");
         std::fs::write(&config, self.config()).expect("write steer.toml");
+        crate::admin::token_file(&self.dir);
         let log = self.dir.join("steer.log");
         let out = std::fs::File::create(&log).expect("create steer.log");
         let mut cmd = Command::new(steer_bin());
@@ -430,7 +433,8 @@ impl Topology {
         })
     }
 
-    /// One admin API call inside the LB namespace; `Err` on connection or HTTP failure.
+    /// One admin API call inside the LB namespace, with the token; `Err` on connection or HTTP
+    /// failure.
     pub fn try_admin(
         &self,
         method: &str,
@@ -443,7 +447,8 @@ impl Topology {
         self.lb.block_on(|| async move {
             let mut conn = HttpConn::connect(SocketAddr::V4(ADMIN_ADDR))
                 .await
-                .map_err(|e| format!("connect {ADMIN_ADDR}: {e}"))?;
+                .map_err(|e| format!("connect {ADMIN_ADDR}: {e}"))?
+                .with_token(crate::admin::TOKEN);
             let resp = conn
                 .try_request(&method, &path, body.as_deref())
                 .await
@@ -591,6 +596,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HttpConn {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Sent as `Authorization: Bearer` with every request (see [`HttpConn::with_token`]).
+    token: Option<String>,
 }
 
 impl HttpConn {
@@ -630,7 +637,15 @@ impl HttpConn {
         Ok(HttpConn {
             stream,
             buf: Vec::new(),
+            token: None,
         })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every request from now on (the admin API
+    /// needs it for changes; see [`crate::admin`]).
+    pub fn with_token(mut self, token: &str) -> HttpConn {
+        self.token = Some(token.to_owned());
+        self
     }
 
     /// Ends the connection with a reset (`SO_LINGER` 0), leaving this host no TIME_WAIT.
@@ -668,6 +683,9 @@ impl HttpConn {
         body: Option<&[u8]>,
     ) -> std::io::Result<Response> {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: steer-test\r\n");
+        if let Some(token) = &self.token {
+            let _ = write!(head, "Authorization: Bearer {token}\r\n");
+        }
         if let Some(body) = body {
             let _ = write!(
                 head,

@@ -22,6 +22,7 @@ use lb_userspace::store::DriverConfig;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use tests::admin;
 use tests::llama::{llama_server_path, model_path};
 use tests::metrics;
 use tests::topology::steer_bin;
@@ -95,6 +96,18 @@ impl Supervisor {
         let out = std::fs::File::create(&log).expect("create supervisor log");
         let err = out.try_clone().expect("clone log handle");
         let driver = serde_json::to_string(&options.driver).expect("driver JSON");
+        // The test token unless the test brings its own; the model links resolve into the
+        // model's own directory, where the API may point --model.
+        let mut security = Vec::new();
+        if !flags.contains(&"--admin-token-file") {
+            security.push("--admin-token-file".to_owned());
+            security.push(path_str(&admin::token_file(dir)).to_owned());
+        }
+        let model_dir = model_path()
+            .parent()
+            .expect("the model's directory")
+            .to_owned();
+        security.extend(["--model-dir".to_owned(), path_str(&model_dir).to_owned()]);
         let child = Command::new(steer_bin())
             .arg("supervise")
             .args(["--supervisor-addr", &api.to_string()])
@@ -108,6 +121,7 @@ impl Supervisor {
             ])
             .args(["--stop-grace", &format!("{}s", STOP_GRACE.as_secs())])
             .args(["--log-level", "info,llama_server=debug"])
+            .args(&security)
             .args(flags)
             .arg("--")
             .args(["-np", "2", "-c", "2048", "--alias", &options.alias])
@@ -145,7 +159,7 @@ impl Supervisor {
     }
 
     fn post(&self, args: Value) -> (u16, Value) {
-        self.post_to("/v1/params", args, None)
+        self.post_to("/v1/params", args, Some(admin::TOKEN))
     }
 
     fn post_to(&self, path: &str, args: Value, token: Option<&str>) -> (u16, Value) {
@@ -530,12 +544,13 @@ fn bad_args_are_rejected_and_the_old_args_serve_again() {
     let taken_port = taken.local_addr().expect("local_addr").port();
 
     let cases = [
+        // Allowed flags with values llama-server refuses once started.
         (
-            "missing model",
-            json!({"-m": "/nonexistent/model.gguf"}),
+            "bad cache type",
+            json!({"--cache-type-k": "bogus-type"}),
             true,
         ),
-        ("unknown flag", json!({"--no-such-flag": true}), true),
+        ("bad context size", json!({"-c": "many"}), true),
         ("taken port", json!({"--port": taken_port}), false),
     ];
     for (what, args, exits) in cases {
@@ -566,7 +581,7 @@ fn bad_args_are_rejected_and_the_old_args_serve_again() {
         assert_eq!(success, 0.0, "{what}");
     }
     let persisted = std::fs::read_to_string(setup.dir.0.join("config.toml")).expect("config");
-    assert!(!persisted.contains("nonexistent") && !persisted.contains("no-such-flag"));
+    assert!(!persisted.contains("bogus-type") && !persisted.contains("many"));
     assert!(!persisted.contains(&taken_port.to_string()), "{persisted}");
     drop(taken);
 
@@ -580,8 +595,11 @@ fn bad_args_are_rejected_and_the_old_args_serve_again() {
         r#"{"args": {"-c": [1]}}"#,
         r#"{"args": {"--port": null}}"#,
         r#"{"args": {"--port": "http"}}"#,
+        r#"{"args": {"-m": "/nonexistent/model.gguf"}}"#,
+        r#"{"args": {"--alias": "nul\u0000byte"}}"#,
     ] {
-        let (status, answer) = http(supervisor.api, "POST", "/v1/params", Some(body), None);
+        let token = Some(admin::TOKEN);
+        let (status, answer) = http(supervisor.api, "POST", "/v1/params", Some(body), token);
         assert_eq!(status, 400, "{body}: {answer}");
         assert!(answer["error"].is_string(), "{body}: {answer}");
     }
@@ -615,7 +633,7 @@ fn debounce_merges_a_burst_into_one_restart() {
         } else {
             "/v1/params?wait=false"
         };
-        let (status, body) = supervisor.post_to(path, args, None);
+        let (status, body) = supervisor.post_to(path, args, Some(admin::TOKEN));
         assert_eq!(status, if wait { 200 } else { 202 }, "{body}");
         last = Some(body);
     }
@@ -650,7 +668,8 @@ fn changes_during_an_apply_merge_into_one_pending_change() {
     let watch = ProcessWatch::start(&setup.options.alias);
     let [foo, bar, baz] = ["foo.gguf", "bar.gguf", "baz.gguf"].map(|m| setup.model(m));
 
-    let (status, _) = supervisor.post_to("/v1/params?wait=false", json!({"-m": foo}), None);
+    let later = "/v1/params?wait=false";
+    let (status, _) = supervisor.post_to(later, json!({"-m": foo}), Some(admin::TOKEN));
     assert_eq!(status, 202);
     // Wait (bounded) until foo's apply is in progress: bar and baz must arrive during it.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -666,7 +685,7 @@ fn changes_during_an_apply_merge_into_one_pending_change() {
         );
         thread::sleep(Duration::from_millis(2));
     }
-    let (status, _) = supervisor.post_to("/v1/params?wait=false", json!({"-m": bar}), None);
+    let (status, _) = supervisor.post_to(later, json!({"-m": bar}), Some(admin::TOKEN));
     assert_eq!(status, 202);
     let (status, body) = supervisor.post(json!({"--model": baz}));
     assert_eq!(status, 200, "{body}");
@@ -746,7 +765,8 @@ fn five_hundred_changes_end_in_the_merged_args() {
         } else {
             "/v1/params?wait=false"
         };
-        let (status, body) = supervisor.post_to(path, Value::Object(change), None);
+        let token = Some(admin::TOKEN);
+        let (status, body) = supervisor.post_to(path, Value::Object(change), token);
         assert_eq!(status, if wait { 200 } else { 202 }, "change {i}: {body}");
         last = Some(body);
         thread::sleep(Duration::from_millis(rng.next(8)));
@@ -980,11 +1000,13 @@ fn two_named_configs_in_one_file_do_not_disturb_each_other() {
 #[test]
 fn token_and_binary_allowlist() {
     let setup = Setup::new("token");
-    std::fs::write(setup.dir.0.join("token"), "s3cret\n").expect("write token");
+    let token_file = setup.dir.0.join("token");
+    std::fs::write(&token_file, "s3cret\n").expect("write token");
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&token_file, private).expect("chmod 600");
     let allowed = setup.dir.0.join("alt/llama-server");
     std::fs::create_dir_all(setup.dir.0.join("alt")).expect("create alt/");
     std::os::unix::fs::symlink(llama_server_path(), &allowed).expect("symlink llama-server");
-    let token_file = setup.dir.0.join("token");
     let flags = [
         "--admin-token-file",
         path_str(&token_file),
@@ -1022,21 +1044,19 @@ fn token_and_binary_allowlist() {
     let exe = std::fs::read(format!("/proc/{}/cmdline", pid(&after))).expect("cmdline");
     assert!(exe.starts_with(path_str(&allowed).as_bytes()));
 
-    // Off loopback without a token: refused at start.
+    // A token file others may read: refused at start, saying how to fix it.
+    let shared = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(&token_file, shared).expect("chmod 644");
     let output = Command::new(steer_bin())
-        .args([
-            "supervise",
-            "--supervisor-addr",
-            "0.0.0.0:0",
-            "--binary",
-            "x",
-        ])
-        .args(["--model", "m", "--port", "1"])
+        .args(["supervise", "--supervisor-addr", "127.0.0.1:0"])
+        .args(["--admin-token-file", path_str(&token_file)])
+        .args(["--binary", "x", "--model", "m", "--port", "1"])
         .output()
         .expect("run steer supervise");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--admin-token-file"), "{stderr}");
+    let fix = format!("chmod 600 {}", token_file.display());
+    assert!(stderr.contains(&fix), "{stderr}");
 
     // Two drivers: a clear error, no panic.
     let driver = r#"{"type": "file", "path": "/tmp/x.toml", "name": "a"}"#;
@@ -1051,4 +1071,91 @@ fn token_and_binary_allowlist() {
         stderr.contains("--config-driver") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+/// `/proc/PID/status` field `name` (`Uid`, `Gid`, `Groups`), split on whitespace.
+fn proc_status(pid: u32, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Issue 11, finding 1: with the supervisor as root, llama-server runs as `nobody` (no
+/// supplementary groups, no new privileges); even with the token, `--path /etc` and
+/// `--log-file` are 403s that touch no process; a `--path` persisted by an older agent is put
+/// back to the operator's (none) at load, with an error logged and the store rewritten.
+#[test]
+fn llama_server_runs_unprivileged_and_host_flags_are_forbidden() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to show that llama-server does not run as root");
+        return;
+    }
+    let setup = Setup::new("unprivileged");
+    let mut supervisor = setup.start();
+    let before = supervisor.get();
+    let pid = pid(&before);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("look up nobody")
+        .expect("a user nobody");
+    let uid = nobody.uid.to_string();
+    assert_eq!(proc_status(pid, "Uid"), [uid.as_str(); 4]);
+    let gid = nobody.gid.to_string();
+    assert_eq!(proc_status(pid, "Gid"), [gid.as_str(); 4]);
+    assert!(
+        proc_status(pid, "Groups").is_empty(),
+        "supplementary groups kept"
+    );
+    assert_eq!(proc_status(pid, "NoNewPrivs"), ["1"]);
+    assert!(
+        supervisor.log().contains("llama-server runs unprivileged"),
+        "{}",
+        supervisor.log()
+    );
+
+    for (flag, value) in [
+        ("--path", "/etc"),
+        ("--log-file", "/root/steer-owned"),
+        ("-lf", "/root/steer-owned"),
+        ("--host", "0.0.0.0"),
+        ("--slot-save-path", "/root"),
+    ] {
+        let (status, body) = supervisor.post(json!({ flag: value }));
+        assert_eq!(status, 403, "{flag}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("may not be set over the API"),
+            "{flag}: {error}"
+        );
+    }
+    let after = supervisor.get();
+    assert_eq!(self::pid(&after), pid, "nothing restarted");
+    assert_eq!(starts(&after), starts(&before));
+    assert!(after["pending"].is_null());
+    assert!(!Path::new("/root/steer-owned").exists());
+
+    // An older agent took any flag: a persisted --path is dropped at the next start.
+    supervisor.kill_hard();
+    let store = setup.dir.0.join("config.toml");
+    let persisted = std::fs::read_to_string(&store).expect("read the store");
+    let edited = persisted.replacen("[gpt.args]\n", "[gpt.args]\n--path = \"/etc\"\n", 1);
+    assert_ne!(edited, persisted, "no [gpt.args] in {persisted}");
+    std::fs::write(&store, edited).expect("write the store");
+    let supervisor = setup.start();
+    let status = supervisor.get();
+    assert!(
+        status["applied"]["args"].get("--path").is_none(),
+        "{status}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", self::pid(&status))).expect("cmdline");
+    assert!(
+        !cmdline.split(|&b| b == 0).any(|w| w == b"--path"),
+        "llama-server got --path"
+    );
+    let log = supervisor.log();
+    assert!(log.contains("ERROR") && log.contains("--path"), "{log}");
+    let rewritten = std::fs::read_to_string(&store).expect("read the store");
+    assert!(!rewritten.contains("--path"), "{rewritten}");
 }

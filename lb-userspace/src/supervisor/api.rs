@@ -3,13 +3,14 @@
 //!
 //! A POST answers once its change is applied (200) or rejected (422, with exit status and the
 //! tail of llama-server's output); with `?wait=false`, 202 at once. Bodies llama-server never
-//! sees are refused with 400 (shape, types, non-flag keys, `--port` removed), 403 (a binary not
-//! allowed) or 401 (token).
+//! sees are refused with 400 (shape, types, non-flag keys, control characters, `--port` removed,
+//! a path that does not resolve), 403 (a binary, flag or path the API may not set: see
+//! [`super::policy`]) or 401 (token). Secret values are shown redacted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::args::InputArgs;
 use super::instance::{InstanceError, InstanceHandle, Outcome, Rejection, Status};
+use super::policy::PolicyError;
 use crate::api::{ApiError, Authorized, BODY_LIMIT};
 use crate::config::AdminToken;
 use crate::store::SavedArgs;
@@ -29,24 +31,24 @@ pub const DEFAULT_INSTANCE: &str = "default";
 #[derive(Clone)]
 struct ParamsState {
     instances: Arc<BTreeMap<String, InstanceHandle>>,
-    token: Option<Arc<AdminToken>>,
+    token: Arc<AdminToken>,
 }
 
-impl FromRef<ParamsState> for Option<Arc<AdminToken>> {
+impl FromRef<ParamsState> for Arc<AdminToken> {
     fn from_ref(state: &ParamsState) -> Self {
         state.token.clone()
     }
 }
 
 /// The params routes for `instances`, without fallbacks (see [`crate::api::with_fallbacks`]).
-pub fn router(instances: Vec<InstanceHandle>, token: Option<AdminToken>) -> Router {
+pub fn router(instances: Vec<InstanceHandle>, token: Arc<AdminToken>) -> Router {
     let instances = instances
         .into_iter()
         .map(|handle| (handle.name().to_owned(), handle))
         .collect();
     let state = ParamsState {
         instances: Arc::new(instances),
-        token: token.map(Arc::new),
+        token,
     };
     Router::new()
         .route("/v1/params", get(show_default).post(change_default))
@@ -121,7 +123,11 @@ impl From<InstanceError> for ApiError {
     fn from(err: InstanceError) -> Self {
         let status = match &err {
             InstanceError::Invalid(_) | InstanceError::PortFixed { .. } => StatusCode::BAD_REQUEST,
-            InstanceError::BinaryNotAllowed(_) => StatusCode::FORBIDDEN,
+            InstanceError::BinaryNotAllowed(_)
+            | InstanceError::Denied(
+                PolicyError::NotAllowed { .. } | PolicyError::OutsideModelDirs { .. },
+            ) => StatusCode::FORBIDDEN,
+            InstanceError::Denied(_) => StatusCode::BAD_REQUEST,
             InstanceError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, err.to_string())
@@ -134,8 +140,9 @@ async fn show_default(State(state): State<ParamsState>) -> Result<Json<Status>, 
 
 async fn show_named(
     State(state): State<ParamsState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Status>, ApiError> {
+    let Path(name) = name?;
     show(&state, Some(&name)).await
 }
 
@@ -154,11 +161,12 @@ async fn change_default(
 
 async fn change_named(
     State(state): State<ParamsState>,
-    Path(name): Path<String>,
     _: Authorized,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<ParamsRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(name) = name?;
     change(&state, Some(&name), query, body).await
 }
 
@@ -185,6 +193,7 @@ async fn change(
             ),
         )
     })?;
+    let outcome = outcome.redacted();
     Ok(match &outcome {
         Outcome::Applied {
             args,
@@ -223,8 +232,9 @@ async fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::{call, call_with};
+    use crate::api::tests::{TEST_TOKEN, call, call_with, test_token};
     use crate::store::{DriverConfig, SavedArgs, Store};
+    use crate::supervisor::ArgPolicy;
     use crate::supervisor::args::Aliases;
     use crate::supervisor::instance::{self, Settings};
     use axum::http::Method;
@@ -257,13 +267,17 @@ mod tests {
             debounce: Duration::from_secs(60),
             stop_grace: Duration::from_secs(1),
             allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
+            policy: ArgPolicy::new(&[], &[], &dir.join("m.gguf").display().to_string()),
+            user: None,
         };
         instance::spawn(name, args, Aliases::default(), settings, store, None).0
     }
 
+    /// A directory holding the model `m.gguf`, the instances' model directory.
     fn temp_dir(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("steer-params-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join("m.gguf"), "GGUF").unwrap_or_else(|e| panic!("{e}"));
         dir
     }
 
@@ -275,7 +289,7 @@ mod tests {
                 instance(&dir, "a").await,
                 instance(&dir, DEFAULT_INSTANCE).await,
             ],
-            None,
+            test_token(),
         );
         let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
         assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("default")));
@@ -287,7 +301,7 @@ mod tests {
 
         let app = router(
             vec![instance(&dir, "a").await, instance(&dir, "b").await],
-            None,
+            test_token(),
         );
         let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
@@ -297,7 +311,7 @@ mod tests {
                 .is_some_and(|e| e.contains("/v1/instances/"))
         );
 
-        let app = router(vec![instance(&dir, "solo").await], None);
+        let app = router(vec![instance(&dir, "solo").await], test_token());
         let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
         assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("solo")));
         let _ = std::fs::remove_dir_all(&dir);
@@ -306,7 +320,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_are_checked_before_anything_changes() {
         let dir = temp_dir("bodies");
-        let app = router(vec![instance(&dir, "gpt").await], None);
+        let app = router(vec![instance(&dir, "gpt").await], test_token());
         let post = |body: String| {
             let app = app.clone();
             async move { call(&app, Method::POST, "/v1/params", Some(&body)).await }
@@ -333,14 +347,21 @@ mod tests {
         assert_eq!(answer["pending"], Value::Null, "nothing was queued");
 
         // Accepted without waiting; the debounce window (60 s here) holds it as pending.
-        let change = r#"{"args": {"-m": "/m.gguf", "--mlock": true, "-c": 8192}}"#;
-        let (status, answer) =
-            call(&app, Method::POST, "/v1/params?wait=false", Some(change)).await;
+        let model = dir.join("m.gguf");
+        let change = json!({"args": {"--model": model, "--mlock": true, "--ctx-size": 8192}});
+        let (status, answer) = call(
+            &app,
+            Method::POST,
+            "/v1/params?wait=false",
+            Some(&change.to_string()),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
         let (_, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        let model = std::fs::canonicalize(&model).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             answer["pending"],
-            json!({"-m": "/m.gguf", "--mlock": true, "-c": "8192"})
+            json!({"--model": model, "--mlock": true, "--ctx-size": "8192"})
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -348,18 +369,160 @@ mod tests {
     #[tokio::test]
     async fn changes_need_the_token_when_one_is_set() {
         let dir = temp_dir("token");
-        let token = AdminToken::from_text("t0ken");
-        let app = router(vec![instance(&dir, "gpt").await], token);
-        let change = Some(r#"{"args": {"-c": 1}}"#);
+        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let change = Some(r#"{"args": {"--ctx-size": 1}}"#);
         let uri = "/v1/params?wait=false";
-        let (status, _) = call(&app, Method::GET, "/v1/params", None).await;
+        let (status, _) = call_with(&app, Method::GET, "/v1/params", None, None).await;
         assert_eq!(status, StatusCode::OK, "reads need no token");
-        let (status, _) = call(&app, Method::POST, uri, change).await;
+        let (status, _) = call_with(&app, Method::POST, uri, change, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let named = "/v1/instances/gpt/params?wait=false";
+        let (status, _) = call_with(&app, Method::POST, named, change, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, _) = call_with(&app, Method::POST, uri, change, Some("nope")).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
-        let (status, _) = call_with(&app, Method::POST, uri, change, Some("t0ken")).await;
+        let (status, _) = call_with(&app, Method::POST, uri, change, Some(TEST_TOKEN)).await;
         assert_eq!(status, StatusCode::ACCEPTED);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Flags that would reach the host (files, listening address) are refused with 403 naming
+    /// the flag, before anything is queued; so are paths outside the model directory.
+    #[tokio::test]
+    async fn flags_outside_the_allowlist_are_forbidden() {
+        let dir = temp_dir("policy");
+        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        for (flag, value) in [
+            ("--path", json!("/etc")),
+            ("--log-file", json!("/tmp/steer-owned")),
+            ("--host", json!("0.0.0.0")),
+            ("--slot-save-path", json!("/")),
+            ("--api-key-file", json!("/etc/shadow")),
+            ("--ssl-key-file", json!("/etc/shadow")),
+            ("--model", json!("/etc/shadow")),
+            ("--chat-template-file", json!(dir.join("../../etc/passwd"))),
+        ] {
+            let body = json!({"args": {flag: value}}).to_string();
+            let (status, answer) = call(&app, Method::POST, "/v1/params", Some(&body)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{body}: {answer}");
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.starts_with(flag), "{body}: {error}");
+        }
+        let (_, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(answer["pending"], Value::Null, "nothing was queued");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A NUL (or any control character) cannot be in an argv: 400 naming the flag, nothing
+    /// queued. Integers past 2^53 reach the arguments as written.
+    #[tokio::test]
+    async fn values_are_validated_and_kept_exact() {
+        let dir = temp_dir("values");
+        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        for body in [
+            r#"{"args": {"--alias": "a\u0000b"}}"#,
+            r#"{"args": {"--alias": "a\u001b[31m"}}"#,
+            r#"{"args": {"binary": "/opt/llama/llama-server\u0000"}}"#,
+        ] {
+            let (status, answer) = call(&app, Method::POST, "/v1/params", Some(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.contains("control character"), "{body}: {error}");
+        }
+        let (_, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(answer["pending"], Value::Null, "nothing was queued");
+
+        let big = r#"{"args": {"--seed": 9007199254740993, "--keep": -18446744073709551617,
+            "--temp": 0.5, "--top-p": 1e-1, "--alias": "a\tb"}}"#;
+        let (status, answer) = call(&app, Method::POST, "/v1/params?wait=false", Some(big)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        let (_, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(
+            answer["pending"],
+            json!({"--seed": "9007199254740993", "--keep": "-18446744073709551617",
+                "--temp": "0.5", "--top-p": "0.1", "--alias": "a\tb"})
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every extractor's rejection is the one JSON error shape: a name that is not UTF-8, a bad
+    /// query, a body of the wrong type.
+    #[tokio::test]
+    async fn bad_names_and_queries_get_json_errors() {
+        let dir = temp_dir("names");
+        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = crate::api::with_fallbacks(app);
+        for (method, uri, body) in [
+            (Method::GET, "/v1/instances/%FF%FE/params", None),
+            (
+                Method::POST,
+                "/v1/instances/%C3%28/params",
+                Some(r#"{"args": {}}"#),
+            ),
+            (
+                Method::POST,
+                "/v1/params?wait=maybe",
+                Some(r#"{"args": {}}"#),
+            ),
+            (Method::POST, "/v1/params", Some(r#"{"args": []}"#)),
+        ] {
+            let (status, answer) = call(&app, method.clone(), uri, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {answer}");
+            assert!(answer["error"].is_string(), "{method} {uri}: {answer}");
+        }
+        let (status, answer) = call(&app, Method::GET, "/v1/instances/a%2Fb/params", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+        assert_eq!(answer["error"], "no instance named `a/b`");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--api-key` reaches llama-server and the store, but no view shows it.
+    #[tokio::test]
+    async fn secrets_are_redacted_in_every_view() {
+        let dir = temp_dir("redact");
+        let driver = DriverConfig::File {
+            path: dir.join("config.toml"),
+            name: "gpt".to_owned(),
+        };
+        let store = Store::open(&driver).await.unwrap_or_else(|e| panic!("{e}"));
+        let args = SavedArgs {
+            binary: dir.join("no-such-llama-server").display().to_string(),
+            args: [
+                ("--port", "1"),
+                ("--api-key", "s3cret-key"),
+                ("--hf-token", "s3cret-hf"),
+            ]
+            .map(|(f, v)| (f.to_owned(), crate::store::ArgValue::Value(v.to_owned())))
+            .into(),
+        };
+        let settings = Settings {
+            startup_timeout: Duration::from_secs(1),
+            debounce: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(1),
+            allowed_binaries: Vec::new(),
+            policy: ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"),
+            user: None,
+        };
+        let (handle, _task) =
+            instance::spawn("gpt", args, Aliases::default(), settings, store, None);
+        let app = router(vec![handle], test_token());
+        let change = r#"{"args": {"--api-key": "n3w-key"}}"#;
+        let (status, _) = call(&app, Method::POST, "/v1/params?wait=false", Some(change)).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (status, answer) = call(&app, Method::GET, "/v1/params", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = answer.to_string();
+        for secret in ["s3cret-key", "s3cret-hf", "n3w-key"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+        assert_eq!(answer["applied"]["args"]["--api-key"], "<redacted>");
+        assert_eq!(answer["applied"]["args"]["--hf-token"], "<redacted>");
+        // The change is pending, or (the start having failed already) its outcome is shown.
+        let changed = [
+            &answer["pending"]["--api-key"],
+            &answer["last_outcome"]["args"]["args"]["--api-key"],
+        ];
+        assert!(changed.contains(&&json!("<redacted>")), "{answer}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -131,6 +131,15 @@ pub enum ArgsError {
     PortRemoved,
     #[error("--port must be a port number from 1 to 65535")]
     BadPort,
+    #[error("the value of {0} holds a control character (NUL, ESC, ...), which no argument may")]
+    ControlCharacter(String),
+}
+
+/// A control character other than tab, line feed and carriage return, which chat templates and
+/// grammars given inline do hold.
+fn has_control(text: &str) -> bool {
+    text.chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +232,16 @@ impl Aliases {
     /// The canonical name of `flag`; an unknown flag is its own (llama-server will judge it).
     fn spec(&self, flag: &str) -> Option<&Spec> {
         self.spellings.get(flag)
+    }
+
+    /// Whether `flag` takes a value, when its help says.
+    pub fn takes_value(&self, flag: &str) -> Option<bool> {
+        self.spec(flag).map(|spec| spec.takes_value)
+    }
+
+    /// The other side of `flag`'s `--x, --no-x` pair, if any.
+    pub fn opposite(&self, flag: &str) -> Option<&str> {
+        self.spec(flag).and_then(|spec| spec.opposite.as_deref())
     }
 
     /// Flags in the order given, with canonical names; later ones win.
@@ -321,54 +340,55 @@ fn is_number(word: &str) -> bool {
 }
 
 /// One value of the API's `args` object: `null` removes, `true` is a bare flag, strings and
-/// numbers are values.
+/// numbers are values. An integer is passed on as written, whatever its size (a JSON number
+/// read as `f64` would change above 2^53); other numbers as their `f64` reads them (`1e3` is
+/// `1000`).
 #[derive(Debug, PartialEq)]
 pub struct Input(pub Option<ArgValue>);
 
+const INPUT_EXPECTED: &str = "a string, a number, true (bare flag) or null (remove)";
+
 impl<'de> Deserialize<'de> for Input {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(InputVisitor)
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        let text = raw.get();
+        let value = match text.as_bytes().first() {
+            Some(b'"') => Some(ArgValue::Value(
+                serde_json::from_str::<String>(text).map_err(de::Error::custom)?,
+            )),
+            Some(b'n') => None,
+            Some(b't') => Some(ArgValue::Flag),
+            Some(b'f') => {
+                return Err(de::Error::custom(
+                    "`false` is not a value: use null to remove a flag, or the string \"false\"",
+                ));
+            }
+            Some(b'-' | b'0'..=b'9') if is_integer(text) => Some(ArgValue::Value(text.to_owned())),
+            Some(b'-' | b'0'..=b'9') => {
+                let number: f64 = serde_json::from_str(text).map_err(de::Error::custom)?;
+                Some(ArgValue::Value(number.to_string()))
+            }
+            Some(b'[') => {
+                return Err(de::Error::invalid_type(
+                    de::Unexpected::Seq,
+                    &INPUT_EXPECTED,
+                ));
+            }
+            _ => {
+                return Err(de::Error::invalid_type(
+                    de::Unexpected::Map,
+                    &INPUT_EXPECTED,
+                ));
+            }
+        };
+        Ok(Input(value))
     }
 }
 
-struct InputVisitor;
-
-impl<'de> Visitor<'de> for InputVisitor {
-    type Value = Input;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string, a number, true (bare flag) or null (remove)")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Input, E> {
-        Ok(Input(None))
-    }
-
-    fn visit_bool<E: de::Error>(self, flag: bool) -> Result<Input, E> {
-        if flag {
-            Ok(Input(Some(ArgValue::Flag)))
-        } else {
-            Err(E::custom(
-                "`false` is not a value: use null to remove a flag, or the string \"false\"",
-            ))
-        }
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Input, E> {
-        Ok(Input(Some(ArgValue::Value(n.to_string()))))
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Input, E> {
-        Ok(Input(Some(ArgValue::Value(n.to_string()))))
-    }
-
-    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Input, E> {
-        Ok(Input(Some(ArgValue::Value(n.to_string()))))
-    }
-
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Input, E> {
-        Ok(Input(Some(ArgValue::Value(text.to_owned()))))
-    }
+/// `-12`, `18446744073709551617`: a JSON integer literal.
+fn is_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The API's `args` object, in the order written (later keys win), flags not yet canonical.
@@ -376,6 +396,22 @@ impl<'de> Visitor<'de> for InputVisitor {
 pub struct InputArgs {
     pub binary: Option<String>,
     pub flags: Vec<(String, Option<ArgValue>)>,
+}
+
+impl InputArgs {
+    /// Rejects a control character in a value or the binary (no argv can carry a NUL; the
+    /// others are no part of a real value): checked first, before any binary is looked at.
+    pub fn check(&self) -> Result<(), ArgsError> {
+        let values = self.flags.iter().filter_map(|(flag, value)| match value {
+            Some(ArgValue::Value(text)) => Some((flag.as_str(), text.as_str())),
+            _ => None,
+        });
+        let binary = self.binary.as_deref().map(|b| ("binary", b));
+        match values.chain(binary).find(|(_, text)| has_control(text)) {
+            Some((flag, _)) => Err(ArgsError::ControlCharacter(flag.to_owned())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for InputArgs {

@@ -30,6 +30,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::args::{Aliases, ArgsError, Change, InputArgs};
 use super::backend::BackendLink;
+use super::policy::{ArgPolicy, PolicyError};
 use super::process::{Failed, Launcher, Process, Spawner, StartError};
 use crate::store::{ArgValue, SavedArgs, Store};
 
@@ -50,6 +51,11 @@ pub struct Settings {
     pub stop_grace: Duration,
     /// Binaries the API may switch to.
     pub allowed_binaries: Vec<String>,
+    /// The flags and paths the API may set.
+    pub policy: ArgPolicy,
+    /// Who llama-server runs as when the agent is root (default `nobody`; see
+    /// [`super::process::RunAs`]).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,8 @@ pub enum InstanceError {
          port is fixed by `port` in the config file"
     )]
     PortFixed { port: u16, backend: SocketAddrV4 },
+    #[error(transparent)]
+    Denied(#[from] PolicyError),
     #[error("instance `{0}` has stopped")]
     Stopped(Arc<str>),
 }
@@ -80,6 +88,19 @@ pub enum Outcome {
         persist_error: Option<String>,
     },
     Rejected(Rejection),
+}
+
+impl Outcome {
+    /// A copy for views: secret values replaced (see [`SavedArgs::redacted`]).
+    pub fn redacted(&self) -> Outcome {
+        let mut out = self.clone();
+        match &mut out {
+            Outcome::Applied { args, .. } | Outcome::Rejected(Rejection { args, .. }) => {
+                *args = args.redacted();
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -199,7 +220,10 @@ pub fn spawn(
     store: Store,
     link: Option<BackendLink>,
 ) -> (InstanceHandle, JoinHandle<()>) {
-    spawn_with(Spawner, name, args, aliases, settings, store, link)
+    let spawner = Spawner {
+        user: settings.user.clone(),
+    };
+    spawn_with(spawner, name, args, aliases, settings, store, link)
 }
 
 /// [`spawn`] with processes from `launcher`.
@@ -373,7 +397,7 @@ impl<L: Launcher> Actor<L> {
                 self.last_outcome = Some(outcome);
                 return;
             }
-            debug!(change = ?batch.change, "applying");
+            debug!(change = ?batch.change.redacted(), "applying");
             let running = self.running.take();
             let kind = OpKind::Apply {
                 target,
@@ -440,7 +464,7 @@ impl<L: Launcher> Actor<L> {
         let pid = self.running.as_ref().map(Process::pid);
         match (op.kind, done.result) {
             (OpKind::Start, Ok(())) => {
-                info!(pid, args = ?self.applied.argv(), "llama-server started");
+                info!(pid, args = ?self.applied.redacted().argv(), "llama-server started");
                 self.crashes = 0;
             }
             (OpKind::Revive, Ok(())) => {
@@ -461,7 +485,7 @@ impl<L: Launcher> Actor<L> {
             (OpKind::Apply { target, waiters }, result) => {
                 let outcome = match result {
                     Ok(()) => {
-                        info!(pid, args = ?target.argv(), "arguments applied");
+                        info!(pid, args = ?target.redacted().argv(), "arguments applied");
                         self.applied = target.clone();
                         self.crashes = 0;
                         Outcome::Applied {
@@ -487,7 +511,8 @@ impl<L: Launcher> Actor<L> {
         restore: Option<Result<(), Failed>>,
     ) -> Outcome {
         let restored = matches!(restore, Some(Ok(())));
-        warn!(error = %failed.error, args = ?target.argv(), restored, "arguments rejected");
+        let args = target.redacted();
+        warn!(error = %failed.error, args = ?args.argv(), restored, "arguments rejected");
         if let Some(Err(again)) = restore {
             warn!(error = %again.error, tail = ?again.tail, "previous arguments did not come up");
             self.crash_status = again.error.exit_status();
@@ -547,6 +572,7 @@ impl<L: Launcher> Actor<L> {
     }
 
     async fn submit(&mut self, input: InputArgs) -> Accepted {
+        input.check()?;
         let current = self.target_binary();
         if let Some(binary) = &input.binary
             && *binary != current
@@ -555,10 +581,8 @@ impl<L: Launcher> Actor<L> {
             return Err(InstanceError::BinaryNotAllowed(binary.clone()));
         }
         let binary = input.binary.clone().unwrap_or(current);
-        let change = self
-            .aliases(&binary)
-            .await
-            .change(input.binary, input.flags);
+        let aliases = self.aliases(&binary).await;
+        let change = aliases.change(input.binary, input.flags);
         change.check()?;
         if let (Some(port), Some(link)) = (change.port(), &self.link)
             && port != link.address().port()
@@ -568,6 +592,8 @@ impl<L: Launcher> Actor<L> {
                 backend: link.address(),
             });
         }
+        // Before anything is queued: a refused change touches no process.
+        let change = self.settings.policy.admit(change, &aliases)?;
         let (waiter, outcome) = oneshot::channel();
         let now = Instant::now();
         let debounce = self.settings.debounce;
@@ -632,7 +658,7 @@ impl<L: Launcher> Actor<L> {
             Some(Op { kind, .. }) => match kind {
                 OpKind::Start => (State::Starting, None),
                 OpKind::Revive => (State::Reviving, None),
-                OpKind::Apply { target, .. } => (State::Applying, Some(target.clone())),
+                OpKind::Apply { target, .. } => (State::Applying, Some(target.redacted())),
             },
             None if self.running.is_some() => (State::Running, None),
             None => (State::Down, None),
@@ -640,13 +666,13 @@ impl<L: Launcher> Actor<L> {
         Status {
             name: self.name.to_string(),
             state,
-            applied: self.applied.clone(),
+            applied: self.applied.redacted(),
             applying,
-            pending: self.batch.as_ref().map(|b| b.change.clone()),
+            pending: self.batch.as_ref().map(|b| b.change.redacted()),
             pid: self.running.as_ref().map(Process::pid),
             starts: self.starts,
             revivals: self.revivals,
-            last_outcome: self.last_outcome.clone(),
+            last_outcome: self.last_outcome.as_ref().map(Outcome::redacted),
         }
     }
 }
@@ -717,7 +743,7 @@ fn spawned<P>(result: &Result<P, Failed>) -> u64 {
     match result {
         Ok(_) => 1,
         Err(failed) => match failed.error {
-            StartError::Spawn { .. } | StartError::PortTaken(_) => 0,
+            StartError::Spawn { .. } | StartError::PortTaken(_) | StartError::User(_) => 0,
             StartError::Wait(_) | StartError::Exited { .. } | StartError::Unhealthy { .. } => 1,
         },
     }
@@ -916,6 +942,8 @@ mod tests {
             debounce: Duration::from_millis(200),
             stop_grace: Duration::from_secs(1),
             allowed_binaries: Vec::new(),
+            policy: ArgPolicy::unrestricted(),
+            user: None,
         };
         let fake = Fake::new(restart);
         let aliases = Aliases::parse_help(HELP);

@@ -10,12 +10,14 @@ pub mod api;
 mod args;
 mod backend;
 mod instance;
+pub mod policy;
 mod process;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -25,8 +27,8 @@ use tracing::{info, warn};
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
 pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
+pub use policy::{ArgPolicy, PolicyError};
 
-use crate::config::AdminToken;
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError, Stored};
 
 /// Where arguments are kept when no `--config-driver` is given.
@@ -62,6 +64,29 @@ pub struct InstanceSpec {
     pub backend: Option<InstanceBackend>,
 }
 
+impl InstanceSpec {
+    /// The operator's arguments: the binary, `--model`, `--port` and the extra arguments.
+    pub fn operator_args(&self, aliases: &args::Aliases) -> Result<SavedArgs, SupervisorError> {
+        let mut argv = vec![
+            "--model".to_owned(),
+            self.model.clone(),
+            "--port".to_owned(),
+            self.port.to_string(),
+        ];
+        argv.extend(self.extra_args.iter().cloned());
+        let change = aliases
+            .parse_argv(&argv)
+            .map_err(|source| SupervisorError::Args {
+                name: self.name.clone(),
+                source,
+            })?;
+        Ok(change.apply_to(&SavedArgs {
+            binary: self.binary.clone(),
+            args: BTreeMap::new(),
+        }))
+    }
+}
+
 /// `[[instance]] service = ...`: the instance is a backend of that service.
 #[derive(Clone, Debug)]
 pub struct InstanceBackend {
@@ -93,10 +118,16 @@ pub enum SupervisorError {
         #[source]
         source: ArgsError,
     },
+    #[error("instance `{name}`: {source}")]
+    User {
+        name: String,
+        #[source]
+        source: process::UserError,
+    },
     #[error("instance `{name}`: the persisted arguments have no usable --port")]
     NoPort { name: String },
-    #[error("{addr} is not a loopback address: pass --admin-token-file")]
-    NotLoopback { addr: SocketAddr },
+    #[error("--admin-token-file: {0}")]
+    Token(#[from] crate::token::TokenError),
     #[error("binding the supervisor API to {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -124,36 +155,37 @@ pub async fn start(
         name: name.clone(),
         source,
     };
+    let help_error = |source| SupervisorError::Help {
+        name: name.clone(),
+        source,
+    };
     let mut store = Store::open(&spec.driver).await.map_err(store_error)?;
     let stored = store.load().await.map_err(store_error)?;
-    let aliases =
-        args::Aliases::learn(&spec.binary)
-            .await
-            .map_err(|source| SupervisorError::Help {
-                name: name.clone(),
-                source,
-            })?;
-    let configured = configured_args(&spec, &aliases)?;
+    let aliases = args::Aliases::learn(&spec.binary)
+        .await
+        .map_err(help_error)?;
+    let configured = spec.operator_args(&aliases)?;
+    store.set_configured(configured.clone());
     let (args, aliases) = match stored {
-        None => (configured.clone(), aliases),
+        None => (configured, aliases),
         Some(stored) => {
             let aliases = if stored.args.binary == spec.binary {
                 aliases
             } else {
                 args::Aliases::learn(&stored.args.binary)
                     .await
-                    .map_err(|source| SupervisorError::Help {
-                        name: name.clone(),
-                        source,
-                    })?
+                    .map_err(help_error)?
             };
-            (decide_args(&spec, &configured, stored, &aliases), aliases)
+            let args = decide_args(&spec, &configured, stored, &aliases);
+            let policy = &spec.settings.policy;
+            let args = policy::checked_at_load(&spec, policy, &aliases, args, &store).await?;
+            (args, aliases)
         }
     };
     if args.port().is_none() {
         return Err(SupervisorError::NoPort { name });
     }
-    store.set_configured(configured);
+    check_user(&name, spec.settings.user.as_deref(), &args)?;
     Ok(instance::spawn(
         &spec.name,
         args,
@@ -162,30 +194,6 @@ pub async fn start(
         store,
         link,
     ))
-}
-
-/// The config file's or command line's arguments, canonical under `aliases`.
-fn configured_args(
-    spec: &InstanceSpec,
-    aliases: &args::Aliases,
-) -> Result<SavedArgs, SupervisorError> {
-    let mut argv = vec![
-        "--model".to_owned(),
-        spec.model.clone(),
-        "--port".to_owned(),
-        spec.port.to_string(),
-    ];
-    argv.extend(spec.extra_args.iter().cloned());
-    let change = aliases
-        .parse_argv(&argv)
-        .map_err(|source| SupervisorError::Args {
-            name: spec.name.clone(),
-            source,
-        })?;
-    Ok(change.apply_to(&SavedArgs {
-        binary: spec.binary.clone(),
-        args: BTreeMap::new(),
-    }))
 }
 
 /// What to start, given the persisted record and the arguments configured now.
@@ -249,18 +257,37 @@ fn decide_args(
     args
 }
 
+/// Fails at start, naming the user or the file, when llama-server could not run as its user;
+/// warns when it runs as root.
+fn check_user(name: &str, user: Option<&str>, args: &SavedArgs) -> Result<(), SupervisorError> {
+    let error = |source| SupervisorError::User {
+        name: name.to_owned(),
+        source,
+    };
+    match process::RunAs::resolve(user).map_err(error)? {
+        Some(run_as) => {
+            run_as.check_access(args).map_err(error)?;
+            info!(name, user = run_as.name(), "llama-server runs unprivileged");
+        }
+        None if nix::unistd::geteuid().is_root() => warn!(
+            name,
+            "llama-server runs as ROOT (`user` is a uid-0 user): every argument the params API \
+             sets gets root's rights; set `user` to an unprivileged user"
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
 /// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
-/// stopped gracefully.
+/// stopped gracefully. Changes need the token in `token_file`, generated there if missing.
 pub async fn supervise(
     spec: InstanceSpec,
     addr: SocketAddr,
-    token: Option<AdminToken>,
+    token_file: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SupervisorError> {
-    // Whoever reaches the API can run any allowed binary: off loopback it must be authenticated.
-    if !addr.ip().is_loopback() && token.is_none() {
-        return Err(SupervisorError::NotLoopback { addr });
-    }
+    let token = Arc::new(crate::token::load_or_create(token_file)?);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| SupervisorError::Bind { addr, source })?;
@@ -295,6 +322,8 @@ mod tests {
                 debounce: DEFAULT_DEBOUNCE,
                 stop_grace: DEFAULT_STOP_GRACE,
                 allowed_binaries: Vec::new(),
+                policy: ArgPolicy::new(&[], &[], "/m/a.gguf"),
+                user: None,
             },
             driver: default_driver("gpt"),
             backend: backend.then(|| InstanceBackend {

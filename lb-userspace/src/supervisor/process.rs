@@ -3,19 +3,21 @@
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, User};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
-use crate::store::SavedArgs;
+use crate::store::{ArgValue, SavedArgs};
 
 /// Lines of output kept for a failure report.
 const TAIL_LINES: usize = 64;
@@ -42,6 +44,145 @@ pub enum StartError {
     Exited { status: ExitStatus },
     #[error("llama-server was not healthy within {timeout:?}")]
     Unhealthy { timeout: Duration },
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+/// Why llama-server cannot run as the configured user.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user `{user}` (llama-server's) does not exist: create it, or set `user`")]
+    Unknown { user: String },
+    #[error("looking up user `{user}`: {source}")]
+    Lookup {
+        user: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(
+        "llama-server cannot run as `{user}`: only a supervisor running as root can switch users"
+    )]
+    NotRoot { user: String },
+    #[error("user `{user}` (llama-server's) cannot {what} {}: {why}", path.display())]
+    NoAccess {
+        user: String,
+        path: PathBuf,
+        what: &'static str,
+        why: String,
+    },
+}
+
+/// The unprivileged user a root supervisor runs llama-server as: a hostile argument then gets
+/// that user's rights, not root's.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// The user llama-server runs as when the supervisor is root and none is configured.
+pub const DEFAULT_USER: &str = "nobody";
+
+impl RunAs {
+    /// The user for `configured` (default [`DEFAULT_USER`]) when the supervisor is root; `None`
+    /// when llama-server keeps the supervisor's uid: not root, or a uid-0 user asked for.
+    pub fn resolve(configured: Option<&str>) -> Result<Option<RunAs>, UserError> {
+        let name = configured.unwrap_or(DEFAULT_USER);
+        let user = User::from_name(name)
+            .map_err(|source| UserError::Lookup {
+                user: name.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| UserError::Unknown {
+                user: name.to_owned(),
+            })?;
+        let me = nix::unistd::geteuid();
+        if user.uid.is_root() || (!me.is_root() && configured.is_none()) || user.uid == me {
+            return Ok(None);
+        }
+        if !me.is_root() {
+            return Err(UserError::NotRoot {
+                user: name.to_owned(),
+            });
+        }
+        Ok(Some(RunAs {
+            name: name.to_owned(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this user can run `args`' binary and read its `--model` (when they exist):
+    /// checked before a start, so the error names the file and the missing right rather than
+    /// llama-server failing on it.
+    pub fn check_access(&self, args: &SavedArgs) -> Result<(), UserError> {
+        let binary = find_binary(&args.binary);
+        self.check(&binary, EXECUTE, "execute")?;
+        if let Some(ArgValue::Value(model)) = args.args.get("--model") {
+            self.check(Path::new(model), READ, "read")?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, path: &Path, bits: u32, what: &'static str) -> Result<(), UserError> {
+        let denied = |why: String| UserError::NoAccess {
+            user: self.name.clone(),
+            path: path.to_owned(),
+            what,
+            why,
+        };
+        let resolved = match std::fs::canonicalize(path) {
+            Ok(resolved) => resolved,
+            // A missing file is llama-server's to report; only rights are judged here.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(denied(err.to_string())),
+        };
+        for dir in resolved.ancestors().skip(1) {
+            let meta = std::fs::metadata(dir).map_err(|e| denied(e.to_string()))?;
+            if !self.may(&meta, EXECUTE) {
+                return Err(denied(format!("no search permission on {}", dir.display())));
+            }
+        }
+        let meta = std::fs::metadata(&resolved).map_err(|e| denied(e.to_string()))?;
+        if !self.may(&meta, bits) {
+            return Err(denied(format!("mode {:04o}", meta.mode() & 0o7777)));
+        }
+        Ok(())
+    }
+
+    /// The owner, group or other bits that apply to this user (supplementary groups are
+    /// dropped at the switch, so only its own group counts).
+    fn may(&self, meta: &std::fs::Metadata, bits: u32) -> bool {
+        let mode = meta.mode();
+        let class = if meta.uid() == self.uid {
+            mode >> 6
+        } else if meta.gid() == self.gid {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & bits == bits
+    }
+}
+
+const READ: u32 = 0o4;
+const EXECUTE: u32 = 0o1;
+
+/// `binary` as exec would find it: a name without a slash is looked up in PATH.
+fn find_binary(binary: &str) -> PathBuf {
+    if binary.contains('/') {
+        return PathBuf::from(binary);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(binary))
 }
 
 impl StartError {
@@ -102,8 +243,10 @@ pub trait Process: Send + 'static {
     fn stop(self, grace: Duration) -> impl Future<Output = Option<ExitStatus>> + Send;
 }
 
-/// Starts real llama-servers.
-pub struct Spawner;
+/// Starts real llama-servers, as `user` when the supervisor is root (see [`RunAs`]).
+pub struct Spawner {
+    pub user: Option<String>,
+}
 
 impl Launcher for Spawner {
     type Process = Running;
@@ -113,7 +256,19 @@ impl Launcher for Spawner {
         args: &SavedArgs,
         startup: Duration,
     ) -> impl Future<Output = Result<Running, Failed>> + Send {
-        Running::start(args, startup)
+        // Resolved at each start, so a user created or changed since is seen.
+        let run_as = RunAs::resolve(self.user.as_deref());
+        async move {
+            let failed = |error: UserError| Failed {
+                error: error.into(),
+                tail: Vec::new(),
+            };
+            let run_as = run_as.map_err(failed)?;
+            if let Some(run_as) = &run_as {
+                run_as.check_access(args).map_err(failed)?;
+            }
+            Running::start(args, run_as.as_ref(), startup).await
+        }
     }
 }
 
@@ -134,9 +289,14 @@ pub struct Failed {
 }
 
 impl Running {
-    /// Spawns `args` and waits until `/health` answers 200 on its port, at most `startup`. A
-    /// process that exits first or is not healthy in time is killed and reported.
-    pub async fn start(args: &SavedArgs, startup: Duration) -> Result<Running, Failed> {
+    /// Spawns `args` (as `run_as`, if given) and waits until `/health` answers 200 on its port,
+    /// at most `startup`. A process that exits first or is not healthy in time is killed and
+    /// reported.
+    pub async fn start(
+        args: &SavedArgs,
+        run_as: Option<&RunAs>,
+        startup: Duration,
+    ) -> Result<Running, Failed> {
         let failed = |error, tail: &Tail| Failed {
             error,
             tail: tail.lines(),
@@ -150,7 +310,7 @@ impl Running {
         {
             return Err(failed(StartError::PortTaken(port), &tail));
         }
-        let mut child = spawn(args).map_err(|source| {
+        let mut child = spawn(args, run_as).map_err(|source| {
             let binary = args.binary.clone();
             failed(StartError::Spawn { binary, source }, &tail)
         })?;
@@ -243,7 +403,7 @@ impl Process for Running {
     }
 }
 
-fn spawn(args: &SavedArgs) -> std::io::Result<Child> {
+fn spawn(args: &SavedArgs, run_as: Option<&RunAs>) -> std::io::Result<Child> {
     let mut command = Command::new(&args.binary);
     command
         .args(args.argv())
@@ -252,13 +412,23 @@ fn spawn(args: &SavedArgs) -> std::io::Result<Child> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    if let Some(run_as) = run_as {
+        // std sets the group, then drops the supplementary groups (it does when root sets a uid
+        // and no groups), then the user, all before the pre_exec hook below.
+        command.uid(run_as.uid).gid(run_as.gid);
+    }
     let parent = std::process::id();
     // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, _exit.
     unsafe {
         command.pre_exec(move || {
+            // Nothing llama-server execs can gain privileges (setuid binaries, file caps).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // A supervisor that dies (even by SIGKILL) takes its llama-server with it, so a
             // restarted supervisor finds the port free. The signal follows the spawning thread:
-            // a runtime worker, which lives as long as the supervisor.
+            // a runtime worker, which lives as long as the supervisor. Set after the uid switch,
+            // which would clear it.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
