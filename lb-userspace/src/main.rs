@@ -143,6 +143,7 @@ fn try_main() -> anyhow::Result<()> {
                 dataplane: args.dataplane,
             };
             let config = Config::load(&args.config, &overrides)?;
+            lb_userspace::limits::raise_open_files(Some(&config));
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal().context("installing signal handlers")?;
@@ -156,6 +157,7 @@ fn try_main() -> anyhow::Result<()> {
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref())?;
+    lb_userspace::limits::raise_open_files(None);
     let token = match &args.admin_token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
