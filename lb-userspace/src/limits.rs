@@ -472,10 +472,9 @@ where
 /// checks, backend pools, instances, the BPF maps.
 const RESERVED_DESCRIPTORS: u64 = 256;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd starts services at a soft 1024),
-/// and warns when the config's connection caps could need more descriptors than that. Returns
-/// the limit in force.
-pub fn raise_open_files(config: Option<&Config>) -> u64 {
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd starts services at a soft 1024)
+/// and logs it. Returns the limit in force (0 when it cannot be read).
+pub fn raise_open_files() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
@@ -492,17 +491,37 @@ pub fn raise_open_files(config: Option<&Config>) -> u64 {
         }
     };
     info!(open_files = limit, "RLIMIT_NOFILE");
-    let need = config.map_or(0, descriptors_needed);
-    if need > limit {
-        warn!(
-            open_files = limit,
-            need,
-            "the connection caps (agent.admin_max_connections, each service's \
-             max_client_connections) may need more descriptors than RLIMIT_NOFILE allows: \
-             lower them or raise the hard limit (systemd: LimitNOFILE=)"
-        );
-    }
     limit
+}
+
+/// Lowers the config's connection caps, in proportion, until what they may hold fits in `limit`
+/// descriptors with the agent's own: over the limit, accepts would fail and take health checks
+/// and backend connections with them. A warning names the caps in force. `limit` 0: unknown.
+pub fn fit_caps(config: &mut Config, limit: u64) {
+    let need = descriptors_needed(config);
+    if limit == 0 || need <= limit {
+        return;
+    }
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1) as f64;
+    let factor = room / (need - RESERVED_DESCRIPTORS) as f64;
+    let scale = |cap: usize| ((cap as f64 * factor) as usize).max(1);
+    config.admin_limits.max_connections = scale(config.admin_limits.max_connections);
+    for proxy in &mut config.proxies {
+        proxy.max_client_connections = scale(proxy.max_client_connections);
+    }
+    let services: Vec<String> = config
+        .proxies
+        .iter()
+        .map(|p| format!("{}={}", p.service, p.max_client_connections))
+        .collect();
+    warn!(
+        open_files = limit,
+        need,
+        admin_max_connections = config.admin_limits.max_connections,
+        max_client_connections = %services.join(","),
+        "the connection caps could take more descriptors than RLIMIT_NOFILE allows: lowered to \
+         fit (raise the hard limit, systemd LimitNOFILE=, to keep them)"
+    );
 }
 
 /// Descriptors the config's connection caps may take at once, with the agent's own.
@@ -525,6 +544,35 @@ pub fn descriptors_needed(config: &Config) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caps_are_lowered_to_fit_a_low_descriptor_limit_and_kept_under_a_high_one() {
+        let text = "[agent]\ninterfaces = [\"lo\"]\n\
+                    [[service]]\nname = \"chat\"\naddress = \"10.0.0.1:80\"\nmode = \"http\"\n\
+                    [[service]]\nname = \"raw\"\naddress = \"10.0.0.1:81\"\n";
+        let path = std::path::Path::new("t.toml");
+        let config = Config::parse(path, text, &crate::config::Overrides::default())
+            .expect("a valid config");
+        let mut high = config.clone();
+        fit_caps(&mut high, 1 << 20);
+        assert_eq!(high.proxies, config.proxies, "room for the defaults");
+        assert_eq!(high.admin_limits, config.admin_limits);
+        let mut low = config;
+        fit_caps(&mut low, 1024);
+        assert!(
+            descriptors_needed(&low) <= 1024,
+            "{}",
+            descriptors_needed(&low)
+        );
+        let caps: Vec<usize> = low
+            .proxies
+            .iter()
+            .map(|p| p.max_client_connections)
+            .collect();
+        assert!(caps.iter().all(|&cap| cap >= 1), "{caps:?}");
+        assert_eq!(caps[0], caps[1], "in proportion: same default, same cap");
+        assert!(low.admin_limits.max_connections >= 1);
+    }
 
     const TIMEOUTS: ClientTimeouts = ClientTimeouts {
         header: Some(Duration::from_secs(10)),

@@ -142,8 +142,9 @@ fn try_main() -> anyhow::Result<()> {
                 admin_addr: args.admin_addr,
                 dataplane: args.dataplane,
             };
-            let config = Config::load(&args.config, &overrides)?;
-            lb_userspace::limits::raise_open_files(Some(&config));
+            let mut config = Config::load(&args.config, &overrides)?;
+            let open_files = lb_userspace::limits::raise_open_files();
+            lb_userspace::limits::fit_caps(&mut config, open_files);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal().context("installing signal handlers")?;
@@ -157,7 +158,7 @@ fn try_main() -> anyhow::Result<()> {
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref())?;
-    lb_userspace::limits::raise_open_files(None);
+    lb_userspace::limits::raise_open_files();
     let token = match &args.admin_token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)

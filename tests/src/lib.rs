@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod etcd;
+pub mod flood;
 pub mod lab;
 pub mod llama;
 pub mod metrics;
