@@ -523,6 +523,55 @@ address = "10.0.1.2:8080"
         Ok(())
     }
 
+    /// A request body that stops coming is answered 400 in the API's JSON shape once
+    /// `admin_body_timeout` has passed, and the connection is closed.
+    #[tokio::test]
+    async fn an_admin_body_that_stops_coming_is_refused_after_the_body_timeout()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("steer-agent-body-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("token"), "t0ken\n")?;
+        let text = CONFIG.replace(
+            "admin_addr = \"127.0.0.1:0\"\n",
+            "admin_addr = \"127.0.0.1:0\"\nadmin_token_file = \"token\"\n\
+             admin_body_timeout = \"200ms\"\n",
+        );
+        let config = Config::parse(&dir.join("steer.toml"), &text, &Overrides::default())?;
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
+        let agent = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let fake = FakeDataplane::default();
+            serve(fake, counts, DataplaneKind::Xdp, &config, listener, stopped).await
+        });
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                b"POST /v1/backends HTTP/1.1\r\nHost: steer\r\nAuthorization: Bearer t0ken\r\n\
+                  Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"service\"",
+            )
+            .await?;
+        let mut response = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        );
+        read.await??;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        assert!(
+            response.contains(r#"{"error":"#) && response.contains("did not arrive within 200ms"),
+            "{response}"
+        );
+        let _ = stop.send(());
+        agent.await??;
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     #[tokio::test]
     async fn taken_port_names_the_address() -> Result<(), Box<dyn std::error::Error>> {
         let taken = TcpListener::bind("127.0.0.1:0").await?;
