@@ -32,6 +32,15 @@ const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(100);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(100);
 /// Chat requests with long prompts stay well below this; a body is held in memory until sent.
 const DEFAULT_MAX_REQUEST_BODY: usize = 16 << 20;
+/// Client connections a service's proxy holds (`max_client_connections`): far above what a
+/// llama.cpp fleet serves at once, far below a typical hard `RLIMIT_NOFILE` (524288 under systemd).
+const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
+/// A client's request head, from its first byte; what hyper used before it was configurable.
+const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A keep-alive client connection between requests (l4: before either side's first byte).
+const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request body up to `max_request_body` (16 MiB) over a slow link.
+const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -85,6 +94,60 @@ pub struct ProxyConfig {
     pub response_timeout: Duration,
     /// http: the largest request body taken (it is read whole before a backend is chosen).
     pub max_request_body: usize,
+    /// Client connections held at once; at the cap a new one replaces the one quiet the longest
+    /// (see [`crate::limits`]).
+    pub max_client_connections: usize,
+    /// http: a request head's time from its first byte to its end.
+    pub client_header_timeout: Duration,
+    /// A client connection with nothing in flight (http: between requests; l4: before either
+    /// side's first byte).
+    pub client_idle_timeout: Duration,
+    /// http: a request body's time from the end of its head to its end.
+    pub client_body_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// The timers of a quiet client connection.
+    pub fn client_timeouts(&self) -> crate::limits::ClientTimeouts {
+        crate::limits::ClientTimeouts {
+            header: (self.mode == ProxyMode::Http).then_some(self.client_header_timeout),
+            idle: self.client_idle_timeout,
+        }
+    }
+}
+
+/// `[agent] admin_*`: what clients of the admin API may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections at once (`admin_max_connections`); at the cap a new one replaces the one quiet
+    /// the longest.
+    pub max_connections: usize,
+    /// A request head, from its first byte (`admin_header_timeout`).
+    pub header_timeout: Duration,
+    /// A keep-alive connection between requests (`admin_idle_timeout`).
+    pub idle_timeout: Duration,
+    /// A request body, from the end of its head (`admin_body_timeout`).
+    pub body_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AdminLimits {
+    pub fn client_timeouts(&self) -> crate::limits::ClientTimeouts {
+        crate::limits::ClientTimeouts {
+            header: Some(self.header_timeout),
+            idle: self.idle_timeout,
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -107,6 +170,7 @@ pub struct Config {
     /// The file holding the token mutating API calls need (`Authorization: Bearer <token>`);
     /// generated at the first start when missing (see [`crate::token`]).
     pub admin_token_file: PathBuf,
+    pub admin_limits: AdminLimits,
     pub services: Vec<ServiceConfig>,
     /// Slot polls, one per service with policy `slots` or a `[service.slots]` table.
     pub slot_polls: Vec<SlotPoll>,
@@ -326,6 +390,10 @@ struct RawAgent {
     closed_flow_timeout: Option<Timeout>,
     flow_events: Option<bool>,
     dataplane: Option<DataplaneKind>,
+    admin_max_connections: Option<Spanned<u32>>,
+    admin_header_timeout: Option<Timeout>,
+    admin_idle_timeout: Option<Timeout>,
+    admin_body_timeout: Option<Timeout>,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +416,10 @@ struct RawService {
     queue_size: Option<usize>,
     queue_timeout: Option<Timeout>,
     response_timeout: Option<Timeout>,
+    max_client_connections: Option<Spanned<u32>>,
+    client_header_timeout: Option<Spanned<Timeout>>,
+    client_idle_timeout: Option<Timeout>,
+    client_body_timeout: Option<Spanned<Timeout>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -562,6 +634,23 @@ impl Doc<'_> {
             services.push(service);
         }
         let instances = self.instances(raw.instance, &services)?;
+        let default = AdminLimits::default();
+        let admin_limits = AdminLimits {
+            max_connections: self.at_least_one(
+                agent.admin_max_connections.as_ref(),
+                "agent.admin_max_connections",
+                default.max_connections,
+            )?,
+            header_timeout: agent
+                .admin_header_timeout
+                .map_or(default.header_timeout, |t| t.0),
+            idle_timeout: agent
+                .admin_idle_timeout
+                .map_or(default.idle_timeout, |t| t.0),
+            body_timeout: agent
+                .admin_body_timeout
+                .map_or(default.body_timeout, |t| t.0),
+        };
         Ok(Config {
             path: self.path.to_owned(),
             xdp: XdpOptions {
@@ -581,6 +670,7 @@ impl Doc<'_> {
             },
             admin_addr,
             admin_token_file,
+            admin_limits,
             services,
             slot_polls,
             proxies,
@@ -597,10 +687,11 @@ impl Doc<'_> {
         raw: &RawService,
     ) -> Result<ProxyConfig, ConfigError> {
         let span = |field: &Option<Spanned<u32>>| field.as_ref().map(Spanned::span);
+        let timeout_span = |field: &Option<Spanned<Timeout>>| field.as_ref().map(Spanned::span);
         let (cap, misplaced) = match raw.mode {
             ProxyMode::L4 => (
                 &raw.max_connections_per_backend,
-                [
+                vec![
                     (
                         "max_requests_per_backend",
                         span(&raw.max_requests_per_backend),
@@ -609,17 +700,22 @@ impl Doc<'_> {
                         "max_request_body",
                         raw.max_request_body.as_ref().map(Spanned::span),
                     ),
+                    (
+                        "client_header_timeout",
+                        timeout_span(&raw.client_header_timeout),
+                    ),
+                    (
+                        "client_body_timeout",
+                        timeout_span(&raw.client_body_timeout),
+                    ),
                 ],
             ),
             ProxyMode::Http => (
                 &raw.max_requests_per_backend,
-                [
-                    (
-                        "max_connections_per_backend",
-                        span(&raw.max_connections_per_backend),
-                    ),
-                    ("", None),
-                ],
+                vec![(
+                    "max_connections_per_backend",
+                    span(&raw.max_connections_per_backend),
+                )],
             ),
         };
         let config = ProxyConfig {
@@ -640,6 +736,23 @@ impl Doc<'_> {
                 .max_request_body
                 .as_ref()
                 .map_or(DEFAULT_MAX_REQUEST_BODY, |b| *b.get_ref()),
+            max_client_connections: self.at_least_one(
+                raw.max_client_connections.as_ref(),
+                &format!("service[{i}].max_client_connections"),
+                DEFAULT_MAX_CLIENT_CONNECTIONS,
+            )?,
+            client_header_timeout: raw
+                .client_header_timeout
+                .as_ref()
+                .map_or(DEFAULT_CLIENT_HEADER_TIMEOUT, |t| t.get_ref().0),
+            client_idle_timeout: raw
+                .client_idle_timeout
+                .as_ref()
+                .map_or(DEFAULT_CLIENT_IDLE_TIMEOUT, |t| t.0),
+            client_body_timeout: raw
+                .client_body_timeout
+                .as_ref()
+                .map_or(DEFAULT_CLIENT_BODY_TIMEOUT, |t| t.get_ref().0),
         };
         for (field, span) in misplaced {
             if let Some(span) = span {
@@ -648,17 +761,39 @@ impl Doc<'_> {
                 } else {
                     "http"
                 };
+                let hint = if field.starts_with("client_") {
+                    "an l4 connection has no request head or body; client_idle_timeout bounds \
+                     its wait for a first byte"
+                        .to_owned()
+                } else {
+                    format!("this service's cap per backend is `{}`", config.cap_field())
+                };
                 return Err(self.invalid(
                     Some(span),
                     format!("service[{i}].{field}"),
-                    format!(
-                        "not for mode = \"{mode}\" (this service's cap per backend is `{}`)",
-                        config.cap_field()
-                    ),
+                    format!("not for mode = \"{mode}\" ({hint})"),
                 ));
             }
         }
         Ok(config)
+    }
+
+    /// A connection cap: `default` when unset, at least 1.
+    fn at_least_one(
+        &self,
+        value: Option<&Spanned<u32>>,
+        field: &str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(value) if *value.get_ref() == 0 => Err(self.invalid(
+                Some(value.span()),
+                field,
+                "must be at least 1 (it caps the connections held at once)",
+            )),
+            Some(value) => Ok(*value.get_ref() as usize),
+        }
     }
 
     /// A service's slot poll: with policy `slots` or a `[service.slots]` table.
@@ -1542,6 +1677,75 @@ address = "10.0.0.100:81"
         assert!(line > 11, "in the third service, line {line}");
         assert_eq!(field, "service[2].slots.timeout");
         assert_eq!(message, "must not be longer than the interval");
+        Ok(())
+    }
+
+    #[test]
+    fn connection_limits_default_safe_and_are_validated() -> Result<(), ConfigError> {
+        let config = parse(EXAMPLE)?;
+        assert_eq!(config.admin_limits, AdminLimits::default());
+        let chat = &config.proxies[0];
+        assert_eq!(chat.max_client_connections, DEFAULT_MAX_CLIENT_CONNECTIONS);
+        assert_eq!(
+            chat.client_timeouts(),
+            crate::limits::ClientTimeouts {
+                header: None,
+                idle: DEFAULT_CLIENT_IDLE_TIMEOUT
+            },
+            "l4: no head to time"
+        );
+        let text = EXAMPLE
+            .replace(
+                "flow_events = false\n",
+                "flow_events = false\nadmin_max_connections = 8\nadmin_header_timeout = \"2s\"\n\
+                 admin_idle_timeout = \"3s\"\nadmin_body_timeout = \"4s\"\n",
+            )
+            .replace(
+                "name = \"embed\"\n",
+                "name = \"embed\"\nmode = \"http\"\nmax_client_connections = 100\n\
+                 client_header_timeout = \"5s\"\nclient_idle_timeout = \"6s\"\n\
+                 client_body_timeout = \"7s\"\n",
+            );
+        let config = parse(&text)?;
+        assert_eq!(
+            config.admin_limits,
+            AdminLimits {
+                max_connections: 8,
+                header_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(3),
+                body_timeout: Duration::from_secs(4),
+            }
+        );
+        let embed = &config.proxies[1];
+        assert_eq!(embed.max_client_connections, 100);
+        assert_eq!(
+            (embed.client_header_timeout, embed.client_body_timeout),
+            (Duration::from_secs(5), Duration::from_secs(7))
+        );
+        assert_eq!(embed.client_timeouts().idle, Duration::from_secs(6));
+
+        let (line, field, message) =
+            invalid(&text.replace("admin_max_connections = 8", "admin_max_connections = 0"));
+        assert_eq!((line, field.as_str()), (10, "agent.admin_max_connections"));
+        assert!(message.starts_with("must be at least 1"), "{message}");
+        let (_, field, _) =
+            invalid(&text.replace("max_client_connections = 100", "max_client_connections = 0"));
+        assert_eq!(field, "service[1].max_client_connections");
+        let (_, field, _) = invalid(&text.replace("\"6s\"", "\"0s\""));
+        assert_eq!(field, "service[1].client_idle_timeout");
+        let l4 = EXAMPLE.replace(
+            "policy = \"least_connections\"\n",
+            "policy = \"least_connections\"\nclient_header_timeout = \"5s\"\n",
+        );
+        let (line, field, message) = invalid(&l4);
+        assert_eq!(
+            (line, field.as_str()),
+            (15, "service[0].client_header_timeout")
+        );
+        assert!(
+            message.starts_with("not for mode = \"l4\" (an l4 connection has no request head"),
+            "{message}"
+        );
         Ok(())
     }
 

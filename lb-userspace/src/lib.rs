@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -19,15 +20,15 @@ pub mod token;
 #[cfg(test)]
 mod fake;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::config::{Config, DataplaneKind};
+use crate::config::{AdminLimits, Config, DataplaneKind};
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::memory::Userspace;
 use crate::dataplane::proxy::{self, ProxyError};
@@ -185,7 +186,7 @@ async fn serve<D: Dataplane>(
         instances = config.instances.len(),
         "steer ready"
     );
-    let served = serve_http(listener, app, shutdown).await;
+    let served = serve_http(listener, app, &config.admin_limits, shutdown).await;
     info!("admin API stopped");
     health_checks.shutdown().await;
     proxies.shutdown().await;
@@ -233,25 +234,124 @@ async fn instance_backend(
     ))
 }
 
-/// Serves `app` until `shutdown` completes, then lets requests in flight finish.
+/// How long requests in flight on the admin API get to finish after `shutdown`; connections
+/// still open then (a half-sent request head, say) are dropped.
+pub const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `app` under `limits` until `shutdown` completes, then lets requests in flight finish
+/// for at most [`ADMIN_SHUTDOWN_GRACE`]. An error is an accept error that is not about this one
+/// connection or a lack of descriptors (those are waited out).
 pub(crate) async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
+    limits: &AdminLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    // axum needs a `Send + 'static` shutdown future; relay the caller's through a channel so
-    // callers may pass any future.
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = stopped.await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        served = &mut server => served,
-        () = shutdown => {
-            let _ = stop.send(());
-            server.await
+    let connections = limits::Connections::new(limits.max_connections);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let body_timeout = limits.body_timeout;
+    let timeouts = limits.client_timeouts();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut turned_away = RateLimited::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let registered = connections.register();
+                    turned_away.check(&connections);
+                    // None: dropped, so closed at once; every connection held has a request in
+                    // flight.
+                    let Some(registered) = registered else { continue };
+                    let service = service.clone();
+                    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                        let request = request.map(|body| limits::Timed::new(body, body_timeout));
+                        hyper::service::Service::call(&service, request)
+                    });
+                    let mut stopping = stopping.clone();
+                    let stop = async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    };
+                    tasks.spawn(async move {
+                        let ended = limits::serve_http1(stream, registered, timeouts, service, stop);
+                        if let limits::Ended::Failed(error) = ended.await {
+                            tracing::debug!(%error, "admin API connection ended");
+                        }
+                    });
+                }
+                Err(error) if transient(&error) => {
+                    warn!(%error, "accepting an admin API connection");
+                    // Out of descriptors, say: give the open ones time to end.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => return Err(error),
+            },
+            Some(_) = tasks.join_next() => {}
+            () = &mut shutdown => break,
         }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        warn!(
+            connections = tasks.len(),
+            grace = ?ADMIN_SHUTDOWN_GRACE,
+            "admin API connections still open after the grace period: dropped"
+        );
+        tasks.shutdown().await;
+    }
+    Ok(())
+}
+
+/// An accept error about the one connection, or a lack of descriptors or memory: the listener
+/// still works.
+fn transient(error: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        error.raw_os_error().map(Errno::from_raw),
+        Some(
+            Errno::ECONNABORTED
+                | Errno::EINTR
+                | Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::ENOBUFS
+                | Errno::ENOMEM
+                | Errno::EPROTO
+                | Errno::EPERM
+        )
+    )
+}
+
+/// A warning when the admin API turned connections away, at most every 10 s.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<tokio::time::Instant>,
+    /// Evicted and refused connections when it last warned.
+    warned_at: u64,
+}
+
+impl RateLimited {
+    fn check(&mut self, connections: &limits::Connections) {
+        let stats = connections.stats();
+        let now = tokio::time::Instant::now();
+        let quiet = self
+            .last
+            .is_some_and(|last| now - last < Duration::from_secs(10));
+        if stats.evicted + stats.refused == self.warned_at || quiet {
+            return;
+        }
+        self.last = Some(now);
+        self.warned_at = stats.evicted + stats.refused;
+        warn!(
+            open = stats.open,
+            evicted = stats.evicted,
+            refused = stats.refused,
+            "admin API at agent.admin_max_connections: quiet connections closed for new ones"
+        );
     }
 }
 
@@ -446,6 +546,110 @@ address = "10.0.1.2:8080"
             "arguments that never came up healthy are not persisted"
         );
 
+        let _ = stop.send(());
+        agent.await??;
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// An idle flood over `admin_max_connections` (half of it half-sent heads) closes the
+    /// connections quiet the longest, every GET is answered, and a half-sent head does not hold
+    /// the shutdown past [`ADMIN_SHUTDOWN_GRACE`].
+    #[tokio::test]
+    async fn an_idle_flood_neither_locks_out_the_admin_api_nor_holds_its_shutdown()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let limits = AdminLimits {
+            max_connections: 8,
+            ..AdminLimits::default()
+        };
+        let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "fine" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            serve_http(listener, app, &limits, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let mut flood = Vec::new();
+        for i in 0..32 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            if i % 2 == 0 {
+                stream.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n").await?;
+            }
+            flood.push(stream);
+        }
+        for _ in 0..3 {
+            let response = get(addr, "/ok").await?;
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            assert!(response.ends_with("fine"), "{response}");
+        }
+        // The oldest were closed for the newer ones: EOF, no answer.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), flood[0].read_to_end(&mut rest));
+        assert_eq!(read.await??, 0, "closed without an answer");
+
+        let mut half = tokio::net::TcpStream::connect(addr).await?;
+        half.write_all(b"GET /ok HTTP/1.1\r\n").await?;
+        // Accepted in order: once this is answered, `half` is held.
+        assert!(get(addr, "/ok").await?.starts_with("HTTP/1.1 200"));
+        let _ = stop.send(());
+        let bound = ADMIN_SHUTDOWN_GRACE + Duration::from_secs(5);
+        tokio::time::timeout(bound, server)
+            .await
+            .map_err(|_| "the shutdown waited on a half-sent head")???;
+        Ok(())
+    }
+
+    /// A request body that stops coming is answered 400 in the API's JSON shape once
+    /// `admin_body_timeout` has passed, and the connection is closed.
+    #[tokio::test]
+    async fn an_admin_body_that_stops_coming_is_refused_after_the_body_timeout()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("steer-agent-body-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("token"), "t0ken\n")?;
+        // A token file others can read is refused.
+        std::fs::set_permissions(
+            dir.join("token"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        let text = CONFIG.replace(
+            "admin_addr = \"127.0.0.1:0\"\n",
+            "admin_addr = \"127.0.0.1:0\"\nadmin_token_file = \"token\"\n\
+             admin_body_timeout = \"200ms\"\n",
+        );
+        let config = Config::parse(&dir.join("steer.toml"), &text, &Overrides::default())?;
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
+        let agent = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let fake = FakeDataplane::default();
+            serve(fake, counts, DataplaneKind::Xdp, &config, listener, stopped).await
+        });
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                b"POST /v1/backends HTTP/1.1\r\nHost: steer\r\nAuthorization: Bearer t0ken\r\n\
+                  Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"service\"",
+            )
+            .await?;
+        let mut response = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        );
+        read.await??;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        assert!(
+            response.contains(r#"{"error":"#) && response.contains("did not arrive within 200ms"),
+            "{response}"
+        );
         let _ = stop.send(());
         agent.await??;
         std::fs::remove_dir_all(&dir)?;

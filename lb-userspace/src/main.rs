@@ -165,7 +165,9 @@ fn try_main() -> anyhow::Result<()> {
                 admin_addr: args.admin_addr,
                 dataplane: args.dataplane,
             };
-            let config = Config::load(&args.config, &overrides)?;
+            let mut config = Config::load(&args.config, &overrides)?;
+            let open_files = lb_userspace::limits::raise_open_files();
+            lb_userspace::limits::fit_caps(&mut config, open_files);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal().context("installing signal handlers")?;
@@ -179,6 +181,7 @@ fn try_main() -> anyhow::Result<()> {
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     init_logging(args.log_level.as_deref())?;
+    lb_userspace::limits::raise_open_files();
     let driver = args
         .config_driver
         .unwrap_or_else(|| supervisor::default_driver(supervisor::DEFAULT_CONFIG_NAME));

@@ -386,7 +386,9 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
         "Connections (l4: closed) or requests (http: answered with an error) the userspace proxy \
          refused, by reason: queue_full (503), queue_timeout (504), response_timeout (524), \
          connect_failed (502 after one retry), bad_gateway (502), body_too_large (413), \
-         bad_request (400: the body could not be read).",
+         bad_request (400: the body could not be read), body_timeout (408), connection_limit \
+         (closed at once: max_client_connections open, each busy), client_timeout (closed: a \
+         head not done within client_header_timeout; l4: no byte within client_idle_timeout).",
         proxies.iter().flat_map(|(s, _)| {
             s.refused.iter().map(|(&reason, &n)| {
                 (
@@ -398,6 +400,21 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
                 )
             })
         }),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_client_connections",
+        "Client connections the userspace proxy holds open (at most max_client_connections).",
+        proxies
+            .iter()
+            .map(|(s, _)| (labels(s), gauge(s.open_connections))),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_evicted",
+        "Quiet client connections (nothing in flight) closed to make room for a new one at \
+         max_client_connections.",
+        proxies.iter().map(|(s, _)| (labels(s), counter(s.evicted))),
     )?;
     family(
         encoder,

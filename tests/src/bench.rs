@@ -2,17 +2,18 @@
 //! set (JSON, its markdown table, PNG plots) atomically, and one bar-chart shape for every plot.
 
 use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::OnceLock,
-    time::Duration,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 
 use crate::{
     netns::{ChildGuard, NetNs},
-    topology::{Topology, steer_bin},
+    topology::{HttpConn, Topology, steer_bin},
 };
 use plotters::{
     coord::ranged1d::{AsRangedCoord, ValueFormatter},
@@ -79,6 +80,113 @@ pub fn percentile(values: &mut [f64], q: f64) -> f64 {
 /// p50 and p99 of `values`.
 pub fn p50_p99(values: &mut [f64]) -> (f64, f64) {
     (percentile(values, 0.50), percentile(values, 0.99))
+}
+
+/// Requests the open-loop client lets be outstanding; one more due is counted as late.
+pub const MAX_OUTSTANDING: usize = 512;
+
+/// What one fixed-rate run measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fixed {
+    pub rate: f64,
+    pub completed: u64,
+    /// Failed requests (connect, I/O, non-200, or unanswered at the end).
+    pub errors: u64,
+    /// Requests not started because `MAX_OUTSTANDING` were outstanding.
+    pub late: u64,
+    /// SYNs the client retransmitted meanwhile (new-connection runs).
+    pub syn_retrans: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Latency at a fixed offered load: `GET path` started every `1/rate` s for `secs` (spread
+/// over `addrs` in turn) from source address `from`, each on a pooled keep-alive connection or,
+/// with `fresh`, a new one.
+/// Open loop: a slow answer delays no later request, so it cannot hide the queueing it causes.
+/// Latency runs from the request's start (connect included when fresh) to its whole answer.
+pub async fn fixed_rate(
+    from: Ipv4Addr,
+    addrs: &[SocketAddrV4],
+    path: &str,
+    rate: f64,
+    secs: u32,
+    fresh: bool,
+) -> Fixed {
+    type Pool = Arc<Vec<Mutex<Vec<HttpConn>>>>;
+    let pools: Pool = Arc::new(addrs.iter().map(|_| Mutex::new(Vec::new())).collect());
+    let total = (rate * f64::from(secs)) as u64;
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut fixed = Fixed {
+        rate,
+        ..Fixed::default()
+    };
+    let mut latencies = Vec::new();
+    let mut collect = |result: Result<Result<f64, ()>, tokio::task::JoinError>| match result {
+        Ok(Ok(ms)) => latencies.push(ms),
+        _ => fixed.errors += 1,
+    };
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        while let Some(done) = tasks.try_join_next() {
+            collect(done);
+        }
+        if tasks.len() >= MAX_OUTSTANDING {
+            fixed.late += 1;
+            continue;
+        }
+        let which = (i % addrs.len() as u64) as usize;
+        let addr = SocketAddr::V4(addrs[which]);
+        let pools = Arc::clone(&pools);
+        let path = path.to_owned();
+        tasks.spawn(async move {
+            let began = Instant::now();
+            let pooled = if fresh {
+                None
+            } else {
+                pools[which]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop()
+            };
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => HttpConn::connect_from(Some(from), addr)
+                    .await
+                    .map_err(drop)?,
+            };
+            match conn.try_request("GET", &path, None).await {
+                Ok(r) if r.status == 200 => {
+                    let ms = began.elapsed().as_secs_f64() * 1e3;
+                    if !fresh {
+                        pools[which]
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(conn);
+                    }
+                    Ok(ms)
+                }
+                _ => Err(()),
+            }
+        });
+    }
+    // Bounded: what has not answered 5 s after the last start counts as failed.
+    let drain = async {
+        while let Some(done) = tasks.join_next().await {
+            collect(done);
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        fixed.errors += tasks.len() as u64;
+        tasks.abort_all();
+    }
+    fixed.completed = latencies.len() as u64;
+    (fixed.p50_ms, fixed.p99_ms) = p50_p99(&mut latencies);
+    fixed
 }
 
 /// Starts `program` in `ns` with its stdout and stderr in `log`.

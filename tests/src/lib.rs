@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod etcd;
+pub mod flood;
 pub mod lab;
 pub mod llama;
 pub mod metrics;

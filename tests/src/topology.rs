@@ -136,6 +136,8 @@ pub struct Topology {
     agent_settings: String,
     /// The agent's `snat_ports`.
     snat_ports: std::ops::RangeInclusive<u16>,
+    /// `RLIMIT_NOFILE` (soft, hard) the agent starts with, when not inherited.
+    agent_open_files: Option<(u64, u64)>,
 }
 
 impl Topology {
@@ -175,6 +177,7 @@ impl Topology {
             service_settings: String::new(),
             agent_settings: String::new(),
             snat_ports: SNAT_PORTS,
+            agent_open_files: None,
         };
         let client_mac = topo.client.mac(&topo.client_if);
         topo.lb
@@ -308,6 +311,17 @@ impl Topology {
         self.agent_settings.push('\n');
     }
 
+    /// Starts the agent with `RLIMIT_NOFILE` at `soft` and `hard` (as systemd's 1024 soft limit
+    /// does) instead of the test's own. Before [`Topology::start_agent`].
+    pub fn set_agent_open_files(&mut self, soft: u64, hard: u64) {
+        self.agent_open_files = Some((soft, hard));
+    }
+
+    /// The running agent's pid.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|agent| agent.child.id())
+    }
+
     /// The agent's `snat_ports` (default [`SNAT_PORTS`]). Before [`Topology::start_agent`].
     pub fn set_snat_ports(&mut self, ports: std::ops::RangeInclusive<u16>) {
         self.snat_ports = ports;
@@ -384,6 +398,20 @@ impl Topology {
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup log"))
             .stderr(out);
+        if let Some((soft, hard)) = self.agent_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure only calls setrlimit(2), which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
         let child = self.lb.spawn(cmd);
         self.agent = Some(Agent { child, log });
 

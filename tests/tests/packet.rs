@@ -674,6 +674,10 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             queue_timeout: Duration::ZERO,
             response_timeout: Duration::ZERO,
             max_request_body: 0,
+            max_client_connections: 1,
+            client_header_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
+            client_body_timeout: Duration::ZERO,
         };
         let gate = Gate::new(proxy, 0, counts, published);
         let mut rng = Rng(0x5eed_cafe_f00d_0001);

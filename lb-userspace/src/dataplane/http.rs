@@ -29,30 +29,41 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
 use super::proxy::{Gate, Lease, Refusal};
+use crate::limits::{self, Closed, Ended, Registered};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
 type ProxyBody = Either<Full<Bytes>, Passed>;
 
-/// Serve one client connection (keep-alive) until the client closes it.
-pub async fn serve_connection(gate: Arc<Gate>, pool: Arc<Pool>, client: TcpStream, peer: Ipv4Addr) {
-    let service = hyper::service::service_fn(move |request| {
-        let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
-        async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
+/// Serve one client connection (keep-alive) until the client closes it or its limits do
+/// ([`crate::limits`]: `client_header_timeout`, `client_idle_timeout`, eviction at
+/// `max_client_connections`).
+pub async fn serve_connection(
+    gate: Arc<Gate>,
+    pool: Arc<Pool>,
+    client: TcpStream,
+    peer: Ipv4Addr,
+    registered: Registered,
+) {
+    let timeouts = gate.config().client_timeouts();
+    let service = hyper::service::service_fn({
+        let gate = Arc::clone(&gate);
+        move |request| {
+            let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
+            async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
+        }
     });
-    // The timer enables hyper's header read timeout (30 s): a client that never finishes its
-    // request head, or sits idle that long between requests, is closed.
-    if let Err(error) = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(client), service)
-        .await
-    {
-        debug!(%error, "client connection ended");
+    // The proxy's tasks are aborted on shutdown: no graceful stop here.
+    let stop = std::future::pending();
+    match limits::serve_http1(client, registered, timeouts, service, stop).await {
+        Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
+        Ended::Closed(Closed::Header) => gate.count(Refusal::ClientTimeout),
+        Ended::Failed(error) => debug!(%error, "client connection ended"),
     }
 }
 
@@ -113,6 +124,9 @@ impl Refused {
             Refusal::Connect | Refusal::BadGateway => StatusCode::BAD_GATEWAY,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            // The last two close the connection instead of answering.
+            Refusal::BodyTimeout | Refusal::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -151,7 +165,18 @@ async fn forward<B: ClientBody>(
     };
     let (mut parts, body) = request.into_parts();
     let max = config.max_request_body;
-    let body = match Limited::new(body, max).collect().await {
+    let timeout = config.client_body_timeout;
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await
+    else {
+        return Err(refused(
+            Refusal::BodyTimeout,
+            format!(
+                "the request body did not arrive within client_body_timeout {timeout:?} of \
+                 service `{service}`"
+            ),
+        ));
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => {
             return Err(refused(
@@ -721,11 +746,13 @@ mod tests {
         let mut client = TcpStream::connect(front).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
         let started = tokio::time::Instant::now();
+        let registered = crate::limits::Connections::new(1).register().expect("room");
         let served = tokio::spawn(serve_connection(
-            gate,
+            Arc::clone(&gate),
             Arc::new(Pool::default()),
             accepted,
             Ipv4Addr::LOCALHOST,
+            registered,
         ));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -736,6 +763,64 @@ mod tests {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
         assert!(!String::from_utf8_lossy(&rest).contains("200"), "no answer");
+        assert_eq!(gate.stats().refused["client_timeout"], 1);
+    }
+
+    /// At `max_client_connections` a new client takes the place of the one quiet the longest;
+    /// with every connection busy (streaming) it is closed at once and counted.
+    #[tokio::test]
+    async fn at_the_connection_cap_idle_clients_give_way_and_busy_ones_do_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (backend, _seen) = chunked_backend(0).await;
+        let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
+        let mut config = config(8, 0);
+        config.mode = ProxyMode::Http;
+        config.max_client_connections = 2;
+        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
+        let gate = Gate::new(config, 0, counts, routes);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let front = listener.local_addr().expect("address");
+        let proxy = tokio::spawn(crate::dataplane::proxy::serve(Arc::clone(&gate), listener));
+        let connected = async |n: u64| {
+            let stream = TcpStream::connect(front).await.expect("connect");
+            while gate.stats().accepted < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stream
+        };
+        let mut idle = connected(1).await;
+        let _idle_too = connected(2).await;
+        let request = b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut streaming = Vec::new();
+        for n in 3..=4 {
+            let mut client = connected(n).await;
+            client.write_all(request).await.expect("send");
+            let mut head = [0u8; 12];
+            client.read_exact(&mut head).await.expect("an answer");
+            assert_eq!(&head, b"HTTP/1.1 200", "served in place of an idle one");
+            streaming.push(client);
+        }
+        let mut rest = Vec::new();
+        assert_eq!(idle.read_to_end(&mut rest).await.expect("EOF"), 0);
+        let mut refused = connected(5).await;
+        assert_eq!(
+            refused.read_to_end(&mut rest).await.expect("EOF"),
+            0,
+            "closed at once"
+        );
+        let stats = gate.stats();
+        assert_eq!(
+            (
+                stats.evicted,
+                stats.refused["connection_limit"],
+                stats.open_connections
+            ),
+            (2, 1, 2)
+        );
+        proxy.abort();
+        drop(table);
     }
 
     /// A request body that fails after `sent` bytes: a client gone mid-upload.
@@ -790,6 +875,35 @@ mod tests {
             (1, 1)
         );
         assert_eq!(stats.admitted, 0, "no backend claimed");
+        assert_eq!(seen.0.load(Ordering::SeqCst), 0, "no backend connection");
+    }
+
+    /// A body whose bytes stop coming after the head: 408 after `client_body_timeout`, and no
+    /// backend is claimed.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_is_refused_after_the_body_timeout() {
+        struct Stalled;
+        impl Body for Stalled {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+                Poll::Pending
+            }
+        }
+        let (backend, seen) = chunked_backend(1).await;
+        let (gate, _counts, _table) = http_gate(backend);
+        let pool = Arc::new(Pool::default());
+        let request = Request::post("/v1/chat/completions")
+            .body(Stalled)
+            .expect("a request");
+        let started = tokio::time::Instant::now();
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, request).await;
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), gate.config().client_body_timeout);
+        assert_eq!(gate.stats().refused["body_timeout"], 1);
         assert_eq!(seen.0.load(Ordering::SeqCst), 0, "no backend connection");
     }
 

@@ -39,6 +39,7 @@ use super::http;
 use super::splice;
 use super::{Dataplane, DataplaneError};
 use crate::config::{ProxyConfig, ProxyMode};
+use crate::limits::{Activity, Closed, Connections, Registered};
 use crate::policy::{BackendView, ServiceView, choose};
 use crate::table::{Route, Routes};
 
@@ -77,10 +78,18 @@ pub enum Refusal {
     BodyTooLarge,
     /// http: the request body could not be read (the client went away mid-body).
     BadRequest,
+    /// http: the request body did not arrive within `client_body_timeout`.
+    BodyTimeout,
+    /// The client connection was closed at once: `max_client_connections` were open, each with
+    /// something in flight.
+    ConnectionLimit,
+    /// The client connection was closed: a request head not done within
+    /// `client_header_timeout` (http), or no byte either way within `client_idle_timeout` (l4).
+    ClientTimeout,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::QueueFull,
         Refusal::QueueTimeout,
         Refusal::ResponseTimeout,
@@ -88,6 +97,9 @@ impl Refusal {
         Refusal::BadGateway,
         Refusal::BodyTooLarge,
         Refusal::BadRequest,
+        Refusal::BodyTimeout,
+        Refusal::ConnectionLimit,
+        Refusal::ClientTimeout,
     ];
 
     /// As `/v1/proxy` and the `reason` label of `/metrics` spell it.
@@ -100,6 +112,9 @@ impl Refusal {
             Refusal::BadGateway => "bad_gateway",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::BadRequest => "bad_request",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::ConnectionLimit => "connection_limit",
+            Refusal::ClientTimeout => "client_timeout",
         }
     }
 }
@@ -150,6 +165,10 @@ pub struct ProxyStats {
     pub queued: u64,
     pub queue_depth: u64,
     pub retried: u64,
+    /// Client connections open now.
+    pub open_connections: u64,
+    /// Quiet client connections closed to make room at `max_client_connections`.
+    pub evicted: u64,
     /// By [`Refusal::name`].
     #[serde(flatten)]
     pub refused: BTreeMap<&'static str, u64>,
@@ -170,6 +189,8 @@ pub struct Gate {
     next_ticket: AtomicU64,
     released: Notify,
     counters: Counters,
+    /// The client connections held, at most `max_client_connections`.
+    connections: Arc<Connections>,
     /// When the last few waiters were served, newest last: the queue's recent pace, from which
     /// a refusal tells the client when to come back.
     served_from_queue: Mutex<VecDeque<tokio::time::Instant>>,
@@ -220,6 +241,7 @@ impl Gate {
         routes: watch::Receiver<Routes>,
     ) -> Arc<Self> {
         Arc::new(Gate {
+            connections: Connections::new(config.max_client_connections),
             config,
             id,
             counts,
@@ -410,6 +432,7 @@ impl Gate {
 
     pub fn stats(&self) -> ProxyStats {
         let c = &self.counters;
+        let connections = self.connections.stats();
         ProxyStats {
             service: self.config.service.clone(),
             address: self.config.address,
@@ -419,6 +442,8 @@ impl Gate {
             queued: c.queued.load(Ordering::Relaxed),
             queue_depth: self.lock_queue().len() as u64,
             retried: c.retried.load(Ordering::Relaxed),
+            open_connections: connections.open,
+            evicted: connections.evicted,
             refused: Refusal::ALL
                 .iter()
                 .zip(&c.refused)
@@ -640,12 +665,19 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                 accepted = listener.accept() => match accepted {
                     Ok((client, SocketAddr::V4(peer))) => {
                         gate.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        let Some(registered) = gate.connections.register() else {
+                            // Closed at once: every connection held has something in flight.
+                            gate.tally(Refusal::ConnectionLimit);
+                            debug!(client = %peer, "max_client_connections reached");
+                            continue;
+                        };
                         let gate = Arc::clone(&gate);
                         let span = info_span!("conn", client = %peer);
                         match gate.config.mode {
                             ProxyMode::L4 => connections.spawn(
                                 async move {
-                                    if let Err(refusal) = proxy(&gate, client, *peer.ip()).await {
+                                    let proxied = proxy(&gate, client, *peer.ip(), &registered);
+                                    if let Err(refusal) = proxied.await {
                                         gate.count(refusal);
                                         debug!(?refusal, "connection closed");
                                     }
@@ -653,8 +685,14 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                                 .instrument(span),
                             ),
                             ProxyMode::Http => connections.spawn(
-                                http::serve_connection(gate, Arc::clone(&pool), client, *peer.ip())
-                                    .instrument(span),
+                                http::serve_connection(
+                                    gate,
+                                    Arc::clone(&pool),
+                                    client,
+                                    *peer.ip(),
+                                    registered,
+                                )
+                                .instrument(span),
                             ),
                         };
                     }
@@ -674,14 +712,41 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
     .await;
 }
 
-/// Carry one client connection to a backend and back.
-async fn proxy(gate: &Arc<Gate>, client: TcpStream, peer: Ipv4Addr) -> Result<(), Refusal> {
-    let lease = gate.admit(peer, None).await?;
-    let backend = TcpStream::connect(lease.address)
-        .await
-        .map_err(|_| Refusal::Connect)?;
-    debug!(backend = %lease.address, id = lease.id, "proxying");
-    match carry(client, backend, gate.config.response_timeout).await {
+/// Carry one client connection to a backend and back. Until either side sent a byte it is quiet
+/// (evictable, and closed after `client_idle_timeout`); a client waiting in the queue with its
+/// request sent is not.
+async fn proxy(
+    gate: &Arc<Gate>,
+    client: TcpStream,
+    peer: Ipv4Addr,
+    registered: &Registered,
+) -> Result<(), Refusal> {
+    let activity = &registered.activity;
+    let carried = async {
+        let lease = gate.admit(peer, None).await?;
+        let backend = TcpStream::connect(lease.address)
+            .await
+            .map_err(|_| Refusal::Connect)?;
+        debug!(backend = %lease.address, id = lease.id, "proxying");
+        Ok::<_, Refusal>(carry(&client, &backend, gate.config.response_timeout, activity).await)
+    };
+    let client_spoke = async {
+        // A byte or the EOF: either way not idle any more.
+        let _ = client.peek(&mut [0u8; 1]).await;
+        activity.engaged();
+        std::future::pending::<()>().await;
+    };
+    let carried = tokio::select! {
+        carried = carried => carried?,
+        () = client_spoke => unreachable!("pending for ever"),
+        closed = activity.expired(gate.config.client_timeouts()) => {
+            return match closed {
+                Closed::Evicted => Ok(()),
+                Closed::Idle | Closed::Header => Err(Refusal::ClientTimeout),
+            };
+        }
+    };
+    match carried {
         Ok(()) => Ok(()),
         Err(Ended::ResponseTimeout) => Err(Refusal::ResponseTimeout),
         // A peer reset: nothing more to carry.
@@ -696,9 +761,10 @@ async fn proxy(gate: &Arc<Gate>, client: TcpStream, peer: Ipv4Addr) -> Result<()
 /// ends on its own EOF with a `shutdown(SHUT_WR)` towards the other side. The backend must answer
 /// within `response_timeout` of the client's first bytes (or speak first).
 async fn carry(
-    client: TcpStream,
-    backend: TcpStream,
+    client: &TcpStream,
+    backend: &TcpStream,
     response_timeout: Duration,
+    activity: &Activity,
 ) -> Result<(), Ended> {
     let (sent, request_sent) = tokio::sync::oneshot::channel::<()>();
     let up = async {
@@ -706,7 +772,7 @@ async fn carry(
         // since readiness alone may be spurious.
         client.peek(&mut [0u8; 1]).await?;
         let _ = sent.send(());
-        splice::relay(&client, &backend).await?;
+        splice::relay(client, backend).await?;
         Ok::<(), Ended>(())
     };
     let down = async {
@@ -720,7 +786,9 @@ async fn carry(
                 .await
                 .map_err(|_| Ended::ResponseTimeout)??,
         };
-        splice::relay(&backend, &client).await?;
+        // The backend spoke (first, for a protocol where the server does).
+        activity.engaged();
+        splice::relay(backend, client).await?;
         Ok::<(), Ended>(())
     };
     tokio::try_join!(up, down).map(|((), ())| ())
@@ -755,6 +823,10 @@ pub(crate) mod tests {
             queue_size,
             queue_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(10),
+            max_client_connections: 16,
+            client_header_timeout: Duration::from_secs(30),
+            client_idle_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
         }
     }
 
@@ -949,7 +1021,10 @@ pub(crate) mod tests {
             .expect("connect");
         let (accepted, _) = front.accept().await.expect("accept");
         let backend = TcpStream::connect(backend).await.expect("connect backend");
-        let task = tokio::spawn(carry(accepted, backend, response_timeout));
+        let task = tokio::spawn(async move {
+            let registered = Connections::new(1).register().expect("room");
+            carry(&accepted, &backend, response_timeout, &registered.activity).await
+        });
         (client, task)
     }
 
@@ -978,6 +1053,33 @@ pub(crate) mod tests {
             Err(Ended::ResponseTimeout)
         ));
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
+    }
+
+    /// l4: a client that sends nothing is closed after `client_idle_timeout`; one that spoke is
+    /// the client's and backend's, however long it is silent after.
+    #[tokio::test(start_paused = true)]
+    async fn l4_idle_timeout_closes_only_a_connection_that_never_spoke() {
+        let backend = slow_echo(Duration::from_millis(10)).await;
+        let (_routes, rx) = watch::channel(routes_to(&[backend]));
+        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
+        let gate = Gate::new(config(4, 0), 0, counts, rx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let front = listener.local_addr().expect("address");
+        let proxy = tokio::spawn(serve(Arc::clone(&gate), listener));
+        let accepted = Instant::now();
+        let mut silent = TcpStream::connect(front).await.expect("connect");
+        let mut talking = TcpStream::connect(front).await.expect("connect");
+        talking.write_all(b"hi\n").await.expect("send");
+        let mut echo = [0u8; 3];
+        talking.read_exact(&mut echo).await.expect("echo");
+        let mut rest = Vec::new();
+        assert_eq!(silent.read_to_end(&mut rest).await.expect("EOF"), 0);
+        assert!(accepted.elapsed() >= gate.config().client_idle_timeout);
+        tokio::time::sleep(gate.config().client_idle_timeout).await;
+        talking.write_all(b"hi\n").await.expect("send again");
+        talking.read_exact(&mut echo).await.expect("still carried");
+        assert_eq!(gate.stats().refused["client_timeout"], 1);
+        proxy.abort();
     }
 
     #[tokio::test(start_paused = true)]

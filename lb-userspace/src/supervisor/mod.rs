@@ -299,7 +299,8 @@ pub async fn supervise(
         api::router(vec![handle.clone()], token).merge(crate::metrics::router(None, vec![handle])),
     );
     info!(api = %addr, "supervisor ready");
-    let served = crate::serve_http(listener, app, shutdown).await;
+    let limits = crate::config::AdminLimits::default();
+    let served = crate::serve_http(listener, app, &limits, shutdown).await;
     // The router held the last handle: the actor stops llama-server and ends.
     let _ = task.await;
     served.map_err(|source| SupervisorError::Serve { addr, source })

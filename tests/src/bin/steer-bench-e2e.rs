@@ -45,7 +45,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
-    sync::{Arc, Mutex, PoisonError},
     thread,
     time::{Duration, Instant},
 };
@@ -55,8 +54,8 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tests::{
     bench::{
-        RunArgs, Scale, Series, bar_chart, p50_p99, ratio, replace_once, save_results, spawn_agent,
-        spawn_logged, stop,
+        Fixed, MAX_OUTSTANDING, RunArgs, Scale, Series, bar_chart, fixed_rate, ratio, replace_once,
+        save_results, spawn_agent, spawn_logged, stop,
     },
     netns::{self, NetNs},
     topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
@@ -84,8 +83,6 @@ const BULK_CONNECTIONS: u32 = 4;
 /// Fixed offered loads, well below every path's capacity on this VM.
 const KEEPALIVE_RATE: f64 = 2000.0;
 const NEW_CONN_RATE: f64 = 1000.0;
-/// Requests the open-loop client lets be outstanding; one more due is counted as late.
-const MAX_OUTSTANDING: usize = 512;
 
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -97,21 +94,6 @@ struct Wrk {
     p99_ms: f64,
     /// Socket errors plus non-2xx answers.
     errors: u64,
-}
-
-/// What one fixed-rate run measured.
-#[derive(Debug, Clone, Copy, Default)]
-struct Fixed {
-    rate: f64,
-    completed: u64,
-    /// Failed requests (connect, I/O, non-200, or unanswered at the end).
-    errors: u64,
-    /// Requests not started because `MAX_OUTSTANDING` were outstanding.
-    late: u64,
-    /// SYNs the client retransmitted meanwhile (new-connection runs).
-    syn_retrans: u64,
-    p50_ms: f64,
-    p99_ms: f64,
 }
 
 /// The agent's cost beside its case.
@@ -274,93 +256,6 @@ fn wrk_all(client: &NetNs, urls: &[String], close: bool, secs: u32, conns: u32) 
     })
 }
 
-/// Latency at a fixed offered load: `GET /whoami` started every `1/rate` s for `secs` (spread
-/// over `addrs` in turn) from source address `from`, each on a pooled keep-alive connection or,
-/// with `fresh`, a new one.
-/// Open loop: a slow answer delays no later request, so it cannot hide the queueing it causes.
-/// Latency runs from the request's start (connect included when fresh) to its whole answer.
-async fn fixed_rate(
-    from: Ipv4Addr,
-    addrs: &[SocketAddrV4],
-    rate: f64,
-    secs: u32,
-    fresh: bool,
-) -> Fixed {
-    type Pool = Arc<Vec<Mutex<Vec<HttpConn>>>>;
-    let pools: Pool = Arc::new(addrs.iter().map(|_| Mutex::new(Vec::new())).collect());
-    let total = (rate * f64::from(secs)) as u64;
-    let start = tokio::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut fixed = Fixed {
-        rate,
-        ..Fixed::default()
-    };
-    let mut latencies = Vec::new();
-    let mut collect = |result: Result<Result<f64, ()>, tokio::task::JoinError>| match result {
-        Ok(Ok(ms)) => latencies.push(ms),
-        _ => fixed.errors += 1,
-    };
-    for i in 0..total {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
-        while let Some(done) = tasks.try_join_next() {
-            collect(done);
-        }
-        if tasks.len() >= MAX_OUTSTANDING {
-            fixed.late += 1;
-            continue;
-        }
-        let which = (i % addrs.len() as u64) as usize;
-        let addr = SocketAddr::V4(addrs[which]);
-        let pools = Arc::clone(&pools);
-        tasks.spawn(async move {
-            let began = Instant::now();
-            let pooled = if fresh {
-                None
-            } else {
-                pools[which]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pop()
-            };
-            let mut conn = match pooled {
-                Some(conn) => conn,
-                None => HttpConn::connect_from(Some(from), addr)
-                    .await
-                    .map_err(drop)?,
-            };
-            match conn.try_request("GET", PATH, None).await {
-                Ok(r) if r.status == 200 => {
-                    let ms = began.elapsed().as_secs_f64() * 1e3;
-                    if !fresh {
-                        pools[which]
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(conn);
-                    }
-                    Ok(ms)
-                }
-                _ => Err(()),
-            }
-        });
-    }
-    // Bounded: what has not answered 5 s after the last start counts as failed.
-    let drain = async {
-        while let Some(done) = tasks.join_next().await {
-            collect(done);
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .is_err()
-    {
-        fixed.errors += tasks.len() as u64;
-        tasks.abort_all();
-    }
-    fixed.completed = latencies.len() as u64;
-    (fixed.p50_ms, fixed.p99_ms) = p50_p99(&mut latencies);
-    fixed
-}
-
 /// Every figure of a case, for `targets` (loaded at once); a short keep-alive warm-up first
 /// (ARP, caches, the proxy's pools). The wrk new-connection run comes last: through XDP it can
 /// use up the SNAT ports (each held up to 62 s after a backend-first close), and the runs after
@@ -397,11 +292,11 @@ fn measure(
     let keepalive_cpu = cpu();
     let keepalive = wrk_all(client, &urls, false, secs, CONNECTIONS);
     let keepalive_cpu = cpu() - keepalive_cpu;
-    let fixed_keepalive =
-        client.block_on(|| async { fixed_rate(from, targets, KEEPALIVE_RATE, secs, false).await });
+    let fixed_keepalive = client
+        .block_on(|| async { fixed_rate(from, targets, PATH, KEEPALIVE_RATE, secs, false).await });
     let retrans_before = syn_retrans(client);
-    let mut fixed_new =
-        client.block_on(|| async { fixed_rate(from, targets, NEW_CONN_RATE, secs, true).await });
+    let mut fixed_new = client
+        .block_on(|| async { fixed_rate(from, targets, PATH, NEW_CONN_RATE, secs, true).await });
     fixed_new.syn_retrans = syn_retrans(client).saturating_sub(retrans_before);
     let bulk = wrk_all(client, &bulk, false, secs, BULK_CONNECTIONS);
     let before = (syn_retrans(client), cpu());
