@@ -1,7 +1,7 @@
 //! The admin token every test agent and supervisor runs with: mutating calls on the admin and
 //! params APIs need it. Tests write it with [`token_file`], point `agent.admin_token_file` (see
 //! [`crate::topology::Topology`], which does) or `--admin-token-file` at that file, and send
-//! [`TOKEN`] as `Authorization: Bearer` (or the header [`bearer_header`] makes).
+//! [`TOKEN`] as `Authorization: Bearer` (`HttpConn::with_token` does).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,9 +18,4 @@ pub fn token_file(dir: &Path) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
     path
-}
-
-/// The request header line carrying [`TOKEN`], CRLF included.
-pub fn bearer_header() -> String {
-    format!("Authorization: Bearer {TOKEN}\r\n")
 }

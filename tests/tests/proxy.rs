@@ -541,8 +541,12 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let vip_ip = [127, 0, 79, (std::process::id() % 250 + 1) as u8];
     let mut vips = std::collections::BTreeMap::new();
+    // The agent runs as nobody and creates its token file: in /tmp itself, which nobody may write.
+    let token = std::env::temp_dir().join(format!("steer-http-{}.token", std::process::id()));
+    let _ = std::fs::remove_file(&token);
     let mut config = format!(
-        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\ndataplane = \"userspace\"\n"
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\nadmin_token_file = {token:?}\n\
+         dataplane = \"userspace\"\n"
     );
     for (name, settings, backends) in [
         (
@@ -888,4 +892,5 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
     });
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&token);
 }

@@ -96,8 +96,8 @@ impl Supervisor {
         let out = std::fs::File::create(&log).expect("create supervisor log");
         let err = out.try_clone().expect("clone log handle");
         let driver = serde_json::to_string(&options.driver).expect("driver JSON");
-        // The test token unless the test brings its own; the model links resolve into the
-        // model's own directory, where the API may point --model.
+        // The test token unless the test brings its own; the API may point --model into the
+        // test's directory and the model's own, where the links there resolve.
         let mut security = Vec::new();
         if !flags.contains(&"--admin-token-file") {
             security.push("--admin-token-file".to_owned());
@@ -107,7 +107,9 @@ impl Supervisor {
             .parent()
             .expect("the model's directory")
             .to_owned();
-        security.extend(["--model-dir".to_owned(), path_str(&model_dir).to_owned()]);
+        for dir in [dir, model_dir.as_path()] {
+            security.extend(["--model-dir".to_owned(), path_str(dir).to_owned()]);
+        }
         let child = Command::new(steer_bin())
             .arg("supervise")
             .args(["--supervisor-addr", &api.to_string()])
@@ -1130,12 +1132,23 @@ fn llama_server_runs_unprivileged_and_host_flags_are_forbidden() {
             "{flag}: {error}"
         );
     }
+    // A model in a model directory that nobody may read: 400 naming it, no restart.
+    let private = setup.dir.0.join("private.gguf");
+    std::fs::write(&private, "GGUF").expect("write a model");
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&private, mode).expect("chmod 600");
+    let (status, body) = supervisor.post(json!({"-m": path_str(&private)}));
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("`nobody` (llama-server's) cannot read"),
+        "{error}"
+    );
     let after = supervisor.get();
     assert_eq!(self::pid(&after), pid, "nothing restarted");
     assert_eq!(starts(&after), starts(&before));
     assert!(after["pending"].is_null());
     assert!(!Path::new("/root/steer-owned").exists());
-
     // An older agent took any flag: a persisted --path is dropped at the next start.
     supervisor.kill_hard();
     let store = setup.dir.0.join("config.toml");

@@ -127,7 +127,7 @@ impl From<InstanceError> for ApiError {
             | InstanceError::Denied(
                 PolicyError::NotAllowed { .. } | PolicyError::OutsideModelDirs { .. },
             ) => StatusCode::FORBIDDEN,
-            InstanceError::Denied(_) => StatusCode::BAD_REQUEST,
+            InstanceError::Denied(_) | InstanceError::User(_) => StatusCode::BAD_REQUEST,
             InstanceError::Stopped(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, err.to_string())

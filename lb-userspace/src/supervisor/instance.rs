@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::args::{Aliases, ArgsError, Change, InputArgs};
 use super::backend::BackendLink;
 use super::policy::{ArgPolicy, PolicyError};
-use super::process::{Failed, Launcher, Process, Spawner, StartError};
+use super::process::{Failed, Launcher, Process, RunAs, Spawner, StartError, UserError};
 use crate::store::{ArgValue, SavedArgs, Store};
 
 /// A batch waits at most this many debounce windows after its first change.
@@ -72,6 +72,8 @@ pub enum InstanceError {
     PortFixed { port: u16, backend: SocketAddrV4 },
     #[error(transparent)]
     Denied(#[from] PolicyError),
+    #[error(transparent)]
+    User(#[from] UserError),
     #[error("instance `{0}` has stopped")]
     Stopped(Arc<str>),
 }
@@ -594,6 +596,7 @@ impl<L: Launcher> Actor<L> {
         }
         // Before anything is queued: a refused change touches no process.
         let change = self.settings.policy.admit(change, &aliases)?;
+        self.check_access(&binary, &change)?;
         let (waiter, outcome) = oneshot::channel();
         let now = Instant::now();
         let debounce = self.settings.debounce;
@@ -616,6 +619,22 @@ impl<L: Launcher> Actor<L> {
             }
         }
         Ok(outcome)
+    }
+
+    /// Whether llama-server's user can run `binary` and read the `--model` that `change` sets,
+    /// so a file it cannot open is refused now rather than after a stop and a failed start.
+    fn check_access(&self, binary: &str, change: &Change) -> Result<(), UserError> {
+        let Some(run_as) = RunAs::resolve(self.settings.user.as_deref())? else {
+            return Ok(());
+        };
+        let mut args = SavedArgs {
+            binary: binary.to_owned(),
+            args: Default::default(),
+        };
+        if let Some(Some(model)) = change.flags.get("--model") {
+            args.args.insert("--model".to_owned(), model.clone());
+        }
+        run_as.check_access(&args)
     }
 
     /// The binary the next apply starts unless a change names another.
