@@ -172,10 +172,16 @@ async fn serve<D: Dataplane>(
         instances.push(handle);
         instance_tasks.push(task);
     }
+    let admin_connections = limits::Connections::new(config.admin_limits.max_connections);
     let app = api::with_fallbacks(
         api::router(table.clone(), admin_token.clone())
             .merge(supervisor::api::router(instances.clone(), admin_token))
-            .merge(metrics::agent_router(table, instances, gates.clone()))
+            .merge(metrics::agent_router(
+                table,
+                instances,
+                gates.clone(),
+                Arc::clone(&admin_connections),
+            ))
             .merge(proxy::router(gates)),
     );
     info!(
@@ -186,7 +192,14 @@ async fn serve<D: Dataplane>(
         instances = config.instances.len(),
         "steer ready"
     );
-    let served = serve_http(listener, app, &config.admin_limits, shutdown).await;
+    let served = serve_http(
+        listener,
+        app,
+        &config.admin_limits,
+        admin_connections,
+        shutdown,
+    )
+    .await;
     info!("admin API stopped");
     health_checks.shutdown().await;
     proxies.shutdown().await;
@@ -238,16 +251,17 @@ async fn instance_backend(
 /// still open then (a half-sent request head, say) are dropped.
 pub const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves `app` under `limits` until `shutdown` completes, then lets requests in flight finish
-/// for at most [`ADMIN_SHUTDOWN_GRACE`]. An error is an accept error that is not about this one
-/// connection or a lack of descriptors (those are waited out).
+/// Serves `app` under `limits`, its client connections held in `connections` (which `/metrics`
+/// reads), until `shutdown` completes, then lets requests in flight finish for at most
+/// [`ADMIN_SHUTDOWN_GRACE`]. An error is an accept error that is not about this one connection
+/// or a lack of descriptors (those are waited out).
 pub(crate) async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     limits: &AdminLimits,
+    connections: Arc<limits::Connections>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let connections = limits::Connections::new(limits.max_connections);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let service = hyper_util::service::TowerToHyperService::new(app);
     let body_timeout = limits.body_timeout;
@@ -567,7 +581,8 @@ address = "10.0.1.2:8080"
         let app = axum::Router::new().route("/ok", axum::routing::get(|| async { "fine" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            serve_http(listener, app, &limits, async {
+            let connections = limits::Connections::new(limits.max_connections);
+            serve_http(listener, app, &limits, connections, async {
                 let _ = stopped.await;
             })
             .await

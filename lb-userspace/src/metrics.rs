@@ -32,6 +32,7 @@ use tracing::warn;
 
 use crate::api::ApiError;
 use crate::dataplane::proxy::{Gate, ProxyStats};
+use crate::limits::{ConnectionStats, Connections};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
@@ -44,15 +45,22 @@ struct Sources {
     table: Option<TableHandle>,
     instances: Arc<[InstanceHandle]>,
     proxies: Arc<[Arc<Gate>]>,
+    /// The admin API's client connections.
+    admin: Arc<Connections>,
 }
 
 /// `GET /metrics` of `steer supervise`, without fallbacks (see [`crate::api::with_fallbacks`]).
 /// Reads need no token.
-pub fn router(table: Option<TableHandle>, instances: Vec<InstanceHandle>) -> Router {
+pub fn router(
+    table: Option<TableHandle>,
+    instances: Vec<InstanceHandle>,
+    admin: Arc<Connections>,
+) -> Router {
     sources_router(Sources {
         table,
         instances: instances.into(),
         proxies: Arc::new([]),
+        admin,
     })
 }
 
@@ -61,11 +69,13 @@ pub fn agent_router(
     table: TableHandle,
     instances: Vec<InstanceHandle>,
     proxies: Vec<Arc<Gate>>,
+    admin: Arc<Connections>,
 ) -> Router {
     sources_router(Sources {
         table: Some(table),
         instances: instances.into(),
         proxies: proxies.into(),
+        admin,
     })
 }
 
@@ -103,6 +113,7 @@ async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, Api
         snapshot,
         instances,
         proxies,
+        admin: sources.admin.stats(),
     }
     .render()
     .inspect_err(|err| warn!(%err, "/metrics not served"))?;
@@ -119,6 +130,7 @@ struct Scrape {
     instances: Vec<Status>,
     /// Each proxy's counters and queue wait histogram.
     proxies: Vec<(ProxyStats, Histogram)>,
+    admin: ConnectionStats,
 }
 
 impl Scrape {
@@ -133,6 +145,7 @@ impl Scrape {
 
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        admin(&mut encoder, self.admin)?;
         if let Some(snapshot) = &self.snapshot {
             backends(&mut encoder, &snapshot.backends)?;
             services(&mut encoder, &snapshot.services)?;
@@ -355,6 +368,28 @@ fn services(encoder: &mut DescriptorEncoder, services: &[ServiceInfo]) -> fmt::R
     )
 }
 
+fn admin(encoder: &mut DescriptorEncoder, stats: ConnectionStats) -> fmt::Result {
+    let none: [(&str, &str); 0] = [];
+    family(
+        encoder,
+        "steer_admin_connections",
+        "Admin API client connections open (at most agent.admin_max_connections).",
+        [(none, gauge(stats.open))],
+    )?;
+    family(
+        encoder,
+        "steer_admin_connections_evicted",
+        "Quiet admin API connections closed to make room for a new one at the cap.",
+        [(none, counter(stats.evicted))],
+    )?;
+    family(
+        encoder,
+        "steer_admin_connections_refused",
+        "Admin API connections closed at once: at the cap, each had a request in flight.",
+        [(none, counter(stats.refused))],
+    )
+}
+
 fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)]) -> fmt::Result {
     let labels = |s: &ProxyStats| [("service", s.service.clone())];
     family(
@@ -553,7 +588,7 @@ mod tests {
             maps.counters.insert(0, counters);
         }
         handle.drain_backend(0).await?;
-        let app = router(Some(handle.clone()), Vec::new());
+        let app = router(Some(handle.clone()), Vec::new(), Connections::new(8));
 
         let (content_type, text) = get_metrics(app.clone()).await;
         assert_eq!(content_type.as_deref(), Some(prometheus_text::CONTENT_TYPE));
@@ -724,6 +759,11 @@ mod tests {
                 status("c", InstanceState::Down, None),
             ],
             proxies: Vec::new(),
+            admin: ConnectionStats {
+                open: 3,
+                refused: 1,
+                evicted: 2,
+            },
         }
         .render()?;
         let samples = parse(&text);
@@ -740,6 +780,13 @@ mod tests {
                 want,
                 "{name} {instance}"
             );
+        }
+        for (name, want) in [
+            ("steer_admin_connections", 3.0),
+            ("steer_admin_connections_refused_total", 1.0),
+            ("steer_admin_connections_evicted_total", 2.0),
+        ] {
+            assert_eq!(value(&samples, name, &[]), want, "{name}");
         }
         assert!(
             !samples
@@ -767,7 +814,11 @@ mod tests {
             steered_before: 0,
         };
         handle.set_slots(report).await?;
-        let samples = parse(&get_metrics(router(Some(handle), Vec::new())).await.1);
+        let samples = parse(
+            &get_metrics(router(Some(handle), Vec::new(), Connections::new(8)))
+                .await
+                .1,
+        );
         let b1 = |state| [("backend", "10.0.1.3:8080"), ("state", state)];
         assert_eq!(value(&samples, "steer_backend_slots", &b1("idle")), 1.0);
         assert_eq!(value(&samples, "steer_backend_slots", &b1("busy")), 3.0);

@@ -82,6 +82,10 @@ fn an_idle_flood_stops_neither_the_data_plane_nor_health_checks_nor_a_shutdown()
     let evicted = proxy[0]["evicted"].as_u64().unwrap_or_default();
     let open = proxy[0]["open_connections"].as_u64().unwrap_or(u64::MAX);
     assert!(evicted > 0 && open < 1024, "{proxy}");
+    let metrics = topo.metrics();
+    let admin_evicted =
+        tests::metrics::value(&metrics, "steer_admin_connections_evicted_total", &[]);
+    assert!(admin_evicted > 0.0, "the admin API counted its evictions");
 
     // With the floods, half-sent heads included, still open.
     let status = topo.stop_agent(Signal::SIGTERM);

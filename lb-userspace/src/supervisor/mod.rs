@@ -295,12 +295,16 @@ pub async fn supervise(
         .local_addr()
         .map_err(|source| SupervisorError::Bind { addr, source })?;
     let (handle, task) = start(spec, None).await?;
-    let app = crate::api::with_fallbacks(
-        api::router(vec![handle.clone()], token).merge(crate::metrics::router(None, vec![handle])),
-    );
-    info!(api = %addr, "supervisor ready");
     let limits = crate::config::AdminLimits::default();
-    let served = crate::serve_http(listener, app, &limits, shutdown).await;
+    let connections = crate::limits::Connections::new(limits.max_connections);
+    let metrics = crate::metrics::router(
+        None,
+        vec![handle.clone()],
+        std::sync::Arc::clone(&connections),
+    );
+    let app = crate::api::with_fallbacks(api::router(vec![handle], token).merge(metrics));
+    info!(api = %addr, "supervisor ready");
+    let served = crate::serve_http(listener, app, &limits, connections, shutdown).await;
     // The router held the last handle: the actor stops llama-server and ends.
     let _ = task.await;
     served.map_err(|source| SupervisorError::Serve { addr, source })
