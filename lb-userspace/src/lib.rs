@@ -220,7 +220,7 @@ async fn instance_backend(
             address,
             weight: config::Weight::ONE,
             max_connections: 0,
-            healthy: false,
+            instance: Some(spec.name.clone()),
         })
         .await?;
     info!(instance = %spec.name, id = info.id, %address, kind = ?info.kind, "instance is a backend");

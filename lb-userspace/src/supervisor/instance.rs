@@ -1098,7 +1098,7 @@ mod tests {
                 address,
                 weight: Weight::ONE,
                 max_connections: 0,
-                healthy: false,
+                instance: Some("gpt".to_owned()),
             })
             .await
             .unwrap_or_else(|e| panic!("{e}"));
