@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::num::{NonZeroU16, NonZeroU32};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::dataplane::xdp::{XdpMode, XdpOptions};
 use crate::policy::Policy;
 use crate::store::DriverConfig;
-use crate::supervisor::{self, InstanceBackend, InstanceSpec, Settings};
+use crate::supervisor::{self, ApplyLimit, InstanceBackend, InstanceSpec, Settings};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -32,6 +32,10 @@ const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(100);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(100);
 /// Chat requests with long prompts stay well below this; a body is held in memory until sent.
 const DEFAULT_MAX_REQUEST_BODY: usize = 16 << 20;
+/// How long a SIGTERM lets proxied requests finish. Generations run for tens of seconds; this
+/// plus an instance's drain timeout and stop grace stays within systemd's default 90 s stop
+/// timeout when the drains overlap little (a second signal cuts it short anyway).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -114,6 +118,11 @@ pub struct Config {
     pub dataplane: DataplaneKind,
     /// llama-server processes the agent supervises (`[[instance]]`).
     pub instances: Vec<InstanceSpec>,
+    /// `agent.shutdown_timeout`: how long the first SIGTERM/SIGINT lets proxied requests and
+    /// admin calls in flight finish before they are cut.
+    pub shutdown_timeout: Duration,
+    /// `agent.max_concurrent_applies`: applies in progress at once across the instances.
+    pub max_concurrent_applies: NonZeroUsize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -322,6 +331,8 @@ struct RawAgent {
     closed_flow_timeout: Option<Timeout>,
     flow_events: Option<bool>,
     dataplane: Option<DataplaneKind>,
+    shutdown_timeout: Option<Timeout>,
+    max_concurrent_applies: Option<NonZeroUsize>,
 }
 
 #[derive(Deserialize)]
@@ -568,7 +579,9 @@ impl Doc<'_> {
             proxies.push(self.proxy_config(i, &service, raw.service[i].get_ref())?);
             services.push(service);
         }
-        let instances = self.instances(raw.instance, &services)?;
+        let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
+        let applies = ApplyLimit::new(max_concurrent_applies);
+        let instances = self.instances(raw.instance, &services, &applies)?;
         Ok(Config {
             path: self.path.to_owned(),
             xdp: XdpOptions {
@@ -593,6 +606,10 @@ impl Doc<'_> {
             proxies,
             dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
             instances,
+            shutdown_timeout: agent
+                .shutdown_timeout
+                .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |t| t.0),
+            max_concurrent_applies,
         })
     }
 
@@ -700,6 +717,7 @@ impl Doc<'_> {
         &self,
         raw: Vec<RawInstance>,
         services: &[ServiceConfig],
+        applies: &ApplyLimit,
     ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
         for (i, instance) in raw.into_iter().enumerate() {
@@ -748,6 +766,7 @@ impl Doc<'_> {
                     debounce: timeout(instance.debounce, supervisor::DEFAULT_DEBOUNCE),
                     stop_grace: timeout(instance.stop_grace, supervisor::DEFAULT_STOP_GRACE),
                     allowed_binaries: instance.allowed_binaries,
+                    applies: applies.clone(),
                 },
             });
         }
@@ -1009,6 +1028,11 @@ impl fmt::Display for Config {
             xdp.closed_flow_timeout,
             if xdp.flow_events { "on" } else { "off" },
         )?;
+        writeln!(
+            f,
+            "shutdown: requests in flight get {:?}; {} apply(s) at a time across instances",
+            self.shutdown_timeout, self.max_concurrent_applies,
+        )?;
         for service in &self.services {
             writeln!(
                 f,
@@ -1212,6 +1236,8 @@ address = "10.0.0.100:81"
         assert_eq!(config.admin_addr.port(), 0);
         assert_eq!(config.xdp.snat_ports, DEFAULT_SNAT_PORTS);
         assert_eq!(config.xdp.flow_idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
+        assert_eq!(config.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(config.max_concurrent_applies.get(), 1);
         assert!(config.xdp.flow_events);
         let config = Config::parse(Path::new("x.toml"), EXAMPLE, &overrides)?;
         assert_eq!(
@@ -1523,6 +1549,18 @@ address = "10.0.0.100:81"
         assert!(line > 11, "in the third service, line {line}");
         assert_eq!(field, "service[2].slots.timeout");
         assert_eq!(message, "must not be longer than the interval");
+        Ok(())
+    }
+
+    #[test]
+    fn shutdown_timeout_and_apply_limit() -> Result<(), ConfigError> {
+        let text = "[agent]\ninterfaces = [\"lo\"]\nshutdown_timeout = \"2m\"\n\
+                    max_concurrent_applies = 2\n";
+        let config = parse(text)?;
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(120));
+        assert_eq!(config.max_concurrent_applies.get(), 2);
+        let zero = parse("[agent]\ninterfaces = [\"lo\"]\nmax_concurrent_applies = 0\n");
+        assert!(zero.is_err_and(|e| e.to_string().contains("max_concurrent_applies")));
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use lb_userspace::config::{AdminToken, Config, DataplaneKind, Overrides, parse_duration};
 use lb_userspace::dataplane::xdp::XdpMode;
 use lb_userspace::store::DriverConfig;
-use lb_userspace::supervisor::{self, InstanceSpec, Settings};
+use lb_userspace::supervisor::{self, ApplyLimit, InstanceSpec, Settings};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -180,6 +180,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             debounce: args.debounce,
             stop_grace: args.stop_grace,
             allowed_binaries: args.allowed_binaries,
+            applies: ApplyLimit::default(),
         },
         driver,
         backend: None,

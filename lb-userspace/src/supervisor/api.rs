@@ -257,6 +257,7 @@ mod tests {
             debounce: Duration::from_secs(60),
             stop_grace: Duration::from_secs(1),
             allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
+            applies: super::super::ApplyLimit::default(),
         };
         instance::spawn(name, args, Aliases::default(), settings, store, None).0
     }

@@ -24,7 +24,9 @@ use tracing::info;
 
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
-pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
+pub use instance::{
+    ApplyLimit, InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status,
+};
 
 use crate::config::AdminToken;
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError};
