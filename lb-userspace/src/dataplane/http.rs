@@ -31,6 +31,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
@@ -40,18 +41,32 @@ use super::proxy::{Gate, Lease, Refusal};
 type ProxyBody = Either<Full<Bytes>, Passed>;
 
 /// Serve one client connection (keep-alive) until the client closes it.
-pub async fn serve_connection(gate: Arc<Gate>, pool: Arc<Pool>, client: TcpStream, peer: Ipv4Addr) {
+pub async fn serve_connection(
+    gate: Arc<Gate>,
+    pool: Arc<Pool>,
+    client: TcpStream,
+    peer: Ipv4Addr,
+    mut draining: watch::Receiver<bool>,
+) {
     let service = hyper::service::service_fn(move |request| {
         let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
         async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
     });
     // The timer enables hyper's header read timeout (30 s): a client that never finishes its
     // request head, or sits idle that long between requests, is closed.
-    if let Err(error) = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(client), service)
-        .await
-    {
+        .serve_connection(TokioIo::new(client), service);
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = super::proxy::drain_started(&mut draining) => {
+            // The request in flight (and its streamed answer) finishes; then it closes.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = served {
         debug!(%error, "client connection ended");
     }
 }
@@ -726,6 +741,7 @@ mod tests {
             Arc::new(Pool::default()),
             accepted,
             Ipv4Addr::LOCALHOST,
+            watch::channel(false).1,
         ));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")

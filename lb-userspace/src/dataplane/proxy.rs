@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
 
@@ -628,15 +628,25 @@ pub fn listen(config: &ProxyConfig) -> Result<TcpListener, ProxyError> {
     socket.listen(BACKLOG).map_err(error)
 }
 
-/// Accept on `listener` until the task is dropped; each connection runs in `connections`, which
-/// the caller aborts on shutdown.
-pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
+/// Completes once `draining` turns true (never if its sender is gone without that).
+pub async fn drain_started(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Accept on `listener` until `draining` turns true, then close it and return once the open
+/// connections have ended (http: each after the request in flight, if any); the caller aborts
+/// the task to cut them.
+pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Receiver<bool>) {
     let span = info_span!("proxy", service = %gate.config.service, address = %gate.config.address, mode = ?gate.config.mode);
     let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
+        let mut stop = draining.clone();
         loop {
             tokio::select! {
+                () = drain_started(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((client, SocketAddr::V4(peer))) => {
                         gate.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -653,8 +663,14 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                                 .instrument(span),
                             ),
                             ProxyMode::Http => connections.spawn(
-                                http::serve_connection(gate, Arc::clone(&pool), client, *peer.ip())
-                                    .instrument(span),
+                                http::serve_connection(
+                                    gate,
+                                    Arc::clone(&pool),
+                                    client,
+                                    *peer.ip(),
+                                    draining.clone(),
+                                )
+                                .instrument(span),
                             ),
                         };
                     }
@@ -669,6 +685,15 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                 Some(_) = connections.join_next() => {}
             }
         }
+        drop(listener);
+        let open = connections.len();
+        info!(
+            open,
+            "draining: no new connections; waiting for the open ones"
+        );
+        let started = tokio::time::Instant::now();
+        while connections.join_next().await.is_some() {}
+        info!(open, waited = ?started.elapsed(), "drained");
     }
     .instrument(span)
     .await;

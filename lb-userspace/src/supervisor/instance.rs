@@ -190,6 +190,8 @@ enum Request {
     Status {
         reply: oneshot::Sender<Status>,
     },
+    /// Stop as if every handle were gone, though some remain.
+    Shutdown,
 }
 
 impl InstanceHandle {
@@ -202,6 +204,12 @@ impl InstanceHandle {
         let (reply, accepted) = oneshot::channel();
         self.request(Request::Submit { input, reply }).await?;
         accepted.await.map_err(|_| self.stopped())?
+    }
+
+    /// Drains the backend, stops the process and ends the actor (after an apply in progress),
+    /// even while other handles remain; await the actor's task for the end.
+    pub async fn shutdown(&self) {
+        let _ = self.request(Request::Shutdown).await;
     }
 
     pub async fn status(&self) -> Result<Status, InstanceError> {
@@ -348,8 +356,8 @@ impl<L: Launcher> Actor<L> {
             let wake = self.wake_at();
             tokio::select! {
                 request = inbox.recv() => match request {
+                    Some(Request::Shutdown) | None => break,
                     Some(request) => self.handle(request).await,
-                    None => break,
                 },
                 done = op_done(&mut self.op) => self.finish(done),
                 status = exited(&mut self.running), if self.op.is_none() => {
@@ -611,6 +619,8 @@ impl<L: Launcher> Actor<L> {
             Request::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            // The run loop stops on it before it gets here.
+            Request::Shutdown => {}
         }
     }
 
