@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 5] = [
+const BENCHES: [(&str, &str, bool, &str); 6] = [
     (
         "steer-bench-xdp",
         "xdp.json",
@@ -43,6 +43,12 @@ const BENCHES: [(&str, &str, bool, &str); 5] = [
         "fleet.json",
         true,
         "Fleet-scale simulation of the policies",
+    ),
+    (
+        "steer-bench-chaos",
+        "chaos.json",
+        false,
+        "Chaos: SIGKILLs of supervised llama-servers under load",
     ),
 ];
 
