@@ -2,7 +2,8 @@
 //! backends. Handlers only translate: every change is a call on the [`TableHandle`].
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body or id), 401 (token), 404 (unknown
-//! backend, service or route), 409 (duplicate address, full service) and 5xx (data plane).
+//! backend, service or route), 409 (duplicate address, full service, removing a supervised
+//! instance's backend) and 5xx (data plane).
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -92,9 +93,9 @@ impl From<TableError> for ApiError {
     fn from(err: TableError) -> Self {
         let status = match &err {
             TableError::UnknownService(_) | TableError::UnknownBackend(_) => StatusCode::NOT_FOUND,
-            TableError::DuplicateAddress { .. } | TableError::ServiceFull { .. } => {
-                StatusCode::CONFLICT
-            }
+            TableError::DuplicateAddress { .. }
+            | TableError::ServiceFull { .. }
+            | TableError::Supervised { .. } => StatusCode::CONFLICT,
             TableError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             TableError::TooManyServices { .. } | TableError::Dataplane(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -217,7 +218,7 @@ async fn add_backend(
         address: request.address,
         weight: request.weight,
         max_connections: request.max_connections,
-        healthy: true,
+        instance: None,
     };
     let info = state.table.add_backend(backend).await?;
     Ok((StatusCode::CREATED, Json(info)))
@@ -339,7 +340,7 @@ pub(crate) mod tests {
             body,
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
                 "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
-                "healthy": true, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
+                "healthy": true, "health": {"checks": "unchecked"}, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
                 "steered_since_poll": 0}]})
         );
 
@@ -487,6 +488,54 @@ pub(crate) mod tests {
         let body = r#"{"service":"chat","address":"10.0.3.1:80"}"#;
         let (status, _) = call(&app, Method::POST, "/v1/backends", Some(body)).await;
         assert_eq!(status, StatusCode::CONFLICT);
+    }
+
+    /// Issue 11 finding 6: a supervised instance's backend cannot be deleted (409 naming the
+    /// instance), so its id never goes to another backend; the listing shows both health
+    /// inputs.
+    #[tokio::test]
+    async fn an_instance_backend_is_not_deleted() {
+        let (handle, _task) = table::start(FakeDataplane::default(), &services())
+            .unwrap_or_else(|e| panic!("starting the table: {e}"));
+        let gpt = handle
+            .add_backend(NewBackend {
+                service: "chat".to_owned(),
+                address: SocketAddrV4::new([10, 0, 1, 5].into(), 8080),
+                weight: Weight::ONE,
+                max_connections: 0,
+                instance: Some("gpt".to_owned()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let app = with_fallbacks(router(handle, test_token()));
+        let bearer = Some("t0ken");
+        let uri = format!("/v1/backends/{}", gpt.id);
+        let (status, body) = call_with(&app, Method::DELETE, &uri, None, bearer).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("instance `gpt`"), "{body}");
+
+        let add = r#"{"service":"chat","address":"10.0.1.9:8080"}"#;
+        let (status, added) =
+            call_with(&app, Method::POST, "/v1/backends", Some(add), bearer).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_ne!(
+            added["id"],
+            json!(gpt.id),
+            "the instance's id is not given away"
+        );
+
+        let (_, list) = call(&app, Method::GET, "/v1/backends", None).await;
+        let listed = list["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["id"] == json!(gpt.id)).cloned())
+            .unwrap_or_else(|| panic!("still listed: {list}"));
+        assert_eq!(listed["instance"], "gpt");
+        assert_eq!(listed["healthy"], false);
+        assert_eq!(
+            listed["health"],
+            json!({"process": "down", "checks": "unchecked"})
+        );
     }
 
     #[tokio::test]

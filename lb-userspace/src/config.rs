@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::num::{NonZeroU16, NonZeroU32};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::dataplane::xdp::{XdpMode, XdpOptions};
 use crate::policy::Policy;
 use crate::store::DriverConfig;
-use crate::supervisor::{self, InstanceBackend, InstanceSpec, Settings};
+use crate::supervisor::{self, ApplyLimit, InstanceBackend, InstanceSpec, Settings};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -41,6 +41,10 @@ const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request body up to `max_request_body` (16 MiB) over a slow link.
 const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a SIGTERM lets proxied requests finish. Generations run for tens of seconds; this
+/// plus an instance's drain timeout and stop grace stays within systemd's default 90 s stop
+/// timeout when the drains overlap little (a second signal cuts it short anyway).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -179,6 +183,11 @@ pub struct Config {
     pub dataplane: DataplaneKind,
     /// llama-server processes the agent supervises (`[[instance]]`).
     pub instances: Vec<InstanceSpec>,
+    /// `agent.shutdown_timeout`: how long the first SIGTERM/SIGINT lets proxied requests and
+    /// admin calls in flight finish before they are cut.
+    pub shutdown_timeout: Duration,
+    /// `agent.max_concurrent_applies`: applies in progress at once across the instances.
+    pub max_concurrent_applies: NonZeroUsize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -394,6 +403,8 @@ struct RawAgent {
     admin_header_timeout: Option<Timeout>,
     admin_idle_timeout: Option<Timeout>,
     admin_body_timeout: Option<Timeout>,
+    shutdown_timeout: Option<Timeout>,
+    max_concurrent_applies: Option<NonZeroUsize>,
 }
 
 #[derive(Deserialize)]
@@ -633,7 +644,9 @@ impl Doc<'_> {
             proxies.push(self.proxy_config(i, &service, raw.service[i].get_ref())?);
             services.push(service);
         }
-        let instances = self.instances(raw.instance, &services)?;
+        let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
+        let applies = ApplyLimit::new(max_concurrent_applies);
+        let instances = self.instances(raw.instance, &services, &applies)?;
         let default = AdminLimits::default();
         let admin_limits = AdminLimits {
             max_connections: self.at_least_one(
@@ -676,6 +689,10 @@ impl Doc<'_> {
             proxies,
             dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
             instances,
+            shutdown_timeout: agent
+                .shutdown_timeout
+                .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |t| t.0),
+            max_concurrent_applies,
         })
     }
 
@@ -828,6 +845,7 @@ impl Doc<'_> {
         &self,
         raw: Vec<RawInstance>,
         services: &[ServiceConfig],
+        applies: &ApplyLimit,
     ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
         for (i, instance) in raw.into_iter().enumerate() {
@@ -913,6 +931,7 @@ impl Doc<'_> {
                     allowed_binaries: instance.allowed_binaries,
                     policy,
                     user: instance.user,
+                    applies: applies.clone(),
                 },
             });
         }
@@ -1150,6 +1169,11 @@ impl fmt::Display for Config {
             xdp.closed_flow_timeout,
             if xdp.flow_events { "on" } else { "off" },
         )?;
+        writeln!(
+            f,
+            "shutdown: requests in flight get {:?}; {} apply(s) at a time across instances",
+            self.shutdown_timeout, self.max_concurrent_applies,
+        )?;
         for service in &self.services {
             writeln!(
                 f,
@@ -1356,6 +1380,8 @@ address = "10.0.0.100:81"
         assert_eq!(config.admin_addr.port(), 0);
         assert_eq!(config.xdp.snat_ports, DEFAULT_SNAT_PORTS);
         assert_eq!(config.xdp.flow_idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
+        assert_eq!(config.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(config.max_concurrent_applies.get(), 1);
         assert!(config.xdp.flow_events);
         let summary = config.to_string();
         assert!(
@@ -1746,6 +1772,18 @@ address = "10.0.0.100:81"
             message.starts_with("not for mode = \"l4\" (an l4 connection has no request head"),
             "{message}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn shutdown_timeout_and_apply_limit() -> Result<(), ConfigError> {
+        let text = "[agent]\ninterfaces = [\"lo\"]\nshutdown_timeout = \"2m\"\n\
+                    max_concurrent_applies = 2\n";
+        let config = parse(text)?;
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(120));
+        assert_eq!(config.max_concurrent_applies.get(), 2);
+        let zero = parse("[agent]\ninterfaces = [\"lo\"]\nmax_concurrent_applies = 0\n");
+        assert!(zero.is_err_and(|e| e.to_string().contains("max_concurrent_applies")));
         Ok(())
     }
 

@@ -1,6 +1,10 @@
 //! Active health checks: every `interval`, an HTTP GET of the service's health path on each of its
 //! backends (llama.cpp's `/health` answers 503 while the model loads, 200 when it serves). The
-//! verdicts go to the backend table, which alone decides what the kernel sees.
+//! verdicts go to the backend table, which alone decides what the kernel sees: it combines them
+//! with the supervisor's view of an instance's process, so each can take a backend out.
+//!
+//! The checker sends its verdict whenever it differs from the one the table holds (so also the
+//! first one, and again after the table forgot it for a new process).
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -9,10 +13,10 @@ use std::time::Duration;
 use tracing::{Instrument, debug, info_span};
 
 use crate::config::HealthConfig;
-use crate::table::TableHandle;
+use crate::table::{Checks, TableHandle};
 
 /// Rise and fall counting for one backend. A backend starts healthy: one that never answers
-/// turns down after `fall` checks.
+/// turns down after `fall` checks (until then the table counts it unchecked, which passes).
 #[derive(Debug)]
 struct Tracker {
     healthy: bool,
@@ -28,20 +32,19 @@ impl Tracker {
         }
     }
 
-    /// Count one check; `Some(new state)` when the state flips.
-    fn observe(&mut self, passed: bool, config: &HealthConfig) -> Option<bool> {
+    /// Count one check; the verdict after it.
+    fn observe(&mut self, passed: bool, config: &HealthConfig) -> bool {
         if passed == self.healthy {
             self.streak = 0;
-            return None;
+            return self.healthy;
         }
         self.streak += 1;
         let needed = if passed { config.rise } else { config.fall };
-        if self.streak < needed.get() {
-            return None;
+        if self.streak >= needed.get() {
+            self.healthy = passed;
+            self.streak = 0;
         }
-        self.healthy = passed;
-        self.streak = 0;
-        Some(passed)
+        self.healthy
     }
 }
 
@@ -57,17 +60,23 @@ pub async fn run(table: TableHandle, service: String, config: HealthConfig) {
             let Ok(snapshot) = table.list().await else {
                 return; // the table is gone: the agent is stopping
             };
-            let backends: Vec<(u32, SocketAddrV4)> = snapshot
+            let backends: HashMap<(u32, SocketAddrV4), Checks> = snapshot
                 .backends
                 .iter()
                 .filter(|b| b.service == service)
-                .map(|b| (b.id, b.address))
+                .map(|b| ((b.id, b.address), b.health.checks))
                 .collect();
-            // Backends that left, or whose id now holds another address, start over.
-            trackers.retain(|key, _| backends.contains(key));
+            // Backends that left, or whose id now holds another address, start over; so do
+            // those whose verdict the table forgot (a new process). Every verdict reaches the
+            // table in the round it was made, before the next snapshot.
+            trackers.retain(|key, _| {
+                backends
+                    .get(key)
+                    .is_some_and(|&held| held != Checks::Unchecked)
+            });
             // One round's checks run side by side, each bounded by the timeout.
             let mut checks = tokio::task::JoinSet::new();
-            for &(id, address) in &backends {
+            for &(id, address) in backends.keys() {
                 let (path, timeout) = (config.path.clone(), config.timeout);
                 checks.spawn(async move { (id, address, probe(address, &path, timeout).await) });
             }
@@ -76,9 +85,14 @@ pub async fn run(table: TableHandle, service: String, config: HealthConfig) {
                     debug!(id, %address, %why, "health check failed");
                 }
                 let tracker = trackers.entry((id, address)).or_insert_with(Tracker::new);
-                if let Some(healthy) = tracker.observe(result.is_ok(), &config)
-                    && table.set_health(id, address, healthy).await.is_err()
-                {
+                let passing = tracker.observe(result.is_ok(), &config);
+                let held = backends.get(&(id, address)).copied().unwrap_or_default();
+                let verdict = if passing {
+                    Checks::Passing
+                } else {
+                    Checks::Failing
+                };
+                if verdict != held && table.set_checks(id, address, passing).await.is_err() {
                     return;
                 }
             }
@@ -115,19 +129,16 @@ mod tests {
     fn rise_and_fall_need_that_many_checks_in_a_row() {
         let c = config(2, 3);
         let mut t = Tracker::new();
-        assert_eq!(t.observe(false, &c), None);
-        assert_eq!(t.observe(false, &c), None);
+        let verdicts: Vec<bool> = [false, false, true, false, false, false, false, true, true]
+            .into_iter()
+            .map(|passed| t.observe(passed, &c))
+            .collect();
+        // A pass breaks the failing streak; the third failure in a row turns it down, the
+        // second pass in a row up.
         assert_eq!(
-            t.observe(true, &c),
-            None,
-            "a pass breaks the failing streak"
+            verdicts,
+            [true, true, true, true, true, false, false, false, true]
         );
-        assert_eq!(t.observe(false, &c), None);
-        assert_eq!(t.observe(false, &c), None);
-        assert_eq!(t.observe(false, &c), Some(false), "third failure in a row");
-        assert_eq!(t.observe(false, &c), None, "already down");
-        assert_eq!(t.observe(true, &c), None);
-        assert_eq!(t.observe(true, &c), Some(true), "second pass in a row");
     }
 
     /// A one-shot HTTP server on loopback answering `status` to whatever it is asked.
@@ -145,6 +156,109 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An HTTP server on loopback whose `/health` answers 200 to the first `healthy` checks, 503
+    /// after (a llama-server that lost its model, say); counts the checks.
+    async fn failing_server(
+        healthy: u32,
+    ) -> (SocketAddrV4, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("not IPv4");
+        };
+        let checks = std::sync::Arc::new(AtomicU32::new(0));
+        let seen = checks.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                let _ = stream.read(&mut buf).await;
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let status = if n < healthy {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        (addr, checks)
+    }
+
+    /// Issue 11 finding 3: an instance's backend whose process the supervisor sees up, but whose
+    /// `/health` keeps failing, is taken out after `fall` checks, and the supervisor's next
+    /// "up" does not bring it back.
+    #[tokio::test]
+    async fn failing_checks_take_out_an_instance_the_supervisor_sees_up() {
+        use crate::config::{ServiceConfig, Weight};
+        use crate::fake::FakeDataplane;
+        use crate::supervisor::BackendLink;
+        use crate::table::NewBackend;
+        use lb_common::backend_state::{ACTIVE, DOWN};
+        use std::sync::atomic::Ordering;
+
+        let (address, checks) = failing_server(2).await;
+        let health = HealthConfig {
+            interval: Duration::from_millis(20),
+            ..config(1, 3)
+        };
+        let service = ServiceConfig {
+            name: "chat".to_owned(),
+            address: "10.0.0.100:80".parse().expect("vip"),
+            policy: crate::policy::Policy::RoundRobin,
+            backends: Vec::new(),
+            health: Some(health.clone()),
+        };
+        let dataplane = FakeDataplane::default();
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("table");
+        let id = table
+            .add_backend(NewBackend {
+                service: "chat".to_owned(),
+                address,
+                weight: Weight::ONE,
+                max_connections: 0,
+                instance: Some("gpt".to_owned()),
+            })
+            .await
+            .expect("added")
+            .id;
+        let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(1));
+        link.up().await;
+        let state = || dataplane.maps().backends[&id].state;
+        assert_eq!(state(), ACTIVE);
+        let checker = tokio::spawn(run(table.clone(), "chat".to_owned(), health));
+
+        // Bounded wait for the event, not a timing assertion.
+        for _ in 0..500 {
+            if state() == DOWN {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state(), DOWN, "failing checks took it out");
+        let failed = checks.load(Ordering::SeqCst).saturating_sub(2);
+        assert!(failed >= 3, "out after fall = 3 failures, not {failed}");
+
+        link.up().await;
+        let seen = checks.load(Ordering::SeqCst);
+        while checks.load(Ordering::SeqCst) < seen + 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            state(),
+            DOWN,
+            "the supervisor's up does not erase failing checks"
+        );
+        let listed = table.list().await.expect("list");
+        let b = &listed.backends[0];
+        assert!(!b.healthy);
+        assert_eq!(
+            (b.health.process, b.health.checks),
+            (Some(crate::table::ProcessHealth::Up), Checks::Failing)
+        );
+        checker.abort();
     }
 
     #[tokio::test]

@@ -67,9 +67,14 @@ pub enum AgentError {
 
 /// Run the agent until `shutdown` completes: load and attach XDP (unless the dataplane is
 /// `userspace`, or not root: then with a warning), program the configured services, listen on
-/// their addresses, start the configured llama-server instances, serve the admin API; then stop
-/// serving, stop the instances and detach.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// their addresses, start the configured llama-server instances, serve the admin API; then
+/// drain (see [`serve`]), stop the instances and detach. `force` (awaited once `shutdown` has
+/// completed: a second signal) cuts the drain short.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     // Bind first: a taken port should fail before anything is attached.
     let listener = bind(config.admin_addr).await?;
     let mut kind = config.dataplane;
@@ -92,14 +97,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         DataplaneKind::Xdp => {
             let xdp = Xdp::load(&config.xdp)?;
             let counts = xdp.conn_counts();
-            let xdp = serve(xdp, counts, kind, &config, listener, shutdown).await?;
+            let xdp = serve(xdp, counts, kind, &config, listener, shutdown, force).await?;
             drop(xdp);
             info!(interfaces = ?config.xdp.interfaces, "XDP detached");
         }
         DataplaneKind::Userspace => {
             let userspace = Userspace::new()?;
             let counts = userspace.conn_counts();
-            serve(userspace, counts, kind, &config, listener, shutdown).await?;
+            serve(userspace, counts, kind, &config, listener, shutdown, force).await?;
         }
     }
     drop(routes);
@@ -116,6 +121,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
 /// and serve the API on `listener` until `shutdown`; the dataplane comes back once the table task
 /// has stopped. With XDP a service address that cannot be listened on is a warning (XDP still
 /// carries that service); with the userspace dataplane it is an error.
+///
+/// Shutdown: the proxies and the admin API stop accepting, and the requests and streams in
+/// flight get up to `agent.shutdown_timeout` to finish (http keep-alive connections close after
+/// their current request); then the instances drain their backends (XDP flows) and stop, and the
+/// table hands the dataplane back for detaching. `force` cuts the wait short, and then the
+/// instances' llama-servers are killed rather than drained.
 async fn serve<D: Dataplane>(
     dataplane: D,
     counts: Arc<ConnCounts>,
@@ -123,6 +134,7 @@ async fn serve<D: Dataplane>(
     config: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
 ) -> Result<D, AgentError> {
     let addr = listener.local_addr().map_err(|source| AgentError::Bind {
         addr: config.admin_addr,
@@ -145,7 +157,9 @@ async fn serve<D: Dataplane>(
     for poll in &config.slot_polls {
         health_checks.spawn(slots::run(table.clone(), poll.clone()));
     }
-    // Aborted when this returns, with their connections.
+    // They stop accepting when this turns true; aborted (with their connections) when this
+    // returns.
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let mut proxies = tokio::task::JoinSet::new();
     let mut gates = Vec::with_capacity(config.proxies.len());
     for (id, settings) in config.proxies.iter().enumerate() {
@@ -158,7 +172,7 @@ async fn serve<D: Dataplane>(
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
         let gate = proxy::Gate::new(settings.clone(), id, Arc::clone(&counts), table.routes());
-        proxies.spawn(proxy::serve(Arc::clone(&gate), listener));
+        proxies.spawn(proxy::serve(Arc::clone(&gate), listener, draining.clone()));
         gates.push(gate);
     }
     let mut instances = Vec::with_capacity(config.instances.len());
@@ -177,8 +191,8 @@ async fn serve<D: Dataplane>(
         api::router(table.clone(), admin_token.clone())
             .merge(supervisor::api::router(instances.clone(), admin_token))
             .merge(metrics::agent_router(
-                table,
-                instances,
+                table.clone(),
+                instances.clone(),
                 gates.clone(),
                 Arc::clone(&admin_connections),
             ))
@@ -192,25 +206,102 @@ async fn serve<D: Dataplane>(
         instances = config.instances.len(),
         "steer ready"
     );
-    let served = serve_http(
+    let signalled = async {
+        shutdown.await;
+        info!(timeout = ?config.shutdown_timeout, "draining: no new connections; requests in flight may finish");
+        let _ = draining_tx.send(true);
+    };
+    let admin = serve_http(
         listener,
         app,
         &config.admin_limits,
         admin_connections,
-        shutdown,
-    )
-    .await;
-    info!("admin API stopped");
+        signalled,
+    );
+    tokio::pin!(admin, force);
+    let mut served = None;
+    let mut stop = draining.clone();
+    // The admin API ends on its own only on an error: then the agent stops too.
+    tokio::select! {
+        result = &mut admin => {
+            served = Some(result);
+            let _ = draining_tx.send(true);
+        }
+        () = proxy::drain_started(&mut stop) => {}
+    }
+    let started = tokio::time::Instant::now();
+    let in_flight = async {
+        let result = match served.take() {
+            Some(result) => result,
+            None => (&mut admin).await,
+        };
+        info!("admin API stopped");
+        while proxies.join_next().await.is_some() {}
+        result
+    };
+    let forced = tokio::select! {
+        result = in_flight => {
+            info!(waited = ?started.elapsed(), "requests in flight finished");
+            served = Some(result);
+            false
+        }
+        () = tokio::time::sleep(config.shutdown_timeout) => {
+            warn!(timeout = ?config.shutdown_timeout, "shutdown timeout: cutting what is left");
+            false
+        }
+        () = &mut force => {
+            warn!("second signal: cutting what is left, killing the llama-servers");
+            true
+        }
+    };
     health_checks.shutdown().await;
     proxies.shutdown().await;
-    // The server, and with it the router holding the last table and instance handles, is gone:
-    // the instances stop their processes, and the table task ends and hands the dataplane back.
-    for instance in instance_tasks {
-        let _ = instance.await;
-    }
+    stop_instances(&instances, instance_tasks, forced, force).await;
+    // Some admin connections may still hold handles: end the table task all the same.
+    table.close().await;
     let dataplane = task.await.map_err(AgentError::TableTask)?;
-    served.map_err(|source| AgentError::Serve { addr, source })?;
+    if let Some(served) = served {
+        served.map_err(|source| AgentError::Serve { addr, source })?;
+    }
     Ok(dataplane.inner)
+}
+
+/// Each instance drains its backend and stops its llama-server, all at once; `force` (or
+/// `forced` already) kills them instead.
+async fn stop_instances(
+    instances: &[supervisor::InstanceHandle],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    forced: bool,
+    force: impl Future<Output = ()>,
+) {
+    if tasks.is_empty() {
+        return;
+    }
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    if forced {
+        // Dropping an actor kills its process.
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    } else {
+        info!(instances = instances.len(), "stopping the instances");
+        for instance in instances {
+            instance.shutdown().await;
+        }
+    }
+    let stopped = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    };
+    tokio::pin!(stopped);
+    tokio::select! {
+        () = &mut stopped => {}
+        () = force, if !forced => {
+            warn!("second signal: killing the llama-servers");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            stopped.await;
+        }
+    }
+    info!("instances stopped");
 }
 
 /// Adds a served instance to its service, taking no connections until its process is healthy.
@@ -235,7 +326,7 @@ async fn instance_backend(
             address,
             weight: config::Weight::ONE,
             max_connections: 0,
-            healthy: false,
+            instance: Some(spec.name.clone()),
         })
         .await?;
     info!(instance = %spec.name, id = info.id, %address, kind = ?info.kind, "instance is a backend");
@@ -428,9 +519,19 @@ address = "10.0.1.2:8080"
         let agent = tokio::spawn({
             let fake = fake.clone();
             async move {
-                serve(fake, counts, DataplaneKind::Xdp, &config, listener, async {
+                let stopped = async {
                     let _ = stopped.await;
-                })
+                };
+                let force = std::future::pending();
+                serve(
+                    fake,
+                    counts,
+                    DataplaneKind::Xdp,
+                    &config,
+                    listener,
+                    stopped,
+                    force,
+                )
                 .await
             }
         });
@@ -466,7 +567,17 @@ address = "10.0.1.2:8080"
                 let _ = stopped.await;
             };
             let fake = FakeDataplane::default();
-            serve(fake, counts, DataplaneKind::Xdp, &config, listener, stopped).await
+            let never = std::future::pending();
+            serve(
+                fake,
+                counts,
+                DataplaneKind::Xdp,
+                &config,
+                listener,
+                stopped,
+                never,
+            )
+            .await
         });
         let response = get(addr, "/v1/backends").await?;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -538,6 +649,7 @@ address = "10.0.1.2:8080"
                 &config,
                 listener,
                 stopped,
+                std::future::pending(),
             )
             .await
         });
@@ -645,7 +757,17 @@ address = "10.0.1.2:8080"
                 let _ = stopped.await;
             };
             let fake = FakeDataplane::default();
-            serve(fake, counts, DataplaneKind::Xdp, &config, listener, stopped).await
+            let never = std::future::pending();
+            serve(
+                fake,
+                counts,
+                DataplaneKind::Xdp,
+                &config,
+                listener,
+                stopped,
+                never,
+            )
+            .await
         });
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream

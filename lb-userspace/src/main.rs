@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use lb_userspace::config::{Config, DataplaneKind, Overrides, parse_duration};
 use lb_userspace::dataplane::xdp::XdpMode;
 use lb_userspace::store::DriverConfig;
-use lb_userspace::supervisor::{self, InstanceSpec, Settings};
+use lb_userspace::supervisor::{self, ApplyLimit, InstanceSpec, Settings};
 use lb_userspace::token;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -170,8 +170,8 @@ fn try_main() -> anyhow::Result<()> {
             lb_userspace::limits::fit_caps(&mut config, open_files);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
-                let shutdown = shutdown_signal().context("installing signal handlers")?;
-                lb_userspace::run(config, shutdown).await?;
+                let (shutdown, force) = shutdown_signals().context("installing signal handlers")?;
+                lb_userspace::run(config, shutdown, force).await?;
                 Ok(())
             })
         }
@@ -199,13 +199,14 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             allowed_binaries: args.allowed_binaries,
             policy,
             user: args.user,
+            applies: ApplyLimit::default(),
         },
         driver,
         backend: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        let (shutdown, _) = shutdown_signals().context("installing signal handlers")?;
         let token = &args.admin_token_file;
         supervisor::supervise(spec, args.supervisor_addr, token, shutdown).await?;
         Ok(())
@@ -225,17 +226,33 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on the first SIGINT or SIGTERM; the handlers are installed before it is awaited.
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+/// The first SIGINT or SIGTERM completes the first future (drain), the next one the second
+/// (cut it short). The handlers are installed before either is awaited; call in the runtime.
+fn shutdown_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        tracing::info!(signal = name, "shutting down");
-    })
+    let (seen, signals) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = interrupt.recv() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+            seen.send_modify(|n| *n += 1);
+            match *seen.borrow() {
+                1 => tracing::info!(signal = name, "shutting down; another signal cuts it short"),
+                _ => tracing::warn!(signal = name, "shutting down now"),
+            }
+        }
+    });
+    let after = |count: u32| {
+        let mut signals = signals.clone();
+        async move {
+            // The sender lives as long as the runtime.
+            let _ = signals.wait_for(|n| *n >= count).await;
+        }
+    };
+    Ok((after(1), after(2)))
 }
 
 /// The error and its causes on one line, skipping a cause whose text the line already carries

@@ -235,7 +235,7 @@ fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::R
     family(
         encoder,
         "steer_backend_healthy",
-        "1 while the backend passes its health checks (or is not checked).",
+        "1 while neither its health checks nor (for an instance) the supervisor say it is down.",
         per_backend(backends, |b| gauge(u64::from(b.healthy))),
     )?;
     family(

@@ -8,6 +8,11 @@
 //! Every change writes the backend slot first, then the round-robin ring, then the service entry
 //! that announces `backend_count` and `rr_len`, so the kernel never sees a ring or count pointing
 //! at something unwritten: a removed backend is written DOWN before it leaves the ring.
+//!
+//! Health is the table's to decide, from two inputs kept apart: the active checks' verdict
+//! ([`TableHandle::set_checks`]) and, for a supervised instance's backend, the supervisor's view
+//! of its process ([`TableHandle::set_process`]). A backend takes new connections only when
+//! neither says no; so neither input can undo the other's "no".
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -43,6 +48,13 @@ pub enum TableError {
     },
     #[error("service `{service}` already has the maximum of {MAX_BACKENDS_PER_SERVICE} backends")]
     ServiceFull { service: String },
+    /// The supervisor drains and revives it; removing it would leave the instance steering an
+    /// id that could go to another backend.
+    #[error(
+        "backend {id} is instance `{instance}`'s: the supervisor owns it; drain it, or remove \
+         the instance from the config"
+    )]
+    Supervised { id: u32, instance: String },
     #[error("{count} services configured; at most {MAX_SERVICES} are supported")]
     TooManyServices { count: usize },
     #[error("writing the data plane: {0}")]
@@ -58,9 +70,9 @@ pub struct NewBackend {
     pub address: SocketAddrV4,
     pub weight: Weight,
     pub max_connections: u32,
-    /// `false` for a backend that must not take connections before it is reported healthy
-    /// (a supervised instance that is still starting).
-    pub healthy: bool,
+    /// The supervised instance this backend is: it takes no connections before the supervisor
+    /// reports its process up, and the API cannot remove it.
+    pub instance: Option<String>,
 }
 
 /// What a listed backend may be; a removed one is no longer listed.
@@ -71,6 +83,38 @@ pub enum BackendState {
     Active,
     /// Keeps its flows, takes no new ones.
     Draining,
+}
+
+/// The supervisor's view of an instance's llama-server process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessHealth {
+    /// Not (yet, or no longer) answering `/health` 200: no new flows.
+    Down,
+    /// Came up healthy and runs.
+    Up,
+    /// About to be stopped (apply, shutdown): keeps its flows, takes no new ones.
+    Draining,
+}
+
+/// The active checks' verdict after rise/fall counting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checks {
+    /// No verdict yet (no checks configured, or a new process): counts as passing.
+    #[default]
+    Unchecked,
+    Passing,
+    Failing,
+}
+
+/// Both health inputs of a backend, as listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// Only for a supervised instance's backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessHealth>,
+    pub checks: Checks,
 }
 
 impl BackendState {
@@ -89,11 +133,16 @@ pub struct BackendInfo {
     pub address: SocketAddrV4,
     pub weight: u16,
     pub max_connections: u32,
+    /// `draining` also while the supervisor drains it for a restart.
     pub state: BackendState,
     /// `local` (on this host) or `remote`.
     pub kind: BackendKind,
-    /// Passing its health checks; an unhealthy backend takes no new connections.
+    /// Neither health input says no; an unhealthy backend takes no new connections.
     pub healthy: bool,
+    pub health: Health,
+    /// The supervised instance it is, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub active_connections: u64,
     /// llama.cpp slots at the last slot poll (policy `slots`); absent until one answers.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,9 +241,11 @@ enum Command {
     Add(NewBackend, Reply<BackendInfo>),
     Remove(u32, Reply<BackendInfo>),
     SetState(u32, BackendState, Reply<BackendInfo>),
-    SetHealth(u32, SocketAddrV4, bool, Reply<()>),
+    SetChecks(u32, SocketAddrV4, bool, Reply<()>),
+    SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
     SetSlots(SlotReport, Reply<()>),
     List(Reply<Snapshot>),
+    Close(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable way to ask the table task for changes and snapshots.
@@ -218,7 +269,8 @@ impl TableHandle {
         self.call(|reply| Command::Add(backend, reply)).await
     }
 
-    /// Stops new flows at once; the backend's open flows go on in the kernel.
+    /// Stops new flows at once; the backend's open flows go on in the kernel. A supervised
+    /// instance's backend is refused ([`TableError::Supervised`]).
     pub async fn remove_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
         self.call(|reply| Command::Remove(id, reply)).await
     }
@@ -233,16 +285,38 @@ impl TableHandle {
             .await
     }
 
-    /// Record a health-check verdict for the backend at `address` under `id`; a verdict about a
-    /// backend that has since left the id is dropped.
-    pub async fn set_health(
+    /// Record the active checks' verdict for the backend at `address` under `id`; a verdict
+    /// about a backend that has since left the id is dropped.
+    pub async fn set_checks(
         &self,
         id: u32,
         address: SocketAddrV4,
-        healthy: bool,
+        passing: bool,
     ) -> Result<(), TableError> {
-        self.call(|reply| Command::SetHealth(id, address, healthy, reply))
+        self.call(|reply| Command::SetChecks(id, address, passing, reply))
             .await
+    }
+
+    /// Record the supervisor's view of the process behind the instance backend at `address`
+    /// under `id`; dropped for any other backend. A process that comes up (from down or
+    /// draining) is a new one: the checks' verdict about the old one is forgotten.
+    pub async fn set_process(
+        &self,
+        id: u32,
+        address: SocketAddrV4,
+        process: ProcessHealth,
+    ) -> Result<(), TableError> {
+        self.call(|reply| Command::SetProcess(id, address, process, reply))
+            .await
+    }
+
+    /// Ends the table task (it hands the dataplane back) even while other handles remain, say
+    /// in admin connections a shutdown cut; their later calls get [`TableError::Stopped`].
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Command::Close(reply)).await.is_ok() {
+            let _ = done.await;
+        }
     }
 
     /// Publish a slot poll of the backend at `address` under `id` (dropped if the id has since
@@ -293,6 +367,10 @@ pub fn start<D: Dataplane>(
     let task = tokio::spawn(
         async move {
             while let Some(command) = rx.recv().await {
+                if let Command::Close(done) = command {
+                    let _ = done.send(());
+                    break;
+                }
                 table.handle(command);
             }
             table.dataplane
@@ -330,15 +408,40 @@ struct SlotBackend {
     state: BackendState,
     /// On this host: destination NAT only, replies un-NATed on egress.
     local: bool,
-    /// Passing its health checks (or not checked); starts true.
-    healthy: bool,
+    /// The active checks' verdict.
+    checks: Checks,
+    /// For a supervised instance's backend: the instance and its process.
+    supervised: Option<Supervised>,
     /// The id's kernel counters when this backend got it: an id's counters are never reset.
     stats_base: BackendStats,
     /// At the last slot poll; `None` until one answers.
     slots: Option<SlotCounts>,
 }
 
+#[derive(Clone)]
+struct Supervised {
+    instance: String,
+    process: ProcessHealth,
+}
+
 impl SlotBackend {
+    fn process(&self) -> Option<ProcessHealth> {
+        self.supervised.as_ref().map(|s| s.process)
+    }
+
+    /// Takes new flows as far as health goes: no input says no.
+    fn healthy(&self) -> bool {
+        self.checks != Checks::Failing && self.process() != Some(ProcessHealth::Down)
+    }
+
+    /// The operator's state, or draining while the supervisor drains the process.
+    fn state(&self) -> BackendState {
+        match self.process() {
+            Some(ProcessHealth::Draining) => BackendState::Draining,
+            _ => self.state,
+        }
+    }
+
     /// The kernel's cap: `max_connections` when configured, else the slot count once a poll
     /// knows it, else none (0).
     fn max_conns(&self) -> u32 {
@@ -357,8 +460,8 @@ fn kernel_backend(s: &Slot) -> Backend {
             port: b.address.port().to_be(),
             weight: u32::from(b.weight.get()),
             // Unhealthy: DOWN for new flows; open ones keep going (conntrack).
-            state: if b.healthy {
-                b.state.abi()
+            state: if b.healthy() {
+                b.state().abi()
             } else {
                 backend_state::DOWN
             },
@@ -430,7 +533,8 @@ impl<D: Dataplane> Table<D> {
                     max_connections,
                     state: BackendState::Active,
                     local,
-                    healthy: true,
+                    checks: Checks::Unchecked,
+                    supervised: None,
                     stats_base: BackendStats::default(),
                     slots: None,
                 });
@@ -445,11 +549,16 @@ impl<D: Dataplane> Table<D> {
             Command::Add(backend, reply) => drop(reply.send(self.add(backend))),
             Command::Remove(id, reply) => drop(reply.send(self.remove(id))),
             Command::SetState(id, state, reply) => drop(reply.send(self.set_state(id, state))),
-            Command::SetHealth(id, address, healthy, reply) => {
-                drop(reply.send(self.set_health(id, address, healthy)));
+            Command::SetChecks(id, address, passing, reply) => {
+                drop(reply.send(self.set_checks(id, address, passing)));
+            }
+            Command::SetProcess(id, address, process, reply) => {
+                drop(reply.send(self.set_process(id, address, process)));
             }
             Command::SetSlots(report, reply) => drop(reply.send(self.set_slots(report))),
             Command::List(reply) => drop(reply.send(self.snapshot())),
+            // The task loop ends on it before it gets here.
+            Command::Close(done) => drop(done.send(())),
         }
     }
 
@@ -489,7 +598,11 @@ impl<D: Dataplane> Table<D> {
             max_connections: new.max_connections,
             state: BackendState::Active,
             local: self.dataplane.is_local(*new.address.ip()),
-            healthy: new.healthy,
+            checks: Checks::Unchecked,
+            supervised: new.instance.clone().map(|instance| Supervised {
+                instance,
+                process: ProcessHealth::Down,
+            }),
             stats_base,
             slots: None,
         };
@@ -502,6 +615,9 @@ impl<D: Dataplane> Table<D> {
     fn remove(&mut self, id: u32) -> Result<BackendInfo, TableError> {
         let (service, slot) = self.occupied(id)?;
         let info = self.info(service, slot)?;
+        if let Some(instance) = info.instance {
+            return Err(TableError::Supervised { id, instance });
+        }
         self.change(service, slot, |s| {
             s.backend = None;
             s.generation = s.generation.wrapping_add(1);
@@ -522,30 +638,72 @@ impl<D: Dataplane> Table<D> {
         Ok(info)
     }
 
+    fn set_checks(
+        &mut self,
+        id: u32,
+        address: SocketAddrV4,
+        passing: bool,
+    ) -> Result<(), TableError> {
+        let checks = if passing {
+            Checks::Passing
+        } else {
+            Checks::Failing
+        };
+        self.set_health(id, address, |b| {
+            b.checks = checks;
+            Some(())
+        })
+    }
+
+    fn set_process(
+        &mut self,
+        id: u32,
+        address: SocketAddrV4,
+        process: ProcessHealth,
+    ) -> Result<(), TableError> {
+        self.set_health(id, address, |b| {
+            let supervised = b.supervised.as_mut()?;
+            if process == ProcessHealth::Up && supervised.process != ProcessHealth::Up {
+                b.checks = Checks::Unchecked;
+            }
+            supervised.process = process;
+            Some(())
+        })
+    }
+
+    /// Apply `edit` to the backend at `address` under `id` (nothing if the id changed hands or
+    /// `edit` says `None`), writing it out if that changed what the kernel sees.
     fn set_health(
         &mut self,
         id: u32,
         address: SocketAddrV4,
-        healthy: bool,
+        edit: impl FnOnce(&mut SlotBackend) -> Option<()>,
     ) -> Result<(), TableError> {
         let (service, slot) = split_id(id);
-        let current = self
+        let Some(current) = self
             .services
-            .get(service)
-            .and_then(|s| s.slots[slot].backend.as_ref());
-        match current {
-            Some(b) if b.address == address && b.healthy != healthy => {}
-            _ => return Ok(()),
+            .get_mut(service)
+            .and_then(|s| s.slots[slot].backend.as_mut())
+            .filter(|b| b.address == address)
+        else {
+            return Ok(());
+        };
+        let (healthy, state) = (current.healthy(), current.state());
+        let mut edited = current.clone();
+        if edit(&mut edited).is_none() {
+            return Ok(());
         }
-        self.change(service, slot, |s| {
-            if let Some(backend) = &mut s.backend {
-                backend.healthy = healthy;
-            }
-        })?;
-        if healthy {
-            info!(id, %address, "backend healthy again: takes new connections");
-        } else {
-            warn!(id, %address, "backend failed its health checks: no new connections");
+        if (edited.healthy(), edited.state()) == (healthy, state) {
+            // Nothing the kernel sees changes: no map write.
+            *current = edited;
+            return Ok(());
+        }
+        let (now_healthy, checks, process) = (edited.healthy(), edited.checks, edited.process());
+        self.change(service, slot, |s| s.backend = Some(edited))?;
+        if now_healthy && !healthy {
+            info!(id, %address, ?checks, ?process, "backend healthy: takes new connections");
+        } else if !now_healthy && healthy {
+            warn!(id, %address, ?checks, ?process, "backend unhealthy: no new connections");
         }
         Ok(())
     }
@@ -621,7 +779,7 @@ impl<D: Dataplane> Table<D> {
         let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
             .filter_map(|(slot, s)| match &s.backend {
-                Some(b) if b.state == BackendState::Active && b.healthy => {
+                Some(b) if b.state() == BackendState::Active && b.healthy() => {
                     Some((slot, u32::from(b.weight.get()), b.address))
                 }
                 _ => None,
@@ -705,13 +863,18 @@ impl<D: Dataplane> Table<D> {
             address: b.address,
             weight: b.weight.get(),
             max_connections: b.max_conns(),
-            state: b.state,
+            state: b.state(),
             kind: if b.local {
                 BackendKind::Local
             } else {
                 BackendKind::Remote
             },
-            healthy: b.healthy,
+            healthy: b.healthy(),
+            health: Health {
+                process: b.process(),
+                checks: b.checks,
+            },
+            instance: b.supervised.as_ref().map(|s| s.instance.clone()),
             active_connections: self.dataplane.connections(id),
             total_slots: b.slots.map(|s| s.total),
             idle_slots: b.slots.map(|s| s.idle),
@@ -793,7 +956,7 @@ mod tests {
             address: addr(address),
             weight: Weight::ONE,
             max_connections: 0,
-            healthy: true,
+            instance: None,
         }
     }
 
@@ -1256,6 +1419,128 @@ mod tests {
             Some(1),
             "all taken: fewer connections"
         );
+        Ok(())
+    }
+
+    /// Issue 11 finding 3: the checks' "no" holds against the supervisor's "up" and the other
+    /// way round; only a new process (down or draining, then up) starts the checks over.
+    #[tokio::test]
+    async fn checks_and_process_both_decide() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let address = addr("10.0.1.4:8080");
+        let gpt = NewBackend {
+            instance: Some("gpt".to_owned()),
+            ..new_backend("chat", "10.0.1.4:8080")
+        };
+        let id = handle.add_backend(gpt).await?.id;
+        let state = |fake: &FakeDataplane| fake.maps().backends[&id].state;
+        let health = |list: Snapshot| {
+            let b = list
+                .backends
+                .into_iter()
+                .find(|b| b.id == id)
+                .expect("listed");
+            (b.healthy, b.health.process, b.health.checks)
+        };
+        assert_eq!(
+            state(&fake),
+            backend_state::DOWN,
+            "not before the process is up"
+        );
+        handle.set_checks(id, address, true).await?;
+        assert_eq!(
+            state(&fake),
+            backend_state::DOWN,
+            "passing checks alone do not do"
+        );
+        handle.set_process(id, address, ProcessHealth::Up).await?;
+        assert_eq!(state(&fake), backend_state::ACTIVE);
+        assert_eq!(fake.maps().rings[&0], [0, 1, 2]);
+
+        handle.set_checks(id, address, false).await?;
+        assert_eq!(state(&fake), backend_state::DOWN);
+        handle.set_process(id, address, ProcessHealth::Up).await?;
+        assert_eq!(
+            state(&fake),
+            backend_state::DOWN,
+            "an up does not erase failing checks"
+        );
+        assert_eq!(
+            health(handle.list().await?),
+            (false, Some(ProcessHealth::Up), Checks::Failing)
+        );
+        assert_eq!(fake.maps().rings[&0], [0, 1]);
+
+        // A new process: the old one's verdict no longer applies.
+        handle.set_process(id, address, ProcessHealth::Down).await?;
+        handle.set_process(id, address, ProcessHealth::Up).await?;
+        assert_eq!(state(&fake), backend_state::ACTIVE);
+        assert_eq!(
+            health(handle.list().await?),
+            (true, Some(ProcessHealth::Up), Checks::Unchecked)
+        );
+
+        // The supervisor's drain holds against an operator's activate.
+        handle
+            .set_process(id, address, ProcessHealth::Draining)
+            .await?;
+        assert_eq!(
+            handle.activate_backend(id).await?.state,
+            BackendState::Draining
+        );
+        assert_eq!(state(&fake), backend_state::DRAINING);
+
+        // A configured backend has no process: a process report about its id is dropped.
+        fake.maps().writes.clear();
+        handle
+            .set_process(0, addr("10.0.1.2:8080"), ProcessHealth::Down)
+            .await?;
+        handle
+            .set_process(id, addr("10.0.1.9:8080"), ProcessHealth::Down)
+            .await?;
+        assert!(fake.maps().writes.is_empty(), "{:?}", fake.maps().writes);
+        Ok(())
+    }
+
+    /// Issue 11 finding 6: an instance's backend cannot be removed, so its id is never given to
+    /// another backend while the instance steers it.
+    #[tokio::test]
+    async fn supervised_backend_is_not_removed() -> Result<(), TableError> {
+        let (fake, handle, _task) = started()?;
+        let gpt = NewBackend {
+            instance: Some("gpt".to_owned()),
+            ..new_backend("chat", "10.0.1.4:8080")
+        };
+        let id = handle.add_backend(gpt).await?.id;
+        let writes = fake.maps().writes.len();
+        match handle.remove_backend(id).await {
+            Err(err @ TableError::Supervised { .. }) => {
+                assert!(err.to_string().contains("`gpt`"), "{err}");
+            }
+            other => panic!("removing an instance's backend: {other:?}"),
+        }
+        assert_eq!(fake.maps().writes.len(), writes, "nothing written");
+        let other = handle
+            .add_backend(new_backend("chat", "10.0.1.9:8080"))
+            .await?;
+        assert_ne!(other.id, id);
+        let listed = handle.list().await?;
+        let b = listed
+            .backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("still listed");
+        assert_eq!(b.instance.as_deref(), Some("gpt"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_task_while_handles_remain() -> Result<(), Box<dyn std::error::Error>> {
+        let (_fake, handle, task) = started()?;
+        let other = handle.clone();
+        handle.close().await;
+        task.await?;
+        assert!(matches!(other.list().await, Err(TableError::Stopped)));
         Ok(())
     }
 

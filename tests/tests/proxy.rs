@@ -894,3 +894,169 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&token);
 }
+
+/// The agent (userspace dataplane, loopback) with one http service in front of a
+/// steer-slow-http-server answering after `delay_ms`.
+struct SlowService {
+    dir: std::path::PathBuf,
+    agent: Process,
+    _slow: Process,
+    admin: SocketAddr,
+    vip: SocketAddr,
+}
+
+impl Drop for SlowService {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl SlowService {
+    fn start(tag: &str, delay_ms: u64) -> SlowService {
+        let dir = std::env::temp_dir().join(format!("steer-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let port = free_port();
+        let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_steer-slow-http-server"));
+        slow.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--delay-ms", &delay_ms.to_string()]);
+        let slow = start(slow, &dir, "slow");
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        std::fs::write(dir.join("token"), "shutdown-test-token\n").expect("token file");
+        let config = format!(
+            "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
+             dataplane = \"userspace\"\nadmin_token_file = \"token\"\n\
+             shutdown_timeout = \"30s\"\n\n[[service]]\nname = \"slow\"\naddress = \"{vip}\"\n\
+             mode = \"http\"\n[service.health]\nenabled = false\n\
+             [[service.backend]]\naddress = \"127.0.0.1:{port}\"\n"
+        );
+        let path = dir.join("steer.toml");
+        std::fs::write(&path, config).expect("write the config");
+        let mut agent = std::process::Command::new(tests::topology::steer_bin());
+        agent.args(["run", "--config"]).arg(&path);
+        let agent = start(agent, &dir, "steer");
+        let deadline = Instant::now() + WAIT;
+        for addr in [vip, admin, SocketAddr::from(([127, 0, 0, 1], port))] {
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "nothing listening on {addr}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        SlowService {
+            dir,
+            agent,
+            _slow: slow,
+            admin,
+            vip,
+        }
+    }
+
+    /// `n` requests on `n` connections, returned once the proxy has sent them all to the slow
+    /// backend (bounded wait).
+    async fn in_flight(&self, n: u64) -> Vec<tokio::task::JoinHandle<Answer>> {
+        let mut requests = Vec::new();
+        for _ in 0..n {
+            let mut client = Client::connect(self.vip).await;
+            requests.push(tokio::spawn(async move {
+                client
+                    .send("POST", "/v1/chat/completions", Some(&chat(8, false)))
+                    .await
+            }));
+        }
+        let deadline = Instant::now() + WAIT;
+        while proxy_stat(self.admin, "slow", "admitted").await < n {
+            assert!(Instant::now() < deadline, "requests never admitted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        requests
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.agent.0.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("steer.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the agent to exit.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.agent.0.try_wait().expect("wait for the agent") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent still running after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Issue 11 finding 5: SIGTERM mid-request lets the four proxied requests in flight finish
+/// with 200 (was: all four cut; checked with the binary from before), while the service
+/// address takes no new connections; then the agent exits cleanly.
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let mut service = SlowService::start("drain", 2000);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let answers = runtime.block_on(async {
+        let requests = service.in_flight(4).await;
+        service.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(service.vip).await.is_ok() {
+            assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut answers = Vec::new();
+        for request in requests {
+            answers.push(request.await.expect("the request was cut"));
+        }
+        answers
+    });
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body());
+        assert_eq!(answer.json()["slept_ms"], 2000);
+    }
+    let status = service.wait_exit(WAIT);
+    assert!(status.success(), "{status}:\n{}", service.log());
+    let log = service.log();
+    assert!(log.contains("requests in flight finished"), "{log}");
+}
+
+/// A second signal during the drain ends it at once: the requests still in flight are cut and
+/// the agent exits long before the backend would have answered.
+#[test]
+fn a_second_signal_cuts_the_drain_short() {
+    let mut service = SlowService::start("force", 60_000);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let cut = runtime.block_on(async {
+        let requests = service.in_flight(2).await;
+        service.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while !service.log().contains("draining: no new connections") {
+            assert!(
+                Instant::now() < deadline,
+                "no drain logged:\n{}",
+                service.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        service.signal(Signal::SIGINT);
+        let mut cut = 0;
+        for request in requests {
+            // The client panics on a cut connection: the expected end here.
+            cut += usize::from(request.await.is_err());
+        }
+        cut
+    });
+    // 60 s is the backend's delay: well within that, the drain was cut short.
+    let status = service.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}:\n{}", service.log());
+    assert_eq!(cut, 2, "both requests in flight were cut");
+    assert!(service.log().contains("second signal"), "{}", service.log());
+}

@@ -537,6 +537,38 @@ fn sigkill_is_revived_within_the_startup_time() {
     );
 }
 
+/// Issue 11 finding 9: a llama-server that came up healthy and is SIGKILLed is revived at once
+/// each time, however close the kills (was: backoff after the second kill within 60 s).
+#[test]
+fn repeated_kills_of_a_healthy_process_never_back_off() {
+    let setup = Setup::new("kills");
+    let supervisor = setup.start();
+    let mut status = supervisor.wait_running("at start");
+    for kill_number in 1..=3 {
+        let old = pid(&status);
+        kill(Pid::from_raw(old as i32), Signal::SIGKILL).expect("SIGKILL llama-server");
+        let deadline = Instant::now() + 2 * STARTUP_TIMEOUT;
+        status = loop {
+            let now = supervisor.wait_running("after a kill");
+            if pid(&now) != old {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill_number}: not revived; log:\n{}",
+                supervisor.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status["revivals"], kill_number, "{status}");
+    }
+    let log = supervisor.log();
+    assert!(
+        !log.contains("backing off"),
+        "a healthy process's kill backed off:\n{log}"
+    );
+}
+
 #[test]
 fn bad_args_are_rejected_and_the_old_args_serve_again() {
     let setup = Setup::new("reject");

@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 6] = [
+const BENCHES: [(&str, &str, bool, &str); 7] = [
     (
         "steer-bench-xdp",
         "xdp.json",
@@ -49,6 +49,12 @@ const BENCHES: [(&str, &str, bool, &str); 6] = [
         "flood.json",
         false,
         "Connection flood: requests failed meanwhile",
+    ),
+    (
+        "steer-bench-chaos",
+        "chaos.json",
+        false,
+        "Chaos: SIGKILLs of supervised llama-servers under load",
     ),
 ];
 

@@ -31,6 +31,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
@@ -49,6 +50,7 @@ pub async fn serve_connection(
     client: TcpStream,
     peer: Ipv4Addr,
     registered: Registered,
+    mut draining: watch::Receiver<bool>,
 ) {
     let timeouts = gate.config().client_timeouts();
     let service = hyper::service::service_fn({
@@ -58,8 +60,8 @@ pub async fn serve_connection(
             async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
         }
     });
-    // The proxy's tasks are aborted on shutdown: no graceful stop here.
-    let stop = std::future::pending();
+    // Draining: the request in flight (and its streamed answer) finishes; then it closes.
+    let stop = super::proxy::drain_started(&mut draining);
     match limits::serve_http1(client, registered, timeouts, service, stop).await {
         Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
         Ended::Closed(Closed::Header) => gate.count(Refusal::ClientTimeout),
@@ -753,6 +755,7 @@ mod tests {
             accepted,
             Ipv4Addr::LOCALHOST,
             registered,
+            watch::channel(false).1,
         ));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -782,7 +785,11 @@ mod tests {
             .await
             .expect("bind");
         let front = listener.local_addr().expect("address");
-        let proxy = tokio::spawn(crate::dataplane::proxy::serve(Arc::clone(&gate), listener));
+        let proxy = tokio::spawn(crate::dataplane::proxy::serve(
+            Arc::clone(&gate),
+            listener,
+            watch::channel(false).1,
+        ));
         let connected = async |n: u64| {
             let stream = TcpStream::connect(front).await.expect("connect");
             while gate.stats().accepted < n {

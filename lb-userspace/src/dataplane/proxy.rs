@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
 
@@ -653,15 +653,25 @@ pub fn listen(config: &ProxyConfig) -> Result<TcpListener, ProxyError> {
     socket.listen(BACKLOG).map_err(error)
 }
 
-/// Accept on `listener` until the task is dropped; each connection runs in `connections`, which
-/// the caller aborts on shutdown.
-pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
+/// Completes once `draining` turns true (never if its sender is gone without that).
+pub async fn drain_started(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Accept on `listener` until `draining` turns true, then close it and return once the open
+/// connections have ended (http: each after the request in flight, if any); the caller aborts
+/// the task to cut them.
+pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Receiver<bool>) {
     let span = info_span!("proxy", service = %gate.config.service, address = %gate.config.address, mode = ?gate.config.mode);
     let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
+        let mut stop = draining.clone();
         loop {
             tokio::select! {
+                () = drain_started(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((client, SocketAddr::V4(peer))) => {
                         gate.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -691,6 +701,7 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                                     client,
                                     *peer.ip(),
                                     registered,
+                                    draining.clone(),
                                 )
                                 .instrument(span),
                             ),
@@ -707,6 +718,15 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener) {
                 Some(_) = connections.join_next() => {}
             }
         }
+        drop(listener);
+        let open = connections.len();
+        info!(
+            open,
+            "draining: no new connections; waiting for the open ones"
+        );
+        let started = tokio::time::Instant::now();
+        while connections.join_next().await.is_some() {}
+        info!(open, waited = ?started.elapsed(), "drained");
     }
     .instrument(span)
     .await;
@@ -1065,7 +1085,7 @@ pub(crate) mod tests {
         let gate = Gate::new(config(4, 0), 0, counts, rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front = listener.local_addr().expect("address");
-        let proxy = tokio::spawn(serve(Arc::clone(&gate), listener));
+        let proxy = tokio::spawn(serve(Arc::clone(&gate), listener, watch::channel(false).1));
         let accepted = Instant::now();
         let mut silent = TcpStream::connect(front).await.expect("connect");
         let mut talking = TcpStream::connect(front).await.expect("connect");

@@ -269,6 +269,7 @@ mod tests {
             allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
             policy: ArgPolicy::new(&[], &[], &dir.join("m.gguf").display().to_string()),
             user: None,
+            applies: super::super::ApplyLimit::default(),
         };
         instance::spawn(name, args, Aliases::default(), settings, store, None).0
     }
@@ -502,6 +503,7 @@ mod tests {
             allowed_binaries: Vec::new(),
             policy: ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"),
             user: None,
+            applies: super::super::ApplyLimit::default(),
         };
         let (handle, _task) =
             instance::spawn("gpt", args, Aliases::default(), settings, store, None);

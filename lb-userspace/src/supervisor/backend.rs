@@ -1,20 +1,21 @@
 //! An instance that serves a service is one of its backends: the actor tells the backend table
-//! what it sees (data flows supervisor -> table -> maps; nothing comes back but counters).
+//! what it sees of the process (data flows supervisor -> table -> maps; nothing comes back but
+//! counters). The table combines that with the active checks' verdict: the supervisor's "up"
+//! never overrides failing checks.
 //!
-//! - exit seen: unhealthy at once, without waiting for active checks;
-//! - healthy start (first start, revival, apply, rollback): healthy, and active again if the
-//!   supervisor had drained it;
-//! - before an apply or a shutdown stops the process: draining, then a wait until its
-//!   connections are gone or the drain timeout passes.
+//! - exit seen: process down at once, without waiting for active checks;
+//! - healthy start (first start, revival, apply, rollback): process up;
+//! - before an apply or a shutdown stops the process: process draining, then a wait until its
+//!   connections are gone or the drain timeout passes. An operator's drain is the operator's
+//!   own state and outlives restarts.
 
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
 use tracing::{info, warn};
 
-use crate::table::{BackendInfo, BackendState, TableError, TableHandle};
+use crate::table::{BackendInfo, ProcessHealth, TableError, TableHandle};
 
 /// How often the drain wait looks at the backend's connection count.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
@@ -26,8 +27,6 @@ pub struct BackendLink {
     id: u32,
     address: SocketAddrV4,
     drain_timeout: Duration,
-    /// Drained by the supervisor (not by an operator): a healthy start activates it again.
-    drained: AtomicBool,
 }
 
 impl BackendLink {
@@ -42,7 +41,6 @@ impl BackendLink {
             id,
             address,
             drain_timeout,
-            drained: AtomicBool::new(false),
         }
     }
 
@@ -55,7 +53,7 @@ impl BackendLink {
     /// awaits the child, so an exit is seen as it happens); the delay until the kernel map holds
     /// DOWN is logged.
     pub async fn down(&self, exited: Instant) {
-        match self.table.set_health(self.id, self.address, false).await {
+        match self.report(ProcessHealth::Down).await {
             Ok(()) => info!(
                 id = self.id,
                 address = %self.address,
@@ -66,31 +64,21 @@ impl BackendLink {
         }
     }
 
-    /// The process answered `/health` 200: the backend takes new connections again.
+    /// The process answered `/health` 200: the backend takes new connections unless its
+    /// checks fail or an operator drained it.
     pub async fn up(&self) {
-        if let Err(err) = self.table.set_health(self.id, self.address, true).await {
-            return self.failed("marking the backend healthy", &err);
+        match self.report(ProcessHealth::Up).await {
+            Ok(()) => info!(id = self.id, address = %self.address, "process up"),
+            Err(err) => self.failed("marking the process up", &err),
         }
-        if self.drained.swap(false, Ordering::SeqCst)
-            && let Err(err) = self.table.activate_backend(self.id).await
-        {
-            return self.failed("activating the backend", &err);
-        }
-        info!(id = self.id, address = %self.address, "backend up");
     }
 
     /// No new connections; returns once the open ones are gone or the drain timeout passed.
     pub async fn drain(&self) {
         let started = Instant::now();
-        // One an operator drained stays drained after the restart.
-        let was_active = match self.backend().await {
-            Ok(backend) => backend.is_some_and(|b| b.state == BackendState::Active),
-            Err(err) => return self.failed("reading the backend", &err),
-        };
-        if let Err(err) = self.table.drain_backend(self.id).await {
+        if let Err(err) = self.report(ProcessHealth::Draining).await {
             return self.failed("draining the backend", &err);
         }
-        self.drained.fetch_or(was_active, Ordering::SeqCst);
         let deadline = started + self.drain_timeout;
         loop {
             let open = match self.backend().await {
@@ -107,6 +95,10 @@ impl BackendLink {
             }
             sleep(DRAIN_POLL).await;
         }
+    }
+
+    async fn report(&self, process: ProcessHealth) -> Result<(), TableError> {
+        self.table.set_process(self.id, self.address, process).await
     }
 
     async fn backend(&self) -> Result<Option<BackendInfo>, TableError> {

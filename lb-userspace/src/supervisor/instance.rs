@@ -11,8 +11,10 @@
 //! without a restart.
 //!
 //! An exit the actor did not cause is seen at once (it awaits the child) and revived with the
-//! applied arguments: immediately the first time, then after a doubling delay, reset once a
-//! process has lived for [`STABLE_PERIOD`].
+//! applied arguments, at once when the process had come up healthy (a kill or a crash after
+//! start costs no delay); only starts that fail to come up healthy in a row (a crash loop)
+//! back off, doubling. Applies across the instances that share an [`ApplyLimit`] take turns;
+//! revivals never wait for one.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -39,8 +41,6 @@ const DEBOUNCE_CAP: u32 = 5;
 /// Revival delays after the first (immediate) one: doubling from the first, up to the second.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A process up this long before it crashed resets the backoff.
-const STABLE_PERIOD: Duration = Duration::from_secs(60);
 const CHANNEL: usize = 64;
 
 /// Per-instance knobs.
@@ -56,6 +56,40 @@ pub struct Settings {
     /// Who llama-server runs as when the agent is root (default `nobody`; see
     /// [`super::process::RunAs`]).
     pub user: Option<String>,
+    /// Shared by every instance of the agent.
+    pub applies: ApplyLimit,
+}
+
+/// How many applies (stop, start with new arguments) may run at once across the instances
+/// that share it (`agent.max_concurrent_applies`): parallel changes to several instances roll
+/// one group at a time, so applies never take every instance down together. Revivals of
+/// crashed processes do not take from it.
+#[derive(Clone, Debug)]
+pub struct ApplyLimit(Arc<Semaphore>);
+
+impl ApplyLimit {
+    pub fn new(max: std::num::NonZeroUsize) -> Self {
+        ApplyLimit(Arc::new(Semaphore::new(max.get())))
+    }
+
+    /// Resolves with a turn.
+    fn turn(&self) -> TurnFuture {
+        let semaphore = self.0.clone();
+        Box::pin(async move {
+            match semaphore.acquire_owned().await {
+                Ok(turn) => turn,
+                // Only a closed semaphore fails, and this one is never closed.
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+}
+
+impl Default for ApplyLimit {
+    /// One apply at a time.
+    fn default() -> Self {
+        ApplyLimit::new(std::num::NonZeroUsize::MIN)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +213,8 @@ enum Request {
     Status {
         reply: oneshot::Sender<Status>,
     },
+    /// Stop as if every handle were gone, though some remain.
+    Shutdown,
 }
 
 impl InstanceHandle {
@@ -191,6 +227,12 @@ impl InstanceHandle {
         let (reply, accepted) = oneshot::channel();
         self.request(Request::Submit { input, reply }).await?;
         accepted.await.map_err(|_| self.stopped())?
+    }
+
+    /// Drains the backend, stops the process and ends the actor (after an apply in progress),
+    /// even while other handles remain; await the actor's task for the end.
+    pub async fn shutdown(&self) {
+        let _ = self.request(Request::Shutdown).await;
     }
 
     pub async fn status(&self) -> Result<Status, InstanceError> {
@@ -254,17 +296,20 @@ pub(crate) fn spawn_with<L: Launcher>(
         crashes: 0,
         crash_status: None,
         retry_at: None,
+        waiting_turn: None,
+        turn: None,
         starts: 0,
         revivals: 0,
         last_outcome: None,
     };
-    actor.begin(OpKind::Start, None);
+    actor.begin(OpKind::Start, None, None);
     let span = info_span!("instance", name = %name);
     let task = tokio::spawn(actor.run(inbox).instrument(span));
     (InstanceHandle { name, requests }, task)
 }
 
 type OpFuture<P> = Pin<Box<dyn Future<Output = OpDone<P>> + Send>>;
+type TurnFuture = Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>;
 
 /// The one process operation in progress.
 struct Op<P> {
@@ -314,11 +359,15 @@ struct Actor<L: Launcher> {
     running: Option<L::Process>,
     op: Option<Op<L::Process>>,
     batch: Option<Batch>,
-    /// Crashes since the last stable period, for the backoff.
+    /// Revival attempts since a process last came up healthy, for the backoff.
     crashes: u32,
     crash_status: Option<ExitStatus>,
     /// When the next revival starts, while down.
     retry_at: Option<Instant>,
+    /// A due batch waits for its turn under the apply limit; the process stays with the actor
+    /// meanwhile, so an exit is still seen and revived at once.
+    waiting_turn: Option<TurnFuture>,
+    turn: Option<OwnedSemaphorePermit>,
     starts: u64,
     revivals: u64,
     last_outcome: Option<Outcome>,
@@ -333,8 +382,8 @@ impl<L: Launcher> Actor<L> {
             let wake = self.wake_at();
             tokio::select! {
                 request = inbox.recv() => match request {
+                    Some(Request::Shutdown) | None => break,
                     Some(request) => self.handle(request).await,
-                    None => break,
                 },
                 done = op_done(&mut self.op) => self.finish(done),
                 status = exited(&mut self.running), if self.op.is_none() => {
@@ -343,6 +392,10 @@ impl<L: Launcher> Actor<L> {
                     if let Some(link) = &self.link {
                         link.down(seen).await;
                     }
+                }
+                turn = turn_ready(&mut self.waiting_turn) => {
+                    self.waiting_turn = None;
+                    self.turn = Some(turn);
                 }
                 () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }
@@ -375,14 +428,19 @@ impl<L: Launcher> Actor<L> {
         if self.op.is_some() {
             return None;
         }
-        let batch = self.batch.as_ref().map(|b| b.deadline);
+        // Waiting for a turn: that wakes the actor, not the (passed) deadline.
+        let batch = self
+            .batch
+            .as_ref()
+            .filter(|_| self.waiting_turn.is_none())
+            .map(|b| b.deadline);
         match (batch, self.retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    /// Starts a due batch, else a due revival.
+    /// Starts a due batch once it has its turn, else a due revival.
     fn next_op(&mut self, now: Instant) {
         if let Some(batch) = self.batch.take_if(|b| b.due_now || b.deadline <= now) {
             let target = batch.change.apply_to(&self.applied);
@@ -399,20 +457,40 @@ impl<L: Launcher> Actor<L> {
                 self.last_outcome = Some(outcome);
                 return;
             }
+            let Some(turn) = self.turn.take() else {
+                if self.waiting_turn.is_none() {
+                    info!("waiting for a turn to apply (agent.max_concurrent_applies)");
+                    self.waiting_turn = Some(self.settings.applies.turn());
+                }
+                self.batch = Some(batch);
+                return self.revive_if_due(now);
+            };
             debug!(change = ?batch.change.redacted(), "applying");
             let running = self.running.take();
             let kind = OpKind::Apply {
                 target,
                 waiters: batch.waiters,
             };
-            self.begin(kind, running);
-        } else if self.running.is_none() && self.retry_at.is_some_and(|at| at <= now) {
-            self.retry_at = None;
-            self.begin(OpKind::Revive, None);
+            self.begin(kind, running, Some(turn));
+        } else {
+            self.revive_if_due(now);
         }
     }
 
-    fn begin(&mut self, kind: OpKind, running: Option<L::Process>) {
+    fn revive_if_due(&mut self, now: Instant) {
+        if self.running.is_none() && self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            self.begin(OpKind::Revive, None, None);
+        }
+    }
+
+    /// `turn`: an apply's, held until it is done.
+    fn begin(
+        &mut self,
+        kind: OpKind,
+        running: Option<L::Process>,
+        turn: Option<OwnedSemaphorePermit>,
+    ) {
         let startup = self.settings.startup_timeout;
         let launcher = self.launcher.clone();
         let link = self.link.clone();
@@ -442,15 +520,21 @@ impl<L: Launcher> Actor<L> {
                     }
                 })
             }
-            OpKind::Apply { target, .. } => Box::pin(apply(
-                launcher,
-                running,
-                self.applied.clone(),
-                target.clone(),
-                self.settings.clone(),
-                self.store.clone(),
-                link,
-            )),
+            OpKind::Apply { target, .. } => {
+                let apply = apply(
+                    launcher,
+                    running,
+                    self.applied.clone(),
+                    target.clone(),
+                    self.settings.clone(),
+                    self.store.clone(),
+                    link,
+                );
+                Box::pin(async move {
+                    let _turn = turn;
+                    apply.await
+                })
+            }
         };
         self.op = Some(Op { kind, future });
     }
@@ -534,9 +618,8 @@ impl<L: Launcher> Actor<L> {
             return;
         };
         let uptime = running.started().elapsed();
-        if uptime >= STABLE_PERIOD {
-            self.crashes = 0;
-        }
+        // It had come up healthy: no crash loop, so no delay.
+        self.crashes = 0;
         self.crash_status = status.as_ref().ok().copied();
         warn!(
             pid = running.pid(),
@@ -570,6 +653,8 @@ impl<L: Launcher> Actor<L> {
             Request::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            // The run loop stops on it before it gets here.
+            Request::Shutdown => {}
         }
     }
 
@@ -775,7 +860,8 @@ fn split<P>(result: Result<P, Failed>) -> (Option<P>, Result<(), Failed>) {
     }
 }
 
-/// The first crash revives at once; repeated ones wait longer each time.
+/// The first revival after a healthy process is at once; each failed one makes the next wait
+/// longer.
 fn backoff(crashes: u32) -> Duration {
     match crashes {
         0 | 1 => Duration::ZERO,
@@ -788,6 +874,13 @@ fn backoff(crashes: u32) -> Duration {
 async fn op_done<P>(op: &mut Option<Op<P>>) -> OpDone<P> {
     match op {
         Some(op) => op.future.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn turn_ready(waiting: &mut Option<TurnFuture>) -> OwnedSemaphorePermit {
+    match waiting {
+        Some(turn) => turn.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -807,6 +900,7 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
     use std::path::PathBuf;
     use std::sync::Mutex;
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::time::sleep;
 
     #[test]
@@ -824,6 +918,8 @@ mod tests {
         /// Every start: when it began and with what.
         starts: Arc<Mutex<Vec<(Instant, SavedArgs)>>>,
         crash: Arc<Mutex<Option<oneshot::Sender<ExitStatus>>>>,
+        /// The next this many starts exit before they are healthy.
+        failing: Arc<std::sync::atomic::AtomicU32>,
     }
 
     struct FakeProcess {
@@ -843,7 +939,11 @@ mod tests {
                 starts.len() as u32
             };
             sleep(self.restart).await;
-            if args.args.contains_key("--bad") {
+            let failing = self
+                .failing
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing || args.args.contains_key("--bad") {
                 return Err(Failed {
                     error: StartError::Exited {
                         status: ExitStatus::from_raw(1 << 8),
@@ -889,6 +989,7 @@ mod tests {
                 restart,
                 starts: Arc::default(),
                 crash: Arc::default(),
+                failing: Arc::default(),
             }
         }
 
@@ -938,6 +1039,16 @@ mod tests {
 
     /// [`setup`], the instance reporting to `link`.
     async fn setup_with(tag: &str, restart: Duration, link: Option<BackendLink>) -> Setup {
+        setup_full(tag, restart, link, ApplyLimit::default()).await
+    }
+
+    /// [`setup_with`], its applies taking turns under `applies`.
+    async fn setup_full(
+        tag: &str,
+        restart: Duration,
+        link: Option<BackendLink>,
+        applies: ApplyLimit,
+    ) -> Setup {
         let dir = std::env::temp_dir().join(format!("steer-actor-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         let driver = DriverConfig::File {
@@ -963,6 +1074,7 @@ mod tests {
             allowed_binaries: Vec::new(),
             policy: ArgPolicy::unrestricted(),
             user: None,
+            applies,
         };
         let fake = Fake::new(restart);
         let aliases = Aliases::parse_help(HELP);
@@ -1096,14 +1208,14 @@ mod tests {
         assert!(!persisted.contains("--bad"), "{persisted}");
     }
 
-    /// The first crash revives at once, repeated ones back off (0.5 s, 1 s), and a process
-    /// that lived for the stable period resets that.
+    /// Issue 11 finding 9: a process that came up healthy and is then killed (or crashes) is
+    /// revived at once, however often that happens.
     #[tokio::test(start_paused = true)]
-    async fn crashes_revive_with_backoff_that_resets() {
+    async fn killed_healthy_processes_revive_at_once() {
         let setup = setup("crash", Duration::ZERO).await;
         let t0 = Instant::now();
         let mut crashes = Vec::new();
-        for wait in [1, 1, 1, 61] {
+        for wait in [1, 1, 1, 5] {
             sleep(Duration::from_secs(wait)).await;
             crashes.push(Instant::now().saturating_duration_since(t0));
             setup.fake.crash();
@@ -1116,17 +1228,77 @@ mod tests {
             .zip(&crashes)
             .map(|(r, c)| (r.saturating_sub(*c)).as_secs_f64())
             .collect();
-        assert_eq!(
-            delays,
-            [0.0, 0.5, 1.0, 0.0],
-            "revived at {revived:?} after {crashes:?}"
-        );
+        assert_eq!(delays, [0.0; 4], "revived at {revived:?} after {crashes:?}");
         let status = setup
             .handle
             .status()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((status.revivals, status.starts), (4, 5));
+    }
+
+    /// Revivals that fail to come up healthy back off, doubling (0, 0.5, 1, 2 s); once one is
+    /// healthy, the next kill revives at once again.
+    #[tokio::test(start_paused = true)]
+    async fn failed_revivals_back_off() {
+        let setup = setup("crashloop", Duration::ZERO).await;
+        let t0 = Instant::now();
+        setup.fake.failing.store(3, SeqCst);
+        setup.fake.crash();
+        sleep(Duration::from_secs(10)).await;
+        setup.fake.crash();
+        sleep(Duration::from_secs(1)).await;
+        let revived: Vec<f64> = setup
+            .fake
+            .restarts(t0)
+            .iter()
+            .map(|r| r.0.as_secs_f64())
+            .collect();
+        assert_eq!(revived, [0.0, 0.5, 1.5, 3.5, 10.0]);
+    }
+
+    /// Issue 11 finding 9: parallel changes to three instances sharing a limit of one apply
+    /// roll one at a time (never two processes stopped by applies at once), and a crash during
+    /// an apply elsewhere is revived at once.
+    #[tokio::test(start_paused = true)]
+    async fn applies_take_turns_and_revivals_do_not_wait() {
+        let restart = Duration::from_secs(2);
+        let applies = ApplyLimit::default();
+        let mut instances = Vec::new();
+        for tag in ["turn-a", "turn-b", "turn-c"] {
+            instances.push(setup_full(tag, restart, None, applies.clone()).await);
+        }
+        let t0 = Instant::now();
+        let mut outcomes = Vec::new();
+        for setup in &instances {
+            let outcome = setup.handle.submit(input(json!({"-c": 64}))).await;
+            outcomes.push(outcome.unwrap_or_else(|e| panic!("{e}")));
+        }
+        // A's apply holds the turn (debounce 200 ms, then a 2 s start); C crashes meanwhile.
+        sleep(Duration::from_millis(300)).await;
+        let c = &instances[2];
+        let crashed = Instant::now().saturating_duration_since(t0);
+        c.fake.crash();
+        for outcome in outcomes {
+            assert!(matches!(outcome.await, Ok(Outcome::Applied { .. })));
+        }
+        let starts = |setup: &Setup| -> Vec<Duration> {
+            setup.fake.restarts(t0).iter().map(|r| r.0).collect()
+        };
+        let (a, b) = (starts(&instances[0]), starts(&instances[1]));
+        let c_starts = starts(c);
+        assert_eq!(
+            c_starts[0], crashed,
+            "the revival did not wait for A's apply"
+        );
+        let mut applies: Vec<Duration> = vec![a[0], b[0], c_starts[1]];
+        applies.sort();
+        for pair in applies.windows(2) {
+            assert!(
+                pair[1] >= pair[0] + restart,
+                "applies overlapped: {applies:?} (each start takes {restart:?})"
+            );
+        }
     }
 
     /// A served instance's backend: DOWN until the first start is healthy, DOWN at once when
@@ -1157,7 +1329,7 @@ mod tests {
                 address,
                 weight: Weight::ONE,
                 max_connections: 0,
-                healthy: false,
+                instance: Some("gpt".to_owned()),
             })
             .await
             .unwrap_or_else(|e| panic!("{e}"));

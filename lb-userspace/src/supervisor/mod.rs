@@ -26,7 +26,9 @@ use tracing::{info, warn};
 
 pub use args::{ArgsError, HelpError};
 pub use backend::BackendLink;
-pub use instance::{InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status};
+pub use instance::{
+    ApplyLimit, InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status,
+};
 pub use policy::{ArgPolicy, PolicyError};
 
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError, Stored};
@@ -329,6 +331,7 @@ mod tests {
                 allowed_binaries: Vec::new(),
                 policy: ArgPolicy::new(&[], &[], "/m/a.gguf"),
                 user: None,
+                applies: ApplyLimit::default(),
             },
             driver: default_driver("gpt"),
             backend: backend.then(|| InstanceBackend {
