@@ -506,35 +506,40 @@ address = "10.0.1.2:8080"
         )
     }
 
+    /// An agent serving `config` on `fake` until the returned sender is used (or dropped).
+    async fn start_agent(
+        config: Config,
+        fake: FakeDataplane,
+    ) -> Result<
+        (
+            SocketAddr,
+            tokio::sync::oneshot::Sender<()>,
+            tokio::task::JoinHandle<Result<FakeDataplane, AgentError>>,
+        ),
+        Box<dyn std::error::Error>,
+    > {
+        let listener = bind(config.admin_addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counts = Arc::new(ConnCounts::anonymous(64)?);
+        let agent = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let force = std::future::pending();
+            let kind = DataplaneKind::Xdp;
+            serve(fake, counts, kind, &config, listener, stopped, force).await
+        });
+        Ok((addr, stop, agent))
+    }
+
     #[tokio::test]
     async fn serves_until_shutdown_and_returns_the_dataplane()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = temp_dir("serve")?;
         let config = config_in(&dir, "")?;
-        let listener = bind(config.admin_addr).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let fake = FakeDataplane::default();
-        let counts = Arc::new(ConnCounts::anonymous(64)?);
-        let agent = tokio::spawn({
-            let fake = fake.clone();
-            async move {
-                let stopped = async {
-                    let _ = stopped.await;
-                };
-                let force = std::future::pending();
-                serve(
-                    fake,
-                    counts,
-                    DataplaneKind::Xdp,
-                    &config,
-                    listener,
-                    stopped,
-                    force,
-                )
-                .await
-            }
-        });
+        let (addr, stop, agent) = start_agent(config, fake.clone()).await?;
 
         let response = get(addr, "/v1/backends").await?;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -558,27 +563,7 @@ address = "10.0.1.2:8080"
         use std::os::unix::fs::PermissionsExt;
         let dir = temp_dir("token")?;
         let config = config_in(&dir, "")?;
-        let listener = bind(config.admin_addr).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let counts = Arc::new(ConnCounts::anonymous(64)?);
-        let agent = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stopped.await;
-            };
-            let fake = FakeDataplane::default();
-            let never = std::future::pending();
-            serve(
-                fake,
-                counts,
-                DataplaneKind::Xdp,
-                &config,
-                listener,
-                stopped,
-                never,
-            )
-            .await
-        });
+        let (addr, stop, agent) = start_agent(config, FakeDataplane::default()).await?;
         let response = get(addr, "/v1/backends").await?;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         let path = dir.join("admin.token");
@@ -634,25 +619,7 @@ address = "10.0.1.2:8080"
              port = 8081\nconfig_driver = {{ type = \"file\", path = {store:?}, name = \"gpt\" }}\n"
         );
         let config = config_in(&dir, &text)?;
-        let listener = bind(config.admin_addr).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let counts = Arc::new(ConnCounts::anonymous(64)?);
-        let agent = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stopped.await;
-            };
-            serve(
-                FakeDataplane::default(),
-                counts,
-                DataplaneKind::Xdp,
-                &config,
-                listener,
-                stopped,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (addr, stop, agent) = start_agent(config, FakeDataplane::default()).await?;
 
         let response = get(addr, "/v1/instances/gpt/params").await?;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -748,27 +715,7 @@ address = "10.0.1.2:8080"
              admin_body_timeout = \"200ms\"\n",
         );
         let config = Config::parse(&dir.join("steer.toml"), &text, &Overrides::default())?;
-        let listener = bind(config.admin_addr).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let counts = Arc::new(ConnCounts::anonymous(64)?);
-        let agent = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stopped.await;
-            };
-            let fake = FakeDataplane::default();
-            let never = std::future::pending();
-            serve(
-                fake,
-                counts,
-                DataplaneKind::Xdp,
-                &config,
-                listener,
-                stopped,
-                never,
-            )
-            .await
-        });
+        let (addr, stop, agent) = start_agent(config, FakeDataplane::default()).await?;
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
             .write_all(
