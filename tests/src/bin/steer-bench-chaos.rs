@@ -314,7 +314,7 @@ fn summarize(
 fn config(dir: &Path, admin: SocketAddr, vip: SocketAddr, ports: &[u16]) -> String {
     let mut text = format!(
         "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\ndataplane = \"userspace\"\n\
-         admin_token_file = \"token\"\n\n[[service]]\nname = \"chat\"\naddress = \"{vip}\"\n\
+         admin_token_file = \"admin.token\"\n\n[[service]]\nname = \"chat\"\naddress = \"{vip}\"\n\
          mode = \"http\"\npolicy = \"round_robin\"\n"
     );
     let (binary, model) = (llama_server_path(), model_path());
@@ -359,7 +359,7 @@ impl Drop for Agent {
 }
 
 fn start_agent(dir: &Path, config: &str) -> Agent {
-    std::fs::write(dir.join("token"), "chaos-bench-token\n").expect("token file");
+    tests::admin::token_file(dir);
     let path = dir.join("steer.toml");
     std::fs::write(&path, config).expect("write the config");
     let log = std::fs::File::create(dir.join("steer.log")).expect("agent log");
