@@ -111,6 +111,10 @@ impl Activity {
         }
     }
 
+    fn in_flight(&self) -> u32 {
+        self.lock().in_flight
+    }
+
     /// When it went quiet, if it is and may be evicted.
     fn quiet_since(&self) -> Option<Instant> {
         let state = self.lock();
@@ -306,6 +310,11 @@ where
             }
             why = activity.expired(timeouts) => return Ended::Closed(why),
             () = &mut stop, if !stopping => {
+                // Nothing in flight (idle, or a head still coming): close now, or a flood of
+                // half-sent heads would hold the drain for the header timeout.
+                if activity.in_flight() == 0 {
+                    return Ended::Closed(Closed::Idle);
+                }
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -922,10 +922,10 @@ impl SlowService {
         let slow = start(slow, &dir, "slow");
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        std::fs::write(dir.join("token"), "shutdown-test-token\n").expect("token file");
+        tests::admin::token_file(&dir);
         let config = format!(
             "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
-             dataplane = \"userspace\"\nadmin_token_file = \"token\"\n\
+             dataplane = \"userspace\"\nadmin_token_file = \"admin.token\"\n\
              shutdown_timeout = \"30s\"\n\n[[service]]\nname = \"slow\"\naddress = \"{vip}\"\n\
              mode = \"http\"\n[service.health]\nenabled = false\n\
              [[service.backend]]\naddress = \"127.0.0.1:{port}\"\n"
