@@ -17,8 +17,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::config::{AdminToken, Weight, usable_endpoint};
+use crate::config::{Weight, usable_endpoint};
 use crate::table::{BackendInfo, NewBackend, ServiceInfo, TableError, TableHandle};
+use crate::token::AdminToken;
 
 /// Request bodies are a few hundred bytes; refuse anything far larger before parsing it.
 pub(crate) const BODY_LIMIT: usize = 64 * 1024;

@@ -280,31 +280,6 @@ impl<'de> Deserialize<'de> for Weight {
     }
 }
 
-/// The admin API's bearer token, read from `admin_token_file` (see [`crate::token`]). Never
-/// printed.
-#[derive(Clone)]
-pub struct AdminToken(String);
-
-impl AdminToken {
-    /// The token in a token file's text, trimmed; `None` when there is none.
-    pub fn from_text(text: &str) -> Option<AdminToken> {
-        let token = text.trim();
-        (!token.is_empty()).then(|| AdminToken(token.to_owned()))
-    }
-
-    /// Compares in time independent of where the first difference is.
-    pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-}
-
-impl fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AdminToken(<redacted>)")
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {}: {source}", path.display())]
@@ -1542,11 +1517,6 @@ address = "10.0.0.100:81"
         )?;
         assert_eq!(config.admin_token_file, Path::new("/etc/steer/state/token"));
         assert_eq!(config.admin_addr.to_string(), "0.0.0.0:9090");
-        let token = AdminToken::from_text(" s3cret\n");
-        assert!(token.as_ref().is_some_and(|t| t.matches("s3cret")));
-        assert!(token.as_ref().is_some_and(|t| !t.matches("s3cre")));
-        assert_eq!(format!("{token:?}"), "Some(AdminToken(<redacted>))");
-        assert!(AdminToken::from_text(" \n").is_none());
         Ok(())
     }
 
