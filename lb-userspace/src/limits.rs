@@ -554,7 +554,7 @@ pub fn descriptors_needed(config: &Config) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -659,7 +659,7 @@ mod tests {
     }
 
     /// A body whose bytes never come: a client that sent its head and stopped.
-    struct Never;
+    pub(crate) struct Never;
 
     impl Body for Never {
         type Data = Bytes;

@@ -889,22 +889,11 @@ mod tests {
     /// backend is claimed.
     #[tokio::test(start_paused = true)]
     async fn a_body_that_never_arrives_is_refused_after_the_body_timeout() {
-        struct Stalled;
-        impl Body for Stalled {
-            type Data = Bytes;
-            type Error = std::io::Error;
-            fn poll_frame(
-                self: Pin<&mut Self>,
-                _cx: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-                Poll::Pending
-            }
-        }
         let (backend, seen) = chunked_backend(1).await;
         let (gate, _counts, _table) = http_gate(backend);
         let pool = Arc::new(Pool::default());
         let request = Request::post("/v1/chat/completions")
-            .body(Stalled)
+            .body(crate::limits::tests::Never)
             .expect("a request");
         let started = tokio::time::Instant::now();
         let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, request).await;
