@@ -134,3 +134,36 @@ impl Dataplane for FakeDataplane {
             .unwrap_or_default())
     }
 }
+
+/// A table over `dataplane` with one service, `chat` (checked by `health` when given), and the
+/// backend of instance `gpt` at `address` in it; the backend's id. The task ends with the table.
+pub async fn table_with_instance(
+    dataplane: &FakeDataplane,
+    health: Option<crate::config::HealthConfig>,
+    address: std::net::SocketAddrV4,
+) -> (
+    crate::table::TableHandle,
+    tokio::task::JoinHandle<FakeDataplane>,
+    u32,
+) {
+    let service = crate::config::ServiceConfig {
+        name: "chat".to_owned(),
+        address: "10.0.0.100:80".parse().expect("vip"),
+        policy: crate::policy::Policy::RoundRobin,
+        backends: Vec::new(),
+        health,
+    };
+    let (table, task) =
+        crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
+    let added = table
+        .add_backend(crate::table::NewBackend {
+            service: "chat".to_owned(),
+            address,
+            weight: crate::config::Weight::ONE,
+            max_connections: 0,
+            instance: Some("gpt".to_owned()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (table, task, added.id)
+}

@@ -192,10 +192,8 @@ mod tests {
     /// "up" does not bring it back.
     #[tokio::test]
     async fn failing_checks_take_out_an_instance_the_supervisor_sees_up() {
-        use crate::config::{ServiceConfig, Weight};
         use crate::fake::FakeDataplane;
         use crate::supervisor::BackendLink;
-        use crate::table::NewBackend;
         use lb_common::backend_state::{ACTIVE, DOWN};
         use std::sync::atomic::Ordering;
 
@@ -204,26 +202,9 @@ mod tests {
             interval: Duration::from_millis(20),
             ..config(1, 3)
         };
-        let service = ServiceConfig {
-            name: "chat".to_owned(),
-            address: "10.0.0.100:80".parse().expect("vip"),
-            policy: crate::policy::Policy::RoundRobin,
-            backends: Vec::new(),
-            health: Some(health.clone()),
-        };
         let dataplane = FakeDataplane::default();
-        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("table");
-        let id = table
-            .add_backend(NewBackend {
-                service: "chat".to_owned(),
-                address,
-                weight: Weight::ONE,
-                max_connections: 0,
-                instance: Some("gpt".to_owned()),
-            })
-            .await
-            .expect("added")
-            .id;
+        let (table, _task, id) =
+            crate::fake::table_with_instance(&dataplane, Some(health.clone()), address).await;
         let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(1));
         link.up().await;
         let state = || dataplane.maps().backends[&id].state;

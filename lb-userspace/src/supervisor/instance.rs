@@ -1307,33 +1307,13 @@ mod tests {
     /// unless an operator had drained it.
     #[tokio::test(start_paused = true)]
     async fn backend_follows_the_process() {
-        use crate::config::{ServiceConfig, Weight};
         use crate::fake::FakeDataplane;
-        use crate::table::NewBackend;
         use lb_common::backend_state::{ACTIVE, DOWN, DRAINING};
 
         let dataplane = FakeDataplane::default();
-        let service = ServiceConfig {
-            name: "chat".to_owned(),
-            address: "10.0.0.100:80".parse().expect("vip"),
-            policy: crate::policy::Policy::RoundRobin,
-            backends: Vec::new(),
-            health: None,
-        };
-        let (table, _table_task) =
-            crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
         let address = "10.0.0.1:8080".parse().expect("address");
-        let added = table
-            .add_backend(NewBackend {
-                service: "chat".to_owned(),
-                address,
-                weight: Weight::ONE,
-                max_connections: 0,
-                instance: Some("gpt".to_owned()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let id = added.id;
+        let (table, _table_task, id) =
+            crate::fake::table_with_instance(&dataplane, None, address).await;
         let state = || dataplane.maps().backends[&id].state;
         assert_eq!(state(), DOWN, "not before the first healthy start");
         let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(5));
