@@ -17,9 +17,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::config::{Weight, usable_endpoint};
+use crate::spec::{AdminToken, Weight, usable_endpoint};
 use crate::table::{BackendInfo, NewBackend, ServiceInfo, TableError, TableHandle};
-use crate::token::AdminToken;
 
 /// Request bodies are a few hundred bytes; refuse anything far larger before parsing it.
 pub(crate) const BODY_LIMIT: usize = 64 * 1024;
@@ -255,26 +254,27 @@ async fn activate_backend(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{BackendConfig, ServiceConfig};
     use crate::fake::FakeDataplane;
-    use crate::policy::Policy;
+    use crate::spec::{BackendSpec, Policy, ServiceSpec};
     use crate::table;
     use axum::body::Body;
     use axum::http::{Method, Request};
     use serde_json::{Value, json};
     use tower::ServiceExt;
 
-    fn services() -> Vec<ServiceConfig> {
-        vec![ServiceConfig {
+    fn services() -> Vec<ServiceSpec> {
+        vec![ServiceSpec {
             name: "chat".to_owned(),
             address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
             policy: Policy::RoundRobin,
-            backends: vec![BackendConfig {
+            backends: vec![BackendSpec {
                 address: SocketAddrV4::new([10, 0, 1, 2].into(), 8080),
                 weight: Weight::ONE,
                 max_connections: 0,
             }],
             health: None,
+            slots: None,
+            proxy: crate::spec::ProxySpec::default(),
         }]
     }
 

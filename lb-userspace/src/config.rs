@@ -14,8 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::dataplane::xdp::{XdpMode, XdpOptions};
-use crate::policy::Policy;
+use crate::spec::{
+    AdminLimits, BackendSpec, DataplaneKind, HealthSpec, Policy, ProxyMode, ProxySpec, ServiceSpec,
+    SlotPoll, Weight, XdpMode, XdpOptions, usable_endpoint,
+};
 use crate::store::DriverConfig;
 use crate::supervisor::{self, ApplyLimit, InstanceBackend, InstanceSpec, Settings};
 
@@ -27,20 +29,6 @@ const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 16384..=32767;
 const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_CLOSED_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_QUEUE_SIZE: usize = 1024;
-const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(100);
-const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(100);
-/// Chat requests with long prompts stay well below this; a body is held in memory until sent.
-const DEFAULT_MAX_REQUEST_BODY: usize = 16 << 20;
-/// Client connections a service's proxy holds (`max_client_connections`): far above what a
-/// llama.cpp fleet serves at once, far below a typical hard `RLIMIT_NOFILE` (524288 under systemd).
-const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
-/// A client's request head, from its first byte; what hyper used before it was configurable.
-const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// A keep-alive client connection between requests (l4: before either side's first byte).
-const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A request body up to `max_request_body` (16 MiB) over a slow link.
-const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a SIGTERM lets proxied requests finish. Generations run for tens of seconds; this
 /// plus an instance's drain timeout and stop grace stays within systemd's default 90 s stop
 /// timeout when the drains overlap little (a second signal cuts it short anyway).
@@ -58,113 +46,6 @@ pub struct Overrides {
     pub dataplane: Option<DataplaneKind>,
 }
 
-/// What carries new connections: XDP, with the userspace proxy for what it passes, or the proxy
-/// alone (no BPF at all).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DataplaneKind {
-    #[default]
-    Xdp,
-    Userspace,
-}
-
-/// How the userspace proxy carries a service's connections (`[[service]] mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyMode {
-    /// TCP spliced both ways, unparsed.
-    #[default]
-    L4,
-    /// An HTTP/1.1 reverse proxy that chooses a backend per request.
-    Http,
-}
-
-/// The userspace proxy of one service: its listener on the service address, the per-backend cap
-/// and the FIFO queue of connections waiting for room.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxyConfig {
-    pub service: String,
-    pub address: SocketAddrV4,
-    pub mode: ProxyMode,
-    /// Per backend: connections (`max_connections_per_backend`, l4) or requests in flight
-    /// (`max_requests_per_backend`, http); 0: the backend's own `max_connections`.
-    pub max_per_backend: u32,
-    /// Connections or requests that may wait; one more is refused at once.
-    pub queue_size: usize,
-    /// Longest wait in the queue.
-    pub queue_timeout: Duration,
-    /// Longest wait for the response, from when the request (l4: the client's first bytes) was
-    /// sent: the first byte (l4) or the response head (http).
-    pub response_timeout: Duration,
-    /// http: the largest request body taken (it is read whole before a backend is chosen).
-    pub max_request_body: usize,
-    /// Client connections held at once; at the cap a new one replaces the one quiet the longest
-    /// (see [`crate::limits`]).
-    pub max_client_connections: usize,
-    /// http: a request head's time from its first byte to its end.
-    pub client_header_timeout: Duration,
-    /// A client connection with nothing in flight (http: between requests; l4: before either
-    /// side's first byte).
-    pub client_idle_timeout: Duration,
-    /// http: a request body's time from the end of its head to its end.
-    pub client_body_timeout: Duration,
-}
-
-impl ProxyConfig {
-    /// The timers of a quiet client connection.
-    pub fn client_timeouts(&self) -> crate::limits::ClientTimeouts {
-        crate::limits::ClientTimeouts {
-            header: (self.mode == ProxyMode::Http).then_some(self.client_header_timeout),
-            idle: self.client_idle_timeout,
-        }
-    }
-}
-
-/// `[agent] admin_*`: what clients of the admin API may hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdminLimits {
-    /// Connections at once (`admin_max_connections`); at the cap a new one replaces the one quiet
-    /// the longest.
-    pub max_connections: usize,
-    /// A request head, from its first byte (`admin_header_timeout`).
-    pub header_timeout: Duration,
-    /// A keep-alive connection between requests (`admin_idle_timeout`).
-    pub idle_timeout: Duration,
-    /// A request body, from the end of its head (`admin_body_timeout`).
-    pub body_timeout: Duration,
-}
-
-impl Default for AdminLimits {
-    fn default() -> Self {
-        AdminLimits {
-            max_connections: 256,
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl AdminLimits {
-    pub fn client_timeouts(&self) -> crate::limits::ClientTimeouts {
-        crate::limits::ClientTimeouts {
-            header: Some(self.header_timeout),
-            idle: self.idle_timeout,
-        }
-    }
-}
-
-impl ProxyConfig {
-    /// The config field [`Self::max_per_backend`] comes from.
-    pub fn cap_field(&self) -> &'static str {
-        match self.mode {
-            ProxyMode::L4 => "max_connections_per_backend",
-            ProxyMode::Http => "max_requests_per_backend",
-        }
-    }
-}
-
-/// The validated config.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The file it was read from, for messages.
@@ -175,11 +56,7 @@ pub struct Config {
     /// generated at the first start when missing (see [`crate::token`]).
     pub admin_token_file: PathBuf,
     pub admin_limits: AdminLimits,
-    pub services: Vec<ServiceConfig>,
-    /// Slot polls, one per service with policy `slots` or a `[service.slots]` table.
-    pub slot_polls: Vec<SlotPoll>,
-    /// One per service, in service order.
-    pub proxies: Vec<ProxyConfig>,
+    pub services: Vec<ServiceSpec>,
     pub dataplane: DataplaneKind,
     /// llama-server processes the agent supervises (`[[instance]]`).
     pub instances: Vec<InstanceSpec>,
@@ -190,95 +67,8 @@ pub struct Config {
     pub max_concurrent_applies: NonZeroUsize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceConfig {
-    pub name: String,
-    pub address: SocketAddrV4,
-    pub policy: Policy,
-    pub backends: Vec<BackendConfig>,
-    /// Active health checks of the backends; `None` when `[service.health] enabled = false`.
-    pub health: Option<HealthConfig>,
-}
-
-/// `[service.health]`: an HTTP GET of `path` on every backend each `interval`; 200 within
-/// `timeout` is a pass (llama.cpp's `/health` answers 503 while loading). A backend turns down
-/// after `fall` failures in a row and up again after `rise` passes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthConfig {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: NonZeroU32,
-    pub fall: NonZeroU32,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            path: "/health".to_owned(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            rise: NonZeroU32::MIN.saturating_add(1),
-            fall: NonZeroU32::MIN.saturating_add(1),
-        }
-    }
-}
-
-/// `[service.slots]`: every `interval`, a GET of each backend's llama.cpp `/slots` (or, where
-/// that is off, `/metrics` and `/props`), answered within `timeout`; the idle slots it finds
-/// steer policy `slots`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotPoll {
-    pub service: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
 const DEFAULT_SLOT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 const DEFAULT_SLOT_POLL_TIMEOUT: Duration = Duration::from_millis(400);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendConfig {
-    pub address: SocketAddrV4,
-    pub weight: Weight,
-    /// 0: no cap.
-    pub max_connections: u32,
-}
-
-/// A backend's weight, 1..=65535 (default 1). Parsed by serde, so the file and the API report a
-/// bad one with its position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(transparent)]
-pub struct Weight(NonZeroU16);
-
-impl Weight {
-    pub const ONE: Weight = Weight(NonZeroU16::MIN);
-
-    pub fn get(self) -> u16 {
-        self.0.get()
-    }
-}
-
-impl Default for Weight {
-    fn default() -> Self {
-        Weight::ONE
-    }
-}
-
-impl<'de> Deserialize<'de> for Weight {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = i64::deserialize(deserializer)?;
-        u16::try_from(value)
-            .ok()
-            .and_then(NonZeroU16::new)
-            .map(Weight)
-            .ok_or_else(|| {
-                serde::de::Error::custom(format_args!(
-                    "weight must be between 1 and 65535, got {value}"
-                ))
-            })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -591,11 +381,8 @@ impl Doc<'_> {
                 format!("at most {} services", lb_common::MAX_SERVICES),
             ));
         }
-        let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
-        let mut slot_polls = Vec::new();
-        let mut proxies = Vec::with_capacity(raw.service.len());
+        let mut services: Vec<ServiceSpec> = Vec::with_capacity(raw.service.len());
         for (i, service) in raw.service.iter().enumerate() {
-            slot_polls.extend(self.slot_poll(i, service.get_ref())?);
             let service = self.service(i, service.get_ref())?;
             if let Some(other) = services.iter().position(|s| s.name == service.name) {
                 let name = &raw.service[i].get_ref().name;
@@ -616,7 +403,6 @@ impl Doc<'_> {
                     ),
                 ));
             }
-            proxies.push(self.proxy_config(i, &service, raw.service[i].get_ref())?);
             services.push(service);
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
@@ -660,8 +446,6 @@ impl Doc<'_> {
             admin_token_file,
             admin_limits,
             services,
-            slot_polls,
-            proxies,
             dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
             instances,
             shutdown_timeout: agent
@@ -672,12 +456,7 @@ impl Doc<'_> {
     }
 
     /// The service's proxy settings; a cap or body limit of the other mode is an error.
-    fn proxy_config(
-        &self,
-        i: usize,
-        service: &ServiceConfig,
-        raw: &RawService,
-    ) -> Result<ProxyConfig, ConfigError> {
+    fn proxy(&self, i: usize, raw: &RawService) -> Result<ProxySpec, ConfigError> {
         let span = |field: &Option<Spanned<u32>>| field.as_ref().map(Spanned::span);
         let timeout_span = |field: &Option<Spanned<Timeout>>| field.as_ref().map(Spanned::span);
         let (cap, misplaced) = match raw.mode {
@@ -710,41 +489,40 @@ impl Doc<'_> {
                 )],
             ),
         };
-        let config = ProxyConfig {
-            service: service.name.clone(),
-            address: service.address,
+        let default = ProxySpec::default();
+        let config = ProxySpec {
             mode: raw.mode,
             max_per_backend: cap.as_ref().map_or(0, |c| *c.get_ref()),
-            queue_size: raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            queue_size: raw.queue_size.unwrap_or(default.queue_size),
             queue_timeout: raw
                 .queue_timeout
                 .as_ref()
-                .map_or(DEFAULT_QUEUE_TIMEOUT, |t| t.0),
+                .map_or(default.queue_timeout, |t| t.0),
             response_timeout: raw
                 .response_timeout
                 .as_ref()
-                .map_or(DEFAULT_RESPONSE_TIMEOUT, |t| t.0),
+                .map_or(default.response_timeout, |t| t.0),
             max_request_body: raw
                 .max_request_body
                 .as_ref()
-                .map_or(DEFAULT_MAX_REQUEST_BODY, |b| *b.get_ref()),
+                .map_or(default.max_request_body, |b| *b.get_ref()),
             max_client_connections: self.at_least_one(
                 raw.max_client_connections.as_ref(),
                 &format!("service[{i}].max_client_connections"),
-                DEFAULT_MAX_CLIENT_CONNECTIONS,
+                default.max_client_connections,
             )?,
             client_header_timeout: raw
                 .client_header_timeout
                 .as_ref()
-                .map_or(DEFAULT_CLIENT_HEADER_TIMEOUT, |t| t.get_ref().0),
+                .map_or(default.client_header_timeout, |t| t.get_ref().0),
             client_idle_timeout: raw
                 .client_idle_timeout
                 .as_ref()
-                .map_or(DEFAULT_CLIENT_IDLE_TIMEOUT, |t| t.0),
+                .map_or(default.client_idle_timeout, |t| t.0),
             client_body_timeout: raw
                 .client_body_timeout
                 .as_ref()
-                .map_or(DEFAULT_CLIENT_BODY_TIMEOUT, |t| t.get_ref().0),
+                .map_or(default.client_body_timeout, |t| t.get_ref().0),
         };
         for (field, span) in misplaced {
             if let Some(span) = span {
@@ -796,7 +574,6 @@ impl Doc<'_> {
             None => return Ok(None),
         };
         let poll = SlotPoll {
-            service: raw.name.get_ref().trim().to_owned(),
             interval: slots
                 .interval
                 .as_ref()
@@ -819,7 +596,7 @@ impl Doc<'_> {
     fn instances(
         &self,
         raw: Vec<RawInstance>,
-        services: &[ServiceConfig],
+        services: &[ServiceSpec],
         applies: &ApplyLimit,
     ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
@@ -918,7 +695,7 @@ impl Doc<'_> {
         &self,
         i: usize,
         instance: &RawInstance,
-        services: &[ServiceConfig],
+        services: &[ServiceSpec],
     ) -> Result<Option<InstanceBackend>, ConfigError> {
         let field = |what: &str| format!("instance[{i}].{what}");
         let Some(service) = &instance.service else {
@@ -1010,7 +787,8 @@ impl Doc<'_> {
         }
     }
 
-    fn service(&self, i: usize, raw: &RawService) -> Result<ServiceConfig, ConfigError> {
+    fn service(&self, i: usize, raw: &RawService) -> Result<ServiceSpec, ConfigError> {
+        let slots = self.slot_poll(i, raw)?;
         let name = raw.name.get_ref().trim();
         if name.is_empty() {
             return Err(self.invalid(
@@ -1028,7 +806,7 @@ impl Doc<'_> {
                 format!("at most {max} backends per service"),
             ));
         }
-        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        let mut backends: Vec<BackendSpec> = Vec::with_capacity(raw.backend.len());
         for (j, backend) in raw.backend.iter().map(Spanned::get_ref).enumerate() {
             let field = || format!("service[{i}].backend[{j}].address");
             let address = self.endpoint(&backend.address, field)?;
@@ -1039,18 +817,20 @@ impl Doc<'_> {
                     format!("{address} is already backend[{other}] of this service"),
                 ));
             }
-            backends.push(BackendConfig {
+            backends.push(BackendSpec {
                 address,
                 weight: backend.weight,
                 max_connections: backend.max_connections,
             });
         }
-        Ok(ServiceConfig {
+        Ok(ServiceSpec {
             name: name.to_owned(),
             address,
             policy: raw.policy,
             backends,
             health: self.health(i, raw.health.as_ref())?,
+            slots,
+            proxy: self.proxy(i, raw)?,
         })
     }
 
@@ -1058,16 +838,16 @@ impl Doc<'_> {
         &self,
         i: usize,
         raw: Option<&Spanned<RawHealth>>,
-    ) -> Result<Option<HealthConfig>, ConfigError> {
+    ) -> Result<Option<HealthSpec>, ConfigError> {
         let Some(raw) = raw else {
-            return Ok(Some(HealthConfig::default()));
+            return Ok(Some(HealthSpec::default()));
         };
         let (span, raw) = (raw.span(), raw.get_ref());
         if raw.enabled == Some(false) {
             return Ok(None);
         }
-        let default = HealthConfig::default();
-        let health = HealthConfig {
+        let default = HealthSpec::default();
+        let health = HealthSpec {
             path: raw.path.clone().unwrap_or(default.path),
             interval: raw.interval.as_ref().map_or(default.interval, |t| t.0),
             timeout: raw.timeout.as_ref().map_or(default.timeout, |t| t.0),
@@ -1110,11 +890,6 @@ impl Doc<'_> {
         }
         Ok(addr)
     }
-}
-
-/// Whether a VIP or backend address names a real host and port.
-pub(crate) fn usable_endpoint(addr: SocketAddrV4) -> bool {
-    addr.port() != 0 && !addr.ip().is_unspecified() && !addr.ip().is_broadcast()
 }
 
 /// The summary `steer check-config` prints.
@@ -1275,18 +1050,22 @@ address = "10.0.0.100:81"
                     [[service]]\nname = \"b\"\naddress = \"127.0.0.2:81\"\n";
         let config = parse(text)?;
         assert_eq!(config.dataplane, DataplaneKind::Userspace);
-        let a = &config.proxies[0];
+        let a = &config.services[0].proxy;
         assert_eq!(
-            (a.service.as_str(), a.max_per_backend, a.queue_size),
+            (
+                config.services[0].name.as_str(),
+                a.max_per_backend,
+                a.queue_size
+            ),
             ("a", 1, 3)
         );
         assert_eq!(a.queue_timeout, Duration::from_secs(2));
         assert_eq!(a.response_timeout, Duration::from_secs(5));
-        let b = &config.proxies[1];
+        let b = &config.services[1].proxy;
         assert_eq!((b.mode, b.max_per_backend), (ProxyMode::L4, 0));
-        assert_eq!(b.queue_size, DEFAULT_QUEUE_SIZE);
-        assert_eq!(b.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
-        assert_eq!(b.response_timeout, DEFAULT_RESPONSE_TIMEOUT);
+        assert_eq!(b.queue_size, ProxySpec::default().queue_size);
+        assert_eq!(b.queue_timeout, ProxySpec::default().queue_timeout);
+        assert_eq!(b.response_timeout, ProxySpec::default().response_timeout);
         assert_eq!(parse(EXAMPLE)?.dataplane, DataplaneKind::Xdp);
         Ok(())
     }
@@ -1303,15 +1082,17 @@ address = "10.0.0.100:81"
         let config = parse(&service(
             "mode = \"http\"\nmax_requests_per_backend = 1\nmax_request_body = 1000",
         ))?;
-        let chat = &config.proxies[0];
+        let chat = &config.services[0].proxy;
         assert_eq!(
             (chat.mode, chat.max_per_backend, chat.max_request_body),
             (ProxyMode::Http, 1, 1000)
         );
         assert_eq!(chat.cap_field(), "max_requests_per_backend");
         assert_eq!(
-            parse(&service("mode = \"http\""))?.proxies[0].max_request_body,
-            DEFAULT_MAX_REQUEST_BODY
+            parse(&service("mode = \"http\""))?.services[0]
+                .proxy
+                .max_request_body,
+            ProxySpec::default().max_request_body
         );
         for (extra, line, field, names) in [
             (
@@ -1437,7 +1218,7 @@ address = "10.0.0.100:81"
     #[test]
     fn health_checks_default_on_and_can_be_tuned_or_turned_off() -> Result<(), ConfigError> {
         let config = parse(EXAMPLE)?;
-        assert_eq!(config.services[0].health, Some(HealthConfig::default()));
+        assert_eq!(config.services[0].health, Some(HealthSpec::default()));
         let tuned = EXAMPLE.replace(
             "policy = \"least_connections\"\n",
             "policy = \"least_connections\"\n[service.health]\npath = \"/ready\"\n\
@@ -1446,7 +1227,7 @@ address = "10.0.0.100:81"
         let health = parse(&tuned)?.services[0].health.clone();
         assert_eq!(
             health,
-            Some(HealthConfig {
+            Some(HealthSpec {
                 path: "/ready".to_owned(),
                 interval: Duration::from_secs(2),
                 timeout: Duration::from_secs(1),
@@ -1653,9 +1434,10 @@ address = "10.0.0.100:81"
         let config = parse(&text)?;
         assert_eq!(config.services[0].policy, Policy::Slots);
         let polls: Vec<(&str, Duration, Duration)> = config
-            .slot_polls
+            .services
             .iter()
-            .map(|p| (p.service.as_str(), p.interval, p.timeout))
+            .filter_map(|s| Some((s.name.as_str(), s.slots.as_ref()?)))
+            .map(|(service, p)| (service, p.interval, p.timeout))
             .collect();
         assert_eq!(
             polls,
@@ -1680,13 +1462,16 @@ address = "10.0.0.100:81"
     fn connection_limits_default_safe_and_are_validated() -> Result<(), ConfigError> {
         let config = parse(EXAMPLE)?;
         assert_eq!(config.admin_limits, AdminLimits::default());
-        let chat = &config.proxies[0];
-        assert_eq!(chat.max_client_connections, DEFAULT_MAX_CLIENT_CONNECTIONS);
+        let chat = &config.services[0].proxy;
+        assert_eq!(
+            chat.max_client_connections,
+            ProxySpec::default().max_client_connections
+        );
         assert_eq!(
             chat.client_timeouts(),
-            crate::limits::ClientTimeouts {
+            crate::spec::ClientTimeouts {
                 header: None,
-                idle: DEFAULT_CLIENT_IDLE_TIMEOUT
+                idle: ProxySpec::default().client_idle_timeout
             },
             "l4: no head to time"
         );
@@ -1712,7 +1497,7 @@ address = "10.0.0.100:81"
                 body_timeout: Duration::from_secs(4),
             }
         );
-        let embed = &config.proxies[1];
+        let embed = &config.services[1].proxy;
         assert_eq!(embed.max_client_connections, 100);
         assert_eq!(
             (embed.client_header_timeout, embed.client_body_timeout),

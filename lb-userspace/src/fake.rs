@@ -139,19 +139,21 @@ impl Dataplane for FakeDataplane {
 /// backend of instance `gpt` at `address` in it; the backend's id. The task ends with the table.
 pub async fn table_with_instance(
     dataplane: &FakeDataplane,
-    health: Option<crate::config::HealthConfig>,
+    health: Option<crate::spec::HealthSpec>,
     address: std::net::SocketAddrV4,
 ) -> (
     crate::table::TableHandle,
     tokio::task::JoinHandle<FakeDataplane>,
     u32,
 ) {
-    let service = crate::config::ServiceConfig {
+    let service = crate::spec::ServiceSpec {
         name: "chat".to_owned(),
         address: "10.0.0.100:80".parse().expect("vip"),
-        policy: crate::policy::Policy::RoundRobin,
+        policy: crate::spec::Policy::RoundRobin,
         backends: Vec::new(),
         health,
+        slots: None,
+        proxy: crate::spec::ProxySpec::default(),
     };
     let (table, task) =
         crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
@@ -159,7 +161,7 @@ pub async fn table_with_instance(
         .add_backend(crate::table::NewBackend {
             service: "chat".to_owned(),
             address,
-            weight: crate::config::Weight::ONE,
+            weight: crate::spec::Weight::ONE,
             max_connections: 0,
             instance: Some("gpt".to_owned()),
         })

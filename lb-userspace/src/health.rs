@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tracing::{Instrument, debug, info_span};
 
-use crate::config::HealthConfig;
+use crate::spec::HealthSpec;
 use crate::table::{Checks, TableHandle};
 
 /// Rise and fall counting for one backend. A backend starts healthy: one that never answers
@@ -33,7 +33,7 @@ impl Tracker {
     }
 
     /// Count one check; the verdict after it.
-    fn observe(&mut self, passed: bool, config: &HealthConfig) -> bool {
+    fn observe(&mut self, passed: bool, config: &HealthSpec) -> bool {
         if passed == self.healthy {
             self.streak = 0;
             return self.healthy;
@@ -49,7 +49,7 @@ impl Tracker {
 }
 
 /// Check the backends of `service` until the task is aborted.
-pub async fn run(table: TableHandle, service: String, config: HealthConfig) {
+pub async fn run(table: TableHandle, service: String, config: HealthSpec) {
     let span = info_span!("health", service = %service);
     async move {
         let mut trackers: HashMap<(u32, SocketAddrV4), Tracker> = HashMap::new();
@@ -117,11 +117,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn config(rise: u32, fall: u32) -> HealthConfig {
-        HealthConfig {
+    fn config(rise: u32, fall: u32) -> HealthSpec {
+        HealthSpec {
             rise: NonZeroU32::new(rise).expect("rise"),
             fall: NonZeroU32::new(fall).expect("fall"),
-            ..HealthConfig::default()
+            ..HealthSpec::default()
         }
     }
 
@@ -198,7 +198,7 @@ mod tests {
         use std::sync::atomic::Ordering;
 
         let (address, checks) = failing_server(2).await;
-        let health = HealthConfig {
+        let health = HealthSpec {
             interval: Duration::from_millis(20),
             ..config(1, 3)
         };

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod slots;
+pub mod spec;
 pub mod store;
 pub mod supervisor;
 pub mod table;
@@ -28,12 +29,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::config::{AdminLimits, Config, DataplaneKind};
+use crate::config::Config;
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::memory::Userspace;
 use crate::dataplane::proxy::{self, ProxyError};
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
+use crate::spec::{AdminLimits, DataplaneKind};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
@@ -141,7 +143,7 @@ async fn serve<D: Dataplane>(
         source,
     })?;
     let admin_token = Arc::new(token::load_or_create(&config.admin_token_file)?);
-    let dataplane = proxy::HttpUnsteered::new(dataplane, &config.proxies);
+    let dataplane = proxy::HttpUnsteered::new(dataplane, &config.services);
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
     let mut health_checks = tokio::task::JoinSet::new();
@@ -153,17 +155,21 @@ async fn serve<D: Dataplane>(
                 health.clone(),
             ));
         }
-    }
-    for poll in &config.slot_polls {
-        health_checks.spawn(slots::run(table.clone(), poll.clone()));
+        if let Some(poll) = &service.slots {
+            health_checks.spawn(slots::run(
+                table.clone(),
+                service.name.clone(),
+                poll.clone(),
+            ));
+        }
     }
     // They stop accepting when this turns true; aborted (with their connections) when this
     // returns.
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let mut proxies = tokio::task::JoinSet::new();
-    let mut gates = Vec::with_capacity(config.proxies.len());
-    for (id, settings) in config.proxies.iter().enumerate() {
-        let listener = match (proxy::listen(settings), kind) {
+    let mut gates = Vec::with_capacity(config.services.len());
+    for (id, service) in config.services.iter().enumerate() {
+        let listener = match (proxy::listen(service), kind) {
             (Ok(listener), _) => listener,
             (Err(error), DataplaneKind::Xdp) => {
                 warn!(%error, "no userspace path for this service: XDP carries it alone");
@@ -171,7 +177,7 @@ async fn serve<D: Dataplane>(
             }
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
-        let gate = proxy::Gate::new(settings.clone(), id, Arc::clone(&counts), table.routes());
+        let gate = proxy::Gate::new(service, id, Arc::clone(&counts), table.routes());
         proxies.spawn(proxy::serve(Arc::clone(&gate), listener, draining.clone()));
         gates.push(gate);
     }
@@ -324,7 +330,7 @@ async fn instance_backend(
         .add_backend(table::NewBackend {
             service: backend.service.clone(),
             address,
-            weight: config::Weight::ONE,
+            weight: spec::Weight::ONE,
             max_connections: 0,
             instance: Some(spec.name.clone()),
         })

@@ -31,16 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::{info, warn};
 
-use crate::config::{Config, ProxyMode};
-
-/// How long a quiet client connection may stay so.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientTimeouts {
-    /// From the first byte of a request head to its end; `None`: no heads (l4).
-    pub header: Option<Duration>,
-    /// With nothing in flight: from the accept or the last response's end to the next byte.
-    pub idle: Duration,
-}
+use crate::spec::{AdminLimits, ClientTimeouts, ProxyMode, ServiceSpec};
 
 /// Why a connection was closed by its limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -506,42 +497,42 @@ pub fn raise_open_files() -> u64 {
     limit
 }
 
-/// Lowers the config's connection caps, in proportion, until what they may hold fits in `limit`
-/// descriptors with the agent's own: over the limit, accepts would fail and take health checks
-/// and backend connections with them. A warning names the caps in force. `limit` 0: unknown.
-pub fn fit_caps(config: &mut Config, limit: u64) {
-    let need = descriptors_needed(config);
+/// Lowers the admin API's and the services' connection caps, in proportion, until what they may
+/// hold fits in `limit` descriptors with the agent's own: over the limit, accepts would fail and
+/// take health checks and backend connections with them. A warning names the caps in force.
+/// `limit` 0: unknown.
+pub fn fit_caps(admin: &mut AdminLimits, services: &mut [ServiceSpec], limit: u64) {
+    let need = descriptors_needed(admin, services);
     if limit == 0 || need <= limit {
         return;
     }
     let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1) as f64;
     let factor = room / (need - RESERVED_DESCRIPTORS) as f64;
     let scale = |cap: usize| ((cap as f64 * factor) as usize).max(1);
-    config.admin_limits.max_connections = scale(config.admin_limits.max_connections);
-    for proxy in &mut config.proxies {
-        proxy.max_client_connections = scale(proxy.max_client_connections);
+    admin.max_connections = scale(admin.max_connections);
+    for service in services.iter_mut() {
+        service.proxy.max_client_connections = scale(service.proxy.max_client_connections);
     }
-    let services: Vec<String> = config
-        .proxies
+    let caps: Vec<String> = services
         .iter()
-        .map(|p| format!("{}={}", p.service, p.max_client_connections))
+        .map(|s| format!("{}={}", s.name, s.proxy.max_client_connections))
         .collect();
     warn!(
         open_files = limit,
         need,
-        admin_max_connections = config.admin_limits.max_connections,
-        max_client_connections = %services.join(","),
+        admin_max_connections = admin.max_connections,
+        max_client_connections = %caps.join(","),
         "the connection caps could take more descriptors than RLIMIT_NOFILE allows: lowered to \
          fit (raise the hard limit, systemd LimitNOFILE=, to keep them)"
     );
 }
 
-/// Descriptors the config's connection caps may take at once, with the agent's own.
-pub fn descriptors_needed(config: &Config) -> u64 {
-    let per_service: u64 = config
-        .proxies
+/// Descriptors the connection caps may take at once, with the agent's own.
+pub fn descriptors_needed(admin: &AdminLimits, services: &[ServiceSpec]) -> u64 {
+    let per_service: u64 = services
         .iter()
-        .map(|proxy| {
+        .map(|service| {
+            let proxy = &service.proxy;
             // l4: client, backend, and a pipe (two ends) each way; http: client and backend.
             let per_connection = match proxy.mode {
                 ProxyMode::L4 => 6,
@@ -550,12 +541,13 @@ pub fn descriptors_needed(config: &Config) -> u64 {
             proxy.max_client_connections as u64 * per_connection
         })
         .sum();
-    RESERVED_DESCRIPTORS + config.admin_limits.max_connections as u64 + per_service
+    RESERVED_DESCRIPTORS + admin.max_connections as u64 + per_service
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn caps_are_lowered_to_fit_a_low_descriptor_limit_and_kept_under_a_high_one() {
@@ -565,21 +557,21 @@ pub(crate) mod tests {
         let path = std::path::Path::new("t.toml");
         let config = Config::parse(path, text, &crate::config::Overrides::default())
             .expect("a valid config");
+        let fit = |config: &mut Config, limit| {
+            fit_caps(&mut config.admin_limits, &mut config.services, limit)
+        };
+        let needed = |config: &Config| descriptors_needed(&config.admin_limits, &config.services);
         let mut high = config.clone();
-        fit_caps(&mut high, 1 << 20);
-        assert_eq!(high.proxies, config.proxies, "room for the defaults");
+        fit(&mut high, 1 << 20);
+        assert_eq!(high.services, config.services, "room for the defaults");
         assert_eq!(high.admin_limits, config.admin_limits);
         let mut low = config;
-        fit_caps(&mut low, 1024);
-        assert!(
-            descriptors_needed(&low) <= 1024,
-            "{}",
-            descriptors_needed(&low)
-        );
+        fit(&mut low, 1024);
+        assert!(needed(&low) <= 1024, "{}", needed(&low));
         let caps: Vec<usize> = low
-            .proxies
+            .services
             .iter()
-            .map(|p| p.max_client_connections)
+            .map(|s| s.proxy.max_client_connections)
             .collect();
         assert!(caps.iter().all(|&cap| cap >= 1), "{caps:?}");
         assert_eq!(caps[0], caps[1], "in proportion: same default, same cap");

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use lb_userspace::config::{Config, DataplaneKind, Overrides, parse_duration};
-use lb_userspace::dataplane::xdp::XdpMode;
+use lb_userspace::config::{Config, Overrides, parse_duration};
+use lb_userspace::spec::{DataplaneKind, XdpMode};
 use lb_userspace::store::DriverConfig;
 use lb_userspace::supervisor::{self, ApplyLimit, InstanceSpec, Settings};
 use lb_userspace::token;
@@ -167,7 +167,11 @@ fn try_main() -> anyhow::Result<()> {
             };
             let mut config = Config::load(&args.config, &overrides)?;
             let open_files = lb_userspace::limits::raise_open_files();
-            lb_userspace::limits::fit_caps(&mut config, open_files);
+            lb_userspace::limits::fit_caps(
+                &mut config.admin_limits,
+                &mut config.services,
+                open_files,
+            );
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let (shutdown, force) = shutdown_signals().context("installing signal handlers")?;

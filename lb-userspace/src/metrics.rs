@@ -499,9 +499,8 @@ fn instances(encoder: &mut DescriptorEncoder, instances: &[Status]) -> fmt::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, ServiceConfig, Weight};
     use crate::fake::FakeDataplane;
-    use crate::policy::Policy;
+    use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
     use crate::store::SavedArgs;
     use crate::supervisor::Rejection;
     use crate::table;
@@ -512,18 +511,20 @@ mod tests {
     use std::net::SocketAddrV4;
     use tower::ServiceExt;
 
-    fn services() -> Vec<ServiceConfig> {
-        let backend = |address: &str| BackendConfig {
+    fn services() -> Vec<ServiceSpec> {
+        let backend = |address: &str| BackendSpec {
             address: address.parse().unwrap_or_else(|e| panic!("{address}: {e}")),
             weight: Weight::ONE,
             max_connections: 0,
         };
-        vec![ServiceConfig {
+        vec![ServiceSpec {
             name: "chat".to_owned(),
             address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
             policy: Policy::RoundRobin,
             backends: vec![backend("10.0.1.2:8080"), backend("10.0.1.3:8080")],
             health: None,
+            slots: None,
+            proxy: crate::spec::ProxySpec::default(),
         }]
     }
 

@@ -11,52 +11,6 @@ use lb_common::{
     backend_state, client_hash,
 };
 
-/// A service's load-balancing policy (`enum steer_policy`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    RoundRobin,
-    LeastConnections,
-    /// Client-address affinity: a returning client lands on the backend that holds its cache.
-    Maglev,
-    /// Most free llama.cpp slots: idle at the last poll, less the connections steered since.
-    /// The default: Steer's services are llama.cpp servers. A backend that answers no slot poll
-    /// counts no free slot, so among such backends the choice is the least connected.
-    #[default]
-    Slots,
-}
-
-impl Policy {
-    /// Every policy, in the order reports list them.
-    pub const ALL: [Policy; 4] = [
-        Policy::RoundRobin,
-        Policy::LeastConnections,
-        Policy::Slots,
-        Policy::Maglev,
-    ];
-
-    /// The value the kernel reads in `steer_service.policy`.
-    pub fn abi(self) -> u32 {
-        match self {
-            Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
-            Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
-            Policy::Maglev => lb_common::policy::MAGLEV,
-            Policy::Slots => lb_common::policy::SLOTS,
-        }
-    }
-}
-
-impl std::fmt::Display for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Policy::RoundRobin => "round_robin",
-            Policy::LeastConnections => "least_connections",
-            Policy::Maglev => "maglev",
-            Policy::Slots => "slots",
-        })
-    }
-}
-
 /// One backend slot as the kernel sees it: its `steer_backend` fields and its connection count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendView {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::SlotPoll;
 use crate::probe::{GetError, get};
+use crate::spec::SlotPoll;
 use crate::table::{SlotCounts, SlotReport, TableHandle};
 
 const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
@@ -35,9 +35,9 @@ pub enum PollError {
     NoProcessingGauge,
 }
 
-/// Poll the backends of `poll.service` until the task is aborted or the table stops.
-pub async fn run(table: TableHandle, poll: SlotPoll) {
-    let span = info_span!("slots", service = %poll.service);
+/// Poll the backends of `service` until the task is aborted or the table stops.
+pub async fn run(table: TableHandle, service: String, poll: SlotPoll) {
+    let span = info_span!("slots", service = %service);
     async move {
         // Backends whose last poll failed, so a failure is logged once per streak.
         let mut failing: HashSet<(u32, SocketAddrV4)> = HashSet::new();
@@ -49,11 +49,7 @@ pub async fn run(table: TableHandle, poll: SlotPoll) {
                 return; // the table is gone: the agent is stopping
             };
             let mut polls = tokio::task::JoinSet::new();
-            for b in snapshot
-                .backends
-                .iter()
-                .filter(|b| b.service == poll.service)
-            {
+            for b in snapshot.backends.iter().filter(|b| b.service == service) {
                 // The flows steered so far are the ones this poll can see.
                 let (id, address, steered_before) = (b.id, b.address, b.steered_since_poll);
                 let timeout = poll.timeout;

@@ -26,9 +26,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, warn};
 
-use crate::config::{BackendConfig, ServiceConfig, Weight};
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::policy::{BackendView, Policy, maglev_table, rr_ring};
+use crate::policy::{BackendView, maglev_table, rr_ring};
+use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
 
 /// Commands waiting for the table task; callers wait beyond this.
 const QUEUE: usize = 64;
@@ -356,7 +356,7 @@ pub struct SlotCounts {
 /// The task returns the dataplane once every handle is gone. Call inside a tokio runtime.
 pub fn start<D: Dataplane>(
     dataplane: D,
-    services: &[ServiceConfig],
+    services: &[ServiceSpec],
 ) -> Result<(TableHandle, JoinHandle<D>), TableError> {
     let (routes_tx, routes) = watch::channel(Routes::default());
     let mut table = Table::new(dataplane, services, routes_tx)?;
@@ -498,7 +498,7 @@ fn backend_id(service: usize, slot: usize) -> u32 {
 impl<D: Dataplane> Table<D> {
     fn new(
         dataplane: D,
-        services: &[ServiceConfig],
+        services: &[ServiceSpec],
         routes: watch::Sender<Routes>,
     ) -> Result<Self, TableError> {
         if services.len() > MAX_SERVICES as usize {
@@ -519,7 +519,7 @@ impl<D: Dataplane> Table<D> {
                 slots: vec![Slot::default(); SLOTS],
             });
             let id = table.services.len() - 1;
-            for &BackendConfig {
+            for &BackendSpec {
                 address,
                 weight,
                 max_connections,
@@ -923,29 +923,33 @@ mod tests {
         serde_json::from_value(n.into()).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn backend(address: &str, w: u16) -> BackendConfig {
-        BackendConfig {
+    fn backend(address: &str, w: u16) -> BackendSpec {
+        BackendSpec {
             address: addr(address),
             weight: weight(w),
             max_connections: 0,
         }
     }
 
-    fn services() -> Vec<ServiceConfig> {
+    fn services() -> Vec<ServiceSpec> {
         vec![
-            ServiceConfig {
+            ServiceSpec {
                 name: "chat".to_owned(),
                 address: addr("10.0.0.100:80"),
                 policy: Policy::RoundRobin,
                 backends: vec![backend("10.0.1.2:8080", 1), backend("10.0.1.3:8080", 1)],
                 health: None,
+                slots: None,
+                proxy: crate::spec::ProxySpec::default(),
             },
-            ServiceConfig {
+            ServiceSpec {
                 name: "embed".to_owned(),
                 address: addr("10.0.0.100:81"),
                 policy: Policy::LeastConnections,
                 backends: vec![],
                 health: None,
+                slots: None,
+                proxy: crate::spec::ProxySpec::default(),
             },
         ]
     }

@@ -6,7 +6,6 @@
 //! `/dev/urandom` as hex, written to a private temp file and linked into place, so a reader never
 //! sees half a token and two agents starting together end up with the same one.
 
-use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -14,30 +13,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-/// The admin API's bearer token, read from `admin_token_file` (see [`load_or_create`]). Never
-/// printed.
-#[derive(Clone)]
-pub struct AdminToken(String);
-
-impl AdminToken {
-    /// The token in a token file's text, trimmed; `None` when there is none.
-    pub fn from_text(text: &str) -> Option<AdminToken> {
-        let token = text.trim();
-        (!token.is_empty()).then(|| AdminToken(token.to_owned()))
-    }
-
-    /// Compares in time independent of where the first difference is.
-    pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-}
-
-impl fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AdminToken(<redacted>)")
-    }
-}
+use crate::spec::AdminToken;
 
 /// Where the token lives when neither `agent.admin_token_file` nor `--admin-token-file` says.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/steer/admin.token";

@@ -647,9 +647,9 @@ impl Rng {
 /// reading the kernel's own connection array and the table's routes built from the same state).
 #[test]
 fn kernel_and_proxy_choices_match_the_policy_model() {
-    use lb_userspace::config::{ProxyConfig, ProxyMode};
     use lb_userspace::dataplane::{conns::ConnCounts, proxy::Gate};
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
+    use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec};
     use lb_userspace::table::Route;
     use std::{os::fd::AsFd, sync::Arc, time::Duration};
 
@@ -664,9 +664,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             Arc::new(ConnCounts::map_bpf_array(fd, entries).expect("mmap backend_conns"))
         };
         let (routes, published) = tokio::sync::watch::channel(Arc::new(Vec::new()));
-        let proxy = ProxyConfig {
-            service: "model".to_owned(),
-            address: VIP,
+        let proxy = ProxySpec {
             mode: ProxyMode::L4,
             // 0: each backend's own max_connections, as the kernel reads it.
             max_per_backend: 0,
@@ -679,7 +677,16 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             client_idle_timeout: Duration::ZERO,
             client_body_timeout: Duration::ZERO,
         };
-        let gate = Gate::new(proxy, 0, counts, published);
+        let service = ServiceSpec {
+            name: "model".to_owned(),
+            address: VIP,
+            policy: Policy::RoundRobin,
+            backends: Vec::new(),
+            health: None,
+            slots: None,
+            proxy,
+        };
+        let gate = Gate::new(&service, 0, counts, published);
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..500u16 {

@@ -159,7 +159,7 @@ async fn forward<B: ClientBody>(
     request: Request<B>,
 ) -> Result<Response<ProxyBody>, Refused> {
     let config = gate.config();
-    let service = &config.service;
+    let service = gate.service();
     let refused = |refusal, message: String| Refused {
         refusal,
         message,
@@ -516,9 +516,9 @@ impl Body for Passed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ProxyMode;
     use crate::dataplane::conns::ConnCounts;
     use crate::dataplane::proxy::tests::{config, routes_to};
+    use crate::spec::ProxyMode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A response's whole body (reading it to the end releases the claim and pools the
@@ -598,8 +598,8 @@ mod tests {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
         let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
         let mut config = config(8, 1);
-        config.mode = ProxyMode::Http;
-        let gate = Gate::new(config, 0, Arc::clone(&counts), routes);
+        config.proxy.mode = ProxyMode::Http;
+        let gate = Gate::new(&config, 0, Arc::clone(&counts), routes);
         (gate, counts, table)
     }
 
@@ -777,10 +777,10 @@ mod tests {
         let (backend, _seen) = chunked_backend(0).await;
         let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
         let mut config = config(8, 0);
-        config.mode = ProxyMode::Http;
-        config.max_client_connections = 2;
+        config.proxy.mode = ProxyMode::Http;
+        config.proxy.max_client_connections = 2;
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(config, 0, counts, routes);
+        let gate = Gate::new(&config, 0, counts, routes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

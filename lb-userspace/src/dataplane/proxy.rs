@@ -38,9 +38,9 @@ use super::conns::ConnCounts;
 use super::http;
 use super::splice;
 use super::{Dataplane, DataplaneError};
-use crate::config::{ProxyConfig, ProxyMode};
 use crate::limits::{Activity, Closed, Connections, Registered};
 use crate::policy::{BackendView, ServiceView, choose};
+use crate::spec::{ProxyMode, ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
@@ -177,7 +177,9 @@ pub struct ProxyStats {
 /// Backend choice, capacity and the FIFO queue of one service.
 #[derive(Debug)]
 pub struct Gate {
-    config: ProxyConfig,
+    service: String,
+    address: SocketAddrV4,
+    config: ProxySpec,
     /// Service id: the index into the routes.
     id: usize,
     counts: Arc<ConnCounts>,
@@ -235,14 +237,16 @@ impl Drop for Waiting<'_> {
 
 impl Gate {
     pub fn new(
-        config: ProxyConfig,
+        service: &ServiceSpec,
         id: usize,
         counts: Arc<ConnCounts>,
         routes: watch::Receiver<Routes>,
     ) -> Arc<Self> {
         Arc::new(Gate {
-            connections: Connections::new(config.max_client_connections),
-            config,
+            connections: Connections::new(service.proxy.max_client_connections),
+            service: service.name.clone(),
+            address: service.address,
+            config: service.proxy.clone(),
             id,
             counts,
             routes,
@@ -291,8 +295,13 @@ impl Gate {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn config(&self) -> &ProxyConfig {
+    pub fn config(&self) -> &ProxySpec {
         &self.config
+    }
+
+    /// The name of the service it admits to.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
@@ -434,8 +443,8 @@ impl Gate {
         let c = &self.counters;
         let connections = self.connections.stats();
         ProxyStats {
-            service: self.config.service.clone(),
-            address: self.config.address,
+            service: self.service.clone(),
+            address: self.address,
             mode: self.config.mode,
             accepted: c.accepted.load(Ordering::Relaxed),
             admitted: c.admitted.load(Ordering::Relaxed),
@@ -495,13 +504,13 @@ pub struct HttpUnsteered<D> {
 }
 
 impl<D> HttpUnsteered<D> {
-    pub fn new(inner: D, proxies: &[ProxyConfig]) -> Self {
-        let http = proxies
+    pub fn new(inner: D, services: &[ServiceSpec]) -> Self {
+        let http = services
             .iter()
-            .filter(|p| p.mode == ProxyMode::Http)
-            .map(|p| ServiceKey {
-                vip: u32::from_ne_bytes(p.address.ip().octets()),
-                port: p.address.port().to_be(),
+            .filter(|s| !s.kernel_steers())
+            .map(|s| ServiceKey {
+                vip: u32::from_ne_bytes(s.address.ip().octets()),
+                port: s.address.port().to_be(),
                 proto: libc::IPPROTO_TCP as u8,
                 _pad: 0,
             })
@@ -635,10 +644,10 @@ pub fn router(gates: Vec<Arc<Gate>>) -> axum::Router {
 }
 
 /// Bind `address` (with `IP_FREEBIND`, see the module doc).
-pub fn listen(config: &ProxyConfig) -> Result<TcpListener, ProxyError> {
+pub fn listen(service: &ServiceSpec) -> Result<TcpListener, ProxyError> {
     let error = |source| ProxyError::Listen {
-        service: config.service.clone(),
-        address: config.address,
+        service: service.name.clone(),
+        address: service.address,
         source,
     };
     let socket = TcpSocket::new_v4().map_err(error)?;
@@ -649,7 +658,9 @@ pub fn listen(config: &ProxyConfig) -> Result<TcpListener, ProxyError> {
         &true,
     )
     .map_err(|errno| error(errno.into()))?;
-    socket.bind(SocketAddr::V4(config.address)).map_err(error)?;
+    socket
+        .bind(SocketAddr::V4(service.address))
+        .map_err(error)?;
     socket.listen(BACKLOG).map_err(error)
 }
 
@@ -664,7 +675,7 @@ pub async fn drain_started(draining: &mut watch::Receiver<bool>) {
 /// connections have ended (http: each after the request in flight, if any); the caller aborts
 /// the task to cut them.
 pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Receiver<bool>) {
-    let span = info_span!("proxy", service = %gate.config.service, address = %gate.config.address, mode = ?gate.config.mode);
+    let span = info_span!("proxy", service = %gate.service, address = %gate.address, mode = ?gate.config.mode);
     let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
@@ -828,15 +839,13 @@ impl From<std::io::Error> for Ended {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::ProxyMode;
     use lb_common::{backend_state, policy};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::Instant;
 
-    pub(crate) fn config(queue_size: usize, cap: u32) -> ProxyConfig {
-        ProxyConfig {
-            service: "chat".to_owned(),
-            address: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
+    /// Service `chat` on 127.0.0.1:80, l4, with `queue_size` places and `cap` per backend.
+    pub(crate) fn config(queue_size: usize, cap: u32) -> ServiceSpec {
+        let proxy = ProxySpec {
             mode: ProxyMode::L4,
             max_per_backend: cap,
             max_request_body: 1 << 20,
@@ -847,6 +856,15 @@ pub(crate) mod tests {
             client_header_timeout: Duration::from_secs(30),
             client_idle_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
+        };
+        ServiceSpec {
+            name: "chat".to_owned(),
+            address: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
+            policy: crate::spec::Policy::RoundRobin,
+            backends: Vec::new(),
+            health: None,
+            slots: None,
+            proxy,
         }
     }
 
@@ -889,7 +907,7 @@ pub(crate) mod tests {
     ) -> (Arc<Gate>, Arc<ConnCounts>, watch::Sender<Routes>) {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
         let (tx, rx) = watch::channel(routes(n));
-        let gate = Gate::new(config(queue_size, cap), 0, Arc::clone(&counts), rx);
+        let gate = Gate::new(&config(queue_size, cap), 0, Arc::clone(&counts), rx);
         (gate, counts, tx)
     }
 
@@ -966,19 +984,19 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn http_services_get_no_kernel_entry() -> Result<(), crate::table::TableError> {
-        let service = |name: &str, port| crate::config::ServiceConfig {
-            name: name.to_owned(),
-            address: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), port),
-            policy: crate::policy::Policy::RoundRobin,
-            backends: Vec::new(),
-            health: None,
+        let service = |name: &str, port, mode| {
+            let mut service = config(0, 1);
+            service.name = name.to_owned();
+            service.address = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), port);
+            service.proxy.mode = mode;
+            service
         };
-        let services = [service("l4", 80), service("chat", 81)];
-        let mut http = config(0, 1);
-        http.address = services[1].address;
-        http.mode = ProxyMode::Http;
+        let services = [
+            service("l4", 80, ProxyMode::L4),
+            service("chat", 81, ProxyMode::Http),
+        ];
         let fake = crate::fake::FakeDataplane::default();
-        let dataplane = HttpUnsteered::new(fake.clone(), &[config(0, 1), http]);
+        let dataplane = HttpUnsteered::new(fake.clone(), &services);
         let (_table, _task) = crate::table::start(dataplane, &services)?;
         let ports: Vec<u16> = fake
             .maps()
@@ -1082,7 +1100,7 @@ pub(crate) mod tests {
         let backend = slow_echo(Duration::from_millis(10)).await;
         let (_routes, rx) = watch::channel(routes_to(&[backend]));
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(config(4, 0), 0, counts, rx);
+        let gate = Gate::new(&config(4, 0), 0, counts, rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(serve(Arc::clone(&gate), listener, watch::channel(false).1));

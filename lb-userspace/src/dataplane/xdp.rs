@@ -32,6 +32,7 @@ use tokio::{
 };
 
 use super::{Dataplane, DataplaneError, conns::ConnCounts};
+use crate::spec::{XdpMode, XdpOptions};
 
 const PROGRAM: &str = "steer_xdp";
 /// Undoes the destination NAT of local backends on their replies.
@@ -47,62 +48,6 @@ const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 const LO_FORWARDING: &str = "/proc/sys/net/ipv4/conf/lo/forwarding";
 /// The ports the host's own outgoing connections (health checks, slot polls) take.
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-
-/// How the program is attached (`--xdp-mode`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Deserialize,
-    serde::Serialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// In the driver (fast; what production and the tests use).
-    #[default]
-    Native,
-    /// Generic mode in the stack, for drivers without XDP support.
-    Skb,
-}
-
-impl XdpMode {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Skb => "skb",
-        }
-    }
-
-    fn aya(self) -> programs::XdpMode {
-        match self {
-            Self::Native => programs::XdpMode::Driver,
-            Self::Skb => programs::XdpMode::Skb,
-        }
-    }
-}
-
-/// What the agent's config decides about the data plane.
-#[derive(Clone, Debug)]
-pub struct XdpOptions {
-    /// Interfaces to attach to; each one's first IPv4 address is the source towards backends
-    /// reached through it.
-    pub interfaces: Vec<String>,
-    pub mode: XdpMode,
-    /// Source ports for flows to remote backends.
-    pub snat_ports: RangeInclusive<u16>,
-    /// Emit flow opened/closed events (they become `tracing` debug events).
-    pub flow_events: bool,
-    /// Capacity of each conntrack map.
-    pub conntrack_entries: u32,
-    /// Idle time after which an open flow is expired and its count released.
-    pub flow_idle_timeout: std::time::Duration,
-    /// Time a closed (FIN/RST) flow's entries stay, for the last packets of the close.
-    pub closed_flow_timeout: std::time::Duration,
-}
 
 /// An interface to attach to, resolved before anything is loaded.
 #[derive(Debug)]
@@ -532,6 +477,13 @@ impl Drop for LoForwarding {
     }
 }
 
+fn aya_mode(mode: XdpMode) -> programs::XdpMode {
+    match mode {
+        XdpMode::Native => programs::XdpMode::Driver,
+        XdpMode::Skb => programs::XdpMode::Skb,
+    }
+}
+
 fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<(), DataplaneError> {
     let program: &mut programs::Xdp = ebpf
         .program_mut(PROGRAM)
@@ -541,7 +493,7 @@ fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<()
     program.load().map_err(|e| DataplaneError::Load(e.into()))?;
     for iface in interfaces {
         program
-            .attach_to_if_index(iface.ifindex, mode.aya())
+            .attach_to_if_index(iface.ifindex, aya_mode(mode))
             .map_err(|source| DataplaneError::Attach {
                 interface: iface.name.clone(),
                 mode: mode.name(),

@@ -22,8 +22,8 @@ use super::args::InputArgs;
 use super::instance::{InstanceError, InstanceHandle, Outcome, Rejection, Status};
 use super::policy::PolicyError;
 use crate::api::{ApiError, Authorized, BODY_LIMIT};
+use crate::spec::AdminToken;
 use crate::store::SavedArgs;
-use crate::token::AdminToken;
 
 /// The name `/v1/params` addresses when there are several instances.
 pub const DEFAULT_INSTANCE: &str = "default";

@@ -297,7 +297,7 @@ pub async fn supervise(
         .local_addr()
         .map_err(|source| SupervisorError::Bind { addr, source })?;
     let (handle, task) = start(spec, None).await?;
-    let limits = crate::config::AdminLimits::default();
+    let limits = crate::spec::AdminLimits::default();
     let connections = crate::limits::Connections::new(limits.max_connections);
     let metrics = crate::metrics::router(
         None,

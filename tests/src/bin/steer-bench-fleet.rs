@@ -38,7 +38,8 @@ use std::{
 
 use clap::Parser;
 use lb_common::{MAX_BACKENDS_PER_SERVICE, backend_state};
-use lb_userspace::policy::{BackendView, Policy, ServiceView, choose, maglev_table, rr_ring};
+use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
+use lb_userspace::spec::Policy;
 use serde_json::json;
 use tests::bench::{Rng, RunArgs, Scale, Series, bar_chart, p50_p99, ratio, save_results};
 

@@ -36,7 +36,7 @@ use std::{
 };
 
 use clap::Parser;
-use lb_userspace::policy::Policy;
+use lb_userspace::spec::Policy;
 use serde_json::{Value, json};
 use tests::{
     bench::{

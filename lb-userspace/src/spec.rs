@@ -1,0 +1,375 @@
+//! The agent's vocabulary: plain descriptions of what it runs (services and their backends,
+//! which path carries each, proxy limits, health checks and slot polls, the data plane's
+//! options, the admin token). `config` parses files into these; the table, the proxy, the
+//! checkers and the admin API act on them. Nothing here imports the rest of the crate, so every
+//! module may import it without an arrow back.
+
+use std::fmt;
+use std::net::SocketAddrV4;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What carries new connections: XDP, with the userspace proxy for what it passes, or the proxy
+/// alone (no BPF at all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneKind {
+    #[default]
+    Xdp,
+    Userspace,
+}
+
+/// How the userspace proxy carries a service's connections (`[[service]] mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// TCP spliced both ways, unparsed.
+    #[default]
+    L4,
+    /// An HTTP/1.1 reverse proxy that chooses a backend per request.
+    Http,
+}
+
+/// The userspace proxy of one service (it listens on the service's address): its per-backend
+/// cap, the FIFO queue of connections waiting for room, and the limits on its clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySpec {
+    pub mode: ProxyMode,
+    /// Per backend: connections (`max_connections_per_backend`, l4) or requests in flight
+    /// (`max_requests_per_backend`, http); 0: the backend's own `max_connections`.
+    pub max_per_backend: u32,
+    /// Connections or requests that may wait; one more is refused at once.
+    pub queue_size: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+    /// Longest wait for the response, from when the request (l4: the client's first bytes) was
+    /// sent: the first byte (l4) or the response head (http).
+    pub response_timeout: Duration,
+    /// http: the largest request body taken (it is read whole before a backend is chosen).
+    pub max_request_body: usize,
+    /// Client connections held at once; at the cap a new one replaces the one quiet the longest
+    /// (see `limits`).
+    pub max_client_connections: usize,
+    /// http: a request head's time from its first byte to its end.
+    pub client_header_timeout: Duration,
+    /// A client connection with nothing in flight (http: between requests; l4: before either
+    /// side's first byte).
+    pub client_idle_timeout: Duration,
+    /// http: a request body's time from the end of its head to its end.
+    pub client_body_timeout: Duration,
+}
+
+impl Default for ProxySpec {
+    /// What a `[[service]]` gets for each key it leaves out.
+    fn default() -> Self {
+        ProxySpec {
+            mode: ProxyMode::L4,
+            max_per_backend: 0,
+            queue_size: 1024,
+            queue_timeout: Duration::from_secs(100),
+            response_timeout: Duration::from_secs(100),
+            // Chat requests with long prompts stay well below this; a body is held in memory
+            // until sent.
+            max_request_body: 16 << 20,
+            // Far above what a llama.cpp fleet serves at once, far below a typical hard
+            // `RLIMIT_NOFILE` (524288 under systemd).
+            max_client_connections: 4096,
+            // What hyper used before it was configurable.
+            client_header_timeout: Duration::from_secs(30),
+            client_idle_timeout: Duration::from_secs(60),
+            // A body up to `max_request_body` (16 MiB) over a slow link.
+            client_body_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProxySpec {
+    /// The timers of a quiet client connection.
+    pub fn client_timeouts(&self) -> ClientTimeouts {
+        ClientTimeouts {
+            header: (self.mode == ProxyMode::Http).then_some(self.client_header_timeout),
+            idle: self.client_idle_timeout,
+        }
+    }
+}
+
+/// `[agent] admin_*`: what clients of the admin API may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections at once (`admin_max_connections`); at the cap a new one replaces the one quiet
+    /// the longest.
+    pub max_connections: usize,
+    /// A request head, from its first byte (`admin_header_timeout`).
+    pub header_timeout: Duration,
+    /// A keep-alive connection between requests (`admin_idle_timeout`).
+    pub idle_timeout: Duration,
+    /// A request body, from the end of its head (`admin_body_timeout`).
+    pub body_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AdminLimits {
+    pub fn client_timeouts(&self) -> ClientTimeouts {
+        ClientTimeouts {
+            header: Some(self.header_timeout),
+            idle: self.idle_timeout,
+        }
+    }
+}
+
+impl ProxySpec {
+    /// The config field [`Self::max_per_backend`] comes from.
+    pub fn cap_field(&self) -> &'static str {
+        match self.mode {
+            ProxyMode::L4 => "max_connections_per_backend",
+            ProxyMode::Http => "max_requests_per_backend",
+        }
+    }
+}
+
+/// The validated config.
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub address: SocketAddrV4,
+    pub policy: Policy,
+    pub backends: Vec<BackendSpec>,
+    /// Active health checks of the backends; `None` when `[service.health] enabled = false`.
+    pub health: Option<HealthSpec>,
+    /// Slot polls, with policy `slots` or a `[service.slots]` table.
+    pub slots: Option<SlotPoll>,
+    /// The userspace proxy on `address`.
+    pub proxy: ProxySpec,
+}
+
+impl ServiceSpec {
+    /// Whether the kernel steers this service's connections (the proxy then takes only what XDP
+    /// passes): `l4` services. An `http` service chooses per request, so XDP must pass its SYNs
+    /// to the proxy and the table writes no kernel entry for it.
+    pub fn kernel_steers(&self) -> bool {
+        self.proxy.mode == ProxyMode::L4
+    }
+}
+
+/// `[service.health]`: an HTTP GET of `path` on every backend each `interval`; 200 within
+/// `timeout` is a pass (llama.cpp's `/health` answers 503 while loading). A backend turns down
+/// after `fall` failures in a row and up again after `rise` passes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: NonZeroU32,
+    pub fall: NonZeroU32,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            path: "/health".to_owned(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: NonZeroU32::MIN.saturating_add(1),
+            fall: NonZeroU32::MIN.saturating_add(1),
+        }
+    }
+}
+
+/// `[service.slots]`: every `interval`, a GET of each backend's llama.cpp `/slots` (or, where
+/// that is off, `/metrics` and `/props`), answered within `timeout`; the idle slots it finds
+/// steer policy `slots`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPoll {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Whether a VIP or backend address names a real host and port.
+pub fn usable_endpoint(addr: SocketAddrV4) -> bool {
+    addr.port() != 0 && !addr.ip().is_unspecified() && !addr.ip().is_broadcast()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: SocketAddrV4,
+    pub weight: Weight,
+    /// 0: no cap.
+    pub max_connections: u32,
+}
+
+/// A backend's weight, 1..=65535 (default 1). Parsed by serde, so the file and the API report a
+/// bad one with its position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Weight(NonZeroU16);
+
+impl Weight {
+    pub const ONE: Weight = Weight(NonZeroU16::MIN);
+
+    pub fn get(self) -> u16 {
+        self.0.get()
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::ONE
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = i64::deserialize(deserializer)?;
+        u16::try_from(value)
+            .ok()
+            .and_then(NonZeroU16::new)
+            .map(Weight)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format_args!(
+                    "weight must be between 1 and 65535, got {value}"
+                ))
+            })
+    }
+}
+/// A service's load-balancing policy (`enum steer_policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    RoundRobin,
+    LeastConnections,
+    /// Client-address affinity: a returning client lands on the backend that holds its cache.
+    Maglev,
+    /// Most free llama.cpp slots: idle at the last poll, less the connections steered since.
+    /// The default: Steer's services are llama.cpp servers. A backend that answers no slot poll
+    /// counts no free slot, so among such backends the choice is the least connected.
+    #[default]
+    Slots,
+}
+
+impl Policy {
+    /// Every policy, in the order reports list them.
+    pub const ALL: [Policy; 4] = [
+        Policy::RoundRobin,
+        Policy::LeastConnections,
+        Policy::Slots,
+        Policy::Maglev,
+    ];
+
+    /// The value the kernel reads in `steer_service.policy`.
+    pub fn abi(self) -> u32 {
+        match self {
+            Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
+            Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
+            Policy::Maglev => lb_common::policy::MAGLEV,
+            Policy::Slots => lb_common::policy::SLOTS,
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastConnections => "least_connections",
+            Policy::Maglev => "maglev",
+            Policy::Slots => "slots",
+        })
+    }
+}
+
+/// The admin API's bearer token, read from `admin_token_file` (see [`load_or_create`]). Never
+/// printed.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The token in a token file's text, trimmed; `None` when there is none.
+    pub fn from_text(text: &str) -> Option<AdminToken> {
+        let token = text.trim();
+        (!token.is_empty()).then(|| AdminToken(token.to_owned()))
+    }
+
+    /// Compares in time independent of where the first difference is.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// How the program is attached (`--xdp-mode`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (fast; what production and the tests use).
+    #[default]
+    Native,
+    /// Generic mode in the stack, for drivers without XDP support.
+    Skb,
+}
+
+impl XdpMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        }
+    }
+}
+
+/// What the agent's config decides about the data plane.
+#[derive(Clone, Debug)]
+pub struct XdpOptions {
+    /// Interfaces to attach to; each one's first IPv4 address is the source towards backends
+    /// reached through it.
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    /// Source ports for flows to remote backends.
+    pub snat_ports: RangeInclusive<u16>,
+    /// Emit flow opened/closed events (they become `tracing` debug events).
+    pub flow_events: bool,
+    /// Capacity of each conntrack map.
+    pub conntrack_entries: u32,
+    /// Idle time after which an open flow is expired and its count released.
+    pub flow_idle_timeout: std::time::Duration,
+    /// Time a closed (FIN/RST) flow's entries stay, for the last packets of the close.
+    pub closed_flow_timeout: std::time::Duration,
+}
+
+/// How long a quiet client connection may stay so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// From the first byte of a request head to its end; `None`: no heads (l4).
+    pub header: Option<Duration>,
+    /// With nothing in flight: from the accept or the last response's end to the next byte.
+    pub idle: Duration,
+}
