@@ -3,12 +3,11 @@
 //! `main` parses flags and the config, then hands both to [`run`] with a shutdown future, so a test
 //! can drive the same code with its own.
 
-pub mod api;
+pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod limits;
-pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod slots;
@@ -24,7 +23,6 @@ mod fake;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -35,7 +33,7 @@ use crate::dataplane::memory::Userspace;
 use crate::dataplane::proxy::{self, ProxyError};
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::spec::{AdminLimits, DataplaneKind};
+use crate::spec::{AdminLimits, DataplaneKind, Weight};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
@@ -63,7 +61,7 @@ pub enum AgentError {
     },
     #[error("the backend table task failed: {0}")]
     TableTask(#[source] tokio::task::JoinError),
-    #[error("agent.admin_token_file: {0}")]
+    #[error("admin token file: {0}")]
     Token(#[from] token::TokenError),
 }
 
@@ -111,6 +109,36 @@ pub async fn run(
     }
     drop(routes);
     Ok(())
+}
+
+/// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
+/// stopped gracefully. Changes need the token in `token_file`, generated there if missing.
+pub async fn supervise(
+    spec: supervisor::InstanceSpec,
+    addr: SocketAddr,
+    token_file: &std::path::Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let token = Arc::new(token::load_or_create(token_file)?);
+    let listener = bind(addr).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AgentError::Bind { addr, source })?;
+    let (handle, task) = supervisor::start(spec, None).await?;
+    let admin_limits = AdminLimits::default();
+    let connections = limits::Connections::new(admin_limits.max_connections);
+    let sources = admin::Sources {
+        table: None,
+        instances: vec![handle],
+        gates: Vec::new(),
+        token,
+    };
+    let app = admin::router(sources, Arc::clone(&connections));
+    info!(api = %addr, "supervisor ready");
+    let served = admin::serve(listener, app, &admin_limits, connections, shutdown).await;
+    // The router held the last handle: the actor stops llama-server and ends.
+    let _ = task.await;
+    served.map_err(|source| AgentError::Serve { addr, source })
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -193,17 +221,13 @@ async fn serve<D: Dataplane>(
         instance_tasks.push(task);
     }
     let admin_connections = limits::Connections::new(config.admin_limits.max_connections);
-    let app = api::with_fallbacks(
-        api::router(table.clone(), admin_token.clone())
-            .merge(supervisor::api::router(instances.clone(), admin_token))
-            .merge(metrics::agent_router(
-                table.clone(),
-                instances.clone(),
-                gates.clone(),
-                Arc::clone(&admin_connections),
-            ))
-            .merge(proxy::router(gates)),
-    );
+    let sources = admin::Sources {
+        table: Some(table.clone()),
+        instances: instances.clone(),
+        gates,
+        token: admin_token,
+    };
+    let app = admin::router(sources, Arc::clone(&admin_connections));
     info!(
         admin = %addr,
         dataplane = ?kind,
@@ -217,7 +241,7 @@ async fn serve<D: Dataplane>(
         info!(timeout = ?config.shutdown_timeout, "draining: no new connections; requests in flight may finish");
         let _ = draining_tx.send(true);
     };
-    let admin = serve_http(
+    let admin = admin::serve(
         listener,
         app,
         &config.admin_limits,
@@ -330,7 +354,7 @@ async fn instance_backend(
         .add_backend(table::NewBackend {
             service: backend.service.clone(),
             address,
-            weight: spec::Weight::ONE,
+            weight: Weight::ONE,
             max_connections: 0,
             instance: Some(spec.name.clone()),
         })
@@ -344,134 +368,14 @@ async fn instance_backend(
     ))
 }
 
-/// How long requests in flight on the admin API get to finish after `shutdown`; connections
-/// still open then (a half-sent request head, say) are dropped.
-pub const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Serves `app` under `limits`, its client connections held in `connections` (which `/metrics`
-/// reads), until `shutdown` completes, then lets requests in flight finish for at most
-/// [`ADMIN_SHUTDOWN_GRACE`]. An error is an accept error that is not about this one connection
-/// or a lack of descriptors (those are waited out).
-pub(crate) async fn serve_http(
-    listener: TcpListener,
-    app: axum::Router,
-    limits: &AdminLimits,
-    connections: Arc<limits::Connections>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let body_timeout = limits.body_timeout;
-    let timeouts = limits.client_timeouts();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut turned_away = RateLimited::default();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let registered = connections.register();
-                    turned_away.check(&connections);
-                    // None: dropped, so closed at once; every connection held has a request in
-                    // flight.
-                    let Some(registered) = registered else { continue };
-                    let service = service.clone();
-                    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
-                        let request = request.map(|body| limits::Timed::new(body, body_timeout));
-                        hyper::service::Service::call(&service, request)
-                    });
-                    let mut stopping = stopping.clone();
-                    let stop = async move {
-                        let _ = stopping.wait_for(|stop| *stop).await;
-                    };
-                    tasks.spawn(async move {
-                        let ended = limits::serve_http1(stream, registered, timeouts, service, stop);
-                        if let limits::Ended::Failed(error) = ended.await {
-                            tracing::debug!(%error, "admin API connection ended");
-                        }
-                    });
-                }
-                Err(error) if transient(&error) => {
-                    warn!(%error, "accepting an admin API connection");
-                    // Out of descriptors, say: give the open ones time to end.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(error) => return Err(error),
-            },
-            Some(_) = tasks.join_next() => {}
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    let _ = stop.send(true);
-    let drained = tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    });
-    if drained.await.is_err() {
-        warn!(
-            connections = tasks.len(),
-            grace = ?ADMIN_SHUTDOWN_GRACE,
-            "admin API connections still open after the grace period: dropped"
-        );
-        tasks.shutdown().await;
-    }
-    Ok(())
-}
-
-/// An accept error about the one connection, or a lack of descriptors or memory: the listener
-/// still works.
-fn transient(error: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    matches!(
-        error.raw_os_error().map(Errno::from_raw),
-        Some(
-            Errno::ECONNABORTED
-                | Errno::EINTR
-                | Errno::EMFILE
-                | Errno::ENFILE
-                | Errno::ENOBUFS
-                | Errno::ENOMEM
-                | Errno::EPROTO
-                | Errno::EPERM
-        )
-    )
-}
-
-/// A warning when the admin API turned connections away, at most every 10 s.
-#[derive(Default)]
-struct RateLimited {
-    last: Option<tokio::time::Instant>,
-    /// Evicted and refused connections when it last warned.
-    warned_at: u64,
-}
-
-impl RateLimited {
-    fn check(&mut self, connections: &limits::Connections) {
-        let stats = connections.stats();
-        let now = tokio::time::Instant::now();
-        let quiet = self
-            .last
-            .is_some_and(|last| now - last < Duration::from_secs(10));
-        if stats.evicted + stats.refused == self.warned_at || quiet {
-            return;
-        }
-        self.last = Some(now);
-        self.warned_at = stats.evicted + stats.refused;
-        warn!(
-            open = stats.open,
-            evicted = stats.evicted,
-            refused = stats.refused,
-            "admin API at agent.admin_max_connections: quiet connections closed for new ones"
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::SHUTDOWN_GRACE;
     use crate::config::Overrides;
     use crate::fake::FakeDataplane;
     use std::path::Path;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const CONFIG: &str = r#"
@@ -653,7 +557,7 @@ address = "10.0.1.2:8080"
 
     /// An idle flood over `admin_max_connections` (half of it half-sent heads) closes the
     /// connections quiet the longest, every GET is answered, and a half-sent head does not hold
-    /// the shutdown past [`ADMIN_SHUTDOWN_GRACE`].
+    /// the shutdown past [`SHUTDOWN_GRACE`].
     #[tokio::test]
     async fn an_idle_flood_neither_locks_out_the_admin_api_nor_holds_its_shutdown()
     -> Result<(), Box<dyn std::error::Error>> {
@@ -667,7 +571,7 @@ address = "10.0.1.2:8080"
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let connections = limits::Connections::new(limits.max_connections);
-            serve_http(listener, app, &limits, connections, async {
+            admin::serve(listener, app, &limits, connections, async {
                 let _ = stopped.await;
             })
             .await
@@ -695,7 +599,7 @@ address = "10.0.1.2:8080"
         // Accepted in order: once this is answered, `half` is held.
         assert!(get(addr, "/ok").await?.starts_with("HTTP/1.1 200"));
         let _ = stop.send(());
-        let bound = ADMIN_SHUTDOWN_GRACE + Duration::from_secs(5);
+        let bound = SHUTDOWN_GRACE + Duration::from_secs(5);
         tokio::time::timeout(bound, server)
             .await
             .map_err(|_| "the shutdown waited on a half-sent head")???;

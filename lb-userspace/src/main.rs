@@ -212,7 +212,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let (shutdown, _) = shutdown_signals().context("installing signal handlers")?;
         let token = &args.admin_token_file;
-        supervisor::supervise(spec, args.supervisor_addr, token, shutdown).await?;
+        lb_userspace::supervise(spec, args.supervisor_addr, token, shutdown).await?;
         Ok(())
     })
 }

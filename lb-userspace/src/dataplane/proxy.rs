@@ -631,18 +631,6 @@ fn ip_route(verb: &str, vip: Ipv4Addr) -> Result<(), ProxyError> {
     }
 }
 
-/// `GET /v1/proxy`: every listening service's counters.
-pub fn router(gates: Vec<Arc<Gate>>) -> axum::Router {
-    let gates: Arc<[Arc<Gate>]> = gates.into();
-    axum::Router::new().route(
-        "/v1/proxy",
-        axum::routing::get(move || {
-            let stats: Vec<ProxyStats> = gates.iter().map(|gate| gate.stats()).collect();
-            async move { axum::Json(stats) }
-        }),
-    )
-}
-
 /// Bind `address` (with `IP_FREEBIND`, see the module doc).
 pub fn listen(service: &ServiceSpec) -> Result<TcpListener, ProxyError> {
     let error = |source| ProxyError::Listen {

@@ -6,7 +6,6 @@
 //! reached from. At start the persisted arguments win, except where the config was edited since
 //! (see [`decide_args`]). Only arguments that came up healthy are ever saved.
 
-pub mod api;
 mod args;
 mod backend;
 mod instance;
@@ -14,22 +13,22 @@ pub mod policy;
 mod process;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use args::{ArgsError, HelpError};
+pub use args::{ArgsError, HelpError, InputArgs};
 pub use backend::BackendLink;
 pub use instance::{
     ApplyLimit, InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status,
 };
 pub use policy::{ArgPolicy, PolicyError};
+/// For the admin API's tests: an instance actor without `start`'s checks.
+#[cfg(test)]
+pub(crate) use {args::Aliases, instance::spawn};
 
 use crate::store::{DriverConfig, SavedArgs, Store, StoreError, Stored};
 
@@ -128,20 +127,6 @@ pub enum SupervisorError {
     },
     #[error("instance `{name}`: the persisted arguments have no usable --port")]
     NoPort { name: String },
-    #[error("--admin-token-file: {0}")]
-    Token(#[from] crate::token::TokenError),
-    #[error("binding the supervisor API to {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("serving the supervisor API on {addr}: {source}")]
-    Serve {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Decides the instance's arguments from the configured and the persisted ones (see
@@ -279,37 +264,6 @@ fn check_user(name: &str, user: Option<&str>, args: &SavedArgs) -> Result<(), Su
         None => {}
     }
     Ok(())
-}
-
-/// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
-/// stopped gracefully. Changes need the token in `token_file`, generated there if missing.
-pub async fn supervise(
-    spec: InstanceSpec,
-    addr: SocketAddr,
-    token_file: &Path,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), SupervisorError> {
-    let token = Arc::new(crate::token::load_or_create(token_file)?);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| SupervisorError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| SupervisorError::Bind { addr, source })?;
-    let (handle, task) = start(spec, None).await?;
-    let limits = crate::spec::AdminLimits::default();
-    let connections = crate::limits::Connections::new(limits.max_connections);
-    let metrics = crate::metrics::router(
-        None,
-        vec![handle.clone()],
-        std::sync::Arc::clone(&connections),
-    );
-    let app = crate::api::with_fallbacks(api::router(vec![handle], token).merge(metrics));
-    info!(api = %addr, "supervisor ready");
-    let served = crate::serve_http(listener, app, &limits, connections, shutdown).await;
-    // The router held the last handle: the actor stops llama-server and ends.
-    let _ = task.await;
-    served.map_err(|source| SupervisorError::Serve { addr, source })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The admin API (JSON over HTTP/1): list backends and services, add, remove, drain and activate
-//! backends. Handlers only translate: every change is a call on the [`TableHandle`].
+//! `/v1/backends` and `/v1/services`: list backends and services, add, remove, drain and
+//! activate backends. Handlers only translate: every change is a call on the [`TableHandle`].
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request body or id), 401 (token), 404 (unknown
 //! backend, service or route), 409 (duplicate address, full service, removing a supervised
@@ -9,19 +9,15 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, FromRef, FromRequestParts, Path, State};
-use axum::http::{HeaderValue, StatusCode, header, request::Parts};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tracing::debug;
 
+use super::{ApiError, Authorized, BODY_LIMIT};
 use crate::spec::{AdminToken, Weight, usable_endpoint};
 use crate::table::{BackendInfo, NewBackend, ServiceInfo, TableError, TableHandle};
-
-/// Request bodies are a few hundred bytes; refuse anything far larger before parsing it.
-pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct ApiState {
@@ -42,53 +38,6 @@ pub fn router(table: TableHandle, token: Arc<AdminToken>) -> Router {
         .with_state(state)
 }
 
-/// JSON answers for unknown routes and methods; added once, to the complete router.
-pub fn with_fallbacks(router: Router) -> Router {
-    router
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this route",
-            )
-        })
-}
-
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-}
-
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(ErrorBody {
-            error: &self.message,
-        });
-        let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
 impl From<TableError> for ApiError {
     fn from(err: TableError) -> Self {
         let status = match &err {
@@ -105,64 +54,9 @@ impl From<TableError> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        // axum answers a well-formed body of the wrong shape with 422; callers get 400 for any
-        // body they must fix, and keep 413/415 for size and content type.
-        let status = match &rejection {
-            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            other => other.status(),
-        };
-        ApiError::new(status, rejection.body_text())
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(rejection: PathRejection) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
-    }
-}
-
 impl FromRef<ApiState> for Arc<AdminToken> {
     fn from_ref(state: &ApiState) -> Self {
         state.token.clone()
-    }
-}
-
-/// Proof that a mutating request carries the token. Taken before the body, so a request
-/// without the token learns nothing else. Any router whose state yields the token can use it.
-pub(crate) struct Authorized;
-
-impl<S> FromRequestParts<S> for Authorized
-where
-    S: Send + Sync,
-    Arc<AdminToken>: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let token = Arc::<AdminToken>::from_ref(state);
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
-        match presented {
-            Some(presented) if token.matches(presented.trim()) => Ok(Authorized),
-            Some(_) => {
-                debug!(uri = %parts.uri, "admin request with a wrong token");
-                Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "wrong bearer token",
-                ))
-            }
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "this call needs an `Authorization: Bearer <token>` header",
-            )),
-        }
     }
 }
 
@@ -254,10 +148,12 @@ async fn activate_backend(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::admin::with_fallbacks;
     use crate::fake::FakeDataplane;
     use crate::spec::{BackendSpec, Policy, ServiceSpec};
     use crate::table;
     use axum::body::Body;
+    use axum::http::header;
     use axum::http::{Method, Request};
     use serde_json::{Value, json};
     use tower::ServiceExt;

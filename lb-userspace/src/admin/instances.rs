@@ -5,7 +5,7 @@
 //! tail of llama-server's output); with `?wait=false`, 202 at once. Bodies llama-server never
 //! sees are refused with 400 (shape, types, non-flag keys, control characters, `--port` removed,
 //! a path that does not resolve), 403 (a binary, flag or path the API may not set: see
-//! [`super::policy`]) or 401 (token). Secret values are shown redacted.
+//! [`crate::supervisor::policy`]) or 401 (token). Secret values are shown redacted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,12 +18,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::args::InputArgs;
-use super::instance::{InstanceError, InstanceHandle, Outcome, Rejection, Status};
-use super::policy::PolicyError;
-use crate::api::{ApiError, Authorized, BODY_LIMIT};
+use super::{ApiError, Authorized, BODY_LIMIT};
 use crate::spec::AdminToken;
 use crate::store::SavedArgs;
+use crate::supervisor::{
+    InputArgs, InstanceError, InstanceHandle, Outcome, PolicyError, Rejection, Status,
+};
 
 /// The name `/v1/params` addresses when there are several instances.
 pub const DEFAULT_INSTANCE: &str = "default";
@@ -40,7 +40,7 @@ impl FromRef<ParamsState> for Arc<AdminToken> {
     }
 }
 
-/// The params routes for `instances`, without fallbacks (see [`crate::api::with_fallbacks`]).
+/// The params routes for `instances`, without fallbacks (see [`super::router`]).
 pub fn router(instances: Vec<InstanceHandle>, token: Arc<AdminToken>) -> Router {
     let instances = instances
         .into_iter()
@@ -232,11 +232,9 @@ async fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::{TEST_TOKEN, call, call_with, test_token};
+    use crate::admin::backends::tests::{TEST_TOKEN, call, call_with, test_token};
     use crate::store::{DriverConfig, SavedArgs, Store};
-    use crate::supervisor::ArgPolicy;
-    use crate::supervisor::args::Aliases;
-    use crate::supervisor::instance::{self, Settings};
+    use crate::supervisor::{Aliases, ArgPolicy, Settings, spawn};
     use axum::http::Method;
     use serde_json::{Value, json};
     use std::path::Path;
@@ -269,9 +267,9 @@ mod tests {
             allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
             policy: ArgPolicy::new(&[], &[], &dir.join("m.gguf").display().to_string()),
             user: None,
-            applies: super::super::ApplyLimit::default(),
+            applies: crate::supervisor::ApplyLimit::default(),
         };
-        instance::spawn(name, args, Aliases::default(), settings, store, None).0
+        spawn(name, args, Aliases::default(), settings, store, None).0
     }
 
     /// A directory holding the model `m.gguf`, the instances' model directory.
@@ -452,7 +450,7 @@ mod tests {
     async fn bad_names_and_queries_get_json_errors() {
         let dir = temp_dir("names");
         let app = router(vec![instance(&dir, "gpt").await], test_token());
-        let app = crate::api::with_fallbacks(app);
+        let app = super::super::with_fallbacks(app);
         for (method, uri, body) in [
             (Method::GET, "/v1/instances/%FF%FE/params", None),
             (
@@ -503,10 +501,9 @@ mod tests {
             allowed_binaries: Vec::new(),
             policy: ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"),
             user: None,
-            applies: super::super::ApplyLimit::default(),
+            applies: crate::supervisor::ApplyLimit::default(),
         };
-        let (handle, _task) =
-            instance::spawn("gpt", args, Aliases::default(), settings, store, None);
+        let (handle, _task) = spawn("gpt", args, Aliases::default(), settings, store, None);
         let app = router(vec![handle], test_token());
         let change = r#"{"args": {"--api-key": "n3w-key"}}"#;
         let (status, _) = call(&app, Method::POST, "/v1/params?wait=false", Some(change)).await;

@@ -30,7 +30,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
-use crate::api::ApiError;
+use super::ApiError;
 use crate::dataplane::proxy::{Gate, ProxyStats};
 use crate::limits::{ConnectionStats, Connections};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
@@ -49,37 +49,20 @@ struct Sources {
     admin: Arc<Connections>,
 }
 
-/// `GET /metrics` of `steer supervise`, without fallbacks (see [`crate::api::with_fallbacks`]).
-/// Reads need no token.
+/// `GET /metrics`: the series of what there is (no table and no proxies under
+/// `steer supervise`). Reads need no token.
 pub fn router(
     table: Option<TableHandle>,
-    instances: Vec<InstanceHandle>,
-    admin: Arc<Connections>,
-) -> Router {
-    sources_router(Sources {
-        table,
-        instances: instances.into(),
-        proxies: Arc::new([]),
-        admin,
-    })
-}
-
-/// `GET /metrics` of the agent: [`router`]'s and the userspace proxies' series.
-pub fn agent_router(
-    table: TableHandle,
     instances: Vec<InstanceHandle>,
     proxies: Vec<Arc<Gate>>,
     admin: Arc<Connections>,
 ) -> Router {
-    sources_router(Sources {
-        table: Some(table),
+    let sources = Sources {
+        table,
         instances: instances.into(),
         proxies: proxies.into(),
         admin,
-    })
-}
-
-fn sources_router(sources: Sources) -> Router {
+    };
     Router::new()
         .route("/metrics", get(scrape))
         .with_state(sources)
@@ -589,7 +572,12 @@ mod tests {
             maps.counters.insert(0, counters);
         }
         handle.drain_backend(0).await?;
-        let app = router(Some(handle.clone()), Vec::new(), Connections::new(8));
+        let app = router(
+            Some(handle.clone()),
+            Vec::new(),
+            Vec::new(),
+            Connections::new(8),
+        );
 
         let (content_type, text) = get_metrics(app.clone()).await;
         assert_eq!(content_type.as_deref(), Some(prometheus_text::CONTENT_TYPE));
@@ -699,16 +687,17 @@ mod tests {
             .header(header::CONTENT_TYPE, "application/json")
             .header(
                 header::AUTHORIZATION,
-                format!("Bearer {}", crate::api::tests::TEST_TOKEN),
+                format!("Bearer {}", crate::admin::backends::tests::TEST_TOKEN),
             )
             .body(Body::from(
                 r#"{"service":"chat","address":"10.0.1.3:8080"}"#,
             ))
             .unwrap_or_else(|e| panic!("{e}"));
-        let added = crate::api::router(handle, crate::api::tests::test_token())
-            .oneshot(again)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let added =
+            crate::admin::backends::router(handle, crate::admin::backends::tests::test_token())
+                .oneshot(again)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(added.status(), StatusCode::CREATED);
         let samples = parse(&get_metrics(app).await.1);
         assert_eq!(value(&samples, "steer_backend_connections_total", &b1), 0.0);
@@ -816,9 +805,14 @@ mod tests {
         };
         handle.set_slots(report).await?;
         let samples = parse(
-            &get_metrics(router(Some(handle), Vec::new(), Connections::new(8)))
-                .await
-                .1,
+            &get_metrics(router(
+                Some(handle),
+                Vec::new(),
+                Vec::new(),
+                Connections::new(8),
+            ))
+            .await
+            .1,
         );
         let b1 = |state| [("backend", "10.0.1.3:8080"), ("state", state)];
         assert_eq!(value(&samples, "steer_backend_slots", &b1("idle")), 1.0);
