@@ -12,7 +12,6 @@ use crate::dataplane::{Dataplane, DataplaneError};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     Service(u32),
-    RemoveService(u32),
     Backend(u32),
     Ring(u32),
     Maglev(u32),
@@ -54,14 +53,6 @@ impl Dataplane for FakeDataplane {
         let mut maps = self.maps();
         maps.writes.push(Write::Service(service.id));
         maps.services.insert(key, service);
-        Ok(())
-    }
-
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
-        let mut maps = self.maps();
-        if let Some(service) = maps.services.remove(&key) {
-            maps.writes.push(Write::RemoveService(service.id));
-        }
         Ok(())
     }
 

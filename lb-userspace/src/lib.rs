@@ -10,6 +10,7 @@ pub mod health;
 pub mod limits;
 pub mod policy;
 pub mod probe;
+pub mod proxy;
 pub mod slots;
 pub mod spec;
 pub mod store;
@@ -30,9 +31,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::memory::Userspace;
-use crate::dataplane::proxy::{self, ProxyError};
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
+use crate::proxy::{ProxyError, RouteError};
 use crate::spec::{AdminLimits, DataplaneKind, Weight};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
@@ -53,6 +54,8 @@ pub enum AgentError {
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error("serving the admin API on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -171,7 +174,6 @@ async fn serve<D: Dataplane>(
         source,
     })?;
     let admin_token = Arc::new(token::load_or_create(&config.admin_token_file)?);
-    let dataplane = proxy::HttpUnsteered::new(dataplane, &config.services);
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
     let mut health_checks = tokio::task::JoinSet::new();
@@ -293,7 +295,7 @@ async fn serve<D: Dataplane>(
     if let Some(served) = served {
         served.map_err(|source| AgentError::Serve { addr, source })?;
     }
-    Ok(dataplane.inner)
+    Ok(dataplane)
 }
 
 /// Each instance drains its backend and stops its llama-server, all at once; `force` (or

@@ -390,6 +390,10 @@ struct ServiceEntry {
     name: String,
     address: SocketAddrV4,
     policy: Policy,
+    /// Whether the kernel gets a service entry (see [`ServiceSpec::kernel_steers`]); without one
+    /// XDP passes the service's SYNs to the proxy. Backends and rings are written either way:
+    /// ids and connection counts are shared with the proxy.
+    kernel_steers: bool,
     slots: Vec<Slot>,
 }
 
@@ -516,6 +520,7 @@ impl<D: Dataplane> Table<D> {
                 name: service.name.clone(),
                 address: service.address,
                 policy: service.policy,
+                kernel_steers: service.kernel_steers(),
                 slots: vec![Slot::default(); SLOTS],
             });
             let id = table.services.len() - 1;
@@ -814,7 +819,9 @@ impl<D: Dataplane> Table<D> {
             backend_count: backend_count as u32,
             rr_len: ring.len() as u32,
         };
-        self.dataplane.upsert_service(key, kernel)?;
+        if entry.kernel_steers {
+            self.dataplane.upsert_service(key, kernel)?;
+        }
         let backends = entry
             .slots
             .iter()
@@ -952,6 +959,24 @@ mod tests {
                 proxy: crate::spec::ProxySpec::default(),
             },
         ]
+    }
+
+    /// An http service chooses per request: XDP must pass its SYNs to the proxy, so only the l4
+    /// service gets a kernel entry.
+    #[tokio::test]
+    async fn http_services_get_no_kernel_entry() -> Result<(), TableError> {
+        let mut services = services();
+        services[1].proxy.mode = crate::spec::ProxyMode::Http;
+        let fake = FakeDataplane::default();
+        let (_table, _task) = start(fake.clone(), &services)?;
+        let ports: Vec<u16> = fake
+            .maps()
+            .services
+            .keys()
+            .map(|key| u16::from_be(key.port))
+            .collect();
+        assert_eq!(ports, [80], "only the l4 service is the kernel's");
+        Ok(())
     }
 
     fn new_backend(service: &str, address: &str) -> NewBackend {

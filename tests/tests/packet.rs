@@ -647,8 +647,9 @@ impl Rng {
 /// reading the kernel's own connection array and the table's routes built from the same state).
 #[test]
 fn kernel_and_proxy_choices_match_the_policy_model() {
-    use lb_userspace::dataplane::{conns::ConnCounts, proxy::Gate};
+    use lb_userspace::dataplane::conns::ConnCounts;
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
+    use lb_userspace::proxy::Gate;
     use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec};
     use lb_userspace::table::Route;
     use std::{os::fd::AsFd, sync::Arc, time::Duration};

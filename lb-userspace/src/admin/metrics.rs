@@ -31,8 +31,8 @@ use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use super::ApiError;
-use crate::dataplane::proxy::{Gate, ProxyStats};
 use crate::limits::{ConnectionStats, Connections};
+use crate::proxy::{Gate, ProxyStats};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,

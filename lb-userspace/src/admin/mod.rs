@@ -27,8 +27,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::dataplane::proxy::Gate;
 use crate::limits::{self, Connections};
+use crate::proxy::Gate;
 use crate::spec::{AdminLimits, AdminToken};
 use crate::supervisor::InstanceHandle;
 use crate::table::TableHandle;

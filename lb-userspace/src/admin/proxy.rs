@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::dataplane::proxy::{Gate, ProxyStats};
+use crate::proxy::{Gate, ProxyStats};
 
 /// `GET /v1/proxy`: every listening service's counters.
 pub fn router(gates: Vec<Arc<Gate>>) -> axum::Router {

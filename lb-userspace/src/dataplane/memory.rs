@@ -39,10 +39,6 @@ impl Dataplane for Userspace {
         Ok(())
     }
 
-    fn remove_service(&mut self, _: ServiceKey) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-
     fn write_backend(&mut self, _: u32, _: Backend) -> Result<(), DataplaneError> {
         Ok(())
     }

@@ -2,10 +2,7 @@
 //! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
 
 pub mod conns;
-pub mod http;
 pub mod memory;
-pub mod proxy;
-pub mod splice;
 pub mod xdp;
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
@@ -14,8 +11,6 @@ use lb_common::{Backend, BackendStats, Service, ServiceKey};
 pub trait Dataplane: Send + 'static {
     /// Insert or replace a service entry (the services map, keyed by VIP, port and protocol).
     fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError>;
-    /// Remove a service entry; its backends must already be written `DOWN`.
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError>;
     /// Write one backend slot (index: backend id).
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError>;
     /// Write a service's round-robin ring (backend slots); `ring.len()` must be at most

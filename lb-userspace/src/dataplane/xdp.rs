@@ -553,21 +553,6 @@ impl Dataplane for Xdp {
         self.write_service_key(service.id, key)
     }
 
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
-        if let Some(&id) = self.service_ids.get(&key) {
-            self.write_service_key(id, ServiceKey::default())?;
-        }
-        match self.services.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(map_err("services")(e)),
-        }
-        if self.service_ids.remove(&key).is_some() {
-            self.write_vip_filter(key.vip)?;
-        }
-        Ok(())
-    }
-
     fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
         self.backends
             .set(id, backend, 0)

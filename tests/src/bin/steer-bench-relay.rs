@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use lb_userspace::dataplane::splice;
+use lb_userspace::proxy::splice;
 use nix::time::{ClockId, clock_gettime};
 use serde_json::json;
 use tests::bench::RunArgs;

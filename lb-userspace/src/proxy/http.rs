@@ -35,7 +35,8 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
-use super::proxy::{Gate, Lease, Refusal};
+use super::drain_started;
+use super::gate::{Gate, Lease, Refusal};
 use crate::limits::{self, Closed, Ended, Registered};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
@@ -61,7 +62,7 @@ pub async fn serve_connection(
         }
     });
     // Draining: the request in flight (and its streamed answer) finishes; then it closes.
-    let stop = super::proxy::drain_started(&mut draining);
+    let stop = drain_started(&mut draining);
     match limits::serve_http1(client, registered, timeouts, service, stop).await {
         Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
         Ended::Closed(Closed::Header) => gate.count(Refusal::ClientTimeout),
@@ -517,7 +518,7 @@ impl Body for Passed {
 mod tests {
     use super::*;
     use crate::dataplane::conns::ConnCounts;
-    use crate::dataplane::proxy::tests::{config, routes_to};
+    use crate::proxy::gate::tests::{config, routes_to};
     use crate::spec::ProxyMode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -785,7 +786,7 @@ mod tests {
             .await
             .expect("bind");
         let front = listener.local_addr().expect("address");
-        let proxy = tokio::spawn(crate::dataplane::proxy::serve(
+        let proxy = tokio::spawn(crate::proxy::serve(
             Arc::clone(&gate),
             listener,
             watch::channel(false).1,

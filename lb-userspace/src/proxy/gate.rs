@@ -1,65 +1,30 @@
-//! The userspace path: a TCP listener on each service address for what XDP does not steer
-//! (loopback clients, SYNs passed because every backend was full, everything with
-//! `--dataplane userspace`). It chooses with the kernel's policy model over the table's published
-//! [`Routes`] and claims capacity in the same [`ConnCounts`] the kernel reads, so both paths share
-//! one count per backend.
+//! Admission to a service's backends for the userspace proxy: the choice, with the kernel's
+//! policy model over the table's published [`Routes`], and the claim, in the same
+//! [`ConnCounts`] the kernel reads, so both paths share one count per backend.
 //!
 //! A connection (http: a request) that finds no backend with room waits in the service's FIFO
 //! queue. Releasing a claim and every table change wake the queue at once; a flow the kernel ends
 //! changes only the shared counter, which nothing can wait on, so waiters also look again every
 //! [`KERNEL_RELEASE_TICK`].
-//!
-//! `mode = "l4"` carries each connection whole to one backend; `mode = "http"` ([`super::http`])
-//! parses HTTP/1.1 and admits each request on its own through the same [`Gate`]. XDP never steers
-//! an http service ([`HttpUnsteered`]), so all its connections reach the listener.
-//!
-//! The listener binds with `IP_FREEBIND`, so a VIP that is not (yet) a local address can be
-//! bound without privileges. For SYNs from other hosts (passed by XDP, or every one without it)
-//! to reach it, the agent, when root, makes the VIP local with a [`LocalRoute`] (`ip route replace
-//! local VIP/32 dev lo`), removed on exit. Loopback VIPs (127.0.0.0/8) work as they are.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsFd;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, info_span, warn};
 
-use lb_common::{Backend, BackendStats, Service, ServiceKey};
-
-use super::conns::ConnCounts;
-use super::http;
-use super::splice;
-use super::{Dataplane, DataplaneError};
-use crate::limits::{Activity, Closed, Connections, Registered};
+use crate::dataplane::conns::ConnCounts;
+use crate::limits::{Connections, Registered};
 use crate::policy::{BackendView, ServiceView, choose};
 use crate::spec::{ProxyMode, ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
 pub const KERNEL_RELEASE_TICK: Duration = Duration::from_millis(50);
-/// Pending connections the kernel keeps per listener.
-const BACKLOG: u32 = 1024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("`ip {args}`: {message}")]
-    Route { args: String, message: String },
-    #[error("listening on {address} for service `{service}`: {source}")]
-    Listen {
-        service: String,
-        address: SocketAddrV4,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Why a connection (l4) or request (http) was refused or cut short.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,6 +269,11 @@ impl Gate {
         &self.service
     }
 
+    /// The service's address, where its listener is.
+    pub fn address(&self) -> SocketAddrV4 {
+        self.address
+    }
+
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
     /// `avoid`: a backend id not to choose (one that just refused).
     pub async fn admit(
@@ -484,6 +454,18 @@ impl Gate {
         }
     }
 
+    /// A client connection accepted: registered among the ones held, or `None` (counted as a
+    /// refusal) when `max_client_connections` are held, each with something in flight; the
+    /// caller then closes it at once.
+    pub fn accept_client(&self) -> Option<Registered> {
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let registered = self.connections.register();
+        if registered.is_none() {
+            self.tally(Refusal::ConnectionLimit);
+        }
+        registered
+    }
+
     fn tally(&self, refusal: Refusal) {
         // `ALL` lists them in declaration order.
         self.counters.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
@@ -495,340 +477,10 @@ impl Gate {
     }
 }
 
-/// The dataplane without the kernel entries of `mode = "http"` services: XDP does not know their
-/// addresses, so it passes their SYNs on (to the VIP's local route) and the HTTP listener sees
-/// every connection. Everything else goes to `inner`.
-pub struct HttpUnsteered<D> {
-    pub inner: D,
-    http: Vec<ServiceKey>,
-}
-
-impl<D> HttpUnsteered<D> {
-    pub fn new(inner: D, services: &[ServiceSpec]) -> Self {
-        let http = services
-            .iter()
-            .filter(|s| !s.kernel_steers())
-            .map(|s| ServiceKey {
-                vip: u32::from_ne_bytes(s.address.ip().octets()),
-                port: s.address.port().to_be(),
-                proto: libc::IPPROTO_TCP as u8,
-                _pad: 0,
-            })
-            .collect();
-        HttpUnsteered { inner, http }
-    }
-}
-
-impl<D: Dataplane> Dataplane for HttpUnsteered<D> {
-    fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
-        if self.http.contains(&key) {
-            return Ok(());
-        }
-        self.inner.upsert_service(key, service)
-    }
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
-        if self.http.contains(&key) {
-            return Ok(());
-        }
-        self.inner.remove_service(key)
-    }
-    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
-        self.inner.write_backend(id, backend)
-    }
-    fn write_rr_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), DataplaneError> {
-        self.inner.write_rr_ring(service_id, ring)
-    }
-    fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
-        self.inner.write_maglev(service_id, table)
-    }
-    fn is_local(&self, addr: Ipv4Addr) -> bool {
-        self.inner.is_local(addr)
-    }
-    fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.inner.reset_connections(id)
-    }
-    fn connections(&self, id: u32) -> u64 {
-        self.inner.connections(id)
-    }
-    fn steered(&self, id: u32) -> u64 {
-        self.inner.steered(id)
-    }
-    fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
-        self.inner.forget_steered(id, seen)
-    }
-    fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
-        self.inner.backend_stats(id)
-    }
-    fn service_counters(
-        &self,
-        service_id: u32,
-    ) -> Result<[u64; lb_common::counter::MAX as usize], DataplaneError> {
-        self.inner.service_counters(service_id)
-    }
-}
-
-/// A local route that delivers a VIP to this host's stack, deleted on drop.
-#[derive(Debug)]
-pub struct LocalRoute {
-    vip: Ipv4Addr,
-}
-
-impl LocalRoute {
-    /// Route `vip` locally unless it is one of the host's addresses already (then `None`: that
-    /// route is not ours to delete). `replace`, so a route a killed agent left behind is taken.
-    pub fn add(vip: Ipv4Addr) -> Result<Option<Self>, ProxyError> {
-        if vip.is_loopback() || host_has(vip) {
-            return Ok(None);
-        }
-        ip_route("replace", vip)?;
-        Ok(Some(LocalRoute { vip }))
-    }
-}
-
-impl Drop for LocalRoute {
-    fn drop(&mut self) {
-        if let Err(error) = ip_route("del", self.vip) {
-            warn!(%error, "removing the VIP's local route");
-        }
-    }
-}
-
-fn host_has(addr: Ipv4Addr) -> bool {
-    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
-        addrs.any(|a| {
-            a.address
-                .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
-                == Some(addr)
-        })
-    })
-}
-
-fn ip_route(verb: &str, vip: Ipv4Addr) -> Result<(), ProxyError> {
-    let args = [
-        "route".to_owned(),
-        verb.to_owned(),
-        "local".to_owned(),
-        format!("{vip}/32"),
-        "dev".to_owned(),
-        "lo".to_owned(),
-        "table".to_owned(),
-        "local".to_owned(),
-    ];
-    let error = |message: String| ProxyError::Route {
-        args: args.join(" "),
-        message,
-    };
-    let output = std::process::Command::new("ip")
-        .args(&args)
-        .output()
-        .map_err(|e| error(e.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(error(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
-}
-
-/// Bind `address` (with `IP_FREEBIND`, see the module doc).
-pub fn listen(service: &ServiceSpec) -> Result<TcpListener, ProxyError> {
-    let error = |source| ProxyError::Listen {
-        service: service.name.clone(),
-        address: service.address,
-        source,
-    };
-    let socket = TcpSocket::new_v4().map_err(error)?;
-    socket.set_reuseaddr(true).map_err(error)?;
-    nix::sys::socket::setsockopt(
-        &socket.as_fd(),
-        nix::sys::socket::sockopt::IpFreebind,
-        &true,
-    )
-    .map_err(|errno| error(errno.into()))?;
-    socket
-        .bind(SocketAddr::V4(service.address))
-        .map_err(error)?;
-    socket.listen(BACKLOG).map_err(error)
-}
-
-/// Completes once `draining` turns true (never if its sender is gone without that).
-pub async fn drain_started(draining: &mut watch::Receiver<bool>) {
-    if draining.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Accept on `listener` until `draining` turns true, then close it and return once the open
-/// connections have ended (http: each after the request in flight, if any); the caller aborts
-/// the task to cut them.
-pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Receiver<bool>) {
-    let span = info_span!("proxy", service = %gate.service, address = %gate.address, mode = ?gate.config.mode);
-    let pool = Arc::new(http::Pool::default());
-    async move {
-        let mut connections = JoinSet::new();
-        let mut stop = draining.clone();
-        loop {
-            tokio::select! {
-                () = drain_started(&mut stop) => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((client, SocketAddr::V4(peer))) => {
-                        gate.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                        let Some(registered) = gate.connections.register() else {
-                            // Closed at once: every connection held has something in flight.
-                            gate.tally(Refusal::ConnectionLimit);
-                            debug!(client = %peer, "max_client_connections reached");
-                            continue;
-                        };
-                        let gate = Arc::clone(&gate);
-                        let span = info_span!("conn", client = %peer);
-                        match gate.config.mode {
-                            ProxyMode::L4 => connections.spawn(
-                                async move {
-                                    let proxied = proxy(&gate, client, *peer.ip(), &registered);
-                                    if let Err(refusal) = proxied.await {
-                                        gate.count(refusal);
-                                        debug!(?refusal, "connection closed");
-                                    }
-                                }
-                                .instrument(span),
-                            ),
-                            ProxyMode::Http => connections.spawn(
-                                http::serve_connection(
-                                    gate,
-                                    Arc::clone(&pool),
-                                    client,
-                                    *peer.ip(),
-                                    registered,
-                                    draining.clone(),
-                                )
-                                .instrument(span),
-                            ),
-                        };
-                    }
-                    // The listener is IPv4.
-                    Ok((_, SocketAddr::V6(_))) => {}
-                    Err(error) => {
-                        warn!(%error, "accepting a connection");
-                        // Out of descriptors, say: give the open ones time to end.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                Some(_) = connections.join_next() => {}
-            }
-        }
-        drop(listener);
-        let open = connections.len();
-        info!(
-            open,
-            "draining: no new connections; waiting for the open ones"
-        );
-        let started = tokio::time::Instant::now();
-        while connections.join_next().await.is_some() {}
-        info!(open, waited = ?started.elapsed(), "drained");
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Carry one client connection to a backend and back. Until either side sent a byte it is quiet
-/// (evictable, and closed after `client_idle_timeout`); a client waiting in the queue with its
-/// request sent is not.
-async fn proxy(
-    gate: &Arc<Gate>,
-    client: TcpStream,
-    peer: Ipv4Addr,
-    registered: &Registered,
-) -> Result<(), Refusal> {
-    let activity = &registered.activity;
-    let carried = async {
-        let lease = gate.admit(peer, None).await?;
-        let backend = TcpStream::connect(lease.address)
-            .await
-            .map_err(|_| Refusal::Connect)?;
-        debug!(backend = %lease.address, id = lease.id, "proxying");
-        Ok::<_, Refusal>(carry(&client, &backend, gate.config.response_timeout, activity).await)
-    };
-    let client_spoke = async {
-        // A byte or the EOF: either way not idle any more.
-        let _ = client.peek(&mut [0u8; 1]).await;
-        activity.engaged();
-        std::future::pending::<()>().await;
-    };
-    let carried = tokio::select! {
-        carried = carried => carried?,
-        () = client_spoke => unreachable!("pending for ever"),
-        closed = activity.expired(gate.config.client_timeouts()) => {
-            return match closed {
-                Closed::Evicted => Ok(()),
-                Closed::Idle | Closed::Header => Err(Refusal::ClientTimeout),
-            };
-        }
-    };
-    match carried {
-        Ok(()) => Ok(()),
-        Err(Ended::ResponseTimeout) => Err(Refusal::ResponseTimeout),
-        // A peer reset: nothing more to carry.
-        Err(Ended::Io(error)) => {
-            debug!(%error, "connection ended");
-            Ok(())
-        }
-    }
-}
-
-/// The relay both ways, zero-copy ([`splice::relay`]). Half-closes pass through: each direction
-/// ends on its own EOF with a `shutdown(SHUT_WR)` towards the other side. The backend must answer
-/// within `response_timeout` of the client's first bytes (or speak first).
-async fn carry(
-    client: &TcpStream,
-    backend: &TcpStream,
-    response_timeout: Duration,
-    activity: &Activity,
-) -> Result<(), Ended> {
-    let (sent, request_sent) = tokio::sync::oneshot::channel::<()>();
-    let up = async {
-        // First bytes (or the client's EOF) there: they go out in this task's next step. A peek,
-        // since readiness alone may be spurious.
-        client.peek(&mut [0u8; 1]).await?;
-        let _ = sent.send(());
-        splice::relay(client, backend).await?;
-        Ok::<(), Ended>(())
-    };
-    let down = async {
-        let mut first = [0u8; 1];
-        let answered = backend.peek(&mut first);
-        tokio::pin!(answered);
-        tokio::select! {
-            peeked = &mut answered => peeked?,
-            // Sent (or the client closed without a byte): the clock runs.
-            _ = request_sent => tokio::time::timeout(response_timeout, &mut answered)
-                .await
-                .map_err(|_| Ended::ResponseTimeout)??,
-        };
-        // The backend spoke (first, for a protocol where the server does).
-        activity.engaged();
-        splice::relay(backend, client).await?;
-        Ok::<(), Ended>(())
-    };
-    tokio::try_join!(up, down).map(|((), ())| ())
-}
-
-enum Ended {
-    Io(std::io::Error),
-    ResponseTimeout,
-}
-
-impl From<std::io::Error> for Ended {
-    fn from(error: std::io::Error) -> Self {
-        Ended::Io(error)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use lb_common::{backend_state, policy};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::Instant;
 
     /// Service `chat` on 127.0.0.1:80, l4, with `queue_size` places and `cap` per backend.
@@ -970,32 +622,6 @@ pub(crate) mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn http_services_get_no_kernel_entry() -> Result<(), crate::table::TableError> {
-        let service = |name: &str, port, mode| {
-            let mut service = config(0, 1);
-            service.name = name.to_owned();
-            service.address = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), port);
-            service.proxy.mode = mode;
-            service
-        };
-        let services = [
-            service("l4", 80, ProxyMode::L4),
-            service("chat", 81, ProxyMode::Http),
-        ];
-        let fake = crate::fake::FakeDataplane::default();
-        let dataplane = HttpUnsteered::new(fake.clone(), &services);
-        let (_table, _task) = crate::table::start(dataplane, &services)?;
-        let ports: Vec<u16> = fake
-            .maps()
-            .services
-            .keys()
-            .map(|key| u16::from_be(key.port))
-            .collect();
-        assert_eq!(ports, [80], "only the l4 service is the kernel's");
-        Ok(())
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_backend_to_avoid_is_not_chosen_even_when_the_policy_would() {
         let (gate, _counts, _routes) = gate(0, 1, 2);
@@ -1017,96 +643,6 @@ pub(crate) mod tests {
     }
 
     /// A backend that answers each line after `delay`, on loopback.
-    async fn slow_echo(delay: Duration) -> SocketAddrV4 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let SocketAddr::V4(address) = listener.local_addr().expect("address") else {
-            unreachable!("bound to IPv4")
-        };
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut line = [0u8; 64];
-                    while let Ok(n @ 1..) = stream.read(&mut line).await {
-                        tokio::time::sleep(delay).await;
-                        let _ = stream.write_all(&line[..n]).await;
-                    }
-                });
-            }
-        });
-        address
-    }
-
-    /// Connected client and backend sides of a proxied connection through `carry`.
-    async fn carried(
-        backend: SocketAddrV4,
-        response_timeout: Duration,
-    ) -> (TcpStream, tokio::task::JoinHandle<Result<(), Ended>>) {
-        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(front.local_addr().expect("address"))
-            .await
-            .expect("connect");
-        let (accepted, _) = front.accept().await.expect("accept");
-        let backend = TcpStream::connect(backend).await.expect("connect backend");
-        let task = tokio::spawn(async move {
-            let registered = Connections::new(1).register().expect("room");
-            carry(&accepted, &backend, response_timeout, &registered.activity).await
-        });
-        (client, task)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn l4_response_timeout_runs_from_the_first_bytes_sent_not_the_connect() {
-        let backend = slow_echo(Duration::from_secs(3)).await;
-        let (mut client, task) = carried(backend, Duration::from_secs(5)).await;
-        // Idle for longer than response_timeout before asking: no timeout.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        client.write_all(b"hello\n").await.expect("send");
-        let mut answer = [0u8; 6];
-        client
-            .read_exact(&mut answer)
-            .await
-            .expect("answered in 3 s");
-        assert_eq!(&answer, b"hello\n");
-        drop(client);
-        assert!(task.await.expect("carry task").is_ok());
-
-        let backend = slow_echo(Duration::from_secs(3)).await;
-        let (mut client, task) = carried(backend, Duration::from_secs(2)).await;
-        client.write_all(b"hello\n").await.expect("send");
-        let sent = Instant::now();
-        assert!(matches!(
-            task.await.expect("carry task"),
-            Err(Ended::ResponseTimeout)
-        ));
-        assert_eq!(sent.elapsed(), Duration::from_secs(2));
-    }
-
-    /// l4: a client that sends nothing is closed after `client_idle_timeout`; one that spoke is
-    /// the client's and backend's, however long it is silent after.
-    #[tokio::test(start_paused = true)]
-    async fn l4_idle_timeout_closes_only_a_connection_that_never_spoke() {
-        let backend = slow_echo(Duration::from_millis(10)).await;
-        let (_routes, rx) = watch::channel(routes_to(&[backend]));
-        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(&config(4, 0), 0, counts, rx);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let front = listener.local_addr().expect("address");
-        let proxy = tokio::spawn(serve(Arc::clone(&gate), listener, watch::channel(false).1));
-        let accepted = Instant::now();
-        let mut silent = TcpStream::connect(front).await.expect("connect");
-        let mut talking = TcpStream::connect(front).await.expect("connect");
-        talking.write_all(b"hi\n").await.expect("send");
-        let mut echo = [0u8; 3];
-        talking.read_exact(&mut echo).await.expect("echo");
-        let mut rest = Vec::new();
-        assert_eq!(silent.read_to_end(&mut rest).await.expect("EOF"), 0);
-        assert!(accepted.elapsed() >= gate.config().client_idle_timeout);
-        tokio::time::sleep(gate.config().client_idle_timeout).await;
-        talking.write_all(b"hi\n").await.expect("send again");
-        talking.read_exact(&mut echo).await.expect("still carried");
-        assert_eq!(gate.stats().refused["client_timeout"], 1);
-        proxy.abort();
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_says_when_to_come_back_from_its_recent_pace() {
