@@ -15,11 +15,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::spec::{
-    AdminLimits, BackendSpec, DataplaneKind, HealthSpec, Policy, ProxyMode, ProxySpec, ServiceSpec,
-    SlotPoll, Weight, XdpMode, XdpOptions, usable_endpoint,
+    AdminLimits, BackendSpec, DataplaneKind, DriverConfig, HealthSpec, InstanceBackend,
+    InstanceSettings, InstanceSpec, Policy, ProxyMode, ProxySpec, ServiceSpec, SlotPoll, Weight,
+    XdpMode, XdpOptions, usable_endpoint,
 };
-use crate::store::DriverConfig;
-use crate::supervisor::{self, ApplyLimit, InstanceBackend, InstanceSpec, Settings};
+use crate::supervisor;
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -406,8 +406,7 @@ impl Doc<'_> {
             services.push(service);
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
-        let applies = ApplyLimit::new(max_concurrent_applies);
-        let instances = self.instances(raw.instance, &services, &applies)?;
+        let instances = self.instances(raw.instance, &services)?;
         let default = AdminLimits::default();
         let admin_limits = AdminLimits {
             max_connections: self.at_least_one(
@@ -597,7 +596,6 @@ impl Doc<'_> {
         &self,
         raw: Vec<RawInstance>,
         services: &[ServiceSpec],
-        applies: &ApplyLimit,
     ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
         for (i, instance) in raw.into_iter().enumerate() {
@@ -652,11 +650,6 @@ impl Doc<'_> {
             }
             let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
             let backend = self.instance_backend(i, &instance, services)?;
-            let policy = supervisor::ArgPolicy::new(
-                &instance.api_flags,
-                &instance.model_dirs,
-                &instance.model,
-            );
             let mut extra_args = instance.args;
             let sets_host = extra_args
                 .iter()
@@ -673,7 +666,7 @@ impl Doc<'_> {
                 port,
                 extra_args,
                 backend,
-                settings: Settings {
+                settings: InstanceSettings {
                     startup_timeout: timeout(
                         instance.startup_timeout,
                         supervisor::DEFAULT_STARTUP_TIMEOUT,
@@ -681,9 +674,9 @@ impl Doc<'_> {
                     debounce: timeout(instance.debounce, supervisor::DEFAULT_DEBOUNCE),
                     stop_grace: timeout(instance.stop_grace, supervisor::DEFAULT_STOP_GRACE),
                     allowed_binaries: instance.allowed_binaries,
-                    policy,
+                    api_flags: instance.api_flags,
+                    model_dirs: instance.model_dirs,
                     user: instance.user,
-                    applies: applies.clone(),
                 },
             });
         }

@@ -34,7 +34,7 @@ use crate::dataplane::memory::Userspace;
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::proxy::{ProxyError, RouteError};
-use crate::spec::{AdminLimits, DataplaneKind, Weight};
+use crate::spec::{AdminLimits, DataplaneKind, InstanceBackend, InstanceSpec, Weight};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
@@ -117,7 +117,7 @@ pub async fn run(
 /// `steer supervise`: one instance and its API on `addr` until `shutdown`, then the process is
 /// stopped gracefully. Changes need the token in `token_file`, generated there if missing.
 pub async fn supervise(
-    spec: supervisor::InstanceSpec,
+    spec: InstanceSpec,
     addr: SocketAddr,
     token_file: &std::path::Path,
     shutdown: impl Future<Output = ()>,
@@ -127,7 +127,7 @@ pub async fn supervise(
     let addr = listener
         .local_addr()
         .map_err(|source| AgentError::Bind { addr, source })?;
-    let (handle, task) = supervisor::start(spec, None).await?;
+    let (handle, task) = supervisor::start(spec, supervisor::ApplyLimit::default(), None).await?;
     let admin_limits = AdminLimits::default();
     let connections = limits::Connections::new(admin_limits.max_connections);
     let sources = admin::Sources {
@@ -213,12 +213,14 @@ async fn serve<D: Dataplane>(
     }
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());
+    // Shared: applies across the instances take turns.
+    let applies = supervisor::ApplyLimit::new(config.max_concurrent_applies);
     for spec in &config.instances {
         let link = match &spec.backend {
             Some(backend) => Some(instance_backend(&table, config, spec, backend).await?),
             None => None,
         };
-        let (handle, task) = supervisor::start(spec.clone(), link).await?;
+        let (handle, task) = supervisor::start(spec.clone(), applies.clone(), link).await?;
         instances.push(handle);
         instance_tasks.push(task);
     }
@@ -340,8 +342,8 @@ async fn stop_instances(
 async fn instance_backend(
     table: &table::TableHandle,
     config: &Config,
-    spec: &supervisor::InstanceSpec,
-    backend: &supervisor::InstanceBackend,
+    spec: &InstanceSpec,
+    backend: &InstanceBackend,
 ) -> Result<supervisor::BackendLink, AgentError> {
     let address = match backend.address {
         Some(address) => address,

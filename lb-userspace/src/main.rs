@@ -10,9 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lb_userspace::config::{Config, Overrides, parse_duration};
-use lb_userspace::spec::{DataplaneKind, XdpMode};
-use lb_userspace::store::DriverConfig;
-use lb_userspace::supervisor::{self, ApplyLimit, InstanceSpec, Settings};
+use lb_userspace::spec::{DataplaneKind, DriverConfig, InstanceSettings, InstanceSpec, XdpMode};
+use lb_userspace::supervisor;
 use lb_userspace::token;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -189,21 +188,20 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let driver = args
         .config_driver
         .unwrap_or_else(|| supervisor::default_driver(supervisor::DEFAULT_CONFIG_NAME));
-    let policy = supervisor::ArgPolicy::new(&args.api_flags, &args.model_dirs, &args.model);
     let spec = InstanceSpec {
         name: driver.name().to_owned(),
         binary: args.binary,
         model: args.model,
         port: args.port,
         extra_args: args.extra,
-        settings: Settings {
+        settings: InstanceSettings {
             startup_timeout: args.startup_timeout,
             debounce: args.debounce,
             stop_grace: args.stop_grace,
             allowed_binaries: args.allowed_binaries,
-            policy,
+            api_flags: args.api_flags,
+            model_dirs: args.model_dirs,
             user: args.user,
-            applies: ApplyLimit::default(),
         },
         driver,
         backend: None,

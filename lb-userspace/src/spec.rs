@@ -8,9 +8,10 @@ use std::fmt;
 use std::net::SocketAddrV4;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What carries new connections: XDP, with the userspace proxy for what it passes, or the proxy
 /// alone (no BPF at all).
@@ -372,4 +373,80 @@ pub struct ClientTimeouts {
     pub header: Option<Duration>,
     /// With nothing in flight: from the accept or the last response's end to the next byte.
     pub idle: Duration,
+}
+
+/// Which store to use and the config name inside it, as given to `--config-driver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DriverConfig {
+    /// A TOML file with one table per name.
+    File { path: PathBuf, name: String },
+    /// An etcd v3 endpoint (`host:port`, plain HTTP/2 on loopback); needs the `etcd` feature.
+    /// `cache` is a file store kept beside it (default [`DEFAULT_ETCD_CACHE`]): every load and
+    /// save writes it, and a start while etcd is unreachable reads it.
+    Etcd {
+        addr: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<PathBuf>,
+    },
+}
+
+/// The etcd driver's local copy when `cache` is not given.
+pub const DEFAULT_ETCD_CACHE: &str = "/var/lib/steer/etcd-cache.toml";
+
+impl DriverConfig {
+    /// The config name inside the store.
+    pub fn name(&self) -> &str {
+        match self {
+            DriverConfig::File { name, .. } | DriverConfig::Etcd { name, .. } => name,
+        }
+    }
+}
+
+/// One instance as the command line or the agent's config describes it.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    pub name: String,
+    pub binary: String,
+    pub model: String,
+    pub port: u16,
+    /// More llama-server arguments (`-np 2 -c 2048`).
+    pub extra_args: Vec<String>,
+    pub settings: InstanceSettings,
+    pub driver: DriverConfig,
+    /// The service it is a backend of, if any.
+    pub backend: Option<InstanceBackend>,
+}
+
+/// How an instance is run and what its API may change (`[[instance]]` keys, or `steer
+/// supervise` flags).
+#[derive(Clone, Debug)]
+pub struct InstanceSettings {
+    /// How long a start may take to answer its health check.
+    pub startup_timeout: Duration,
+    /// How long API changes are gathered before one apply.
+    pub debounce: Duration,
+    /// How long a stop waits after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+    /// Binaries the API may switch to.
+    pub allowed_binaries: Vec<String>,
+    /// Flags the API may set beyond the default allowlist (`api_flags`).
+    pub api_flags: Vec<String>,
+    /// Where path arguments set through the API must lie (`model_dirs`; none: the model's own
+    /// directory).
+    pub model_dirs: Vec<PathBuf>,
+    /// Who llama-server runs as when the agent is root (`None`: `nobody`).
+    pub user: Option<String>,
+}
+
+/// `[[instance]] service = ...`: the instance is a backend of that service.
+#[derive(Clone, Debug)]
+pub struct InstanceBackend {
+    pub service: String,
+    /// Where clients' traffic reaches it; `None`: the first IPv4 address of the agent's first
+    /// interface, at the instance's port.
+    pub address: Option<SocketAddrV4>,
+    /// How long a restart or shutdown waits for its connections to finish.
+    pub drain_timeout: Duration,
 }

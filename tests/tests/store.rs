@@ -12,7 +12,8 @@ use std::{
 
 use tokio::process::Command;
 
-use lb_userspace::store::{ArgValue, DriverConfig, ETCD_PREFIX, SavedArgs, Store, StoreError};
+use lb_userspace::spec::DriverConfig;
+use lb_userspace::store::{ArgValue, ETCD_PREFIX, SavedArgs, Store, StoreError};
 use tests::etcd::Etcd;
 
 /// Saves per writer in the concurrency tests: enough to interleave, quick under flock.

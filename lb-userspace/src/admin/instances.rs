@@ -233,7 +233,8 @@ async fn change(
 mod tests {
     use super::*;
     use crate::admin::backends::tests::{TEST_TOKEN, call, call_with, test_token};
-    use crate::store::{DriverConfig, SavedArgs, Store};
+    use crate::spec::DriverConfig;
+    use crate::store::{SavedArgs, Store};
     use crate::supervisor::{Aliases, ArgPolicy, Settings, spawn};
     use axum::http::Method;
     use serde_json::{Value, json};

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 pub use file::FileStore;
 
+use crate::spec::{DEFAULT_ETCD_CACHE, DriverConfig};
+
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 
@@ -137,35 +139,6 @@ impl From<&Stored> for Record {
             binary: stored.args.binary.clone(),
             args: stored.args.args.clone(),
             configured: stored.configured.clone(),
-        }
-    }
-}
-
-/// Which store to use and the config name inside it, as given to `--config-driver`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum DriverConfig {
-    /// A TOML file with one table per name.
-    File { path: PathBuf, name: String },
-    /// An etcd v3 endpoint (`host:port`, plain HTTP/2 on loopback); needs the `etcd` feature.
-    /// `cache` is a file store kept beside it (default [`DEFAULT_ETCD_CACHE`]): every load and
-    /// save writes it, and a start while etcd is unreachable reads it.
-    Etcd {
-        addr: String,
-        name: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        cache: Option<PathBuf>,
-    },
-}
-
-/// The etcd driver's local copy when `cache` is not given.
-pub const DEFAULT_ETCD_CACHE: &str = "/var/lib/steer/etcd-cache.toml";
-
-impl DriverConfig {
-    /// The config name inside the store.
-    pub fn name(&self) -> &str {
-        match self {
-            DriverConfig::File { name, .. } | DriverConfig::Etcd { name, .. } => name,
         }
     }
 }

@@ -895,7 +895,8 @@ async fn exited<P: Process>(running: &mut Option<P>) -> std::io::Result<ExitStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ArgValue, DriverConfig};
+    use crate::spec::DriverConfig;
+    use crate::store::ArgValue;
     use serde_json::json;
     use std::os::unix::process::ExitStatusExt;
     use std::path::PathBuf;

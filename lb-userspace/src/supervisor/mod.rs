@@ -13,7 +13,6 @@ pub mod policy;
 mod process;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,7 +29,8 @@ pub use policy::{ArgPolicy, PolicyError};
 #[cfg(test)]
 pub(crate) use {args::Aliases, instance::spawn};
 
-use crate::store::{DriverConfig, SavedArgs, Store, StoreError, Stored};
+use crate::spec::{DriverConfig, InstanceSpec};
+use crate::store::{SavedArgs, Store, StoreError, Stored};
 
 /// Where arguments are kept when no `--config-driver` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/var/lib/steer/config.toml";
@@ -48,21 +48,6 @@ pub fn default_driver(name: &str) -> DriverConfig {
         path: PathBuf::from(DEFAULT_CONFIG_PATH),
         name: name.to_owned(),
     }
-}
-
-/// One instance as the command line or the agent's config describes it.
-#[derive(Clone, Debug)]
-pub struct InstanceSpec {
-    pub name: String,
-    pub binary: String,
-    pub model: String,
-    pub port: u16,
-    /// More llama-server arguments (`-np 2 -c 2048`).
-    pub extra_args: Vec<String>,
-    pub settings: Settings,
-    pub driver: DriverConfig,
-    /// The service it is a backend of, if any.
-    pub backend: Option<InstanceBackend>,
 }
 
 impl InstanceSpec {
@@ -86,17 +71,6 @@ impl InstanceSpec {
             args: BTreeMap::new(),
         }))
     }
-}
-
-/// `[[instance]] service = ...`: the instance is a backend of that service.
-#[derive(Clone, Debug)]
-pub struct InstanceBackend {
-    pub service: String,
-    /// Where clients' traffic reaches it; `None`: the first IPv4 address of the agent's first
-    /// interface, at the instance's port.
-    pub address: Option<SocketAddrV4>,
-    /// How long a restart or shutdown waits for its connections to finish.
-    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,9 +109,15 @@ pub enum SupervisorError {
 /// the process stopped, once every handle is dropped.
 pub async fn start(
     spec: InstanceSpec,
+    applies: ApplyLimit,
     link: Option<BackendLink>,
 ) -> Result<(InstanceHandle, JoinHandle<()>), SupervisorError> {
     let name = spec.name.clone();
+    let policy = ArgPolicy::new(
+        &spec.settings.api_flags,
+        &spec.settings.model_dirs,
+        &spec.model,
+    );
     let store_error = |source| SupervisorError::Store {
         name: name.clone(),
         source,
@@ -164,8 +144,7 @@ pub async fn start(
                     .map_err(help_error)?
             };
             let args = decide_args(&spec, &configured, stored, &aliases);
-            let policy = &spec.settings.policy;
-            let args = policy::checked_at_load(&spec, policy, &aliases, args, &store).await?;
+            let args = policy::checked_at_load(&spec, &policy, &aliases, args, &store).await?;
             (args, aliases)
         }
     };
@@ -173,14 +152,17 @@ pub async fn start(
         return Err(SupervisorError::NoPort { name });
     }
     check_user(&name, spec.settings.user.as_deref(), &args)?;
-    Ok(instance::spawn(
-        &spec.name,
-        args,
-        aliases,
-        spec.settings,
-        store,
-        link,
-    ))
+    let InstanceSpec { name, settings, .. } = spec;
+    let settings = Settings {
+        startup_timeout: settings.startup_timeout,
+        debounce: settings.debounce,
+        stop_grace: settings.stop_grace,
+        allowed_binaries: settings.allowed_binaries,
+        policy,
+        user: settings.user,
+        applies,
+    };
+    Ok(instance::spawn(&name, args, aliases, settings, store, link))
 }
 
 /// What to start, given the persisted record and the arguments configured now.
@@ -269,6 +251,7 @@ fn check_user(name: &str, user: Option<&str>, args: &SavedArgs) -> Result<(), Su
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{InstanceBackend, InstanceSettings};
     use crate::store::ArgValue;
 
     fn spec(port: u16, backend: bool) -> InstanceSpec {
@@ -278,14 +261,14 @@ mod tests {
             model: "/m/a.gguf".to_owned(),
             port,
             extra_args: Vec::new(),
-            settings: Settings {
+            settings: InstanceSettings {
                 startup_timeout: DEFAULT_STARTUP_TIMEOUT,
                 debounce: DEFAULT_DEBOUNCE,
                 stop_grace: DEFAULT_STOP_GRACE,
                 allowed_binaries: Vec::new(),
-                policy: ArgPolicy::new(&[], &[], "/m/a.gguf"),
+                api_flags: Vec::new(),
+                model_dirs: Vec::new(),
                 user: None,
-                applies: ApplyLimit::default(),
             },
             driver: default_driver("gpt"),
             backend: backend.then(|| InstanceBackend {

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 
 use tracing::error;
 
+use super::SupervisorError;
 use super::args::{Aliases, Change};
-use super::{InstanceSpec, SupervisorError};
+use crate::spec::InstanceSpec;
 use crate::store::{ArgValue, SavedArgs, Store};
 
 /// Tuning flags the API may set by default: every long spelling of each option, so whichever
