@@ -649,6 +649,7 @@ impl Doc<'_> {
                 return Err(self.invalid(span, field("port"), message));
             }
             let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
+            let default = InstanceSettings::default();
             let backend = self.instance_backend(i, &instance, services)?;
             let mut extra_args = instance.args;
             let sets_host = extra_args
@@ -667,12 +668,9 @@ impl Doc<'_> {
                 extra_args,
                 backend,
                 settings: InstanceSettings {
-                    startup_timeout: timeout(
-                        instance.startup_timeout,
-                        supervisor::DEFAULT_STARTUP_TIMEOUT,
-                    ),
-                    debounce: timeout(instance.debounce, supervisor::DEFAULT_DEBOUNCE),
-                    stop_grace: timeout(instance.stop_grace, supervisor::DEFAULT_STOP_GRACE),
+                    startup_timeout: timeout(instance.startup_timeout, default.startup_timeout),
+                    debounce: timeout(instance.debounce, default.debounce),
+                    stop_grace: timeout(instance.stop_grace, default.stop_grace),
                     allowed_binaries: instance.allowed_binaries,
                     api_flags: instance.api_flags,
                     model_dirs: instance.model_dirs,
@@ -1312,7 +1310,7 @@ address = "10.0.0.100:81"
         assert_eq!(first.settings.debounce, Duration::from_millis(50));
         assert_eq!(
             first.settings.startup_timeout,
-            supervisor::DEFAULT_STARTUP_TIMEOUT
+            InstanceSettings::default().startup_timeout
         );
         assert_eq!(first.driver, supervisor::default_driver("gpt"));
         assert_eq!(

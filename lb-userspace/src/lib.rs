@@ -1,5 +1,11 @@
 //! Steer's agent: loads the XDP program, owns the backend table and serves the admin API.
 //!
+//! This file is the composition root: [`run`] (`steer run`) and [`supervise`]
+//! (`steer supervise`) wire the parts together, and nothing else imports `config`. Data flows
+//! one way: the config's [`spec`]s, the admin API, the health checks, slot polls and supervised
+//! instances write to the backend [`table`], whose actor alone writes the kernel maps
+//! ([`dataplane`]) and publishes the proxy's routes ([`proxy`]) and its state for readers.
+//!
 //! `main` parses flags and the config, then hands both to [`run`] with a shutdown future, so a test
 //! can drive the same code with its own.
 

@@ -440,6 +440,22 @@ pub struct InstanceSettings {
     pub user: Option<String>,
 }
 
+impl Default for InstanceSettings {
+    /// What an `[[instance]]` gets for each key it leaves out (`steer supervise`'s flags have the
+    /// same defaults).
+    fn default() -> Self {
+        InstanceSettings {
+            startup_timeout: Duration::from_secs(60),
+            debounce: Duration::from_millis(200),
+            stop_grace: Duration::from_secs(10),
+            allowed_binaries: Vec::new(),
+            api_flags: Vec::new(),
+            model_dirs: Vec::new(),
+            user: None,
+        }
+    }
+}
+
 /// `[[instance]] service = ...`: the instance is a backend of that service.
 #[derive(Clone, Debug)]
 pub struct InstanceBackend {

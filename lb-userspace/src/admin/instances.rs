@@ -233,7 +233,7 @@ async fn change(
 mod tests {
     use super::*;
     use crate::admin::backends::tests::{TEST_TOKEN, call, call_with, test_token};
-    use crate::spec::DriverConfig;
+    use crate::spec::{DriverConfig, InstanceSettings};
     use crate::store::{SavedArgs, Store};
     use crate::supervisor::{Aliases, ArgPolicy, Settings, spawn};
     use axum::http::Method;
@@ -262,12 +262,14 @@ mod tests {
             .into(),
         };
         let settings = Settings {
-            startup_timeout: Duration::from_secs(1),
-            debounce: Duration::from_secs(60),
-            stop_grace: Duration::from_secs(1),
-            allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
+            instance: InstanceSettings {
+                startup_timeout: Duration::from_secs(1),
+                debounce: Duration::from_secs(60),
+                stop_grace: Duration::from_secs(1),
+                allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
+                ..InstanceSettings::default()
+            },
             policy: ArgPolicy::new(&[], &[], &dir.join("m.gguf").display().to_string()),
-            user: None,
             applies: crate::supervisor::ApplyLimit::default(),
         };
         spawn(name, args, Aliases::default(), settings, store, None).0
@@ -496,12 +498,13 @@ mod tests {
             .into(),
         };
         let settings = Settings {
-            startup_timeout: Duration::from_secs(1),
-            debounce: Duration::from_secs(60),
-            stop_grace: Duration::from_secs(1),
-            allowed_binaries: Vec::new(),
+            instance: InstanceSettings {
+                startup_timeout: Duration::from_secs(1),
+                debounce: Duration::from_secs(60),
+                stop_grace: Duration::from_secs(1),
+                ..InstanceSettings::default()
+            },
             policy: ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"),
-            user: None,
             applies: crate::supervisor::ApplyLimit::default(),
         };
         let (handle, _task) = spawn("gpt", args, Aliases::default(), settings, store, None);

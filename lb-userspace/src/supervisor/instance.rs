@@ -34,6 +34,7 @@ use super::args::{Aliases, ArgsError, Change, InputArgs};
 use super::backend::BackendLink;
 use super::policy::{ArgPolicy, PolicyError};
 use super::process::{Failed, Launcher, Process, RunAs, Spawner, StartError, UserError};
+use crate::spec::InstanceSettings;
 use crate::store::{ArgValue, SavedArgs, Store};
 
 /// A batch waits at most this many debounce windows after its first change.
@@ -43,19 +44,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CHANNEL: usize = 64;
 
-/// Per-instance knobs.
+/// What the actor runs an instance with: the operator's settings, and what `start` made of
+/// them.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub startup_timeout: Duration,
-    pub debounce: Duration,
-    pub stop_grace: Duration,
-    /// Binaries the API may switch to.
-    pub allowed_binaries: Vec<String>,
-    /// The flags and paths the API may set.
+    pub instance: InstanceSettings,
+    /// The flags and paths the API may set, from `instance.api_flags` and `model_dirs`.
     pub policy: ArgPolicy,
-    /// Who llama-server runs as when the agent is root (default `nobody`; see
-    /// [`super::process::RunAs`]).
-    pub user: Option<String>,
     /// Shared by every instance of the agent.
     pub applies: ApplyLimit,
 }
@@ -265,7 +260,7 @@ pub fn spawn(
     link: Option<BackendLink>,
 ) -> (InstanceHandle, JoinHandle<()>) {
     let spawner = Spawner {
-        user: settings.user.clone(),
+        user: settings.instance.user.clone(),
     };
     spawn_with(spawner, name, args, aliases, settings, store, link)
 }
@@ -418,7 +413,7 @@ impl<L: Launcher> Actor<L> {
                 link.drain().await;
             }
             let pid = running.pid();
-            let status = running.stop(self.settings.stop_grace).await;
+            let status = running.stop(self.settings.instance.stop_grace).await;
             info!(pid, ?status, "llama-server stopped");
         }
     }
@@ -491,7 +486,7 @@ impl<L: Launcher> Actor<L> {
         running: Option<L::Process>,
         turn: Option<OwnedSemaphorePermit>,
     ) {
-        let startup = self.settings.startup_timeout;
+        let startup = self.settings.instance.startup_timeout;
         let launcher = self.launcher.clone();
         let link = self.link.clone();
         let future: OpFuture<L::Process> = match &kind {
@@ -663,7 +658,7 @@ impl<L: Launcher> Actor<L> {
         let current = self.target_binary();
         if let Some(binary) = &input.binary
             && *binary != current
-            && !self.settings.allowed_binaries.contains(binary)
+            && !self.settings.instance.allowed_binaries.contains(binary)
         {
             return Err(InstanceError::BinaryNotAllowed(binary.clone()));
         }
@@ -684,7 +679,7 @@ impl<L: Launcher> Actor<L> {
         self.check_access(&binary, &change)?;
         let (waiter, outcome) = oneshot::channel();
         let now = Instant::now();
-        let debounce = self.settings.debounce;
+        let debounce = self.settings.instance.debounce;
         let busy = self.op.is_some();
         match &mut self.batch {
             Some(batch) => {
@@ -709,7 +704,7 @@ impl<L: Launcher> Actor<L> {
     /// Whether llama-server's user can run `binary` and read the `--model` that `change` sets,
     /// so a file it cannot open is refused now rather than after a stop and a failed start.
     fn check_access(&self, binary: &str, change: &Change) -> Result<(), UserError> {
-        let Some(run_as) = RunAs::resolve(self.settings.user.as_deref())? else {
+        let Some(run_as) = RunAs::resolve(self.settings.instance.user.as_deref())? else {
             return Ok(());
         };
         let mut args = SavedArgs {
@@ -797,10 +792,12 @@ async fn apply<L: Launcher>(
     }
     if let Some(running) = running {
         let pid = running.pid();
-        let status = running.stop(settings.stop_grace).await;
+        let status = running.stop(settings.instance.stop_grace).await;
         debug!(pid, ?status, "stopped for an apply");
     }
-    let started = launcher.start(&target, settings.startup_timeout).await;
+    let started = launcher
+        .start(&target, settings.instance.startup_timeout)
+        .await;
     let mut spawns = spawned(&started);
     match started {
         Ok(running) => {
@@ -817,7 +814,9 @@ async fn apply<L: Launcher>(
             }
         }
         Err(failed) => {
-            let restarted = launcher.start(&previous, settings.startup_timeout).await;
+            let restarted = launcher
+                .start(&previous, settings.instance.startup_timeout)
+                .await;
             spawns += spawned(&restarted);
             // Failed too: the backend stays drained until a revival is healthy.
             if let (Ok(_), Some(link)) = (&restarted, &link) {
@@ -1069,12 +1068,13 @@ mod tests {
             .into(),
         };
         let settings = Settings {
-            startup_timeout: Duration::from_secs(60),
-            debounce: Duration::from_millis(200),
-            stop_grace: Duration::from_secs(1),
-            allowed_binaries: Vec::new(),
+            instance: InstanceSettings {
+                startup_timeout: Duration::from_secs(60),
+                debounce: Duration::from_millis(200),
+                stop_grace: Duration::from_secs(1),
+                ..InstanceSettings::default()
+            },
             policy: ArgPolicy::unrestricted(),
-            user: None,
             applies,
         };
         let fake = Fake::new(restart);

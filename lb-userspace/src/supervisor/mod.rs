@@ -37,9 +37,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "/var/lib/steer/config.toml";
 /// The config name `steer supervise` uses when no `--config-driver` is given.
 pub const DEFAULT_CONFIG_NAME: &str = "default";
 
-pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
-pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The file driver at [`DEFAULT_CONFIG_PATH`] under `name`.
@@ -154,12 +151,8 @@ pub async fn start(
     check_user(&name, spec.settings.user.as_deref(), &args)?;
     let InstanceSpec { name, settings, .. } = spec;
     let settings = Settings {
-        startup_timeout: settings.startup_timeout,
-        debounce: settings.debounce,
-        stop_grace: settings.stop_grace,
-        allowed_binaries: settings.allowed_binaries,
+        instance: settings,
         policy,
-        user: settings.user,
         applies,
     };
     Ok(instance::spawn(&name, args, aliases, settings, store, link))
@@ -261,15 +254,7 @@ mod tests {
             model: "/m/a.gguf".to_owned(),
             port,
             extra_args: Vec::new(),
-            settings: InstanceSettings {
-                startup_timeout: DEFAULT_STARTUP_TIMEOUT,
-                debounce: DEFAULT_DEBOUNCE,
-                stop_grace: DEFAULT_STOP_GRACE,
-                allowed_binaries: Vec::new(),
-                api_flags: Vec::new(),
-                model_dirs: Vec::new(),
-                user: None,
-            },
+            settings: InstanceSettings::default(),
             driver: default_driver("gpt"),
             backend: backend.then(|| InstanceBackend {
                 service: "chat".to_owned(),
