@@ -3,6 +3,8 @@
 #ifndef STEER_NAT_H
 #define STEER_NAT_H
 
+#include "clock.h"
+#include "compiler.h"
 #include "csum.h"
 #include "maps.h"
 #include "parsing.h"
@@ -66,8 +68,7 @@ backend_route(struct xdp_md *ctx, __u32 id, const struct steer_backend *b, __u16
 
 	if (!route)
 		return NULL;
-	if (READ_ONCE(route->addr) == b->addr &&
-	    now - READ_ONCE(route->checked_ns) <= STEER_REFRESH_NS)
+	if (READ_ONCE(route->addr) == b->addr && !refresh_due(&route->checked_ns, now))
 		return route;
 	if (next_hop(ctx, 0, b->addr, tot_len, &hop))
 		return NULL;

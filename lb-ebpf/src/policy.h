@@ -4,6 +4,8 @@
 #ifndef STEER_POLICY_H
 #define STEER_POLICY_H
 
+#include "compiler.h"
+#include "hash.h"
 #include "maps.h"
 
 /* Conntrack hits a draining backend; a new flow needs an active one with room. */

@@ -9,6 +9,10 @@
  */
 #include <linux/pkt_cls.h>
 
+#include "clock.h"
+#include "compiler.h"
+#include "counters.h"
+#include "events.h"
 #include "nat.h"
 #include "parsing.h"
 #include "policy.h"
@@ -16,9 +20,6 @@
 enum {
 	STEER_HEADERS_LEN = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr),
 };
-
-/* Flow opened/closed events; the agent may turn them off to save the cost. */
-const volatile __u32 flow_events = 1;
 
 /* Makes every shared enum and the event struct reach BTF, where a test
  * compares them with lb-common. Never read. */
@@ -33,23 +34,6 @@ const volatile struct steer_abi_anchor {
 	enum steer_flow_close flow_close;
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
-
-/* A flow's entry is refreshed about once a second, not on every packet: its
- * last_seen for expiry (sparing the shared cache line) and its next hop. */
-static __always_inline int refresh_due(const __u64 *last_seen_ns, __u64 now)
-{
-	return now - READ_ONCE(*last_seen_ns) > STEER_REFRESH_NS;
-}
-
-static __always_inline void account(__u32 backend_id, enum steer_counter packets,
-				    __u32 bytes, __u32 new_flows)
-{
-	__u32 service_id = backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
-
-	count(service_id, packets, 1);
-	count(service_id, packets + 1, bytes);	/* the _BYTES counter follows */
-	count_backend(backend_id, bytes, new_flows);
-}
 
 static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 client_addr,
 					__be16 client_port)
@@ -242,6 +226,16 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	rewrite(pkt, flow.snat_addr, flow.snat_port, flow.backend_addr, flow.backend_port,
 		&flow.hop);
 	return bpf_redirect_map(&tx_ports, flow.hop.ifindex, 0);
+}
+
+/* Whether daddr may be a VIP (filter slots are shared, so this can be wrong
+ * only the safe way). */
+static __always_inline int maybe_vip(__be32 daddr)
+{
+	__u32 slot = client_hash(daddr) % STEER_VIP_FILTER_SIZE;
+	__u32 *services = bpf_map_lookup_elem(&vip_filter, &slot);
+
+	return services && *services;
 }
 
 /* Whether the flow's service still serves the packet's VIP:port. */
