@@ -12,6 +12,7 @@ const HEADERS: &[&str] = &[
     "src/csum.h",
     "src/clock.h",
     "src/compiler.h",
+    "src/conntrack.h",
     "src/counters.h",
     "src/events.h",
     "src/hash.h",

@@ -11,6 +11,7 @@
 
 #include "clock.h"
 #include "compiler.h"
+#include "conntrack.h"
 #include "counters.h"
 #include "events.h"
 #include "nat.h"
@@ -35,49 +36,6 @@ const volatile struct steer_abi_anchor {
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
 
-static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 client_addr,
-					__be16 client_port)
-{
-	if (!release_flow(flow))
-		return;
-	count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_CLOSED_FLOWS, 1);
-	if (flow_events)
-		emit_event(STEER_EVENT_FLOW_CLOSED, flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
-			   flow->backend_id, client_addr, client_port);
-}
-
-static __always_inline struct steer_flow_rev *reply_flow(const struct packet *pkt)
-{
-	struct steer_flow_key key;
-
-	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
-	return bpf_map_lookup_elem(&ct_rev, &key);
-}
-
-/* The bookkeeping of a backend's reply, local or remote: release on FIN/RST,
- * count. */
-static __always_inline void track_reply(const struct packet *pkt, struct steer_flow_rev *rev)
-{
-	if (tcp_ends_flow(pkt->tcp)) {
-		struct steer_flow_key key;
-		struct steer_flow_fwd *flow;
-
-		__u32 closed = READ_ONCE(rev->closed);
-
-		/* The side that closes first keeps TIME_WAIT; both do when FINs cross. */
-		if (closed == STEER_FLOW_OPEN)
-			rev->closed = pkt->tcp->rst ? STEER_FLOW_CLOSED : STEER_FLOW_BACKEND_CLOSED;
-		else if (closed == STEER_FLOW_CLOSED && fins_crossed(pkt->tcp, rev))
-			__sync_val_compare_and_swap(&rev->closed, STEER_FLOW_CLOSED,
-						    STEER_FLOW_BACKEND_CLOSED);
-		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
-		flow = bpf_map_lookup_elem(&ct_fwd, &key);
-		if (flow && flow->backend_id == rev->backend_id)
-			flow_closed(flow, rev->client_addr, rev->client_port);
-	}
-	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
-}
-
 /* Remote backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
 static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 {
@@ -101,15 +59,16 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 		rev->last_seen_ns = now;
 	}
 	track_reply(pkt, rev);
+	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
 	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &rev->hop);
 	return bpf_redirect_map(&tx_ports, rev->hop.ifindex, 0);
 }
 
+/* Client -> VIP packet of a tracked flow: to its backend, next hop refreshed
+ * about once a second. */
 static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 					struct steer_flow_fwd *flow)
 {
-	__be32 client_addr = pkt->ip->saddr;
-	__be16 client_port = pkt->tcp->source;
 	int local = flow->flags & STEER_FLOW_LOCAL;
 	__u64 now = coarse_now();
 
@@ -122,10 +81,7 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 		}
 		flow->last_seen_ns = now;
 	}
-	if (tcp_ends_flow(pkt->tcp))
-		flow_closed(flow, client_addr, client_port);
-	if (READ_ONCE(flow->released))
-		hold_closed_tuple(flow, pkt, now);
+	track_forward(pkt, flow, now);
 	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
 	if (local) {
 		rewrite_tuple(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr,
@@ -204,15 +160,9 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	flow.backend_addr = b->addr;
 	flow.backend_port = b->port;
 	flow.last_seen_ns = rev.last_seen_ns;
-	if (bpf_map_update_elem(&ct_fwd, key, &flow, BPF_ANY)) {
-		struct steer_flow_key rev_key;
-
-		flow_key_of(&rev_key, b->addr, flow.snat_addr, b->port, flow.snat_port);
-		bpf_map_delete_elem(&ct_rev, &rev_key);
-		return_connection(id);
+	if (record_flow(key, &flow))
 		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
 				       STEER_EVENT_NO_SNAT_PORT);
-	}
 
 	count(svc->id, STEER_CNT_NEW_FLOWS, 1);
 	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
@@ -257,15 +207,7 @@ static __always_inline int handle_vip(struct xdp_md *ctx, struct packet *pkt)
 	struct steer_service *svc;
 	struct steer_flow_fwd *flow;
 
-	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
-	flow = bpf_map_lookup_elem(&ct_fwd, &key);
-	if (flow && READ_ONCE(flow->released) && tcp_is_syn(pkt->tcp)) {
-		/* A new connection reusing a closed flow's tuple: the old entry must
-		 * not catch its packets if its SYN goes to the stack. The old reply
-		 * tuple keeps its own entry (and hold) in ct_rev. */
-		bpf_map_delete_elem(&ct_fwd, &key);
-		flow = NULL;
-	}
+	flow = client_flow(pkt, &key);
 	if (flow && service_serves(flow, pkt))
 		return forward_flow(ctx, pkt, flow);
 
@@ -321,6 +263,7 @@ int steer_tc_egress(struct __sk_buff *skb)
 	if (refresh_due(&rev->last_seen_ns, now))
 		rev->last_seen_ns = now;
 	track_reply(&pkt, rev);
+	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt.len, 0);
 	/* The helpers below may move the data: pkt is not read after them. */
 	rewrite_source_skb(skb, &pkt, rev->vip, rev->vip_port);
 	return TC_ACT_OK;
