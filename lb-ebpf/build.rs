@@ -16,6 +16,7 @@ const HEADERS: &[&str] = &[
     "src/counters.h",
     "src/events.h",
     "src/hash.h",
+    "src/ids.h",
     "src/maps.h",
     "src/nat.h",
     "src/policy.h",

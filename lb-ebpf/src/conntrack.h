@@ -21,6 +21,7 @@
 #include "compiler.h"
 #include "counters.h"
 #include "events.h"
+#include "ids.h"
 #include "maps.h"
 #include "parsing.h"
 
@@ -180,9 +181,9 @@ static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 clie
 {
 	if (!release_flow(flow))
 		return;
-	count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_CLOSED_FLOWS, 1);
+	count(backend_service_id(flow->backend_id), STEER_CNT_CLOSED_FLOWS, 1);
 	if (flow_events)
-		emit_event(STEER_EVENT_FLOW_CLOSED, flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
+		emit_event(STEER_EVENT_FLOW_CLOSED, backend_service_id(flow->backend_id),
 			   flow->backend_id, client_addr, client_port);
 }
 

@@ -3,6 +3,7 @@
 #ifndef STEER_COUNTERS_H
 #define STEER_COUNTERS_H
 
+#include "ids.h"
 #include "maps.h"
 
 static __always_inline void count(__u32 service_id, enum steer_counter counter, __u64 n)
@@ -28,7 +29,7 @@ static __always_inline void count_backend(__u32 backend_id, __u64 bytes, __u64 n
 static __always_inline void account(__u32 backend_id, enum steer_counter packets,
 				    __u32 bytes, __u32 new_flows)
 {
-	__u32 service_id = backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
+	__u32 service_id = backend_service_id(backend_id);
 
 	count(service_id, packets, 1);
 	count(service_id, packets + 1, bytes);	/* the _BYTES counter follows */

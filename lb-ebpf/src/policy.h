@@ -6,6 +6,7 @@
 
 #include "compiler.h"
 #include "hash.h"
+#include "ids.h"
 #include "maps.h"
 
 /* Conntrack hits a draining backend; a new flow needs an active one with room. */
@@ -32,7 +33,7 @@ static __always_inline enum table_entry try_entry(const struct steer_service *sv
 
 	if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
 		return ENTRY_INVALID;
-	id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
+	id = backend_id_of(svc->id, *slot);
 	b = bpf_map_lookup_elem(&backends, &id);
 	if (!b || !backend_has_room(b, id, &conns))
 		return ENTRY_FULL;
@@ -73,7 +74,7 @@ static __always_inline int pick_least_connections(const struct steer_service *sv
 	int found = -1;
 
 	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
-		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		__u32 id = backend_id_of(svc->id, slot);
 		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
 
 		if (!b || !backend_has_room(b, id, &conns))
@@ -109,7 +110,7 @@ static __always_inline int pick_slots(const struct steer_service *svc, __u32 *ba
 	int found = -1;
 
 	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
-		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		__u32 id = backend_id_of(svc->id, slot);
 		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
 
 		if (!b || !backend_has_room(b, id, &conns))

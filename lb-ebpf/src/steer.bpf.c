@@ -14,6 +14,7 @@
 #include "conntrack.h"
 #include "counters.h"
 #include "events.h"
+#include "ids.h"
 #include "nat.h"
 #include "parsing.h"
 #include "policy.h"
@@ -52,8 +53,7 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 	now = coarse_now();
 	if (refresh_due(&rev->last_seen_ns, now) || !rev->hop.ifindex) {
 		if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &rev->hop)) {
-			count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE,
-			      1);
+			count(backend_service_id(rev->backend_id), STEER_CNT_NO_ROUTE, 1);
 			return XDP_PASS;
 		}
 		rev->last_seen_ns = now;
@@ -75,8 +75,7 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 	if (refresh_due(&flow->last_seen_ns, now)) {
 		if (!local &&
 		    next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &flow->hop)) {
-			count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
-			      STEER_CNT_NO_ROUTE, 1);
+			count(backend_service_id(flow->backend_id), STEER_CNT_NO_ROUTE, 1);
 			return XDP_PASS;
 		}
 		flow->last_seen_ns = now;
@@ -192,7 +191,7 @@ static __always_inline int maybe_vip(__be32 daddr)
 static __always_inline int service_serves(const struct steer_flow_fwd *flow,
 					  const struct packet *pkt)
 {
-	__u32 id = flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
+	__u32 id = backend_service_id(flow->backend_id);
 	struct steer_service_key *served = bpf_map_lookup_elem(&service_keys, &id);
 
 	return served && served->vip == pkt->ip->daddr && served->port == pkt->tcp->dest;
