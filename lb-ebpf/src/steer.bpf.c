@@ -59,7 +59,7 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 		rev->last_seen_ns = now;
 	}
 	track_reply(pkt, rev);
-	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
+	account_reply(rev->backend_id, pkt->len);
 	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &rev->hop);
 	return bpf_redirect_map(&tx_ports, rev->hop.ifindex, 0);
 }
@@ -81,7 +81,7 @@ static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 		flow->last_seen_ns = now;
 	}
 	track_forward(pkt, flow, now);
-	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
+	account_forward(flow->backend_id, pkt->len, 0);
 	if (local) {
 		rewrite_tuple(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr,
 			      flow->backend_port);
@@ -164,7 +164,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 				       STEER_EVENT_NO_SNAT_PORT);
 
 	count(svc->id, STEER_CNT_NEW_FLOWS, 1);
-	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
+	account_forward(id, pkt->len, 1);
 	if (flow_events)
 		emit_event(STEER_EVENT_FLOW_OPENED, svc->id, id, key->src_addr, key->src_port);
 	if (!route) {
@@ -262,7 +262,7 @@ int steer_tc_egress(struct __sk_buff *skb)
 	if (refresh_due(&rev->last_seen_ns, now))
 		rev->last_seen_ns = now;
 	track_reply(&pkt, rev);
-	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt.len, 0);
+	account_reply(rev->backend_id, pkt.len);
 	/* The helpers below may move the data: pkt is not read after them. */
 	rewrite_source_skb(skb, &pkt, rev->vip, rev->vip_port);
 	return TC_ACT_OK;
