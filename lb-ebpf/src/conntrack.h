@@ -231,7 +231,9 @@ static __always_inline int fins_crossed(const struct tcphdr *tcp, const struct s
 	return !tcp->ack || (__s32)(bpf_ntohl(tcp->ack_seq) - client_fin_end) < 0;
 }
 
-/* The tracked flow a backend -> SNAT tuple packet answers, NULL when none. */
+/* The tracked flow a backend's packet answers, NULL when none: its tuple is
+ * the flow's reply tuple (backend -> SNAT address and port, or -> client for
+ * a local backend). */
 static __always_inline struct steer_flow_rev *reply_flow(const struct packet *pkt)
 {
 	struct steer_flow_key key;
