@@ -10,6 +10,13 @@ const PROGRAMS: &[&str] = &["steer.bpf.c", "empty.bpf.c"];
 const HEADERS: &[&str] = &[
     "src/parsing.h",
     "src/csum.h",
+    "src/clock.h",
+    "src/compiler.h",
+    "src/conntrack.h",
+    "src/counters.h",
+    "src/events.h",
+    "src/hash.h",
+    "src/ids.h",
     "src/maps.h",
     "src/nat.h",
     "src/policy.h",

@@ -1,7 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
-/* Kernel-side maps. The agent is the only writer of services, backends,
- * rr_ring, ifaces and tx_ports; the program writes conntrack, counts and
- * counters. Value and key types come from steer_abi.h. */
+/* Kernel-side maps, and nothing else: the helpers that read and write them
+ * live in the header of their concern. The agent writes the service and
+ * backend tables (services, service_keys, vip_filter, backends, rr_ring,
+ * maglev) and the interfaces (ifaces, tx_ports), and seeds snat_cursor; the
+ * program writes the rest. Conntrack entries are the program's, deleted by
+ * the agent's expiry; backend_conns is changed by both, atomically. Shared
+ * key and value types come from steer_abi.h; the kernel-only ones are here,
+ * beside their map. */
 #ifndef STEER_MAPS_H
 #define STEER_MAPS_H
 
@@ -9,16 +14,9 @@
 #include <bpf/bpf_helpers.h>
 #include "steer_abi.h"
 
-#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
-
 enum {
 	STEER_CT_DEFAULT_ENTRIES = 262144,
 	STEER_EVENTS_BYTES = 256 * 1024,
-	/* The reader is woken only once this much waits (see emit_event). */
-	STEER_EVENTS_WAKEUP_BYTES = STEER_EVENTS_BYTES / 4,
-	/* How long a cached next hop and a flow's last_seen stand before they
-	 * are refreshed: route and neighbour changes take effect within it. */
-	STEER_REFRESH_NS = 1000000000,
 };
 
 struct {
@@ -167,6 +165,7 @@ struct {
 	__uint(max_entries, STEER_MAX_INTERFACES);
 } tx_ports SEC(".maps");
 
+/* Flow and refusal events for the agent (events.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, STEER_EVENTS_BYTES);
@@ -185,97 +184,5 @@ struct {
 	__type(value, struct clock_cache);
 	__uint(max_entries, 1);
 } clock SEC(".maps");
-
-/* murmur3's 32-bit finalizer; lb-common's client_hash is the same function.
- * It spreads client addresses over Maglev tables and VIPs over vip_filter. */
-static __always_inline __u32 client_hash(__u32 addr)
-{
-	addr ^= addr >> 16;
-	addr *= 0x85ebca6b;
-	addr ^= addr >> 13;
-	addr *= 0xc2b2ae35;
-	addr ^= addr >> 16;
-	return addr;
-}
-
-/* CLOCK_MONOTONIC_COARSE, read once a jiffy per CPU: bpf_jiffies64 is inlined
- * by the verifier, while each clock helper is a call, dear on every packet.
- * The coarse clock itself moves once a jiffy, so nothing is lost. */
-static __always_inline __u64 coarse_now(void)
-{
-	__u32 key = 0;
-	struct clock_cache *c = bpf_map_lookup_elem(&clock, &key);
-	__u64 jiffies = bpf_jiffies64();
-
-	if (!c)
-		return bpf_ktime_get_coarse_ns();
-	if (c->jiffies != jiffies) {
-		c->jiffies = jiffies;
-		c->now_ns = bpf_ktime_get_coarse_ns();
-	}
-	return c->now_ns;
-}
-
-/* Whether daddr may be a VIP (filter slots are shared, so this can be wrong
- * only the safe way). */
-static __always_inline int maybe_vip(__be32 daddr)
-{
-	__u32 slot = client_hash(daddr) % STEER_VIP_FILTER_SIZE;
-	__u32 *services = bpf_map_lookup_elem(&vip_filter, &slot);
-
-	return services && *services;
-}
-
-static __always_inline void count(__u32 service_id, enum steer_counter counter, __u64 n)
-{
-	__u32 key = service_id * STEER_COUNTER_MAX + counter;
-	__u64 *value = bpf_map_lookup_elem(&service_stats, &key);
-
-	if (value)
-		*value += n;
-}
-
-static __always_inline void count_backend(__u32 backend_id, __u64 bytes, __u64 new_flows)
-{
-	struct steer_backend_stats *stats = bpf_map_lookup_elem(&backend_stats, &backend_id);
-
-	if (!stats)
-		return;
-	stats->packets++;
-	stats->bytes += bytes;
-	stats->new_flows += new_flows;
-}
-
-/* A wakeup is an interrupt to another CPU (a VM exit under a hypervisor),
- * too dear for every new flow: the agent drains the ring on a short timer,
- * and the record that makes the waiting data cross a quarter of the ring
- * (the reserved one included) wakes it early, once per crossing. */
-static __always_inline __u64 events_wakeup(void)
-{
-	const __u64 record = (BPF_RINGBUF_HDR_SZ + sizeof(struct steer_event) + 7) & ~7ULL;
-	__u64 waiting = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-
-	if (waiting >= STEER_EVENTS_WAKEUP_BYTES && waiting < STEER_EVENTS_WAKEUP_BYTES + record)
-		return BPF_RB_FORCE_WAKEUP;
-	return BPF_RB_NO_WAKEUP;
-}
-
-static __always_inline void emit_event(enum steer_event_kind kind, __u32 service_id,
-				       __u32 backend_id, __u32 client_addr, __u16 client_port)
-{
-	struct steer_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
-
-	if (!ev)
-		return;
-	ev->timestamp_ns = bpf_ktime_get_ns();
-	ev->kind = kind;
-	ev->service_id = service_id;
-	ev->backend_id = backend_id;
-	ev->client_addr = client_addr;
-	ev->client_port = client_port;
-	ev->_pad0 = 0;
-	ev->_pad1 = 0;
-	bpf_ringbuf_submit(ev, events_wakeup());
-}
 
 #endif /* STEER_MAPS_H */

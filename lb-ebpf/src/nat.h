@@ -3,6 +3,9 @@
 #ifndef STEER_NAT_H
 #define STEER_NAT_H
 
+#include "clock.h"
+#include "compiler.h"
+#include "conntrack.h"
 #include "csum.h"
 #include "maps.h"
 #include "parsing.h"
@@ -21,13 +24,6 @@ enum {
 /* Source ports for flows to remote backends: [snat_port_min, snat_port_max]. */
 const volatile __u16 snat_port_min = 16384;
 const volatile __u16 snat_port_max = 32767;
-/* How long a closed flow keeps its reply tuple after its last packet, so late
- * packets of the close never reach a new flow (the agent's closed-flow
- * timeout, after which its expiry deletes the entries). */
-const volatile __u64 closed_flow_ns = 10000000000ULL;
-/* How long a tuple the backend closed first stays held: Linux's TIME_WAIT
- * (60 s, fixed) and the coarse clock's refresh of last_seen_ns. */
-const volatile __u64 time_wait_ns = 62000000000ULL;
 
 /* Route dst; only interfaces in tx_ports can be the way out. hop is written
  * only on success, so a flow's cached hop stays whole when a lookup fails. */
@@ -66,8 +62,7 @@ backend_route(struct xdp_md *ctx, __u32 id, const struct steer_backend *b, __u16
 
 	if (!route)
 		return NULL;
-	if (READ_ONCE(route->addr) == b->addr &&
-	    now - READ_ONCE(route->checked_ns) <= STEER_REFRESH_NS)
+	if (READ_ONCE(route->addr) == b->addr && !refresh_due(&route->checked_ns, now))
 		return route;
 	if (next_hop(ctx, 0, b->addr, tot_len, &hop))
 		return NULL;
@@ -82,92 +77,6 @@ backend_route(struct xdp_md *ctx, __u32 id, const struct steer_backend *b, __u16
 	route->addr = b->addr;
 	route->checked_ns = now;
 	return route;
-}
-
-static __always_inline void flow_key_of(struct steer_flow_key *key, __be32 saddr, __be32 daddr,
-				       __be16 sport, __be16 dport)
-{
-	__builtin_memset(key, 0, sizeof(*key));
-	key->src_addr = saddr;
-	key->dst_addr = daddr;
-	key->src_port = sport;
-	key->dst_port = dport;
-	key->proto = IPPROTO_TCP;
-}
-
-/* Take over old, the reply tuple of a flow closed and quiet for its hold
- * (closed_flow_ns, or time_wait_ns when the backend closed first), as the
- * agent's expiry would free it, without waiting for its sweep. The
- * compare-and-swap lets one CPU alone take it. */
-static __always_inline int reclaim_reply_tuple(const struct steer_flow_key *key,
-					       struct steer_flow_rev *old,
-					       const struct steer_flow_rev *rev)
-{
-	__u32 closed = READ_ONCE(old->closed);
-	__u64 hold;
-
-	if (closed == STEER_FLOW_CLOSED)
-		hold = closed_flow_ns;
-	else if (closed == STEER_FLOW_BACKEND_CLOSED)
-		hold = time_wait_ns;
-	else
-		return -1;
-	/* Signed: another CPU's clock read may be a tick ahead of ours. */
-	if ((__s64)(rev->last_seen_ns - READ_ONCE(old->last_seen_ns)) <= (__s64)hold)
-		return -1;
-	if (__sync_val_compare_and_swap(&old->closed, closed, STEER_FLOW_TAKEN) != closed)
-		return -1;
-	return bpf_map_update_elem(&ct_rev, key, rev, BPF_EXIST);
-}
-
-/* Record the reply tuple backend -> addr:port, unless a live flow has it: the
- * BPF_NOEXIST insert (or the takeover of a closed flow's) is the claim, so two
- * flows never share a tuple. A lookup first: a taken tuple costs no insert. */
-static __always_inline int claim_reply_tuple(__be32 backend_addr, __be16 backend_port,
-					     __be32 addr, __be16 port,
-					     const struct steer_flow_rev *rev)
-{
-	struct steer_flow_key key;
-	struct steer_flow_rev *old;
-
-	flow_key_of(&key, backend_addr, addr, backend_port, port);
-	old = bpf_map_lookup_elem(&ct_rev, &key);
-	if (!old)
-		return bpf_map_update_elem(&ct_rev, &key, rev, BPF_NOEXIST);
-	return reclaim_reply_tuple(&key, old, rev);
-}
-
-/* A packet of a closing flow: mark its reply tuple closed and keep it held
- * while packets come, unless a new flow has taken it already. */
-static __always_inline void hold_closed_tuple(const struct steer_flow_fwd *flow,
-					      const struct packet *pkt, __u64 now)
-{
-	struct steer_flow_key key;
-	struct steer_flow_rev *rev;
-
-	flow_key_of(&key, flow->backend_addr, flow->snat_addr, flow->backend_port,
-		    flow->snat_port);
-	rev = bpf_map_lookup_elem(&ct_rev, &key);
-	if (!rev || rev->client_addr != pkt->ip->saddr || rev->client_port != pkt->tcp->source ||
-	    rev->vip != pkt->ip->daddr || rev->vip_port != pkt->tcp->dest)
-		return;
-	if (READ_ONCE(rev->closed) == STEER_FLOW_OPEN) {
-		rev->closed = STEER_FLOW_CLOSED;
-		if (pkt->tcp->fin)
-			rev->client_fin_end = tcp_fin_end(pkt);
-	}
-	rev->last_seen_ns = now;
-}
-
-/* A backend FIN after the client's that does not acknowledge it: the FINs
- * crossed (simultaneous close) and the backend keeps TIME_WAIT as well. */
-static __always_inline int fins_crossed(const struct tcphdr *tcp, const struct steer_flow_rev *rev)
-{
-	__u32 client_fin_end = READ_ONCE(rev->client_fin_end);
-
-	if (!tcp->fin || !client_fin_end)
-		return 0;
-	return !tcp->ack || (__s32)(bpf_ntohl(tcp->ack_seq) - client_fin_end) < 0;
 }
 
 /* Claim a source port towards a remote backend whose reply tuple is free,

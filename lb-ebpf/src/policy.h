@@ -4,6 +4,9 @@
 #ifndef STEER_POLICY_H
 #define STEER_POLICY_H
 
+#include "compiler.h"
+#include "hash.h"
+#include "ids.h"
 #include "maps.h"
 
 /* Conntrack hits a draining backend; a new flow needs an active one with room. */
@@ -30,7 +33,7 @@ static __always_inline enum table_entry try_entry(const struct steer_service *sv
 
 	if (!slot || *slot >= STEER_MAX_BACKENDS_PER_SERVICE)
 		return ENTRY_INVALID;
-	id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + *slot;
+	id = backend_id_of(svc->id, *slot);
 	b = bpf_map_lookup_elem(&backends, &id);
 	if (!b || !backend_has_room(b, id, &conns))
 		return ENTRY_FULL;
@@ -71,7 +74,7 @@ static __always_inline int pick_least_connections(const struct steer_service *sv
 	int found = -1;
 
 	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
-		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		__u32 id = backend_id_of(svc->id, slot);
 		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
 
 		if (!b || !backend_has_room(b, id, &conns))
@@ -107,7 +110,7 @@ static __always_inline int pick_slots(const struct steer_service *svc, __u32 *ba
 	int found = -1;
 
 	for (slot = 0; slot < STEER_MAX_BACKENDS_PER_SERVICE && slot < svc->backend_count; slot++) {
-		__u32 id = svc->id * STEER_MAX_BACKENDS_PER_SERVICE + slot;
+		__u32 id = backend_id_of(svc->id, slot);
 		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
 
 		if (!b || !backend_has_room(b, id, &conns))
@@ -157,59 +160,6 @@ static __always_inline int pick_backend(const struct steer_service *svc, __be32 
 	default:
 		return -1;
 	}
-}
-
-/* Take one connection of the backend's cap; fails when another CPU took the last. */
-static __always_inline int claim_active(struct steer_backend_conns *c, __u32 max_conns)
-{
-	int i;
-
-	if (max_conns == 0) {
-		__sync_fetch_and_add(&c->active, 1);
-		return 0;
-	}
-	for (i = 0; i < 8; i++) {
-		__u64 cur = READ_ONCE(c->active);
-
-		if (cur >= max_conns)
-			return -1;
-		if (__sync_val_compare_and_swap(&c->active, cur, cur + 1) == cur)
-			return 0;
-	}
-	return -1;
-}
-
-/* A claimed connection also counts as steered (policy slots reads it). */
-static __always_inline int claim_connection(const struct steer_backend *b, __u32 id)
-{
-	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
-
-	if (!c || claim_active(c, b->max_conns))
-		return -1;
-	__sync_fetch_and_add(&c->steered, 1);
-	return 0;
-}
-
-static __always_inline void return_connection(__u32 id)
-{
-	struct steer_backend_conns *c = bpf_map_lookup_elem(&backend_conns, &id);
-
-	if (c)
-		__sync_fetch_and_sub(&c->active, 1);
-}
-
-/* Give the flow's connection back, once, and only to the backend it counted on. */
-static __always_inline int release_flow(struct steer_flow_fwd *flow)
-{
-	struct steer_backend *b;
-	__u32 id = flow->backend_id;
-
-	if (__sync_val_compare_and_swap(&flow->released, 0, 1) != 0)
-		return 0;
-	b = bpf_map_lookup_elem(&backends, &id);
-	if (b && b->generation == flow->generation)
-		return_connection(id);
-	return 1;
 }
 
 #endif /* STEER_POLICY_H */

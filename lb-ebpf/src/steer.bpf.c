@@ -9,6 +9,12 @@
  */
 #include <linux/pkt_cls.h>
 
+#include "clock.h"
+#include "compiler.h"
+#include "conntrack.h"
+#include "counters.h"
+#include "events.h"
+#include "ids.h"
 #include "nat.h"
 #include "parsing.h"
 #include "policy.h"
@@ -16,9 +22,6 @@
 enum {
 	STEER_HEADERS_LEN = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct tcphdr),
 };
-
-/* Flow opened/closed events; the agent may turn them off to save the cost. */
-const volatile __u32 flow_events = 1;
 
 /* Makes every shared enum and the event struct reach BTF, where a test
  * compares them with lb-common. Never read. */
@@ -33,66 +36,6 @@ const volatile struct steer_abi_anchor {
 	enum steer_flow_close flow_close;
 	struct steer_event event;
 } steer_abi_anchor __attribute__((used));
-
-/* A flow's entry is refreshed about once a second, not on every packet: its
- * last_seen for expiry (sparing the shared cache line) and its next hop. */
-static __always_inline int refresh_due(const __u64 *last_seen_ns, __u64 now)
-{
-	return now - READ_ONCE(*last_seen_ns) > STEER_REFRESH_NS;
-}
-
-static __always_inline void account(__u32 backend_id, enum steer_counter packets,
-				    __u32 bytes, __u32 new_flows)
-{
-	__u32 service_id = backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
-
-	count(service_id, packets, 1);
-	count(service_id, packets + 1, bytes);	/* the _BYTES counter follows */
-	count_backend(backend_id, bytes, new_flows);
-}
-
-static __always_inline void flow_closed(struct steer_flow_fwd *flow, __be32 client_addr,
-					__be16 client_port)
-{
-	if (!release_flow(flow))
-		return;
-	count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_CLOSED_FLOWS, 1);
-	if (flow_events)
-		emit_event(STEER_EVENT_FLOW_CLOSED, flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
-			   flow->backend_id, client_addr, client_port);
-}
-
-static __always_inline struct steer_flow_rev *reply_flow(const struct packet *pkt)
-{
-	struct steer_flow_key key;
-
-	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
-	return bpf_map_lookup_elem(&ct_rev, &key);
-}
-
-/* The bookkeeping of a backend's reply, local or remote: release on FIN/RST,
- * count. */
-static __always_inline void track_reply(const struct packet *pkt, struct steer_flow_rev *rev)
-{
-	if (tcp_ends_flow(pkt->tcp)) {
-		struct steer_flow_key key;
-		struct steer_flow_fwd *flow;
-
-		__u32 closed = READ_ONCE(rev->closed);
-
-		/* The side that closes first keeps TIME_WAIT; both do when FINs cross. */
-		if (closed == STEER_FLOW_OPEN)
-			rev->closed = pkt->tcp->rst ? STEER_FLOW_CLOSED : STEER_FLOW_BACKEND_CLOSED;
-		else if (closed == STEER_FLOW_CLOSED && fins_crossed(pkt->tcp, rev))
-			__sync_val_compare_and_swap(&rev->closed, STEER_FLOW_CLOSED,
-						    STEER_FLOW_BACKEND_CLOSED);
-		flow_key_of(&key, rev->client_addr, rev->vip, rev->client_port, rev->vip_port);
-		flow = bpf_map_lookup_elem(&ct_fwd, &key);
-		if (flow && flow->backend_id == rev->backend_id)
-			flow_closed(flow, rev->client_addr, rev->client_port);
-	}
-	account(rev->backend_id, STEER_CNT_REPLY_PACKETS, pkt->len, 0);
-}
 
 /* Remote backend -> LB reply of a tracked flow: back to VIP -> client. -1: not ours. */
 static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
@@ -110,39 +53,35 @@ static __always_inline int handle_reply(struct xdp_md *ctx, struct packet *pkt)
 	now = coarse_now();
 	if (refresh_due(&rev->last_seen_ns, now) || !rev->hop.ifindex) {
 		if (next_hop(ctx, rev->vip, rev->client_addr, pkt->len, &rev->hop)) {
-			count(rev->backend_id / STEER_MAX_BACKENDS_PER_SERVICE, STEER_CNT_NO_ROUTE,
-			      1);
+			count(backend_service_id(rev->backend_id), STEER_CNT_NO_ROUTE, 1);
 			return XDP_PASS;
 		}
 		rev->last_seen_ns = now;
 	}
 	track_reply(pkt, rev);
+	account_reply(rev->backend_id, pkt->len);
 	rewrite(pkt, rev->vip, rev->vip_port, rev->client_addr, rev->client_port, &rev->hop);
 	return bpf_redirect_map(&tx_ports, rev->hop.ifindex, 0);
 }
 
+/* Client -> VIP packet of a tracked flow: to its backend, next hop refreshed
+ * about once a second. */
 static __always_inline int forward_flow(struct xdp_md *ctx, struct packet *pkt,
 					struct steer_flow_fwd *flow)
 {
-	__be32 client_addr = pkt->ip->saddr;
-	__be16 client_port = pkt->tcp->source;
 	int local = flow->flags & STEER_FLOW_LOCAL;
 	__u64 now = coarse_now();
 
 	if (refresh_due(&flow->last_seen_ns, now)) {
 		if (!local &&
 		    next_hop(ctx, flow->snat_addr, flow->backend_addr, pkt->len, &flow->hop)) {
-			count(flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE,
-			      STEER_CNT_NO_ROUTE, 1);
+			count(backend_service_id(flow->backend_id), STEER_CNT_NO_ROUTE, 1);
 			return XDP_PASS;
 		}
 		flow->last_seen_ns = now;
 	}
-	if (tcp_ends_flow(pkt->tcp))
-		flow_closed(flow, client_addr, client_port);
-	if (READ_ONCE(flow->released))
-		hold_closed_tuple(flow, pkt, now);
-	account(flow->backend_id, STEER_CNT_FWD_PACKETS, pkt->len, 0);
+	track_forward(pkt, flow, now);
+	account_forward(flow->backend_id, pkt->len, 0);
 	if (local) {
 		rewrite_tuple(pkt, flow->snat_addr, flow->snat_port, flow->backend_addr,
 			      flow->backend_port);
@@ -220,18 +159,12 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	flow.backend_addr = b->addr;
 	flow.backend_port = b->port;
 	flow.last_seen_ns = rev.last_seen_ns;
-	if (bpf_map_update_elem(&ct_fwd, key, &flow, BPF_ANY)) {
-		struct steer_flow_key rev_key;
-
-		flow_key_of(&rev_key, b->addr, flow.snat_addr, b->port, flow.snat_port);
-		bpf_map_delete_elem(&ct_rev, &rev_key);
-		return_connection(id);
+	if (record_flow(key, &flow))
 		return refuse_new_flow(pkt, svc->id, id, STEER_CNT_NO_SNAT_PORT,
 				       STEER_EVENT_NO_SNAT_PORT);
-	}
 
 	count(svc->id, STEER_CNT_NEW_FLOWS, 1);
-	account(id, STEER_CNT_FWD_PACKETS, pkt->len, 1);
+	account_forward(id, pkt->len, 1);
 	if (flow_events)
 		emit_event(STEER_EVENT_FLOW_OPENED, svc->id, id, key->src_addr, key->src_port);
 	if (!route) {
@@ -244,11 +177,21 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct packet *pkt,
 	return bpf_redirect_map(&tx_ports, flow.hop.ifindex, 0);
 }
 
+/* Whether daddr may be a VIP (filter slots are shared, so this can be wrong
+ * only the safe way). */
+static __always_inline int maybe_vip(__be32 daddr)
+{
+	__u32 slot = client_hash(daddr) % STEER_VIP_FILTER_SIZE;
+	__u32 *services = bpf_map_lookup_elem(&vip_filter, &slot);
+
+	return services && *services;
+}
+
 /* Whether the flow's service still serves the packet's VIP:port. */
 static __always_inline int service_serves(const struct steer_flow_fwd *flow,
 					  const struct packet *pkt)
 {
-	__u32 id = flow->backend_id / STEER_MAX_BACKENDS_PER_SERVICE;
+	__u32 id = backend_service_id(flow->backend_id);
 	struct steer_service_key *served = bpf_map_lookup_elem(&service_keys, &id);
 
 	return served && served->vip == pkt->ip->daddr && served->port == pkt->tcp->dest;
@@ -263,15 +206,7 @@ static __always_inline int handle_vip(struct xdp_md *ctx, struct packet *pkt)
 	struct steer_service *svc;
 	struct steer_flow_fwd *flow;
 
-	flow_key_of(&key, pkt->ip->saddr, pkt->ip->daddr, pkt->tcp->source, pkt->tcp->dest);
-	flow = bpf_map_lookup_elem(&ct_fwd, &key);
-	if (flow && READ_ONCE(flow->released) && tcp_is_syn(pkt->tcp)) {
-		/* A new connection reusing a closed flow's tuple: the old entry must
-		 * not catch its packets if its SYN goes to the stack. The old reply
-		 * tuple keeps its own entry (and hold) in ct_rev. */
-		bpf_map_delete_elem(&ct_fwd, &key);
-		flow = NULL;
-	}
+	flow = client_flow(pkt, &key);
 	if (flow && service_serves(flow, pkt))
 		return forward_flow(ctx, pkt, flow);
 
@@ -327,6 +262,7 @@ int steer_tc_egress(struct __sk_buff *skb)
 	if (refresh_due(&rev->last_seen_ns, now))
 		rev->last_seen_ns = now;
 	track_reply(&pkt, rev);
+	account_reply(rev->backend_id, pkt.len);
 	/* The helpers below may move the data: pkt is not read after them. */
 	rewrite_source_skb(skb, &pkt, rev->vip, rev->vip_port);
 	return TC_ACT_OK;
