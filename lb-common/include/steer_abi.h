@@ -25,7 +25,7 @@ enum steer_limits {
 	STEER_MAGLEV_SIZE = 16381,
 	/* Table entries tried from the client's own when its backend has no room. */
 	STEER_MAGLEV_PROBES = 16,
-	/* Slots of the VIP filter, index steer_addr_hash(vip) % size. */
+	/* Slots of the VIP filter, index client_hash(vip) % size (hash.h; lb_common::vip_filter_slot). */
 	STEER_VIP_FILTER_SIZE = 4096,
 };
 
