@@ -538,11 +538,8 @@ impl<D: Dataplane> Dataplane for HttpUnsteered<D> {
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.inner.reset_connections(id)
     }
-    fn connections(&self, id: u32) -> u64 {
-        self.inner.connections(id)
-    }
-    fn steered(&self, id: u32) -> u64 {
-        self.inner.steered(id)
+    fn conn_counts(&self) -> Arc<ConnCounts> {
+        self.inner.conn_counts()
     }
     fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
         self.inner.forget_steered(id, seen)
