@@ -249,6 +249,14 @@ pub type Routes = Arc<Vec<Route>>;
 
 type Reply<T> = oneshot::Sender<Result<T, TableError>>;
 
+/// A command's reply, sent once the snapshot holding its result is published (given to it).
+type Answer = Box<dyn FnOnce(&Arc<Snapshot>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, TableError>) -> Answer {
+    // A caller that stopped waiting does not need the answer.
+    Box::new(move |_| drop(reply.send(result)))
+}
+
 enum Command {
     Add(NewBackend, Reply<BackendInfo>),
     Remove(u32, Reply<BackendInfo>),
@@ -609,14 +617,12 @@ impl<D: Dataplane> Table<D> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
-                    Some(Command::Close(done)) => {
-                        let _ = done.send(());
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if self.apply(command, &mut commands).is_break() {
                         break;
                     }
-                    Some(command) => self.handle(command),
-                    None => break,
-                },
+                }
                 _ = tick.tick() => {
                     if let Err(error) = self.read_counters() {
                         warn!(%error, "reading the kernel's counters; publishing the last ones");
@@ -628,41 +634,66 @@ impl<D: Dataplane> Table<D> {
         self.dataplane
     }
 
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Add(backend, reply) => self.apply(reply, |t| t.add(backend)),
-            Command::Remove(id, reply) => self.apply(reply, |t| t.remove(id)),
-            Command::SetState(id, state, reply) => self.apply(reply, |t| t.set_state(id, state)),
-            Command::SetChecks(id, address, passing, reply) => {
-                self.apply(reply, |t| t.set_checks(id, address, passing));
+    /// Run `first` and the commands already queued behind it, publish once what they left, then
+    /// answer each: its receiver finds its change published. One publish per burst, not per
+    /// command, as a snapshot costs a copy of the whole table. Breaks on a close, after
+    /// answering the commands before it.
+    fn apply(
+        &mut self,
+        first: Command,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> std::ops::ControlFlow<()> {
+        let mut answers = Vec::new();
+        let mut closed = None;
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Close(done) => closed = Some(done),
+                command => answers.push(self.run_one(command)),
             }
-            Command::SetProcess(id, address, process, reply) => {
-                self.apply(reply, |t| t.set_process(id, address, process));
+            if closed.is_none() && answers.len() < QUEUE {
+                next = commands.try_recv().ok();
             }
-            Command::SetSlots(report, reply) => self.apply(reply, |t| t.set_slots(report)),
-            Command::Refresh(reply) => {
-                let read = self.read_counters();
-                self.publish();
-                let published = self.published.borrow().clone();
-                drop(reply.send(read.map(|()| published).map_err(TableError::from)));
+        }
+        self.publish();
+        let published = self.published.borrow().clone();
+        for answer in answers {
+            answer(&published);
+        }
+        match closed {
+            Some(done) => {
+                let _ = done.send(());
+                std::ops::ControlFlow::Break(())
             }
-            // The task loop ends on it before it gets here.
-            Command::Close(done) => drop(done.send(())),
+            None => std::ops::ControlFlow::Continue(()),
         }
     }
 
-    /// Run `command`, publish what it left, then answer: the answer's receiver finds the
-    /// change in the snapshot. A refused or failed command left the table as it was, so the
-    /// publish is a no-op for subscribers unless counts moved.
-    fn apply<T>(
-        &mut self,
-        reply: Reply<T>,
-        command: impl FnOnce(&mut Self) -> Result<T, TableError>,
-    ) {
-        let result = command(self);
-        self.publish();
-        // A caller that stopped waiting does not need the answer.
-        drop(reply.send(result));
+    /// Apply one command (not a close); its answer, to send once the result is published.
+    fn run_one(&mut self, command: Command) -> Answer {
+        match command {
+            Command::Add(backend, reply) => answer(reply, self.add(backend)),
+            Command::Remove(id, reply) => answer(reply, self.remove(id)),
+            Command::SetState(id, state, reply) => answer(reply, self.set_state(id, state)),
+            Command::SetChecks(id, address, passing, reply) => {
+                answer(reply, self.set_checks(id, address, passing))
+            }
+            Command::SetProcess(id, address, process, reply) => {
+                answer(reply, self.set_process(id, address, process))
+            }
+            Command::SetSlots(report, reply) => answer(reply, self.set_slots(report)),
+            Command::Refresh(reply) => {
+                let read = self.read_counters();
+                Box::new(move |published| {
+                    let result = read.map(|()| Arc::clone(published));
+                    drop(reply.send(result.map_err(TableError::from)));
+                })
+            }
+            // `apply` ends the batch on it before it gets here.
+            Command::Close(done) => Box::new(move |_| {
+                let _ = done.send(());
+            }),
+        }
     }
 
     /// The lowest free slot of a service that has no backend at `address`.
