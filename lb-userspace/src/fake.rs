@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::sync::atomic::Ordering;
+
 use lb_common::{Backend, BackendStats, Service, ServiceKey, counter};
 
+use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 
 /// One call, in the order the table made it.
@@ -26,25 +29,65 @@ pub struct Maps {
     pub backends: HashMap<u32, Backend>,
     pub rings: HashMap<u32, Vec<u32>>,
     pub maglev: HashMap<u32, Vec<u32>>,
-    pub conns: HashMap<u32, u64>,
-    pub steered: HashMap<u32, u64>,
     pub stats: HashMap<u32, BackendStats>,
     pub counters: HashMap<u32, [u64; counter::MAX as usize]>,
+    /// Reads of `stats` and `counters` (each a per-CPU map syscall in the kernel's dataplane).
+    pub counter_reads: usize,
     /// Addresses `is_local` answers true for.
     pub local_addrs: Vec<std::net::Ipv4Addr>,
     /// The next write of this backend id fails (once).
     pub fail_backend: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct FakeDataplane(Arc<Mutex<Maps>>);
+/// The maps, and connection counts in anonymous shared memory as the userspace dataplane
+/// keeps them (a test sets them as the kernel's or the proxy's claims would).
+#[derive(Clone, Debug)]
+pub struct FakeDataplane {
+    maps: Arc<Mutex<Maps>>,
+    counts: Arc<ConnCounts>,
+}
+
+impl Default for FakeDataplane {
+    fn default() -> Self {
+        let ids = lb_common::MAX_SERVICES * lb_common::MAX_BACKENDS_PER_SERVICE;
+        let counts = ConnCounts::anonymous(ids).unwrap_or_else(|e| panic!("mapping counts: {e}"));
+        FakeDataplane {
+            maps: Arc::default(),
+            counts: Arc::new(counts),
+        }
+    }
+}
 
 impl FakeDataplane {
     pub fn maps(&self) -> MutexGuard<'_, Maps> {
         // A test that panicked while holding the lock has already failed.
-        self.0
+        self.maps
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Active connections on backend `id`.
+    pub fn connections(&self, id: u32) -> u64 {
+        self.counts.get(id)
+    }
+
+    /// Flows steered to backend `id` since its last slot poll.
+    pub fn steered(&self, id: u32) -> u64 {
+        self.counts.steered(id)
+    }
+
+    /// `id` has `open` active connections, as if the kernel had counted them.
+    pub fn set_connections(&self, id: u32, open: u64) {
+        self.counts.as_slice()[id as usize]
+            .active
+            .store(open, Ordering::Release);
+    }
+
+    /// `steered` flows were steered to `id` since its last slot poll.
+    pub fn set_steered(&self, id: u32, steered: u64) {
+        self.counts.as_slice()[id as usize]
+            .steered
+            .store(steered, Ordering::Release);
     }
 }
 
@@ -86,43 +129,34 @@ impl Dataplane for FakeDataplane {
     }
 
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let mut maps = self.maps();
-        maps.writes.push(Write::Reset(id));
-        maps.conns.insert(id, 0);
-        maps.steered.insert(id, 0);
+        self.maps().writes.push(Write::Reset(id));
+        self.counts.reset(id);
         Ok(())
     }
 
-    fn connections(&self, id: u32) -> u64 {
-        self.maps().conns.get(&id).copied().unwrap_or(0)
-    }
-
-    fn steered(&self, id: u32) -> u64 {
-        self.maps().steered.get(&id).copied().unwrap_or(0)
+    fn conn_counts(&self) -> Arc<ConnCounts> {
+        Arc::clone(&self.counts)
     }
 
     fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {
-        let mut maps = self.maps();
-        maps.writes.push(Write::ForgetSteered(id));
-        let steered = maps.steered.entry(id).or_default();
-        *steered = steered.saturating_sub(seen);
+        self.maps().writes.push(Write::ForgetSteered(id));
+        self.counts.forget_steered(id, seen);
         Ok(())
     }
 
     fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
-        Ok(self.maps().stats.get(&id).copied().unwrap_or_default())
+        let mut maps = self.maps();
+        maps.counter_reads += 1;
+        Ok(maps.stats.get(&id).copied().unwrap_or_default())
     }
 
     fn service_counters(
         &self,
         service_id: u32,
     ) -> Result<[u64; counter::MAX as usize], DataplaneError> {
-        Ok(self
-            .maps()
-            .counters
-            .get(&service_id)
-            .copied()
-            .unwrap_or_default())
+        let mut maps = self.maps();
+        maps.counter_reads += 1;
+        Ok(maps.counters.get(&service_id).copied().unwrap_or_default())
     }
 }
 

@@ -57,7 +57,7 @@ pub async fn run(table: TableHandle, service: String, config: HealthSpec) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Ok(snapshot) = table.list().await else {
+            let Ok(snapshot) = table.snapshot() else {
                 return; // the table is gone: the agent is stopping
             };
             let backends: HashMap<(u32, SocketAddrV4), Checks> = snapshot
@@ -232,7 +232,7 @@ mod tests {
             DOWN,
             "the supervisor's up does not erase failing checks"
         );
-        let listed = table.list().await.expect("list");
+        let listed = table.snapshot().expect("snapshot");
         let b = &listed.backends[0];
         assert!(!b.healthy);
         assert_eq!(

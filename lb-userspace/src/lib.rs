@@ -35,7 +35,6 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::memory::Userspace;
 use crate::dataplane::xdp::Xdp;
 use crate::dataplane::{Dataplane, DataplaneError};
@@ -105,15 +104,13 @@ pub async fn run(
     match kind {
         DataplaneKind::Xdp => {
             let xdp = Xdp::load(&config.xdp)?;
-            let counts = xdp.conn_counts();
-            let xdp = serve(xdp, counts, kind, &config, listener, shutdown, force).await?;
+            let xdp = serve(xdp, kind, &config, listener, shutdown, force).await?;
             drop(xdp);
             info!(interfaces = ?config.xdp.interfaces, "XDP detached");
         }
         DataplaneKind::Userspace => {
             let userspace = Userspace::new()?;
-            let counts = userspace.conn_counts();
-            serve(userspace, counts, kind, &config, listener, shutdown, force).await?;
+            serve(userspace, kind, &config, listener, shutdown, force).await?;
         }
     }
     drop(routes);
@@ -156,9 +153,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
         .map_err(|source| AgentError::Bind { addr, source })
 }
 
-/// Program `dataplane` with the config's services, proxy their addresses counting in `counts`,
-/// and serve the API on `listener` until `shutdown`; the dataplane comes back once the table task
-/// has stopped. With XDP a service address that cannot be listened on is a warning (XDP still
+/// Program `dataplane` with the config's services, proxy their addresses counting in its
+/// connection counts, and serve the API on `listener` until `shutdown`; the dataplane comes back
+/// once the table task has stopped. With XDP a service address that cannot be listened on is a warning (XDP still
 /// carries that service); with the userspace dataplane it is an error.
 ///
 /// Shutdown: the proxies and the admin API stop accepting, and the requests and streams in
@@ -168,7 +165,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
 /// instances' llama-servers are killed rather than drained.
 async fn serve<D: Dataplane>(
     dataplane: D,
-    counts: Arc<ConnCounts>,
     kind: DataplaneKind,
     config: &Config,
     listener: TcpListener,
@@ -180,6 +176,7 @@ async fn serve<D: Dataplane>(
         source,
     })?;
     let admin_token = Arc::new(token::load_or_create(&config.admin_token_file)?);
+    let counts = dataplane.conn_counts();
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
     let mut health_checks = tokio::task::JoinSet::new();
@@ -441,14 +438,13 @@ address = "10.0.1.2:8080"
         let listener = bind(config.admin_addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let counts = Arc::new(ConnCounts::anonymous(64)?);
         let agent = tokio::spawn(async move {
             let stopped = async {
                 let _ = stopped.await;
             };
             let force = std::future::pending();
             let kind = DataplaneKind::Xdp;
-            serve(fake, counts, kind, &config, listener, stopped, force).await
+            serve(fake, kind, &config, listener, stopped, force).await
         });
         Ok((addr, stop, agent))
     }

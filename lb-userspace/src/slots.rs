@@ -45,13 +45,14 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Ok(snapshot) = table.list().await else {
+            let Ok(snapshot) = table.snapshot() else {
                 return; // the table is gone: the agent is stopping
             };
             let mut polls = tokio::task::JoinSet::new();
             for b in snapshot.backends.iter().filter(|b| b.service == service) {
-                // The flows steered so far are the ones this poll can see.
-                let (id, address, steered_before) = (b.id, b.address, b.steered_since_poll);
+                // The flows steered so far (live, not as of the snapshot) are the ones this
+                // poll can see.
+                let (id, address, steered_before) = (b.id, b.address, table.steered(b.id));
                 let timeout = poll.timeout;
                 polls.spawn(async move {
                     let result = poll_backend(address, timeout).await;

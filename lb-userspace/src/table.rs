@@ -9,6 +9,13 @@
 //! that announces `backend_count` and `rr_len`, so the kernel never sees a ring or count pointing
 //! at something unwritten: a removed backend is written DOWN before it leaves the ring.
 //!
+//! Readers do not ask: the table publishes an [`Arc<Snapshot>`] on a `watch` after every command
+//! it applies (before it answers, so a caller that acts on the answer finds it there) and on a
+//! counters tick. The kernel's per-CPU counters cost a map syscall per service and backend, so
+//! they are read once per tick ([`COUNTERS_TICK`]) whoever reads, or on demand for the admin
+//! API and `/metrics` ([`TableHandle::fresh_snapshot`]); connection counts are shared memory,
+//! read at every publish and live through [`TableHandle::connections`].
+//!
 //! Health is the table's to decide, from two inputs kept apart: the active checks' verdict
 //! ([`TableHandle::set_checks`]) and, for a supervised instance's backend, the supervisor's view
 //! of its process ([`TableHandle::set_process`]). A backend takes new connections only when
@@ -16,6 +23,7 @@
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lb_common::{
     Backend, BackendStats, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, Service, ServiceKey,
@@ -26,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, warn};
 
+use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::policy::{BackendView, maglev_table, rr_ring};
 use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
@@ -34,6 +43,8 @@ use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
 const QUEUE: usize = 64;
 const SLOTS: usize = MAX_BACKENDS_PER_SERVICE as usize;
 const UNSPECIFIED: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+/// How often the kernel's counters are read and published: the lag a subscriber sees on them.
+pub const COUNTERS_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -210,8 +221,9 @@ impl ServiceCounters {
     }
 }
 
-/// The table at one moment, with counters.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// The table at one moment: services, backends with their state, health and slots, connection
+/// counts as of the publish, and the kernel's counters as of the last read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub services: Vec<ServiceInfo>,
     pub backends: Vec<BackendInfo>,
@@ -237,6 +249,14 @@ pub type Routes = Arc<Vec<Route>>;
 
 type Reply<T> = oneshot::Sender<Result<T, TableError>>;
 
+/// A command's reply, sent once the snapshot holding its result is published (given to it).
+type Answer = Box<dyn FnOnce(&Arc<Snapshot>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, TableError>) -> Answer {
+    // A caller that stopped waiting does not need the answer.
+    Box::new(move |_| drop(reply.send(result)))
+}
+
 enum Command {
     Add(NewBackend, Reply<BackendInfo>),
     Remove(u32, Reply<BackendInfo>),
@@ -244,15 +264,18 @@ enum Command {
     SetChecks(u32, SocketAddrV4, bool, Reply<()>),
     SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
     SetSlots(SlotReport, Reply<()>),
-    List(Reply<Snapshot>),
+    /// Read the kernel's counters now and publish.
+    Refresh(Reply<Arc<Snapshot>>),
     Close(oneshot::Sender<()>),
 }
 
-/// A cheap, cloneable way to ask the table task for changes and snapshots.
+/// A cheap, cloneable way to ask the table task for changes and to read what it publishes.
 #[derive(Clone, Debug)]
 pub struct TableHandle {
     tx: mpsc::Sender<Command>,
     routes: watch::Receiver<Routes>,
+    published: watch::Receiver<Arc<Snapshot>>,
+    counts: Arc<ConnCounts>,
 }
 
 impl TableHandle {
@@ -325,8 +348,36 @@ impl TableHandle {
         self.call(|reply| Command::SetSlots(report, reply)).await
     }
 
-    pub async fn list(&self) -> Result<Snapshot, TableError> {
-        self.call(Command::List).await
+    /// The latest published snapshot: no round trip. It holds every change whose call has
+    /// returned; its kernel counters may be up to a [`COUNTERS_TICK`] old.
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>, TableError> {
+        // The sending side lives in the task: gone, the table has stopped.
+        self.published
+            .has_changed()
+            .map_err(|_| TableError::Stopped)?;
+        Ok(self.published.borrow().clone())
+    }
+
+    /// Every snapshot the table publishes, from the latest on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.published.clone()
+    }
+
+    /// A snapshot with the kernel's counters read now (published to every subscriber too), for
+    /// the admin API and `/metrics`, whose readers expect counters to include what they just
+    /// sent. Costs the table a map syscall per service and backend.
+    pub async fn fresh_snapshot(&self) -> Result<Arc<Snapshot>, TableError> {
+        self.call(Command::Refresh).await
+    }
+
+    /// Active connections on backend `id` right now, from the shared counts.
+    pub fn connections(&self, id: u32) -> u64 {
+        self.counts.get(id)
+    }
+
+    /// Flows steered to backend `id` since its last published slot poll, right now.
+    pub fn steered(&self, id: u32) -> u64 {
+        self.counts.steered(id)
     }
 
     /// The routes, republished after every write to the maps: no round trip per connection.
@@ -363,27 +414,37 @@ pub fn start<D: Dataplane>(
     for id in 0..table.services.len() {
         table.sync(id, 0..SLOTS)?;
     }
-    let (tx, mut rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(
-        async move {
-            while let Some(command) = rx.recv().await {
-                if let Command::Close(done) = command {
-                    let _ = done.send(());
-                    break;
-                }
-                table.handle(command);
-            }
-            table.dataplane
-        }
-        .instrument(tracing::info_span!("table")),
-    );
-    Ok((TableHandle { tx, routes }, task))
+    table.read_counters()?;
+    table.publish();
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let handle = TableHandle {
+        tx,
+        routes,
+        published: table.published.subscribe(),
+        counts: Arc::clone(&table.counts),
+    };
+    let task = tokio::spawn(table.run(rx).instrument(tracing::info_span!("table")));
+    Ok((handle, task))
 }
 
 struct Table<D> {
     dataplane: D,
     services: Vec<ServiceEntry>,
     routes: watch::Sender<Routes>,
+    published: watch::Sender<Arc<Snapshot>>,
+    /// The dataplane's, held here so a publish reads them without a call.
+    counts: Arc<ConnCounts>,
+    /// The kernel's counters as last read.
+    counters: Counters,
+}
+
+/// The kernel's per-CPU counters summed, as last read (on the tick or for a fresh snapshot).
+#[derive(Default)]
+struct Counters {
+    /// By service id.
+    services: Vec<[u64; counter::MAX as usize]>,
+    /// By backend id: the id's totals, before a backend's `stats_base` is taken off.
+    backends: Vec<BackendStats>,
 }
 
 struct ServiceEntry {
@@ -510,10 +571,14 @@ impl<D: Dataplane> Table<D> {
                 count: services.len(),
             });
         }
+        let counts = dataplane.conn_counts();
         let mut table = Table {
             dataplane,
             services: Vec::with_capacity(services.len()),
             routes,
+            published: watch::channel(Arc::default()).0,
+            counts,
+            counters: Counters::default(),
         };
         for service in services {
             table.services.push(ServiceEntry {
@@ -548,22 +613,91 @@ impl<D: Dataplane> Table<D> {
         Ok(table)
     }
 
-    fn handle(&mut self, command: Command) {
-        // A caller that stopped waiting does not need the answer.
+    /// Apply commands until every handle is gone or one closes the table, publishing the
+    /// counters on their tick; then hand the dataplane back.
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> D {
+        // `start` has just read them.
+        let first = tokio::time::Instant::now() + COUNTERS_TICK;
+        let mut tick = tokio::time::interval_at(first, COUNTERS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if self.apply(command, &mut commands).is_break() {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(error) = self.read_counters() {
+                        warn!(%error, "reading the kernel's counters; publishing the last ones");
+                    }
+                    self.publish();
+                }
+            }
+        }
+        self.dataplane
+    }
+
+    /// Run `first` and the commands already queued behind it, publish once what they left, then
+    /// answer each: its receiver finds its change published. One publish per burst, not per
+    /// command, as a snapshot costs a copy of the whole table. Breaks on a close, after
+    /// answering the commands before it.
+    fn apply(
+        &mut self,
+        first: Command,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> std::ops::ControlFlow<()> {
+        let mut answers = Vec::new();
+        let mut closed = None;
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Close(done) => closed = Some(done),
+                command => answers.push(self.run_one(command)),
+            }
+            if closed.is_none() && answers.len() < QUEUE {
+                next = commands.try_recv().ok();
+            }
+        }
+        self.publish();
+        let published = self.published.borrow().clone();
+        for answer in answers {
+            answer(&published);
+        }
+        match closed {
+            Some(done) => {
+                let _ = done.send(());
+                std::ops::ControlFlow::Break(())
+            }
+            None => std::ops::ControlFlow::Continue(()),
+        }
+    }
+
+    /// Apply one command (not a close); its answer, to send once the result is published.
+    fn run_one(&mut self, command: Command) -> Answer {
         match command {
-            Command::Add(backend, reply) => drop(reply.send(self.add(backend))),
-            Command::Remove(id, reply) => drop(reply.send(self.remove(id))),
-            Command::SetState(id, state, reply) => drop(reply.send(self.set_state(id, state))),
+            Command::Add(backend, reply) => answer(reply, self.add(backend)),
+            Command::Remove(id, reply) => answer(reply, self.remove(id)),
+            Command::SetState(id, state, reply) => answer(reply, self.set_state(id, state)),
             Command::SetChecks(id, address, passing, reply) => {
-                drop(reply.send(self.set_checks(id, address, passing)));
+                answer(reply, self.set_checks(id, address, passing))
             }
             Command::SetProcess(id, address, process, reply) => {
-                drop(reply.send(self.set_process(id, address, process)));
+                answer(reply, self.set_process(id, address, process))
             }
-            Command::SetSlots(report, reply) => drop(reply.send(self.set_slots(report))),
-            Command::List(reply) => drop(reply.send(self.snapshot())),
-            // The task loop ends on it before it gets here.
-            Command::Close(done) => drop(done.send(())),
+            Command::SetSlots(report, reply) => answer(reply, self.set_slots(report)),
+            Command::Refresh(reply) => {
+                let read = self.read_counters();
+                Box::new(move |published| {
+                    let result = read.map(|()| Arc::clone(published));
+                    drop(reply.send(result.map_err(TableError::from)));
+                })
+            }
+            // `apply` ends the batch on it before it gets here.
+            Command::Close(done) => Box::new(move |_| {
+                let _ = done.send(());
+            }),
         }
     }
 
@@ -856,17 +990,29 @@ impl<D: Dataplane> Table<D> {
         Ok(())
     }
 
+    /// A backend as listed, with its counters read now (a write's answer).
     fn info(&self, service: usize, slot: usize) -> Result<BackendInfo, TableError> {
-        let entry = &self.services[service];
         let id = backend_id(service, slot);
-        let b = entry.slots[slot]
+        let b = self.services[service].slots[slot]
             .backend
             .as_ref()
             .ok_or(TableError::UnknownBackend(id))?;
         let stats = self.dataplane.backend_stats(id)?;
-        Ok(BackendInfo {
+        Ok(self.describe(service, slot, b, stats))
+    }
+
+    /// The backend `b` in `slot` of `service` as listed, given its id's kernel counters.
+    fn describe(
+        &self,
+        service: usize,
+        slot: usize,
+        b: &SlotBackend,
+        stats: BackendStats,
+    ) -> BackendInfo {
+        let id = backend_id(service, slot);
+        BackendInfo {
             id,
-            service: entry.name.clone(),
+            service: self.services[service].name.clone(),
             address: b.address,
             weight: b.weight.get(),
             max_connections: b.max_conns(),
@@ -882,38 +1028,75 @@ impl<D: Dataplane> Table<D> {
                 checks: b.checks,
             },
             instance: b.supervised.as_ref().map(|s| s.instance.clone()),
-            active_connections: self.dataplane.connections(id),
+            active_connections: self.counts.get(id),
             total_slots: b.slots.map(|s| s.total),
             idle_slots: b.slots.map(|s| s.idle),
-            steered_since_poll: self.dataplane.steered(id),
+            steered_since_poll: self.counts.steered(id),
             packets: stats.packets.saturating_sub(b.stats_base.packets),
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
             new_flows: stats.new_flows.saturating_sub(b.stats_base.new_flows),
-        })
+        }
     }
 
-    fn snapshot(&self) -> Result<Snapshot, TableError> {
+    /// Read the kernel's counters of every service and backend: a per-CPU map lookup each.
+    /// On an error the last ones stay.
+    fn read_counters(&mut self) -> Result<(), DataplaneError> {
+        let mut read = Counters {
+            services: Vec::with_capacity(self.services.len()),
+            backends: vec![BackendStats::default(); self.services.len() * SLOTS],
+        };
+        for (service, entry) in self.services.iter().enumerate() {
+            read.services
+                .push(self.dataplane.service_counters(service as u32)?);
+            for (slot, s) in entry.slots.iter().enumerate() {
+                if s.backend.is_some() {
+                    let id = backend_id(service, slot);
+                    read.backends[id as usize] = self.dataplane.backend_stats(id)?;
+                }
+            }
+        }
+        self.counters = read;
+        Ok(())
+    }
+
+    /// The table as it is, with the counters as last read; no map syscall.
+    fn snapshot(&self) -> Snapshot {
         let mut services = Vec::with_capacity(self.services.len());
         let mut backends = Vec::new();
         for (service, entry) in self.services.iter().enumerate() {
-            let counters = self.dataplane.service_counters(service as u32)?;
             let mut count = 0;
             for (slot, s) in entry.slots.iter().enumerate() {
-                if s.backend.is_some() {
-                    backends.push(self.info(service, slot)?);
+                if let Some(b) = &s.backend {
+                    let id = backend_id(service, slot) as usize;
+                    let stats = self.counters.backends.get(id).copied().unwrap_or_default();
+                    backends.push(self.describe(service, slot, b, stats));
                     count += 1;
                 }
             }
+            let counters = self.counters.services.get(service);
             services.push(ServiceInfo {
                 id: service as u32,
                 name: entry.name.clone(),
                 address: entry.address,
                 policy: entry.policy,
                 backends: count,
-                counters: ServiceCounters::from_array(&counters),
+                counters: counters
+                    .map_or_else(ServiceCounters::default, ServiceCounters::from_array),
             });
         }
-        Ok(Snapshot { services, backends })
+        Snapshot { services, backends }
+    }
+
+    /// Publish the table as it is; subscribers wake only if something they can see changed.
+    fn publish(&self) {
+        let snapshot = self.snapshot();
+        self.published.send_if_modified(|published| {
+            let changed = **published != snapshot;
+            if changed {
+                *published = Arc::new(snapshot);
+            }
+            changed
+        });
     }
 }
 
@@ -1080,7 +1263,7 @@ mod tests {
     #[tokio::test]
     async fn remove_writes_down_and_reuse_bumps_generation() -> Result<(), TableError> {
         let (fake, handle, _task) = started()?;
-        fake.maps().conns.insert(0, 5);
+        fake.set_connections(0, 5);
         let removed = handle.remove_backend(0).await?;
         assert_eq!(removed.address, addr("10.0.1.2:8080"));
         assert_eq!(removed.active_connections, 5);
@@ -1095,11 +1278,12 @@ mod tests {
                 "slot 1 still used"
             );
             assert_eq!(
-                maps.conns[&0], 5,
+                fake.connections(0),
+                5,
                 "open flows keep counting until the id is reused"
             );
         }
-        let list = handle.list().await?;
+        let list = handle.snapshot()?;
         assert_eq!(list.backends.iter().map(|b| b.id).collect::<Vec<_>>(), [1]);
 
         fake.maps().writes.clear();
@@ -1211,7 +1395,7 @@ mod tests {
             handle.drain_backend(1).await,
             Err(TableError::Dataplane(_))
         ));
-        let list = handle.list().await?;
+        let list = handle.snapshot()?;
         assert_eq!(list.backends[1].state, BackendState::Active);
         let maps = fake.maps();
         assert_eq!(maps.backends[&1].state, backend_state::ACTIVE);
@@ -1232,13 +1416,13 @@ mod tests {
                     new_flows: 2,
                 },
             );
-            maps.conns.insert(1, 1);
+            fake.set_connections(1, 1);
             let mut counters = [0; counter::MAX as usize];
             counters[counter::NEW_FLOWS as usize] = 7;
             counters[counter::NO_BACKEND as usize] = 3;
             maps.counters.insert(0, counters);
         }
-        let list = handle.list().await?;
+        let list = handle.fresh_snapshot().await?;
         let b = &list.backends[1];
         assert_eq!(
             (b.packets, b.bytes, b.new_flows, b.active_connections),
@@ -1263,7 +1447,7 @@ mod tests {
         let (fake, handle, task) = started()?;
         let other = handle.clone();
         drop(handle);
-        other.list().await?;
+        other.fresh_snapshot().await?;
         drop(other);
         let returned = task.await?;
         returned.maps().writes.clear();
@@ -1287,9 +1471,9 @@ mod tests {
                     state: b.state,
                     weight: b.weight,
                     max_conns: b.max_conns,
-                    conns: maps.conns.get(&id).copied().unwrap_or(0),
+                    conns: fake.connections(id),
                     idle_slots: b.idle_slots,
-                    steered: maps.steered.get(&id).copied().unwrap_or(0),
+                    steered: fake.steered(id),
                 }
             })
             .collect();
@@ -1349,13 +1533,13 @@ mod tests {
         handle
             .add_backend(new_backend("embed", "10.0.2.2:80"))
             .await?;
-        fake.maps().conns.insert(64, 3);
+        fake.set_connections(64, 3);
         assert_eq!(
             kernel_choice(&fake, embed, 0),
             Some(65),
             "fewest connections"
         );
-        fake.maps().conns.insert(65, 3);
+        fake.set_connections(65, 3);
         assert_eq!(kernel_choice(&fake, embed, 0), Some(64), "tie: lowest slot");
         Ok(())
     }
@@ -1368,7 +1552,8 @@ mod tests {
             ..new_backend("chat", "10.0.1.4:8080")
         };
         handle.add_backend(capped).await?;
-        fake.maps().steered.extend([(0, 5), (2, 1)]);
+        fake.set_steered(0, 5);
+        fake.set_steered(2, 1);
         fake.maps().writes.clear();
         let report = |id, address: &str, total, idle, steered_before| SlotReport {
             id,
@@ -1401,12 +1586,13 @@ mod tests {
                 "cap defaults to the slots"
             );
             assert_eq!(
-                maps.steered[&0], 3,
+                fake.steered(0),
+                3,
                 "flows steered after the poll was sent stay"
             );
             assert_eq!(maps.backends[&2].max_conns, 1, "a configured cap stays");
         }
-        let list = handle.list().await?;
+        let list = handle.snapshot()?;
         let b = &list.backends[0];
         assert_eq!(
             (
@@ -1441,8 +1627,8 @@ mod tests {
             .expect("chat")
             .policy = lb_common::policy::SLOTS;
         assert_eq!(kernel_choice(&fake, chat_key(), 0), Some(2), "most free");
-        fake.maps().steered.insert(2, 4);
-        fake.maps().conns.insert(0, 1);
+        fake.set_steered(2, 4);
+        fake.set_connections(0, 1);
         assert_eq!(
             kernel_choice(&fake, chat_key(), 0),
             Some(1),
@@ -1463,12 +1649,8 @@ mod tests {
         };
         let id = handle.add_backend(gpt).await?.id;
         let state = |fake: &FakeDataplane| fake.maps().backends[&id].state;
-        let health = |list: Snapshot| {
-            let b = list
-                .backends
-                .into_iter()
-                .find(|b| b.id == id)
-                .expect("listed");
+        let health = |list: Arc<Snapshot>| {
+            let b = list.backends.iter().find(|b| b.id == id).expect("listed");
             (b.healthy, b.health.process, b.health.checks)
         };
         assert_eq!(
@@ -1495,7 +1677,7 @@ mod tests {
             "an up does not erase failing checks"
         );
         assert_eq!(
-            health(handle.list().await?),
+            health(handle.snapshot()?),
             (false, Some(ProcessHealth::Up), Checks::Failing)
         );
         assert_eq!(fake.maps().rings[&0], [0, 1]);
@@ -1505,7 +1687,7 @@ mod tests {
         handle.set_process(id, address, ProcessHealth::Up).await?;
         assert_eq!(state(&fake), backend_state::ACTIVE);
         assert_eq!(
-            health(handle.list().await?),
+            health(handle.snapshot()?),
             (true, Some(ProcessHealth::Up), Checks::Unchecked)
         );
 
@@ -1553,7 +1735,7 @@ mod tests {
             .add_backend(new_backend("chat", "10.0.1.9:8080"))
             .await?;
         assert_ne!(other.id, id);
-        let listed = handle.list().await?;
+        let listed = handle.snapshot()?;
         let b = listed
             .backends
             .iter()
@@ -1563,13 +1745,108 @@ mod tests {
         Ok(())
     }
 
+    /// Readers do not ask: a write is published before its call returns, and a subscriber
+    /// waiting for a change wakes on it.
+    #[tokio::test]
+    async fn a_subscriber_sees_a_write_without_asking() -> Result<(), Box<dyn std::error::Error>> {
+        let (_fake, handle, _task) = started()?;
+        let mut published = handle.subscribe();
+        published.borrow_and_update();
+        let waiting = tokio::spawn(async move {
+            published.changed().await?;
+            let snapshot = published.borrow_and_update().clone();
+            Ok::<_, watch::error::RecvError>(snapshot)
+        });
+        let added = handle
+            .add_backend(new_backend("embed", "10.0.2.1:80"))
+            .await?;
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await???;
+        let listed = seen.backends.iter().find(|b| b.id == added.id);
+        assert_eq!(listed, Some(&added), "the subscriber got the new backend");
+        assert_eq!(seen.services[1].backends, 1);
+
+        handle.set_checks(0, addr("10.0.1.2:8080"), false).await?;
+        let latest = handle.snapshot()?;
+        assert_eq!(
+            (latest.backends[0].healthy, latest.backends[0].health.checks),
+            (false, Checks::Failing),
+            "the latest snapshot holds the verdict as soon as the call returned"
+        );
+        Ok(())
+    }
+
+    /// The kernel's counters are read once per tick for every reader (a snapshot costs no map
+    /// read), a tick that changes nothing wakes no subscriber, and a fresh snapshot reads them
+    /// at once.
+    #[tokio::test(start_paused = true)]
+    async fn counters_are_read_on_the_tick_not_per_reader() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (fake, handle, _task) = started()?;
+        let mut published = handle.subscribe();
+        published.borrow_and_update();
+        let since = tokio::time::Instant::now();
+        let reads = fake.maps().counter_reads;
+        {
+            let mut maps = fake.maps();
+            let stats = BackendStats {
+                packets: 6,
+                bytes: 600,
+                new_flows: 4,
+            };
+            maps.stats.insert(1, stats);
+            let mut counters = [0; counter::MAX as usize];
+            counters[counter::NEW_FLOWS as usize] = 9;
+            maps.counters.insert(0, counters);
+        }
+        for _ in 0..10 {
+            assert_eq!(
+                handle.snapshot()?.backends[1].new_flows,
+                0,
+                "not before the tick"
+            );
+        }
+        assert_eq!(fake.maps().counter_reads, reads, "readers cost no map read");
+
+        published.changed().await?;
+        assert!(since.elapsed() <= COUNTERS_TICK, "{:?}", since.elapsed());
+        let ticked = published.borrow_and_update().clone();
+        assert_eq!(
+            (ticked.backends[1].new_flows, ticked.backends[1].bytes),
+            (4, 600)
+        );
+        assert_eq!(ticked.services[0].counters.new_flows, 9);
+        assert_eq!(
+            fake.maps().counter_reads,
+            reads + 4,
+            "one read per service (2) and backend (2)"
+        );
+
+        // Three more ticks (half a tick on, so the test does not race the third).
+        tokio::time::sleep(COUNTERS_TICK * 3 + COUNTERS_TICK / 2).await;
+        assert!(!published.has_changed()?, "nothing changed: nobody woken");
+        assert_eq!(fake.maps().counter_reads, reads + 4 * 4);
+
+        fake.maps().counters.get_mut(&0).expect("chat's")[counter::NEW_FLOWS as usize] = 10;
+        let fresh = handle.fresh_snapshot().await?;
+        assert_eq!(fresh.services[0].counters.new_flows, 10);
+        assert!(
+            published.has_changed()?,
+            "a fresh snapshot is published too"
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn close_ends_the_task_while_handles_remain() -> Result<(), Box<dyn std::error::Error>> {
         let (_fake, handle, task) = started()?;
         let other = handle.clone();
         handle.close().await;
         task.await?;
-        assert!(matches!(other.list().await, Err(TableError::Stopped)));
+        assert!(matches!(
+            other.fresh_snapshot().await,
+            Err(TableError::Stopped)
+        ));
+        assert!(matches!(other.snapshot(), Err(TableError::Stopped)));
         Ok(())
     }
 

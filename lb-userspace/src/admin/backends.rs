@@ -81,17 +81,18 @@ struct ServiceList {
     services: Vec<ServiceInfo>,
 }
 
+// Listings read the counters now: a caller compares them with the traffic it just sent.
 async fn list_backends(State(state): State<ApiState>) -> Result<Json<BackendList>, ApiError> {
-    let snapshot = state.table.list().await?;
+    let snapshot = state.table.fresh_snapshot().await?;
     Ok(Json(BackendList {
-        backends: snapshot.backends,
+        backends: snapshot.backends.clone(),
     }))
 }
 
 async fn list_services(State(state): State<ApiState>) -> Result<Json<ServiceList>, ApiError> {
-    let snapshot = state.table.list().await?;
+    let snapshot = state.table.fresh_snapshot().await?;
     Ok(Json(ServiceList {
-        services: snapshot.services,
+        services: snapshot.services.clone(),
     }))
 }
 

@@ -1,12 +1,13 @@
 //! `GET /metrics`: backends, services, userspace proxies and supervised instances in the
 //! Prometheus text format (0.0.4), encoded by `prometheus-client`.
 //!
-//! Nothing is kept between scrapes: each one takes a table snapshot, every proxy's counters and
-//! wait histogram (kept by its gate) and every instance's status and encodes them, so values are
-//! as fresh as the kernel's counters. Backend
-//! counters count from the moment the backend got its id (the table rebases them), so a backend
-//! removed and added again at the same id starts its series over from zero, which Prometheus
-//! reads as a counter reset; service counters run for as long as the agent's maps live.
+//! Nothing is kept between scrapes: each one takes a table snapshot with the kernel's counters
+//! read for it ([`TableHandle::fresh_snapshot`]), every proxy's counters and wait histogram
+//! (kept by its gate) and every instance's status and encodes them, so values are as fresh as
+//! the kernel's counters. Backend counters count from the moment the backend got its id (the
+//! table rebases them), so a backend removed and added again at the same id starts its series
+//! over from zero, which Prometheus reads as a counter reset; service counters run for as long
+//! as the agent's maps live.
 //!
 //! Per-backend series come from [`BackendInfo`]: a new per-backend value (idle and busy slots,
 //! say) is a field there and one more [`family`] call in [`backends`].
@@ -80,7 +81,7 @@ impl From<EncodeError> for ApiError {
 
 async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, ApiError> {
     let snapshot = match &sources.table {
-        Some(table) => Some(table.list().await?),
+        Some(table) => Some(table.fresh_snapshot().await?),
         None => None,
     };
     let mut instances = Vec::with_capacity(sources.instances.len());
@@ -109,7 +110,7 @@ async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, Api
 /// One scrape's values.
 #[derive(Debug)]
 struct Scrape {
-    snapshot: Option<Snapshot>,
+    snapshot: Option<Arc<Snapshot>>,
     instances: Vec<Status>,
     /// Each proxy's counters and queue wait histogram.
     proxies: Vec<(ProxyStats, Histogram)>,
@@ -564,7 +565,7 @@ mod tests {
                     new_flows: 3,
                 },
             );
-            maps.conns.insert(1, 2);
+            fake.set_connections(1, 2);
             let mut counters = [0; kernel::MAX as usize];
             for (i, c) in counters.iter_mut().enumerate() {
                 *c = 100 + i as u64;

@@ -28,10 +28,6 @@ impl Userspace {
             conns: Arc::new(conns),
         })
     }
-
-    pub fn conn_counts(&self) -> Arc<ConnCounts> {
-        Arc::clone(&self.conns)
-    }
 }
 
 impl Dataplane for Userspace {
@@ -61,12 +57,8 @@ impl Dataplane for Userspace {
         Ok(())
     }
 
-    fn connections(&self, id: u32) -> u64 {
-        self.conns.get(id)
-    }
-
-    fn steered(&self, id: u32) -> u64 {
-        self.conns.steered(id)
+    fn conn_counts(&self) -> Arc<ConnCounts> {
+        Arc::clone(&self.conns)
     }
 
     fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {

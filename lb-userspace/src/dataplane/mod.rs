@@ -23,10 +23,10 @@ pub trait Dataplane: Send + 'static {
     fn is_local(&self, addr: std::net::Ipv4Addr) -> bool;
     /// Set a backend id's active connection count to zero, when the id changes owner.
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
-    /// Active connections counted on a backend id (kernel and, later, proxy).
-    fn connections(&self, id: u32) -> u64;
-    /// New flows steered to a backend id and not yet seen by a published slot poll.
-    fn steered(&self, id: u32) -> u64;
+    /// The per-backend connection counts the kernel and the proxy keep (active connections,
+    /// flows steered since the last slot poll): shared memory, read without a syscall by the
+    /// table and its readers alike.
+    fn conn_counts(&self) -> std::sync::Arc<conns::ConnCounts>;
     /// Forget `seen` of a backend id's steered flows: a slot poll that counted them was written.
     fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError>;
     /// Per-backend counters summed over CPUs.

@@ -173,11 +173,6 @@ impl Xdp {
         })
     }
 
-    /// The per-backend connection counts the kernel shares, for the user-space proxy.
-    pub fn conn_counts(&self) -> Arc<ConnCounts> {
-        Arc::clone(&self.conns)
-    }
-
     /// What service id `id` serves, for the packets of its flows.
     fn write_service_key(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
         self.service_keys
@@ -625,12 +620,8 @@ impl Dataplane for Xdp {
         }
     }
 
-    fn connections(&self, id: u32) -> u64 {
-        self.conns.get(id)
-    }
-
-    fn steered(&self, id: u32) -> u64 {
-        self.conns.steered(id)
+    fn conn_counts(&self) -> Arc<ConnCounts> {
+        Arc::clone(&self.conns)
     }
 
     fn forget_steered(&mut self, id: u32, seen: u64) -> Result<(), DataplaneError> {

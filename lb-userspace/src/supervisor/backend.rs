@@ -15,9 +15,10 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep};
 use tracing::{info, warn};
 
-use crate::table::{BackendInfo, ProcessHealth, TableError, TableHandle};
+use crate::table::{ProcessHealth, TableError, TableHandle};
 
-/// How often the drain wait looks at the backend's connection count.
+/// How often the drain wait looks at the backend's connection count: a load of the count the
+/// kernel and the proxy share, not a call to the table.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 /// The instance's backend in the table.
@@ -81,10 +82,7 @@ impl BackendLink {
         }
         let deadline = started + self.drain_timeout;
         loop {
-            let open = match self.backend().await {
-                Ok(backend) => backend.map_or(0, |b| b.active_connections),
-                Err(err) => return self.failed("reading the backend's connections", &err),
-            };
+            let open = self.table.connections(self.id);
             if open == 0 {
                 info!(id = self.id, waited = ?started.elapsed(), "backend drained");
                 return;
@@ -101,12 +99,50 @@ impl BackendLink {
         self.table.set_process(self.id, self.address, process).await
     }
 
-    async fn backend(&self) -> Result<Option<BackendInfo>, TableError> {
-        let snapshot = self.table.list().await?;
-        Ok(snapshot.backends.into_iter().find(|b| b.id == self.id))
-    }
-
     fn failed(&self, what: &str, err: &TableError) {
         warn!(id = self.id, address = %self.address, %err, "{what}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeDataplane;
+    use lb_common::backend_state::DRAINING;
+
+    /// The drain reads the shared count, not the table: with the table's queue gone after the
+    /// drain began, it still waits for the connections and ends one poll after they are gone.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_when_the_count_reaches_zero_without_asking_the_table() {
+        let dataplane = FakeDataplane::default();
+        let address = "10.0.0.1:8080".parse().expect("address");
+        let (table, task, id) = crate::fake::table_with_instance(&dataplane, None, address).await;
+        dataplane.set_connections(id, 2);
+        let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(30));
+        let drain = tokio::spawn(async move {
+            link.drain().await;
+            Instant::now()
+        });
+        for _ in 0..1000 {
+            if dataplane.maps().backends[&id].state == DRAINING {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(dataplane.maps().backends[&id].state, DRAINING);
+        // A drain that asked the table from here on would end at once, on `Stopped`.
+        table.close().await;
+        task.await.expect("table task");
+
+        sleep(Duration::from_secs(5)).await;
+        assert!(!drain.is_finished(), "waits while connections are open");
+        dataplane.set_connections(id, 0);
+        let gone = Instant::now();
+        let ended = drain.await.expect("drain task");
+        assert!(
+            ended - gone <= DRAIN_POLL,
+            "ended {:?} after the last connection",
+            ended - gone
+        );
     }
 }

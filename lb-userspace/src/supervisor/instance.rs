@@ -1341,7 +1341,7 @@ mod tests {
         assert_eq!(state(), ACTIVE, "revived and healthy");
 
         // An apply with one open connection: drained, the process kept until it is gone.
-        dataplane.maps().conns.insert(id, 1);
+        dataplane.set_connections(id, 1);
         let t0 = Instant::now();
         let before = setup.fake.restarts(t0).len();
         let outcome = setup
@@ -1356,7 +1356,7 @@ mod tests {
             before,
             "waits for the connection"
         );
-        dataplane.maps().conns.insert(id, 0);
+        dataplane.set_connections(id, 0);
         sleep(Duration::from_millis(150)).await;
         assert_eq!(
             setup.fake.restarts(t0).len(),
@@ -1368,7 +1368,7 @@ mod tests {
         assert_eq!(state(), ACTIVE);
 
         // A connection that never ends holds the restart up for the drain timeout only.
-        dataplane.maps().conns.insert(id, 1);
+        dataplane.set_connections(id, 1);
         let t1 = Instant::now();
         let outcome = setup
             .handle
@@ -1384,7 +1384,7 @@ mod tests {
         assert_eq!(state(), ACTIVE);
 
         // One an operator drained stays drained through a revival and an apply.
-        dataplane.maps().conns.insert(id, 0);
+        dataplane.set_connections(id, 0);
         table
             .drain_backend(id)
             .await
