@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

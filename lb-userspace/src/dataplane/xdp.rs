@@ -667,12 +667,8 @@ impl Dataplane for Xdp {
     }
 
     fn is_local(&self, addr: Ipv4Addr) -> bool {
-        match nix::ifaddrs::getifaddrs() {
-            Ok(mut addrs) => addrs.any(|a| {
-                a.address
-                    .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
-                    == Some(addr)
-            }),
+        match crate::host::has_address(addr) {
+            Ok(local) => local,
             Err(error) => {
                 tracing::warn!(%addr, %error, "listing this host's addresses; taking the backend as remote");
                 false
