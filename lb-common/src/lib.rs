@@ -186,6 +186,20 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+impl ServiceKey {
+    /// The key of the TCP service at `addr`, as the program builds it from a packet's header:
+    /// address and port in network byte order.
+    pub const fn tcp(addr: core::net::SocketAddrV4) -> ServiceKey {
+        ServiceKey {
+            vip: u32::from_ne_bytes(addr.ip().octets()),
+            port: addr.port().to_be(),
+            // IPPROTO_TCP
+            proto: 6,
+            _pad: 0,
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
@@ -373,4 +387,18 @@ mod pod {
     unsafe impl aya::Pod for FlowRev {}
     unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::{Ipv4Addr, SocketAddrV4};
+
+    #[test]
+    fn a_tcp_service_key_holds_address_and_port_as_the_packet_does() {
+        let key = ServiceKey::tcp(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 8080));
+        assert_eq!(key.vip.to_ne_bytes(), [10, 0, 0, 100]);
+        assert_eq!(key.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!((key.proto, key._pad), (6, 0));
+    }
 }

@@ -499,12 +499,7 @@ impl<D> HttpUnsteered<D> {
         let http = proxies
             .iter()
             .filter(|p| p.mode == ProxyMode::Http)
-            .map(|p| ServiceKey {
-                vip: u32::from_ne_bytes(p.address.ip().octets()),
-                port: p.address.port().to_be(),
-                proto: libc::IPPROTO_TCP as u8,
-                _pad: 0,
-            })
+            .map(|p| ServiceKey::tcp(p.address))
             .collect();
         HttpUnsteered { inner, http }
     }
