@@ -2,7 +2,7 @@
 //!
 //! Every struct is `#[repr(C)]` with its padding spelled out, so no byte of a map key or value is
 //! left undefined. Sizes and offsets are asserted here at compile time and, against the compiled
-//! object's BTF, by a test in `lb-userspace`.
+//! object's BTF, by `lb-ebpf/tests/btf_abi.rs`.
 #![no_std]
 
 use core::mem::{offset_of, size_of};
