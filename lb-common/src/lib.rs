@@ -2,7 +2,7 @@
 //!
 //! Every struct is `#[repr(C)]` with its padding spelled out, so no byte of a map key or value is
 //! left undefined. Sizes and offsets are asserted here at compile time and, against the compiled
-//! object's BTF, by a test in `lb-userspace`.
+//! object's BTF, by `lb-ebpf/tests/btf_abi.rs`.
 #![no_std]
 
 use core::mem::{offset_of, size_of};
@@ -184,6 +184,20 @@ pub struct ServiceKey {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+impl ServiceKey {
+    /// The key of the TCP service at `addr`, as the program builds it from a packet's header:
+    /// address and port in network byte order.
+    pub const fn tcp(addr: core::net::SocketAddrV4) -> ServiceKey {
+        ServiceKey {
+            vip: u32::from_ne_bytes(addr.ip().octets()),
+            port: addr.port().to_be(),
+            // IPPROTO_TCP
+            proto: 6,
+            _pad: 0,
+        }
+    }
 }
 
 #[repr(C)]
@@ -373,4 +387,18 @@ mod pod {
     unsafe impl aya::Pod for FlowRev {}
     unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::{Ipv4Addr, SocketAddrV4};
+
+    #[test]
+    fn a_tcp_service_key_holds_address_and_port_as_the_packet_does() {
+        let key = ServiceKey::tcp(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 8080));
+        assert_eq!(key.vip.to_ne_bytes(), [10, 0, 0, 100]);
+        assert_eq!(key.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!((key.proto, key._pad), (6, 0));
+    }
 }

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod host;
 pub mod limits;
 pub mod policy;
 pub mod probe;

@@ -1,13 +1,19 @@
-//! The agent's own HTTP/1.1 GET towards its backends (health checks, slot polls): one request
-//! with `Connection: close`, read to the end, the body of a 200 answer. Small on purpose: these
-//! answers are short, and llama-server sends `Content-Length` and closes after it.
+//! The agent's own HTTP client towards its backends: health checks ([`crate::health`]), slot
+//! polls ([`crate::slots`]) and the supervisor's readiness probe of a starting llama-server. One
+//! `GET` on a new HTTP/1.1 connection (hyper), `Connection: close`, bounded in time and size; the
+//! body of a 200 answer. Small on purpose: these answers are short.
 
 use std::net::SocketAddrV4;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::Request;
+use hyper::header::{CONNECTION, HOST};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// The largest answer read. `/slots` grows with the slot count and each busy slot's sampling
+/// The largest body read. `/slots` grows with the slot count and each busy slot's sampling
 /// parameters (about 1.3 KB for one); this leaves room for hundreds of slots.
 pub const MAX_RESPONSE: usize = 1 << 20;
 
@@ -25,95 +31,173 @@ pub enum GetError {
     Status { path: String, status: u16 },
     #[error("GET {path}: more than {MAX_RESPONSE} bytes")]
     TooLarge { path: String },
+    #[error("GET {path}: no answer within {timeout:?}")]
+    Timeout { path: String, timeout: Duration },
 }
 
-/// `GET path` from `address`; the body of a 200 answer. No timeout of its own: callers bound
-/// the whole exchange.
-pub async fn get(address: SocketAddrV4, path: &str) -> Result<Vec<u8>, GetError> {
+/// `GET path` from `address`: the body of a 200 answer, all within `timeout`.
+pub async fn get(address: SocketAddrV4, path: &str, timeout: Duration) -> Result<Bytes, GetError> {
+    tokio::time::timeout(timeout, exchange(address, path))
+        .await
+        .map_err(|_| GetError::Timeout {
+            path: path.to_owned(),
+            timeout,
+        })?
+}
+
+async fn exchange(address: SocketAddrV4, path: &str) -> Result<Bytes, GetError> {
     let io = |source| GetError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut stream = TcpStream::connect(address).await.map_err(io)?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(io)?;
-    let mut response = Vec::new();
-    let read = (&mut stream)
-        .take(MAX_RESPONSE as u64 + 1)
-        .read_to_end(&mut response)
+    let stream = TcpStream::connect(address).await.map_err(io)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(io)?;
-    if read > MAX_RESPONSE {
-        return Err(GetError::TooLarge {
+        .map_err(|e| hyper_error(e, path))?;
+    let request = Request::get(path)
+        .header(HOST, address.to_string())
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| GetError::Malformed {
             path: path.to_owned(),
-        });
-    }
-    parse_response(&response, path)
+        })?;
+    // The request is sent while the connection is driven beside it, in this task: nothing
+    // outlives a caller that gives up. The sender goes with the request, so the connection
+    // ends once the answer is read.
+    let answer = async move {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| hyper_error(e, path))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(GetError::Status {
+                path: path.to_owned(),
+                status,
+            });
+        }
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => hyper_error(*e, path),
+                Err(e) if e.is::<LengthLimitError>() => GetError::TooLarge {
+                    path: path.to_owned(),
+                },
+                Err(_) => GetError::Malformed {
+                    path: path.to_owned(),
+                },
+            })?;
+        Ok(body.to_bytes())
+    };
+    let (answer, _closed) = tokio::join!(answer, connection);
+    answer
 }
 
-/// The body of a 200 response, cut to its `Content-Length` when it has one.
-fn parse_response(response: &[u8], path: &str) -> Result<Vec<u8>, GetError> {
-    let malformed = || GetError::Malformed {
-        path: path.to_owned(),
-    };
-    let end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(malformed)?;
-    let head = std::str::from_utf8(&response[..end]).map_err(|_| malformed())?;
-    let body = &response[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or_else(malformed)?;
-    let status: u16 = match status_line.split(' ').collect::<Vec<_>>()[..] {
-        [version, status, ..] if version.starts_with("HTTP/1.") => {
-            status.parse().map_err(|_| malformed())?
+/// An I/O error under hyper's stays one, except an answer cut short, which like anything else
+/// hyper refuses is not a (whole) HTTP response.
+fn hyper_error(error: hyper::Error, path: &str) -> GetError {
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() != std::io::ErrorKind::UnexpectedEof
+        {
+            return GetError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(io.kind(), io.to_string()),
+            };
         }
-        _ => return Err(malformed()),
-    };
-    if status != 200 {
-        return Err(GetError::Status {
-            path: path.to_owned(),
-            status,
-        });
+        source = cause.source();
     }
-    let length = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    match length {
-        Some(length) => body.get(..length).map(<[u8]>::to_vec).ok_or_else(malformed),
-        None => Ok(body.to_vec()),
+    GetError::Malformed {
+        path: path.to_owned(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     /// llama-server's answer on `/slots` when started with `--no-slots`.
     const NO_SLOTS: &str = "HTTP/1.1 501 Not Implemented\r\nServer: llama.cpp\r\n\
         Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}";
 
-    #[test]
-    fn responses_are_cut_to_their_length_and_errors_keep_the_status() {
+    /// A loopback server answering `answer` (the whole response, raw) to every connection,
+    /// then closing it.
+    async fn server(answer: Vec<u8>) -> SocketAddrV4 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("not IPv4");
+        };
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(&answer).await;
+            }
+        });
+        addr
+    }
+
+    async fn get_answer(answer: impl Into<Vec<u8>>) -> Result<Bytes, GetError> {
+        get(
+            server(answer.into()).await,
+            "/slots",
+            Duration::from_secs(2),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn responses_are_cut_to_their_length_and_errors_keep_the_status() {
         let ok = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\ncontent-length: 2\r\n\r\n[]garbage";
-        assert_eq!(
-            parse_response(ok.as_bytes(), "/slots").ok(),
-            Some(b"[]".to_vec())
-        );
+        assert_eq!(get_answer(ok).await.ok(), Some(Bytes::from_static(b"[]")));
         assert!(matches!(
-            parse_response(NO_SLOTS.as_bytes(), "/slots"),
+            get_answer(NO_SLOTS).await,
             Err(GetError::Status { status: 501, .. })
         ));
         assert!(matches!(
-            parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", "/slots"),
+            get_answer("SSH-2.0-OpenSSH\r\n\r\n").await,
             Err(GetError::Malformed { .. })
         ));
         let short = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[]";
         assert!(matches!(
-            parse_response(short.as_bytes(), "/slots"),
+            get_answer(short).await,
             Err(GetError::Malformed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn answers_are_bounded_in_size_and_time() {
+        let mut big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_RESPONSE + 1
+        )
+        .into_bytes();
+        big.resize(big.len() + MAX_RESPONSE + 1, b' ');
+        assert!(matches!(
+            get_answer(big).await,
+            Err(GetError::TooLarge { .. })
+        ));
+        let mut fits =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {MAX_RESPONSE}\r\n\r\n").into_bytes();
+        fits.resize(fits.len() + MAX_RESPONSE, b' ');
+        assert_eq!(
+            get_answer(fits).await.map(|b| b.len()).ok(),
+            Some(MAX_RESPONSE)
+        );
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let std::net::SocketAddr::V4(silent) = listener.local_addr().expect("addr") else {
+            panic!("not IPv4");
+        };
+        let timeout = Duration::from_millis(100);
+        let answer = get(silent, "/health", timeout).await;
+        assert!(
+            matches!(answer, Err(GetError::Timeout { timeout: t, .. }) if t == timeout),
+            "{answer:?}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::probe::{GetError, get};
@@ -100,8 +101,17 @@ pub async fn poll_backend(
     address: SocketAddrV4,
     timeout: Duration,
 ) -> Result<SlotCounts, PollError> {
+    // One budget for the whole exchange: each GET has what is left of it.
+    let deadline = Instant::now() + timeout;
+    let get = |path| {
+        get(
+            address,
+            path,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+    };
     let exchange = async {
-        match get(address, "/slots").await {
+        match get("/slots").await {
             Ok(body) => parse_slots(&body).map_err(|source| PollError::Json {
                 path: "/slots",
                 source,
@@ -109,10 +119,10 @@ pub async fn poll_backend(
             Err(GetError::Status {
                 status: 404 | 501, ..
             }) => {
-                let metrics = get(address, "/metrics").await?;
+                let metrics = get("/metrics").await?;
                 let processing = parse_processing(&String::from_utf8_lossy(&metrics))
                     .ok_or(PollError::NoProcessingGauge)?;
-                let props = get(address, "/props").await?;
+                let props = get("/props").await?;
                 let total = parse_total_slots(&props).map_err(|source| PollError::Json {
                     path: "/props",
                     source,
@@ -125,9 +135,10 @@ pub async fn poll_backend(
             Err(error) => Err(error.into()),
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| PollError::Timeout(timeout))?
+    exchange.await.map_err(|error| match error {
+        PollError::Get(GetError::Timeout { .. }) => PollError::Timeout(timeout),
+        error => error,
+    })
 }
 
 /// `/slots`: `[{"id":0,...,"is_processing":false}, ...]`.

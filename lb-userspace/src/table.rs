@@ -941,12 +941,7 @@ impl<D: Dataplane> Table<D> {
             .iter()
             .rposition(|s| s.backend.is_some())
             .map_or(0, |last| last + 1);
-        let key = ServiceKey {
-            vip: u32::from_ne_bytes(entry.address.ip().octets()),
-            port: entry.address.port().to_be(),
-            proto: libc::IPPROTO_TCP as u8,
-            _pad: 0,
-        };
+        let key = ServiceKey::tcp(entry.address);
         let kernel = Service {
             id: service_id,
             policy: entry.policy.abi(),
@@ -1179,12 +1174,10 @@ mod tests {
     }
 
     fn chat_key() -> ServiceKey {
-        ServiceKey {
-            vip: u32::from_ne_bytes([10, 0, 0, 100]),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
-        }
+        ServiceKey::tcp(SocketAddrV4::new(
+            std::net::Ipv4Addr::new(10, 0, 0, 100),
+            80,
+        ))
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! `cargo xtask`: the developer and CI entry points (`deps`, `build-ebpf`, `test`, `demo`, `bench`).
+//! `cargo xtask`: the developer and CI entry points (`deps`, `check-imports`,
+//! `build-ebpf`, `test`, `demo`, `bench`).
 //!
 //! Kept light on purpose (clap, anyhow, serde_json): it must build before anything else is
 //! installed, so that `cargo xtask deps` can install the rest.
@@ -12,6 +13,7 @@ mod bench;
 mod cache;
 mod cargo;
 mod deps;
+mod imports;
 mod llama;
 mod test;
 
@@ -37,6 +39,9 @@ enum Task {
     /// ${STEER_CACHE:-/var/cache/steer} (STEER_LLAMA_SERVER / STEER_MODEL skip them); a quick
     /// no-op when all are present.
     Deps,
+    /// Fail when the agent's modules (lb-userspace/src) import each other in a cycle, naming
+    /// the files of each (what counts as an import: xtask/src/imports.rs).
+    CheckImports,
     /// Build lb-ebpf and copy the compiled XDP object to target/bpf/steer.bpf.o.
     BuildEbpf,
     /// Run unit tests, then (as root) the packet and integration tests one at a time.
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Deps => deps::install_missing(),
+        Task::CheckImports => imports::check(&cargo::root().join("lb-userspace/src")),
         Task::BuildEbpf => cargo::build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { args } => test::run(&args),
         Task::Demo => test::demo(),

@@ -1,5 +1,6 @@
-//! The kernel side of the backend table. `xdp` is the only code that touches kernel maps; the
-//! reconciler talks to it through [`Dataplane`], so its tests can use an in-memory fake.
+//! The kernel side of the backend table. `xdp` is the only code that holds kernel map handles;
+//! the table (`crate::table`) writes through [`Dataplane`], which `memory` implements without a
+//! kernel (`--dataplane userspace`) and `crate::fake` records for tests.
 
 pub mod conns;
 pub mod memory;
@@ -7,7 +8,8 @@ pub mod xdp;
 
 use lb_common::{Backend, BackendStats, Service, ServiceKey};
 
-/// Map writes the reconciler needs, in the order it makes them. Every call is idempotent.
+/// What the table needs of a dataplane: map writes (in the order their docs give), connection
+/// and steering counts, counters. Every write but `forget_steered` (a subtraction) is idempotent.
 pub trait Dataplane: Send + 'static {
     /// Insert or replace a service entry (the services map, keyed by VIP, port and protocol).
     fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError>;

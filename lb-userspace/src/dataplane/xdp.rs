@@ -37,11 +37,11 @@ use crate::spec::{XdpMode, XdpOptions};
 const PROGRAM: &str = "steer_xdp";
 /// Undoes the destination NAT of local backends on their replies.
 const EGRESS_PROGRAM: &str = "steer_tc_egress";
-/// How long the connect that resolves a new backend's neighbour may take.
 /// How long a reply tuple the backend closed first stays held before its SNAT port is used
 /// again: Linux backends keep it in TIME_WAIT for 60 s (fixed) and may refuse a SYN on it from
 /// another client, whose TCP timestamps can be older; 2 s more for the coarse clock.
 const BACKEND_TIME_WAIT: std::time::Duration = std::time::Duration::from_secs(62);
+/// How long the connect that resolves a new backend's neighbour may take.
 const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
 /// routes up as if from lo (see nat.h): lo needs it on, while the data interfaces keep theirs.
@@ -599,12 +599,8 @@ impl Dataplane for Xdp {
     }
 
     fn is_local(&self, addr: Ipv4Addr) -> bool {
-        match nix::ifaddrs::getifaddrs() {
-            Ok(mut addrs) => addrs.any(|a| {
-                a.address
-                    .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
-                    == Some(addr)
-            }),
+        match crate::host::has_address(addr) {
+            Ok(local) => local,
             Err(error) => {
                 tracing::warn!(%addr, %error, "listing this host's addresses; taking the backend as remote");
                 false

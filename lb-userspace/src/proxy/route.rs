@@ -22,7 +22,7 @@ impl LocalRoute {
     /// Route `vip` locally unless it is one of the host's addresses already (then `None`: that
     /// route is not ours to delete). `replace`, so a route a killed agent left behind is taken.
     pub fn add(vip: Ipv4Addr) -> Result<Option<Self>, RouteError> {
-        if vip.is_loopback() || host_has(vip) {
+        if vip.is_loopback() || crate::host::has_address(vip).unwrap_or(false) {
             return Ok(None);
         }
         ip_route("replace", vip)?;
@@ -36,16 +36,6 @@ impl Drop for LocalRoute {
             warn!(%error, "removing the VIP's local route");
         }
     }
-}
-
-fn host_has(addr: Ipv4Addr) -> bool {
-    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
-        addrs.any(|a| {
-            a.address
-                .and_then(|sa| sa.as_sockaddr_in().map(|sin| sin.ip()))
-                == Some(addr)
-        })
-    })
 }
 
 fn ip_route(verb: &str, vip: Ipv4Addr) -> Result<(), RouteError> {

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, User};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
@@ -469,16 +468,8 @@ async fn probe(port: u16) -> bool {
 
 /// Whether `GET /health` on the port answers 200.
 async fn healthy(port: u16) -> bool {
-    let probe = async {
-        let mut stream = TcpStream::connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).await?;
-        stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await?;
-        Ok::<_, std::io::Error>(
-            head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"),
-        )
-    };
-    matches!(timeout(HEALTH_PROBE_TIMEOUT, probe).await, Ok(Ok(true)))
+    let address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    crate::probe::get(address, "/health", HEALTH_PROBE_TIMEOUT)
+        .await
+        .is_ok()
 }
