@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
-use super::drain_started;
+use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
 use crate::limits::{self, Closed, Ended, Registered};
 
