@@ -440,6 +440,7 @@ impl Doc<'_> {
                 closed_flow_timeout: agent
                     .closed_flow_timeout
                     .map_or(DEFAULT_CLOSED_FLOW_TIMEOUT, |t| t.0),
+                backend_time_wait: XdpOptions::BACKEND_TIME_WAIT,
             },
             admin_addr,
             admin_token_file,

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dataplane::memory::Userspace;
-use crate::dataplane::xdp::Xdp;
+use crate::dataplane::xdp::Loaded;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::proxy::{ProxyError, RouteError};
 use crate::spec::{AdminLimits, DataplaneKind, InstanceBackend, InstanceSpec, Weight};
@@ -104,9 +104,10 @@ pub async fn run(
     }
     match kind {
         DataplaneKind::Xdp => {
-            let xdp = Xdp::load(&config.xdp)?;
-            let xdp = serve(xdp, kind, &config, listener, shutdown, force).await?;
+            let (maps, xdp) = Loaded::load(&config.xdp)?.attach(&config.xdp)?;
+            let maps = serve(maps, kind, &config, listener, shutdown, force).await?;
             drop(xdp);
+            drop(maps);
             info!(interfaces = ?config.xdp.interfaces, "XDP detached");
         }
         DataplaneKind::Userspace => {

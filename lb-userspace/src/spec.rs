@@ -364,6 +364,16 @@ pub struct XdpOptions {
     pub flow_idle_timeout: std::time::Duration,
     /// Time a closed (FIN/RST) flow's entries stay, for the last packets of the close.
     pub closed_flow_timeout: std::time::Duration,
+    /// How long a reply tuple the backend closed first stays held before its SNAT port is used
+    /// again. Not a config key: Linux backends keep it in TIME_WAIT for 60 s (fixed) and may
+    /// refuse a SYN on it from another client, whose TCP timestamps can be older; hence
+    /// [`XdpOptions::BACKEND_TIME_WAIT`]. Tests shorten it.
+    pub backend_time_wait: std::time::Duration,
+}
+
+impl XdpOptions {
+    /// TIME_WAIT's 60 s and 2 s more for the program's coarse clock.
+    pub const BACKEND_TIME_WAIT: std::time::Duration = std::time::Duration::from_secs(62);
 }
 
 /// How long a quiet client connection may stay so.

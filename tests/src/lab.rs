@@ -6,17 +6,21 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
+    time::Duration,
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapInfo},
     programs::{SchedClassifier, Xdp},
 };
 use lb_common::{
-    Backend, BackendConns, FlowFwd, FlowKey, Iface, Service, ServiceKey, backend_kind,
-    backend_state, policy,
+    Backend, BackendConns, FlowFwd, FlowKey, Service, ServiceKey, backend_kind, backend_state,
+    policy,
 };
+use lb_userspace::dataplane::Dataplane;
+use lb_userspace::dataplane::xdp::{KernelMaps, Loaded};
+use lb_userspace::spec::{XdpMode, XdpOptions};
 
 use crate::{
     netns::{self, NetNs},
@@ -63,9 +67,13 @@ pub fn client(port: u16) -> SocketAddrV4 {
 }
 
 /// A namespace with the LB's two interfaces (client side, backend side), static neighbours for
-/// the client and both backends, and the program loaded (not attached: test runs need no attach).
+/// the client and both backends, and the program loaded by the agent's own code, not attached
+/// (test runs need no attach). Services and backends are written through the agent's map writer,
+/// [`KernelMaps`], the one the backend table uses.
 pub struct Lab {
-    pub ebpf: Ebpf,
+    loaded: Loaded,
+    /// Each backend slot as last written, so a test can change one field of it.
+    backends: std::collections::HashMap<u32, Backend>,
 }
 
 pub fn build_namespace() -> NetNs {
@@ -125,15 +133,14 @@ impl Lab {
         Lab::load_with(policy, None)
     }
 
-    /// Like [`Lab::load`], with each conntrack map sized `conntrack_entries` when given.
+    /// Like [`Lab::load`], with each conntrack map sized `conntrack_entries` when given (else
+    /// the agent's default).
     pub fn load_with(policy: u32, conntrack_entries: Option<u32>) -> Lab {
-        let mut loader = EbpfLoader::new();
+        let mut options = Lab::options();
         if let Some(entries) = conntrack_entries {
-            loader
-                .map_max_entries("ct_fwd", entries)
-                .map_max_entries("ct_rev", entries);
+            options.conntrack_entries = entries;
         }
-        Lab::load_from(&mut loader, policy)
+        Lab::load_from(&options, policy)
     }
 
     /// Like [`Lab::load`], with a small SNAT port range and the given holds of a closed flow's
@@ -145,47 +152,42 @@ impl Lab {
         closed_flow_ns: u64,
         time_wait_ns: u64,
     ) -> Lab {
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global("snat_port_min", ports.start(), true)
-            .override_global("snat_port_max", ports.end(), true)
-            .override_global("closed_flow_ns", &closed_flow_ns, true)
-            .override_global("time_wait_ns", &time_wait_ns, true);
-        Lab::load_from(&mut loader, policy)
+        let options = XdpOptions {
+            snat_ports: ports,
+            closed_flow_timeout: Duration::from_nanos(closed_flow_ns),
+            backend_time_wait: Duration::from_nanos(time_wait_ns),
+            ..Lab::options()
+        };
+        Lab::load_from(&options, policy)
     }
 
-    fn load_from(loader: &mut EbpfLoader, policy: u32) -> Lab {
-        let mut ebpf = loader
-            .load(lb_ebpf::steer_bpf())
-            .expect("loading the object");
-        let prog: &mut Xdp = ebpf
-            .program_mut("steer_xdp")
-            .expect("program steer_xdp")
-            .try_into()
-            .expect("an XDP program");
-        prog.load().expect("the verifier accepts steer_xdp");
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut("steer_tc_egress")
-            .expect("program steer_tc_egress")
-            .try_into()
-            .expect("a TC program");
-        egress.load().expect("the verifier accepts steer_tc_egress");
-        let mut lab = Lab { ebpf };
-        for (name, addr) in [("pcli", LB_CLIENT_SIDE), ("pbe", LB_BACKEND_SIDE)] {
-            let ifindex = nix::net::if_::if_nametoindex(name).expect("interface exists");
-            let mut tx: DevMapHash<&mut MapData> =
-                DevMapHash::try_from(lab.ebpf.map_mut("tx_ports").expect("tx_ports"))
-                    .expect("devmap");
-            tx.insert(ifindex, ifindex, None, 0)
-                .expect("tx_ports insert");
-            let mut ifaces: HashMap<&mut MapData, u32, Iface> =
-                HashMap::try_from(lab.ebpf.map_mut("ifaces").expect("ifaces")).expect("hash");
-            let iface = Iface {
-                snat_addr: ne(addr),
-                _pad: 0,
-            };
-            ifaces.insert(ifindex, iface, 0).expect("ifaces insert");
+    /// The agent's defaults (as `steer run` takes them from an empty `[agent]`), on the lab's
+    /// two interfaces.
+    fn options() -> XdpOptions {
+        XdpOptions {
+            interfaces: vec!["pcli".to_owned(), "pbe".to_owned()],
+            mode: XdpMode::Native,
+            snat_ports: SNAT_PORTS,
+            flow_events: true,
+            conntrack_entries: 262_144,
+            flow_idle_timeout: Duration::from_secs(600),
+            closed_flow_timeout: Duration::from_secs(10),
+            backend_time_wait: XdpOptions::BACKEND_TIME_WAIT,
         }
+    }
+
+    fn load_from(options: &XdpOptions, policy: u32) -> Lab {
+        let mut loaded = Loaded::load(options).expect("loading the program as the agent does");
+        loaded
+            .register_interfaces(&options.interfaces)
+            .expect("registering the lab's interfaces");
+        let mut lab = Lab {
+            loaded,
+            backends: std::collections::HashMap::new(),
+        };
+        // The agent starts each backend's SNAT cursor at random (see `seed_snat_cursors`); the
+        // tests count ports from the range's first.
+        lab.reset_snat_cursors();
         for (slot, addr) in BACKENDS.iter().enumerate() {
             lab.set_backend(slot as u32, *addr, backend_state::ACTIVE, 1, 0);
         }
@@ -193,6 +195,30 @@ impl Lab {
         lab
     }
 
+    /// The agent's writer of the service and backend maps.
+    pub fn maps(&mut self) -> &mut KernelMaps {
+        self.loaded.maps()
+    }
+
+    /// The programs and the maps the writer does not own (conntrack, events, cursors).
+    pub fn ebpf(&self) -> &Ebpf {
+        self.loaded.ebpf()
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        self.loaded.ebpf_mut()
+    }
+
+    fn reset_snat_cursors(&mut self) {
+        let mut cursors: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf_mut().map_mut("snat_cursor").expect("snat_cursor"))
+                .expect("array");
+        for id in 0..cursors.len() {
+            cursors.set(id, 0, 0).expect("snat_cursor set");
+        }
+    }
+
+    /// Write backend `slot` as the table would for a backend at `addr` in `state`.
     pub fn set_backend(
         &mut self,
         slot: u32,
@@ -201,18 +227,25 @@ impl Lab {
         weight: u32,
         max: u32,
     ) {
-        let mut backends: Array<&mut MapData, Backend> =
-            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
-        let backend = Backend {
-            addr: ne(*addr.ip()),
-            port: addr.port().to_be(),
-            weight,
-            state,
-            max_conns: max,
-            generation: 1,
-            ..Default::default()
-        };
-        backends.set(slot, backend, 0).expect("backends set");
+        self.write_backend(
+            slot,
+            Backend {
+                addr: ne(*addr.ip()),
+                port: addr.port().to_be(),
+                weight,
+                state,
+                max_conns: max,
+                generation: 1,
+                ..Default::default()
+            },
+        );
+    }
+
+    fn write_backend(&mut self, slot: u32, backend: Backend) {
+        self.maps()
+            .write_backend(slot, backend)
+            .expect("writing the backend");
+        self.backends.insert(slot, backend);
     }
 
     /// Make slot 0 the only backend: one on this host at `addr`.
@@ -226,10 +259,7 @@ impl Lab {
             generation: 1,
             ..Default::default()
         };
-        Array::<_, Backend>::try_from(self.ebpf.map_mut("backends").expect("backends"))
-            .expect("array")
-            .set(0, backend, 0)
-            .expect("backends set");
+        self.write_backend(0, backend);
         self.set_service(policy::ROUND_ROBIN, 1, &[0]);
     }
 
@@ -237,94 +267,95 @@ impl Lab {
         self.set_backend(slot, BACKENDS[slot as usize], state, 1, 0);
     }
 
+    /// Service 0 at VIP, written as the table writes one: its ring, then the entry that
+    /// announces the ring's length (the writer keeps `vip_filter` and `service_keys` with it).
     pub fn set_service(&mut self, policy: u32, backend_count: u32, ring: &[u32]) {
-        let mut rr: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf.map_mut("rr_ring").expect("rr_ring")).expect("array");
-        for (i, slot) in ring.iter().enumerate() {
-            rr.set(i as u32, *slot, 0).expect("rr_ring set");
-        }
-        let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-            HashMap::try_from(self.ebpf.map_mut("services").expect("services")).expect("hash");
-        let key = ServiceKey {
-            vip: ne(*VIP.ip()),
-            port: VIP.port().to_be(),
-            proto: 6,
-            _pad: 0,
-        };
+        self.maps()
+            .write_rr_ring(0, ring)
+            .expect("writing the ring");
         let service = Service {
             id: 0,
             policy,
             backend_count,
             rr_len: ring.len() as u32,
         };
-        services.insert(key, service, 0).expect("services insert");
-        // As the agent does: the program looks services up only for addresses the filter counts,
-        // and a flow's packets check their service id still serves the VIP.
-        let mut filter: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf.map_mut("vip_filter").expect("vip_filter")).expect("array");
-        filter
-            .set(lb_common::vip_filter_slot(key.vip), 1, 0)
-            .expect("vip_filter set");
-        let mut keys: Array<&mut MapData, ServiceKey> =
-            Array::try_from(self.ebpf.map_mut("service_keys").expect("service_keys"))
-                .expect("array");
-        keys.set(service.id, key, 0).expect("service_keys set");
+        self.maps()
+            .upsert_service(ServiceKey::tcp(VIP), service)
+            .expect("writing the service");
     }
 
-    /// Take the service away as the agent does: its id serves nothing, then no entry, then the
-    /// filter forgets its VIP.
+    /// Take the service away in the order a removal must keep: its id serves nothing, then no
+    /// entry, then the filter forgets its VIP. No agent path removes a service yet (the table's
+    /// services come from the config), so the writer has no call for it: this writes the
+    /// program's maps by hand, found through the program's own map ids.
     pub fn remove_service(&mut self) {
-        let key = ServiceKey {
-            vip: ne(*VIP.ip()),
-            port: VIP.port().to_be(),
-            proto: 6,
-            _pad: 0,
-        };
-        Array::<_, ServiceKey>::try_from(self.ebpf.map_mut("service_keys").expect("service_keys"))
+        let key = ServiceKey::tcp(VIP);
+        Array::<_, ServiceKey>::try_from(self.program_map("service_keys"))
             .expect("array")
             .set(0, ServiceKey::default(), 0)
             .expect("service_keys set");
-        HashMap::<_, ServiceKey, Service>::try_from(
-            self.ebpf.map_mut("services").expect("services"),
-        )
-        .expect("hash")
-        .remove(&key)
-        .expect("services remove");
-        Array::<_, u32>::try_from(self.ebpf.map_mut("vip_filter").expect("vip_filter"))
+        HashMap::<_, ServiceKey, Service>::try_from(self.program_map("services"))
+            .expect("hash")
+            .remove(&key)
+            .expect("services remove");
+        Array::<_, u32>::try_from(self.program_map("vip_filter"))
             .expect("array")
             .set(lb_common::vip_filter_slot(key.vip), 0, 0)
             .expect("vip_filter set");
     }
 
+    /// A second handle on one of the program's maps, by name.
+    fn program_map(&self, name: &str) -> Map {
+        let prog: &Xdp = self
+            .ebpf()
+            .program("steer_xdp")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let ids = prog
+            .info()
+            .expect("program info")
+            .map_ids()
+            .expect("map ids")
+            .expect("the kernel reports map ids");
+        let id = ids
+            .into_iter()
+            .find(|&id| MapInfo::from_id(id).is_ok_and(|info| info.name_as_str() == Some(name)))
+            .unwrap_or_else(|| panic!("the program uses no map `{name}`"));
+        let data = MapData::from_id(id).expect("opening the map by id");
+        match name {
+            "services" => Map::HashMap(data),
+            _ => Map::Array(data),
+        }
+    }
+
+    /// Service 0's Maglev table; an empty one (another policy) writes nothing, as in the table.
     pub fn set_maglev(&mut self, table: &[u32]) {
-        let mut maglev: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf.map_mut("maglev").expect("maglev")).expect("array");
-        for (pos, slot) in (0u32..).zip(table) {
-            maglev.set(pos, slot, 0).expect("maglev set");
+        if !table.is_empty() {
+            self.maps().write_maglev(0, table).expect("writing maglev");
         }
     }
 
     pub fn set_cursor(&mut self, value: u64) {
         let mut cursor: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut("rr_cursor").expect("rr_cursor")).expect("array");
+            Array::try_from(self.ebpf_mut().map_mut("rr_cursor").expect("rr_cursor"))
+                .expect("array");
         cursor.set(0, value, 0).expect("rr_cursor set");
     }
 
     /// As the agent publishes a slot poll: the backend's idle slots.
     pub fn set_idle_slots(&mut self, slot: u32, idle_slots: u32) {
-        let mut backends: Array<&mut MapData, Backend> =
-            Array::try_from(self.ebpf.map_mut("backends").expect("backends")).expect("array");
-        let backend = backends.get(&slot, 0).expect("backends get");
         let backend = Backend {
             idle_slots,
-            ..backend
+            ..self.backends[&slot]
         };
-        backends.set(slot, backend, 0).expect("backends set");
+        self.write_backend(slot, backend);
     }
 
     pub fn set_conns(&mut self, id: u32, active: u64, steered: u64) {
         let mut conns: Array<&mut MapData, BackendConns> =
-            Array::try_from(self.ebpf.map_mut("backend_conns").expect("conns")).expect("array");
+            Array::try_from(self.ebpf_mut().map_mut("backend_conns").expect("conns"))
+                .expect("array");
         conns
             .set(id, BackendConns { active, steered }, 0)
             .expect("conns set");
@@ -332,7 +363,7 @@ impl Lab {
 
     pub fn backend_conns(&self, id: u32) -> BackendConns {
         let conns: Array<&MapData, BackendConns> =
-            Array::try_from(self.ebpf.map("backend_conns").expect("conns")).expect("array");
+            Array::try_from(self.ebpf().map("backend_conns").expect("conns")).expect("array");
         conns.get(&id, 0).expect("conns get")
     }
 
@@ -340,15 +371,14 @@ impl Lab {
         self.backend_conns(id).active
     }
 
-    pub fn counter(&self, which: u32) -> u64 {
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("service_stats").expect("stats")).expect("array");
-        stats.get(&which, 0).expect("stats get").iter().sum()
+    /// Service 0's counter `which`, summed over CPUs as the agent reads it.
+    pub fn counter(&mut self, which: u32) -> u64 {
+        self.maps().service_counters(0).expect("service counters")[which as usize]
     }
 
     pub fn flow(&self, client: SocketAddrV4) -> Option<FlowFwd> {
         let ct: HashMap<&MapData, FlowKey, FlowFwd> =
-            HashMap::try_from(self.ebpf.map("ct_fwd").expect("ct_fwd")).expect("hash");
+            HashMap::try_from(self.ebpf().map("ct_fwd").expect("ct_fwd")).expect("hash");
         let key = FlowKey {
             src_addr: ne(*client.ip()),
             dst_addr: ne(*VIP.ip()),
@@ -362,7 +392,7 @@ impl Lab {
 
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &Xdp = self
-            .ebpf
+            .ebpf()
             .program("steer_xdp")
             .expect("program")
             .try_into()
@@ -375,7 +405,7 @@ impl Lab {
     /// Run the TC egress program on a frame the host sends.
     pub fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self
-            .ebpf
+            .ebpf()
             .program("steer_tc_egress")
             .expect("program")
             .try_into()

@@ -509,8 +509,8 @@ fn flow_events_wake_the_reader_once_when_a_quarter_of_the_ring_waits() {
     // Each record: its 8-byte header and the event, 8-aligned.
     const RECORD: usize = (8 + size_of::<lb_common::Event>()).next_multiple_of(8);
     in_lab(policy::ROUND_ROBIN, |lab| {
-        let mut ring =
-            RingBuf::try_from(lab.ebpf.take_map("events").expect("events map")).expect("a ringbuf");
+        let mut ring = RingBuf::try_from(lab.ebpf_mut().take_map("events").expect("events map"))
+            .expect("a ringbuf");
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll");
         epoll
             .add(
@@ -647,23 +647,16 @@ impl Rng {
 /// reading the kernel's own connection array and the table's routes built from the same state).
 #[test]
 fn kernel_and_proxy_choices_match_the_policy_model() {
-    use lb_userspace::dataplane::conns::ConnCounts;
+    use lb_userspace::dataplane::Dataplane;
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
     use lb_userspace::proxy::Gate;
     use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec};
     use lb_userspace::table::Route;
-    use std::{os::fd::AsFd, sync::Arc, time::Duration};
+    use std::{sync::Arc, time::Duration};
 
     in_lab(policy::ROUND_ROBIN, |lab| {
-        let counts = {
-            let map = lab.ebpf.map("backend_conns").expect("backend_conns");
-            let aya::maps::Map::Array(data) = map else {
-                panic!("backend_conns is not an array")
-            };
-            let entries = data.info().expect("map info").max_entries();
-            let fd = data.fd().as_fd();
-            Arc::new(ConnCounts::map_bpf_array(fd, entries).expect("mmap backend_conns"))
-        };
+        // The kernel's own connection array, as the agent shares it with the proxy.
+        let counts = lab.maps().conn_counts();
         let (routes, published) = tokio::sync::watch::channel(Arc::new(Vec::new()));
         let proxy = ProxySpec {
             mode: ProxyMode::L4,

@@ -1,15 +1,21 @@
 //! The XDP program and its maps: load, attach, write, read counters, detach on drop.
 //!
+//! Two steps, so a test can run the agent's own writer on a program it never attaches:
+//! [`Loaded::load`] (object loaded, programs verified, maps typed; nothing attached) and
+//! [`Loaded::attach`] (interfaces registered and attached, background tasks started).
+//!
 //! Who owns what:
-//! - [`Xdp`] (the reconciler, through `&mut self`) holds the handles of the maps it writes
-//!   (`services`, `service_keys`, `vip_filter`, `backends`, `rr_ring`, `maglev`) and reads (`backend_stats`, `service_stats`), plus the
-//!   program and its links inside the [`Ebpf`].
+//! - [`KernelMaps`] (the table, through [`Dataplane`] and `&mut self`) holds the handles of the
+//!   maps it writes (`services`, `service_keys`, `vip_filter`, `backends`, `rr_ring`, `maglev`)
+//!   and reads (`backend_stats`, `service_stats`).
+//! - [`Xdp`], once attached, holds the program and its links inside the [`Ebpf`].
 //! - The conntrack expiry task owns `ct_fwd` and `ct_rev`, and reads `backends` through a second
 //!   handle on a duplicated fd.
 //! - The events task owns the `events` ringbuf.
-//! - `backend_conns` is mmap-ed once into a [`ConnCounts`] shared by `Arc` (reconciler, expiry,
-//!   and the proxy through [`Xdp::conn_counts`]); every access to it is atomic.
-//! - `ifaces` and `tx_ports` are written once at load and stay in the [`Ebpf`].
+//! - `backend_conns` is mmap-ed once into a [`ConnCounts`] shared by `Arc` (table, expiry, and
+//!   the proxy through [`Dataplane::conn_counts`]); every access to it is atomic.
+//! - `ifaces` and `tx_ports` are written once, when the interfaces are registered, and stay in
+//!   the [`Ebpf`].
 
 mod events;
 mod expiry;
@@ -37,10 +43,6 @@ use crate::spec::{XdpMode, XdpOptions};
 const PROGRAM: &str = "steer_xdp";
 /// Undoes the destination NAT of local backends on their replies.
 const EGRESS_PROGRAM: &str = "steer_tc_egress";
-/// How long a reply tuple the backend closed first stays held before its SNAT port is used
-/// again: Linux backends keep it in TIME_WAIT for 60 s (fixed) and may refuse a SYN on it from
-/// another client, whose TCP timestamps can be older; 2 s more for the coarse clock.
-const BACKEND_TIME_WAIT: std::time::Duration = std::time::Duration::from_secs(62);
 /// How long the connect that resolves a new backend's neighbour may take.
 const NEIGHBOUR_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// bpf_fib_lookup refuses a lookup for a device with forwarding off, and the program looks
@@ -57,12 +59,18 @@ struct Interface {
     snat_addr: Ipv4Addr,
 }
 
-/// The loaded, attached program. Dropping it detaches from every interface.
-pub struct Xdp {
-    /// Background tasks (events, conntrack expiry), aborted on drop.
-    tasks: Vec<AbortHandle>,
-    interfaces: Vec<String>,
-    mode: XdpMode,
+/// The program loaded (its maps created, sized and seeded, both programs through the verifier)
+/// and nothing attached: what [`Loaded::attach`] attaches, and what the packet tests and the
+/// XDP benchmark run frames through with `BPF_PROG_TEST_RUN`.
+pub struct Loaded {
+    /// The programs and the maps [`KernelMaps`] does not own (conntrack, events, `ifaces`,
+    /// `tx_ports`, cursors).
+    ebpf: Ebpf,
+    maps: KernelMaps,
+}
+
+/// The maps the backend table writes, typed: the one writer of them, through [`Dataplane`].
+pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, Service>,
     /// The keys in `services` and their service ids: what `service_keys` holds, and what each
     /// `vip_filter` slot's count is taken from.
@@ -75,6 +83,15 @@ pub struct Xdp {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     service_stats: PerCpuArray<MapData, u64>,
     conns: Arc<ConnCounts>,
+}
+
+/// The program attached to the agent's interfaces. Dropping it detaches from every interface
+/// and stops the events reader and the conntrack expiry.
+pub struct Xdp {
+    /// Background tasks (events, conntrack expiry), aborted on drop.
+    tasks: Vec<AbortHandle>,
+    interfaces: Vec<String>,
+    mode: XdpMode,
     /// The program and its links: dropping it detaches from every interface (aya's `Links`
     /// detach on drop; closing an XDP bpf_link fd detaches it).
     _ebpf: Ebpf,
@@ -82,26 +99,17 @@ pub struct Xdp {
     _lo_forwarding: Option<LoForwarding>,
 }
 
-impl Xdp {
-    /// Load the program, create its maps, attach it to every interface and fill `ifaces` and
-    /// `tx_ports`. Must be called inside a tokio runtime (it spawns the event reader and the
-    /// conntrack expiry task).
-    ///
-    /// On error nothing stays attached: everything loaded so far is owned by locals that detach
-    /// and close on return.
+impl Loaded {
+    /// Load the program with `options`' SNAT ports, timeouts and conntrack size, run both
+    /// programs through the verifier, seed the SNAT cursors and take the table's maps. Touches
+    /// no interface and needs no tokio runtime.
     pub fn load(options: &XdpOptions) -> Result<Self, DataplaneError> {
-        // Registering the ringbuf would panic without one; say so instead.
-        tokio::runtime::Handle::try_current().map_err(|e| DataplaneError::Io {
-            what: "loading XDP outside a tokio runtime".into(),
-            source: std::io::Error::other(e),
-        })?;
-        let interfaces = resolve_interfaces(&options.interfaces)?;
         check_snat_ports(&options.snat_ports)?;
         let flow_events = u32::from(options.flow_events);
         // The kernel takes over a closed flow's reply tuple after the same time expiry frees it.
         let closed_flow_ns =
             u64::try_from(options.closed_flow_timeout.as_nanos()).unwrap_or(u64::MAX);
-        let time_wait_ns = u64::try_from(BACKEND_TIME_WAIT.as_nanos()).unwrap_or(u64::MAX);
+        let time_wait_ns = u64::try_from(options.backend_time_wait.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("snat_port_min", options.snat_ports.start(), true)
             .override_global("snat_port_max", options.snat_ports.end(), true)
@@ -112,19 +120,63 @@ impl Xdp {
             .map_max_entries("ct_rev", options.conntrack_entries)
             .load(lb_ebpf::steer_bpf())
             .map_err(DataplaneError::Load)?;
-
-        fill_interfaces(&mut ebpf, &interfaces)?;
+        verify(&mut ebpf)?;
         seed_snat_cursors(&mut ebpf)?;
-        let conns = Arc::new(map_conn_counts(&ebpf)?);
-        let services = take_map(&mut ebpf, "services")?;
-        let service_keys = take_map(&mut ebpf, "service_keys")?;
-        let vip_filter = take_map(&mut ebpf, "vip_filter")?;
-        let backends = take_map(&mut ebpf, "backends")?;
-        let backends_for_expiry = dup_map(&backends, "backends")?;
-        let rr_ring = take_map(&mut ebpf, "rr_ring")?;
-        let maglev = take_map(&mut ebpf, "maglev")?;
-        let backend_stats = take_map(&mut ebpf, "backend_stats")?;
-        let service_stats = take_map(&mut ebpf, "service_stats")?;
+        let maps = KernelMaps {
+            conns: Arc::new(map_conn_counts(&ebpf)?),
+            services: take_map(&mut ebpf, "services")?,
+            service_ids: StdHashMap::new(),
+            service_keys: take_map(&mut ebpf, "service_keys")?,
+            vip_filter: take_map(&mut ebpf, "vip_filter")?,
+            backends: take_map(&mut ebpf, "backends")?,
+            rr_ring: take_map(&mut ebpf, "rr_ring")?,
+            maglev: take_map(&mut ebpf, "maglev")?,
+            backend_stats: take_map(&mut ebpf, "backend_stats")?,
+            service_stats: take_map(&mut ebpf, "service_stats")?,
+        };
+        Ok(Loaded { ebpf, maps })
+    }
+
+    /// The table's writer.
+    pub fn maps(&mut self) -> &mut KernelMaps {
+        &mut self.maps
+    }
+
+    /// The programs and the maps the writer does not own, for test runs and what a test reads.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Register the interfaces (by name) the program forwards through: `ifaces` (each one's
+    /// first IPv4 address, the source towards backends reached through it) and `tx_ports`.
+    pub fn register_interfaces(&mut self, names: &[String]) -> Result<(), DataplaneError> {
+        self.register(&resolve_interfaces(names)?)
+    }
+
+    fn register(&mut self, interfaces: &[Interface]) -> Result<(), DataplaneError> {
+        fill_interfaces(&mut self.ebpf, interfaces)
+    }
+
+    /// Register `options.interfaces`, turn lo's forwarding on, attach both programs to every
+    /// interface and start the events reader and the conntrack expiry (inside the tokio runtime
+    /// this must be called in). Returns the table's writer and the attachment.
+    ///
+    /// On error nothing stays attached: everything attached so far is owned by locals that
+    /// detach on return.
+    pub fn attach(mut self, options: &XdpOptions) -> Result<(KernelMaps, Xdp), DataplaneError> {
+        // Registering the ringbuf would panic without one; say so instead.
+        tokio::runtime::Handle::try_current().map_err(|e| DataplaneError::Io {
+            what: "attaching XDP outside a tokio runtime".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let interfaces = resolve_interfaces(&options.interfaces)?;
+        self.register(&interfaces)?;
+        let Loaded { mut ebpf, maps } = self;
+        let backends_for_expiry = dup_map(&maps.backends, "backends")?;
         let ct_fwd = take_map(&mut ebpf, "ct_fwd")?;
         let ct_rev = take_map(&mut ebpf, "ct_rev")?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, "events")?;
@@ -143,36 +195,29 @@ impl Xdp {
             ct_fwd,
             ct_rev,
             backends_for_expiry,
-            Arc::clone(&conns),
+            Arc::clone(&maps.conns),
             expiry::Timeouts::new(
                 options.flow_idle_timeout,
                 options.closed_flow_timeout,
-                BACKEND_TIME_WAIT,
+                options.backend_time_wait,
             ),
         );
         let tasks = vec![
             tokio::spawn(events::run(events)).abort_handle(),
             tokio::spawn(expiry::run(expiry)).abort_handle(),
         ];
-        Ok(Self {
+        let xdp = Xdp {
             tasks,
             interfaces: interfaces.into_iter().map(|i| i.name).collect(),
             mode: options.mode,
-            services,
-            service_ids: StdHashMap::new(),
-            service_keys,
-            vip_filter,
-            backends,
-            rr_ring,
-            maglev,
-            backend_stats,
-            service_stats,
-            conns,
             _ebpf: ebpf,
             _lo_forwarding: lo_forwarding,
-        })
+        };
+        Ok((maps, xdp))
     }
+}
 
+impl KernelMaps {
     /// What service id `id` serves, for the packets of its flows.
     fn write_service_key(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
         self.service_keys
@@ -479,13 +524,28 @@ fn aya_mode(mode: XdpMode) -> programs::XdpMode {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<(), DataplaneError> {
+/// Both programs through the verifier (loaded into the kernel, not attached).
+fn verify(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     let program: &mut programs::Xdp = ebpf
         .program_mut(PROGRAM)
         .ok_or(DataplaneError::MissingProgram(PROGRAM))?
         .try_into()
         .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
     program.load().map_err(|e| DataplaneError::Load(e.into()))?;
+    let egress: &mut programs::SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .ok_or(DataplaneError::MissingProgram(EGRESS_PROGRAM))?
+        .try_into()
+        .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
+    egress.load().map_err(|e| DataplaneError::Load(e.into()))
+}
+
+fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<(), DataplaneError> {
+    let program: &mut programs::Xdp = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(DataplaneError::MissingProgram(PROGRAM))?
+        .try_into()
+        .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
     for iface in interfaces {
         program
             .attach_to_if_index(iface.ifindex, aya_mode(mode))
@@ -507,7 +567,6 @@ fn attach(ebpf: &mut Ebpf, interfaces: &[Interface], mode: XdpMode) -> Result<()
         .ok_or(DataplaneError::MissingProgram(EGRESS_PROGRAM))?
         .try_into()
         .map_err(|e: programs::ProgramError| DataplaneError::Load(e.into()))?;
-    egress.load().map_err(|e| DataplaneError::Load(e.into()))?;
     for iface in interfaces {
         egress
             .attach(&iface.name, programs::TcAttachType::Egress)
@@ -531,7 +590,7 @@ fn out_of_range(what: &'static str, value: impl Into<u64>, limit: u32) -> Datapl
     }
 }
 
-impl Dataplane for Xdp {
+impl Dataplane for KernelMaps {
     /// The filter counts the service before the program can find it, and forgets it after; its
     /// flows find it in `service_keys` once it is in `services`, and no more before it leaves.
     fn upsert_service(&mut self, key: ServiceKey, service: Service) -> Result<(), DataplaneError> {
@@ -708,12 +767,20 @@ mod tests {
             conntrack_entries: 1024,
             flow_idle_timeout: std::time::Duration::from_secs(300),
             closed_flow_timeout: std::time::Duration::from_secs(10),
+            backend_time_wait: std::time::Duration::from_secs(62),
         }
     }
 
     #[test]
-    fn load_outside_a_runtime_is_an_error_not_a_panic() {
-        let err = Xdp::load(&options(&["lo"])).err().expect("no runtime");
+    fn attach_outside_a_runtime_is_an_error_not_a_panic() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED attach_outside_a_runtime_is_an_error_not_a_panic: loading BPF needs root"
+            );
+            return;
+        }
+        let loaded = Loaded::load(&options(&["lo"])).expect("loading needs no runtime");
+        let err = loaded.attach(&options(&["lo"])).err().expect("no runtime");
         assert!(matches!(err, DataplaneError::Io { .. }), "{err}");
     }
 

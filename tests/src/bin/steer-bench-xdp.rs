@@ -109,7 +109,7 @@ fn clear_conntrack(lab: &mut Lab) {
 
 fn clear<V: aya::Pod>(lab: &mut Lab, name: &str) {
     let mut ct: HashMap<&mut MapData, FlowKey, V> =
-        HashMap::try_from(lab.ebpf.map_mut(name).expect("ct map")).expect("hash");
+        HashMap::try_from(lab.ebpf_mut().map_mut(name).expect("ct map")).expect("hash");
     let keys: Vec<FlowKey> = ct.keys().filter_map(Result::ok).collect();
     for key in keys {
         let _ = ct.remove(&key);
@@ -129,14 +129,14 @@ fn fill_conntrack(lab: &mut Lab, percent: u32) {
     };
     {
         let mut fwd: HashMap<&mut MapData, FlowKey, FlowFwd> =
-            HashMap::try_from(lab.ebpf.map_mut("ct_fwd").expect("ct_fwd")).expect("hash");
+            HashMap::try_from(lab.ebpf_mut().map_mut("ct_fwd").expect("ct_fwd")).expect("hash");
         for i in 0..entries {
             let client = SocketAddrV4::new(Ipv4Addr::new(10, 212, (i >> 8) as u8, i as u8), 40000);
             let _ = fwd.insert(key(client, VIP), FlowFwd::default(), 0);
         }
     }
     let mut rev: HashMap<&mut MapData, FlowKey, FlowRev> =
-        HashMap::try_from(lab.ebpf.map_mut("ct_rev").expect("ct_rev")).expect("hash");
+        HashMap::try_from(lab.ebpf_mut().map_mut("ct_rev").expect("ct_rev")).expect("hash");
     for i in 0..entries {
         let snat = SocketAddrV4::new(LB_BACKEND_SIDE, 1024 + (i % 60000) as u16);
         let backend = SocketAddrV4::new(Ipv4Addr::new(10, 213, (i >> 16) as u8, (i >> 8) as u8), 9);
@@ -222,7 +222,7 @@ fn measure(runs: u32) -> Vec<Figure> {
             while next < runs {
                 let batch = NEW_FLOW_BATCH.min(runs - next);
                 let (ns, done) = cost(
-                    xdp(&lab.ebpf, "steer_xdp"),
+                    xdp(lab.ebpf(), "steer_xdp"),
                     (next..next + batch).map(syn),
                     XDP_REDIRECT,
                 );
@@ -248,7 +248,7 @@ fn measure(runs: u32) -> Vec<Figure> {
         // The lab's client, whose neighbour is known: replies to it are forwarded, not passed.
         let client = client(40000);
         let (snat, backend) = lab.forward(client, SYN);
-        let prog = xdp(&lab.ebpf, "steer_xdp");
+        let prog = xdp(lab.ebpf(), "steer_xdp");
         let cases = [
             (
                 "established flow, client to backend",
