@@ -179,7 +179,7 @@ impl Lab {
     fn load_from(options: &XdpOptions, policy: u32) -> Lab {
         let mut loaded = Loaded::load(options).expect("loading the program as the agent does");
         loaded
-            .register_interfaces(&options.interfaces)
+            .register_interfaces()
             .expect("registering the lab's interfaces");
         let mut lab = Lab {
             loaded,

@@ -67,6 +67,8 @@ pub struct Loaded {
     /// `tx_ports`, cursors).
     ebpf: Ebpf,
     maps: KernelMaps,
+    /// The options' interfaces, resolved before anything was loaded.
+    interfaces: Vec<Interface>,
 }
 
 /// The maps the backend table writes, typed: the one writer of them, through [`Dataplane`].
@@ -100,10 +102,12 @@ pub struct Xdp {
 }
 
 impl Loaded {
-    /// Load the program with `options`' SNAT ports, timeouts and conntrack size, run both
-    /// programs through the verifier, seed the SNAT cursors and take the table's maps. Touches
-    /// no interface and needs no tokio runtime.
+    /// Resolve `options`' interfaces (a missing one fails before anything is loaded), load the
+    /// program with their SNAT ports, timeouts and conntrack size, run both programs through the
+    /// verifier, seed the SNAT cursors and take the table's maps. Writes nothing about the
+    /// interfaces yet, attaches nothing and needs no tokio runtime.
     pub fn load(options: &XdpOptions) -> Result<Self, DataplaneError> {
+        let interfaces = resolve_interfaces(&options.interfaces)?;
         check_snat_ports(&options.snat_ports)?;
         let flow_events = u32::from(options.flow_events);
         // The kernel takes over a closed flow's reply tuple after the same time expiry frees it.
@@ -134,7 +138,11 @@ impl Loaded {
             backend_stats: take_map(&mut ebpf, "backend_stats")?,
             service_stats: take_map(&mut ebpf, "service_stats")?,
         };
-        Ok(Loaded { ebpf, maps })
+        Ok(Loaded {
+            ebpf,
+            maps,
+            interfaces,
+        })
     }
 
     /// The table's writer.
@@ -151,19 +159,16 @@ impl Loaded {
         &mut self.ebpf
     }
 
-    /// Register the interfaces (by name) the program forwards through: `ifaces` (each one's
-    /// first IPv4 address, the source towards backends reached through it) and `tx_ports`.
-    pub fn register_interfaces(&mut self, names: &[String]) -> Result<(), DataplaneError> {
-        self.register(&resolve_interfaces(names)?)
+    /// Register the interfaces the program forwards through: `ifaces` (each one's first IPv4
+    /// address, the source towards backends reached through it) and `tx_ports`.
+    pub fn register_interfaces(&mut self) -> Result<(), DataplaneError> {
+        fill_interfaces(&mut self.ebpf, &self.interfaces)
     }
 
-    fn register(&mut self, interfaces: &[Interface]) -> Result<(), DataplaneError> {
-        fill_interfaces(&mut self.ebpf, interfaces)
-    }
-
-    /// Register `options.interfaces`, turn lo's forwarding on, attach both programs to every
-    /// interface and start the events reader and the conntrack expiry (inside the tokio runtime
-    /// this must be called in). Returns the table's writer and the attachment.
+    /// Register the interfaces, turn lo's forwarding on, attach both programs to every interface
+    /// in `options.mode` and start the events reader and the conntrack expiry with `options`'
+    /// timeouts (inside the tokio runtime this must be called in). Returns the table's writer
+    /// and the attachment.
     ///
     /// On error nothing stays attached: everything attached so far is owned by locals that
     /// detach on return.
@@ -173,9 +178,12 @@ impl Loaded {
             what: "attaching XDP outside a tokio runtime".into(),
             source: std::io::Error::other(e),
         })?;
-        let interfaces = resolve_interfaces(&options.interfaces)?;
-        self.register(&interfaces)?;
-        let Loaded { mut ebpf, maps } = self;
+        self.register_interfaces()?;
+        let Loaded {
+            mut ebpf,
+            maps,
+            interfaces,
+        } = self;
         let backends_for_expiry = dup_map(&maps.backends, "backends")?;
         let ct_fwd = take_map(&mut ebpf, "ct_fwd")?;
         let ct_rev = take_map(&mut ebpf, "ct_rev")?;
