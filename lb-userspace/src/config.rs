@@ -383,26 +383,7 @@ impl Doc<'_> {
         }
         let mut services: Vec<ServiceSpec> = Vec::with_capacity(raw.service.len());
         for (i, service) in raw.service.iter().enumerate() {
-            let service = self.service(i, service.get_ref())?;
-            if let Some(other) = services.iter().position(|s| s.name == service.name) {
-                let name = &raw.service[i].get_ref().name;
-                return Err(self.invalid(
-                    Some(name.span()),
-                    format!("service[{i}].name"),
-                    format!("`{}` is already the name of service[{other}]", service.name),
-                ));
-            }
-            if let Some(other) = services.iter().position(|s| s.address == service.address) {
-                let address = &raw.service[i].get_ref().address;
-                return Err(self.invalid(
-                    Some(address.span()),
-                    format!("service[{i}].address"),
-                    format!(
-                        "{} is already the address of service[{other}]",
-                        service.address
-                    ),
-                ));
-            }
+            let service = self.service(i, service.get_ref(), &services)?;
             services.push(service);
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
@@ -779,7 +760,13 @@ impl Doc<'_> {
         }
     }
 
-    fn service(&self, i: usize, raw: &RawService) -> Result<ServiceSpec, ConfigError> {
+    /// Service `i`; its name and address must differ from the `earlier` ones'.
+    fn service(
+        &self,
+        i: usize,
+        raw: &RawService,
+        earlier: &[ServiceSpec],
+    ) -> Result<ServiceSpec, ConfigError> {
         let slots = self.slot_poll(i, raw)?;
         let name = raw.name.get_ref().trim();
         if name.is_empty() {
@@ -815,12 +802,28 @@ impl Doc<'_> {
                 max_connections: backend.max_connections,
             });
         }
+        let health = self.health(i, raw.health.as_ref())?;
+        // After every error above, in the order the file's errors were always reported.
+        if let Some(other) = earlier.iter().position(|s| s.name == name) {
+            return Err(self.invalid(
+                Some(raw.name.span()),
+                format!("service[{i}].name"),
+                format!("`{name}` is already the name of service[{other}]"),
+            ));
+        }
+        if let Some(other) = earlier.iter().position(|s| s.address == address) {
+            return Err(self.invalid(
+                Some(raw.address.span()),
+                format!("service[{i}].address"),
+                format!("{address} is already the address of service[{other}]"),
+            ));
+        }
         Ok(ServiceSpec {
             name: name.to_owned(),
             address,
             policy: raw.policy,
             backends,
-            health: self.health(i, raw.health.as_ref())?,
+            health,
             slots,
             proxy: self.proxy(i, raw)?,
         })

@@ -46,8 +46,10 @@ use crate::table::TableError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("binding the admin API to {addr}: {source}")]
+    #[error("binding the {api} to {addr}: {source}")]
     Bind {
+        /// "admin API" (`steer run`) or "supervisor API" (`steer supervise`).
+        api: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -62,16 +64,23 @@ pub enum AgentError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Route(#[from] RouteError),
-    #[error("serving the admin API on {addr}: {source}")]
+    #[error("serving the {api} on {addr}: {source}")]
     Serve {
+        api: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
     #[error("the backend table task failed: {0}")]
     TableTask(#[source] tokio::task::JoinError),
-    #[error("admin token file: {0}")]
-    Token(#[from] token::TokenError),
+    /// `setting`: where the token file was named (`agent.admin_token_file` or
+    /// `--admin-token-file`).
+    #[error("{setting}: {source}")]
+    Token {
+        setting: &'static str,
+        #[source]
+        source: token::TokenError,
+    },
 }
 
 /// Run the agent until `shutdown` completes: load and attach XDP (unless the dataplane is
@@ -85,7 +94,7 @@ pub async fn run(
     force: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     // Bind first: a taken port should fail before anything is attached.
-    let listener = bind(config.admin_addr).await?;
+    let listener = bind(ADMIN_API, config.admin_addr).await?;
     let mut kind = config.dataplane;
     if kind == DataplaneKind::Xdp && !nix::unistd::geteuid().is_root() {
         // Loading BPF needs root; any other load error is the operator's to fix, so it stays one.
@@ -104,7 +113,7 @@ pub async fn run(
     }
     match kind {
         DataplaneKind::Xdp => {
-            let (maps, xdp) = Loaded::load(&config.xdp)?.attach(&config.xdp)?;
+            let (maps, xdp) = Loaded::load(&config.xdp)?.attach()?;
             let maps = serve(maps, kind, &config, listener, shutdown, force).await?;
             drop(xdp);
             drop(maps);
@@ -127,11 +136,18 @@ pub async fn supervise(
     token_file: &std::path::Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let token = Arc::new(token::load_or_create(token_file)?);
-    let listener = bind(addr).await?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| AgentError::Bind { addr, source })?;
+    const API: &str = "supervisor API";
+    let token = token::load_or_create(token_file).map_err(|source| AgentError::Token {
+        setting: "--admin-token-file",
+        source,
+    })?;
+    let token = Arc::new(token);
+    let listener = bind(API, addr).await?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        api: API,
+        addr,
+        source,
+    })?;
     let (handle, task) = supervisor::start(spec, supervisor::ApplyLimit::default(), None).await?;
     let admin_limits = AdminLimits::default();
     let connections = limits::Connections::new(admin_limits.max_connections);
@@ -146,19 +162,26 @@ pub async fn supervise(
     let served = admin::serve(listener, app, &admin_limits, connections, shutdown).await;
     // The router held the last handle: the actor stops llama-server and ends.
     let _ = task.await;
-    served.map_err(|source| AgentError::Serve { addr, source })
+    served.map_err(|source| AgentError::Serve {
+        api: API,
+        addr,
+        source,
+    })
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+/// The name of `steer run`'s API in messages.
+const ADMIN_API: &str = "admin API";
+
+async fn bind(api: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| AgentError::Bind { addr, source })
+        .map_err(|source| AgentError::Bind { api, addr, source })
 }
 
 /// Program `dataplane` with the config's services, proxy their addresses counting in its
 /// connection counts, and serve the API on `listener` until `shutdown`; the dataplane comes back
-/// once the table task has stopped. With XDP a service address that cannot be listened on is a warning (XDP still
-/// carries that service); with the userspace dataplane it is an error.
+/// once the table task has stopped. With XDP a service address that cannot be listened on is a
+/// warning (XDP still carries that service); with the userspace dataplane it is an error.
 ///
 /// Shutdown: the proxies and the admin API stop accepting, and the requests and streams in
 /// flight get up to `agent.shutdown_timeout` to finish (http keep-alive connections close after
@@ -174,10 +197,16 @@ async fn serve<D: Dataplane>(
     force: impl Future<Output = ()>,
 ) -> Result<D, AgentError> {
     let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        api: ADMIN_API,
         addr: config.admin_addr,
         source,
     })?;
-    let admin_token = Arc::new(token::load_or_create(&config.admin_token_file)?);
+    let admin_token =
+        token::load_or_create(&config.admin_token_file).map_err(|source| AgentError::Token {
+            setting: "agent.admin_token_file",
+            source,
+        })?;
+    let admin_token = Arc::new(admin_token);
     let counts = dataplane.conn_counts();
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
@@ -300,7 +329,11 @@ async fn serve<D: Dataplane>(
     table.close().await;
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     if let Some(served) = served {
-        served.map_err(|source| AgentError::Serve { addr, source })?;
+        served.map_err(|source| AgentError::Serve {
+            api: ADMIN_API,
+            addr,
+            source,
+        })?;
     }
     Ok(dataplane)
 }
@@ -437,7 +470,7 @@ address = "10.0.1.2:8080"
         ),
         Box<dyn std::error::Error>,
     > {
-        let listener = bind(config.admin_addr).await?;
+        let listener = bind(ADMIN_API, config.admin_addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let agent = tokio::spawn(async move {
@@ -662,7 +695,7 @@ address = "10.0.1.2:8080"
     async fn taken_port_names_the_address() -> Result<(), Box<dyn std::error::Error>> {
         let taken = TcpListener::bind("127.0.0.1:0").await?;
         let addr = taken.local_addr()?;
-        match bind(addr).await {
+        match bind(ADMIN_API, addr).await {
             Err(err @ AgentError::Bind { .. }) => {
                 let text = err.to_string();
                 assert!(text.contains(&addr.to_string()), "{text}");

@@ -141,8 +141,7 @@ impl ProxySpec {
     }
 }
 
-/// The validated config.
-
+/// A service: its address, policy and backends, and how the kernel and the proxy carry it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
@@ -451,8 +450,7 @@ pub struct InstanceSettings {
 }
 
 impl Default for InstanceSettings {
-    /// What an `[[instance]]` gets for each key it leaves out (`steer supervise`'s flags have the
-    /// same defaults).
+    /// What an `[[instance]]` gets for each key it leaves out.
     fn default() -> Self {
         InstanceSettings {
             startup_timeout: Duration::from_secs(60),

@@ -1,7 +1,8 @@
 //! The packet lab: a network namespace with the LB's two interfaces (client side, backend side),
 //! routes and static neighbours that make `bpf_fib_lookup` succeed, and Steer's programs loaded
-//! (not attached: `BPF_PROG_TEST_RUN` needs no attachment). The packet tests and the XDP
-//! benchmark run crafted frames through it.
+//! by the agent's own `Loaded::load` (not attached: `BPF_PROG_TEST_RUN` needs no attachment),
+//! their services and backends written by the agent's writer, `KernelMaps`. The packet tests and
+//! the XDP benchmark run crafted frames through it.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},

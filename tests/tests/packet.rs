@@ -731,8 +731,6 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
                 lab.set_idle_slots(slot, view.idle_slots);
                 lab.set_conns(slot, view.conns, view.steered);
             }
-            lab.set_service(policy, backend_count, &ring);
-            lab.set_cursor(cursor);
             // Maglev: the agent's table, or one naming any slot, as after a change of backends.
             let maglev: Vec<u32> = match (policy, rng.below(3)) {
                 (policy::MAGLEV, 0) => (0..lb_common::MAGLEV_SIZE)
@@ -753,6 +751,9 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             } else {
                 lab.set_maglev(&maglev);
             }
+            // As the table writes: the tables first, then the entry that announces them.
+            lab.set_service(policy, backend_count, &ring);
+            lab.set_cursor(cursor);
             let from = SocketAddrV4::new(
                 Ipv4Addr::new(10, 210, 1, 2 + rng.below(200) as u8),
                 10000 + case,

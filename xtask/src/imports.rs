@@ -1,5 +1,5 @@
 //! `cargo xtask check-imports`: fails when the agent's modules (`lb-userspace/src`) import each
-//! other in a cycle, so the module graph stays one-way and a module can be read (and moved)
+//! other in a cycle (or one imports `config`, which only the crate root may), so the module graph stays one-way and a module can be read (and moved)
 //! without the rest of the crate behind it.
 //!
 //! What counts, read from the source text (no compiler needed):
@@ -27,9 +27,25 @@ use anyhow::{Context, bail};
 /// A module path below the crate root (`["dataplane", "xdp"]`); empty for the root.
 type Module = Vec<String>;
 
-/// Reads every `.rs` file under `src` and fails naming the files of each import cycle.
+/// Modules only the crate root may import: `config` parses files into the shared vocabulary
+/// (`spec`), and a module that read the config itself would be a second composition root.
+const ROOT_ONLY: [&str; 1] = ["config.rs"];
+
+/// Reads every `.rs` file under `src` and fails naming the files of each import cycle, and any
+/// module that imports one of [`ROOT_ONLY`].
 pub fn check(src: &Path) -> anyhow::Result<()> {
     let graph = Graph::new(&read_tree(src)?);
+    let reaching = graph.importers_of_root_only();
+    if !reaching.is_empty() {
+        for (file, target, example) in &reaching {
+            println!("  {} -> {} ({example})", file.display(), target.display());
+        }
+        bail!(
+            "{}: only lib.rs and main.rs may import {}",
+            src.display(),
+            ROOT_ONLY.join(", ")
+        );
+    }
     let cycles = graph.cycles();
     if cycles.is_empty() {
         println!(
@@ -137,6 +153,15 @@ impl Graph {
             edges.insert(file.clone(), out);
         }
         Graph { edges }
+    }
+
+    /// Edges into a [`ROOT_ONLY`] file: the importer, the file and the path that shows it.
+    fn importers_of_root_only(&self) -> Vec<(&PathBuf, &PathBuf, &String)> {
+        self.edges
+            .iter()
+            .flat_map(|(file, out)| out.iter().map(move |(to, example)| (file, to, example)))
+            .filter(|(_, to, _)| ROOT_ONLY.iter().any(|r| Path::new(r) == to.as_path()))
+            .collect()
     }
 
     /// Strongly connected components of more than one file (Tarjan), each sorted.
@@ -598,6 +623,33 @@ mod tests {
             .keys()
             .map(|f| f.display().to_string())
             .collect()
+    }
+
+    #[test]
+    fn only_the_root_may_import_the_config() {
+        let files = [
+            (
+                "lib.rs",
+                "mod config; mod spec; mod table; use crate::config::Config;",
+            ),
+            ("config.rs", "use crate::spec::Spec;\npub struct Config;"),
+            ("spec.rs", "pub struct Spec;"),
+            ("table.rs", "use crate::spec::Spec;"),
+        ];
+        assert!(
+            Graph::new(&tree(&files))
+                .importers_of_root_only()
+                .is_empty()
+        );
+        let mut reaching = files;
+        reaching[3] = ("table.rs", "fn f() -> crate::config::Config { todo!() }");
+        let graph = Graph::new(&tree(&reaching));
+        let found: Vec<String> = graph
+            .importers_of_root_only()
+            .iter()
+            .map(|(from, to, _)| format!("{} -> {}", from.display(), to.display()))
+            .collect();
+        assert_eq!(found, ["table.rs -> config.rs"]);
     }
 
     #[test]

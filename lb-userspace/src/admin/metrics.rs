@@ -42,7 +42,7 @@ use crate::table::{
 /// What `/metrics` reads from: the agent's table and userspace proxies (none under
 /// `steer supervise`) and instances.
 #[derive(Clone)]
-struct Sources {
+struct MetricSources {
     table: Option<TableHandle>,
     instances: Arc<[InstanceHandle]>,
     proxies: Arc<[Arc<Gate>]>,
@@ -58,7 +58,7 @@ pub fn router(
     proxies: Vec<Arc<Gate>>,
     admin: Arc<Connections>,
 ) -> Router {
-    let sources = Sources {
+    let sources = MetricSources {
         table,
         instances: instances.into(),
         proxies: proxies.into(),
@@ -79,7 +79,7 @@ impl From<EncodeError> for ApiError {
     }
 }
 
-async fn scrape(State(sources): State<Sources>) -> Result<impl IntoResponse, ApiError> {
+async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoResponse, ApiError> {
     let snapshot = match &sources.table {
         Some(table) => Some(table.fresh_snapshot().await?),
         None => None,

@@ -1,7 +1,7 @@
 //! The admin API: every HTTP route the agent serves on its admin address, and the server that
-//! serves them. The route sets are `backends` (backends and services: the table),
-//! `instances` (llama-server arguments: the supervisor), `metrics` and `proxy` (the userspace
-//! proxies' counters); [`router`] puts together the ones a command has, for `steer run` and
+//! serves them. The route sets are `backends` (backends and services: the table), `instances`
+//! (llama-server arguments: the supervisor), `metrics` and `proxy_stats` (the userspace proxies'
+//! counters); [`router`] puts together the ones a command has, for `steer run` and
 //! `steer supervise` alike.
 //!
 //! Errors are `{"error": "..."}` ([`ApiError`]); mutating calls need the bearer token
@@ -10,7 +10,7 @@
 pub mod backends;
 pub mod instances;
 pub mod metrics;
-pub mod proxy;
+pub mod proxy_stats;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ pub fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     if let Some(table) = table {
         app = app
             .merge(backends::router(table, token))
-            .merge(proxy::router(gates));
+            .merge(proxy_stats::router(gates));
     }
     with_fallbacks(app)
 }

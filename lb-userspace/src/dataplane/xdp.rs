@@ -69,6 +69,9 @@ pub struct Loaded {
     maps: KernelMaps,
     /// The options' interfaces, resolved before anything was loaded.
     interfaces: Vec<Interface>,
+    /// What it was loaded with: the attach mode and the expiry's timeouts, which must agree with
+    /// the program's own (`closed_flow_ns`, `time_wait_ns`).
+    options: XdpOptions,
 }
 
 /// The maps the backend table writes, typed: the one writer of them, through [`Dataplane`].
@@ -142,6 +145,7 @@ impl Loaded {
             ebpf,
             maps,
             interfaces,
+            options: options.clone(),
         })
     }
 
@@ -166,23 +170,21 @@ impl Loaded {
     }
 
     /// Register the interfaces, turn lo's forwarding on, attach both programs to every interface
-    /// in `options.mode` and start the events reader and the conntrack expiry with `options`'
+    /// in the options' mode and start the events reader and the conntrack expiry with their
     /// timeouts (inside the tokio runtime this must be called in). Returns the table's writer
     /// and the attachment.
     ///
     /// On error nothing stays attached: everything attached so far is owned by locals that
     /// detach on return.
-    pub fn attach(mut self, options: &XdpOptions) -> Result<(KernelMaps, Xdp), DataplaneError> {
+    pub fn attach(mut self) -> Result<(KernelMaps, Xdp), DataplaneError> {
         // Registering the ringbuf would panic without one; say so instead.
-        tokio::runtime::Handle::try_current().map_err(|e| DataplaneError::Io {
-            what: "attaching XDP outside a tokio runtime".into(),
-            source: std::io::Error::other(e),
-        })?;
+        require_runtime("attaching XDP")?;
         self.register_interfaces()?;
         let Loaded {
             mut ebpf,
             maps,
             interfaces,
+            options,
         } = self;
         let backends_for_expiry = dup_map(&maps.backends, "backends")?;
         let ct_fwd = take_map(&mut ebpf, "ct_fwd")?;
@@ -532,6 +534,16 @@ fn aya_mode(mode: XdpMode) -> programs::XdpMode {
     }
 }
 
+/// An error, not a panic, when `what` needs a tokio runtime and there is none.
+fn require_runtime(what: &str) -> Result<(), DataplaneError> {
+    tokio::runtime::Handle::try_current()
+        .map(drop)
+        .map_err(|e| DataplaneError::Io {
+            what: format!("{what} outside a tokio runtime"),
+            source: std::io::Error::other(e),
+        })
+}
+
 /// Both programs through the verifier (loaded into the kernel, not attached).
 fn verify(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     let program: &mut programs::Xdp = ebpf
@@ -766,29 +778,9 @@ mod tests {
         assert!(ranges_overlap(&(60999..=61000), &local));
     }
 
-    fn options(interfaces: &[&str]) -> XdpOptions {
-        XdpOptions {
-            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
-            mode: XdpMode::Native,
-            snat_ports: 16384..=32767,
-            flow_events: false,
-            conntrack_entries: 1024,
-            flow_idle_timeout: std::time::Duration::from_secs(300),
-            closed_flow_timeout: std::time::Duration::from_secs(10),
-            backend_time_wait: std::time::Duration::from_secs(62),
-        }
-    }
-
     #[test]
     fn attach_outside_a_runtime_is_an_error_not_a_panic() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!(
-                "SKIPPED attach_outside_a_runtime_is_an_error_not_a_panic: loading BPF needs root"
-            );
-            return;
-        }
-        let loaded = Loaded::load(&options(&["lo"])).expect("loading needs no runtime");
-        let err = loaded.attach(&options(&["lo"])).err().expect("no runtime");
+        let err = require_runtime("attaching XDP").expect_err("no runtime");
         assert!(matches!(err, DataplaneError::Io { .. }), "{err}");
     }
 

@@ -14,7 +14,7 @@
 
 mod drain;
 mod gate;
-pub mod http;
+mod http;
 mod l4;
 mod route;
 pub mod splice;
@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use drain::drain_started;
-pub use gate::{Gate, KERNEL_RELEASE_TICK, Lease, ProxyStats, Refusal, WAIT_BUCKETS};
+pub use gate::{Gate, ProxyStats};
 pub use route::{LocalRoute, RouteError};
 
 use crate::spec::{ProxyMode, ServiceSpec};

@@ -6,7 +6,7 @@
 //! kernel's `release_flow` would.
 //!
 //! Ownership: this task is the only user-space holder of `ct_fwd` and `ct_rev`; it reads
-//! `backends` through its own handle (the reconciler writes it) and shares the count mapping.
+//! `backends` through its own handle (the table writes it, through `KernelMaps`) and shares the count mapping.
 
 use std::{io, os::fd::AsFd, sync::Arc, time::Duration};
 
