@@ -1,6 +1,7 @@
 //! `cargo xtask check-imports`: fails when the agent's modules (`lb-userspace/src`) import each
-//! other in a cycle (or one imports `config`, which only the crate root may), so the module graph stays one-way and a module can be read (and moved)
-//! without the rest of the crate behind it.
+//! other in a cycle (or one imports `config`, which only the crate root may), so the module
+//! graph stays one-way and a module can be read (and moved) without the rest of the crate behind
+//! it.
 //!
 //! What counts, read from the source text (no compiler needed):
 //! - A node is a file: `a.rs` or `a/mod.rs` stands for module `a`, `a/b.rs` for `a::b`. The
