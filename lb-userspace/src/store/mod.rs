@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 pub use file::FileStore;
 
-use crate::spec::{DEFAULT_ETCD_CACHE, DriverConfig};
+use crate::spec::DriverConfig;
 
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
@@ -268,7 +268,7 @@ impl Store {
             DriverConfig::Etcd { addr, name, cache } => {
                 let cache = cache
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_CACHE));
+                    .unwrap_or_else(|| PathBuf::from(crate::spec::DEFAULT_ETCD_CACHE));
                 Kind::Etcd(Box::new(EtcdStore::new(
                     addr,
                     name,
