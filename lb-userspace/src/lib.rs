@@ -40,7 +40,7 @@ use crate::dataplane::memory::Userspace;
 use crate::dataplane::xdp::Loaded;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::proxy::{ProxyError, RouteError};
-use crate::spec::{AdminLimits, DataplaneKind, InstanceBackend, InstanceSpec, Weight};
+use crate::spec::{AdminLimits, AdminToken, DataplaneKind, InstanceBackend, InstanceSpec, Weight};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
@@ -137,11 +137,7 @@ pub async fn supervise(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     const API: &str = "supervisor API";
-    let token = token::load_or_create(token_file).map_err(|source| AgentError::Token {
-        setting: "--admin-token-file",
-        source,
-    })?;
-    let token = Arc::new(token);
+    let token = admin_token(token_file, "--admin-token-file")?;
     let listener = bind(API, addr).await?;
     let addr = listener.local_addr().map_err(|source| AgentError::Bind {
         api: API,
@@ -149,17 +145,14 @@ pub async fn supervise(
         source,
     })?;
     let (handle, task) = supervisor::start(spec, supervisor::ApplyLimit::default(), None).await?;
-    let admin_limits = AdminLimits::default();
-    let connections = limits::Connections::new(admin_limits.max_connections);
     let sources = admin::Sources {
         table: None,
         instances: vec![handle],
         gates: Vec::new(),
         token,
     };
-    let app = admin::router(sources, Arc::clone(&connections));
     info!(api = %addr, "supervisor ready");
-    let served = admin::serve(listener, app, &admin_limits, connections, shutdown).await;
+    let served = admin::serve(listener, sources, &AdminLimits::default(), shutdown).await;
     // The router held the last handle: the actor stops llama-server and ends.
     let _ = task.await;
     served.map_err(|source| AgentError::Serve {
@@ -171,6 +164,16 @@ pub async fn supervise(
 
 /// The name of `steer run`'s API in messages.
 const ADMIN_API: &str = "admin API";
+
+/// The token in `path` (generated there if missing); `setting` names where the path came from.
+fn admin_token(
+    path: &std::path::Path,
+    setting: &'static str,
+) -> Result<Arc<AdminToken>, AgentError> {
+    token::load_or_create(path)
+        .map(Arc::new)
+        .map_err(|source| AgentError::Token { setting, source })
+}
 
 async fn bind(api: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(addr)
@@ -201,12 +204,7 @@ async fn serve<D: Dataplane>(
         addr: config.admin_addr,
         source,
     })?;
-    let admin_token =
-        token::load_or_create(&config.admin_token_file).map_err(|source| AgentError::Token {
-            setting: "agent.admin_token_file",
-            source,
-        })?;
-    let admin_token = Arc::new(admin_token);
+    let admin_token = admin_token(&config.admin_token_file, "agent.admin_token_file")?;
     let counts = dataplane.conn_counts();
     let (table, task) = table::start(dataplane, &config.services)?;
     // Aborted when this returns: the checkers hold table handles the table task waits out.
@@ -258,14 +256,12 @@ async fn serve<D: Dataplane>(
         instances.push(handle);
         instance_tasks.push(task);
     }
-    let admin_connections = limits::Connections::new(config.admin_limits.max_connections);
     let sources = admin::Sources {
         table: Some(table.clone()),
         instances: instances.clone(),
         gates,
         token: admin_token,
     };
-    let app = admin::router(sources, Arc::clone(&admin_connections));
     info!(
         admin = %addr,
         dataplane = ?kind,
@@ -279,13 +275,7 @@ async fn serve<D: Dataplane>(
         info!(timeout = ?config.shutdown_timeout, "draining: no new connections; requests in flight may finish");
         let _ = draining_tx.send(true);
     };
-    let admin = admin::serve(
-        listener,
-        app,
-        &config.admin_limits,
-        admin_connections,
-        signalled,
-    );
+    let admin = admin::serve(listener, sources, &config.admin_limits, signalled);
     tokio::pin!(admin, force);
     let mut served = None;
     let mut stop = draining.clone();
@@ -612,7 +602,7 @@ address = "10.0.1.2:8080"
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let connections = limits::Connections::new(limits.max_connections);
-            admin::serve(listener, app, &limits, connections, async {
+            admin::serve_app(listener, app, &limits, connections, async {
                 let _ = stopped.await;
             })
             .await

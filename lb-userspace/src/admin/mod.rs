@@ -42,9 +42,22 @@ pub struct Sources {
     pub token: Arc<AdminToken>,
 }
 
+/// Serves every route `sources` can answer on `listener` under `limits` until `shutdown`, then
+/// as [`serve_app`] does; `steer run` and `steer supervise` both serve their API this way.
+pub async fn serve(
+    listener: TcpListener,
+    sources: Sources,
+    limits: &AdminLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let connections = Connections::new(limits.max_connections);
+    let app = router(sources, Arc::clone(&connections));
+    serve_app(listener, app, limits, connections, shutdown).await
+}
+
 /// Every route `sources` can answer, with the JSON fallbacks; `connections` are the admin API's
 /// own client connections, which `/metrics` reports.
-pub fn router(sources: Sources, connections: Arc<Connections>) -> Router {
+fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     let Sources {
         table,
         instances,
@@ -179,7 +192,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// reads), until `shutdown` completes, then lets requests in flight finish for at most
 /// [`SHUTDOWN_GRACE`]. An error is an accept error that is not about this one connection
 /// or a lack of descriptors (those are waited out).
-pub async fn serve(
+pub(crate) async fn serve_app(
     listener: TcpListener,
     app: axum::Router,
     limits: &AdminLimits,
