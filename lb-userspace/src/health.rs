@@ -113,8 +113,8 @@ async fn probe(address: SocketAddrV4, path: &str, timeout: Duration) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::tests::answering;
     use std::num::NonZeroU32;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn config(rise: u32, fall: u32) -> HealthSpec {
@@ -141,21 +141,13 @@ mod tests {
         );
     }
 
-    /// A one-shot HTTP server on loopback answering `status` to whatever it is asked.
+    /// An HTTP server on loopback answering `status` to whatever it is asked.
     async fn server(status: &'static str) -> SocketAddrV4 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("not IPv4");
-        };
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buf = [0u8; 256];
-                let _ = stream.read(&mut buf).await;
-                let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
-                let _ = stream.write_all(reply.as_bytes()).await;
-            }
-        });
-        addr
+        answering(move |_| reply(status)).await
+    }
+
+    fn reply(status: &str) -> Vec<u8> {
+        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").into_bytes()
     }
 
     /// An HTTP server on loopback whose `/health` answers 200 to the first `healthy` checks, 503
@@ -164,26 +156,17 @@ mod tests {
         healthy: u32,
     ) -> (SocketAddrV4, std::sync::Arc<std::sync::atomic::AtomicU32>) {
         use std::sync::atomic::{AtomicU32, Ordering};
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("not IPv4");
-        };
         let checks = std::sync::Arc::new(AtomicU32::new(0));
         let seen = checks.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buf = [0u8; 256];
-                let _ = stream.read(&mut buf).await;
-                let n = seen.fetch_add(1, Ordering::SeqCst);
-                let status = if n < healthy {
-                    "200 OK"
-                } else {
-                    "503 Service Unavailable"
-                };
-                let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
-                let _ = stream.write_all(reply.as_bytes()).await;
-            }
-        });
+        let addr = answering(move |_| {
+            let status = if seen.fetch_add(1, Ordering::SeqCst) < healthy {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            reply(status)
+        })
+        .await;
         (addr, checks)
     }
 

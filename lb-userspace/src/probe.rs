@@ -115,7 +115,7 @@ fn hyper_error(error: hyper::Error, path: &str) -> GetError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -124,9 +124,12 @@ mod tests {
     const NO_SLOTS: &str = "HTTP/1.1 501 Not Implemented\r\nServer: llama.cpp\r\n\
         Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}";
 
-    /// A loopback server answering `answer` (the whole response, raw) to every connection,
-    /// then closing it.
-    async fn server(answer: Vec<u8>) -> SocketAddrV4 {
+    /// A loopback HTTP server for the tests of this client's users: each connection gets
+    /// `answer(path)` (the whole response, raw) to its request, then is closed.
+    pub(crate) async fn answering<F>(answer: F) -> SocketAddrV4
+    where
+        F: Fn(&str) -> Vec<u8> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
             panic!("not IPv4");
@@ -134,20 +137,19 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut buf = [0u8; 512];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(&answer).await;
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split(' ').nth(1).unwrap_or("/");
+                let _ = stream.write_all(&answer(path)).await;
             }
         });
         addr
     }
 
     async fn get_answer(answer: impl Into<Vec<u8>>) -> Result<Bytes, GetError> {
-        get(
-            server(answer.into()).await,
-            "/slots",
-            Duration::from_secs(2),
-        )
-        .await
+        let answer = answer.into();
+        let server = answering(move |_| answer.clone()).await;
+        get(server, "/slots", Duration::from_secs(2)).await
     }
 
     #[tokio::test]

@@ -177,7 +177,7 @@ fn parse_processing(metrics: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::probe::tests::answering;
     use tokio::net::TcpListener;
 
     /// Captured from llama-server 11434.0.0 (`-np 2 -c 2048`) while slot 1 answered a chat.
@@ -226,20 +226,7 @@ mod tests {
 
     /// A loopback llama-server stand-in: `answer(path)` is the whole HTTP response.
     async fn server(answer: fn(&str) -> String) -> SocketAddrV4 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("not IPv4");
-        };
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buf = [0u8; 512];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
-                let _ = stream.write_all(answer(&path).as_bytes()).await;
-            }
-        });
-        addr
+        answering(move |path| answer(path).into_bytes()).await
     }
 
     fn ok(body: &str) -> String {
