@@ -186,9 +186,6 @@ impl Lab {
             loaded,
             backends: std::collections::HashMap::new(),
         };
-        // The agent starts each backend's SNAT cursor at random (see `seed_snat_cursors`); the
-        // tests count ports from the range's first.
-        lab.reset_snat_cursors();
         for (slot, addr) in BACKENDS.iter().enumerate() {
             lab.set_backend(slot as u32, *addr, backend_state::ACTIVE, 1, 0);
         }
@@ -208,15 +205,6 @@ impl Lab {
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         self.loaded.ebpf_mut()
-    }
-
-    fn reset_snat_cursors(&mut self) {
-        let mut cursors: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf_mut().map_mut("snat_cursor").expect("snat_cursor"))
-                .expect("array");
-        for id in 0..cursors.len() {
-            cursors.set(id, 0, 0).expect("snat_cursor set");
-        }
     }
 
     /// Write backend `slot` as the table would for a backend at `addr` in `state`.
@@ -307,13 +295,8 @@ impl Lab {
 
     /// A second handle on one of the program's maps, by name.
     fn program_map(&self, name: &str) -> Map {
-        let prog: &Xdp = self
-            .ebpf()
-            .program("steer_xdp")
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let ids = prog
+        let ids = self
+            .program()
             .info()
             .expect("program info")
             .map_ids()
@@ -391,14 +374,17 @@ impl Lab {
         ct.get(&key, 0).ok()
     }
 
-    pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf()
+    /// The XDP program, loaded and verified.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf()
             .program("steer_xdp")
-            .expect("program")
+            .expect("program steer_xdp")
             .try_into()
-            .expect("xdp");
-        let fd = prog.fd().expect("loaded program fd");
+            .expect("an XDP program")
+    }
+
+    pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let fd = self.program().fd().expect("loaded program fd");
         let out = test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
         (out.verdict, out.data)
     }

@@ -107,8 +107,8 @@ pub struct Xdp {
 impl Loaded {
     /// Resolve `options`' interfaces (a missing one fails before anything is loaded), load the
     /// program with their SNAT ports, timeouts and conntrack size, run both programs through the
-    /// verifier, seed the SNAT cursors and take the table's maps. Writes nothing about the
-    /// interfaces yet, attaches nothing and needs no tokio runtime.
+    /// verifier and take the table's maps. Writes nothing about the interfaces yet, attaches
+    /// nothing and needs no tokio runtime.
     pub fn load(options: &XdpOptions) -> Result<Self, DataplaneError> {
         let interfaces = resolve_interfaces(&options.interfaces)?;
         check_snat_ports(&options.snat_ports)?;
@@ -128,7 +128,6 @@ impl Loaded {
             .load(lb_ebpf::steer_bpf())
             .map_err(DataplaneError::Load)?;
         verify(&mut ebpf)?;
-        seed_snat_cursors(&mut ebpf)?;
         let maps = KernelMaps {
             conns: Arc::new(map_conn_counts(&ebpf)?),
             services: take_map(&mut ebpf, "services")?,
@@ -169,10 +168,10 @@ impl Loaded {
         fill_interfaces(&mut self.ebpf, &self.interfaces)
     }
 
-    /// Register the interfaces, turn lo's forwarding on, attach both programs to every interface
-    /// in the options' mode and start the events reader and the conntrack expiry with their
-    /// timeouts (inside the tokio runtime this must be called in). Returns the table's writer
-    /// and the attachment.
+    /// Register the interfaces, seed the SNAT cursors, turn lo's forwarding on, attach both
+    /// programs to every interface in the options' mode and start the events reader and the
+    /// conntrack expiry with their timeouts (inside the tokio runtime this must be called in).
+    /// Returns the table's writer and the attachment.
     ///
     /// On error nothing stays attached: everything attached so far is owned by locals that
     /// detach on return.
@@ -180,6 +179,7 @@ impl Loaded {
         // Registering the ringbuf would panic without one; say so instead.
         require_runtime("attaching XDP")?;
         self.register_interfaces()?;
+        seed_snat_cursors(&mut self.ebpf)?;
         let Loaded {
             mut ebpf,
             maps,

@@ -221,11 +221,7 @@ fn measure(runs: u32) -> Vec<Figure> {
             let mut next = 0;
             while next < runs {
                 let batch = NEW_FLOW_BATCH.min(runs - next);
-                let (ns, done) = cost(
-                    xdp(lab.ebpf(), "steer_xdp"),
-                    (next..next + batch).map(syn),
-                    XDP_REDIRECT,
-                );
+                let (ns, done) = cost(lab.program(), (next..next + batch).map(syn), XDP_REDIRECT);
                 total_ns += ns * done as f64;
                 total_runs += done;
                 next += batch;
@@ -248,7 +244,7 @@ fn measure(runs: u32) -> Vec<Figure> {
         // The lab's client, whose neighbour is known: replies to it are forwarded, not passed.
         let client = client(40000);
         let (snat, backend) = lab.forward(client, SYN);
-        let prog = xdp(lab.ebpf(), "steer_xdp");
+        let prog = lab.program();
         let cases = [
             (
                 "established flow, client to backend",
