@@ -60,6 +60,7 @@ impl Drop for TempDir {
 }
 
 /// What a `steer supervise` run is started with.
+#[derive(Clone)]
 struct Options {
     driver: DriverConfig,
     port: u16,
@@ -405,6 +406,14 @@ impl Setup {
 
     fn model(&self, name: &str) -> String {
         path_str(&self.dir.0.join(name)).to_owned()
+    }
+
+    /// The setup's options with another model, from the test's directory.
+    fn with_model(&self, name: &str) -> Options {
+        Options {
+            model: self.dir.0.join(name),
+            ..self.options.clone()
+        }
     }
 
     fn start(&self) -> Supervisor {
@@ -871,13 +880,7 @@ fn persisted_args_survive_a_sigkill(setup: Setup) {
 
     // The operator edits the command line (another model): the edit wins for --model, the
     // API's --ctx-size and --temp stay.
-    let edited = Options {
-        driver: setup.options.driver.clone(),
-        port: setup.options.port,
-        model: setup.dir.0.join("foo.gguf"),
-        alias: setup.options.alias.clone(),
-        extra: Vec::new(),
-    };
+    let edited = setup.with_model("foo.gguf");
     let edited_run = restart(&mut again, &edited);
     let status = edited_run.get();
     assert_eq!(
@@ -897,13 +900,7 @@ fn persisted_args_survive_a_sigkill(setup: Setup) {
 #[test]
 fn arguments_that_never_came_up_are_not_persisted() {
     let setup = Setup::new("never-up");
-    let wrong = Options {
-        driver: setup.options.driver.clone(),
-        port: setup.options.port,
-        model: setup.dir.0.join("missing.gguf"),
-        alias: setup.options.alias.clone(),
-        extra: Vec::new(),
-    };
+    let wrong = setup.with_model("missing.gguf");
     let mut supervisor = Supervisor::spawn(&setup.dir.0, &wrong, &[]);
     // Bounded: llama-server exits at once on a missing model; let it fail and be revived.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -241,6 +241,20 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    /// Start and stop within 1 s; a 60 s debounce, so a change stays queued while a test looks.
+    fn settings(policy: ArgPolicy) -> Settings {
+        Settings {
+            instance: InstanceSettings {
+                startup_timeout: Duration::from_secs(1),
+                debounce: Duration::from_secs(60),
+                stop_grace: Duration::from_secs(1),
+                ..InstanceSettings::default()
+            },
+            policy,
+            applies: crate::supervisor::ApplyLimit::default(),
+        }
+    }
+
     /// Routing, validation and the token need no llama-server: an instance whose binary does
     /// not exist stays down, and its API still answers.
     async fn instance(dir: &Path, name: &str) -> InstanceHandle {
@@ -261,17 +275,12 @@ mod tests {
             )]
             .into(),
         };
-        let settings = Settings {
-            instance: InstanceSettings {
-                startup_timeout: Duration::from_secs(1),
-                debounce: Duration::from_secs(60),
-                stop_grace: Duration::from_secs(1),
-                allowed_binaries: vec!["/opt/llama/llama-server".to_owned()],
-                ..InstanceSettings::default()
-            },
-            policy: ArgPolicy::new(&[], &[], &dir.join("m.gguf").display().to_string()),
-            applies: crate::supervisor::ApplyLimit::default(),
-        };
+        let mut settings = settings(ArgPolicy::new(
+            &[],
+            &[],
+            &dir.join("m.gguf").display().to_string(),
+        ));
+        settings.instance.allowed_binaries = vec!["/opt/llama/llama-server".to_owned()];
         spawn(name, args, Aliases::default(), settings, store, None).0
     }
 
@@ -497,16 +506,7 @@ mod tests {
             .map(|(f, v)| (f.to_owned(), crate::store::ArgValue::Value(v.to_owned())))
             .into(),
         };
-        let settings = Settings {
-            instance: InstanceSettings {
-                startup_timeout: Duration::from_secs(1),
-                debounce: Duration::from_secs(60),
-                stop_grace: Duration::from_secs(1),
-                ..InstanceSettings::default()
-            },
-            policy: ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"),
-            applies: crate::supervisor::ApplyLimit::default(),
-        };
+        let settings = settings(ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"));
         let (handle, _task) = spawn("gpt", args, Aliases::default(), settings, store, None);
         let app = router(vec![handle], test_token());
         let change = r#"{"args": {"--api-key": "n3w-key"}}"#;
