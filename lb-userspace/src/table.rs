@@ -414,7 +414,10 @@ pub fn start<D: Dataplane>(
     for id in 0..table.services.len() {
         table.sync(id, 0..SLOTS)?;
     }
-    table.read_counters()?;
+    // As on every tick: counters that cannot be read are published as zero, not a start error.
+    if let Err(error) = table.read_counters() {
+        warn!(%error, "reading the kernel's counters; publishing zeros until the next tick");
+    }
     table.publish();
     let (tx, rx) = mpsc::channel(QUEUE);
     let handle = TableHandle {
