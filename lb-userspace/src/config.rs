@@ -16,8 +16,8 @@ use toml::Spanned;
 
 use crate::spec::{
     AdminLimits, BackendSpec, DataplaneKind, DriverConfig, HealthSpec, InstanceBackend,
-    InstanceSettings, InstanceSpec, Policy, ProxyMode, ProxySpec, ServiceSpec, SlotPoll, Weight,
-    XdpMode, XdpOptions, usable_endpoint,
+    InstanceSettings, InstanceSpec, Policy, PoolSpec, ProxyMode, ProxySpec, ServiceSpec, SlotPoll,
+    Weight, XdpMode, XdpOptions, usable_endpoint,
 };
 use crate::supervisor;
 
@@ -66,9 +66,6 @@ pub struct Config {
     /// `agent.max_concurrent_applies`: applies in progress at once across the instances.
     pub max_concurrent_applies: NonZeroUsize,
 }
-
-const DEFAULT_SLOT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-const DEFAULT_SLOT_POLL_TIMEOUT: Duration = Duration::from_millis(400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -192,10 +189,25 @@ struct RawService {
     queue_size: Option<usize>,
     queue_timeout: Option<Timeout>,
     response_timeout: Option<Timeout>,
+    #[serde(default)]
+    pool: Vec<Spanned<RawPool>>,
+    default_model: Option<Spanned<String>>,
     max_client_connections: Option<Spanned<u32>>,
     client_header_timeout: Option<Spanned<Timeout>>,
     client_idle_timeout: Option<Timeout>,
     client_body_timeout: Option<Spanned<Timeout>>,
+}
+
+/// `[[service.pool]]`: the backends serving one model, with the service's settings unless set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    model: Spanned<String>,
+    aliases: Option<Spanned<Vec<String>>>,
+    policy: Option<Policy>,
+    max_requests_per_backend: Option<u32>,
+    queue_size: Option<usize>,
+    queue_timeout: Option<Timeout>,
 }
 
 #[derive(Default, Deserialize)]
@@ -224,6 +236,8 @@ struct RawBackend {
     weight: Weight,
     #[serde(default)]
     max_connections: u32,
+    #[serde(default)]
+    models: Vec<String>,
 }
 
 /// `"16384-32767"`: SNAT source ports, unprivileged and in order.
@@ -549,20 +563,18 @@ impl Doc<'_> {
 
     /// A service's slot poll: with policy `slots` or a `[service.slots]` table.
     fn slot_poll(&self, i: usize, raw: &RawService) -> Result<Option<SlotPoll>, ConfigError> {
+        let slots_policy = std::iter::once(raw.policy)
+            .chain(raw.pool.iter().filter_map(|p| p.get_ref().policy))
+            .any(|policy| policy == Policy::Slots);
         let (span, slots) = match &raw.slots {
             Some(slots) => (Some(slots.span()), slots.get_ref()),
-            None if raw.policy == Policy::Slots => (None, &RawSlots::default()),
+            None if slots_policy => (None, &RawSlots::default()),
             None => return Ok(None),
         };
+        let default = SlotPoll::default();
         let poll = SlotPoll {
-            interval: slots
-                .interval
-                .as_ref()
-                .map_or(DEFAULT_SLOT_POLL_INTERVAL, |t| t.0),
-            timeout: slots
-                .timeout
-                .as_ref()
-                .map_or(DEFAULT_SLOT_POLL_TIMEOUT, |t| t.0),
+            interval: slots.interval.as_ref().map_or(default.interval, |t| t.0),
+            timeout: slots.timeout.as_ref().map_or(default.timeout, |t| t.0),
         };
         if poll.timeout > poll.interval {
             return Err(self.invalid(
@@ -800,6 +812,7 @@ impl Doc<'_> {
                 address,
                 weight: backend.weight,
                 max_connections: backend.max_connections,
+                models: backend.models.clone(),
             });
         }
         let health = self.health(i, raw.health.as_ref())?;
@@ -818,6 +831,8 @@ impl Doc<'_> {
                 format!("{address} is already the address of service[{other}]"),
             ));
         }
+        let proxy = self.proxy(i, raw)?;
+        let (pools, default_pool) = self.pools(i, raw, &proxy)?;
         Ok(ServiceSpec {
             name: name.to_owned(),
             address,
@@ -825,8 +840,98 @@ impl Doc<'_> {
             backends,
             health,
             slots,
-            proxy: self.proxy(i, raw)?,
+            proxy,
+            pools,
+            default_pool,
         })
+    }
+
+    /// A service's model pools and the index of its default one; each name (model or alias)
+    /// belongs to one pool only.
+    fn pools(
+        &self,
+        i: usize,
+        raw: &RawService,
+        proxy: &ProxySpec,
+    ) -> Result<(Vec<PoolSpec>, usize), ConfigError> {
+        if let (Some(first), ProxyMode::L4) = (raw.pool.first(), raw.mode) {
+            return Err(self.invalid(
+                Some(first.span()),
+                format!("service[{i}].pool[0]"),
+                "not for mode = \"l4\" (pools route each request by its `model`: set mode = \"http\")",
+            ));
+        }
+        let mut pools: Vec<PoolSpec> = Vec::with_capacity(raw.pool.len());
+        for (j, pool) in raw.pool.iter().map(Spanned::get_ref).enumerate() {
+            let field = |what: &str| format!("service[{i}].pool[{j}].{what}");
+            let model = pool.model.get_ref().trim();
+            let aliases_span = pool.aliases.as_ref().map(Spanned::span);
+            let aliases: Vec<String> = pool
+                .aliases
+                .as_ref()
+                .map_or(&[][..], |a| a.get_ref())
+                .iter()
+                .map(|a| a.trim().to_owned())
+                .collect();
+            let names: Vec<&str> = std::iter::once(model)
+                .chain(aliases.iter().map(String::as_str))
+                .collect();
+            for (n, &name) in names.iter().enumerate() {
+                let (what, span) = if n == 0 {
+                    ("model", Some(pool.model.span()))
+                } else {
+                    ("aliases", aliases_span.clone())
+                };
+                let message = if name.is_empty() {
+                    "a name must not be empty".to_owned()
+                } else if let Some(other) = pools.iter().position(|p| p.names().any(|m| m == name))
+                {
+                    format!("`{name}` is already a name of pool[{other}]")
+                } else if names[..n].contains(&name) {
+                    format!("`{name}` is listed twice in this pool")
+                } else {
+                    continue;
+                };
+                return Err(self.invalid(span, field(what), message));
+            }
+            pools.push(PoolSpec {
+                model: model.to_owned(),
+                aliases,
+                policy: pool.policy.unwrap_or(raw.policy),
+                max_per_backend: pool
+                    .max_requests_per_backend
+                    .unwrap_or(proxy.max_per_backend),
+                queue_size: pool.queue_size.unwrap_or(proxy.queue_size),
+                queue_timeout: pool
+                    .queue_timeout
+                    .as_ref()
+                    .map_or(proxy.queue_timeout, |t| t.0),
+            });
+        }
+        let Some(default_model) = &raw.default_model else {
+            return Ok((pools, 0));
+        };
+        let wanted = default_model.get_ref().trim();
+        match pools.iter().position(|p| p.names().any(|n| n == wanted)) {
+            Some(default) => Ok((pools, default)),
+            None => {
+                let message = if pools.is_empty() {
+                    "needs [[service.pool]] tables: it names the pool of requests without `model`"
+                        .to_owned()
+                } else {
+                    let models: Vec<&str> = pools.iter().map(|p| p.model.as_str()).collect();
+                    format!(
+                        "no pool has model `{wanted}` (models: {})",
+                        models.join(", ")
+                    )
+                };
+                Err(self.invalid(
+                    Some(default_model.span()),
+                    format!("service[{i}].default_model"),
+                    message,
+                ))
+            }
+        }
     }
 
     fn health(
@@ -931,10 +1036,32 @@ impl fmt::Display for Config {
             for b in &service.backends {
                 writeln!(
                     f,
-                    "  {} weight {} max_connections {}",
+                    "  {} weight {} max_connections {}{}",
                     b.address,
                     b.weight.get(),
-                    b.max_connections
+                    b.max_connections,
+                    if b.models.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" models {}", b.models.join(", "))
+                    }
+                )?;
+            }
+            for (i, pool) in service.pools.iter().enumerate() {
+                writeln!(
+                    f,
+                    "  pool {}{} {}{}",
+                    pool.names().collect::<Vec<_>>().join(" = "),
+                    if i == service.default_pool {
+                        " (default)"
+                    } else {
+                        ""
+                    },
+                    pool.policy,
+                    format_args!(
+                        " max_requests_per_backend {} queue_size {} queue_timeout {:?}",
+                        pool.max_per_backend, pool.queue_size, pool.queue_timeout
+                    ),
                 )?;
             }
         }
@@ -1113,6 +1240,113 @@ address = "10.0.0.100:81"
             assert_eq!((at, got.as_str()), (line, field), "{extra}: {message}");
             assert!(message.contains(names), "{extra}: {message}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn pools_take_the_service_settings_unless_set_and_names_are_unique() -> Result<(), ConfigError>
+    {
+        let service = |extra: &str| {
+            format!(
+                "[agent]\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"chat\"\n\
+                 address = \"127.0.0.2:80\"\nmode = \"http\"\npolicy = \"round_robin\"\n\
+                 max_requests_per_backend = 2\nqueue_size = 9\n{extra}\n\
+                 [[service.backend]]\naddress = \"127.0.0.1:8081\"\nmodels = [\"qwen\"]\n"
+            )
+        };
+        let plain = parse(&service(""))?;
+        assert!(plain.services[0].pools.is_empty(), "no pools: one over all");
+        assert!(plain.services[0].slots.is_none());
+        let pools = "[[service.pool]]\nmodel = \"smol\"\naliases = [\"gpt-4o-mini\"]\n\
+                     [[service.pool]]\nmodel = \"qwen\"\npolicy = \"slots\"\n\
+                     max_requests_per_backend = 1\nqueue_size = 3\nqueue_timeout = \"2s\"\n";
+        let config = parse(&service(&format!("default_model = \"qwen\"\n{pools}")))?;
+        let chat = &config.services[0];
+        assert_eq!(chat.backends[0].models, ["qwen"]);
+        assert_eq!(chat.default_pool, 1);
+        assert_eq!(
+            chat.pools[0],
+            PoolSpec {
+                model: "smol".to_owned(),
+                aliases: vec!["gpt-4o-mini".to_owned()],
+                policy: Policy::RoundRobin,
+                max_per_backend: 2,
+                queue_size: 9,
+                queue_timeout: ProxySpec::default().queue_timeout,
+            }
+        );
+        let qwen = &chat.pools[1];
+        assert_eq!(
+            (qwen.policy, qwen.max_per_backend, qwen.queue_size),
+            (Policy::Slots, 1, 3)
+        );
+        assert_eq!(qwen.queue_timeout, Duration::from_secs(2));
+        assert!(chat.slots.is_some(), "a slots pool polls slots");
+        assert!(qwen.served_by(&["qwen".to_owned()]));
+        assert!(chat.pools[0].served_by(&["x".to_owned(), "gpt-4o-mini".to_owned()]));
+        assert!(!chat.pools[0].served_by(&["qwen".to_owned()]));
+        assert_eq!(
+            parse(&service(pools))?.services[0].default_pool,
+            0,
+            "the first"
+        );
+        let by_alias = parse(&service(&format!(
+            "default_model = \"gpt-4o-mini\"\n{pools}"
+        )))?;
+        assert_eq!(by_alias.services[0].default_pool, 0);
+        assert!(
+            by_alias
+                .to_string()
+                .contains("pool smol = gpt-4o-mini (default) round_robin")
+        );
+
+        for (extra, field, says) in [
+            (
+                pools.replace("\"gpt-4o-mini\"", "\"qwen\""),
+                "service[0].pool[1].model",
+                "`qwen` is already a name of pool[0]",
+            ),
+            (
+                pools.replace("\"gpt-4o-mini\"", "\"smol\""),
+                "service[0].pool[0].aliases",
+                "`smol` is listed twice in this pool",
+            ),
+            (
+                pools.replace("\"gpt-4o-mini\"", "\" \""),
+                "service[0].pool[0].aliases",
+                "a name must not be empty",
+            ),
+            (
+                format!("default_model = \"llama\"\n{pools}"),
+                "service[0].default_model",
+                "no pool has model `llama` (models: smol, qwen)",
+            ),
+            (
+                "default_model = \"llama\"".to_owned(),
+                "service[0].default_model",
+                "needs [[service.pool]] tables",
+            ),
+            (
+                pools.replace("queue_size = 3", "queue_sise = 3"),
+                "service[0].pool[1].queue_sise",
+                "unknown field `queue_sise`",
+            ),
+            (
+                pools.replace("model = \"qwen\"", "model = 3"),
+                "service[0].pool[1].model",
+                "invalid type",
+            ),
+        ] {
+            let (_, got, message) = invalid(&service(&extra));
+            assert_eq!(got, field, "{extra}: {message}");
+            assert!(message.contains(says), "{extra}: {message}");
+        }
+        let l4 = service(pools)
+            .replace("mode = \"http\"", "mode = \"l4\"")
+            .replace("max_requests_per_backend = 2\n", "");
+        let (line, field, message) = invalid(&l4);
+        assert_eq!((line, field.as_str()), (10, "service[0].pool[0]"));
+        assert!(message.contains("set mode = \"http\""), "{message}");
         Ok(())
     }
 

@@ -179,6 +179,8 @@ pub async fn table_with_instance(
         health,
         slots: None,
         proxy: crate::spec::ProxySpec::default(),
+        pools: Vec::new(),
+        default_pool: 0,
     };
     let (table, task) =
         crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
@@ -188,6 +190,7 @@ pub async fn table_with_instance(
             address,
             weight: crate::spec::Weight::ONE,
             max_connections: 0,
+            models: Vec::new(),
             instance: Some("gpt".to_owned()),
         })
         .await

@@ -40,7 +40,9 @@ use crate::dataplane::memory::Userspace;
 use crate::dataplane::xdp::Loaded;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::proxy::{ProxyError, RouteError};
-use crate::spec::{AdminLimits, AdminToken, DataplaneKind, InstanceBackend, InstanceSpec, Weight};
+use crate::spec::{
+    AdminLimits, AdminToken, DataplaneKind, InstanceBackend, InstanceSpec, ProxyMode, Weight,
+};
 use crate::supervisor::SupervisorError;
 use crate::table::TableError;
 
@@ -148,7 +150,7 @@ pub async fn supervise(
     let sources = admin::Sources {
         table: None,
         instances: vec![handle],
-        gates: Vec::new(),
+        proxies: Vec::new(),
         token,
     };
     info!(api = %addr, "supervisor ready");
@@ -217,11 +219,16 @@ async fn serve<D: Dataplane>(
                 health.clone(),
             ));
         }
-        if let Some(poll) = &service.slots {
+        let polled = slots::Polled {
+            slots: service.slots.is_some(),
+            models: service.proxy.mode == ProxyMode::Http,
+        };
+        if polled.slots || polled.models {
             health_checks.spawn(slots::run(
                 table.clone(),
                 service.name.clone(),
-                poll.clone(),
+                service.slots.clone().unwrap_or_default(),
+                polled,
             ));
         }
     }
@@ -229,7 +236,7 @@ async fn serve<D: Dataplane>(
     // returns.
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let mut proxies = tokio::task::JoinSet::new();
-    let mut gates = Vec::with_capacity(config.services.len());
+    let mut proxied = Vec::with_capacity(config.services.len());
     for (id, service) in config.services.iter().enumerate() {
         let listener = match (proxy::listen(service), kind) {
             (Ok(listener), _) => listener,
@@ -239,9 +246,13 @@ async fn serve<D: Dataplane>(
             }
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
-        let gate = proxy::Gate::new(service, id, Arc::clone(&counts), table.routes());
-        proxies.spawn(proxy::serve(Arc::clone(&gate), listener, draining.clone()));
-        gates.push(gate);
+        let service = proxy::ServiceProxy::new(service, id, &counts, &table.routes());
+        proxies.spawn(proxy::serve(
+            Arc::clone(&service),
+            listener,
+            draining.clone(),
+        ));
+        proxied.push(service);
     }
     let mut instances = Vec::with_capacity(config.instances.len());
     let mut instance_tasks = Vec::with_capacity(config.instances.len());
@@ -259,7 +270,7 @@ async fn serve<D: Dataplane>(
     let sources = admin::Sources {
         table: Some(table.clone()),
         instances: instances.clone(),
-        gates,
+        proxies: proxied,
         token: admin_token,
     };
     info!(
@@ -388,6 +399,7 @@ async fn instance_backend(
             address,
             weight: Weight::ONE,
             max_connections: 0,
+            models: Vec::new(),
             instance: Some(spec.name.clone()),
         })
         .await?;

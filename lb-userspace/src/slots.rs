@@ -1,10 +1,14 @@
-//! Slot polling for policy `slots`: every interval, each backend of a service is asked how many
-//! of its llama.cpp slots are idle, and the answer goes to the backend table, which writes it to
-//! the kernel and forgets the connections the poll has already seen.
+//! Backend polls: every interval, each backend of a service is asked how many of its llama.cpp
+//! slots are idle (policy `slots`) and, for an http service, which models it serves; the answers
+//! go to the backend table, which writes the slots to the kernel (forgetting the connections the
+//! poll has already seen) and routes each model's requests to the backends that list it.
 //!
 //! `/slots` lists every slot with `is_processing`. A server started with `--no-slots` answers 501
 //! there (builds without the endpoint, 404); then `/metrics` (`llamacpp:requests_processing`,
 //! needs `--metrics`) and `/props` (`total_slots`) give the same counts.
+//!
+//! `/v1/models` lists the models with their `id` and `aliases` (llama-server: `--alias`, else
+//! the model's name or file name); where it is missing (404), `/props` names one (`model_alias`).
 
 use std::collections::HashSet;
 use std::net::SocketAddrV4;
@@ -16,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::probe::{GetError, get};
 use crate::spec::SlotPoll;
-use crate::table::{SlotCounts, SlotReport, TableHandle};
+use crate::table::{SlotCounts, SlotReport, TableError, TableHandle};
 
 const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
 
@@ -36,12 +40,22 @@ pub enum PollError {
     NoProcessingGauge,
 }
 
+/// What each poll asks a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Polled {
+    /// Its idle slots (policy `slots`, or a `[service.slots]` table).
+    pub slots: bool,
+    /// Its models (http services).
+    pub models: bool,
+}
+
 /// Poll the backends of `service` until the task is aborted or the table stops.
-pub async fn run(table: TableHandle, service: String, poll: SlotPoll) {
+pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Polled) {
     let span = info_span!("slots", service = %service);
     async move {
-        // Backends whose last poll failed, so a failure is logged once per streak.
-        let mut failing: HashSet<(u32, SocketAddrV4)> = HashSet::new();
+        // Backends whose last poll failed, so a failure is logged once per streak; by what
+        // was asked ("slots", "models").
+        let mut failing: HashSet<(u32, SocketAddrV4, &'static str)> = HashSet::new();
         let mut tick = tokio::time::interval(poll.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -56,43 +70,168 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll) {
                 let (id, address, steered_before) = (b.id, b.address, table.steered(b.id));
                 let timeout = poll.timeout;
                 polls.spawn(async move {
-                    let result = poll_backend(address, timeout).await;
-                    (id, address, steered_before, result)
+                    // Both at once, each within the poll's timeout.
+                    let slots = async {
+                        if polled.slots {
+                            Some(poll_backend(address, timeout).await)
+                        } else {
+                            None
+                        }
+                    };
+                    let models = async {
+                        if polled.models {
+                            Some(poll_models(address, timeout).await)
+                        } else {
+                            None
+                        }
+                    };
+                    let (slots, models) = tokio::join!(slots, models);
+                    (id, address, steered_before, slots, models)
                 });
             }
-            failing.retain(|key| snapshot.backends.iter().any(|b| (b.id, b.address) == *key));
-            while let Some(Ok((id, address, steered_before, result))) = polls.join_next().await {
-                let slots = match result {
-                    Ok(slots) => slots,
-                    Err(error) => {
-                        if failing.insert((id, address)) {
-                            warn!(id, %address, %error, "slot poll failed; keeping the last count");
-                        } else {
-                            debug!(id, %address, %error, "slot poll failed");
-                        }
-                        continue;
-                    }
-                };
-                if failing.remove(&(id, address)) {
-                    info!(id, %address, "slot poll answers again");
-                }
-                let report = SlotReport {
-                    id,
-                    address,
-                    slots,
-                    steered_before,
-                };
-                if let Err(error) = table.set_slots(report).await {
-                    warn!(id, %address, %error, "publishing a slot poll");
-                    if matches!(error, crate::table::TableError::Stopped) {
+            failing.retain(|&(id, address, _)| {
+                snapshot
+                    .backends
+                    .iter()
+                    .any(|b| (b.id, b.address) == (id, address))
+            });
+            while let Some(Ok((id, address, steered_before, slots, models))) =
+                polls.join_next().await
+            {
+                let slots = slots.and_then(|r| answered(&mut failing, id, address, "slots", r));
+                if let Some(slots) = slots {
+                    let report = SlotReport {
+                        id,
+                        address,
+                        slots,
+                        steered_before,
+                    };
+                    if stopped(table.set_slots(report).await, id, address) {
                         return;
                     }
+                }
+                let models = models.and_then(|r| answered(&mut failing, id, address, "models", r));
+                if let Some(models) = models
+                    && stopped(table.set_models(id, address, models).await, id, address)
+                {
+                    return;
                 }
             }
         }
     }
     .instrument(span)
     .await;
+}
+
+/// A poll's answer, or `None` after logging its failure (once per streak of failures).
+fn answered<T>(
+    failing: &mut HashSet<(u32, SocketAddrV4, &'static str)>,
+    id: u32,
+    address: SocketAddrV4,
+    what: &'static str,
+    result: Result<T, PollError>,
+) -> Option<T> {
+    match result {
+        Ok(answer) => {
+            if failing.remove(&(id, address, what)) {
+                info!(id, %address, what, "backend poll answers again");
+            }
+            Some(answer)
+        }
+        Err(error) => {
+            if failing.insert((id, address, what)) {
+                warn!(id, %address, what, %error, "backend poll failed; keeping the last answer");
+            } else {
+                debug!(id, %address, what, %error, "backend poll failed");
+            }
+            None
+        }
+    }
+}
+
+/// Whether publishing a poll found the table stopped (the agent is stopping); other errors
+/// are logged.
+fn stopped(published: Result<(), TableError>, id: u32, address: SocketAddrV4) -> bool {
+    match published {
+        Ok(()) => false,
+        Err(TableError::Stopped) => true,
+        Err(error) => {
+            warn!(id, %address, %error, "publishing a backend poll");
+            false
+        }
+    }
+}
+
+/// The models the llama-server at `address` serves: each `id` and alias of its `/v1/models`,
+/// or where that is missing, its `/props` `model_alias`; within `timeout`.
+pub async fn poll_models(
+    address: SocketAddrV4,
+    timeout: Duration,
+) -> Result<Vec<String>, PollError> {
+    let deadline = Instant::now() + timeout;
+    let get = |path| {
+        get(
+            address,
+            path,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+    };
+    let exchange = async {
+        match get("/v1/models").await {
+            Ok(body) => parse_models(&body).map_err(|source| PollError::Json {
+                path: "/v1/models",
+                source,
+            }),
+            Err(GetError::Status { status: 404, .. }) => {
+                let props = get("/props").await?;
+                parse_model_alias(&props).map_err(|source| PollError::Json {
+                    path: "/props",
+                    source,
+                })
+            }
+            Err(error) => Err(error.into()),
+        }
+    };
+    exchange.await.map_err(|error| match error {
+        PollError::Get(GetError::Timeout { .. }) => PollError::Timeout(timeout),
+        error => error,
+    })
+}
+
+/// `/v1/models`: `{"object":"list","data":[{"id":"a","aliases":["a","b"],...}]}`; each name once,
+/// in order.
+fn parse_models(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Model {
+        id: String,
+        #[serde(default)]
+        aliases: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct List {
+        data: Vec<Model>,
+    }
+    let list: List = serde_json::from_slice(body)?;
+    let mut names: Vec<String> = Vec::new();
+    for name in list
+        .data
+        .into_iter()
+        .flat_map(|m| std::iter::once(m.id).chain(m.aliases))
+    {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// `/props`: `{"model_alias":"a", ...}`.
+fn parse_model_alias(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Props {
+        model_alias: String,
+    }
+    serde_json::from_slice::<Props>(body).map(|p| vec![p.model_alias])
 }
 
 /// The slots of the llama-server at `address`, from `/slots`, or from `/metrics` and `/props`
@@ -222,6 +361,53 @@ mod tests {
             "is_processing is needed"
         );
         Ok(())
+    }
+
+    #[test]
+    fn models_are_each_id_and_alias_once() -> Result<(), serde_json::Error> {
+        let listed = br#"{"models":[{"name":"a","model":"a"}],"object":"list","data":[
+            {"id":"a","aliases":["a","chat"],"tags":[],"object":"model","owned_by":"llamacpp"},
+            {"id":"b","object":"model"}]}"#;
+        assert_eq!(parse_models(listed)?, ["a", "chat", "b"]);
+        assert_eq!(
+            parse_model_alias(br#"{"total_slots":2,"model_alias":"m"}"#)?,
+            ["m"]
+        );
+        assert!(
+            parse_models(br#"{"data":[{"aliases":["x"]}]}"#).is_err(),
+            "an id is needed"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn polls_models_or_falls_back_to_props() {
+        let timeout = Duration::from_secs(2);
+        let listing = server(|path| match path {
+            "/v1/models" => ok(r#"{"object":"list","data":[{"id":"a","aliases":["a"]}]}"#),
+            _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned(),
+        })
+        .await;
+        assert_eq!(
+            poll_models(listing, timeout).await.ok(),
+            Some(vec!["a".to_owned()])
+        );
+        let props_only = server(|path| match path {
+            "/props" => ok(r#"{"model_alias":"m","total_slots":1}"#),
+            _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned(),
+        })
+        .await;
+        assert_eq!(
+            poll_models(props_only, timeout).await.ok(),
+            Some(vec!["m".to_owned()])
+        );
+        let loading =
+            server(|_| "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_owned())
+                .await;
+        assert!(matches!(
+            poll_models(loading, timeout).await,
+            Err(PollError::Get(GetError::Status { status: 503, .. }))
+        ));
     }
 
     /// A loopback llama-server stand-in: `answer(path)` is the whole HTTP response.

@@ -154,6 +154,38 @@ pub struct ServiceSpec {
     pub slots: Option<SlotPoll>,
     /// The userspace proxy on `address`.
     pub proxy: ProxySpec,
+    /// `[[service.pool]]` (http only): requests are routed by their `model` to the pool of that
+    /// name, each with its own cap, queue and policy over the backends serving it. Empty: one
+    /// pool over every backend, with the service's settings, whatever `model` a request names.
+    pub pools: Vec<PoolSpec>,
+    /// The pool a request without `model` goes to (`default_model`; the first pool when unset).
+    pub default_pool: usize,
+}
+
+/// A model pool of an http service: the backends serving `model` (or one of its `aliases`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub model: String,
+    /// More names clients may ask for; a backend that reports one serves the pool too.
+    pub aliases: Vec<String>,
+    /// The service's unless the pool sets its own.
+    pub policy: Policy,
+    /// `max_requests_per_backend` (0: each backend's own cap), the service's unless set.
+    pub max_per_backend: u32,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+}
+
+impl PoolSpec {
+    /// The names the pool answers to: its model, then its aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.model.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    /// Whether a backend that serves `models` is in the pool.
+    pub fn served_by(&self, models: &[String]) -> bool {
+        self.names().any(|name| models.iter().any(|m| m == name))
+    }
 }
 
 impl ServiceSpec {
@@ -191,11 +223,20 @@ impl Default for HealthSpec {
 
 /// `[service.slots]`: every `interval`, a GET of each backend's llama.cpp `/slots` (or, where
 /// that is off, `/metrics` and `/props`), answered within `timeout`; the idle slots it finds
-/// steer policy `slots`.
+/// steer policy `slots`. An http service's backends are asked for their models at the same pace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotPoll {
     pub interval: Duration,
     pub timeout: Duration,
+}
+
+impl Default for SlotPoll {
+    fn default() -> Self {
+        SlotPoll {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(400),
+        }
+    }
 }
 
 /// Whether a VIP or backend address names a real host and port.
@@ -203,12 +244,14 @@ pub fn usable_endpoint(addr: SocketAddrV4) -> bool {
     addr.port() != 0 && !addr.ip().is_unspecified() && !addr.ip().is_broadcast()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub address: SocketAddrV4,
     pub weight: Weight,
     /// 0: no cap.
     pub max_connections: u32,
+    /// The models it serves (`models`); empty: the ones its `/v1/models` lists.
+    pub models: Vec<String>,
 }
 
 /// A backend's weight, 1..=65535 (default 1). Parsed by serde, so the file and the API report a

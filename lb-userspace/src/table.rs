@@ -37,7 +37,7 @@ use tracing::{Instrument, info, warn};
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::policy::{BackendView, maglev_table, rr_ring};
-use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
+use crate::spec::{BackendSpec, Policy, PoolSpec, ServiceSpec, Weight};
 
 /// Commands waiting for the table task; callers wait beyond this.
 const QUEUE: usize = 64;
@@ -81,6 +81,8 @@ pub struct NewBackend {
     pub address: SocketAddrV4,
     pub weight: Weight,
     pub max_connections: u32,
+    /// The models it serves; empty: the ones its `/v1/models` lists.
+    pub models: Vec<String>,
     /// The supervised instance this backend is: it takes no connections before the supervisor
     /// reports its process up, and the API cannot remove it.
     pub instance: Option<String>,
@@ -154,6 +156,9 @@ pub struct BackendInfo {
     /// The supervised instance it is, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The models it serves: the configured ones, else the ones its last model poll listed
+    /// (empty until one answers).
+    pub models: Vec<String>,
     pub active_connections: u64,
     /// llama.cpp slots at the last slot poll (policy `slots`); absent until one answers.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -242,6 +247,28 @@ pub struct Route {
     pub maglev: Vec<u32>,
     /// Indexed by slot: the kernel's view of the entry, and where to connect.
     pub backends: Vec<(BackendView, SocketAddrV4)>,
+    /// The proxy's pools in the service's pool order; a service without `[[service.pool]]`
+    /// has one, over every backend with the service's policy, ring and Maglev table.
+    pub pools: Vec<PoolRoute>,
+}
+
+/// One pool of a service as the proxy chooses in it: the pool's policy, and its round-robin
+/// ring and Maglev table over the active backends that serve its model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolRoute {
+    /// `enum steer_policy`.
+    pub policy: u32,
+    pub ring: Vec<u32>,
+    /// Empty until a `maglev` pool first has an active backend.
+    pub maglev: Vec<u32>,
+    /// Bit `slot` set: the backend in that slot serves the pool's model.
+    pub members: u64,
+}
+
+impl PoolRoute {
+    pub fn has_member(&self, slot: usize) -> bool {
+        slot < SLOTS && self.members & (1 << slot) != 0
+    }
 }
 
 /// Every service's [`Route`], indexed by service id.
@@ -264,6 +291,7 @@ enum Command {
     SetChecks(u32, SocketAddrV4, bool, Reply<()>),
     SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
     SetSlots(SlotReport, Reply<()>),
+    SetModels(u32, SocketAddrV4, Vec<String>, Reply<()>),
     /// Read the kernel's counters now and publish.
     Refresh(Reply<Arc<Snapshot>>),
     Close(oneshot::Sender<()>),
@@ -346,6 +374,18 @@ impl TableHandle {
     /// changed hands): the kernel gets its idle slots and forgets the steered flows it saw.
     pub async fn set_slots(&self, report: SlotReport) -> Result<(), TableError> {
         self.call(|reply| Command::SetSlots(report, reply)).await
+    }
+
+    /// Record the models the backend at `address` under `id` listed (dropped if the id has since
+    /// changed hands); its configured models, if any, still win.
+    pub async fn set_models(
+        &self,
+        id: u32,
+        address: SocketAddrV4,
+        models: Vec<String>,
+    ) -> Result<(), TableError> {
+        self.call(|reply| Command::SetModels(id, address, models, reply))
+            .await
     }
 
     /// The latest published snapshot: no round trip. It holds every change whose call has
@@ -458,6 +498,8 @@ struct ServiceEntry {
     /// XDP passes the service's SYNs to the proxy. Backends and rings are written either way:
     /// ids and connection counts are shared with the proxy.
     kernel_steers: bool,
+    /// The proxy's model pools (see [`Route::pools`]).
+    pools: Vec<PoolSpec>,
     slots: Vec<Slot>,
 }
 
@@ -484,6 +526,10 @@ struct SlotBackend {
     stats_base: BackendStats,
     /// At the last slot poll; `None` until one answers.
     slots: Option<SlotCounts>,
+    /// From the config or the API; they win over `learnt_models`.
+    models: Vec<String>,
+    /// At the last model poll.
+    learnt_models: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -493,6 +539,15 @@ struct Supervised {
 }
 
 impl SlotBackend {
+    /// The models it serves: the configured ones, else the learnt ones.
+    fn models(&self) -> &[String] {
+        if self.models.is_empty() {
+            &self.learnt_models
+        } else {
+            &self.models
+        }
+    }
+
     fn process(&self) -> Option<ProcessHealth> {
         self.supervised.as_ref().map(|s| s.process)
     }
@@ -589,14 +644,16 @@ impl<D: Dataplane> Table<D> {
                 address: service.address,
                 policy: service.policy,
                 kernel_steers: service.kernel_steers(),
+                pools: service.pools.clone(),
                 slots: vec![Slot::default(); SLOTS],
             });
             let id = table.services.len() - 1;
-            for &BackendSpec {
+            for BackendSpec {
                 address,
                 weight,
                 max_connections,
-            } in &service.backends
+                models,
+            } in service.backends.iter().cloned()
             {
                 let slot = table.free_slot(id, address)?;
                 let local = table.dataplane.is_local(*address.ip());
@@ -610,6 +667,8 @@ impl<D: Dataplane> Table<D> {
                     supervised: None,
                     stats_base: BackendStats::default(),
                     slots: None,
+                    models,
+                    learnt_models: Vec::new(),
                 });
             }
         }
@@ -690,6 +749,9 @@ impl<D: Dataplane> Table<D> {
                 answer(reply, self.set_process(id, address, process))
             }
             Command::SetSlots(report, reply) => answer(reply, self.set_slots(report)),
+            Command::SetModels(id, address, models, reply) => {
+                answer(reply, self.set_models(id, address, models))
+            }
             Command::Refresh(reply) => {
                 let read = self.read_counters();
                 Box::new(move |published| {
@@ -747,6 +809,8 @@ impl<D: Dataplane> Table<D> {
             }),
             stats_base,
             slots: None,
+            models: new.models.clone(),
+            learnt_models: Vec::new(),
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
         let info = self.info(service, slot)?;
@@ -876,6 +940,33 @@ impl<D: Dataplane> Table<D> {
         Ok(())
     }
 
+    /// A model poll: rewrites the routes only when the models changed.
+    fn set_models(
+        &mut self,
+        id: u32,
+        address: SocketAddrV4,
+        models: Vec<String>,
+    ) -> Result<(), TableError> {
+        let (service, slot) = split_id(id);
+        let Some(backend) = self
+            .services
+            .get(service)
+            .and_then(|s| s.slots[slot].backend.as_ref())
+            .filter(|b| b.address == address)
+        else {
+            return Ok(());
+        };
+        if backend.learnt_models == models {
+            return Ok(());
+        }
+        info!(id, %address, ?models, "backend models learnt");
+        self.change(service, slot, |s| {
+            if let Some(backend) = &mut s.backend {
+                backend.learnt_models = models;
+            }
+        })
+    }
+
     fn occupied(&self, id: u32) -> Result<(usize, usize), TableError> {
         let (service, slot) = split_id(id);
         match self.services.get(service).map(|s| &s.slots[slot].backend) {
@@ -954,6 +1045,7 @@ impl<D: Dataplane> Table<D> {
         if entry.kernel_steers {
             self.dataplane.upsert_service(key, kernel)?;
         }
+        let pools = self.pool_routes(service, &active, &ring, &maglev);
         let backends = entry
             .slots
             .iter()
@@ -984,8 +1076,70 @@ impl<D: Dataplane> Table<D> {
             route.backend_count = kernel.backend_count;
             route.ring = ring;
             route.backends = backends;
+            route.pools.resize_with(pools.len(), PoolRoute::default);
+            for (route, mut pool) in route.pools.iter_mut().zip(pools) {
+                if pool.maglev.is_empty() {
+                    pool.maglev = std::mem::take(&mut route.maglev);
+                }
+                *route = pool;
+            }
         });
         Ok(())
+    }
+
+    /// Each pool's route over `active` (slot, weight, address) backends; without pools, one over
+    /// all of them with the service's `ring` and `maglev`. A Maglev table left empty keeps the
+    /// route's old one, as in the kernel.
+    fn pool_routes(
+        &self,
+        service: usize,
+        active: &[(u32, u32, SocketAddrV4)],
+        ring: &[u32],
+        maglev: &[u32],
+    ) -> Vec<PoolRoute> {
+        let entry = &self.services[service];
+        if entry.pools.is_empty() {
+            let members = (0..SLOTS)
+                .filter(|&slot| entry.slots[slot].backend.is_some())
+                .fold(0, |bits, slot| bits | 1 << slot);
+            return vec![PoolRoute {
+                policy: entry.policy.abi(),
+                ring: ring.to_vec(),
+                maglev: maglev.to_vec(),
+                members,
+            }];
+        }
+        entry
+            .pools
+            .iter()
+            .map(|pool| {
+                let members = (0..SLOTS)
+                    .filter(|&slot| {
+                        entry.slots[slot]
+                            .backend
+                            .as_ref()
+                            .is_some_and(|b| pool.served_by(b.models()))
+                    })
+                    .fold(0, |bits, slot| bits | 1 << slot);
+                let serving: Vec<(u32, u32, SocketAddrV4)> = active
+                    .iter()
+                    .copied()
+                    .filter(|&(slot, _, _)| members & (1 << slot) != 0)
+                    .collect();
+                let weights: Vec<(u32, u32)> =
+                    serving.iter().map(|&(slot, w, _)| (slot, w)).collect();
+                PoolRoute {
+                    policy: pool.policy.abi(),
+                    ring: rr_ring(&weights),
+                    maglev: if pool.policy == Policy::Maglev {
+                        maglev_table(&serving)
+                    } else {
+                        Vec::new()
+                    },
+                    members,
+                }
+            })
+            .collect()
     }
 
     /// A backend as listed, with its counters read now (a write's answer).
@@ -1026,6 +1180,7 @@ impl<D: Dataplane> Table<D> {
                 checks: b.checks,
             },
             instance: b.supervised.as_ref().map(|s| s.instance.clone()),
+            models: b.models().to_vec(),
             active_connections: self.counts.get(id),
             total_slots: b.slots.map(|s| s.total),
             idle_slots: b.slots.map(|s| s.idle),
@@ -1116,6 +1271,7 @@ mod tests {
             address: addr(address),
             weight: weight(w),
             max_connections: 0,
+            models: Vec::new(),
         }
     }
 
@@ -1129,6 +1285,8 @@ mod tests {
                 health: None,
                 slots: None,
                 proxy: crate::spec::ProxySpec::default(),
+                pools: Vec::new(),
+                default_pool: 0,
             },
             ServiceSpec {
                 name: "embed".to_owned(),
@@ -1138,6 +1296,8 @@ mod tests {
                 health: None,
                 slots: None,
                 proxy: crate::spec::ProxySpec::default(),
+                pools: Vec::new(),
+                default_pool: 0,
             },
         ]
     }
@@ -1160,12 +1320,97 @@ mod tests {
         Ok(())
     }
 
+    /// A pool's route gathers the backends that serve its model or an alias: configured models,
+    /// else the learnt ones, which a model poll updates.
+    #[tokio::test]
+    async fn pools_route_to_the_backends_serving_their_model() -> Result<(), TableError> {
+        let mut services = services();
+        let chat = &mut services[0];
+        chat.proxy.mode = crate::spec::ProxyMode::Http;
+        chat.backends[0].models = vec!["a".to_owned()];
+        chat.backends.push(BackendSpec {
+            models: vec!["b2".to_owned()],
+            ..backend("10.0.1.4:8080", 3)
+        });
+        let pool = |model: &str, aliases: &[&str], policy| PoolSpec {
+            model: model.to_owned(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            policy,
+            max_per_backend: 0,
+            queue_size: 1,
+            queue_timeout: Duration::from_secs(1),
+        };
+        chat.pools = vec![
+            pool("a", &[], Policy::RoundRobin),
+            pool("b", &["b2"], Policy::Maglev),
+        ];
+        let (table, _task) = start(FakeDataplane::default(), &services)?;
+        let members = |table: &TableHandle| -> Vec<(u64, u32)> {
+            table.routes().borrow()[0]
+                .pools
+                .iter()
+                .map(|p| (p.members, p.policy))
+                .collect()
+        };
+        let (rr, maglev) = (lb_common::policy::ROUND_ROBIN, lb_common::policy::MAGLEV);
+        assert_eq!(members(&table), [(0b001, rr), (0b100, maglev)]);
+        {
+            let routes = table.routes();
+            let route = &routes.borrow()[0];
+            assert_eq!(route.pools[0].ring, [0]);
+            assert_eq!(route.pools[1].ring, [2]);
+            assert!(route.pools[1].maglev.iter().all(|&slot| slot == 2));
+            assert_eq!(route.pools[0].maglev, Vec::<u32>::new());
+        }
+        let learnt = vec!["a".to_owned(), "b".to_owned()];
+        table
+            .set_models(1, addr("10.0.1.3:8080"), learnt.clone())
+            .await?;
+        assert_eq!(members(&table), [(0b011, rr), (0b110, maglev)]);
+        assert_eq!(table.routes().borrow()[0].pools[1].ring, [2, 1, 2, 2]);
+        // Configured models win; a poll of an address the id no longer has is dropped.
+        table
+            .set_models(0, addr("10.0.1.2:8080"), vec!["b".to_owned()])
+            .await?;
+        table
+            .set_models(2, addr("10.0.1.9:8080"), vec!["a".to_owned()])
+            .await?;
+        assert_eq!(members(&table), [(0b011, rr), (0b110, maglev)]);
+        let models: Vec<Vec<String>> = table
+            .snapshot()?
+            .backends
+            .iter()
+            .map(|b| b.models.clone())
+            .collect();
+        assert_eq!(
+            models,
+            [vec!["a".to_owned()], learnt, vec!["b2".to_owned()]]
+        );
+
+        let added = NewBackend {
+            models: vec!["b".to_owned()],
+            ..new_backend("chat", "10.0.1.5:8080")
+        };
+        assert_eq!(table.add_backend(added).await?.models, ["b"]);
+        assert_eq!(members(&table), [(0b0011, rr), (0b1110, maglev)]);
+        // Without pools: one over every backend, with the service's policy.
+        assert_eq!(
+            table.routes().borrow()[1].pools,
+            [PoolRoute {
+                policy: lb_common::policy::LEAST_CONNECTIONS,
+                ..PoolRoute::default()
+            }]
+        );
+        Ok(())
+    }
+
     fn new_backend(service: &str, address: &str) -> NewBackend {
         NewBackend {
             service: service.to_owned(),
             address: addr(address),
             weight: Weight::ONE,
             max_connections: 0,
+            models: Vec::new(),
             instance: None,
         }
     }
@@ -1640,6 +1885,7 @@ mod tests {
         let (fake, handle, _task) = started()?;
         let address = addr("10.0.1.4:8080");
         let gpt = NewBackend {
+            models: Vec::new(),
             instance: Some("gpt".to_owned()),
             ..new_backend("chat", "10.0.1.4:8080")
         };
@@ -1715,6 +1961,7 @@ mod tests {
     async fn supervised_backend_is_not_removed() -> Result<(), TableError> {
         let (fake, handle, _task) = started()?;
         let gpt = NewBackend {
+            models: Vec::new(),
             instance: Some("gpt".to_owned()),
             ..new_backend("chat", "10.0.1.4:8080")
         };

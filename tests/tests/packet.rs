@@ -649,9 +649,9 @@ impl Rng {
 fn kernel_and_proxy_choices_match_the_policy_model() {
     use lb_userspace::dataplane::Dataplane;
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
-    use lb_userspace::proxy::Gate;
+    use lb_userspace::proxy::ServiceProxy;
     use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec};
-    use lb_userspace::table::Route;
+    use lb_userspace::table::{PoolRoute, Route};
     use std::{sync::Arc, time::Duration};
 
     in_lab(policy::ROUND_ROBIN, |lab| {
@@ -679,8 +679,11 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             health: None,
             slots: None,
             proxy,
+            pools: Vec::new(),
+            default_pool: 0,
         };
-        let gate = Gate::new(&service, 0, counts, published);
+        let proxied = ServiceProxy::new(&service, 0, &counts, &published);
+        let gate = proxied.pool(None).expect("the one pool");
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..500u16 {
@@ -778,6 +781,13 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
                     .zip(&views)
                     .map(|(slot, view)| (*view, model_backend(slot)))
                     .collect(),
+                // As the table publishes a service without pools: one over every backend.
+                pools: vec![PoolRoute {
+                    policy,
+                    ring: ring.clone(),
+                    maglev: maglev.clone(),
+                    members: u64::MAX,
+                }],
             }]));
             assert_eq!(
                 gate.choose_at(cursor, *from.ip()),

@@ -69,6 +69,8 @@ struct AddBackendRequest {
     weight: Weight,
     #[serde(default)]
     max_connections: u32,
+    #[serde(default)]
+    models: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +115,7 @@ async fn add_backend(
         address: request.address,
         weight: request.weight,
         max_connections: request.max_connections,
+        models: request.models,
         instance: None,
     };
     let info = state.table.add_backend(backend).await?;
@@ -168,10 +171,13 @@ pub(crate) mod tests {
                 address: SocketAddrV4::new([10, 0, 1, 2].into(), 8080),
                 weight: Weight::ONE,
                 max_connections: 0,
+                models: Vec::new(),
             }],
             health: None,
             slots: None,
             proxy: crate::spec::ProxySpec::default(),
+            pools: Vec::new(),
+            default_pool: 0,
         }]
     }
 
@@ -239,10 +245,11 @@ pub(crate) mod tests {
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
                 "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
                 "healthy": true, "health": {"checks": "unchecked"}, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
-                "steered_since_poll": 0}]})
+                "steered_since_poll": 0, "models": []}]})
         );
 
-        let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4}"#;
+        let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4,
+            "models":["qwen"]}"#;
         let (status, body) = call(&app, Method::POST, "/v1/backends", Some(add)).await;
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(
@@ -250,9 +257,16 @@ pub(crate) mod tests {
                 &body["id"],
                 &body["weight"],
                 &body["max_connections"],
-                &body["state"]
+                &body["state"],
+                &body["models"]
             ),
-            (&json!(1), &json!(2), &json!(4), &json!("active"))
+            (
+                &json!(1),
+                &json!(2),
+                &json!(4),
+                &json!("active"),
+                &json!(["qwen"])
+            )
         );
 
         let (status, body) = call(&app, Method::POST, "/v1/backends/1/drain", None).await;
@@ -401,6 +415,7 @@ pub(crate) mod tests {
                 address: SocketAddrV4::new([10, 0, 1, 5].into(), 8080),
                 weight: Weight::ONE,
                 max_connections: 0,
+                models: Vec::new(),
                 instance: Some("gpt".to_owned()),
             })
             .await

@@ -33,7 +33,7 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::limits::{ConnectionStats, Connections};
-use crate::proxy::{Gate, ProxyStats};
+use crate::proxy::{ProxyStats, ServiceProxy};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
@@ -45,7 +45,7 @@ use crate::table::{
 struct MetricSources {
     table: Option<TableHandle>,
     instances: Arc<[InstanceHandle]>,
-    proxies: Arc<[Arc<Gate>]>,
+    proxies: Arc<[Arc<ServiceProxy>]>,
     /// The admin API's client connections.
     admin: Arc<Connections>,
 }
@@ -55,7 +55,7 @@ struct MetricSources {
 pub fn router(
     table: Option<TableHandle>,
     instances: Vec<InstanceHandle>,
-    proxies: Vec<Arc<Gate>>,
+    proxies: Vec<Arc<ServiceProxy>>,
     admin: Arc<Connections>,
 ) -> Router {
     let sources = MetricSources {
@@ -91,7 +91,11 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
     let proxies = sources
         .proxies
         .iter()
-        .map(|gate| (gate.stats(), gate.wait_histogram()))
+        .map(|proxy| ProxyScrape {
+            stats: proxy.stats(),
+            wait: proxy.wait_histogram(),
+            pool_waits: proxy.pool_wait_histograms(),
+        })
         .collect();
     let text = Scrape {
         snapshot,
@@ -112,9 +116,17 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
 struct Scrape {
     snapshot: Option<Arc<Snapshot>>,
     instances: Vec<Status>,
-    /// Each proxy's counters and queue wait histogram.
-    proxies: Vec<(ProxyStats, Histogram)>,
+    proxies: Vec<ProxyScrape>,
     admin: ConnectionStats,
+}
+
+/// A proxy's counters and queue wait histograms: the service's and, with pools, each pool's
+/// (by model, in the order of `stats.pools`).
+#[derive(Debug)]
+struct ProxyScrape {
+    stats: ProxyStats,
+    wait: Histogram,
+    pool_waits: Vec<(String, Histogram)>,
 }
 
 impl Scrape {
@@ -374,30 +386,27 @@ fn admin(encoder: &mut DescriptorEncoder, stats: ConnectionStats) -> fmt::Result
     )
 }
 
-fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)]) -> fmt::Result {
+fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Result {
     let labels = |s: &ProxyStats| [("service", s.service.clone())];
+    let stats = || proxies.iter().map(|p| (&p.stats, &p.wait));
     family(
         encoder,
         "steer_proxy_queue_depth",
         "Connections (l4) or requests (http) waiting in the userspace proxy's queue for room on a \
          backend.",
-        proxies
-            .iter()
-            .map(|(s, _)| (labels(s), gauge(s.queue_depth))),
+        stats().map(|(s, _)| (labels(s), gauge(s.queue_depth))),
     )?;
     family(
         encoder,
         "steer_proxy_admitted",
         "Connections (l4) or requests (http) given a backend by the userspace proxy (a retry on another backend counts again).",
-        proxies
-            .iter()
-            .map(|(s, _)| (labels(s), counter(s.admitted))),
+        stats().map(|(s, _)| (labels(s), counter(s.admitted))),
     )?;
     family(
         encoder,
         "steer_proxy_queue_wait_seconds",
         "How long admitted connections or requests waited for room (0 when there was room).",
-        proxies.iter().map(|(s, wait)| (labels(s), wait.clone())),
+        stats().map(|(s, wait)| (labels(s), wait.clone())),
     )?;
     family(
         encoder,
@@ -407,8 +416,10 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
          connect_failed (502 after one retry), bad_gateway (502), body_too_large (413), \
          bad_request (400: the body could not be read), body_timeout (408), connection_limit \
          (closed at once: max_client_connections open, each busy), client_timeout (closed: a \
-         head not done within client_header_timeout; l4: no byte within client_idle_timeout).",
-        proxies.iter().flat_map(|(s, _)| {
+         head not done within client_header_timeout; l4: no byte within client_idle_timeout), \
+         model_not_found (404: a model no pool has), invalid_body (400: a body naming no string \
+         model).",
+        stats().flat_map(|(s, _)| {
             s.refused.iter().map(|(&reason, &n)| {
                 (
                     [
@@ -424,22 +435,82 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[(ProxyStats, Histogram)])
         encoder,
         "steer_proxy_client_connections",
         "Client connections the userspace proxy holds open (at most max_client_connections).",
-        proxies
-            .iter()
-            .map(|(s, _)| (labels(s), gauge(s.open_connections))),
+        stats().map(|(s, _)| (labels(s), gauge(s.open_connections))),
     )?;
     family(
         encoder,
         "steer_proxy_evicted",
         "Quiet client connections (nothing in flight) closed to make room for a new one at \
          max_client_connections.",
-        proxies.iter().map(|(s, _)| (labels(s), counter(s.evicted))),
+        stats().map(|(s, _)| (labels(s), counter(s.evicted))),
     )?;
     family(
         encoder,
         "steer_proxy_retried",
         "http requests sent to another backend after the first could not be reached.",
-        proxies.iter().map(|(s, _)| (labels(s), counter(s.retried))),
+        stats().map(|(s, _)| (labels(s), counter(s.retried))),
+    )?;
+    pools(encoder, proxies)
+}
+
+/// The per-pool series of services with `[[service.pool]]` (the service series above are their
+/// sums).
+fn pools(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Result {
+    let pools = || {
+        proxies.iter().flat_map(|p| {
+            p.stats
+                .pools
+                .iter()
+                .zip(&p.pool_waits)
+                .map(|(pool, (_, wait))| {
+                    let model = pool.model.clone().unwrap_or_default();
+                    (
+                        [("service", p.stats.service.clone()), ("pool", model)],
+                        pool,
+                        wait,
+                    )
+                })
+        })
+    };
+    family(
+        encoder,
+        "steer_proxy_pool_queue_depth",
+        "Requests waiting in a model pool's queue for room on one of its backends.",
+        pools().map(|(labels, p, _)| (labels, gauge(p.queue_depth))),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_pool_admitted",
+        "Requests given a backend of their model pool (a retry on another backend counts again).",
+        pools().map(|(labels, p, _)| (labels, counter(p.admitted))),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_pool_queue_wait_seconds",
+        "How long a model pool's admitted requests waited for room (0 when there was room).",
+        pools().map(|(labels, _, wait)| (labels, wait.clone())),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_pool_refused",
+        "Requests of a model pool the proxy refused after choosing the pool, by reason (see \
+         steer_proxy_refused; model_not_found and invalid_body come before a pool, so only \
+         there).",
+        pools().flat_map(|([service, pool], p, _)| {
+            p.refused.iter().map(move |(&reason, &n)| {
+                (
+                    [service.clone(), pool.clone(), ("reason", reason.to_owned())],
+                    counter(n),
+                )
+            })
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_proxy_pool_retried",
+        "Requests of a model pool sent to another of its backends after the first could not be \
+         reached.",
+        pools().map(|(labels, p, _)| (labels, counter(p.retried))),
     )
 }
 
@@ -500,6 +571,7 @@ mod tests {
             address: address.parse().unwrap_or_else(|e| panic!("{address}: {e}")),
             weight: Weight::ONE,
             max_connections: 0,
+            models: Vec::new(),
         };
         vec![ServiceSpec {
             name: "chat".to_owned(),
@@ -509,6 +581,8 @@ mod tests {
             health: None,
             slots: None,
             proxy: crate::spec::ProxySpec::default(),
+            pools: Vec::new(),
+            default_pool: 0,
         }]
     }
 

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::limits::{self, Connections};
-use crate::proxy::Gate;
+use crate::proxy::ServiceProxy;
 use crate::spec::{AdminLimits, AdminToken};
 use crate::supervisor::InstanceHandle;
 use crate::table::TableHandle;
@@ -38,7 +38,7 @@ use crate::table::TableHandle;
 pub struct Sources {
     pub table: Option<TableHandle>,
     pub instances: Vec<InstanceHandle>,
-    pub gates: Vec<Arc<Gate>>,
+    pub proxies: Vec<Arc<ServiceProxy>>,
     pub token: Arc<AdminToken>,
 }
 
@@ -61,20 +61,20 @@ fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     let Sources {
         table,
         instances,
-        gates,
+        proxies,
         token,
     } = sources;
     let mut app = instances::router(instances.clone(), Arc::clone(&token)).merge(metrics::router(
         table.clone(),
         instances,
-        gates.clone(),
+        proxies.clone(),
         connections,
     ));
     // `steer run`: the table's routes, and the proxies' (an empty list when none listens).
     if let Some(table) = table {
         app = app
             .merge(backends::router(table, token))
-            .merge(proxy_stats::router(gates));
+            .merge(proxy_stats::router(proxies));
     }
     with_fallbacks(app)
 }

@@ -2,15 +2,15 @@
 
 use std::sync::Arc;
 
-use crate::proxy::{Gate, ProxyStats};
+use crate::proxy::{ProxyStats, ServiceProxy};
 
-/// `GET /v1/proxy`: every listening service's counters.
-pub fn router(gates: Vec<Arc<Gate>>) -> axum::Router {
-    let gates: Arc<[Arc<Gate>]> = gates.into();
+/// `GET /v1/proxy`: every listening service's counters (with its pools', if it has pools).
+pub fn router(proxies: Vec<Arc<ServiceProxy>>) -> axum::Router {
+    let proxies: Arc<[Arc<ServiceProxy>]> = proxies.into();
     axum::Router::new().route(
         "/v1/proxy",
         axum::routing::get(move || {
-            let stats: Vec<ProxyStats> = gates.iter().map(|gate| gate.stats()).collect();
+            let stats: Vec<ProxyStats> = proxies.iter().map(|proxy| proxy.stats()).collect();
             async move { axum::Json(stats) }
         }),
     )

@@ -1,8 +1,9 @@
-//! Admission to a service's backends for the userspace proxy: the choice, with the kernel's
+//! Admission to a pool's backends for the userspace proxy: the choice, with the kernel's
 //! policy model over the table's published [`Routes`], and the claim, in the same
-//! [`ConnCounts`] the kernel reads, so both paths share one count per backend.
+//! [`ConnCounts`] the kernel reads, so both paths share one count per backend. A service has a
+//! gate per model pool (one, over every backend, without pools; see [`super::ServiceProxy`]).
 //!
-//! A connection (http: a request) that finds no backend with room waits in the service's FIFO
+//! A connection (http: a request) that finds no backend with room waits in the pool's FIFO
 //! queue. Releasing a claim and every table change wake the queue at once; a flow the kernel ends
 //! changes only the shared counter, which nothing can wait on, so waiters also look again every
 //! [`KERNEL_RELEASE_TICK`].
@@ -18,9 +19,8 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::dataplane::conns::ConnCounts;
-use crate::limits::{Connections, Registered};
 use crate::policy::{BackendView, ServiceView, choose};
-use crate::spec::{ProxyMode, ProxySpec, ServiceSpec};
+use crate::spec::{ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
@@ -51,10 +51,15 @@ pub enum Refusal {
     /// The client connection was closed: a request head not done within
     /// `client_header_timeout` (http), or no byte either way within `client_idle_timeout` (l4).
     ClientTimeout,
+    /// http with pools: the request's `model` is none of the pools' names.
+    UnknownModel,
+    /// http with pools: the body of a request that names a model is not a JSON object with a
+    /// string (or no) `model`.
+    InvalidBody,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::QueueFull,
         Refusal::QueueTimeout,
         Refusal::ResponseTimeout,
@@ -65,6 +70,8 @@ impl Refusal {
         Refusal::BodyTimeout,
         Refusal::ConnectionLimit,
         Refusal::ClientTimeout,
+        Refusal::UnknownModel,
+        Refusal::InvalidBody,
     ];
 
     /// As `/v1/proxy` and the `reason` label of `/metrics` spell it.
@@ -80,6 +87,8 @@ impl Refusal {
             Refusal::BodyTimeout => "body_timeout",
             Refusal::ConnectionLimit => "connection_limit",
             Refusal::ClientTimeout => "client_timeout",
+            Refusal::UnknownModel => "model_not_found",
+            Refusal::InvalidBody => "invalid_body",
         }
     }
 }
@@ -89,10 +98,9 @@ pub const WAIT_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0,
 ];
 
-/// A service's proxy counters (`GET /v1/proxy`, `/metrics`).
+/// A pool's proxy counters (`GET /v1/proxy`, `/metrics`).
 #[derive(Debug)]
 struct Counters {
-    accepted: AtomicU64,
     admitted: AtomicU64,
     queued: AtomicU64,
     /// http: requests sent again to another backend after a failed connect.
@@ -106,7 +114,6 @@ struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         Counters {
-            accepted: AtomicU64::default(),
             admitted: AtomicU64::default(),
             queued: AtomicU64::default(),
             retried: AtomicU64::default(),
@@ -116,37 +123,35 @@ impl Default for Counters {
     }
 }
 
-/// The counters of one service at one moment.
+/// The counters of one pool at one moment.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ProxyStats {
-    pub service: String,
-    pub address: SocketAddrV4,
-    pub mode: ProxyMode,
-    /// Client connections accepted.
-    pub accepted: u64,
+pub struct PoolStats {
+    /// The pool's model; `None` for the one pool of a service without pools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Connections (l4) or requests (http) that got a backend.
     pub admitted: u64,
     /// Of those and the ones that timed out: how many had to wait for room.
     pub queued: u64,
     pub queue_depth: u64,
     pub retried: u64,
-    /// Client connections open now.
-    pub open_connections: u64,
-    /// Quiet client connections closed to make room at `max_client_connections`.
-    pub evicted: u64,
     /// By [`Refusal::name`].
     #[serde(flatten)]
     pub refused: BTreeMap<&'static str, u64>,
 }
 
-/// Backend choice, capacity and the FIFO queue of one service.
+/// Backend choice, capacity and the FIFO queue of one pool.
 #[derive(Debug)]
 pub struct Gate {
     service: String,
-    address: SocketAddrV4,
+    /// The pool's model, for its stats.
+    model: Option<String>,
+    /// The service's settings with the pool's cap, queue size and queue timeout.
     config: ProxySpec,
     /// Service id: the index into the routes.
     id: usize,
+    /// The index into the service route's pools.
+    pool: usize,
     counts: Arc<ConnCounts>,
     routes: watch::Receiver<Routes>,
     /// The proxy's own round-robin cursor (the kernel's is per CPU in a map).
@@ -156,8 +161,8 @@ pub struct Gate {
     next_ticket: AtomicU64,
     released: Notify,
     counters: Counters,
-    /// The client connections held, at most `max_client_connections`.
-    connections: Arc<Connections>,
+    /// The service's queue wait histogram, which every pool's waits go into too.
+    service_wait: Histogram,
     /// When the last few waiters were served, newest last: the queue's recent pace, from which
     /// a refusal tells the client when to come back.
     served_from_queue: Mutex<VecDeque<tokio::time::Instant>>,
@@ -201,18 +206,28 @@ impl Drop for Waiting<'_> {
 }
 
 impl Gate {
+    /// The gate of `service`'s pool `pool` (0 without pools); `id` is the service's.
     pub fn new(
         service: &ServiceSpec,
+        pool: usize,
         id: usize,
         counts: Arc<ConnCounts>,
         routes: watch::Receiver<Routes>,
+        service_wait: Histogram,
     ) -> Arc<Self> {
+        let mut config = service.proxy.clone();
+        let spec = service.pools.get(pool);
+        if let Some(spec) = spec {
+            config.max_per_backend = spec.max_per_backend;
+            config.queue_size = spec.queue_size;
+            config.queue_timeout = spec.queue_timeout;
+        }
         Arc::new(Gate {
-            connections: Connections::new(service.proxy.max_client_connections),
             service: service.name.clone(),
-            address: service.address,
-            config: service.proxy.clone(),
+            model: spec.map(|p| p.model.clone()),
+            config,
             id,
+            pool,
             counts,
             routes,
             cursor: AtomicU64::new(0),
@@ -220,6 +235,7 @@ impl Gate {
             next_ticket: AtomicU64::new(0),
             released: Notify::new(),
             counters: Counters::default(),
+            service_wait,
             served_from_queue: Mutex::new(VecDeque::with_capacity(PACE_SAMPLES)),
         })
     }
@@ -269,9 +285,9 @@ impl Gate {
         &self.service
     }
 
-    /// The service's address, where its listener is.
-    pub fn address(&self) -> SocketAddrV4 {
-        self.address
+    /// The model of its pool; `None` for the one pool of a service without pools.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
@@ -286,6 +302,7 @@ impl Gate {
             self.counters.admitted.fetch_add(1, Ordering::Relaxed);
             let waited = started.elapsed().as_secs_f64();
             self.counters.wait.observe(waited);
+            self.service_wait.observe(waited);
             Ok(lease)
         };
         let ticket = {
@@ -377,13 +394,14 @@ impl Gate {
         avoid: Option<u32>,
     ) -> Option<(u32, u32, SocketAddrV4)> {
         let cap = self.config.max_per_backend;
+        let pool = route.pools.get(self.pool)?;
         let backends: Vec<BackendView> = (0u32..)
             .zip(&route.backends)
             .map(|(slot, &(view, _))| {
                 let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot;
                 BackendView {
                     // Down for this choice: the policy skips it as the kernel would.
-                    state: if avoid == Some(id) {
+                    state: if avoid == Some(id) || !pool.has_member(slot as usize) {
                         lb_common::backend_state::DOWN
                     } else {
                         view.state
@@ -396,11 +414,11 @@ impl Gate {
             })
             .collect();
         let view = ServiceView {
-            policy: route.policy,
+            policy: pool.policy,
             id: route.id,
             backend_count: route.backend_count,
-            ring: &route.ring,
-            maglev: &route.maglev,
+            ring: &pool.ring,
+            maglev: &pool.maglev,
             backends: &backends,
         };
         let id = choose(&view, cursor, client)?;
@@ -409,20 +427,14 @@ impl Gate {
         Some((id, picked.max_conns, *address))
     }
 
-    pub fn stats(&self) -> ProxyStats {
+    pub fn stats(&self) -> PoolStats {
         let c = &self.counters;
-        let connections = self.connections.stats();
-        ProxyStats {
-            service: self.service.clone(),
-            address: self.address,
-            mode: self.config.mode,
-            accepted: c.accepted.load(Ordering::Relaxed),
+        PoolStats {
+            model: self.model.clone(),
             admitted: c.admitted.load(Ordering::Relaxed),
             queued: c.queued.load(Ordering::Relaxed),
             queue_depth: self.lock_queue().len() as u64,
             retried: c.retried.load(Ordering::Relaxed),
-            open_connections: connections.open,
-            evicted: connections.evicted,
             refused: Refusal::ALL
                 .iter()
                 .zip(&c.refused)
@@ -431,13 +443,25 @@ impl Gate {
         }
     }
 
-    /// Whether the service has an active backend other than `id` (one to retry on).
+    /// Whether the pool has an active backend other than `id` (one to retry on).
     pub fn has_backend_besides(&self, id: u32) -> bool {
+        self.has_active_backend_but(Some(id))
+    }
+
+    /// Whether the pool has an active backend (its model is listed).
+    pub fn has_active_backend(&self) -> bool {
+        self.has_active_backend_but(None)
+    }
+
+    fn has_active_backend_but(&self, besides: Option<u32>) -> bool {
         let routes = self.routes.borrow();
         routes.get(self.id).is_some_and(|route| {
-            (0u32..).zip(&route.backends).any(|(slot, (view, _))| {
-                route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot != id
-                    && view.state == lb_common::backend_state::ACTIVE
+            route.pools.get(self.pool).is_some_and(|pool| {
+                (0u32..).zip(&route.backends).any(|(slot, (view, _))| {
+                    Some(route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot) != besides
+                        && pool.has_member(slot as usize)
+                        && view.state == lb_common::backend_state::ACTIVE
+                })
             })
         })
     }
@@ -454,18 +478,6 @@ impl Gate {
         }
     }
 
-    /// A client connection accepted: registered among the ones held, or `None` (counted as a
-    /// refusal) when `max_client_connections` are held, each with something in flight; the
-    /// caller then closes it at once.
-    pub fn accept_client(&self) -> Option<Registered> {
-        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let registered = self.connections.register();
-        if registered.is_none() {
-            self.tally(Refusal::ConnectionLimit);
-        }
-        registered
-    }
-
     fn tally(&self, refusal: Refusal) {
         // `ALL` lists them in declaration order.
         self.counters.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
@@ -480,6 +492,8 @@ impl Gate {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::spec::ProxyMode;
+    use crate::table::PoolRoute;
     use lb_common::{backend_state, policy};
     use tokio::time::Instant;
 
@@ -505,6 +519,8 @@ pub(crate) mod tests {
             health: None,
             slots: None,
             proxy,
+            pools: Vec::new(),
+            default_pool: 0,
         }
     }
 
@@ -537,6 +553,12 @@ pub(crate) mod tests {
             ring: (0..n).collect(),
             maglev: Vec::new(),
             backends,
+            pools: vec![PoolRoute {
+                policy: policy::ROUND_ROBIN,
+                ring: (0..n).collect(),
+                maglev: Vec::new(),
+                members: u64::MAX,
+            }],
         }])
     }
 
@@ -547,7 +569,15 @@ pub(crate) mod tests {
     ) -> (Arc<Gate>, Arc<ConnCounts>, watch::Sender<Routes>) {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
         let (tx, rx) = watch::channel(routes(n));
-        let gate = Gate::new(&config(queue_size, cap), 0, Arc::clone(&counts), rx);
+        let wait = Histogram::new(WAIT_BUCKETS);
+        let gate = Gate::new(
+            &config(queue_size, cap),
+            0,
+            0,
+            Arc::clone(&counts),
+            rx,
+            wait,
+        );
         (gate, counts, tx)
     }
 

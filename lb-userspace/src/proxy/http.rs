@@ -1,6 +1,10 @@
 //! `mode = "http"`: an HTTP/1.1 reverse proxy that admits every request on its own through the
-//! service's [`Gate`] (policy, shared counts, FIFO queue), so one keep-alive client connection is
-//! balanced request by request.
+//! [`Gate`] of one of the service's pools (policy, shared counts, FIFO queue), so one keep-alive
+//! client connection is balanced request by request.
+//!
+//! With `[[service.pool]]`, a request to one of [`MODEL_PATHS`] goes to the pool its JSON body's
+//! `model` names (model or alias; forwarded as it is), or without `model` to the default pool,
+//! as does any other request; `GET /v1/models` is answered here, from the pools.
 //!
 //! A request's body is read whole (up to `max_request_body`) before it waits for a backend: a slow
 //! upload never holds one, and a request can be sent again. Its claim is held until the response
@@ -37,6 +41,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
+use super::service::ServiceProxy;
 use crate::limits::{self, Closed, Ended, Registered};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
@@ -46,26 +51,26 @@ type ProxyBody = Either<Full<Bytes>, Passed>;
 /// ([`crate::limits`]: `client_header_timeout`, `client_idle_timeout`, eviction at
 /// `max_client_connections`).
 pub async fn serve_connection(
-    gate: Arc<Gate>,
+    service: Arc<ServiceProxy>,
     pool: Arc<Pool>,
     client: TcpStream,
     peer: Ipv4Addr,
     registered: Registered,
     mut draining: watch::Receiver<bool>,
 ) {
-    let timeouts = gate.config().client_timeouts();
-    let service = hyper::service::service_fn({
-        let gate = Arc::clone(&gate);
+    let timeouts = service.config().client_timeouts();
+    let serve = hyper::service::service_fn({
+        let service = Arc::clone(&service);
         move |request| {
-            let (gate, pool) = (Arc::clone(&gate), Arc::clone(&pool));
-            async move { Ok::<_, Infallible>(handle(&gate, &pool, peer, request).await) }
+            let (service, pool) = (Arc::clone(&service), Arc::clone(&pool));
+            async move { Ok::<_, Infallible>(handle(&service, &pool, peer, request).await) }
         }
     });
     // Draining: the request in flight (and its streamed answer) finishes; then it closes.
     let stop = drain_started(&mut draining);
-    match limits::serve_http1(client, registered, timeouts, service, stop).await {
+    match limits::serve_http1(client, registered, timeouts, serve, stop).await {
         Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
-        Ended::Closed(Closed::Header) => gate.count(Refusal::ClientTimeout),
+        Ended::Closed(Closed::Header) => service.count(Refusal::ClientTimeout),
         Ended::Failed(error) => debug!(%error, "client connection ended"),
     }
 }
@@ -91,20 +96,100 @@ impl Outgoing {
     }
 }
 
+/// The POST paths whose JSON body names the `model`: OpenAI's, llama.cpp's own (with its
+/// legacy spellings) and Anthropic's.
+pub const MODEL_PATHS: [&str; 15] = [
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/v1/completions",
+    "/completions",
+    "/completion",
+    "/v1/embeddings",
+    "/embeddings",
+    "/embedding",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/reranking",
+    "/reranking",
+    "/infill",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+];
+
 async fn handle<B: ClientBody>(
-    gate: &Arc<Gate>,
+    service: &ServiceProxy,
     pool: &Arc<Pool>,
     peer: Ipv4Addr,
     request: Request<B>,
 ) -> Response<ProxyBody> {
-    match forward(gate, pool, peer, request).await {
+    let refused = |error: Refused| {
+        debug!(refusal = ?error.refusal, message = %error.message, "request refused");
+        error.response()
+    };
+    let lists_models = request.method() == hyper::Method::GET
+        && matches!(request.uri().path(), "/v1/models" | "/models");
+    if service.routes_by_model() && lists_models {
+        return model_list(service);
+    }
+    let (outgoing, model) = match read(service, peer, request).await {
+        Ok(read) => read,
+        Err(error) => {
+            service.count(error.refusal);
+            return refused(error);
+        }
+    };
+    let Ok(gate) = service.pool(model.as_deref()) else {
+        let model = model.unwrap_or_default();
+        let models: Vec<&str> = service.models().collect();
+        let error = Refused::new(
+            Refusal::UnknownModel,
+            format!(
+                "model `{model}` not found; models here: {}",
+                models.join(", ")
+            ),
+        );
+        service.count(error.refusal);
+        return refused(error);
+    };
+    match forward(gate, pool, peer, &outgoing).await {
         Ok(response) => response,
         Err(error) => {
             gate.count(error.refusal);
-            debug!(refusal = ?error.refusal, message = %error.message, "request refused");
-            error.response()
+            refused(error)
         }
     }
+}
+
+/// `GET /v1/models` of a service with pools: OpenAI's list, of the pools with a backend that
+/// takes requests now; aliases under each.
+fn model_list(service: &ServiceProxy) -> Response<ProxyBody> {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let data: Vec<serde_json::Value> = service
+        .available()
+        .map(|pool| {
+            serde_json::json!({
+                "id": pool.model,
+                "object": "model",
+                "created": created,
+                "owned_by": "steer",
+                "aliases": pool.aliases,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"object": "list", "data": data});
+    json_response(StatusCode::OK, &body)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// A refused request: its status, reason and a message naming the limit.
@@ -116,6 +201,14 @@ struct Refused {
 }
 
 impl Refused {
+    fn new(refusal: Refusal, message: String) -> Refused {
+        Refused {
+            refusal,
+            message,
+            retry_after: None,
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self.refusal {
             Refusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
@@ -126,76 +219,93 @@ impl Refused {
             }
             Refusal::Connect | Refusal::BadGateway => StatusCode::BAD_GATEWAY,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::BadRequest | Refusal::InvalidBody => StatusCode::BAD_REQUEST,
+            Refusal::UnknownModel => StatusCode::NOT_FOUND,
             // The last two close the connection instead of answering.
             Refusal::BodyTimeout | Refusal::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
-    /// OpenAI's error shape, which llama.cpp's clients display.
+    /// llama.cpp's error shape (its clients display it); for a request the client must change
+    /// (the model, the body), OpenAI's, with the reason as its `code`.
     fn response(&self) -> Response<ProxyBody> {
         let status = self.status();
+        let (code, kind) = match self.refusal {
+            Refusal::UnknownModel | Refusal::InvalidBody => (
+                serde_json::json!(self.refusal.name()),
+                "invalid_request_error",
+            ),
+            refusal => (serde_json::json!(status.as_u16()), refusal.name()),
+        };
         let body = serde_json::json!({
-            "error": {"code": status.as_u16(), "type": self.refusal.name(), "message": self.message}
+            "error": {"code": code, "type": kind, "message": self.message}
         });
-        let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut response = json_response(status, &body);
         if let Some(after) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
         }
         response
     }
 }
 
-async fn forward<B: ClientBody>(
-    gate: &Arc<Gate>,
-    pool: &Arc<Pool>,
+/// The request as it will be sent (its body read whole), and the `model` it names when the
+/// service routes by model and its path is one of [`MODEL_PATHS`].
+async fn read<B: ClientBody>(
+    service: &ServiceProxy,
     peer: Ipv4Addr,
     request: Request<B>,
-) -> Result<Response<ProxyBody>, Refused> {
-    let config = gate.config();
-    let service = gate.service();
-    let refused = |refusal, message: String| Refused {
-        refusal,
-        message,
-        retry_after: (refusal == Refusal::QueueFull).then(|| gate.retry_after()),
-    };
+) -> Result<(Outgoing, Option<String>), Refused> {
+    let config = service.config();
+    let name = service.name();
     let (mut parts, body) = request.into_parts();
     let max = config.max_request_body;
     let timeout = config.client_body_timeout;
     let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await
     else {
-        return Err(refused(
+        return Err(Refused::new(
             Refusal::BodyTimeout,
             format!(
                 "the request body did not arrive within client_body_timeout {timeout:?} of \
-                 service `{service}`"
+                 service `{name}`"
             ),
         ));
     };
     let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            return Err(refused(
+            return Err(Refused::new(
                 Refusal::BodyTooLarge,
                 format!(
-                    "the request body of service `{service}` is over max_request_body {max} bytes"
+                    "the request body of service `{name}` is over max_request_body {max} bytes"
                 ),
             ));
         }
         Err(error) => {
             // The client went away mid-body: most likely nobody reads this answer.
-            return Err(refused(
+            return Err(Refused::new(
                 Refusal::BadRequest,
                 format!("reading the request body: {error}"),
             ));
         }
+    };
+    let names_model =
+        parts.method == hyper::Method::POST && MODEL_PATHS.contains(&parts.uri.path());
+    let model = if service.routes_by_model() && names_model {
+        requested_model(&body).map_err(|error| {
+            Refused::new(
+                Refusal::InvalidBody,
+                format!(
+                    "the body of POST {} must be a JSON object with a string `model` (or none, \
+                     for the default model): {error}",
+                    parts.uri.path()
+                ),
+            )
+        })?
+    } else {
+        None
     };
     strip_hop_by_hop(&mut parts.headers);
     // The body is here already: a backend asked to wait for it would only add a round trip.
@@ -205,7 +315,42 @@ async fn forward<B: ClientBody>(
     if let Some(path) = parts.uri.path_and_query() {
         parts.uri = path.clone().into();
     }
-    let outgoing = Outgoing { parts, body };
+    Ok((Outgoing { parts, body }, model))
+}
+
+/// The `model` of a JSON object body (`null` or none: `None`), read without building the rest;
+/// otherwise why not.
+fn requested_model(body: &[u8]) -> Result<Option<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let named = serde_json::from_slice::<Named>(body).map_err(|error| error.to_string())?;
+    // serde takes a JSON array for a struct too (its fields in order).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err("not an object".to_owned());
+    }
+    Ok(named.model)
+}
+
+/// Send `outgoing` to a backend of `gate`'s pool, waiting for room in its queue.
+async fn forward(
+    gate: &Arc<Gate>,
+    pool: &Arc<Pool>,
+    peer: Ipv4Addr,
+    outgoing: &Outgoing,
+) -> Result<Response<ProxyBody>, Refused> {
+    let config = gate.config();
+    let service = match gate.model() {
+        Some(model) => format!("service `{}` (model `{model}`)", gate.service()),
+        None => format!("service `{}`", gate.service()),
+    };
+    let refused = |refusal, message: String| Refused {
+        refusal,
+        message,
+        retry_after: (refusal == Refusal::QueueFull).then(|| gate.retry_after()),
+    };
     let mut avoid = None;
     let mut unreachable = Vec::new();
     // One retry on another backend when the chosen one cannot be reached.
@@ -213,11 +358,11 @@ async fn forward<B: ClientBody>(
         let lease = gate.admit(peer, avoid).await.map_err(|refusal| {
             let message = match refusal {
                 Refusal::QueueFull => format!(
-                    "the queue of service `{service}` is full (queue_size {})",
+                    "the queue of {service} is full (queue_size {})",
                     config.queue_size
                 ),
                 _ => format!(
-                    "no backend of service `{service}` had room within queue_timeout {:?}",
+                    "no backend of {service} had room within queue_timeout {:?}",
                     config.queue_timeout
                 ),
             };
@@ -225,7 +370,7 @@ async fn forward<B: ClientBody>(
         })?;
         let address = lease.address;
         let span = debug_span!("request", backend = %address, id = lease.id);
-        match exchange(pool, address, &outgoing, config.response_timeout)
+        match exchange(pool, address, outgoing, config.response_timeout)
             .instrument(span)
             .await
         {
@@ -244,7 +389,7 @@ async fn forward<B: ClientBody>(
                 return Err(refused(
                     Refusal::ResponseTimeout,
                     format!(
-                        "backend {address} of service `{service}` sent no response within \
+                        "backend {address} of {service} sent no response within \
                          response_timeout {:?}",
                         config.response_timeout
                     ),
@@ -253,7 +398,7 @@ async fn forward<B: ClientBody>(
             Err(Failed::Broken(error) | Failed::Unsent(error)) => {
                 return Err(refused(
                     Refusal::BadGateway,
-                    format!("backend {address} of service `{service}` failed: {error}"),
+                    format!("backend {address} of {service} failed: {error}"),
                 ));
             }
         }
@@ -261,7 +406,7 @@ async fn forward<B: ClientBody>(
     Err(refused(
         Refusal::Connect,
         format!(
-            "no backend of service `{service}` could be reached ({})",
+            "no backend of {service} could be reached ({})",
             unreachable.join("; ")
         ),
     ))
@@ -588,11 +733,11 @@ mod tests {
         }
     }
 
-    /// A gate over `backend`, its counts, and the routes' sender (the table, kept alive).
-    fn http_gate(
+    /// A service over `backend`, its counts, and the routes' sender (the table, kept alive).
+    fn http_service(
         backend: SocketAddrV4,
     ) -> (
-        Arc<Gate>,
+        Arc<ServiceProxy>,
         Arc<ConnCounts>,
         tokio::sync::watch::Sender<crate::table::Routes>,
     ) {
@@ -600,8 +745,8 @@ mod tests {
         let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
         let mut config = config(8, 1);
         config.proxy.mode = ProxyMode::Http;
-        let gate = Gate::new(&config, 0, Arc::clone(&counts), routes);
-        (gate, counts, table)
+        let service = ServiceProxy::new(&config, 0, &counts, &routes);
+        (service, counts, table)
     }
 
     fn get() -> Request<Full<Bytes>> {
@@ -613,10 +758,10 @@ mod tests {
     #[tokio::test]
     async fn a_chunked_answer_read_to_the_end_frees_the_claim_and_its_connection() {
         let (backend, seen) = chunked_backend(3).await;
-        let (gate, counts, _table) = http_gate(backend);
+        let (service, counts, _table) = http_service(backend);
         let pool = Arc::new(Pool::default());
         for _ in 0..2 {
-            let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+            let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await;
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(counts.get(0), 1, "claimed while the body is passed");
             assert_eq!(read_body(response).await, "data: x\n\n".repeat(3));
@@ -634,9 +779,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_goes_away_frees_the_claim_and_closes_the_backend_connection() {
         let (backend, seen) = chunked_backend(0).await;
-        let (gate, counts, _table) = http_gate(backend);
+        let (service, counts, _table) = http_service(backend);
         let pool = Arc::new(Pool::default());
-        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await;
         assert_eq!(response.status(), StatusCode::OK);
         drop(response);
         assert_eq!(counts.get(0), 0, "released");
@@ -692,7 +837,7 @@ mod tests {
     #[tokio::test]
     async fn a_reused_connection_lost_after_sending_repeats_only_idempotent_requests() {
         let (backend, seen) = second_request_dropping_backend().await;
-        let (gate, _counts, _table) = http_gate(backend);
+        let (service, _counts, _table) = http_service(backend);
         let pool = Arc::new(Pool::default());
         // Read to the end, so the connection goes back to the pool.
         let status = async |response: Response<ProxyBody>| {
@@ -706,11 +851,11 @@ mod tests {
                 .expect("a request")
         };
         assert_eq!(
-            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
         // Read by the backend on the pooled connection, then lost: a POST is not sent twice.
-        let lost = handle(&gate, &pool, Ipv4Addr::LOCALHOST, post()).await;
+        let lost = handle(&service, &pool, Ipv4Addr::LOCALHOST, post()).await;
         assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
         let body = read_body(lost).await;
         assert!(
@@ -718,12 +863,12 @@ mod tests {
             "{body:?}"
         );
         assert_eq!(
-            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
         // The same loss for a GET: sent again on a new connection, and answered.
         assert_eq!(
-            status(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
+            status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
         let lines = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -741,7 +886,7 @@ mod tests {
     async fn a_client_that_never_finishes_its_head_is_closed() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (backend, _seen) = chunked_backend(1).await;
-        let (gate, _counts, _table) = http_gate(backend);
+        let (service, _counts, _table) = http_service(backend);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -751,7 +896,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let registered = crate::limits::Connections::new(1).register().expect("room");
         let served = tokio::spawn(serve_connection(
-            Arc::clone(&gate),
+            Arc::clone(&service),
             Arc::new(Pool::default()),
             accepted,
             Ipv4Addr::LOCALHOST,
@@ -767,7 +912,7 @@ mod tests {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
         assert!(!String::from_utf8_lossy(&rest).contains("200"), "no answer");
-        assert_eq!(gate.stats().refused["client_timeout"], 1);
+        assert_eq!(service.stats().refused["client_timeout"], 1);
     }
 
     /// At `max_client_connections` a new client takes the place of the one quiet the longest;
@@ -781,19 +926,19 @@ mod tests {
         config.proxy.mode = ProxyMode::Http;
         config.proxy.max_client_connections = 2;
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(&config, 0, counts, routes);
+        let service = ServiceProxy::new(&config, 0, &counts, &routes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(crate::proxy::serve(
-            Arc::clone(&gate),
+            Arc::clone(&service),
             listener,
             watch::channel(false).1,
         ));
         let connected = async |n: u64| {
             let stream = TcpStream::connect(front).await.expect("connect");
-            while gate.stats().accepted < n {
+            while service.stats().accepted < n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             stream
@@ -818,7 +963,7 @@ mod tests {
             0,
             "closed at once"
         );
-        let stats = gate.stats();
+        let stats = service.stats();
         assert_eq!(
             (
                 stats.evicted,
@@ -852,13 +997,13 @@ mod tests {
     #[tokio::test]
     async fn bodies_too_large_or_cut_off_are_refused_before_a_backend_is_chosen() {
         let (backend, seen) = chunked_backend(1).await;
-        let (gate, _counts, _table) = http_gate(backend);
+        let (service, _counts, _table) = http_service(backend);
         let pool = Arc::new(Pool::default());
-        let max = gate.config().max_request_body;
+        let max = service.config().max_request_body;
         let large = Request::post("/v1/chat/completions")
             .body(Full::new(Bytes::from(vec![b'x'; max + 1])))
             .expect("a request");
-        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, large).await;
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, large).await;
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let body = read_body(response).await;
         let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
@@ -872,9 +1017,9 @@ mod tests {
         let cut = Request::post("/v1/chat/completions")
             .body(CutOff(Some(Bytes::from("{\"messages\""))))
             .expect("a request");
-        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, cut).await;
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, cut).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        let stats = gate.stats();
+        let stats = service.stats();
         assert_eq!(
             (
                 stats.refused["body_too_large"],
@@ -891,17 +1036,202 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_never_arrives_is_refused_after_the_body_timeout() {
         let (backend, seen) = chunked_backend(1).await;
-        let (gate, _counts, _table) = http_gate(backend);
+        let (service, _counts, _table) = http_service(backend);
         let pool = Arc::new(Pool::default());
         let request = Request::post("/v1/chat/completions")
             .body(crate::limits::tests::Never)
             .expect("a request");
         let started = tokio::time::Instant::now();
-        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, request).await;
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, request).await;
         assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(started.elapsed(), gate.config().client_body_timeout);
-        assert_eq!(gate.stats().refused["body_timeout"], 1);
+        assert_eq!(started.elapsed(), service.config().client_body_timeout);
+        assert_eq!(service.stats().refused["body_timeout"], 1);
         assert_eq!(seen.0.load(Ordering::SeqCst), 0, "no backend connection");
+    }
+
+    #[test]
+    fn the_model_is_read_from_a_json_object_and_nothing_else() {
+        let model = |body: &str| requested_model(body.as_bytes());
+        assert_eq!(
+            model(r#"{"messages":[{"role":"user","content":"hi"}],"model":"qwen"}"#),
+            Ok(Some("qwen".to_owned()))
+        );
+        assert_eq!(model(r#"{"prompt":"hi"}"#), Ok(None));
+        assert_eq!(model(r#"{"model":null}"#), Ok(None));
+        assert_eq!(model(r#"{"model":"a\u0062"}"#), Ok(Some("ab".to_owned())));
+        for (bad, says) in [
+            (
+                r#"{"model":3}"#,
+                "invalid type: integer `3`, expected a string",
+            ),
+            (r#"["qwen"]"#, "not an object"),
+            ("3", "invalid type: integer"),
+            ("model=qwen", "expected value"),
+            ("", "EOF while parsing"),
+            (r#"{"model":"a","model":"b"}"#, "duplicate field `model`"),
+        ] {
+            let error = model(bad).expect_err(bad);
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    /// A service with pools `a` (alias `a2`, the default) and `b` over one backend each.
+    fn pooled_service(
+        a: SocketAddrV4,
+        b: SocketAddrV4,
+    ) -> (
+        Arc<ServiceProxy>,
+        tokio::sync::watch::Sender<crate::table::Routes>,
+    ) {
+        let mut routes = routes_to(&[a, b]);
+        let pool = |slot: u32| crate::table::PoolRoute {
+            policy: lb_common::policy::ROUND_ROBIN,
+            ring: vec![slot],
+            maglev: Vec::new(),
+            members: 1 << slot,
+        };
+        Arc::make_mut(&mut routes)[0].pools = vec![pool(0), pool(1)];
+        let (table, routes) = tokio::sync::watch::channel(routes);
+        let mut config = config(8, 1);
+        config.proxy.mode = ProxyMode::Http;
+        let spec = |model: &str, aliases: &[&str]| crate::spec::PoolSpec {
+            model: model.to_owned(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            policy: crate::spec::Policy::RoundRobin,
+            max_per_backend: 1,
+            queue_size: 8,
+            queue_timeout: Duration::from_secs(10),
+        };
+        config.pools = vec![spec("a", &["a2"]), spec("b", &[])];
+        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
+        (ServiceProxy::new(&config, 0, &counts, &routes), table)
+    }
+
+    fn post(path: &str, body: &str) -> Request<Full<Bytes>> {
+        Request::post(path)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("a request")
+    }
+
+    #[tokio::test]
+    async fn requests_go_to_the_pool_their_model_names_and_bad_ones_are_refused() {
+        let (a, seen_a) = chunked_backend(1).await;
+        let (b, seen_b) = chunked_backend(1).await;
+        let (service, _table) = pooled_service(a, b);
+        let pool = Arc::new(Pool::default());
+        let send = async |request| {
+            let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, request).await;
+            let status = response.status();
+            (status, read_body(response).await)
+        };
+        let served = || {
+            (
+                seen_a.0.load(Ordering::SeqCst),
+                seen_b.0.load(Ordering::SeqCst),
+            )
+        };
+        for (request, want) in [
+            (post("/v1/chat/completions", r#"{"model":"b"}"#), (0, 1)),
+            (
+                post("/v1/embeddings", r#"{"model":"a2","input":"x"}"#),
+                (1, 1),
+            ),
+            (post("/v1/messages", r#"{"model":"a"}"#), (2, 1)),
+            (post("/infill", r#"{"model":"b"}"#), (2, 2)),
+            (post("/v1/completions", r#"{"prompt":"no model"}"#), (3, 2)),
+            // Not a path that names a model: the default pool, body unread.
+            (post("/tokenize", r#"{"model":"b"}"#), (4, 2)),
+            (get(), (5, 2)),
+        ] {
+            let path = request.uri().path().to_owned();
+            let (status, _) = send(request).await;
+            assert_eq!((status, served()), (StatusCode::OK, want), "{path}");
+        }
+        let error =
+            |body: &Bytes| -> serde_json::Value { serde_json::from_slice(body).expect("JSON") };
+        let (status, body) = send(post("/v1/chat/completions", r#"{"model":"c"}"#)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            error(&body),
+            serde_json::json!({"error": {
+                "message": "model `c` not found; models here: a, b",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }})
+        );
+        for bad in [r#"{"model":["a"]}"#, "not json"] {
+            let (status, body) = send(post("/v1/rerank", bad)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            let error = error(&body);
+            assert_eq!(error["error"]["code"], "invalid_body", "{error}");
+            assert!(
+                error["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the body of POST /v1/rerank must be")),
+                "{error}"
+            );
+        }
+        assert_eq!(served(), (5, 2), "no backend saw the refused ones");
+        let stats = service.stats();
+        assert_eq!(
+            (
+                stats.refused["model_not_found"],
+                stats.refused["invalid_body"]
+            ),
+            (1, 2)
+        );
+        assert_eq!(stats.admitted, 7);
+        let by_pool: Vec<(Option<&str>, u64)> = stats
+            .pools
+            .iter()
+            .map(|p| (p.model.as_deref(), p.admitted))
+            .collect();
+        assert_eq!(by_pool, [(Some("a"), 5), (Some("b"), 2)]);
+    }
+
+    #[tokio::test]
+    async fn the_model_list_is_the_pools_with_an_active_backend() {
+        let (a, _) = chunked_backend(1).await;
+        let (b, seen_b) = chunked_backend(1).await;
+        let (service, table) = pooled_service(a, b);
+        let pool = Arc::new(Pool::default());
+        let list = async || {
+            let request = Request::get("/v1/models")
+                .body(Full::new(Bytes::new()))
+                .expect("a request");
+            let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, request).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let list: serde_json::Value =
+                serde_json::from_slice(&read_body(response).await).expect("JSON");
+            assert_eq!(list["object"], "list");
+            list["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|m| {
+                    assert_eq!(
+                        (&m["object"], &m["owned_by"]),
+                        (&"model".into(), &"steer".into())
+                    );
+                    (
+                        m["id"].as_str().unwrap_or("?").to_owned(),
+                        m["aliases"].clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            list().await,
+            [
+                ("a".to_owned(), serde_json::json!(["a2"])),
+                ("b".to_owned(), serde_json::json!([]))
+            ]
+        );
+        table.send_modify(|routes| {
+            Arc::make_mut(routes)[0].backends[1].0.state = lb_common::backend_state::DOWN;
+        });
+        assert_eq!(list().await, [("a".to_owned(), serde_json::json!(["a2"]))]);
+        assert_eq!(seen_b.0.load(Ordering::SeqCst), 0, "answered by the proxy");
     }
 
     #[test]

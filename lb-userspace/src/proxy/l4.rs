@@ -110,7 +110,7 @@ mod tests {
     use crate::dataplane::conns::ConnCounts;
     use crate::limits::Connections;
     use crate::proxy::gate::tests::{config, routes_to};
-    use crate::proxy::serve;
+    use crate::proxy::{ServiceProxy, serve};
     use std::net::{SocketAddr, SocketAddrV4};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -188,10 +188,14 @@ mod tests {
         let backend = slow_echo(Duration::from_millis(10)).await;
         let (_routes, rx) = watch::channel(routes_to(&[backend]));
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(&config(4, 0), 0, counts, rx);
+        let service = ServiceProxy::new(&config(4, 0), 0, &counts, &rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front = listener.local_addr().expect("address");
-        let proxy = tokio::spawn(serve(Arc::clone(&gate), listener, watch::channel(false).1));
+        let proxy = tokio::spawn(serve(
+            Arc::clone(&service),
+            listener,
+            watch::channel(false).1,
+        ));
         let accepted = Instant::now();
         let mut silent = TcpStream::connect(front).await.expect("connect");
         let mut talking = TcpStream::connect(front).await.expect("connect");
@@ -200,11 +204,11 @@ mod tests {
         talking.read_exact(&mut echo).await.expect("echo");
         let mut rest = Vec::new();
         assert_eq!(silent.read_to_end(&mut rest).await.expect("EOF"), 0);
-        assert!(accepted.elapsed() >= gate.config().client_idle_timeout);
-        tokio::time::sleep(gate.config().client_idle_timeout).await;
+        assert!(accepted.elapsed() >= service.config().client_idle_timeout);
+        tokio::time::sleep(service.config().client_idle_timeout).await;
         talking.write_all(b"hi\n").await.expect("send again");
         talking.read_exact(&mut echo).await.expect("still carried");
-        assert_eq!(gate.stats().refused["client_timeout"], 1);
+        assert_eq!(service.stats().refused["client_timeout"], 1);
         proxy.abort();
     }
 }

@@ -1,10 +1,10 @@
 //! The userspace path: a TCP listener on each service address for what XDP does not steer
 //! (loopback clients, SYNs passed because every backend was full, everything with
-//! `--dataplane userspace`). Each connection (http: each request) is admitted by the service's
-//! [`Gate`], then carried by [`l4`] or [`http`].
+//! `--dataplane userspace`). Each connection (http: each request) is admitted by the [`Gate`] of
+//! one of the service's pools ([`ServiceProxy`]), then carried by [`l4`] or [`http`].
 //!
 //! `mode = "l4"` carries each connection whole to one backend; `mode = "http"` parses HTTP/1.1
-//! and admits each request on its own through the same [`Gate`]. The kernel never steers an
+//! and admits each request on its own through the gate of the pool its `model` names. The kernel never steers an
 //! http service (see [`crate::spec::ServiceSpec::kernel_steers`]), so all its connections reach
 //! the listener.
 //!
@@ -17,6 +17,7 @@ mod gate;
 mod http;
 mod l4;
 mod route;
+mod service;
 pub mod splice;
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -30,8 +31,9 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use drain::drain_started;
-pub use gate::{Gate, ProxyStats};
+pub use gate::{Gate, PoolStats};
 pub use route::{LocalRoute, RouteError};
+pub use service::{ProxyStats, ServiceProxy};
 
 use crate::spec::{ProxyMode, ServiceSpec};
 
@@ -73,8 +75,12 @@ pub fn listen(service: &ServiceSpec) -> Result<TcpListener, ProxyError> {
 /// Accept on `listener` until `draining` turns true, then close it and return once the open
 /// connections have ended (http: each after the request in flight, if any); the caller aborts
 /// the task to cut them.
-pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Receiver<bool>) {
-    let span = info_span!("proxy", service = %gate.service(), address = %gate.address(), mode = ?gate.config().mode);
+pub async fn serve(
+    service: Arc<ServiceProxy>,
+    listener: TcpListener,
+    draining: watch::Receiver<bool>,
+) {
+    let span = info_span!("proxy", service = %service.name(), address = %service.address(), mode = ?service.config().mode);
     let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
@@ -84,14 +90,18 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Rece
                 () = drain_started(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((client, SocketAddr::V4(peer))) => {
-                        let Some(registered) = gate.accept_client() else {
+                        let Some(registered) = service.accept_client() else {
                             debug!(client = %peer, "max_client_connections reached");
                             continue;
                         };
-                        let gate = Arc::clone(&gate);
                         let span = info_span!("conn", client = %peer);
-                        match gate.config().mode {
-                            ProxyMode::L4 => connections.spawn(
+                        match service.config().mode {
+                            ProxyMode::L4 => {
+                                // l4 services have no pools: one gate, over every backend.
+                                let Ok(gate) = service.pool(None).map(Arc::clone) else {
+                                    continue;
+                                };
+                                connections.spawn(
                                 async move {
                                     let proxied = l4::serve_connection(&gate, client, *peer.ip(), &registered);
                                     if let Err(refusal) = proxied.await {
@@ -100,10 +110,10 @@ pub async fn serve(gate: Arc<Gate>, listener: TcpListener, draining: watch::Rece
                                     }
                                 }
                                 .instrument(span),
-                            ),
+                            )},
                             ProxyMode::Http => connections.spawn(
                                 http::serve_connection(
-                                    gate,
+                                    Arc::clone(&service),
                                     Arc::clone(&pool),
                                     client,
                                     *peer.ip(),
