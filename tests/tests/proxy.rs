@@ -271,14 +271,42 @@ fn start(mut cmd: std::process::Command, dir: &Path, name: &str) -> Process {
     Process(cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")))
 }
 
-/// A llama-server on 127.0.0.1:`port` with one slot; `--alias` names it in every answer.
-fn llama_server(dir: &Path, alias: &str, port: u16) -> Process {
+/// A llama-server on 127.0.0.1:`port` with one slot and `extra` arguments; `--alias` names it
+/// in every answer (and in its `/v1/models`).
+fn llama_server(dir: &Path, alias: &str, port: u16, extra: &[&str]) -> Process {
     let mut cmd = std::process::Command::new(tests::llama::llama_server_path());
     cmd.arg("-m")
         .arg(tests::llama::model_path())
         .args(["-np", "1", "-c", "4096", "-t", "1", "--host", "127.0.0.1"])
-        .args(["--port", &port.to_string(), "--alias", alias]);
-    start(cmd, dir, alias)
+        .args(["--port", &port.to_string(), "--alias", alias])
+        .args(extra);
+    start(cmd, dir, &format!("{alias}-{port}"))
+}
+
+/// Waits (within `deadline`) until the llama-server at `backend` answers `/health` 200.
+async fn wait_ready(backend: SocketAddr, deadline: Instant) {
+    loop {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(backend),
+        )
+        .await
+        {
+            drop(stream);
+            let health = Client::connect(backend)
+                .await
+                .send("GET", "/health", None)
+                .await;
+            if health.status == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llama-server {backend} not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The parts of one response the tests look at; each body frame with its arrival time.
@@ -523,8 +551,8 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let (port_a, port_b, port_slow) = (free_port(), free_port(), free_port());
     let _llamas = [
-        llama_server(&dir, "a", port_a),
-        llama_server(&dir, "b", port_b),
+        llama_server(&dir, "a", port_a, &[]),
+        llama_server(&dir, "b", port_b, &[]),
     ];
     let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_steer-slow-http-server"));
     slow.args([
@@ -605,29 +633,7 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
         // Both models loaded, the agent serving.
         let deadline = Instant::now() + WAIT;
         for backend in [&a, &b] {
-            let addr: SocketAddr = backend.parse().expect("an address");
-            loop {
-                if let Ok(Ok(stream)) = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::net::TcpStream::connect(addr),
-                )
-                .await
-                {
-                    drop(stream);
-                    let health = Client::connect(addr)
-                        .await
-                        .send("GET", "/health", None)
-                        .await;
-                    if health.status == 200 {
-                        break;
-                    }
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "llama-server {backend} not ready"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_ready(backend.parse().expect("an address"), deadline).await;
         }
         while tokio::net::TcpStream::connect(vip("small")).await.is_err() {
             assert!(Instant::now() < deadline, "steer not listening");
@@ -1059,4 +1065,245 @@ fn a_second_signal_cuts_the_drain_short() {
     assert!(status.success(), "{status}:\n{}", service.log());
     assert_eq!(cut, 2, "both requests in flight were cut");
     assert!(service.log().contains("second signal"), "{}", service.log());
+}
+
+/// Model pools over real llama-servers: the test GGUF served as model `a` by two servers (learnt
+/// from their `/v1/models`; with embeddings) and as `b` by a third (configured on the backend,
+/// its own alias `b-local`; with reranking, which also answers embeddings). Requests go to the pool their body's
+/// `model` names (or an alias of it) on every endpoint llama-server has, without one to the
+/// default pool; `/v1/models` is answered by the proxy; unknown models and bad bodies are
+/// refused with OpenAI errors; `/v1/proxy` counts per pool.
+#[test]
+fn http_requests_are_routed_by_model_to_their_pool() {
+    let dir = std::env::temp_dir().join(format!("steer-pools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let ports = [free_port(), free_port(), free_port()];
+    let embeddings = ["--embeddings", "--pooling", "mean"];
+    let _llamas = [
+        llama_server(&dir, "a", ports[0], &embeddings),
+        llama_server(&dir, "a", ports[1], &embeddings),
+        llama_server(&dir, "b-local", ports[2], &["--reranking"]),
+    ];
+    let [a1, a2, b] = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    tests::admin::token_file(&dir);
+    let config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\n\
+         dataplane = \"userspace\"\nadmin_token_file = \"admin.token\"\n\n\
+         [[service]]\nname = \"chat\"\naddress = \"{vip}\"\nmode = \"http\"\n\
+         policy = \"round_robin\"\nmax_request_body = 2000\ndefault_model = \"b\"\n\
+         [service.health]\nenabled = false\n\
+         [[service.pool]]\nmodel = \"a\"\naliases = [\"gpt-4o-mini\"]\n\
+         [[service.pool]]\nmodel = \"b\"\npolicy = \"least_connections\"\n\
+         [[service.backend]]\naddress = \"{a1}\"\n[[service.backend]]\naddress = \"{a2}\"\n\
+         [[service.backend]]\naddress = \"{b}\"\nmodels = [\"b\"]\n"
+    );
+    let path = dir.join("steer.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut agent = std::process::Command::new(tests::topology::steer_bin());
+    agent.args(["run", "--config"]).arg(&path);
+    let _agent = start(agent, &dir, "steer");
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        for backend in [a1, a2, b] {
+            wait_ready(backend, deadline).await;
+        }
+        while tokio::net::TcpStream::connect(vip).await.is_err() {
+            assert!(Instant::now() < deadline, "steer not listening");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The `a` servers' model is learnt from their /v1/models (polled every 500 ms); `b` is
+        // configured.
+        let models = loop {
+            let backends: serde_json::Value =
+                serde_json::from_str(&admin(admin_addr, "/v1/backends").await).expect("JSON");
+            let models: Vec<serde_json::Value> = backends["backends"]
+                .as_array()
+                .expect("backends")
+                .iter()
+                .map(|b| b["models"].clone())
+                .collect();
+            if models
+                .iter()
+                .all(|m| m.as_array().is_some_and(|m| !m.is_empty()))
+                || Instant::now() > deadline
+            {
+                break models;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            models,
+            [
+                serde_json::json!(["a"]),
+                serde_json::json!(["a"]),
+                serde_json::json!(["b"])
+            ],
+            "learnt, learnt, configured"
+        );
+        let mut client = Client::connect(vip).await;
+        let listed = client.send("GET", "/v1/models", None).await;
+        assert_eq!(listed.status, 200, "{}", listed.body());
+        let listed = listed.json();
+        assert_eq!(listed["object"], "list", "{listed}");
+        let data = listed["data"].as_array().expect("data");
+        let ids: Vec<&str> = data.iter().filter_map(|m| m["id"].as_str()).collect();
+        assert_eq!(ids, ["a", "b"], "{listed}");
+        assert_eq!(data[0]["aliases"], serde_json::json!(["gpt-4o-mini"]));
+        assert!(
+            data.iter()
+                .all(|m| m["object"] == "model" && m["owned_by"] == "steer")
+        );
+
+        // Generations name the server that answered in `model`; the request's own name (an
+        // alias here) is forwarded as it is and llama-server takes it.
+        let ask = |model: Option<&str>, path: &str| {
+            let mut body = serde_json::json!({
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "prompt": "Hi",
+                "max_tokens": 2,
+            });
+            if let Some(model) = model {
+                body["model"] = model.into();
+            }
+            (path.to_owned(), body)
+        };
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/completions",
+            "/v1/messages",
+        ] {
+            for (model, answered_by) in [
+                (Some("a"), "a"),
+                (Some("gpt-4o-mini"), "a"),
+                (Some("b"), "b-local"),
+                (None, "b-local"),
+            ] {
+                let (path, body) = ask(model, path);
+                let answer = client.send("POST", &path, Some(&body)).await;
+                assert_eq!(answer.status, 200, "{path} {model:?}: {}", answer.body());
+                assert_eq!(
+                    answer.json()["model"],
+                    answered_by,
+                    "{path} {model:?}: {}",
+                    answer.body()
+                );
+            }
+        }
+        // Embeddings and reranking echo the request's `model`: the pools' counts show where
+        // each went, and only `b` reranks (the `a` servers say they cannot).
+        let admitted = async |model: &str| {
+            let stats: serde_json::Value =
+                serde_json::from_str(&admin(admin_addr, "/v1/proxy").await).expect("JSON");
+            stats[0]["pools"]
+                .as_array()
+                .and_then(|pools| pools.iter().find(|p| p["model"] == model))
+                .and_then(|p| p["admitted"].as_u64())
+                .unwrap_or_else(|| panic!("pool {model} in {stats}"))
+        };
+        for path in ["/v1/embeddings", "/embeddings"] {
+            for (model, pool) in [("a", "a"), ("gpt-4o-mini", "a"), ("b", "b")] {
+                let before = admitted(pool).await;
+                let body = serde_json::json!({"model": model, "input": "hi", "content": "hi"});
+                let answer = client.send("POST", path, Some(&body)).await;
+                assert_eq!(answer.status, 200, "{path} {model}: {}", answer.body());
+                assert_eq!(admitted(pool).await, before + 1, "{path} {model}");
+            }
+        }
+        for path in ["/v1/rerank", "/rerank", "/v1/reranking"] {
+            for (model, status) in [("b", 200), ("a", 501)] {
+                let body =
+                    serde_json::json!({"model": model, "query": "hi", "documents": ["a", "b"]});
+                let answer = client.send("POST", path, Some(&body)).await;
+                assert_eq!(answer.status, status, "{path} {model}: {}", answer.body());
+            }
+        }
+        // The test model has no fill-in-the-middle tokens: every server refuses /infill (501),
+        // so the pool's count shows where it went.
+        let before = (admitted("a").await, admitted("b").await);
+        let infill =
+            serde_json::json!({"model": "a", "input_prefix": "def f(", "input_suffix": ")"});
+        let answer = client.send("POST", "/infill", Some(&infill)).await;
+        assert_eq!(answer.status, 501, "{}", answer.body());
+        assert_eq!(
+            (admitted("a").await, admitted("b").await),
+            (before.0 + 1, before.1)
+        );
+
+        // Refused before any backend: an unknown model (404), a body that is not JSON or names no
+        // string model (400), one over max_request_body (413).
+        let before = (admitted("a").await, admitted("b").await);
+        let (path, mut body) = ask(Some("c"), "/v1/chat/completions");
+        let unknown = client.send("POST", &path, Some(&body)).await;
+        assert_eq!(unknown.status, 404, "{}", unknown.body());
+        assert_eq!(
+            unknown.json(),
+            serde_json::json!({"error": {
+                "message": "model `c` not found; models here: a, b",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }})
+        );
+        body["model"] = 7.into();
+        let not_a_string = client.send("POST", &path, Some(&body)).await;
+        assert_eq!(not_a_string.status, 400, "{}", not_a_string.body());
+        assert_eq!(not_a_string.json()["error"]["code"], "invalid_body");
+        let not_json = client
+            .send("POST", "/v1/messages", Some(&serde_json::json!("model: a")))
+            .await;
+        assert_eq!(not_json.status, 400, "{}", not_json.body());
+        let message = not_json.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            message.contains("POST /v1/messages must be a JSON object"),
+            "{message}"
+        );
+        body["model"] = "a".into();
+        body["prompt"] = "x".repeat(2000).into();
+        let large = client.send("POST", &path, Some(&body)).await;
+        assert_eq!(large.status, 413, "{}", large.body());
+        assert_eq!(
+            (admitted("a").await, admitted("b").await),
+            before,
+            "no pool admitted them"
+        );
+        let stats: serde_json::Value =
+            serde_json::from_str(&admin(admin_addr, "/v1/proxy").await).expect("JSON");
+        let chat = &stats[0];
+        assert_eq!(
+            (
+                &chat["model_not_found"],
+                &chat["invalid_body"],
+                &chat["body_too_large"]
+            ),
+            (&1.into(), &2.into(), &1.into()),
+            "{chat}"
+        );
+        let pools: u64 = chat["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .filter_map(|p| p["admitted"].as_u64())
+            .sum();
+        assert_eq!(
+            chat["admitted"].as_u64(),
+            Some(pools),
+            "the service total: {chat}"
+        );
+        let metrics = admin(admin_addr, "/metrics").await;
+        assert_eq!(
+            series(
+                &metrics,
+                "steer_proxy_pool_admitted_total{service=\"chat\",pool=\"a\"}"
+            ),
+            admitted("a").await as f64
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }
