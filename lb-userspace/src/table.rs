@@ -239,16 +239,12 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Route {
     pub id: u32,
-    /// `enum steer_policy`.
-    pub policy: u32,
     pub backend_count: u32,
-    pub ring: Vec<u32>,
-    /// Empty until a `maglev` service first has an active backend.
-    pub maglev: Vec<u32>,
     /// Indexed by slot: the kernel's view of the entry, and where to connect.
     pub backends: Vec<(BackendView, SocketAddrV4)>,
     /// The proxy's pools in the service's pool order; a service without `[[service.pool]]`
-    /// has one, over every backend with the service's policy, ring and Maglev table.
+    /// has one, over every backend with the service's policy, ring and Maglev table (the
+    /// kernel's).
     pub pools: Vec<PoolRoute>,
 }
 
@@ -1067,17 +1063,12 @@ impl<D: Dataplane> Table<D> {
                 routes.resize_with(service + 1, Route::default);
             }
             let route = &mut routes[service];
-            // As in the kernel, an empty Maglev table leaves the old one in place.
-            if !maglev.is_empty() {
-                route.maglev = maglev;
-            }
             route.id = service_id;
-            route.policy = kernel.policy;
             route.backend_count = kernel.backend_count;
-            route.ring = ring;
             route.backends = backends;
             route.pools.resize_with(pools.len(), PoolRoute::default);
             for (route, mut pool) in route.pools.iter_mut().zip(pools) {
+                // As in the kernel, an empty Maglev table leaves the old one in place.
                 if pool.maglev.is_empty() {
                     pool.maglev = std::mem::take(&mut route.maglev);
                 }
@@ -1736,13 +1727,13 @@ mod tests {
         let (_fake, handle, _task) = started()?;
         let mut routes = handle.routes();
         let chat = routes.borrow_and_update()[0].clone();
-        assert_eq!(chat.ring, [0, 1]);
+        assert_eq!(chat.pools[0].ring, [0, 1]);
         assert_eq!(chat.backends[1].1, addr("10.0.1.3:8080"));
         assert_eq!(chat.backends[1].0.state, backend_state::ACTIVE);
         handle.drain_backend(1).await?;
         assert!(routes.has_changed().unwrap_or(false));
         let chat = routes.borrow_and_update()[0].clone();
-        assert_eq!(chat.ring, [0]);
+        assert_eq!(chat.pools[0].ring, [0]);
         assert_eq!(chat.backends[1].0.state, backend_state::DRAINING);
         Ok(())
     }

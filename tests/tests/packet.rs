@@ -683,7 +683,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             default_pool: 0,
         };
         let proxied = ServiceProxy::new(&service, 0, &counts, &published);
-        let gate = proxied.pool(None).expect("the one pool");
+        let gate = proxied.default_gate();
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..500u16 {
@@ -773,10 +773,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             let expected = choose(&service, cursor, *from.ip());
             routes.send_replace(Arc::new(vec![Route {
                 id: 0,
-                policy,
                 backend_count,
-                ring: ring.clone(),
-                maglev: maglev.clone(),
                 backends: (0..)
                     .zip(&views)
                     .map(|(slot, view)| (*view, model_backend(slot)))

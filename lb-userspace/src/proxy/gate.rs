@@ -548,10 +548,7 @@ pub(crate) mod tests {
         let n = backends.len() as u32;
         Arc::new(vec![Route {
             id: 0,
-            policy: policy::ROUND_ROBIN,
             backend_count: n,
-            ring: (0..n).collect(),
-            maglev: Vec::new(),
             backends,
             pools: vec![PoolRoute {
                 policy: policy::ROUND_ROBIN,

@@ -97,20 +97,19 @@ pub async fn serve(
                         let span = info_span!("conn", client = %peer);
                         match service.config().mode {
                             ProxyMode::L4 => {
-                                // l4 services have no pools: one gate, over every backend.
-                                let Ok(gate) = service.pool(None).map(Arc::clone) else {
-                                    continue;
-                                };
+                                // An l4 service has no pools: its one gate is over every backend.
+                                let gate = Arc::clone(service.default_gate());
                                 connections.spawn(
-                                async move {
-                                    let proxied = l4::serve_connection(&gate, client, *peer.ip(), &registered);
-                                    if let Err(refusal) = proxied.await {
-                                        gate.count(refusal);
-                                        debug!(?refusal, "connection closed");
+                                    async move {
+                                        let proxied = l4::serve_connection(&gate, client, *peer.ip(), &registered);
+                                        if let Err(refusal) = proxied.await {
+                                            gate.count(refusal);
+                                            debug!(?refusal, "connection closed");
+                                        }
                                     }
-                                }
-                                .instrument(span),
-                            )},
+                                    .instrument(span),
+                                )
+                            }
                             ProxyMode::Http => connections.spawn(
                                 http::serve_connection(
                                     Arc::clone(&service),

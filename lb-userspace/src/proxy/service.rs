@@ -26,7 +26,8 @@ pub struct ServiceProxy {
     specs: Vec<PoolSpec>,
     /// By pool, like `specs` (or the one pool).
     gates: Vec<Arc<Gate>>,
-    default_pool: usize,
+    /// The gate of `default_model`'s pool (or the one pool).
+    default: Arc<Gate>,
     /// The client connections held, at most `max_client_connections`.
     connections: Arc<Connections>,
     accepted: AtomicU64,
@@ -75,19 +76,21 @@ impl ServiceProxy {
         routes: &watch::Receiver<Routes>,
     ) -> Arc<Self> {
         let wait = Histogram::new(WAIT_BUCKETS);
-        let gates = (0..service.pools.len().max(1))
+        let gates: Vec<Arc<Gate>> = (0..service.pools.len().max(1))
             .map(|pool| {
                 let (counts, routes) = (Arc::clone(counts), routes.clone());
                 Gate::new(service, pool, id, counts, routes, wait.clone())
             })
             .collect();
+        // There is at least one gate, and the config names an existing pool.
+        let default = Arc::clone(&gates[service.default_pool.min(gates.len() - 1)]);
         Arc::new(ServiceProxy {
             name: service.name.clone(),
             address: service.address,
             config: service.proxy.clone(),
             specs: service.pools.clone(),
             gates,
-            default_pool: service.default_pool,
+            default,
             connections: Connections::new(service.proxy.max_client_connections),
             accepted: AtomicU64::default(),
             refused: Default::default(),
@@ -116,15 +119,21 @@ impl ServiceProxy {
     /// The gate of the pool named `model` (a model or an alias), or of the default pool for a
     /// request without one or when the service has no pools.
     pub fn pool(&self, model: Option<&str>) -> Result<&Arc<Gate>, UnknownModel> {
-        let index = match model {
+        match model {
             Some(model) if self.routes_by_model() => self
                 .specs
                 .iter()
-                .position(|pool| pool.names().any(|name| name == model))
-                .ok_or(UnknownModel)?,
-            _ => self.default_pool,
-        };
-        self.gates.get(index).ok_or(UnknownModel)
+                .zip(&self.gates)
+                .find(|(pool, _)| pool.names().any(|name| name == model))
+                .map(|(_, gate)| gate)
+                .ok_or(UnknownModel),
+            _ => Ok(&self.default),
+        }
+    }
+
+    /// The default pool's gate: the only one of a service without pools (every l4 service).
+    pub fn default_gate(&self) -> &Arc<Gate> {
+        &self.default
     }
 
     /// The pools' models, in config order.
