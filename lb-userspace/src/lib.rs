@@ -18,6 +18,7 @@ pub mod limits;
 pub mod policy;
 pub mod probe;
 pub mod proxy;
+pub mod requests;
 pub mod slots;
 pub mod spec;
 pub mod store;
@@ -239,7 +240,13 @@ async fn serve<D: Dataplane>(
             }
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
-        let gate = proxy::Gate::new(service, id, Arc::clone(&counts), table.routes());
+        let gate = proxy::Gate::new(
+            service,
+            id,
+            Arc::clone(&counts),
+            table.requests(),
+            table.routes(),
+        );
         proxies.spawn(proxy::serve(Arc::clone(&gate), listener, draining.clone()));
         gates.push(gate);
     }

@@ -680,7 +680,8 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             slots: None,
             proxy,
         };
-        let gate = Gate::new(&service, 0, counts, published);
+        let requests = Arc::new(lb_userspace::requests::RequestCounts::new(64));
+        let gate = Gate::new(&service, 0, counts, requests, published);
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);
         for case in 0..500u16 {

@@ -37,7 +37,9 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
+use super::timings::Tail;
 use crate::limits::{self, Closed, Ended, Registered};
+use crate::requests::{Class, InFlight};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
 type ProxyBody = Either<Full<Bytes>, Passed>;
@@ -224,12 +226,20 @@ async fn forward<B: ClientBody>(
             refused(refusal, message)
         })?;
         let address = lease.address;
+        let in_flight = gate.requests().begin(lease.id);
         let span = debug_span!("request", backend = %address, id = lease.id);
-        match exchange(pool, address, &outgoing, config.response_timeout)
+        let exchanged = exchange(pool, address, &outgoing, config.response_timeout)
             .instrument(span)
-            .await
-        {
-            Ok((response, upstream)) => return Ok(pass(response, upstream, lease, pool)),
+            .await;
+        in_flight.answered(match &exchanged {
+            Ok((response, _)) => Class::of_status(response.status().as_u16()),
+            Err(Failed::Connect(_)) => Class::Unreachable,
+            Err(Failed::Unsent(_) | Failed::Broken(_) | Failed::ResponseTimeout) => Class::Failed,
+        });
+        match exchanged {
+            Ok((response, upstream)) => {
+                return Ok(pass(response, upstream, lease, in_flight, pool));
+            }
             Err(Failed::Connect(error)) => {
                 debug!(%address, %error, "backend unreachable");
                 unreachable.push(format!("{address}: {error}"));
@@ -324,11 +334,13 @@ async fn send(
     }
 }
 
-/// The client's response: the backend's head without hop-by-hop headers, its body passed on.
+/// The client's response: the backend's head without hop-by-hop headers, its body passed on
+/// (a success's end kept to learn the backend's speed from).
 fn pass(
     response: Response<Incoming>,
     upstream: Upstream,
     lease: Lease,
+    in_flight: InFlight,
     pool: &Arc<Pool>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -337,7 +349,8 @@ fn pass(
         reusable: body.size_hint().exact().is_some(),
         body,
         ended: false,
-        held: Some((upstream, lease)),
+        tail: parts.status.is_success().then(Tail::default),
+        held: Some((upstream, lease, in_flight)),
         pool: Arc::clone(pool),
     };
     Response::from_parts(parts, Either::Right(body))
@@ -467,18 +480,30 @@ pub struct Passed {
     reusable: bool,
     /// The body's end was read (`is_end_stream` stays false after a chunked body's end).
     ended: bool,
-    held: Option<(Upstream, Lease)>,
+    /// A success's last bytes, for llama-server's `timings`.
+    tail: Option<Tail>,
+    held: Option<(Upstream, Lease, InFlight)>,
     pool: Arc<Pool>,
 }
 
 impl Passed {
     fn finish(&mut self) {
-        if let Some((upstream, lease)) = self.held.take() {
+        if let Some((upstream, lease, in_flight)) = self.held.take() {
             // An empty body may never be polled.
-            if self.reusable && (self.ended || self.body.is_end_stream()) {
+            let ended = self.ended || self.body.is_end_stream();
+            if self.reusable && ended {
                 self.pool.put(upstream);
             }
-            drop(lease);
+            // Learnt before the claim is given back: the next choice weighs by it.
+            if let Some(measured) = self
+                .tail
+                .as_mut()
+                .filter(|_| ended)
+                .and_then(Tail::measured)
+            {
+                in_flight.measured(measured.model.as_deref(), &measured.timings);
+            }
+            drop((lease, in_flight));
         }
     }
 }
@@ -498,6 +523,12 @@ impl Body for Passed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if let (Some(tail), Some(data)) = (
+            &mut self.tail,
+            frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()),
+        ) {
+            tail.push(data);
+        }
         if !matches!(frame, Some(Ok(_))) {
             self.ended = frame.is_none();
             self.finish();
@@ -519,6 +550,7 @@ mod tests {
     use super::*;
     use crate::dataplane::conns::ConnCounts;
     use crate::proxy::gate::tests::{config, routes_to};
+    use crate::requests::RequestCounts;
     use crate::spec::ProxyMode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -600,7 +632,8 @@ mod tests {
         let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
         let mut config = config(8, 1);
         config.proxy.mode = ProxyMode::Http;
-        let gate = Gate::new(&config, 0, Arc::clone(&counts), routes);
+        let requests = Arc::new(RequestCounts::new(64));
+        let gate = Gate::new(&config, 0, Arc::clone(&counts), requests, routes);
         (gate, counts, table)
     }
 
@@ -781,7 +814,8 @@ mod tests {
         config.proxy.mode = ProxyMode::Http;
         config.proxy.max_client_connections = 2;
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let gate = Gate::new(&config, 0, counts, routes);
+        let requests = Arc::new(RequestCounts::new(64));
+        let gate = Gate::new(&config, 0, counts, requests, routes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -18,6 +18,7 @@ mod http;
 mod l4;
 mod route;
 pub mod splice;
+mod timings;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
