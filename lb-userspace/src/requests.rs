@@ -4,6 +4,13 @@
 //! the gate reads the speeds at every choice, the table reads the rest into each listed backend
 //! and starts an id over when it gets a new backend.
 //!
+//! A speed is the backend's, all its requests together: one answer's rate times the requests
+//! in flight on the backend when it ended (itself included). llama-server decodes its busy
+//! slots together, so an answer's own rate is roughly the server's divided by them: two servers
+//! of equal speed, one with one request and one with three, would otherwise read as three
+//! times apart. Requests waiting inside llama-server for a slot count too, which overstates a
+//! server loaded beyond its slots (never under policy `slots`, whose cap is the slot count).
+//!
 //! Speeds are exponentially weighted moving averages over answers, each answer weighing
 //! [`EWMA_WEIGHT`]: the last ten answers make about 90% of the average, so a backend that slows
 //! down (another tenant, a CPU cap) is seen within a few answers while one odd answer (a tiny
@@ -93,7 +100,8 @@ pub struct Timings {
     pub predicted_per_second: f64,
 }
 
-/// Decode and prompt speed averages, tokens per second; `None` until an answer measured one.
+/// Decode and prompt speed averages, tokens per second of the backend (see the module doc);
+/// `None` until an answer measured one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Speed {
     pub decode_tokens_per_second: Option<f64>,
@@ -101,17 +109,19 @@ pub struct Speed {
 }
 
 impl Speed {
-    /// Fold in one answer's timings; a rate that is zero or not finite measured nothing, and
-    /// neither does a prompt under [`MIN_PROMPT_TOKENS`].
-    fn learn(&mut self, timings: &Timings) {
+    /// Fold in one answer's timings, which ended with `together` requests in flight on the
+    /// backend; a rate that is zero or not finite measured nothing, and neither does a prompt
+    /// under [`MIN_PROMPT_TOKENS`].
+    fn learn(&mut self, timings: &Timings, together: u64) {
+        let together = together.max(1) as f64;
         fold(
             &mut self.decode_tokens_per_second,
-            timings.predicted_per_second,
+            timings.predicted_per_second * together,
         );
         if timings.prompt_n >= MIN_PROMPT_TOKENS {
             fold(
                 &mut self.prompt_tokens_per_second,
-                timings.prompt_per_second,
+                timings.prompt_per_second * together,
             );
         }
     }
@@ -313,8 +323,10 @@ impl InFlight {
         entry
             .generated_tokens
             .fetch_add(timings.predicted_n, Ordering::Relaxed);
+        // This one is still in flight.
+        let together = entry.in_flight.load(Ordering::Acquire);
         let mut learnt = RequestCounts::lock(entry);
-        learnt.backend.learn(timings);
+        learnt.backend.learn(timings, together);
         let Some(model) = model.filter(|m| m.len() <= MAX_MODEL_NAME) else {
             return;
         };
@@ -327,7 +339,7 @@ impl InFlight {
                 Speed::default()
             }
         };
-        speed.learn(timings);
+        speed.learn(timings, together);
         learnt.models.push((model.to_owned(), speed));
     }
 }
@@ -367,25 +379,28 @@ mod tests {
             );
         };
         let mut speed = Speed::default();
-        speed.learn(&timings(100.0, 1000.0));
+        speed.learn(&timings(100.0, 1000.0), 1);
         close(speed.decode_tokens_per_second, 100.0);
-        speed.learn(&timings(50.0, 0.0));
+        speed.learn(&timings(50.0, 0.0), 1);
         close(speed.decode_tokens_per_second, 90.0);
         close(speed.prompt_tokens_per_second, 1000.0);
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            speed.learn(&timings(bad, bad));
+            speed.learn(&timings(bad, bad), 1);
         }
         close(speed.decode_tokens_per_second, 90.0);
         // A mostly cached prompt: its one token's rate is no prompt speed.
-        speed.learn(&Timings {
-            prompt_n: MIN_PROMPT_TOKENS - 1,
-            ..timings(90.0, 10.0)
-        });
+        speed.learn(
+            &Timings {
+                prompt_n: MIN_PROMPT_TOKENS - 1,
+                ..timings(90.0, 10.0)
+            },
+            1,
+        );
         close(speed.prompt_tokens_per_second, 1000.0);
         // A backend that turns 3x slower: 10 answers later the average has closed 89% of the
         // gap (0.8^10 of it is left).
         for _ in 0..10 {
-            speed.learn(&timings(30.0, 1000.0));
+            speed.learn(&timings(30.0, 1000.0), 1);
         }
         close(
             speed.decode_tokens_per_second,
@@ -426,9 +441,10 @@ mod tests {
                 generated: 20
             }
         );
-        assert_eq!(got.speed.backend.decode_tokens_per_second, Some(50.0));
-        assert_eq!(got.speed.models["a"].prompt_tokens_per_second, Some(500.0));
-        assert_eq!(counts.decode_speed(2), Some(50.0));
+        // Measured with two in flight: the backend does twice the answer's own rate.
+        assert_eq!(got.speed.backend.decode_tokens_per_second, Some(100.0));
+        assert_eq!(got.speed.models["a"].prompt_tokens_per_second, Some(1000.0));
+        assert_eq!(counts.decode_speed(2), Some(100.0));
         assert_eq!(counts.get(1), {
             let mut zero = BackendRequests::default();
             zero.requests.by_class = Class::ALL.iter().map(|c| (c.name(), 0)).collect();

@@ -624,7 +624,8 @@ mod tests {
             maps.counters.insert(0, counters);
         }
         handle.drain_backend(0).await?;
-        // The http proxy's: one request in flight, one answered 503 after 120 tokens at 40/s.
+        // The http proxy's: one request in flight, one answered 503 after 120 tokens at 40/s
+        // beside it (so the backend's speed is 80/s).
         let requests = handle.requests();
         let _in_flight = requests.begin(1);
         let answered = requests.begin(1);
@@ -674,7 +675,7 @@ mod tests {
             ("steer_backend_packets_total", &b1, 12.0),
             ("steer_backend_bytes_total", &b1, 3400.0),
             ("steer_backend_requests_in_flight", &b1, 1.0),
-            ("steer_backend_decode_tokens_per_second", &b1, 40.0),
+            ("steer_backend_decode_tokens_per_second", &b1, 80.0),
         ] {
             assert_eq!(value(&samples, name, labels), want, "{name}{labels:?}");
         }
