@@ -643,6 +643,74 @@ mod tests {
             .expect("a request")
     }
 
+    /// A backend on loopback answering every request with `status` and `body` in chunks of
+    /// 100 bytes.
+    async fn answering_backend(status: StatusCode, body: &'static [u8]) -> SocketAddrV4 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
+            unreachable!("bound to IPv4")
+        };
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(body.len() / 100 + 1);
+                    for chunk in body.chunks(100) {
+                        let _ = tx.try_send(Bytes::from_static(chunk));
+                    }
+                    let mut response = Response::new(Frames(rx));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn answers_are_counted_by_class_and_a_streams_timings_are_learnt() {
+        const STREAM: &[u8] = include_bytes!("../../fixtures/llama-server/chat_stream.sse");
+        const ERROR: &[u8] = include_bytes!("../../fixtures/llama-server/chat_error.json");
+        let pool = Arc::new(Pool::default());
+        let (gate, _counts, _table) = http_gate(answering_backend(StatusCode::OK, STREAM).await);
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(gate.requests().get(0).requests.in_flight, 1, "while passed");
+        assert_eq!(read_body(response).await, STREAM, "passed unchanged");
+        let got = gate.requests().get(0);
+        assert_eq!(got.requests.in_flight, 0);
+        assert_eq!(got.requests.by_class["2xx"], 1);
+        assert_eq!((got.tokens.prompt, got.tokens.generated), (1, 12));
+        assert_eq!(
+            got.speed.backend.decode_tokens_per_second,
+            Some(54.37576620397833)
+        );
+        assert!(got.speed.models.contains_key("smol"), "{got:?}");
+
+        let (gate, _counts, _table) =
+            http_gate(answering_backend(StatusCode::BAD_REQUEST, ERROR).await);
+        read_body(handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await).await;
+        let got = gate.requests().get(0);
+        assert_eq!(got.requests.by_class["4xx"], 1);
+        assert_eq!(got.speed.backend.decode_tokens_per_second, None);
+
+        // Nothing listens there: unreachable, and no other backend to retry on.
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let std::net::SocketAddr::V4(nowhere) = nowhere else {
+            unreachable!("bound to IPv4")
+        };
+        let (gate, _counts, _table) = http_gate(nowhere);
+        let response = handle(&gate, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(gate.requests().get(0).requests.by_class["unreachable"], 1);
+    }
+
     #[tokio::test]
     async fn a_chunked_answer_read_to_the_end_frees_the_claim_and_its_connection() {
         let (backend, seen) = chunked_backend(3).await;
