@@ -18,6 +18,7 @@ pub mod limits;
 pub mod policy;
 pub mod probe;
 pub mod proxy;
+pub mod requests;
 pub mod slots;
 pub mod spec;
 pub mod store;
@@ -246,7 +247,8 @@ async fn serve<D: Dataplane>(
             }
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
-        let service = proxy::ServiceProxy::new(service, id, &counts, &table.routes());
+        let service =
+            proxy::ServiceProxy::new(service, id, &counts, table.requests(), &table.routes());
         proxies.spawn(proxy::serve(
             Arc::clone(&service),
             listener,

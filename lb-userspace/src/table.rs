@@ -14,7 +14,9 @@
 //! counters tick. The kernel's per-CPU counters cost a map syscall per service and backend, so
 //! they are read once per tick ([`COUNTERS_TICK`]) whoever reads, or on demand for the admin
 //! API and `/metrics` ([`TableHandle::fresh_snapshot`]); connection counts are shared memory,
-//! read at every publish and live through [`TableHandle::connections`].
+//! read at every publish and live through [`TableHandle::connections`], and so are the http
+//! proxy's request counters and speeds ([`RequestCounts`]), which start over with each backend
+//! an id gets.
 //!
 //! Health is the table's to decide, from two inputs kept apart: the active checks' verdict
 //! ([`TableHandle::set_checks`]) and, for a supervised instance's backend, the supervisor's view
@@ -37,6 +39,7 @@ use tracing::{Instrument, info, warn};
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::policy::{BackendView, maglev_table, rr_ring};
+use crate::requests::{BackendRequests, RequestCounts};
 use crate::spec::{BackendSpec, Policy, PoolSpec, ServiceSpec, Weight};
 
 /// Commands waiting for the table task; callers wait beyond this.
@@ -139,7 +142,7 @@ impl BackendState {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendInfo {
     pub id: u32,
     pub service: String,
@@ -170,6 +173,9 @@ pub struct BackendInfo {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// The http proxy's requests to it: in flight and by class, tokens and speeds.
+    #[serde(flatten)]
+    pub requests: BackendRequests,
 }
 
 /// Where a backend runs, which decides how its packets are rewritten.
@@ -228,7 +234,7 @@ impl ServiceCounters {
 
 /// The table at one moment: services, backends with their state, health and slots, connection
 /// counts as of the publish, and the kernel's counters as of the last read.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub services: Vec<ServiceInfo>,
     pub backends: Vec<BackendInfo>,
@@ -300,6 +306,7 @@ pub struct TableHandle {
     routes: watch::Receiver<Routes>,
     published: watch::Receiver<Arc<Snapshot>>,
     counts: Arc<ConnCounts>,
+    requests: Arc<RequestCounts>,
 }
 
 impl TableHandle {
@@ -416,6 +423,12 @@ impl TableHandle {
         self.counts.steered(id)
     }
 
+    /// The http proxy's per-backend request counters and speeds, which the table starts over
+    /// for each backend an id gets.
+    pub fn requests(&self) -> Arc<RequestCounts> {
+        Arc::clone(&self.requests)
+    }
+
     /// The routes, republished after every write to the maps: no round trip per connection.
     pub fn routes(&self) -> watch::Receiver<Routes> {
         self.routes.clone()
@@ -461,6 +474,7 @@ pub fn start<D: Dataplane>(
         routes,
         published: table.published.subscribe(),
         counts: Arc::clone(&table.counts),
+        requests: Arc::clone(&table.requests),
     };
     let task = tokio::spawn(table.run(rx).instrument(tracing::info_span!("table")));
     Ok((handle, task))
@@ -473,6 +487,8 @@ struct Table<D> {
     published: watch::Sender<Arc<Snapshot>>,
     /// The dataplane's, held here so a publish reads them without a call.
     counts: Arc<ConnCounts>,
+    /// Indexed by backend id like `counts`.
+    requests: Arc<RequestCounts>,
     /// The kernel's counters as last read.
     counters: Counters,
 }
@@ -632,6 +648,7 @@ impl<D: Dataplane> Table<D> {
             routes,
             published: watch::channel(Arc::default()).0,
             counts,
+            requests: Arc::new(RequestCounts::new(MAX_SERVICES as usize * SLOTS)),
             counters: Counters::default(),
         };
         for service in services {
@@ -791,6 +808,7 @@ impl<D: Dataplane> Table<D> {
         let id = backend_id(service, slot);
         // The slot is DOWN with a generation no live flow has, so its count can start over.
         self.dataplane.reset_connections(id)?;
+        self.requests.reset(id);
         let stats_base = self.dataplane.backend_stats(id)?;
         let backend = SlotBackend {
             address: new.address,
@@ -1179,6 +1197,7 @@ impl<D: Dataplane> Table<D> {
             packets: stats.packets.saturating_sub(b.stats_base.packets),
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
             new_flows: stats.new_flows.saturating_sub(b.stats_base.new_flows),
+            requests: self.requests.get(id),
         }
     }
 
@@ -1654,12 +1673,16 @@ mod tests {
             counters[counter::NO_BACKEND as usize] = 3;
             maps.counters.insert(0, counters);
         }
+        // The http proxy's, as it counts a request answered 200.
+        let requests = handle.requests();
+        requests.begin(1).answered(crate::requests::Class::Success);
         let list = handle.fresh_snapshot().await?;
         let b = &list.backends[1];
         assert_eq!(
             (b.packets, b.bytes, b.new_flows, b.active_connections),
             (10, 1000, 2, 1)
         );
+        assert_eq!(b.requests.requests.by_class["2xx"], 1);
         assert_eq!(list.services[0].counters.new_flows, 7);
         assert_eq!(list.services[0].counters.no_backend, 3);
         assert_eq!(list.services[0].backends, 2);
@@ -1670,6 +1693,7 @@ mod tests {
             .add_backend(new_backend("chat", "10.0.1.7:8080"))
             .await?;
         assert_eq!((reused.id, reused.packets, reused.new_flows), (1, 0, 0));
+        assert_eq!(reused.requests.requests.by_class["2xx"], 0, "starts over");
         Ok(())
     }
 

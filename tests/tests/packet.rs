@@ -682,7 +682,8 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             pools: Vec::new(),
             default_pool: 0,
         };
-        let proxied = ServiceProxy::new(&service, 0, &counts, &published);
+        let requests = Arc::new(lb_userspace::requests::RequestCounts::new(64));
+        let proxied = ServiceProxy::new(&service, 0, &counts, requests, &published);
         let gate = proxied.default_gate();
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
         let (mut chosen, mut refused) = (0, 0);

@@ -271,14 +271,21 @@ fn start(mut cmd: std::process::Command, dir: &Path, name: &str) -> Process {
     Process(cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")))
 }
 
-/// A llama-server on 127.0.0.1:`port` with one slot and `extra` arguments; `--alias` names it
+/// A llama-server on 127.0.0.1:`port` with `slots` slots and `extra` arguments; `--alias` names it
 /// in every answer (and in its `/v1/models`).
-fn llama_server(dir: &Path, alias: &str, port: u16, extra: &[&str]) -> Process {
+fn llama_server(dir: &Path, alias: &str, port: u16, slots: u32, extra: &[&str]) -> Process {
     let mut cmd = std::process::Command::new(tests::llama::llama_server_path());
     cmd.arg("-m")
         .arg(tests::llama::model_path())
-        .args(["-np", "1", "-c", "4096", "-t", "1", "--host", "127.0.0.1"])
-        .args(["--port", &port.to_string(), "--alias", alias])
+        .args(["-np", &slots.to_string(), "-c", "4096", "-t", "1"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--alias",
+            alias,
+        ])
         .args(extra);
     start(cmd, dir, &format!("{alias}-{port}"))
 }
@@ -551,8 +558,8 @@ fn http_mode_without_root_balances_queues_refuses_and_streams() {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let (port_a, port_b, port_slow) = (free_port(), free_port(), free_port());
     let _llamas = [
-        llama_server(&dir, "a", port_a, &[]),
-        llama_server(&dir, "b", port_b, &[]),
+        llama_server(&dir, "a", port_a, 1, &[]),
+        llama_server(&dir, "b", port_b, 1, &[]),
     ];
     let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_steer-slow-http-server"));
     slow.args([
@@ -1080,9 +1087,9 @@ fn http_requests_are_routed_by_model_to_their_pool() {
     let ports = [free_port(), free_port(), free_port()];
     let embeddings = ["--embeddings", "--pooling", "mean"];
     let _llamas = [
-        llama_server(&dir, "a", ports[0], &embeddings),
-        llama_server(&dir, "a", ports[1], &embeddings),
-        llama_server(&dir, "b-local", ports[2], &["--reranking"]),
+        llama_server(&dir, "a", ports[0], 1, &embeddings),
+        llama_server(&dir, "a", ports[1], 1, &embeddings),
+        llama_server(&dir, "b-local", ports[2], 1, &["--reranking"]),
     ];
     let [a1, a2, b] = ports.map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -1304,6 +1311,225 @@ fn http_requests_are_routed_by_model_to_their_pool() {
             ),
             admitted("a").await as f64
         );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The alias of the llama-server that answered: a JSON answer's `model`, or a stream's.
+fn served_by(answer: &Answer) -> String {
+    let model = |value: &serde_json::Value| value["model"].as_str().map(str::to_owned);
+    answer
+        .events()
+        .iter()
+        .find_map(|(_, event)| model(event))
+        .or_else(|| model(&answer.json()))
+        .unwrap_or_else(|| panic!("no model in {}", answer.body()))
+}
+
+/// The listed backends by address: `/v1/backends` as JSON.
+async fn listed(admin_addr: SocketAddr) -> Vec<serde_json::Value> {
+    let list: serde_json::Value =
+        serde_json::from_str(&admin(admin_addr, "/v1/backends").await).expect("JSON");
+    list["backends"].as_array().cloned().unwrap_or_default()
+}
+
+/// Issue 13 points 3 and 6: behind an http service (`least_connections`), three real
+/// llama-servers with two slots each, one held to 5% of a CPU by a cgroup quota. The proxy
+/// counts every backend's requests by class, its tokens and its speed from the answers'
+/// `timings` (streamed and not), shown in `/v1/backends` and `/metrics`; once the speeds are
+/// learnt, a closed loop of 6 clients keeps clearly fewer requests in flight on the slow server
+/// than on the fast ones (unweighted least connections would even them out) and it serves
+/// clearly fewer.
+#[test]
+fn http_mode_counts_requests_per_backend_and_the_slow_server_gets_less() {
+    netns::require_root("a cgroup CPU quota");
+    let dir = std::env::temp_dir().join(format!("steer-speed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let aliases = ["fast1", "slow", "fast2"];
+    let ports = aliases.map(|_| free_port());
+    let llamas: Vec<Process> = aliases
+        .iter()
+        .zip(ports)
+        .map(|(alias, port)| llama_server(&dir, alias, port, 2, &[]))
+        .collect();
+    let _cap = tests::cpucap::CpuCap::new(llamas[1].0.id(), 5);
+    let backends = ports.map(|p| format!("127.0.0.1:{p}"));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    tests::admin::token_file(&dir);
+    let mut config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\n\
+         dataplane = \"userspace\"\nadmin_token_file = \"admin.token\"\n\n\
+         [[service]]\nname = \"speed\"\naddress = \"{vip}\"\npolicy = \"least_connections\"\n\
+         mode = \"http\"\n[service.health]\nenabled = false\n"
+    );
+    for backend in &backends {
+        config.push_str(&format!("[[service.backend]]\naddress = \"{backend}\"\n"));
+    }
+    let path = dir.join("steer.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut agent = std::process::Command::new(tests::topology::steer_bin());
+    agent.args(["run", "--config"]).arg(&path);
+    let _agent = start(agent, &dir, "steer");
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        for backend in &backends {
+            let addr: SocketAddr = backend.parse().expect("an address");
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    let health = Client::connect(addr).await.send("GET", "/health", None).await;
+                    if health.status == 200 {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "llama-server {backend} not ready");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        while tokio::net::TcpStream::connect(vip).await.is_err() {
+            assert!(Instant::now() < deadline, "steer not listening");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // `clients` loops, each sending one chat after the other (half streamed) until `until`
+        // says stop; what served each answer.
+        let closed_loop = |clients: usize, until: std::sync::Arc<dyn Fn() -> bool + Send + Sync>| {
+            let mut loops = tokio::task::JoinSet::new();
+            for n in 0..clients {
+                let until = std::sync::Arc::clone(&until);
+                loops.spawn(async move {
+                    let mut client = Client::connect(vip).await;
+                    let mut served = Vec::new();
+                    for turn in 0.. {
+                        if until() {
+                            break;
+                        }
+                        let stream = (n + turn) % 2 == 0;
+                        let answer = client
+                            .send("POST", "/v1/chat/completions", Some(&chat(16, stream)))
+                            .await;
+                        assert_eq!(answer.status, 200, "{}", answer.body());
+                        served.push(served_by(&answer));
+                    }
+                    served
+                });
+            }
+            loops
+        };
+
+        // Until every backend has a learnt speed: least connections over unmeasured
+        // backends spreads 3 clients one each.
+        let measured = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::clone(&measured);
+        let mut warm = closed_loop(3, std::sync::Arc::new(move || done.load(std::sync::atomic::Ordering::SeqCst)));
+        let warm_deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let all = listed(admin_addr).await;
+            if all.len() == 3 && all.iter().all(|b| b["speed"]["decode_tokens_per_second"].is_number()) {
+                break;
+            }
+            assert!(Instant::now() < warm_deadline, "speeds never all learnt: {all:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        measured.store(true, std::sync::atomic::Ordering::SeqCst);
+        while let Some(served) = warm.join_next().await {
+            served.expect("a warm-up client");
+        }
+
+        let speeds: std::collections::BTreeMap<String, f64> = listed(admin_addr)
+            .await
+            .iter()
+            .map(|b| {
+                let address = b["address"].as_str().unwrap_or_default().to_owned();
+                (address, b["speed"]["decode_tokens_per_second"].as_f64().unwrap_or(0.0))
+            })
+            .collect();
+        let slow_speed = speeds[&backends[1]];
+        let fast_speed = speeds[&backends[0]].min(speeds[&backends[2]]);
+        // The precondition, with slack for a loaded host that slows the others down too.
+        assert!(
+            slow_speed < 0.7 * fast_speed,
+            "the cgroup quota did not slow the server down: {speeds:?}"
+        );
+
+        // The measured phase: 6 clients for 48 answers; in flight sampled meanwhile.
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&answered);
+        let mut main = closed_loop(
+            6,
+            std::sync::Arc::new(move || count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 48),
+        );
+        let mut in_flight = [0u64; 3];
+        let mut samples = 0;
+        let phase_deadline = Instant::now() + Duration::from_secs(240);
+        let mut served = std::collections::BTreeMap::<String, u64>::new();
+        loop {
+            tokio::select! {
+                finished = main.join_next() => match finished {
+                    Some(answers) => {
+                        for alias in answers.expect("a client") {
+                            *served.entry(alias).or_default() += 1;
+                        }
+                    }
+                    None => break,
+                },
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let all = listed(admin_addr).await;
+                    for (sum, backend) in in_flight.iter_mut().zip(&backends) {
+                        let listed = all.iter().find(|b| b["address"] == backend.as_str());
+                        *sum += listed.and_then(|b| b["requests"]["in_flight"].as_u64()).unwrap_or(0);
+                    }
+                    samples += 1;
+                }
+            }
+            assert!(Instant::now() < phase_deadline, "the closed loop did not finish: {served:?}");
+        }
+        let mean = in_flight.map(|sum| sum as f64 / f64::from(samples.max(1)));
+        let fast_in_flight = mean[0].min(mean[2]);
+        assert!(
+            mean[1] < 0.75 * fast_in_flight,
+            "in flight on average (fast1, slow, fast2) {mean:?} over {samples} samples; speeds {speeds:?}"
+        );
+        let fast_served = served.get("fast1").copied().unwrap_or(0).min(served.get("fast2").copied().unwrap_or(0));
+        let slow_served = served.get("slow").copied().unwrap_or(0);
+        assert!(
+            slow_served * 2 < fast_served,
+            "served {served:?}: the slow server should get clearly less; speeds {speeds:?}"
+        );
+
+        // Every backend's counters, in the API and in /metrics.
+        let all = listed(admin_addr).await;
+        assert_eq!(all.len(), 3);
+        for (backend, alias) in backends.iter().zip(aliases) {
+            let b = all
+                .iter()
+                .find(|b| b["address"] == backend.as_str())
+                .unwrap_or_else(|| panic!("{backend} listed: {all:?}"));
+            let requests = &b["requests"];
+            assert!(requests["2xx"].as_u64() > Some(0), "{b}");
+            for class in ["3xx", "4xx", "5xx", "unreachable", "failed"] {
+                assert_eq!(requests[class].as_u64(), Some(0), "{class}: {b}");
+            }
+            assert_eq!(requests["in_flight"].as_u64(), Some(0), "all answered: {b}");
+            assert!(b["tokens"]["prompt"].as_u64() > Some(0), "{b}");
+            assert!(b["tokens"]["generated"].as_u64() >= Some(16), "{b}");
+            assert!(b["speed"]["prompt_tokens_per_second"].as_f64() > Some(0.0), "{b}");
+            assert!(b["speed"]["models"][alias]["decode_tokens_per_second"].as_f64() > Some(0.0), "{b}");
+        }
+        let metrics = admin(admin_addr, "/metrics").await;
+        for (id, backend) in backends.iter().enumerate() {
+            let labels = format!("service=\"speed\",backend=\"{backend}\",id=\"{id}\"");
+            let ok = series(&metrics, &format!("steer_backend_requests_total{{{labels},class=\"2xx\"}}"));
+            assert!(ok > 0.0, "{backend}: {ok}");
+            assert_eq!(series(&metrics, &format!("steer_backend_requests_in_flight{{{labels}}}")), 0.0);
+            let generated = series(&metrics, &format!("steer_backend_tokens_total{{{labels},kind=\"generated\"}}"));
+            assert!(generated >= 16.0, "{backend}: {generated}");
+            let decode = series(&metrics, &format!("steer_backend_decode_tokens_per_second{{{labels}}}"));
+            assert!(decode > 0.0, "{backend}: {decode}");
+        }
+        eprintln!("served {served:?}, mean in flight {mean:?}, speeds {speeds:?}");
     });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -245,7 +245,12 @@ pub(crate) mod tests {
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
                 "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
                 "healthy": true, "health": {"checks": "unchecked"}, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
-                "steered_since_poll": 0, "models": []}]})
+                "steered_since_poll": 0, "models": [],
+                "requests": {"in_flight": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0,
+                    "unreachable": 0, "failed": 0},
+                "tokens": {"prompt": 0, "generated": 0},
+                "speed": {"decode_tokens_per_second": null, "prompt_tokens_per_second": null,
+                    "models": {}}}]})
         );
 
         let add = r#"{"service":"chat","address":"10.0.1.3:8080","weight":2,"max_connections":4,

@@ -259,6 +259,57 @@ fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::R
         "IP bytes (headers included) of the backend's flows, both directions.",
         per_backend(backends, |b| counter(b.bytes)),
     )?;
+    family(
+        encoder,
+        "steer_backend_requests",
+        "Requests the http proxy sent to the backend since it got its id, by what became of them \
+         (class 2xx to 5xx: the status answered; unreachable: not connected, sent nowhere; \
+         failed: no answer after sending).",
+        backends.iter().flat_map(|b| {
+            b.requests
+                .requests
+                .by_class
+                .iter()
+                .map(move |(&class, &n)| ((BackendLabels(b), [("class", class)]), counter(n)))
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_backend_requests_in_flight",
+        "Requests the http proxy sent to the backend and is still passing the answer of.",
+        per_backend(backends, |b| gauge(b.requests.requests.in_flight)),
+    )?;
+    family(
+        encoder,
+        "steer_backend_tokens",
+        "Tokens in the backend's answers' llama.cpp timings, by kind (prompt: evaluated, cache \
+         hits not counted; generated).",
+        backends.iter().flat_map(|b| {
+            let tokens = b.requests.tokens;
+            [("prompt", tokens.prompt), ("generated", tokens.generated)]
+                .map(|(kind, n)| ((BackendLabels(b), [("kind", kind)]), counter(n)))
+        }),
+    )?;
+    // Only backends with a measured answer have these series.
+    family(
+        encoder,
+        "steer_backend_decode_tokens_per_second",
+        "Moving average of the backend's generation speed, from its answers' timings; the \
+         proxy's choice weighs by it.",
+        backends.iter().filter_map(|b| {
+            let speed = b.requests.speed.backend.decode_tokens_per_second?;
+            Some((BackendLabels(b), ConstGauge::new(speed)))
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_backend_prompt_tokens_per_second",
+        "Moving average of the backend's prompt evaluation speed, from its answers' timings.",
+        backends.iter().filter_map(|b| {
+            let speed = b.requests.speed.backend.prompt_tokens_per_second?;
+            Some((BackendLabels(b), ConstGauge::new(speed)))
+        }),
+    )?;
     // Only backends whose llama.cpp slots were polled (policy slots) have these series.
     family(
         encoder,
@@ -647,6 +698,22 @@ mod tests {
             maps.counters.insert(0, counters);
         }
         handle.drain_backend(0).await?;
+        // The http proxy's: one request in flight, one answered 503 after 120 tokens at 40/s
+        // beside it (so the backend's speed is 80/s).
+        let requests = handle.requests();
+        let _in_flight = requests.begin(1);
+        let answered = requests.begin(1);
+        answered.answered(crate::requests::Class::ServerError);
+        answered.measured(
+            None,
+            &crate::requests::Timings {
+                prompt_n: 30,
+                predicted_n: 120,
+                predicted_per_second: 40.0,
+                ..Default::default()
+            },
+        );
+        drop(answered);
         let app = router(
             Some(handle.clone()),
             Vec::new(),
@@ -681,9 +748,27 @@ mod tests {
             ("steer_backend_connections_total", &b0, 0.0),
             ("steer_backend_packets_total", &b1, 12.0),
             ("steer_backend_bytes_total", &b1, 3400.0),
+            ("steer_backend_requests_in_flight", &b1, 1.0),
+            ("steer_backend_decode_tokens_per_second", &b1, 80.0),
         ] {
             assert_eq!(value(&samples, name, labels), want, "{name}{labels:?}");
         }
+        for (label, name, want) in [
+            (("class", "5xx"), "steer_backend_requests_total", 1.0),
+            (("class", "2xx"), "steer_backend_requests_total", 0.0),
+            (("kind", "prompt"), "steer_backend_tokens_total", 30.0),
+            (("kind", "generated"), "steer_backend_tokens_total", 120.0),
+        ] {
+            let mut labels = b1.to_vec();
+            labels.push(label);
+            assert_eq!(value(&samples, name, &labels), want, "{name}{labels:?}");
+        }
+        assert!(
+            !text.contains(
+                "steer_backend_decode_tokens_per_second{service=\"chat\",backend=\"10.0.1.2:8080\""
+            ),
+            "no series before a measurement: {text}"
+        );
         for (labels, state, want) in [
             (&b0, "draining", 1.0),
             (&b0, "active", 0.0),

@@ -3,6 +3,12 @@
 //! [`ConnCounts`] the kernel reads, so both paths share one count per backend. A service has a
 //! gate per model pool (one, over every backend, without pools; see [`super::ServiceProxy`]).
 //!
+//! The choice weighs each backend by its decode speed as the http proxy learnt it
+//! ([`Gate::speed_factors`]): `least_connections` compares requests in flight per
+//! weight times speed factor, `slots` free slots times speed factor (see [`weighed`]). Until a
+//! backend is measured its factor is 1, so with nothing measured (l4, or no llama-server
+//! `timings`) the proxy chooses exactly as the kernel does.
+//!
 //! A connection (http: a request) that finds no backend with room waits in the pool's FIFO
 //! queue. Releasing a claim and every table change wake the queue at once; a flow the kernel ends
 //! changes only the shared counter, which nothing can wait on, so waiters also look again every
@@ -20,6 +26,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::dataplane::conns::ConnCounts;
 use crate::policy::{BackendView, ServiceView, choose};
+use crate::requests::{RequestCounts, speed_factors};
 use crate::spec::{ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
@@ -153,6 +160,8 @@ pub struct Gate {
     /// The index into the service route's pools.
     pool: usize,
     counts: Arc<ConnCounts>,
+    /// What the http proxy learns per backend: the speeds the choice weighs by.
+    requests: Arc<RequestCounts>,
     routes: watch::Receiver<Routes>,
     /// The proxy's own round-robin cursor (the kernel's is per CPU in a map).
     cursor: AtomicU64,
@@ -166,6 +175,29 @@ pub struct Gate {
     /// When the last few waiters were served, newest last: the queue's recent pace, from which
     /// a refusal tells the client when to come back.
     served_from_queue: Mutex<VecDeque<tokio::time::Instant>>,
+}
+
+/// `b` as the policy ranks it, weighed by its speed `factor` (0.1 to 1): room is decided here on
+/// the real counts (a backend without room is DOWN for the policy, one with room has no cap),
+/// then the load the policy compares is scaled: requests in flight by 1 / factor (so
+/// `least_connections` compares them per weight times factor) and free slots by factor (so
+/// `slots` prefers free slots on fast backends). Factors are in thousandths, exact integers as
+/// the policy needs; with every factor 1 the policy's order is the kernel's.
+fn weighed(b: BackendView, factor: f64) -> BackendView {
+    // Within 100..=1000: the factor's clamp.
+    let milli = (factor * 1000.0).round().clamp(1.0, 1000.0) as u64;
+    BackendView {
+        state: if b.usable() {
+            b.state
+        } else {
+            lb_common::backend_state::DOWN
+        },
+        max_conns: 0,
+        conns: b.conns.saturating_mul(1_000_000) / milli,
+        idle_slots: u32::try_from(b.free_slots().saturating_mul(milli)).unwrap_or(u32::MAX),
+        steered: 0,
+        ..b
+    }
 }
 
 /// Waiters' service times kept for [`Gate::retry_after`].
@@ -212,6 +244,7 @@ impl Gate {
         pool: usize,
         id: usize,
         counts: Arc<ConnCounts>,
+        requests: Arc<RequestCounts>,
         routes: watch::Receiver<Routes>,
         service_wait: Histogram,
     ) -> Arc<Self> {
@@ -229,6 +262,7 @@ impl Gate {
             id,
             pool,
             counts,
+            requests,
             routes,
             cursor: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
@@ -288,6 +322,11 @@ impl Gate {
     /// The model of its pool; `None` for the one pool of a service without pools.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// The per-backend request counters and speeds it weighs by.
+    pub fn requests(&self) -> &Arc<RequestCounts> {
+        &self.requests
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
@@ -384,8 +423,22 @@ impl Gate {
         self.choose(route, cursor, client, None).map(|(id, ..)| id)
     }
 
-    /// The policy's backend for `client` over `route` and the live counts: its id, cap and
-    /// address.
+    /// The speed factor of each of `backends` (ids `ids`), relative to the fastest active one
+    /// ([`speed_factors`]): what the choice weighs each by.
+    pub fn speed_factors(&self, ids: &[u32], backends: &[BackendView]) -> Vec<f64> {
+        let speeds: Vec<Option<f64>> = ids
+            .iter()
+            .zip(backends)
+            .map(|(&id, b)| {
+                let active = b.state == lb_common::backend_state::ACTIVE;
+                active.then(|| self.requests.decode_speed(id)).flatten()
+            })
+            .collect();
+        speed_factors(&speeds)
+    }
+
+    /// The policy's backend for `client` over `route`, the live counts and the learnt speeds:
+    /// its id, cap and address.
     fn choose(
         &self,
         route: &Route,
@@ -395,23 +448,31 @@ impl Gate {
     ) -> Option<(u32, u32, SocketAddrV4)> {
         let cap = self.config.max_per_backend;
         let pool = route.pools.get(self.pool)?;
-        let backends: Vec<BackendView> = (0u32..)
+        let ids: Vec<u32> = (0u32..)
+            .take(route.backends.len())
+            .map(|slot| route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot)
+            .collect();
+        let backends: Vec<BackendView> = ids
+            .iter()
             .zip(&route.backends)
-            .map(|(slot, &(view, _))| {
-                let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot;
-                BackendView {
-                    // Down for this choice: the policy skips it as the kernel would.
-                    state: if avoid == Some(id) || !pool.has_member(slot as usize) {
-                        lb_common::backend_state::DOWN
-                    } else {
-                        view.state
-                    },
-                    max_conns: if cap == 0 { view.max_conns } else { cap },
-                    conns: self.counts.get(id),
-                    steered: self.counts.steered(id),
-                    ..view
-                }
+            .enumerate()
+            .map(|(slot, (&id, &(view, _)))| BackendView {
+                // Down for this choice: the policy skips it as the kernel would.
+                state: if avoid == Some(id) || !pool.has_member(slot) {
+                    lb_common::backend_state::DOWN
+                } else {
+                    view.state
+                },
+                max_conns: if cap == 0 { view.max_conns } else { cap },
+                conns: self.counts.get(id),
+                steered: self.counts.steered(id),
+                ..view
             })
+            .collect();
+        let ranked: Vec<BackendView> = backends
+            .iter()
+            .zip(self.speed_factors(&ids, &backends))
+            .map(|(&b, factor)| weighed(b, factor))
             .collect();
         let view = ServiceView {
             policy: pool.policy,
@@ -419,7 +480,7 @@ impl Gate {
             backend_count: route.backend_count,
             ring: &pool.ring,
             maglev: &pool.maglev,
-            backends: &backends,
+            backends: &ranked,
         };
         let id = choose(&view, cursor, client)?;
         let slot = (id % lb_common::MAX_BACKENDS_PER_SERVICE) as usize;
@@ -567,11 +628,13 @@ pub(crate) mod tests {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
         let (tx, rx) = watch::channel(routes(n));
         let wait = Histogram::new(WAIT_BUCKETS);
+        let requests = Arc::new(RequestCounts::new(64));
         let gate = Gate::new(
             &config(queue_size, cap),
             0,
             0,
             Arc::clone(&counts),
+            requests,
             rx,
             wait,
         );
@@ -720,6 +783,112 @@ pub(crate) mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         let stats = gate.stats();
         assert_eq!((stats.refused["queue_timeout"], stats.queue_depth), (1, 0));
+    }
+
+    /// A gate over two active backends under `policy`, each with `idle` idle slots polled, the
+    /// second measured three times slower than the first.
+    fn slow_second(policy: u32, idle: u32) -> (Arc<Gate>, watch::Sender<Routes>) {
+        let (gate, _counts, routes_tx) = gate(0, 0, 2);
+        routes_tx.send_modify(|routes| {
+            let route = &mut Arc::make_mut(routes)[0];
+            route.pools[0].policy = policy;
+            for (view, _) in &mut route.backends {
+                view.idle_slots = idle;
+            }
+        });
+        for (id, decode) in [(0, 90.0), (1, 30.0)] {
+            let timings = crate::requests::Timings {
+                predicted_per_second: decode,
+                ..Default::default()
+            };
+            gate.requests().begin(id).measured(None, &timings);
+        }
+        (gate, routes_tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_connections_gives_a_three_times_slower_backend_a_third_of_the_in_flight() {
+        let (gate, _routes) = slow_second(policy::LEAST_CONNECTIONS, 0);
+        assert_eq!(
+            gate.speed_factors(&[0, 1], &[view(), view()]),
+            [1.0, 1.0 / 3.0]
+        );
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(gate.admit(client(), None).await.expect("no cap"));
+        }
+        let on_slow = held.iter().filter(|lease| lease.id == 1).count();
+        assert_eq!((held.len() - on_slow, on_slow), (6, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_fill_the_fast_backend_first() {
+        let (gate, _routes) = slow_second(policy::SLOTS, 2);
+        let first = gate.admit(client(), None).await.expect("room");
+        let second = gate.admit(client(), None).await.expect("room");
+        let third = gate.admit(client(), None).await.expect("room");
+        assert_eq!((first.id, second.id, third.id), (0, 0, 1));
+        // Unmeasured, the second goes to the backend with more free slots, as in the kernel.
+        let (even, _counts, routes_tx) = self::gate(0, 0, 2);
+        routes_tx.send_modify(|routes| {
+            let route = &mut Arc::make_mut(routes)[0];
+            route.pools[0].policy = policy::SLOTS;
+            route
+                .backends
+                .iter_mut()
+                .for_each(|(view, _)| view.idle_slots = 2);
+        });
+        let first = even.admit(client(), None).await.expect("room");
+        let second = even.admit(client(), None).await.expect("room");
+        assert_eq!((first.id, second.id), (0, 1));
+    }
+
+    fn view() -> BackendView {
+        BackendView {
+            state: backend_state::ACTIVE,
+            weight: 1,
+            ..BackendView::default()
+        }
+    }
+
+    proptest::proptest! {
+        /// With nothing measured (every factor 1) the weighed views choose as the kernel's model
+        /// does on the real ones.
+        #[test]
+        fn unmeasured_the_weighed_choice_is_the_kernels(
+            policy in 0u32..4,
+            raw in proptest::collection::vec((0u32..4, 0u32..4, 0u32..4, 0u64..6, 0u32..5, 0u64..6), 1..8),
+            cursor in 0u64..16,
+        ) {
+            let backends: Vec<BackendView> = raw
+                .iter()
+                .map(|&(state, weight, max_conns, conns, idle_slots, steered)| BackendView {
+                    state: [backend_state::ACTIVE, backend_state::ACTIVE, backend_state::DRAINING, backend_state::DOWN][state as usize],
+                    weight,
+                    max_conns,
+                    conns,
+                    idle_slots,
+                    steered,
+                })
+                .collect();
+            let weighed_views: Vec<BackendView> = backends.iter().map(|&b| weighed(b, 1.0)).collect();
+            let n = backends.len() as u32;
+            let ring: Vec<u32> = (0..n).collect();
+            let maglev: Vec<u32> = (0..lb_common::MAGLEV_SIZE).map(|i| i % n).collect();
+            let service = |backends| ServiceView {
+                policy,
+                id: 0,
+                backend_count: n,
+                ring: &ring,
+                maglev: &maglev,
+                backends,
+            };
+            let client = Ipv4Addr::new(10, 1, 2, 3);
+            proptest::prop_assert_eq!(
+                choose(&service(&weighed_views), cursor, client),
+                choose(&service(&backends), cursor, client)
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

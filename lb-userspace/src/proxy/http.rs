@@ -42,7 +42,9 @@ use tracing::{Instrument, debug, debug_span};
 use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
 use super::service::ServiceProxy;
+use super::timings::Tail;
 use crate::limits::{self, Closed, Ended, Registered};
+use crate::requests::{Class, InFlight};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
 type ProxyBody = Either<Full<Bytes>, Passed>;
@@ -369,12 +371,20 @@ async fn forward(
             refused(refusal, message)
         })?;
         let address = lease.address;
+        let in_flight = gate.requests().begin(lease.id);
         let span = debug_span!("request", backend = %address, id = lease.id);
-        match exchange(pool, address, outgoing, config.response_timeout)
+        let exchanged = exchange(pool, address, outgoing, config.response_timeout)
             .instrument(span)
-            .await
-        {
-            Ok((response, upstream)) => return Ok(pass(response, upstream, lease, pool)),
+            .await;
+        in_flight.answered(match &exchanged {
+            Ok((response, _)) => Class::of_status(response.status().as_u16()),
+            Err(Failed::Connect(_)) => Class::Unreachable,
+            Err(Failed::Unsent(_) | Failed::Broken(_) | Failed::ResponseTimeout) => Class::Failed,
+        });
+        match exchanged {
+            Ok((response, upstream)) => {
+                return Ok(pass(response, upstream, lease, in_flight, pool));
+            }
             Err(Failed::Connect(error)) => {
                 debug!(%address, %error, "backend unreachable");
                 unreachable.push(format!("{address}: {error}"));
@@ -469,11 +479,13 @@ async fn send(
     }
 }
 
-/// The client's response: the backend's head without hop-by-hop headers, its body passed on.
+/// The client's response: the backend's head without hop-by-hop headers, its body passed on
+/// (a success's end kept to learn the backend's speed from).
 fn pass(
     response: Response<Incoming>,
     upstream: Upstream,
     lease: Lease,
+    in_flight: InFlight,
     pool: &Arc<Pool>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -482,7 +494,8 @@ fn pass(
         reusable: body.size_hint().exact().is_some(),
         body,
         ended: false,
-        held: Some((upstream, lease)),
+        tail: parts.status.is_success().then(Tail::default),
+        held: Some((upstream, lease, in_flight)),
         pool: Arc::clone(pool),
     };
     Response::from_parts(parts, Either::Right(body))
@@ -612,18 +625,30 @@ pub struct Passed {
     reusable: bool,
     /// The body's end was read (`is_end_stream` stays false after a chunked body's end).
     ended: bool,
-    held: Option<(Upstream, Lease)>,
+    /// A success's last bytes, for llama-server's `timings`.
+    tail: Option<Tail>,
+    held: Option<(Upstream, Lease, InFlight)>,
     pool: Arc<Pool>,
 }
 
 impl Passed {
     fn finish(&mut self) {
-        if let Some((upstream, lease)) = self.held.take() {
+        if let Some((upstream, lease, in_flight)) = self.held.take() {
             // An empty body may never be polled.
-            if self.reusable && (self.ended || self.body.is_end_stream()) {
+            let ended = self.ended || self.body.is_end_stream();
+            if self.reusable && ended {
                 self.pool.put(upstream);
             }
-            drop(lease);
+            // Learnt before the claim is given back: the next choice weighs by it.
+            if let Some(measured) = self
+                .tail
+                .as_mut()
+                .filter(|_| ended)
+                .and_then(Tail::measured)
+            {
+                in_flight.measured(measured.model.as_deref(), &measured.timings);
+            }
+            drop((lease, in_flight));
         }
     }
 }
@@ -643,6 +668,12 @@ impl Body for Passed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if let (Some(tail), Some(data)) = (
+            &mut self.tail,
+            frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()),
+        ) {
+            tail.push(data);
+        }
         if !matches!(frame, Some(Ok(_))) {
             self.ended = frame.is_none();
             self.finish();
@@ -664,6 +695,7 @@ mod tests {
     use super::*;
     use crate::dataplane::conns::ConnCounts;
     use crate::proxy::gate::tests::{config, routes_to};
+    use crate::requests::RequestCounts;
     use crate::spec::ProxyMode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -745,7 +777,8 @@ mod tests {
         let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
         let mut config = config(8, 1);
         config.proxy.mode = ProxyMode::Http;
-        let service = ServiceProxy::new(&config, 0, &counts, &routes);
+        let requests = Arc::new(RequestCounts::new(64));
+        let service = ServiceProxy::new(&config, 0, &counts, requests, &routes);
         (service, counts, table)
     }
 
@@ -753,6 +786,82 @@ mod tests {
         Request::get("/v1/chat/completions")
             .body(Full::new(Bytes::new()))
             .expect("a request")
+    }
+
+    /// A backend on loopback answering every request with `status` and `body` in chunks of
+    /// 100 bytes.
+    async fn answering_backend(status: StatusCode, body: &'static [u8]) -> SocketAddrV4 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
+            unreachable!("bound to IPv4")
+        };
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(body.len() / 100 + 1);
+                    for chunk in body.chunks(100) {
+                        let _ = tx.try_send(Bytes::from_static(chunk));
+                    }
+                    let mut response = Response::new(Frames(rx));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn answers_are_counted_by_class_and_a_streams_timings_are_learnt() {
+        const STREAM: &[u8] = include_bytes!("../../fixtures/llama-server/chat_stream.sse");
+        const ERROR: &[u8] = include_bytes!("../../fixtures/llama-server/chat_error.json");
+        let pool = Arc::new(Pool::default());
+        let (service, _counts, _table) =
+            http_service(answering_backend(StatusCode::OK, STREAM).await);
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(
+            service.default_gate().requests().get(0).requests.in_flight,
+            1,
+            "while passed"
+        );
+        assert_eq!(read_body(response).await, STREAM, "passed unchanged");
+        let got = service.default_gate().requests().get(0);
+        assert_eq!(got.requests.in_flight, 0);
+        assert_eq!(got.requests.by_class["2xx"], 1);
+        assert_eq!((got.tokens.prompt, got.tokens.generated), (1, 12));
+        assert_eq!(
+            got.speed.backend.decode_tokens_per_second,
+            Some(54.37576620397833)
+        );
+        assert!(got.speed.models.contains_key("smol"), "{got:?}");
+
+        let (service, _counts, _table) =
+            http_service(answering_backend(StatusCode::BAD_REQUEST, ERROR).await);
+        read_body(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await;
+        let got = service.default_gate().requests().get(0);
+        assert_eq!(got.requests.by_class["4xx"], 1);
+        assert_eq!(got.speed.backend.decode_tokens_per_second, None);
+
+        // Nothing listens there: unreachable, and no other backend to retry on.
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let std::net::SocketAddr::V4(nowhere) = nowhere else {
+            unreachable!("bound to IPv4")
+        };
+        let (service, _counts, _table) = http_service(nowhere);
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            service.default_gate().requests().get(0).requests.by_class["unreachable"],
+            1
+        );
     }
 
     #[tokio::test]
@@ -926,7 +1035,8 @@ mod tests {
         config.proxy.mode = ProxyMode::Http;
         config.proxy.max_client_connections = 2;
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let service = ServiceProxy::new(&config, 0, &counts, &routes);
+        let requests = Arc::new(RequestCounts::new(64));
+        let service = ServiceProxy::new(&config, 0, &counts, requests, &routes);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1104,7 +1214,11 @@ mod tests {
         };
         config.pools = vec![spec("a", &["a2"]), spec("b", &[])];
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        (ServiceProxy::new(&config, 0, &counts, &routes), table)
+        let requests = Arc::new(RequestCounts::new(64));
+        (
+            ServiceProxy::new(&config, 0, &counts, requests, &routes),
+            table,
+        )
     }
 
     fn post(path: &str, body: &str) -> Request<Full<Bytes>> {

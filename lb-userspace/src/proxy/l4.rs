@@ -188,7 +188,8 @@ mod tests {
         let backend = slow_echo(Duration::from_millis(10)).await;
         let (_routes, rx) = watch::channel(routes_to(&[backend]));
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let service = ServiceProxy::new(&config(4, 0), 0, &counts, &rx);
+        let requests = Arc::new(crate::requests::RequestCounts::new(64));
+        let service = ServiceProxy::new(&config(4, 0), 0, &counts, requests, &rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(serve(

@@ -19,6 +19,7 @@ mod l4;
 mod route;
 mod service;
 pub mod splice;
+mod timings;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::gate::{Gate, PoolStats, Refusal, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
+use crate::requests::RequestCounts;
 use crate::spec::{PoolSpec, ProxyMode, ProxySpec, ServiceSpec};
 use crate::table::Routes;
 
@@ -73,13 +74,15 @@ impl ServiceProxy {
         service: &ServiceSpec,
         id: usize,
         counts: &Arc<ConnCounts>,
+        requests: Arc<RequestCounts>,
         routes: &watch::Receiver<Routes>,
     ) -> Arc<Self> {
         let wait = Histogram::new(WAIT_BUCKETS);
         let gates: Vec<Arc<Gate>> = (0..service.pools.len().max(1))
             .map(|pool| {
                 let (counts, routes) = (Arc::clone(counts), routes.clone());
-                Gate::new(service, pool, id, counts, routes, wait.clone())
+                let requests = Arc::clone(&requests);
+                Gate::new(service, pool, id, counts, requests, routes, wait.clone())
             })
             .collect();
         // There is at least one gate, and the config names an existing pool.
