@@ -179,6 +179,7 @@ pub async fn table_with_instance(
         health,
         slots: None,
         proxy: crate::spec::ProxySpec::default(),
+        affinity: None,
     };
     let (table, task) =
         crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));

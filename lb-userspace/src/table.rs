@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, warn};
 
+use crate::affinity::{Member, Ring};
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::policy::{BackendView, maglev_table, rr_ring};
@@ -234,12 +235,13 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Route {
     pub id: u32,
-    /// `enum steer_policy`.
-    pub policy: u32,
+    pub policy: Policy,
     pub backend_count: u32,
     pub ring: Vec<u32>,
     /// Empty until a `maglev` service first has an active backend.
     pub maglev: Vec<u32>,
+    /// The ring of a `cache_affinity` service's active backends (none for other policies).
+    pub affinity: Option<Arc<Ring>>,
     /// Indexed by slot: the kernel's view of the entry, and where to connect.
     pub backends: Vec<(BackendView, SocketAddrV4)>,
 }
@@ -944,16 +946,32 @@ impl<D: Dataplane> Table<D> {
             .iter()
             .rposition(|s| s.backend.is_some())
             .map_or(0, |last| last + 1);
-        let key = ServiceKey::tcp(entry.address);
-        let kernel = Service {
-            id: service_id,
-            policy: entry.policy.abi(),
-            backend_count: backend_count as u32,
-            rr_len: ring.len() as u32,
-        };
-        if entry.kernel_steers {
-            self.dataplane.upsert_service(key, kernel)?;
+        let affinity = (entry.policy == Policy::CacheAffinity).then(|| {
+            let members: Vec<Member> = active
+                .iter()
+                .map(|&(slot, weight, address)| Member {
+                    slot,
+                    address,
+                    weight: u64::from(weight),
+                })
+                .collect();
+            Arc::new(Ring::new(&members))
+        });
+        let backend_count = backend_count as u32;
+        // A policy the kernel lacks is http only (config), so never kernel-steered.
+        if entry.kernel_steers
+            && let Some(policy) = entry.policy.abi()
+        {
+            let kernel = Service {
+                id: service_id,
+                policy,
+                backend_count,
+                rr_len: ring.len() as u32,
+            };
+            self.dataplane
+                .upsert_service(ServiceKey::tcp(entry.address), kernel)?;
         }
+        let policy = entry.policy;
         let backends = entry
             .slots
             .iter()
@@ -980,9 +998,10 @@ impl<D: Dataplane> Table<D> {
                 route.maglev = maglev;
             }
             route.id = service_id;
-            route.policy = kernel.policy;
-            route.backend_count = kernel.backend_count;
+            route.policy = policy;
+            route.backend_count = backend_count;
             route.ring = ring;
+            route.affinity = affinity;
             route.backends = backends;
         });
         Ok(())
@@ -1129,6 +1148,7 @@ mod tests {
                 health: None,
                 slots: None,
                 proxy: crate::spec::ProxySpec::default(),
+                affinity: None,
             },
             ServiceSpec {
                 name: "embed".to_owned(),
@@ -1138,6 +1158,7 @@ mod tests {
                 health: None,
                 slots: None,
                 proxy: crate::spec::ProxySpec::default(),
+                affinity: None,
             },
         ]
     }
@@ -1157,6 +1178,48 @@ mod tests {
             .map(|key| u16::from_be(key.port))
             .collect();
         assert_eq!(ports, [80], "only the l4 service is the kernel's");
+        Ok(())
+    }
+
+    /// A `cache_affinity` service's route carries the ring of its active backends, rebuilt
+    /// with every change; other routes carry none, and the kernel gets no entry for it.
+    #[tokio::test]
+    async fn cache_affinity_routes_carry_the_ring_of_active_backends() -> Result<(), TableError> {
+        let mut services = services();
+        services[0].policy = Policy::CacheAffinity;
+        services[0].proxy.mode = crate::spec::ProxyMode::Http;
+        services[0].affinity = Some(crate::spec::AffinitySpec::default());
+        let fake = FakeDataplane::default();
+        let (handle, _task) = start(fake.clone(), &services)?;
+        let ring = |backends: &[(u32, &str)]| {
+            let members: Vec<Member> = backends
+                .iter()
+                .map(|&(slot, address)| Member {
+                    slot,
+                    address: addr(address),
+                    weight: 1,
+                })
+                .collect();
+            Some(Arc::new(Ring::new(&members)))
+        };
+        let mut routes = handle.routes();
+        let chat = routes.borrow_and_update()[0].clone();
+        assert_eq!(chat.policy, Policy::CacheAffinity);
+        assert_eq!(
+            chat.affinity,
+            ring(&[(0, "10.0.1.2:8080"), (1, "10.0.1.3:8080")])
+        );
+        assert_eq!(routes.borrow()[1].affinity, None, "least_connections");
+        handle.drain_backend(0).await?;
+        let chat = routes.borrow_and_update()[0].clone();
+        assert_eq!(chat.affinity, ring(&[(1, "10.0.1.3:8080")]));
+        let ports: Vec<u16> = fake
+            .maps()
+            .services
+            .keys()
+            .map(|key| u16::from_be(key.port))
+            .collect();
+        assert_eq!(ports, [81], "only the l4 service is the kernel's");
         Ok(())
     }
 

@@ -679,6 +679,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             health: None,
             slots: None,
             proxy,
+            affinity: None,
         };
         let gate = Gate::new(&service, 0, counts, published);
         let mut rng = Rng(0x5eed_cafe_f00d_0001);
@@ -770,10 +771,14 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             let expected = choose(&service, cursor, *from.ip());
             routes.send_replace(Arc::new(vec![Route {
                 id: 0,
-                policy,
+                policy: Policy::ALL
+                    .into_iter()
+                    .find(|p| p.abi() == Some(policy))
+                    .expect("a kernel policy"),
                 backend_count,
                 ring: ring.clone(),
                 maglev: maglev.clone(),
+                affinity: None,
                 backends: (0..)
                     .zip(&views)
                     .map(|(slot, view)| (*view, model_backend(slot)))

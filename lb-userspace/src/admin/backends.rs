@@ -172,6 +172,7 @@ pub(crate) mod tests {
             health: None,
             slots: None,
             proxy: crate::spec::ProxySpec::default(),
+            affinity: None,
         }]
     }
 

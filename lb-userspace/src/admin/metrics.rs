@@ -509,6 +509,7 @@ mod tests {
             health: None,
             slots: None,
             proxy: crate::spec::ProxySpec::default(),
+            affinity: None,
         }]
     }
 

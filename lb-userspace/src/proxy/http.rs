@@ -37,6 +37,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
+use crate::affinity;
 use crate::limits::{self, Closed, Ended, Registered};
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
@@ -197,6 +198,10 @@ async fn forward<B: ClientBody>(
             ));
         }
     };
+    let key = gate.affinity().map(|spec| {
+        let header = |name: &str| parts.headers.get(name).map(HeaderValue::as_bytes);
+        affinity::key(spec, header, &body, peer)
+    });
     strip_hop_by_hop(&mut parts.headers);
     // The body is here already: a backend asked to wait for it would only add a round trip.
     parts.headers.remove(header::EXPECT);
@@ -210,7 +215,7 @@ async fn forward<B: ClientBody>(
     let mut unreachable = Vec::new();
     // One retry on another backend when the chosen one cannot be reached.
     for _ in 0..2 {
-        let lease = gate.admit(peer, avoid).await.map_err(|refusal| {
+        let lease = gate.admit(peer, key, avoid).await.map_err(|refusal| {
             let message = match refusal {
                 Refusal::QueueFull => format!(
                     "the queue of service `{service}` is full (queue_size {})",
