@@ -435,10 +435,15 @@ impl Gate {
                     .affinity
                     .unwrap_or_else(|| affinity::client_key(key.client));
                 let (slot, bound) = affinity::choose(ring, key, spec.load_factor, &loads)?;
-                let cap = backends.get(slot as usize)?.max_conns;
+                let max_conns = backends.get(slot as usize)?.max_conns;
                 // Claimed against the bound, so a concurrent claimer cannot take it past.
                 let bound = u32::try_from(bound).unwrap_or(u32::MAX);
-                (slot as usize, if cap == 0 { bound } else { cap.min(bound) })
+                let max = if max_conns == 0 {
+                    bound
+                } else {
+                    max_conns.min(bound)
+                };
+                (slot as usize, max)
             }
             _ => {
                 let view = ServiceView {
