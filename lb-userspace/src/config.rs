@@ -15,9 +15,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::spec::{
-    AdminLimits, BackendSpec, DataplaneKind, DriverConfig, HealthSpec, InstanceBackend,
-    InstanceSettings, InstanceSpec, Policy, PoolSpec, ProxyMode, ProxySpec, ServiceSpec, SlotPoll,
-    Weight, XdpMode, XdpOptions, usable_endpoint,
+    AdminLimits, AffinityKey, AffinitySpec, BackendSpec, DataplaneKind, DriverConfig, HealthSpec,
+    InstanceBackend, InstanceSettings, InstanceSpec, LoadFactor, Policy, PoolSpec, ProxyMode,
+    ProxySpec, ServiceSpec, SlotPoll, Weight, XdpMode, XdpOptions, usable_endpoint,
 };
 use crate::supervisor;
 
@@ -174,8 +174,8 @@ struct RawAgent {
 struct RawService {
     name: Spanned<String>,
     address: Spanned<SocketAddrV4>,
-    #[serde(default)]
-    policy: Policy,
+    policy: Option<Spanned<Policy>>,
+    affinity: Option<Spanned<RawAffinity>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
     #[serde(default)]
@@ -210,6 +210,22 @@ struct RawPool {
     queue_timeout: Option<Timeout>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAffinity {
+    key: Option<Vec<Spanned<String>>>,
+    prefix_bytes: Option<Spanned<usize>>,
+    load_factor: Option<Spanned<f64>>,
+}
+
+impl RawService {
+    fn policy(&self) -> Policy {
+        self.policy
+            .as_ref()
+            .map_or_else(Policy::default, |p| *p.get_ref())
+    }
+}
+
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSlots {
@@ -238,6 +254,14 @@ struct RawBackend {
     max_connections: u32,
     #[serde(default)]
     models: Vec<String>,
+}
+
+/// An HTTP header name: one or more token characters (RFC 9110).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// `"16384-32767"`: SNAT source ports, unprivileged and in order.
@@ -563,7 +587,7 @@ impl Doc<'_> {
 
     /// A service's slot poll: with policy `slots` or a `[service.slots]` table.
     fn slot_poll(&self, i: usize, raw: &RawService) -> Result<Option<SlotPoll>, ConfigError> {
-        let slots_policy = std::iter::once(raw.policy)
+        let slots_policy = std::iter::once(raw.policy())
             .chain(raw.pool.iter().filter_map(|p| p.get_ref().policy))
             .any(|policy| policy == Policy::Slots);
         let (span, slots) = match &raw.slots {
@@ -836,13 +860,14 @@ impl Doc<'_> {
         Ok(ServiceSpec {
             name: name.to_owned(),
             address,
-            policy: raw.policy,
+            policy: raw.policy(),
             backends,
             health,
             slots,
             proxy,
             pools,
             default_pool,
+            affinity: self.affinity(i, raw)?,
         })
     }
 
@@ -897,7 +922,7 @@ impl Doc<'_> {
             pools.push(PoolSpec {
                 model: model.to_owned(),
                 aliases,
-                policy: pool.policy.unwrap_or(raw.policy),
+                policy: pool.policy.unwrap_or(raw.policy()),
                 max_per_backend: pool
                     .max_requests_per_backend
                     .unwrap_or(proxy.max_per_backend),
@@ -932,6 +957,122 @@ impl Doc<'_> {
                 ))
             }
         }
+    }
+
+    /// `[service.affinity]`, which policy `cache_affinity` (http only; of the service or of a
+    /// pool) reads and nothing else.
+    fn affinity(&self, i: usize, raw: &RawService) -> Result<Option<AffinitySpec>, ConfigError> {
+        let field = |what: &str| format!("service[{i}].{what}");
+        let keyed = std::iter::once(raw.policy())
+            .chain(raw.pool.iter().filter_map(|p| p.get_ref().policy))
+            .any(|policy| policy == Policy::CacheAffinity);
+        if !keyed {
+            return match &raw.affinity {
+                Some(table) => Err(self.invalid(
+                    Some(table.span()),
+                    field("affinity"),
+                    "only policy \"cache_affinity\" reads it",
+                )),
+                None => Ok(None),
+            };
+        }
+        if raw.mode != ProxyMode::Http {
+            return Err(self.invalid(
+                raw.policy.as_ref().map(Spanned::span),
+                field("policy"),
+                "`cache_affinity` keys each request (session header, API key, prompt): it needs \
+                 mode = \"http\"",
+            ));
+        }
+        let mut spec = AffinitySpec::default();
+        let Some(table) = &raw.affinity else {
+            return Ok(Some(spec));
+        };
+        let table = table.get_ref();
+        if let Some(keys) = &table.key {
+            spec.keys = self.affinity_keys(i, keys, raw.affinity.as_ref().map(Spanned::span))?;
+        }
+        if let Some(bytes) = &table.prefix_bytes {
+            spec.prefix_bytes = NonZeroUsize::new(*bytes.get_ref()).ok_or_else(|| {
+                self.invalid(
+                    Some(bytes.span()),
+                    field("affinity.prefix_bytes"),
+                    "must be at least 1 (the bytes of the prompt that key a request)",
+                )
+            })?;
+        }
+        if let Some(factor) = &table.load_factor {
+            let value = *factor.get_ref();
+            spec.load_factor = LoadFactor::new(value).ok_or_else(|| {
+                self.invalid(
+                    Some(factor.span()),
+                    field("affinity.load_factor"),
+                    format!(
+                        "must be above 1 and at most {} (c in: no backend above c times the \
+                         mean load; at 1 or below the bounds leave no room), got {value}",
+                        LoadFactor::MAX
+                    ),
+                )
+            })?;
+        }
+        Ok(Some(spec))
+    }
+
+    /// `[service.affinity] key`: `header:NAME`, `api_key`, `prompt_prefix`, `client`, each at
+    /// most once, nothing after `client` (always present).
+    fn affinity_keys(
+        &self,
+        i: usize,
+        raw: &[Spanned<String>],
+        table: Option<Range<usize>>,
+    ) -> Result<Vec<AffinityKey>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.invalid(
+                table,
+                format!("service[{i}].affinity.key"),
+                "must name at least one key (the default: [\"header:x-session-id\", \
+                 \"api_key\", \"prompt_prefix\", \"client\"])",
+            ));
+        }
+        let mut keys: Vec<AffinityKey> = Vec::with_capacity(raw.len());
+        for (j, text) in raw.iter().enumerate() {
+            let bad = |message: String| {
+                self.invalid(
+                    Some(text.span()),
+                    format!("service[{i}].affinity.key[{j}]"),
+                    message,
+                )
+            };
+            let key = match text.get_ref().as_str() {
+                "api_key" => AffinityKey::ApiKey,
+                "prompt_prefix" => AffinityKey::PromptPrefix,
+                "client" => AffinityKey::Client,
+                other => match other.strip_prefix("header:") {
+                    Some(name) if is_header_name(name) => {
+                        AffinityKey::Header(name.to_ascii_lowercase())
+                    }
+                    Some(name) => {
+                        return Err(bad(format!("`{name}` is not an HTTP header name")));
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "`{other}` is not a key: use \"header:NAME\", \"api_key\", \
+                             \"prompt_prefix\" or \"client\""
+                        )));
+                    }
+                },
+            };
+            if let Some(earlier) = keys.iter().position(|k| *k == key) {
+                return Err(bad(format!("`{key}` is already key[{earlier}]")));
+            }
+            if let Some(client) = keys.iter().position(|k| *k == AffinityKey::Client) {
+                return Err(bad(format!(
+                    "`client` (key[{client}]) is always present: a key after it is never used"
+                )));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
     }
 
     fn health(
@@ -1642,6 +1783,124 @@ address = "10.0.0.100:81"
         let (_, field, _) = invalid(&format!("{base}{gpt}drain_timeout = \"1s\"\n"));
         assert_eq!(field, "instance[0].drain_timeout");
         Ok(())
+    }
+
+    /// One http service `chat` with policy `cache_affinity` and `extra` lines after it.
+    fn affinity_config(extra: &str) -> String {
+        format!(
+            "[agent]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"chat\"\n\
+             address = \"10.0.0.100:80\"\nmode = \"http\"\npolicy = \"cache_affinity\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn cache_affinity_reads_its_table_with_defaults() -> Result<(), ConfigError> {
+        let config = parse(&affinity_config(""))?;
+        assert_eq!(config.services[0].policy, Policy::CacheAffinity);
+        let spec = config.services[0].affinity.clone();
+        assert_eq!(spec, Some(AffinitySpec::default()));
+        assert_eq!(
+            AffinitySpec::default().keys,
+            [
+                AffinityKey::Header("x-session-id".to_owned()),
+                AffinityKey::ApiKey,
+                AffinityKey::PromptPrefix,
+                AffinityKey::Client
+            ]
+        );
+        assert_eq!(AffinitySpec::default().prefix_bytes.get(), 512);
+        let config = parse(&affinity_config(
+            "[service.affinity]\nkey = [\"header:X-Conversation\", \"prompt_prefix\"]\n\
+             prefix_bytes = 64\nload_factor = 1.5\n",
+        ))?;
+        let spec = config.services[0].affinity.clone().expect("affinity");
+        assert_eq!(
+            spec.keys,
+            [
+                AffinityKey::Header("x-conversation".to_owned()),
+                AffinityKey::PromptPrefix
+            ]
+        );
+        assert_eq!(spec.prefix_bytes.get(), 64);
+        assert_eq!(spec.load_factor, LoadFactor::new(1.5).expect("above 1"));
+        Ok(())
+    }
+
+    #[test]
+    fn cache_affinity_errors_name_the_key() {
+        let l4 = affinity_config("").replace("mode = \"http\"", "mode = \"l4\"");
+        let (line, field, message) = invalid(&l4);
+        assert_eq!((line, field.as_str()), (7, "service[0].policy"));
+        assert!(message.contains("mode = \"http\""), "{message}");
+        let misplaced = affinity_config("[service.affinity]\nload_factor = 2.0\n")
+            .replace("policy = \"cache_affinity\"", "policy = \"maglev\"");
+        let (_, field, message) = invalid(&misplaced);
+        assert_eq!(field, "service[0].affinity");
+        assert!(message.contains("cache_affinity"), "{message}");
+        for (table, field, says) in [
+            (
+                "load_factor = 1.0",
+                "service[0].affinity.load_factor",
+                "above 1",
+            ),
+            (
+                "load_factor = 0.5",
+                "service[0].affinity.load_factor",
+                "got 0.5",
+            ),
+            (
+                "load_factor = 1e9",
+                "service[0].affinity.load_factor",
+                "at most 1000",
+            ),
+            (
+                "prefix_bytes = 0",
+                "service[0].affinity.prefix_bytes",
+                "at least 1",
+            ),
+            ("key = []", "service[0].affinity.key", "at least one key"),
+            (
+                "key = [\"cookie\"]",
+                "service[0].affinity.key[0]",
+                "`cookie` is not a key",
+            ),
+            (
+                "key = [\"header:\"]",
+                "service[0].affinity.key[0]",
+                "not an HTTP header",
+            ),
+            (
+                "key = [\"header:a b\"]",
+                "service[0].affinity.key[0]",
+                "not an HTTP header",
+            ),
+            (
+                "key = [\"api_key\", \"api_key\"]",
+                "service[0].affinity.key[1]",
+                "already key[0]",
+            ),
+            (
+                "key = [\"header:A\", \"header:a\"]",
+                "service[0].affinity.key[1]",
+                "already key[0]",
+            ),
+            (
+                "key = [\"client\", \"api_key\"]",
+                "service[0].affinity.key[1]",
+                "never used",
+            ),
+            (
+                "keys = [\"client\"]",
+                "service[0].affinity.keys",
+                "unknown field `keys`",
+            ),
+        ] {
+            let (line, got, message) =
+                invalid(&affinity_config(&format!("[service.affinity]\n{table}\n")));
+            assert_eq!(got, field, "{table}: {message}");
+            assert!(message.contains(says), "{table}: {message}");
+            assert!(line >= 8, "{table}: line {line}");
+        }
     }
 
     #[test]

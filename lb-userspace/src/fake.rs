@@ -181,6 +181,7 @@ pub async fn table_with_instance(
         proxy: crate::spec::ProxySpec::default(),
         pools: Vec::new(),
         default_pool: 0,
+        affinity: None,
     };
     let (table, task) =
         crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));

@@ -10,6 +10,7 @@
 //! can drive the same code with its own.
 
 pub mod admin;
+pub mod affinity;
 pub mod config;
 pub mod dataplane;
 pub mod health;

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddrV4;
-use std::num::{NonZeroU16, NonZeroU32};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -160,6 +160,9 @@ pub struct ServiceSpec {
     pub pools: Vec<PoolSpec>,
     /// The pool a request without `model` goes to (`default_model`; the first pool when unset).
     pub default_pool: usize,
+    /// `[service.affinity]`: with policy `cache_affinity` (the service's or a pool's), and only
+    /// then.
+    pub affinity: Option<AffinitySpec>,
 }
 
 /// A model pool of an http service: the backends serving `model` (or one of its `aliases`).
@@ -194,6 +197,92 @@ impl ServiceSpec {
     /// to the proxy and the table writes no kernel entry for it.
     pub fn kernel_steers(&self) -> bool {
         self.proxy.mode == ProxyMode::L4
+    }
+}
+
+/// `[service.affinity]` of a `cache_affinity` service: what keys a request, and how far above the
+/// mean load a backend may go before a key overflows to the next backend on the ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinitySpec {
+    /// Tried in order; the first one the request has keys it (none: the client address).
+    pub keys: Vec<AffinityKey>,
+    /// How many bytes of the canonical JSON of `messages` (or `prompt`) key a request by its
+    /// prompt prefix.
+    pub prefix_bytes: NonZeroUsize,
+    pub load_factor: LoadFactor,
+}
+
+impl Default for AffinitySpec {
+    fn default() -> Self {
+        AffinitySpec {
+            keys: vec![
+                AffinityKey::Header("x-session-id".to_owned()),
+                AffinityKey::ApiKey,
+                AffinityKey::PromptPrefix,
+                AffinityKey::Client,
+            ],
+            // About a system prompt of 100 tokens: enough to tell conversations apart, short
+            // enough that the system prompt and first message are usually longer (a prefix
+            // that reaches into a second turn keys the turns apart).
+            prefix_bytes: NonZeroUsize::MIN.saturating_add(511),
+            load_factor: LoadFactor::DEFAULT,
+        }
+    }
+}
+
+/// One source of a request's affinity key (`[service.affinity] key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AffinityKey {
+    /// `header:NAME`: that header's value; the name is kept lowercase.
+    Header(String),
+    /// `api_key`: the token of `Authorization: Bearer TOKEN`.
+    ApiKey,
+    /// `prompt_prefix`: the first `prefix_bytes` of `messages` or `prompt`.
+    PromptPrefix,
+    /// `client`: the client's address (always present).
+    Client,
+}
+
+impl fmt::Display for AffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AffinityKey::Header(name) => write!(f, "header:{name}"),
+            AffinityKey::ApiKey => f.write_str("api_key"),
+            AffinityKey::PromptPrefix => f.write_str("prompt_prefix"),
+            AffinityKey::Client => f.write_str("client"),
+        }
+    }
+}
+
+/// c of consistent hashing with bounded loads: a backend takes a request only while it holds
+/// fewer than `ceil(c * (in flight + 1) * weight / total weight)`. Kept in thousandths, so every
+/// host computes the same bound in integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadFactor {
+    thousandths: u32,
+}
+
+impl LoadFactor {
+    pub const DEFAULT: LoadFactor = LoadFactor { thousandths: 1250 };
+    /// Above this the bound never binds on any fleet of up to 64 backends: no point in more.
+    pub const MAX: f64 = 1000.0;
+
+    /// `value` rounded to thousandths; `None` unless above 1 (at 1 or below the backends'
+    /// capacities add up to less than the load) and at most [`Self::MAX`].
+    pub fn new(value: f64) -> Option<LoadFactor> {
+        let thousandths = (value * 1000.0).round();
+        (value > 1.0 && value <= Self::MAX && thousandths > 1000.0).then_some(LoadFactor {
+            thousandths: thousandths as u32,
+        })
+    }
+
+    /// The most a backend of `weight` (of `total_weight` on the ring) may hold once a request
+    /// brings the in-flight total to `in_flight`: `ceil(c * in_flight * weight / total_weight)`,
+    /// at least 1.
+    pub fn capacity(self, in_flight: u64, weight: u64, total_weight: u64) -> u64 {
+        let numerator = u128::from(self.thousandths) * u128::from(in_flight) * u128::from(weight);
+        let denominator = 1000 * u128::from(total_weight.max(1));
+        u64::try_from(numerator.div_ceil(denominator).max(1)).unwrap_or(u64::MAX)
     }
 }
 
@@ -296,6 +385,10 @@ pub enum Policy {
     LeastConnections,
     /// Client-address affinity: a returning client lands on the backend that holds its cache.
     Maglev,
+    /// Request-keyed affinity (session header, API key, prompt prefix, client) by consistent
+    /// hashing with bounded loads (`[service.affinity]`). http only: the kernel has no model of
+    /// it.
+    CacheAffinity,
     /// Most free llama.cpp slots: idle at the last poll, less the connections steered since.
     /// The default: Steer's services are llama.cpp servers. A backend that answers no slot poll
     /// counts no free slot, so among such backends the choice is the least connected.
@@ -305,20 +398,23 @@ pub enum Policy {
 
 impl Policy {
     /// Every policy, in the order reports list them.
-    pub const ALL: [Policy; 4] = [
+    pub const ALL: [Policy; 5] = [
         Policy::RoundRobin,
         Policy::LeastConnections,
         Policy::Slots,
         Policy::Maglev,
+        Policy::CacheAffinity,
     ];
 
-    /// The value the kernel reads in `steer_service.policy`.
-    pub fn abi(self) -> u32 {
+    /// The value the kernel reads in `steer_service.policy`; `None` for a policy only the proxy
+    /// has (`cache_affinity`, http only, so never in a kernel entry).
+    pub fn abi(self) -> Option<u32> {
         match self {
-            Policy::RoundRobin => lb_common::policy::ROUND_ROBIN,
-            Policy::LeastConnections => lb_common::policy::LEAST_CONNECTIONS,
-            Policy::Maglev => lb_common::policy::MAGLEV,
-            Policy::Slots => lb_common::policy::SLOTS,
+            Policy::RoundRobin => Some(lb_common::policy::ROUND_ROBIN),
+            Policy::LeastConnections => Some(lb_common::policy::LEAST_CONNECTIONS),
+            Policy::Maglev => Some(lb_common::policy::MAGLEV),
+            Policy::Slots => Some(lb_common::policy::SLOTS),
+            Policy::CacheAffinity => None,
         }
     }
 }
@@ -330,6 +426,7 @@ impl std::fmt::Display for Policy {
             Policy::LeastConnections => "least_connections",
             Policy::Maglev => "maglev",
             Policy::Slots => "slots",
+            Policy::CacheAffinity => "cache_affinity",
         })
     }
 }

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, warn};
 
+use crate::affinity::{Member, Ring};
 use crate::dataplane::conns::ConnCounts;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::policy::{BackendView, maglev_table, rr_ring};
@@ -258,11 +259,12 @@ pub struct Route {
 /// ring and Maglev table over the active backends that serve its model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolRoute {
-    /// `enum steer_policy`.
-    pub policy: u32,
+    pub policy: Policy,
     pub ring: Vec<u32>,
     /// Empty until a `maglev` pool first has an active backend.
     pub maglev: Vec<u32>,
+    /// The ring of a `cache_affinity` pool's active backends (none for other policies).
+    pub affinity: Option<Arc<Ring>>,
     /// Bit `slot` set: the backend in that slot serves the pool's model.
     pub members: u64,
 }
@@ -616,6 +618,22 @@ fn kernel_backend(s: &Slot) -> Backend {
             ..Backend::default()
         },
     }
+}
+
+/// A `cache_affinity` pool's ring over its active backends `(slot, weight, address)`; none for
+/// other policies.
+fn affinity_ring(policy: Policy, active: &[(u32, u32, SocketAddrV4)]) -> Option<Arc<Ring>> {
+    (policy == Policy::CacheAffinity).then(|| {
+        let members: Vec<Member> = active
+            .iter()
+            .map(|&(slot, weight, address)| Member {
+                slot,
+                address,
+                weight: u64::from(weight),
+            })
+            .collect();
+        Arc::new(Ring::new(&members))
+    })
 }
 
 fn split_id(id: u32) -> (usize, usize) {
@@ -1049,15 +1067,19 @@ impl<D: Dataplane> Table<D> {
             .iter()
             .rposition(|s| s.backend.is_some())
             .map_or(0, |last| last + 1);
-        let key = ServiceKey::tcp(entry.address);
-        let kernel = Service {
-            id: service_id,
-            policy: entry.policy.abi(),
-            backend_count: backend_count as u32,
-            rr_len: ring.len() as u32,
-        };
-        if entry.kernel_steers {
-            self.dataplane.upsert_service(key, kernel)?;
+        let backend_count = backend_count as u32;
+        // A policy the kernel lacks is http only (config), so never kernel-steered.
+        if entry.kernel_steers
+            && let Some(policy) = entry.policy.abi()
+        {
+            let kernel = Service {
+                id: service_id,
+                policy,
+                backend_count,
+                rr_len: ring.len() as u32,
+            };
+            self.dataplane
+                .upsert_service(ServiceKey::tcp(entry.address), kernel)?;
         }
         let pools = self.pool_routes(service, &active, &ring, &maglev);
         let backends = entry
@@ -1082,7 +1104,7 @@ impl<D: Dataplane> Table<D> {
             }
             let route = &mut routes[service];
             route.id = service_id;
-            route.backend_count = kernel.backend_count;
+            route.backend_count = backend_count;
             route.backends = backends;
             route.pools.resize_with(pools.len(), PoolRoute::default);
             for (route, mut pool) in route.pools.iter_mut().zip(pools) {
@@ -1112,9 +1134,10 @@ impl<D: Dataplane> Table<D> {
                 .filter(|&slot| entry.slots[slot].backend.is_some())
                 .fold(0, |bits, slot| bits | 1 << slot);
             return vec![PoolRoute {
-                policy: entry.policy.abi(),
+                policy: entry.policy,
                 ring: ring.to_vec(),
                 maglev: maglev.to_vec(),
+                affinity: affinity_ring(entry.policy, active),
                 members,
             }];
         }
@@ -1138,13 +1161,14 @@ impl<D: Dataplane> Table<D> {
                 let weights: Vec<(u32, u32)> =
                     serving.iter().map(|&(slot, w, _)| (slot, w)).collect();
                 PoolRoute {
-                    policy: pool.policy.abi(),
+                    policy: pool.policy,
                     ring: rr_ring(&weights),
                     maglev: if pool.policy == Policy::Maglev {
                         maglev_table(&serving)
                     } else {
                         Vec::new()
                     },
+                    affinity: affinity_ring(pool.policy, &serving),
                     members,
                 }
             })
@@ -1297,6 +1321,7 @@ mod tests {
                 proxy: crate::spec::ProxySpec::default(),
                 pools: Vec::new(),
                 default_pool: 0,
+                affinity: None,
             },
             ServiceSpec {
                 name: "embed".to_owned(),
@@ -1308,6 +1333,7 @@ mod tests {
                 proxy: crate::spec::ProxySpec::default(),
                 pools: Vec::new(),
                 default_pool: 0,
+                affinity: None,
             },
         ]
     }
@@ -1355,14 +1381,14 @@ mod tests {
             pool("b", &["b2"], Policy::Maglev),
         ];
         let (table, _task) = start(FakeDataplane::default(), &services)?;
-        let members = |table: &TableHandle| -> Vec<(u64, u32)> {
+        let members = |table: &TableHandle| -> Vec<(u64, Policy)> {
             table.routes().borrow()[0]
                 .pools
                 .iter()
                 .map(|p| (p.members, p.policy))
                 .collect()
         };
-        let (rr, maglev) = (lb_common::policy::ROUND_ROBIN, lb_common::policy::MAGLEV);
+        let (rr, maglev) = (Policy::RoundRobin, Policy::Maglev);
         assert_eq!(members(&table), [(0b001, rr), (0b100, maglev)]);
         {
             let routes = table.routes();
@@ -1407,10 +1433,56 @@ mod tests {
         assert_eq!(
             table.routes().borrow()[1].pools,
             [PoolRoute {
-                policy: lb_common::policy::LEAST_CONNECTIONS,
+                policy: Policy::LeastConnections,
                 ..PoolRoute::default()
             }]
         );
+        Ok(())
+    }
+
+    /// A `cache_affinity` service's route carries the ring of its active backends, rebuilt
+    /// with every change; other routes carry none, and the kernel gets no entry for it.
+    #[tokio::test]
+    async fn cache_affinity_routes_carry_the_ring_of_active_backends() -> Result<(), TableError> {
+        let mut services = services();
+        services[0].policy = Policy::CacheAffinity;
+        services[0].proxy.mode = crate::spec::ProxyMode::Http;
+        services[0].affinity = Some(crate::spec::AffinitySpec::default());
+        let fake = FakeDataplane::default();
+        let (handle, _task) = start(fake.clone(), &services)?;
+        let ring = |backends: &[(u32, &str)]| {
+            let members: Vec<Member> = backends
+                .iter()
+                .map(|&(slot, address)| Member {
+                    slot,
+                    address: addr(address),
+                    weight: 1,
+                })
+                .collect();
+            Some(Arc::new(Ring::new(&members)))
+        };
+        let mut routes = handle.routes();
+        let chat = routes.borrow_and_update()[0].pools[0].clone();
+        assert_eq!(chat.policy, Policy::CacheAffinity);
+        assert_eq!(
+            chat.affinity,
+            ring(&[(0, "10.0.1.2:8080"), (1, "10.0.1.3:8080")])
+        );
+        assert_eq!(
+            routes.borrow()[1].pools[0].affinity,
+            None,
+            "least_connections"
+        );
+        handle.drain_backend(0).await?;
+        let chat = routes.borrow_and_update()[0].pools[0].clone();
+        assert_eq!(chat.affinity, ring(&[(1, "10.0.1.3:8080")]));
+        let ports: Vec<u16> = fake
+            .maps()
+            .services
+            .keys()
+            .map(|key| u16::from_be(key.port))
+            .collect();
+        assert_eq!(ports, [81], "only the l4 service is the kernel's");
         Ok(())
     }
 

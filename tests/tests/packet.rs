@@ -681,6 +681,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             proxy,
             pools: Vec::new(),
             default_pool: 0,
+            affinity: None,
         };
         let requests = Arc::new(lb_userspace::requests::RequestCounts::new(64));
         let proxied = ServiceProxy::new(&service, 0, &counts, requests, &published);
@@ -781,9 +782,13 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
                     .collect(),
                 // As the table publishes a service without pools: one over every backend.
                 pools: vec![PoolRoute {
-                    policy,
+                    policy: Policy::ALL
+                        .into_iter()
+                        .find(|p| p.abi() == Some(policy))
+                        .expect("a kernel policy"),
                     ring: ring.clone(),
                     maglev: maglev.clone(),
+                    affinity: None,
                     members: u64::MAX,
                 }],
             }]));

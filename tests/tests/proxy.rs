@@ -413,12 +413,37 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Streaming {
+        self.head_with(method, path, &[], body).await
+    }
+
+    /// A POST of `body` with `headers` more, its whole answer read.
+    async fn post_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> Answer {
+        let answer = self.head_with("POST", path, headers, Some(body)).await;
+        answer.finish().await
+    }
+
+    async fn head_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Streaming {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "steer-test")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        for &(name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
             .expect("a request");
         tokio::time::timeout(WAIT, self.sender.ready())
@@ -1532,4 +1557,189 @@ fn http_mode_counts_requests_per_backend_and_the_slow_server_gets_less() {
         eprintln!("served {served:?}, mean in flight {mean:?}, speeds {speeds:?}");
     });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A conversation: its messages so far (each answer appended), and what keys it.
+struct Conversation {
+    messages: Vec<serde_json::Value>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Conversation {
+    /// The next user turn, sent on `client`; the answer joins the history. Returns the alias
+    /// of the llama-server that answered.
+    async fn turn(&mut self, client: &mut Client, turn: usize) -> String {
+        self.messages.push(serde_json::json!({
+            "role": "user",
+            "content": format!("Turn {turn}: name one color."),
+        }));
+        let body = serde_json::json!({"messages": self.messages, "max_tokens": 1});
+        let headers: Vec<(&str, &str)> =
+            self.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let answer = client
+            .post_with("/v1/chat/completions", &headers, &body)
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body());
+        let json = answer.json();
+        self.messages.push(serde_json::json!({
+            "role": "assistant",
+            "content": json["choices"][0]["message"]["content"].as_str().unwrap_or_default(),
+        }));
+        json["model"].as_str().unwrap_or("?").to_owned()
+    }
+}
+
+/// Policy `cache_affinity` with its default keys, `steer run --dataplane userspace`, over three
+/// real llama-servers (`a`, `b`, `c`: each answer's `model` names its server):
+/// - 100 conversations keyed by `x-session-id`, 10 turns each: the first turns one at a time
+///   (each key on its ring home, nothing else in flight), then the other nine turns three
+///   conversations at once, one per home server, so the load bound never binds and every turn
+///   must land where the conversation's first did;
+/// - 12 requests with one session id at once: the bound spreads them, at most
+///   ceil(1.25 * 12 / 3) = 5 per server and exactly 5 on the key's home;
+/// - without a header, conversations with their own system prompt (over `prefix_bytes`) stay
+///   each on one server by the prompt prefix, and not all on one (as the client address would
+///   put them).
+#[test]
+fn cache_affinity_keeps_conversations_on_their_server_within_the_load_bound() {
+    netns::require_root("the integration tests");
+    let dir = std::env::temp_dir().join(format!("steer-affinity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let servers = ["a", "b", "c"].map(|alias| (alias, free_port()));
+    let _llamas = servers.map(|(alias, port)| llama_server(&dir, alias, port, 1, &[]));
+    let backends = servers.map(|(_, port)| format!("127.0.0.1:{port}"));
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let vip = SocketAddr::from((
+        [127, 0, 78, (std::process::id() % 250 + 1) as u8],
+        free_port(),
+    ));
+    let mut config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin_addr}\"\n\
+         admin_token_file = {:?}\ndataplane = \"userspace\"\n\n\
+         [[service]]\nname = \"chat\"\naddress = \"{vip}\"\nmode = \"http\"\n\
+         policy = \"cache_affinity\"\n[service.health]\nenabled = false\n",
+        dir.join("token")
+    );
+    for backend in &backends {
+        config.push_str(&format!("[[service.backend]]\naddress = \"{backend}\"\n"));
+    }
+    let path = dir.join("steer.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut agent = std::process::Command::new(tests::topology::steer_bin());
+    agent.args(["run", "--config"]).arg(&path);
+    let _agent = start(agent, &dir, "steer");
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let deadline = Instant::now() + WAIT;
+        for backend in &backends {
+            wait_ready(backend.parse().expect("an address"), deadline).await;
+        }
+        while tokio::net::TcpStream::connect(vip).await.is_err() {
+            assert!(Instant::now() < deadline, "steer not listening");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let services: serde_json::Value =
+            serde_json::from_str(&admin(admin_addr, "/v1/services").await).expect("JSON");
+        assert_eq!(
+            services["services"][0]["policy"], "cache_affinity",
+            "{services}"
+        );
+
+        // First turns one at a time: each conversation's home.
+        let mut client = Client::connect(vip).await;
+        let mut homes: std::collections::BTreeMap<String, Vec<Conversation>> = Default::default();
+        for n in 0..100 {
+            let mut conversation = Conversation {
+                messages: Vec::new(),
+                headers: vec![("x-session-id", format!("session-{n}"))],
+            };
+            let home = conversation.turn(&mut client, 1).await;
+            homes.entry(home).or_default().push(conversation);
+        }
+        let spread: Vec<(&str, usize)> = homes.iter().map(|(s, c)| (s.as_str(), c.len())).collect();
+        assert!(
+            spread.len() == 3 && spread.iter().all(|&(_, n)| n >= 15),
+            "the session keys spread over the servers: {spread:?}"
+        );
+        // Nine more turns, one lane of conversations per home server at once.
+        let mut lanes = tokio::task::JoinSet::new();
+        for (home, conversations) in homes {
+            lanes.spawn(async move {
+                let mut client = Client::connect(vip).await;
+                let mut strays = Vec::new();
+                for (n, mut conversation) in conversations.into_iter().enumerate() {
+                    for turn in 2..=10 {
+                        let served = conversation.turn(&mut client, turn).await;
+                        if served != home {
+                            strays.push(format!("{home} conversation {n} turn {turn}: {served}"));
+                        }
+                    }
+                }
+                strays
+            });
+        }
+        while let Some(strays) = lanes.join_next().await {
+            let strays = strays.expect("a lane");
+            assert!(strays.is_empty(), "turns off their home: {strays:?}");
+        }
+
+        // One key, 12 requests at once (all in flight together: each server has one slot and
+        // 32 tokens to generate per request).
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..12 {
+            burst.spawn(async move {
+                let mut client = Client::connect(vip).await;
+                let answer = client
+                    .post_with(
+                        "/v1/chat/completions",
+                        &[("x-session-id", "hot")],
+                        &chat(32, false),
+                    )
+                    .await;
+                assert_eq!(answer.status, 200, "{}", answer.body());
+                answer.json()["model"].as_str().unwrap_or("?").to_owned()
+            });
+        }
+        let mut served = std::collections::BTreeMap::<String, u32>::new();
+        while let Some(server) = burst.join_next().await {
+            *served.entry(server.expect("a burst request")).or_default() += 1;
+        }
+        // A new connection: the first one has been idle past client_idle_timeout, maybe.
+        let mut client = Client::connect(vip).await;
+        let mut lone = Conversation {
+            messages: Vec::new(),
+            headers: vec![("x-session-id", "hot".to_owned())],
+        };
+        let home = lone.turn(&mut client, 1).await;
+        assert_eq!(
+            served.get(&home),
+            Some(&5),
+            "the home takes up to the bound: {served:?}"
+        );
+        assert!(
+            served.values().all(|&n| n <= 5),
+            "none above the bound: {served:?}"
+        );
+
+        // No header, no API key: the system prompt (longer than prefix_bytes) keys it.
+        let mut used = std::collections::BTreeSet::new();
+        for n in 0..9 {
+            let system = format!("You are assistant number {n}. ").repeat(30);
+            let mut conversation = Conversation {
+                messages: vec![serde_json::json!({"role": "system", "content": system})],
+                headers: Vec::new(),
+            };
+            let first = conversation.turn(&mut client, 1).await;
+            for turn in 2..=5 {
+                let served = conversation.turn(&mut client, turn).await;
+                assert_eq!(served, first, "prompt-keyed conversation {n}, turn {turn}");
+            }
+            used.insert(first);
+        }
+        assert!(
+            used.len() >= 2,
+            "prompt keys spread, unlike one client address: {used:?}"
+        );
+    });
 }

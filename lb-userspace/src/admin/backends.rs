@@ -178,6 +178,7 @@ pub(crate) mod tests {
             proxy: crate::spec::ProxySpec::default(),
             pools: Vec::new(),
             default_pool: 0,
+            affinity: None,
         }]
     }
 

@@ -634,6 +634,7 @@ mod tests {
             proxy: crate::spec::ProxySpec::default(),
             pools: Vec::new(),
             default_pool: 0,
+            affinity: None,
         }]
     }
 

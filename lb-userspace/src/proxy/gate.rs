@@ -24,10 +24,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::affinity::{self, Load};
 use crate::dataplane::conns::ConnCounts;
 use crate::policy::{BackendView, ServiceView, choose};
 use crate::requests::{RequestCounts, speed_factors};
-use crate::spec::{ProxySpec, ServiceSpec};
+use crate::spec::{AffinitySpec, ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
@@ -155,6 +156,8 @@ pub struct Gate {
     model: Option<String>,
     /// The service's settings with the pool's cap, queue size and queue timeout.
     config: ProxySpec,
+    /// Policy `cache_affinity`'s keys and load bound.
+    affinity: Option<AffinitySpec>,
     /// Service id: the index into the routes.
     id: usize,
     /// The index into the service route's pools.
@@ -198,6 +201,14 @@ fn weighed(b: BackendView, factor: f64) -> BackendView {
         steered: 0,
         ..b
     }
+}
+
+/// What a choice is keyed by: the client's address (policy `maglev`) and the request's
+/// affinity key (`cache_affinity`).
+#[derive(Clone, Copy, Debug)]
+struct Key {
+    client: Ipv4Addr,
+    affinity: Option<u64>,
 }
 
 /// Waiters' service times kept for [`Gate::retry_after`].
@@ -259,6 +270,7 @@ impl Gate {
             service: service.name.clone(),
             model: spec.map(|p| p.model.clone()),
             config,
+            affinity: service.affinity.clone(),
             id,
             pool,
             counts,
@@ -314,6 +326,11 @@ impl Gate {
         &self.config
     }
 
+    /// With policy `cache_affinity`: what keys a request ([`affinity::key`]).
+    pub fn affinity(&self) -> Option<&AffinitySpec> {
+        self.affinity.as_ref()
+    }
+
     /// The name of the service it admits to.
     pub fn service(&self) -> &str {
         &self.service
@@ -330,12 +347,18 @@ impl Gate {
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
-    /// `avoid`: a backend id not to choose (one that just refused).
+    /// `key`: the request's affinity key (policy `cache_affinity`; `None`: the client's
+    /// address keys it). `avoid`: a backend id not to choose (one that just refused).
     pub async fn admit(
         self: &Arc<Self>,
         client: Ipv4Addr,
+        key: Option<u64>,
         avoid: Option<u32>,
     ) -> Result<Lease, Refusal> {
+        let key = Key {
+            client,
+            affinity: key,
+        };
         let started = tokio::time::Instant::now();
         let admitted = |lease: Lease| {
             self.counters.admitted.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +371,7 @@ impl Gate {
             let mut queue = self.lock_queue();
             // Nobody waiting: no one to overtake.
             if queue.is_empty()
-                && let Some(lease) = self.try_claim(client, avoid)
+                && let Some(lease) = self.try_claim(key, avoid)
             {
                 return admitted(lease);
             }
@@ -373,7 +396,7 @@ impl Gate {
             // Registered before looking, so a release between the look and the wait still wakes.
             released.as_mut().enable();
             if self.lock_queue().front() == Some(&waiting.ticket)
-                && let Some(lease) = self.try_claim(client, avoid)
+                && let Some(lease) = self.try_claim(key, avoid)
             {
                 self.note_served_from_queue();
                 return admitted(lease);
@@ -398,12 +421,12 @@ impl Gate {
 
     /// The kernel's choice over the current routes and live counts, then its claim; a claim lost
     /// to a concurrent claimer chooses again with the new counts.
-    fn try_claim(self: &Arc<Self>, client: Ipv4Addr, avoid: Option<u32>) -> Option<Lease> {
+    fn try_claim(self: &Arc<Self>, key: Key, avoid: Option<u32>) -> Option<Lease> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
         for _ in 0..route.backends.len().max(1) {
             let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let (id, max, address) = self.choose(route, cursor, client, avoid)?;
+            let (id, max, address) = self.choose(route, cursor, key, avoid)?;
             if self.counts.acquire(id, max) {
                 return Some(Lease {
                     gate: Arc::clone(self),
@@ -420,7 +443,11 @@ impl Gate {
     pub fn choose_at(&self, cursor: u64, client: Ipv4Addr) -> Option<u32> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
-        self.choose(route, cursor, client, None).map(|(id, ..)| id)
+        let key = Key {
+            client,
+            affinity: None,
+        };
+        self.choose(route, cursor, key, None).map(|(id, ..)| id)
     }
 
     /// The speed factor of each of `backends` (ids `ids`), relative to the fastest active one
@@ -437,13 +464,13 @@ impl Gate {
         speed_factors(&speeds)
     }
 
-    /// The policy's backend for `client` over `route`, the live counts and the learnt speeds:
-    /// its id, cap and address.
+    /// The policy's backend for `key` over `route`, the live counts and the learnt speeds: its
+    /// id, cap (for `cache_affinity` the load bound too) and address.
     fn choose(
         &self,
         route: &Route,
         cursor: u64,
-        client: Ipv4Addr,
+        key: Key,
         avoid: Option<u32>,
     ) -> Option<(u32, u32, SocketAddrV4)> {
         let cap = self.config.max_per_backend;
@@ -469,23 +496,51 @@ impl Gate {
                 ..view
             })
             .collect();
-        let ranked: Vec<BackendView> = backends
-            .iter()
-            .zip(self.speed_factors(&ids, &backends))
-            .map(|(&b, factor)| weighed(b, factor))
-            .collect();
-        let view = ServiceView {
-            policy: pool.policy,
-            id: route.id,
-            backend_count: route.backend_count,
-            ring: &pool.ring,
-            maglev: &pool.maglev,
-            backends: &ranked,
+        let (slot, max) = match (&pool.affinity, &self.affinity) {
+            (Some(ring), Some(spec)) => {
+                let loads: Vec<Load> = backends
+                    .iter()
+                    .map(|b| Load {
+                        in_flight: b.conns,
+                        open: b.usable(),
+                    })
+                    .collect();
+                let key = key
+                    .affinity
+                    .unwrap_or_else(|| affinity::client_key(key.client));
+                let (slot, bound) = affinity::choose(ring, key, spec.load_factor, &loads)?;
+                let max_conns = backends.get(slot as usize)?.max_conns;
+                // Claimed against the bound, so a concurrent claimer cannot take it past.
+                let bound = u32::try_from(bound).unwrap_or(u32::MAX);
+                let max = if max_conns == 0 {
+                    bound
+                } else {
+                    max_conns.min(bound)
+                };
+                (slot as usize, max)
+            }
+            _ => {
+                let ranked: Vec<BackendView> = backends
+                    .iter()
+                    .zip(self.speed_factors(&ids, &backends))
+                    .map(|(&b, factor)| weighed(b, factor))
+                    .collect();
+                let view = ServiceView {
+                    policy: pool.policy.abi()?,
+                    id: route.id,
+                    backend_count: route.backend_count,
+                    ring: &pool.ring,
+                    maglev: &pool.maglev,
+                    backends: &ranked,
+                };
+                let id = choose(&view, cursor, key.client)?;
+                let slot = (id % lb_common::MAX_BACKENDS_PER_SERVICE) as usize;
+                (slot, backends.get(slot)?.max_conns)
+            }
         };
-        let id = choose(&view, cursor, client)?;
-        let slot = (id % lb_common::MAX_BACKENDS_PER_SERVICE) as usize;
-        let (picked, (_, address)) = backends.get(slot).zip(route.backends.get(slot))?;
-        Some((id, picked.max_conns, *address))
+        let (_, address) = route.backends.get(slot)?;
+        let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot as u32;
+        Some((id, max, *address))
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -555,7 +610,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::spec::ProxyMode;
     use crate::table::PoolRoute;
-    use lb_common::{backend_state, policy};
+    use lb_common::backend_state;
     use tokio::time::Instant;
 
     /// Service `chat` on 127.0.0.1:80, l4, with `queue_size` places and `cap` per backend.
@@ -582,6 +637,7 @@ pub(crate) mod tests {
             proxy,
             pools: Vec::new(),
             default_pool: 0,
+            affinity: None,
         }
     }
 
@@ -612,9 +668,10 @@ pub(crate) mod tests {
             backend_count: n,
             backends,
             pools: vec![PoolRoute {
-                policy: policy::ROUND_ROBIN,
+                policy: crate::spec::Policy::RoundRobin,
                 ring: (0..n).collect(),
                 maglev: Vec::new(),
+                affinity: None,
                 members: u64::MAX,
             }],
         }])
@@ -648,13 +705,19 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn claims_by_policy_up_to_the_cap_and_counts_in_the_shared_array() {
         let (gate, counts, _routes) = gate(0, 1, 2);
-        let a = gate.admit(client(), None).await.expect("room on backend 0");
-        let b = gate.admit(client(), None).await.expect("room on backend 1");
+        let a = gate
+            .admit(client(), None, None)
+            .await
+            .expect("room on backend 0");
+        let b = gate
+            .admit(client(), None, None)
+            .await
+            .expect("room on backend 1");
         assert_eq!((a.id, b.id), (0, 1));
         assert_eq!(b.address, "10.0.1.2:80".parse().expect("address"));
         assert_eq!((counts.get(0), counts.get(1)), (1, 1));
         assert_eq!(
-            gate.admit(client(), None).await.err(),
+            gate.admit(client(), None, None).await.err(),
             Some(Refusal::QueueFull)
         );
         drop(a);
@@ -665,12 +728,12 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_are_served_in_order_as_soon_as_a_lease_is_dropped() {
         let (gate, _counts, _routes) = gate(8, 1, 1);
-        let first = gate.admit(client(), None).await.expect("room");
+        let first = gate.admit(client(), None, None).await.expect("room");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for n in 0..3 {
             let (gate, tx) = (Arc::clone(&gate), tx.clone());
             tokio::spawn(async move {
-                let lease = gate.admit(client(), None).await;
+                let lease = gate.admit(client(), None, None).await;
                 let _ = tx.send((n, Instant::now(), lease));
             });
             // Queue them in a known order.
@@ -713,17 +776,70 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn cache_affinity_keeps_a_key_on_its_backend_up_to_the_load_bound() {
+        let mut service = config(0, 0);
+        service.policy = crate::spec::Policy::CacheAffinity;
+        service.proxy.mode = ProxyMode::Http;
+        service.affinity = Some(AffinitySpec::default());
+        let mut routes = routes(3);
+        {
+            let route = &mut Arc::make_mut(&mut routes)[0];
+            let members: Vec<affinity::Member> = (0u32..)
+                .zip(&route.backends)
+                .map(|(slot, &(_, address))| affinity::Member {
+                    slot,
+                    address,
+                    weight: 1,
+                })
+                .collect();
+            route.pools[0].policy = crate::spec::Policy::CacheAffinity;
+            route.pools[0].affinity = Some(Arc::new(affinity::Ring::new(&members)));
+        }
+        let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
+        let (_tx, rx) = watch::channel(routes);
+        let requests = Arc::new(RequestCounts::new(64));
+        let wait = Histogram::new(WAIT_BUCKETS);
+        let gate = Gate::new(&service, 0, 0, Arc::clone(&counts), requests, rx, wait);
+        let admit = |key| {
+            let gate = Arc::clone(&gate);
+            async move { gate.admit(client(), key, None).await.expect("room") }
+        };
+        let home = admit(Some(42)).await.id;
+        for _ in 0..5 {
+            assert_eq!(admit(Some(42)).await.id, home, "one at a time: home");
+        }
+        // Held: the bound is ceil(1.25 * 2 / 3) = 1 for the second, ceil(1.25 * 3 / 3) = 2
+        // for the third.
+        let first = admit(Some(42)).await;
+        let second = admit(Some(42)).await;
+        let third = admit(Some(42)).await;
+        assert_eq!((first.id, third.id), (home, home));
+        assert_ne!(second.id, home, "over the bound: the next on the ring");
+        assert_eq!(counts.get(home), 2);
+        drop((first, second, third));
+        // No key: the client's address keys it.
+        let by_client = admit(None).await.id;
+        assert_eq!(admit(None).await.id, by_client);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_backend_to_avoid_is_not_chosen_even_when_the_policy_would() {
         let (gate, _counts, _routes) = gate(0, 1, 2);
         // Round robin's next pick is backend 0.
-        let lease = gate.admit(client(), Some(0)).await.expect("room on 1");
+        let lease = gate
+            .admit(client(), None, Some(0))
+            .await
+            .expect("room on 1");
         assert_eq!(lease.id, 1);
         assert_eq!(
-            gate.admit(client(), Some(0)).await.err(),
+            gate.admit(client(), None, Some(0)).await.err(),
             Some(Refusal::QueueFull),
             "1 is full and 0 avoided"
         );
-        assert_eq!(gate.admit(client(), None).await.map(|l| l.id).ok(), Some(0));
+        assert_eq!(
+            gate.admit(client(), None, None).await.map(|l| l.id).ok(),
+            Some(0)
+        );
         assert!(gate.has_backend_besides(0) && gate.has_backend_besides(1));
         let (alone, _counts, _routes) = self::gate(0, 1, 1);
         assert!(
@@ -739,12 +855,12 @@ pub(crate) mod tests {
         let (gate, _counts, _routes) = gate(1, 1, 1);
         let timeout = gate.config().queue_timeout;
         assert_eq!(gate.retry_after(), timeout, "no pace yet: queue_timeout");
-        let mut held = gate.admit(client(), None).await.expect("room");
+        let mut held = gate.admit(client(), None, None).await.expect("room");
         // A waiter served every 2.5 s.
         for _ in 0..4 {
             let waiter = {
                 let gate = Arc::clone(&gate);
-                tokio::spawn(async move { gate.admit(client(), None).await })
+                tokio::spawn(async move { gate.admit(client(), None, None).await })
             };
             tokio::task::yield_now().await;
             assert_eq!(gate.stats().queue_depth, 1);
@@ -764,15 +880,15 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_times_out_and_leaves_the_queue() {
         let (gate, _counts, _routes) = gate(1, 1, 1);
-        let _held = gate.admit(client(), None).await.expect("room");
+        let _held = gate.admit(client(), None, None).await.expect("room");
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         assert_eq!(
-            gate.admit(client(), None).await.err(),
+            gate.admit(client(), None, None).await.err(),
             Some(Refusal::QueueFull),
             "queue_size 1 is taken"
         );
@@ -787,7 +903,7 @@ pub(crate) mod tests {
 
     /// A gate over two active backends under `policy`, each with `idle` idle slots polled, the
     /// second measured three times slower than the first.
-    fn slow_second(policy: u32, idle: u32) -> (Arc<Gate>, watch::Sender<Routes>) {
+    fn slow_second(policy: crate::spec::Policy, idle: u32) -> (Arc<Gate>, watch::Sender<Routes>) {
         let (gate, _counts, routes_tx) = gate(0, 0, 2);
         routes_tx.send_modify(|routes| {
             let route = &mut Arc::make_mut(routes)[0];
@@ -808,14 +924,14 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn least_connections_gives_a_three_times_slower_backend_a_third_of_the_in_flight() {
-        let (gate, _routes) = slow_second(policy::LEAST_CONNECTIONS, 0);
+        let (gate, _routes) = slow_second(crate::spec::Policy::LeastConnections, 0);
         assert_eq!(
             gate.speed_factors(&[0, 1], &[view(), view()]),
             [1.0, 1.0 / 3.0]
         );
         let mut held = Vec::new();
         for _ in 0..8 {
-            held.push(gate.admit(client(), None).await.expect("no cap"));
+            held.push(gate.admit(client(), None, None).await.expect("no cap"));
         }
         let on_slow = held.iter().filter(|lease| lease.id == 1).count();
         assert_eq!((held.len() - on_slow, on_slow), (6, 2));
@@ -823,23 +939,23 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn slots_fill_the_fast_backend_first() {
-        let (gate, _routes) = slow_second(policy::SLOTS, 2);
-        let first = gate.admit(client(), None).await.expect("room");
-        let second = gate.admit(client(), None).await.expect("room");
-        let third = gate.admit(client(), None).await.expect("room");
+        let (gate, _routes) = slow_second(crate::spec::Policy::Slots, 2);
+        let first = gate.admit(client(), None, None).await.expect("room");
+        let second = gate.admit(client(), None, None).await.expect("room");
+        let third = gate.admit(client(), None, None).await.expect("room");
         assert_eq!((first.id, second.id, third.id), (0, 0, 1));
         // Unmeasured, the second goes to the backend with more free slots, as in the kernel.
         let (even, _counts, routes_tx) = self::gate(0, 0, 2);
         routes_tx.send_modify(|routes| {
             let route = &mut Arc::make_mut(routes)[0];
-            route.pools[0].policy = policy::SLOTS;
+            route.pools[0].policy = crate::spec::Policy::Slots;
             route
                 .backends
                 .iter_mut()
                 .for_each(|(view, _)| view.idle_slots = 2);
         });
-        let first = even.admit(client(), None).await.expect("room");
-        let second = even.admit(client(), None).await.expect("room");
+        let first = even.admit(client(), None, None).await.expect("room");
+        let second = even.admit(client(), None, None).await.expect("room");
         assert_eq!((first.id, second.id), (0, 1));
     }
 
@@ -899,7 +1015,7 @@ pub(crate) mod tests {
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(counts.release(0), "the kernel's flow ends");
@@ -909,7 +1025,7 @@ pub(crate) mod tests {
         assert!(counts.acquire(0, 1));
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None).await.map(|lease| lease.id) }
+            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         let added = Instant::now();

@@ -43,6 +43,7 @@ use super::drain::drain_started;
 use super::gate::{Gate, Lease, Refusal};
 use super::service::ServiceProxy;
 use super::timings::Tail;
+use crate::affinity;
 use crate::limits::{self, Closed, Ended, Registered};
 use crate::requests::{Class, InFlight};
 
@@ -86,6 +87,8 @@ impl<B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>> Cl
 struct Outgoing {
     parts: hyper::http::request::Parts,
     body: Bytes,
+    /// Policy `cache_affinity`'s key of the request (none when the service has no such policy).
+    affinity_key: Option<u64>,
 }
 
 impl Outgoing {
@@ -309,6 +312,10 @@ async fn read<B: ClientBody>(
     } else {
         None
     };
+    let key = service.affinity().map(|spec| {
+        let header = |name: &str| parts.headers.get(name).map(HeaderValue::as_bytes);
+        affinity::key(spec, header, &body, peer)
+    });
     strip_hop_by_hop(&mut parts.headers);
     // The body is here already: a backend asked to wait for it would only add a round trip.
     parts.headers.remove(header::EXPECT);
@@ -317,7 +324,14 @@ async fn read<B: ClientBody>(
     if let Some(path) = parts.uri.path_and_query() {
         parts.uri = path.clone().into();
     }
-    Ok((Outgoing { parts, body }, model))
+    Ok((
+        Outgoing {
+            parts,
+            body,
+            affinity_key: key,
+        },
+        model,
+    ))
 }
 
 /// The `model` of a JSON object body (`null` or none: `None`), read without building the rest;
@@ -357,19 +371,22 @@ async fn forward(
     let mut unreachable = Vec::new();
     // One retry on another backend when the chosen one cannot be reached.
     for _ in 0..2 {
-        let lease = gate.admit(peer, avoid).await.map_err(|refusal| {
-            let message = match refusal {
-                Refusal::QueueFull => format!(
-                    "the queue of {service} is full (queue_size {})",
-                    config.queue_size
-                ),
-                _ => format!(
-                    "no backend of {service} had room within queue_timeout {:?}",
-                    config.queue_timeout
-                ),
-            };
-            refused(refusal, message)
-        })?;
+        let lease = gate
+            .admit(peer, outgoing.affinity_key, avoid)
+            .await
+            .map_err(|refusal| {
+                let message = match refusal {
+                    Refusal::QueueFull => format!(
+                        "the queue of {service} is full (queue_size {})",
+                        config.queue_size
+                    ),
+                    _ => format!(
+                        "no backend of {service} had room within queue_timeout {:?}",
+                        config.queue_timeout
+                    ),
+                };
+                refused(refusal, message)
+            })?;
         let address = lease.address;
         let in_flight = gate.requests().begin(lease.id);
         let span = debug_span!("request", backend = %address, id = lease.id);
@@ -1195,9 +1212,10 @@ mod tests {
     ) {
         let mut routes = routes_to(&[a, b]);
         let pool = |slot: u32| crate::table::PoolRoute {
-            policy: lb_common::policy::ROUND_ROBIN,
+            policy: crate::spec::Policy::RoundRobin,
             ring: vec![slot],
             maglev: Vec::new(),
+            affinity: None,
             members: 1 << slot,
         };
         Arc::make_mut(&mut routes)[0].pools = vec![pool(0), pool(1)];

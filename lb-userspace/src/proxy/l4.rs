@@ -22,7 +22,7 @@ pub(super) async fn serve_connection(
 ) -> Result<(), Refusal> {
     let activity = &registered.activity;
     let carried = async {
-        let lease = gate.admit(peer, None).await?;
+        let lease = gate.admit(peer, None, None).await?;
         let backend = TcpStream::connect(lease.address)
             .await
             .map_err(|_| Refusal::Connect)?;

@@ -89,7 +89,7 @@ struct Service {
 impl Service {
     fn view(&self, policy: Policy) -> ServiceView<'_> {
         ServiceView {
-            policy: policy.abi(),
+            policy: kernel_abi(policy),
             id: self.id,
             backend_count: self.views.len() as u32,
             ring: &self.ring,
@@ -321,7 +321,7 @@ fn choice_cost(policy: Policy, backends: u32, calls: u64) -> (f64, f64) {
             .collect::<Vec<_>>(),
     );
     let view = ServiceView {
-        policy: policy.abi(),
+        policy: kernel_abi(policy),
         id: 0,
         backend_count: backends,
         ring: &ring,
@@ -354,6 +354,17 @@ fn choice_cost(policy: Policy, backends: u32, calls: u64) -> (f64, f64) {
     (real, trivial)
 }
 
+/// The policies the kernel has, which `choose` models (`cache_affinity` is the proxy's alone).
+fn kernel_policies() -> impl Iterator<Item = Policy> {
+    Policy::ALL.into_iter().filter(|p| p.abi().is_some())
+}
+
+fn kernel_abi(policy: Policy) -> u32 {
+    policy
+        .abi()
+        .unwrap_or_else(|| panic!("{policy} is not a kernel policy"))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let (requests, calls) = if args.run.quick {
@@ -363,15 +374,14 @@ fn main() -> ExitCode {
     };
     let mut sims = Vec::new();
     for &n in &FLEETS {
-        for &policy in &Policy::ALL {
+        for policy in kernel_policies() {
             eprintln!("steer-bench-fleet: {n} backends, {policy}");
             sims.push(simulate(n, policy, requests));
         }
     }
     let sizes = [2u32, 16, 64];
-    let costs: Vec<(Policy, u32, f64, f64)> = Policy::ALL
-        .iter()
-        .flat_map(|&p| sizes.iter().map(move |&m| (p, m)))
+    let costs: Vec<(Policy, u32, f64, f64)> = kernel_policies()
+        .flat_map(|p| sizes.iter().map(move |&m| (p, m)))
         .map(|(p, m)| {
             let (real, trivial) = choice_cost(p, m, calls);
             (p, m, real, trivial)
@@ -419,9 +429,8 @@ fn main() -> ExitCode {
     if let Some(dir) = &args.plots {
         let groups: Vec<String> = FLEETS.iter().map(|n| format!("{n} backends")).collect();
         let by_policy = |f: &dyn Fn(&SimResult) -> f64| -> Vec<Series> {
-            Policy::ALL
-                .iter()
-                .map(|&p| Series {
+            kernel_policies()
+                .map(|p| Series {
                     name: p.to_string(),
                     values: FLEETS
                         .iter()
@@ -434,9 +443,8 @@ fn main() -> ExitCode {
                 })
                 .collect()
         };
-        let cost_series: Vec<Series> = Policy::ALL
-            .iter()
-            .map(|&p| Series {
+        let cost_series: Vec<Series> = kernel_policies()
+            .map(|p| Series {
                 name: p.to_string(),
                 values: sizes
                     .iter()

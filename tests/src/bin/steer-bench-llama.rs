@@ -439,7 +439,11 @@ fn main() -> ExitCode {
         (45, Duration::from_secs(30), (SHORT_TOKENS, LONG_TOKENS))
     };
     let policies = if args.policies.is_empty() {
-        Policy::ALL.to_vec()
+        // The service is l4 (steered by XDP): the kernel's policies.
+        Policy::ALL
+            .into_iter()
+            .filter(|p| p.abi().is_some())
+            .collect()
     } else {
         args.policies.clone()
     };
