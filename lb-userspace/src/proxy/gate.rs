@@ -388,7 +388,12 @@ impl Gate {
                     } else {
                         view.state
                     },
-                    max_conns: if cap == 0 { view.max_conns } else { cap },
+                    max_conns: match (cap, view.max_conns) {
+                        (0, own) => own,
+                        // Never polled: the proxy's cap gives it no room the slots policy lacks.
+                        (_, 0) if route.policy == lb_common::policy::SLOTS => 0,
+                        (cap, _) => cap,
+                    },
                     conns: self.counts.get(id),
                     steered: self.counts.steered(id),
                     ..view
