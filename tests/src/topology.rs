@@ -424,8 +424,14 @@ impl Topology {
                     self.agent_log()
                 );
             }
+            // Every configured backend checked once: none still `unknown` (instances come up
+            // on their own time).
             if let Ok(v) = self.try_admin("GET", "/v1/backends", None)
-                && v["backends"].as_array().map(Vec::len) == Some(expected)
+                && let Some(listed) = v["backends"].as_array()
+                && listed.len() == expected
+                && listed
+                    .iter()
+                    .all(|b| !b["instance"].is_null() || b["status"] != "unknown")
             {
                 return;
             }
