@@ -152,7 +152,8 @@ pub(crate) mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// llama-server's `/health` body while it loads the model (llama.cpp `tools/server/server-http.cpp`, any path before it is ready).
+    /// llama-server's answer body on any path, `/health` included, while it loads the model
+    /// (llama.cpp's `tools/server/server-http.cpp`).
     pub(crate) const LOADING_BODY: &str =
         r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#;
 
