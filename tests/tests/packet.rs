@@ -212,8 +212,8 @@ fn least_connections_follows_open_connections_and_caps() {
 fn slots_prefers_free_slots_and_counts_steered_flows() {
     in_lab(policy::SLOTS, |lab| {
         let [b0, b1] = BACKENDS;
-        lab.set_backend(0, b0, backend_state::ACTIVE, 1, 4);
-        lab.set_backend(1, b1, backend_state::ACTIVE, 1, 4);
+        lab.set_backend(0, b0, backend_state::ACTIVE, 1, 8);
+        lab.set_backend(1, b1, backend_state::ACTIVE, 1, 8);
         lab.set_idle_slots(0, 1);
         lab.set_idle_slots(1, 2);
         let picks: Vec<SocketAddrV4> = (0..5)
@@ -237,7 +237,7 @@ fn slots_prefers_free_slots_and_counts_steered_flows() {
         assert_eq!(lab.forward(client(42010), SYN).1, b1);
         assert_eq!(counts(lab, 1), (2, 1));
         // Not active: never chosen, whatever its free slots.
-        lab.set_backend(1, b1, backend_state::DRAINING, 1, 4);
+        lab.set_backend(1, b1, backend_state::DRAINING, 1, 8);
         lab.set_idle_slots(1, 9);
         assert_eq!(lab.forward(client(42011), SYN).1, b0);
         // Never polled (no cap yet): no room, whatever its idle slots.
