@@ -266,10 +266,11 @@ fn local_backend_on_the_lb_host_mixes_with_a_remote_one() {
         .stderr(Stdio::null());
     let _server = topo.lb.spawn(server);
     topo.start_agent();
-    // Until the server listens, the agent's first connect can be refused; that is fine.
     let body = serde_json::json!({"service": "web", "address": local.to_string()});
     let added = topo.admin("POST", "/v1/backends", Some(&body));
     assert_eq!(added["kind"].as_str(), Some("local"), "{added}");
+    // It takes connections once a check passed (the server may not listen at once).
+    topo.wait_status(local, "healthy", Duration::from_secs(10));
     assert_eq!(
         topo.backend_view(topo.backend("b1").addr).expect("b1")["kind"].as_str(),
         Some("remote")
@@ -480,6 +481,7 @@ fn backend_added_through_the_api_takes_its_weighted_share() {
     assert_eq!(added["weight"].as_u64(), Some(2), "{added}");
     assert_eq!(added["state"].as_str(), Some("active"), "{added}");
     assert_eq!(added["active_connections"].as_u64(), Some(0), "{added}");
+    topo.wait_status(b2, "healthy", Duration::from_secs(10));
 
     // 30 consecutive connections walk the 3-entry weighted ring exactly ten times.
     let names: Vec<String> = topo.client.block_on(|| async {

@@ -83,6 +83,7 @@ fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
     for backend in [topo.backend("b1").addr, topo.backend("b2").addr] {
         let body = serde_json::json!({"service": "web", "address": backend.to_string(), "weight": 1, "max_connections": 1});
         topo.admin("POST", "/v1/backends", Some(&body));
+        topo.wait_status(backend, "healthy", Duration::from_secs(10));
     }
     topo.client.block_on(|| async {
         let mut held = Vec::new();
@@ -934,7 +935,7 @@ impl SlowService {
             "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
              dataplane = \"userspace\"\nadmin_token_file = \"admin.token\"\n\
              shutdown_timeout = \"30s\"\n\n[[service]]\nname = \"slow\"\naddress = \"{vip}\"\n\
-             mode = \"http\"\n[service.health]\nenabled = false\n\
+             mode = \"http\"\npolicy = \"round_robin\"\n[service.health]\nenabled = false\n\
              [[service.backend]]\naddress = \"127.0.0.1:{port}\"\n"
         );
         let path = dir.join("steer.toml");
