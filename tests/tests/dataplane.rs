@@ -729,3 +729,56 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
         topo.agent_log()
     );
 }
+
+/// Issue 13 point 4 through XDP: a backend whose `/health` answers llama.cpp's 503 "Loading
+/// model" (`steer-loading-front` before b2's server) is `loading`, DOWN in the kernel, and gets no
+/// new connection until it answers 200; then round robin gives it its half.
+#[test]
+fn a_loading_backend_gets_no_connection_through_xdp_until_it_serves() {
+    let mut topo = topology("loadx", "round_robin", 2);
+    let b2 = topo.backend("b2");
+    let front = SocketAddrV4::new(*b2.addr.ip(), b2.addr.port() + 2);
+    let ready_file = topo.dir.join("b2.ready");
+    let _ = std::fs::remove_file(&ready_file);
+    let mut loading = Command::new(env!("CARGO_BIN_EXE_steer-loading-front"));
+    loading
+        .args(["--listen", &format!("0.0.0.0:{}", front.port())])
+        .args(["--upstream", &format!("127.0.0.1:{}", b2.addr.port())])
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _loading = b2.ns.spawn(loading);
+    let b1 = topo.backend("b1").addr;
+    topo.set_service_backends(vec![b1, front]);
+    topo.start_agent();
+    topo.wait_status(front, "loading", Duration::from_secs(10));
+    let names = |topo: &Topology| -> Vec<String> {
+        let answers: Vec<String> = topo.client.block_on(|| async {
+            let mut answers = Vec::new();
+            for _ in 0..10 {
+                answers.push(whoami_new(VIP).await.1);
+            }
+            answers
+        });
+        // The name only: through the front, b2 sees the front's address, not the LB's.
+        answers
+            .iter()
+            .map(|a| a.split(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&topo), vec!["b1"; 10], "only b1 while b2 loads");
+    let view = topo.backend_view(front).expect("listed");
+    assert_eq!(
+        (view["status"].as_str(), view["new_flows"].as_u64()),
+        (Some("loading"), Some(0)),
+        "{view}"
+    );
+
+    std::fs::write(&ready_file, b"").expect("the ready file");
+    topo.wait_status(front, "healthy", Duration::from_secs(10));
+    let served = names(&topo);
+    let on_b2 = served.iter().filter(|n| *n == "b2").count();
+    assert_eq!(on_b2, 5, "round robin, b2 serving: {served:?}");
+}
