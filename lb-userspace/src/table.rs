@@ -490,6 +490,8 @@ struct ServiceEntry {
     slots: Vec<Slot>,
     /// The active backends (slot, weight, address) the kernel's Maglev table was last built for.
     maglev_of: Option<Vec<(u32, u32, SocketAddrV4)>>,
+    /// The round-robin ring as last written to the kernel.
+    ring_written: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Default)]
@@ -649,6 +651,7 @@ impl<D: Dataplane> Table<D> {
                 kernel_steers: service.kernel_steers(),
                 slots: vec![Slot::default(); SLOTS],
                 maglev_of: None,
+                ring_written: None,
             });
             let id = table.services.len() - 1;
             for &BackendSpec {
@@ -990,7 +993,14 @@ impl<D: Dataplane> Table<D> {
             .collect();
         let weights: Vec<(u32, u32)> = active.iter().map(|&(slot, w, _)| (slot, w)).collect();
         let ring = rr_ring(&weights);
-        self.dataplane.write_rr_ring(service_id, &ring)?;
+        // Written only when it changed (a slot poll changes no ring): a syscall per entry.
+        // Forgotten before the write: one that fails halfway leaves the kernel's unknown.
+        if entry.ring_written.as_ref() != Some(&ring) {
+            self.services[service].ring_written = None;
+            self.dataplane.write_rr_ring(service_id, &ring)?;
+            self.services[service].ring_written = Some(ring.clone());
+        }
+        let entry = &self.services[service];
         // Built and written only for a new set of active backends (a slot poll changes none).
         let maglev = if entry.policy == Policy::Maglev && entry.maglev_of.as_ref() != Some(&active)
         {
@@ -1000,6 +1010,7 @@ impl<D: Dataplane> Table<D> {
         };
         // With no active backend the old table stays: the kernel finds no room either way.
         if !maglev.is_empty() {
+            self.services[service].maglev_of = None;
             self.dataplane.write_maglev(service_id, &maglev)?;
             self.services[service].maglev_of = Some(active);
         }
@@ -1635,15 +1646,14 @@ mod tests {
                 maps.writes,
                 [
                     Write::Backend(0),
-                    Write::Ring(0),
                     Write::Service(0),
                     Write::ForgetSteered(0),
                     Write::Backend(2),
-                    Write::Ring(0),
                     Write::Service(0),
                     Write::ForgetSteered(2)
                 ],
-                "written as any change, then the steered flows the poll saw are forgotten"
+                "written as any change (the ring is the same), then the steered flows the poll \
+                 saw are forgotten"
             );
             let b = maps.backends[&0];
             assert_eq!(
