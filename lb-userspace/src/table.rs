@@ -1802,10 +1802,13 @@ mod tests {
         let state = |fake: &FakeDataplane| fake.maps().backends[&added.id].state;
         assert_eq!(state(&fake), backend_state::DOWN);
         assert!(fake.maps().rings[&1].is_empty());
-        let status = |handle: &TableHandle| -> Result<BackendStatus, TableError> {
+        let status = |handle: &TableHandle, id| -> Result<Option<BackendStatus>, TableError> {
             let listed = handle.snapshot()?;
-            let b = listed.backends.iter().find(|b| b.id == added.id);
-            Ok(b.map_or(BackendStatus::Unknown, |b| b.status))
+            Ok(listed
+                .backends
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| b.status))
         };
         for (checks, want, kernel) in [
             (Checks::Loading, BackendStatus::Loading, backend_state::DOWN),
@@ -1822,8 +1825,8 @@ mod tests {
         ] {
             handle.set_checks(added.id, added.address, checks).await?;
             assert_eq!(
-                (status(&handle)?, state(&fake)),
-                (want, kernel),
+                (status(&handle, added.id)?, state(&fake)),
+                (Some(want), kernel),
                 "{checks:?}"
             );
         }
@@ -1833,6 +1836,19 @@ mod tests {
         let drained = handle.drain_backend(added.id).await?;
         assert_eq!(drained.status, BackendStatus::Draining);
         assert_eq!(state(&fake), backend_state::DRAINING);
+
+        // An instance's process seen up counts as a passed check; down after that is unhealthy.
+        let gpt = NewBackend {
+            instance: Some("gpt".to_owned()),
+            ..new_backend("embed", "10.0.2.2:80")
+        };
+        let gpt = handle.add_backend(gpt).await?;
+        assert_eq!(gpt.status, BackendStatus::Unknown);
+        let process = |health| handle.set_process(gpt.id, gpt.address, health);
+        process(ProcessHealth::Up).await?;
+        assert_eq!(status(&handle, gpt.id)?, Some(BackendStatus::Healthy));
+        process(ProcessHealth::Down).await?;
+        assert_eq!(status(&handle, gpt.id)?, Some(BackendStatus::Unhealthy));
         Ok(())
     }
 
