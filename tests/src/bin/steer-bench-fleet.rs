@@ -314,7 +314,6 @@ fn choice_cost(policy: Policy, backends: u32, calls: u64) -> (f64, f64) {
             conns: rng.below(8),
             idle_slots: rng.below(4) as u32,
             steered: rng.below(2),
-            ..BackendView::default()
         })
         .collect();
     let slots: Vec<(u32, u32)> = (0..backends).map(|s| (s, 1)).collect();
