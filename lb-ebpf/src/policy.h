@@ -102,7 +102,8 @@ static __always_inline __u64 free_slots(const struct steer_backend *b, __u32 id)
 	return steered < b->idle_slots ? b->idle_slots - steered : 0;
 }
 
-/* Most free slots; ties go to fewer active connections, then the lowest slot. */
+/* Most free slots; ties go to fewer active connections, then the lowest slot.
+ * Only backends with a cap (their slot count): one never polled has no room. */
 static __always_inline int pick_slots(const struct steer_service *svc, __u32 *backend_id)
 {
 	__u64 best_free = 0, best_conns = 0, conns, free;
@@ -113,7 +114,9 @@ static __always_inline int pick_slots(const struct steer_service *svc, __u32 *ba
 		__u32 id = backend_id_of(svc->id, slot);
 		struct steer_backend *b = bpf_map_lookup_elem(&backends, &id);
 
-		if (!b || !backend_has_room(b, id, &conns))
+		/* A cap of 0 is no room here: the agent writes the slot
+		 * count once a poll knows it (never polled: not ready). */
+		if (!b || b->max_conns == 0 || !backend_has_room(b, id, &conns))
 			continue;
 		free = free_slots(b, id);
 		if (found < 0 || free > best_free || (free == best_free && conns < best_conns)) {

@@ -1,50 +1,96 @@
 //! Active health checks: every `interval`, an HTTP GET of the service's health path on each of its
-//! backends (llama.cpp's `/health` answers 503 while the model loads, 200 when it serves). The
-//! verdicts go to the backend table, which alone decides what the kernel sees: it combines them
-//! with the supervisor's view of an instance's process, so each can take a backend out.
+//! backends (llama.cpp's `/health` answers 503 "Loading model" while the model loads, 200 when it
+//! serves). The verdicts go to the backend table, which alone decides what the kernel sees: it
+//! combines them with the supervisor's view of an instance's process, so each can take a backend
+//! out.
 //!
 //! The checker sends its verdict whenever it differs from the one the table holds (so also the
 //! first one, and again after the table forgot it for a new process).
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::time::Duration;
 
-use tracing::{Instrument, debug, info_span};
+use bytes::Bytes;
+use tracing::{Instrument, debug, info, info_span};
 
+use crate::probe::GetError;
 use crate::spec::HealthSpec;
 use crate::table::{Checks, TableHandle};
 
-/// Rise and fall counting for one backend. A backend starts healthy: one that never answers
-/// turns down after `fall` checks (until then the table counts it unchecked, which passes).
+/// What llama-server's 503 says while it loads the model (on every path, `/health` included).
+const LOADING_MODEL: &str = "Loading model";
+
+/// One check's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// 200 within the timeout.
+    Pass,
+    /// 503 "Loading model": up, not ready yet.
+    Loading,
+    /// Anything else: no answer, another status.
+    Fail,
+}
+
+/// Where the counting of one backend stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Unknown,
+    Loading,
+    Healthy,
+    Unhealthy,
+}
+
+impl Verdict {
+    /// As the table holds it.
+    fn checks(self) -> Checks {
+        match self {
+            Verdict::Unknown => Checks::Unchecked,
+            Verdict::Loading => Checks::Loading,
+            Verdict::Healthy => Checks::Passing,
+            Verdict::Unhealthy => Checks::Failing,
+        }
+    }
+}
+
+/// Rise and fall counting for one backend, which starts unknown (the table keeps it out):
+/// - one pass makes an unknown or loading backend healthy: a server that answers 200 serves;
+///   an unhealthy one needs `rise` passes in a row;
+/// - "Loading model" makes any backend loading at once and counts towards nothing: a server
+///   that loads its model is not failing (a passing check after it is the load's end);
+/// - `fall` failures in a row make any other one unhealthy, an unknown one too.
 #[derive(Debug)]
 struct Tracker {
-    healthy: bool,
-    /// Verdicts in a row that disagree with `healthy`.
+    verdict: Verdict,
+    /// Outcomes in a row that pull away from `verdict`.
     streak: u32,
 }
 
 impl Tracker {
     fn new() -> Self {
         Tracker {
-            healthy: true,
+            verdict: Verdict::Unknown,
             streak: 0,
         }
     }
 
     /// Count one check; the verdict after it.
-    fn observe(&mut self, passed: bool, config: &HealthSpec) -> bool {
-        if passed == self.healthy {
+    fn observe(&mut self, outcome: Outcome, config: &HealthSpec) -> Verdict {
+        let (target, needed) = match (self.verdict, outcome) {
+            (_, Outcome::Loading) => (Verdict::Loading, 1),
+            (Verdict::Unhealthy, Outcome::Pass) => (Verdict::Healthy, config.rise.get()),
+            (_, Outcome::Pass) => (Verdict::Healthy, 1),
+            (_, Outcome::Fail) => (Verdict::Unhealthy, config.fall.get()),
+        };
+        if target == self.verdict {
             self.streak = 0;
-            return self.healthy;
+            return self.verdict;
         }
         self.streak += 1;
-        let needed = if passed { config.rise } else { config.fall };
-        if self.streak >= needed.get() {
-            self.healthy = passed;
+        if self.streak >= needed {
+            self.verdict = target;
             self.streak = 0;
         }
-        self.healthy
+        self.verdict
     }
 }
 
@@ -69,30 +115,33 @@ pub async fn run(table: TableHandle, service: String, config: HealthSpec) {
             // Backends that left, or whose id now holds another address, start over; so do
             // those whose verdict the table forgot (a new process). Every verdict reaches the
             // table in the round it was made, before the next snapshot.
-            trackers.retain(|key, _| {
-                backends
-                    .get(key)
-                    .is_some_and(|&held| held != Checks::Unchecked)
+            trackers.retain(|key, tracker| {
+                backends.get(key).is_some_and(|&held| {
+                    held != Checks::Unchecked || tracker.verdict == Verdict::Unknown
+                })
             });
             // One round's checks run side by side, each bounded by the timeout.
             let mut checks = tokio::task::JoinSet::new();
             for &(id, address) in backends.keys() {
                 let (path, timeout) = (config.path.clone(), config.timeout);
-                checks.spawn(async move { (id, address, probe(address, &path, timeout).await) });
+                checks.spawn(async move {
+                    let result = crate::probe::get(address, &path, timeout).await;
+                    (id, address, result)
+                });
             }
             while let Some(Ok((id, address, result))) = checks.join_next().await {
                 if let Err(why) = &result {
-                    debug!(id, %address, %why, "health check failed");
+                    debug!(id, %address, %why, "health check did not pass");
                 }
                 let tracker = trackers.entry((id, address)).or_insert_with(Tracker::new);
-                let passing = tracker.observe(result.is_ok(), &config);
+                let from = tracker.verdict;
+                let to = tracker.observe(outcome(&result), &config);
+                if to != from {
+                    info!(id, %address, ?from, ?to, "health check verdict");
+                }
                 let held = backends.get(&(id, address)).copied().unwrap_or_default();
-                let verdict = if passing {
-                    Checks::Passing
-                } else {
-                    Checks::Failing
-                };
-                if verdict != held && table.set_checks(id, address, passing).await.is_err() {
+                if to.checks() != held && table.set_checks(id, address, to.checks()).await.is_err()
+                {
                     return;
                 }
             }
@@ -102,19 +151,23 @@ pub async fn run(table: TableHandle, service: String, config: HealthSpec) {
     .await;
 }
 
-/// One GET of `path`; `Ok` when the answer's status is 200 within `timeout`.
-async fn probe(address: SocketAddrV4, path: &str, timeout: Duration) -> Result<(), String> {
-    crate::probe::get(address, path, timeout)
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+/// A check passes on a 200; llama.cpp's 503 "Loading model" is loading, not failing.
+fn outcome(result: &Result<Bytes, GetError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Pass,
+        Err(GetError::Status {
+            status: 503, body, ..
+        }) if body.contains(LOADING_MODEL) => Outcome::Loading,
+        Err(_) => Outcome::Fail,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::tests::answering;
+    use crate::probe::tests::{LOADING_BODY, answering};
     use std::num::NonZeroU32;
+    use std::time::Duration;
     use tokio::net::TcpListener;
 
     fn config(rise: u32, fall: u32) -> HealthSpec {
@@ -125,19 +178,79 @@ mod tests {
         }
     }
 
+    /// The verdicts after each outcome, from a new tracker.
+    fn verdicts(c: &HealthSpec, outcomes: &[Outcome]) -> Vec<Verdict> {
+        let mut t = Tracker::new();
+        outcomes.iter().map(|&o| t.observe(o, c)).collect()
+    }
+
     #[test]
     fn rise_and_fall_need_that_many_checks_in_a_row() {
+        use Outcome::{Fail, Pass};
+        use Verdict::{Healthy, Unhealthy};
         let c = config(2, 3);
-        let mut t = Tracker::new();
-        let verdicts: Vec<bool> = [false, false, true, false, false, false, false, true, true]
-            .into_iter()
-            .map(|passed| t.observe(passed, &c))
-            .collect();
-        // A pass breaks the failing streak; the third failure in a row turns it down, the
-        // second pass in a row up.
+        // Healthy at the first pass; a pass breaks the failing streak; the third failure in a
+        // row turns it down, the second pass in a row up.
         assert_eq!(
-            verdicts,
-            [true, true, true, true, true, false, false, false, true]
+            verdicts(&c, &[Pass, Fail, Fail, Pass, Fail, Fail, Fail, Pass, Pass]),
+            [
+                Healthy, Healthy, Healthy, Healthy, Healthy, Healthy, Unhealthy, Unhealthy, Healthy
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_backend_is_unknown_until_it_passes_or_fails_fall_times() {
+        use Outcome::{Fail, Pass};
+        use Verdict::{Healthy, Unhealthy, Unknown};
+        let c = config(2, 3);
+        assert_eq!(
+            verdicts(&c, &[Fail, Fail, Pass]),
+            [Unknown, Unknown, Healthy],
+            "one pass, not rise"
+        );
+        assert_eq!(
+            verdicts(&c, &[Fail, Fail, Fail, Pass, Pass]),
+            [Unknown, Unknown, Unhealthy, Unhealthy, Healthy],
+            "never answered: unhealthy, then rise applies"
+        );
+    }
+
+    #[test]
+    fn loading_keeps_it_out_without_counting_towards_fall() {
+        use Outcome::{Fail, Loading, Pass};
+        let c = config(3, 2);
+        assert_eq!(
+            verdicts(&c, &[Loading, Loading, Loading, Loading, Pass]),
+            [
+                Verdict::Loading,
+                Verdict::Loading,
+                Verdict::Loading,
+                Verdict::Loading,
+                Verdict::Healthy
+            ],
+            "loading as long as it says so, in at its first pass"
+        );
+        assert_eq!(
+            verdicts(&c, &[Pass, Fail, Loading, Fail, Fail]),
+            [
+                Verdict::Healthy,
+                Verdict::Healthy,
+                Verdict::Loading,
+                Verdict::Loading,
+                Verdict::Unhealthy
+            ],
+            "out at once when it reloads; failures after count from there"
+        );
+        assert_eq!(
+            verdicts(&c, &[Fail, Fail, Loading, Pass]),
+            [
+                Verdict::Unknown,
+                Verdict::Unhealthy,
+                Verdict::Loading,
+                Verdict::Healthy
+            ],
+            "an unhealthy server that loads again needs one pass, not rise"
         );
     }
 
@@ -147,7 +260,12 @@ mod tests {
     }
 
     fn reply(status: &str) -> Vec<u8> {
-        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").into_bytes()
+        answer(status, "")
+    }
+
+    fn answer(status: &str, body: &str) -> Vec<u8> {
+        let length = body.len();
+        format!("HTTP/1.1 {status}\r\nContent-Length: {length}\r\n\r\n{body}").into_bytes()
     }
 
     /// An HTTP server on loopback whose `/health` answers 200 to the first `healthy` checks, 503
@@ -226,14 +344,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn probe_passes_on_200_only() {
+    async fn only_200_passes_and_only_llama_cpps_loading_503_is_loading() {
         let timeout = Duration::from_secs(2);
-        assert_eq!(
-            probe(server("200 OK").await, "/health", timeout).await,
-            Ok(())
-        );
-        let loading = probe(server("503 Service Unavailable").await, "/health", timeout).await;
-        assert_eq!(loading, Err("GET /health: status 503".to_owned()));
+        let check =
+            |address| async move { outcome(&crate::probe::get(address, "/health", timeout).await) };
+        assert_eq!(check(server("200 OK").await).await, Outcome::Pass);
+        let unavailable = "503 Service Unavailable";
+        assert_eq!(check(server(unavailable).await).await, Outcome::Fail);
+        let loading = answering(move |_| answer(unavailable, LOADING_BODY)).await;
+        assert_eq!(check(loading).await, Outcome::Loading);
+        let busy = r#"{"error":{"code":503,"message":"no slot available"}}"#;
+        let busy = answering(move |_| answer(unavailable, busy)).await;
+        assert_eq!(check(busy).await, Outcome::Fail, "another 503 fails");
         let closed = {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -243,7 +365,75 @@ mod tests {
         let std::net::SocketAddr::V4(closed) = closed else {
             panic!("not IPv4");
         };
-        let refused = probe(closed, "/health", timeout).await;
-        assert!(refused.is_err_and(|e| e.contains("refused")));
+        assert_eq!(check(closed).await, Outcome::Fail);
+    }
+
+    /// A configured backend of a checked service is kept out (DOWN) until its first check, and
+    /// while it answers "Loading model"; its first 200 takes it in.
+    #[tokio::test]
+    async fn a_loading_backend_is_kept_out_until_it_serves() {
+        use crate::fake::FakeDataplane;
+        use crate::table::BackendStatus;
+        use lb_common::backend_state::{ACTIVE, DOWN};
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let ready = std::sync::Arc::new(AtomicBool::new(false));
+        let serving = ready.clone();
+        let address = answering(move |_| {
+            if serving.load(Ordering::SeqCst) {
+                reply("200 OK")
+            } else {
+                answer("503 Service Unavailable", LOADING_BODY)
+            }
+        })
+        .await;
+        let health = HealthSpec {
+            interval: Duration::from_millis(20),
+            ..config(3, 1)
+        };
+        let service = crate::spec::ServiceSpec {
+            name: "chat".to_owned(),
+            address: "10.0.0.100:80".parse().expect("vip"),
+            policy: crate::spec::Policy::RoundRobin,
+            backends: vec![crate::spec::BackendSpec {
+                address,
+                weight: crate::spec::Weight::ONE,
+                max_connections: 0,
+                models: Vec::new(),
+            }],
+            health: Some(health.clone()),
+            slots: None,
+            proxy: crate::spec::ProxySpec::default(),
+            pools: Vec::new(),
+            default_pool: 0,
+            affinity: None,
+        };
+        let dataplane = FakeDataplane::default();
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
+        let status = || table.snapshot().expect("snapshot").backends[0].status;
+        let state = || dataplane.maps().backends[&0].state;
+        assert_eq!((status(), state()), (BackendStatus::Unknown, DOWN));
+        let checker = tokio::spawn(run(table.clone(), "chat".to_owned(), health));
+        // Bounded waits for the events, not timing assertions.
+        let until = |wanted: BackendStatus| async move {
+            for _ in 0..500 {
+                if status() == wanted {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            status()
+        };
+        assert_eq!(until(BackendStatus::Loading).await, BackendStatus::Loading);
+        assert_eq!(state(), DOWN);
+        assert!(dataplane.maps().rings[&0].is_empty(), "not in the ring");
+        // Loading longer than `fall` checks: still loading, not unhealthy.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(status(), BackendStatus::Loading);
+        ready.store(true, Ordering::SeqCst);
+        assert_eq!(until(BackendStatus::Healthy).await, BackendStatus::Healthy);
+        assert_eq!(state(), ACTIVE);
+        assert_eq!(dataplane.maps().rings[&0], [0]);
+        checker.abort();
     }
 }

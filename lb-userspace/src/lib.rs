@@ -493,7 +493,8 @@ address = "10.0.1.2:8080"
     async fn serves_until_shutdown_and_returns_the_dataplane()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = temp_dir("serve")?;
-        let config = config_in(&dir, "")?;
+        // Unchecked, the backend (which nothing answers for) takes connections at once.
+        let config = config_in(&dir, "[service.health]\nenabled = false\n")?;
         let fake = FakeDataplane::default();
         let (addr, stop, agent) = start_agent(config, fake.clone()).await?;
 

@@ -34,6 +34,12 @@ impl BackendView {
             && (self.max_conns == 0 || self.conns < u64::from(self.max_conns))
     }
 
+    /// `pick_slots`' test: usable with a cap. The agent writes a backend's slot count as its cap
+    /// once a poll knows it, so a cap of 0 is one never polled, which has no room.
+    pub fn usable_for_slots(&self) -> bool {
+        self.max_conns > 0 && self.usable()
+    }
+
     /// `free_slots`: idle slots at the last poll not yet taken by a steered connection.
     pub fn free_slots(&self) -> u64 {
         u64::from(self.idle_slots).saturating_sub(self.steered)
@@ -143,7 +149,7 @@ fn pick_slots(service: &ServiceView<'_>) -> Option<u32> {
     let mut best: Option<(u32, u64, u64)> = None; // (slot, free, conns)
     for slot in 0..service.backend_count.min(MAX_BACKENDS_PER_SERVICE) {
         let b = service.backend(slot);
-        if !b.usable() {
+        if !b.usable_for_slots() {
             continue;
         }
         let free = b.free_slots();
@@ -433,6 +439,7 @@ mod tests {
             idle_slots,
             steered,
             conns,
+            max_conns: 8,
             ..active(1)
         };
         let slots = |backends: &[BackendView]| pick(&view(SLOTS, 1, &[], backends), 0);
@@ -457,6 +464,16 @@ mod tests {
             Some(65),
             "a full backend is skipped"
         );
+        let never_polled = BackendView {
+            max_conns: 0,
+            ..b(4, 0, 0)
+        };
+        assert_eq!(
+            slots(&[never_polled, b(0, 0, 7)]),
+            Some(65),
+            "never polled (no cap): no room, whatever its idle slots"
+        );
+        assert_eq!(slots(&[never_polled]), None);
         assert_eq!(slots(&[]), None);
     }
 
@@ -465,6 +482,7 @@ mod tests {
     fn slots_spreads_a_burst_between_polls() {
         let mut backends = [3, 1, 2].map(|idle_slots| BackendView {
             idle_slots,
+            max_conns: 8,
             ..active(1)
         });
         let mut picks = Vec::new();
@@ -572,12 +590,13 @@ mod tests {
             backends in prop::collection::vec(backend_strategy(), 1..8),
         ) {
             let svc = view(SLOTS, 0, &[], &backends);
-            let usable: Vec<&BackendView> = backends.iter().filter(|b| b.usable()).collect();
+            let usable: Vec<&BackendView> =
+                backends.iter().filter(|b| b.usable_for_slots()).collect();
             let picked = pick(&svc, 0);
             prop_assert_eq!(picked.is_some(), !usable.is_empty());
             if let Some(id) = picked {
                 let p = backends[id as usize];
-                prop_assert!(p.usable());
+                prop_assert!(p.usable_for_slots());
                 for o in usable {
                     prop_assert!(p.free_slots() >= o.free_slots());
                     if p.free_slots() == o.free_slots() {

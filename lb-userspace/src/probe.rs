@@ -1,7 +1,8 @@
 //! The agent's own HTTP client towards its backends: health checks ([`crate::health`]), slot
 //! polls ([`crate::slots`]) and the supervisor's readiness probe of a starting llama-server. One
 //! `GET` on a new HTTP/1.1 connection (hyper), `Connection: close`, bounded in time and size; the
-//! body of a 200 answer. Small on purpose: these answers are short.
+//! body of a 200 answer, or the status and the start of the body of another (llama.cpp says why
+//! there: "Loading model"). Small on purpose: these answers are short.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use tokio::net::TcpStream;
 /// The largest body read. `/slots` grows with the slot count and each busy slot's sampling
 /// parameters (about 1.3 KB for one); this leaves room for hundreds of slots.
 pub const MAX_RESPONSE: usize = 1 << 20;
+/// How much of a non-200 answer's body an error keeps: llama.cpp's error objects fit.
+pub const STATUS_BODY_PREFIX: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
@@ -27,8 +30,13 @@ pub enum GetError {
     },
     #[error("GET {path}: not an HTTP response")]
     Malformed { path: String },
-    #[error("GET {path}: status {status}")]
-    Status { path: String, status: u16 },
+    #[error("GET {path}: status {status}{}", said(body))]
+    Status {
+        path: String,
+        status: u16,
+        /// The body's first [`STATUS_BODY_PREFIX`] bytes (lossy UTF-8), whatever arrived in time.
+        body: String,
+    },
     #[error("GET {path}: more than {MAX_RESPONSE} bytes")]
     TooLarge { path: String },
     #[error("GET {path}: no answer within {timeout:?}")]
@@ -74,6 +82,7 @@ async fn exchange(address: SocketAddrV4, path: &str) -> Result<Bytes, GetError> 
             return Err(GetError::Status {
                 path: path.to_owned(),
                 status,
+                body: body_prefix(response.into_body()).await,
             });
         }
         let body = Limited::new(response.into_body(), MAX_RESPONSE)
@@ -92,6 +101,29 @@ async fn exchange(address: SocketAddrV4, path: &str) -> Result<Bytes, GetError> 
     };
     let (answer, _closed) = tokio::join!(answer, connection);
     answer
+}
+
+/// The start of `body`: frames until [`STATUS_BODY_PREFIX`] bytes, its end or an error.
+async fn body_prefix(mut body: hyper::body::Incoming) -> String {
+    let mut prefix = Vec::new();
+    while prefix.len() < STATUS_BODY_PREFIX {
+        let Some(Ok(frame)) = body.frame().await else {
+            break;
+        };
+        if let Ok(data) = frame.into_data() {
+            prefix.extend_from_slice(&data);
+        }
+    }
+    prefix.truncate(STATUS_BODY_PREFIX);
+    String::from_utf8_lossy(&prefix).into_owned()
+}
+
+fn said(body: &str) -> String {
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(": {body}")
+    }
 }
 
 /// An I/O error under hyper's stays one, except an answer cut short, which like anything else
@@ -119,6 +151,11 @@ pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// llama-server's answer body on any path, `/health` included, while it loads the model
+    /// (llama.cpp's `tools/server/server-http.cpp`).
+    pub(crate) const LOADING_BODY: &str =
+        r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#;
 
     /// llama-server's answer on `/slots` when started with `--no-slots`.
     const NO_SLOTS: &str = "HTTP/1.1 501 Not Implemented\r\nServer: llama.cpp\r\n\
@@ -156,10 +193,12 @@ pub(crate) mod tests {
     async fn responses_are_cut_to_their_length_and_errors_keep_the_status() {
         let ok = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\ncontent-length: 2\r\n\r\n[]garbage";
         assert_eq!(get_answer(ok).await.ok(), Some(Bytes::from_static(b"[]")));
-        assert!(matches!(
-            get_answer(NO_SLOTS).await,
-            Err(GetError::Status { status: 501, .. })
-        ));
+        match get_answer(NO_SLOTS).await {
+            Err(GetError::Status {
+                status: 501, body, ..
+            }) => assert_eq!(body, "{}"),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             get_answer("SSH-2.0-OpenSSH\r\n\r\n").await,
             Err(GetError::Malformed { .. })
@@ -169,6 +208,34 @@ pub(crate) mod tests {
             get_answer(short).await,
             Err(GetError::Malformed { .. })
         ));
+    }
+
+    /// llama-server's `/health` while it loads the model: the error keeps the body that says so;
+    /// a long body only its start.
+    #[tokio::test]
+    async fn a_status_error_keeps_the_start_of_the_body() {
+        let loading = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{LOADING_BODY}",
+            LOADING_BODY.len()
+        );
+        let error = get_answer(loading).await.expect_err("503");
+        assert_eq!(
+            error.to_string(),
+            format!("GET /slots: status 503: {LOADING_BODY}")
+        );
+        let long = "x".repeat(STATUS_BODY_PREFIX * 8);
+        let answer = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{long}",
+            long.len()
+        );
+        match get_answer(answer).await {
+            Err(GetError::Status {
+                status: 500, body, ..
+            }) => {
+                assert_eq!(body, long[..STATUS_BODY_PREFIX]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

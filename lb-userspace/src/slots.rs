@@ -447,7 +447,7 @@ mod tests {
         let nothing = server(|_| NO_SLOTS.replace("slots endpoint", "metrics endpoint")).await;
         assert!(matches!(
             poll_backend(nothing, timeout).await,
-            Err(PollError::Get(GetError::Status { ref path, status: 501 })) if path == "/metrics"
+            Err(PollError::Get(GetError::Status { ref path, status: 501, .. })) if path == "/metrics"
         ));
         let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let std::net::SocketAddr::V4(silent_addr) = silent.local_addr().expect("addr") else {

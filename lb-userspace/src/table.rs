@@ -20,8 +20,10 @@
 //!
 //! Health is the table's to decide, from two inputs kept apart: the active checks' verdict
 //! ([`TableHandle::set_checks`]) and, for a supervised instance's backend, the supervisor's view
-//! of its process ([`TableHandle::set_process`]). A backend takes new connections only when
-//! neither says no; so neither input can undo the other's "no".
+//! of its process ([`TableHandle::set_process`]). Both give one [`BackendStatus`], computed in
+//! one place (`SlotBackend::status`): a backend takes new connections only when `healthy`, so
+//! neither input can undo the other's "no", and a new backend takes none before a check (or the
+//! supervisor's "up") passed.
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -118,11 +120,42 @@ pub enum ProcessHealth {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Checks {
-    /// No verdict yet (no checks configured, or a new process): counts as passing.
+    /// No verdict yet (no checks configured, a new backend or a new process).
     #[default]
     Unchecked,
     Passing,
     Failing,
+    /// `/health` answers llama.cpp's 503 "Loading model".
+    Loading,
+}
+
+/// Whether a backend takes new connections, from its state, checks and process together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendStatus {
+    /// New: no check passed yet (an instance: its process not up yet). No new connections.
+    Unknown,
+    /// Its `/health` says it loads the model. No new connections, until a check passes.
+    Loading,
+    /// Takes new connections.
+    Healthy,
+    /// Failing checks, or an instance's process that went down. No new connections.
+    Unhealthy,
+    /// Healthy, drained (by the operator or the supervisor): keeps its flows, takes no new ones.
+    Draining,
+}
+
+impl BackendStatus {
+    /// The kernel entry's state: only a healthy backend is active.
+    fn abi(self) -> u32 {
+        match self {
+            BackendStatus::Healthy => backend_state::ACTIVE,
+            BackendStatus::Draining => backend_state::DRAINING,
+            BackendStatus::Unknown | BackendStatus::Loading | BackendStatus::Unhealthy => {
+                backend_state::DOWN
+            }
+        }
+    }
 }
 
 /// Both health inputs of a backend, as listed.
@@ -132,15 +165,6 @@ pub struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessHealth>,
     pub checks: Checks,
-}
-
-impl BackendState {
-    fn abi(self) -> u32 {
-        match self {
-            BackendState::Active => backend_state::ACTIVE,
-            BackendState::Draining => backend_state::DRAINING,
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -154,7 +178,9 @@ pub struct BackendInfo {
     pub state: BackendState,
     /// `local` (on this host) or `remote`.
     pub kind: BackendKind,
-    /// Neither health input says no; an unhealthy backend takes no new connections.
+    /// Takes new connections only when `healthy`.
+    pub status: BackendStatus,
+    /// Neither health input says no: `status` is `healthy` or `draining`.
     pub healthy: bool,
     pub health: Health,
     /// The supervised instance it is, if any.
@@ -292,7 +318,7 @@ enum Command {
     Add(NewBackend, Reply<BackendInfo>),
     Remove(u32, Reply<BackendInfo>),
     SetState(u32, BackendState, Reply<BackendInfo>),
-    SetChecks(u32, SocketAddrV4, bool, Reply<()>),
+    SetChecks(u32, SocketAddrV4, Checks, Reply<()>),
     SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
     SetSlots(SlotReport, Reply<()>),
     SetModels(u32, SocketAddrV4, Vec<String>, Reply<()>),
@@ -347,9 +373,9 @@ impl TableHandle {
         &self,
         id: u32,
         address: SocketAddrV4,
-        passing: bool,
+        checks: Checks,
     ) -> Result<(), TableError> {
-        self.call(|reply| Command::SetChecks(id, address, passing, reply))
+        self.call(|reply| Command::SetChecks(id, address, checks, reply))
             .await
     }
 
@@ -376,7 +402,8 @@ impl TableHandle {
     }
 
     /// Publish a slot poll of the backend at `address` under `id` (dropped if the id has since
-    /// changed hands): the kernel gets its idle slots and forgets the steered flows it saw.
+    /// changed hands): the kernel and the proxy's routes get its idle slots (and the cap that
+    /// follows them), then the kernel forgets the steered flows it saw.
     pub async fn set_slots(&self, report: SlotReport) -> Result<(), TableError> {
         self.call(|reply| Command::SetSlots(report, reply)).await
     }
@@ -508,6 +535,8 @@ struct ServiceEntry {
     name: String,
     address: SocketAddrV4,
     policy: Policy,
+    /// Whether active health checks run: without, a backend is healthy once added.
+    checked: bool,
     /// Whether the kernel gets a service entry (see [`ServiceSpec::kernel_steers`]); without one
     /// XDP passes the service's SYNs to the proxy. Backends and rings are written either way:
     /// ids and connection counts are shared with the proxy.
@@ -515,6 +544,10 @@ struct ServiceEntry {
     /// The proxy's model pools (see [`Route::pools`]).
     pools: Vec<PoolSpec>,
     slots: Vec<Slot>,
+    /// The active backends (slot, weight, address) the kernel's Maglev table was last built for.
+    maglev_of: Option<Vec<(u32, u32, SocketAddrV4)>>,
+    /// The round-robin ring as last written to the kernel.
+    ring_written: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Default)]
@@ -534,6 +567,8 @@ struct SlotBackend {
     local: bool,
     /// The active checks' verdict.
     checks: Checks,
+    /// The service's: whether a check must pass before it takes connections.
+    checked: bool,
     /// For a supervised instance's backend: the instance and its process.
     supervised: Option<Supervised>,
     /// The id's kernel counters when this backend got it: an id's counters are never reset.
@@ -550,6 +585,8 @@ struct SlotBackend {
 struct Supervised {
     instance: String,
     process: ProcessHealth,
+    /// A process of it has come up: down is then unhealthy, not unknown.
+    came_up: bool,
 }
 
 impl SlotBackend {
@@ -566,9 +603,29 @@ impl SlotBackend {
         self.supervised.as_ref().map(|s| s.process)
     }
 
-    /// Takes new flows as far as health goes: no input says no.
-    fn healthy(&self) -> bool {
-        self.checks != Checks::Failing && self.process() != Some(ProcessHealth::Down)
+    /// The one place that combines the inputs. The checks' "failing" or "loading" holds
+    /// against the supervisor's "up"; that "up" (it saw `/health` answer 200) counts as a passed
+    /// check, as does no check at all where none run.
+    fn status(&self) -> BackendStatus {
+        let health = match (self.checks, &self.supervised) {
+            (Checks::Failing, _) => BackendStatus::Unhealthy,
+            (Checks::Loading, _) => BackendStatus::Loading,
+            (_, Some(s)) if s.process == ProcessHealth::Down => {
+                if s.came_up {
+                    BackendStatus::Unhealthy
+                } else {
+                    BackendStatus::Unknown
+                }
+            }
+            (Checks::Passing, _) | (Checks::Unchecked, Some(_)) => BackendStatus::Healthy,
+            (Checks::Unchecked, None) if self.checked => BackendStatus::Unknown,
+            (Checks::Unchecked, None) => BackendStatus::Healthy,
+        };
+        if health == BackendStatus::Healthy && self.state() == BackendState::Draining {
+            BackendStatus::Draining
+        } else {
+            health
+        }
     }
 
     /// The operator's state, or draining while the supervisor drains the process.
@@ -589,20 +646,21 @@ impl SlotBackend {
     }
 }
 
-/// A slot's `steer_backend` entry.
-fn kernel_backend(s: &Slot) -> Backend {
+/// A slot's `steer_backend` entry under `policy`.
+fn kernel_backend(s: &Slot, policy: Policy) -> Backend {
     match &s.backend {
         Some(b) => Backend {
             addr: u32::from_ne_bytes(b.address.ip().octets()),
             port: b.address.port().to_be(),
             weight: u32::from(b.weight.get()),
-            // Unhealthy: DOWN for new flows; open ones keep going (conntrack).
-            state: if b.healthy() {
-                b.state().abi()
+            // Not healthy: DOWN for new flows; open ones keep going (conntrack).
+            state: b.status().abi(),
+            // Under `slots` a cap of 0 is no room: a backend never polled takes no flow.
+            max_conns: if policy == Policy::Slots && b.slots.is_none() {
+                0
             } else {
-                backend_state::DOWN
+                b.max_conns()
             },
-            max_conns: b.max_conns(),
             kind: if b.local {
                 backend_kind::LOCAL
             } else {
@@ -670,13 +728,17 @@ impl<D: Dataplane> Table<D> {
             counters: Counters::default(),
         };
         for service in services {
+            let checked = service.health.is_some();
             table.services.push(ServiceEntry {
                 name: service.name.clone(),
                 address: service.address,
                 policy: service.policy,
+                checked,
                 kernel_steers: service.kernel_steers(),
                 pools: service.pools.clone(),
                 slots: vec![Slot::default(); SLOTS],
+                maglev_of: None,
+                ring_written: None,
             });
             let id = table.services.len() - 1;
             for BackendSpec {
@@ -695,6 +757,7 @@ impl<D: Dataplane> Table<D> {
                     state: BackendState::Active,
                     local,
                     checks: Checks::Unchecked,
+                    checked,
                     supervised: None,
                     stats_base: BackendStats::default(),
                     slots: None,
@@ -773,8 +836,8 @@ impl<D: Dataplane> Table<D> {
             Command::Add(backend, reply) => answer(reply, self.add(backend)),
             Command::Remove(id, reply) => answer(reply, self.remove(id)),
             Command::SetState(id, state, reply) => answer(reply, self.set_state(id, state)),
-            Command::SetChecks(id, address, passing, reply) => {
-                answer(reply, self.set_checks(id, address, passing))
+            Command::SetChecks(id, address, checks, reply) => {
+                answer(reply, self.set_checks(id, address, checks))
             }
             Command::SetProcess(id, address, process, reply) => {
                 answer(reply, self.set_process(id, address, process))
@@ -835,9 +898,11 @@ impl<D: Dataplane> Table<D> {
             state: BackendState::Active,
             local: self.dataplane.is_local(*new.address.ip()),
             checks: Checks::Unchecked,
+            checked: self.services[service].checked,
             supervised: new.instance.clone().map(|instance| Supervised {
                 instance,
                 process: ProcessHealth::Down,
+                came_up: false,
             }),
             stats_base,
             slots: None,
@@ -846,7 +911,7 @@ impl<D: Dataplane> Table<D> {
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
         let info = self.info(service, slot)?;
-        info!(id, service = %new.service, address = %new.address, weight = new.weight.get(), "backend added");
+        info!(id, service = %new.service, address = %new.address, weight = new.weight.get(), status = ?info.status, "backend added");
         Ok(info)
     }
 
@@ -880,13 +945,8 @@ impl<D: Dataplane> Table<D> {
         &mut self,
         id: u32,
         address: SocketAddrV4,
-        passing: bool,
+        checks: Checks,
     ) -> Result<(), TableError> {
-        let checks = if passing {
-            Checks::Passing
-        } else {
-            Checks::Failing
-        };
         self.set_health(id, address, |b| {
             b.checks = checks;
             Some(())
@@ -903,6 +963,7 @@ impl<D: Dataplane> Table<D> {
             let supervised = b.supervised.as_mut()?;
             if process == ProcessHealth::Up && supervised.process != ProcessHealth::Up {
                 b.checks = Checks::Unchecked;
+                supervised.came_up = true;
             }
             supervised.process = process;
             Some(())
@@ -926,44 +987,47 @@ impl<D: Dataplane> Table<D> {
         else {
             return Ok(());
         };
-        let (healthy, state) = (current.healthy(), current.state());
+        let from = current.status();
         let mut edited = current.clone();
         if edit(&mut edited).is_none() {
             return Ok(());
         }
-        if (edited.healthy(), edited.state()) == (healthy, state) {
+        let to = edited.status();
+        if to == from {
             // Nothing the kernel sees changes: no map write.
             *current = edited;
             return Ok(());
         }
-        let (now_healthy, checks, process) = (edited.healthy(), edited.checks, edited.process());
+        let (checks, process) = (edited.checks, edited.process());
         self.change(service, slot, |s| s.backend = Some(edited))?;
-        if now_healthy && !healthy {
-            info!(id, %address, ?checks, ?process, "backend healthy: takes new connections");
-        } else if !now_healthy && healthy {
-            warn!(id, %address, ?checks, ?process, "backend unhealthy: no new connections");
+        if to == BackendStatus::Unhealthy {
+            warn!(id, %address, ?from, ?to, ?checks, ?process, "backend status: no new connections");
+        } else {
+            info!(id, %address, ?from, ?to, ?checks, ?process, "backend status");
         }
         Ok(())
     }
 
-    /// Only the backend entry changes: its idle slots (and cap, when that follows the slots).
-    /// Written before the steered flows the poll saw are forgotten, so the kernel may briefly
-    /// count them twice (too few free slots) but never as free.
+    /// The backend's idle slots (and cap, when that follows the slots) go out as any change
+    /// does, to the kernel and the proxy's routes. Written before the steered flows the poll saw
+    /// are forgotten, so the kernel may briefly count them twice (too few free slots) but never
+    /// as free.
     fn set_slots(&mut self, report: SlotReport) -> Result<(), TableError> {
         let (service, slot) = split_id(report.id);
-        let Some(s) = self.services.get_mut(service).map(|e| &mut e.slots[slot]) else {
+        let Some(old) = self
+            .services
+            .get(service)
+            .and_then(|e| e.slots[slot].backend.as_ref())
+            .filter(|b| b.address == report.address)
+            .map(|b| b.slots)
+        else {
             return Ok(());
         };
-        let Some(backend) = s.backend.as_mut().filter(|b| b.address == report.address) else {
-            return Ok(());
-        };
-        let old = backend.slots.replace(report.slots);
-        if let Err(err) = self.dataplane.write_backend(report.id, kernel_backend(s)) {
+        self.change(service, slot, |s| {
             if let Some(backend) = &mut s.backend {
-                backend.slots = old;
+                backend.slots = Some(report.slots);
             }
-            return Err(err.into());
-        }
+        })?;
         if old.map(|o| o.total) != Some(report.slots.total) {
             info!(id = report.id, address = %report.address, total = report.slots.total, "slot count known");
         }
@@ -1038,13 +1102,13 @@ impl<D: Dataplane> Table<D> {
         for slot in slots {
             self.dataplane.write_backend(
                 backend_id(service, slot),
-                kernel_backend(&entry.slots[slot]),
+                kernel_backend(&entry.slots[slot], entry.policy),
             )?;
         }
         let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
             .filter_map(|(slot, s)| match &s.backend {
-                Some(b) if b.state() == BackendState::Active && b.healthy() => {
+                Some(b) if b.status() == BackendStatus::Healthy => {
                     Some((slot, u32::from(b.weight.get()), b.address))
                 }
                 _ => None,
@@ -1052,16 +1116,28 @@ impl<D: Dataplane> Table<D> {
             .collect();
         let weights: Vec<(u32, u32)> = active.iter().map(|&(slot, w, _)| (slot, w)).collect();
         let ring = rr_ring(&weights);
-        self.dataplane.write_rr_ring(service_id, &ring)?;
-        let maglev = if entry.policy == Policy::Maglev {
+        // Written only when it changed (a slot poll changes no ring): a syscall per entry.
+        // Forgotten before the write: one that fails halfway leaves the kernel's unknown.
+        if entry.ring_written.as_ref() != Some(&ring) {
+            self.services[service].ring_written = None;
+            self.dataplane.write_rr_ring(service_id, &ring)?;
+            self.services[service].ring_written = Some(ring.clone());
+        }
+        let entry = &self.services[service];
+        // Built and written only for a new set of active backends (a slot poll changes none).
+        let maglev = if entry.policy == Policy::Maglev && entry.maglev_of.as_ref() != Some(&active)
+        {
             maglev_table(&active)
         } else {
             Vec::new()
         };
         // With no active backend the old table stays: the kernel finds no room either way.
         if !maglev.is_empty() {
+            self.services[service].maglev_of = None;
             self.dataplane.write_maglev(service_id, &maglev)?;
+            self.services[service].maglev_of = Some(active.clone());
         }
+        let entry = &self.services[service];
         let backend_count = entry
             .slots
             .iter()
@@ -1086,7 +1162,7 @@ impl<D: Dataplane> Table<D> {
             .slots
             .iter()
             .map(|s| {
-                let b = kernel_backend(s);
+                let b = kernel_backend(s, entry.policy);
                 let view = BackendView {
                     state: b.state,
                     weight: b.weight,
@@ -1207,7 +1283,8 @@ impl<D: Dataplane> Table<D> {
             } else {
                 BackendKind::Remote
             },
-            healthy: b.healthy(),
+            status: b.status(),
+            healthy: matches!(b.status(), BackendStatus::Healthy | BackendStatus::Draining),
             health: Health {
                 process: b.process(),
                 checks: b.checks,
@@ -1901,11 +1978,14 @@ mod tests {
                 maps.writes,
                 [
                     Write::Backend(0),
+                    Write::Service(0),
                     Write::ForgetSteered(0),
                     Write::Backend(2),
+                    Write::Service(0),
                     Write::ForgetSteered(2)
                 ],
-                "only the backend entry, then the steered flows the poll saw"
+                "written as any change (the ring is the same), then the steered flows the poll \
+                 saw are forgotten"
             );
             let b = maps.backends[&0];
             assert_eq!(
@@ -1959,9 +2039,148 @@ mod tests {
         fake.set_connections(0, 1);
         assert_eq!(
             kernel_choice(&fake, chat_key(), 0),
-            Some(1),
-            "all taken: fewer connections"
+            Some(2),
+            "all taken: fewer connections, of the polled ones"
         );
+        Ok(())
+    }
+
+    /// Point 5 of issue 13: a slot poll reaches the proxy's routes, not only the kernel, so the
+    /// http proxy holds requests at the slot count.
+    #[tokio::test]
+    async fn a_slot_poll_republishes_the_routes() -> Result<(), TableError> {
+        let (_fake, handle, _task) = started()?;
+        let mut routes = handle.routes();
+        let before = routes.borrow_and_update()[0].backends[0].0;
+        assert_eq!((before.max_conns, before.idle_slots), (0, 0));
+        let report = SlotReport {
+            id: 0,
+            address: addr("10.0.1.2:8080"),
+            slots: SlotCounts { total: 4, idle: 3 },
+            steered_before: 0,
+        };
+        handle.set_slots(report).await?;
+        assert!(routes.has_changed().unwrap_or(false), "republished");
+        let after = routes.borrow_and_update()[0].clone();
+        assert_eq!(
+            (
+                after.backends[0].0.max_conns,
+                after.backends[0].0.idle_slots
+            ),
+            (4, 3)
+        );
+        assert_eq!(after.pools[0].ring, [0, 1], "the ring is the same");
+        Ok(())
+    }
+
+    /// Under policy `slots` a backend takes nothing before its first poll: its kernel entry
+    /// (and route) has no cap, which the policy reads as no room, even with a configured cap.
+    #[tokio::test]
+    async fn under_slots_a_backend_never_polled_has_no_room() -> Result<(), TableError> {
+        let mut config = services();
+        config[0].policy = Policy::Slots;
+        config[0].backends[1].max_connections = 8;
+        let fake = FakeDataplane::default();
+        let (handle, _task) = start(fake.clone(), &config)?;
+        let caps = |fake: &FakeDataplane| {
+            let maps = fake.maps();
+            (maps.backends[&0].max_conns, maps.backends[&1].max_conns)
+        };
+        assert_eq!(caps(&fake), (0, 0));
+        assert_eq!(
+            kernel_choice(&fake, chat_key(), 0),
+            None,
+            "no room anywhere"
+        );
+        let report = SlotReport {
+            id: 1,
+            address: addr("10.0.1.3:8080"),
+            slots: SlotCounts { total: 2, idle: 0 },
+            steered_before: 0,
+        };
+        handle.set_slots(report).await?;
+        assert_eq!(caps(&fake), (0, 8), "the configured cap once polled");
+        assert_eq!(
+            kernel_choice(&fake, chat_key(), 0),
+            Some(1),
+            "the polled one, though none of its slots is idle"
+        );
+        let listed = handle.snapshot()?;
+        assert_eq!(listed.backends[1].max_connections, 8);
+        Ok(())
+    }
+
+    /// A backend added to a checked service is unknown, and DOWN for the kernel, until its
+    /// first passing check; without checks it is healthy at once.
+    #[tokio::test]
+    async fn with_checks_a_new_backend_waits_for_a_passing_check() -> Result<(), TableError> {
+        let mut config = services();
+        config[1].health = Some(crate::spec::HealthSpec::default());
+        let fake = FakeDataplane::default();
+        let (handle, _task) = start(fake.clone(), &config)?;
+        let listed = handle.snapshot()?;
+        assert_eq!(
+            listed.backends[0].status,
+            BackendStatus::Healthy,
+            "chat: no checks"
+        );
+        let added = handle
+            .add_backend(new_backend("embed", "10.0.2.1:80"))
+            .await?;
+        assert_eq!(
+            (added.status, added.healthy),
+            (BackendStatus::Unknown, false)
+        );
+        let state = |fake: &FakeDataplane| fake.maps().backends[&added.id].state;
+        assert_eq!(state(&fake), backend_state::DOWN);
+        assert!(fake.maps().rings[&1].is_empty());
+        let status = |handle: &TableHandle, id| -> Result<Option<BackendStatus>, TableError> {
+            let listed = handle.snapshot()?;
+            Ok(listed
+                .backends
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| b.status))
+        };
+        for (checks, want, kernel) in [
+            (Checks::Loading, BackendStatus::Loading, backend_state::DOWN),
+            (
+                Checks::Passing,
+                BackendStatus::Healthy,
+                backend_state::ACTIVE,
+            ),
+            (
+                Checks::Failing,
+                BackendStatus::Unhealthy,
+                backend_state::DOWN,
+            ),
+        ] {
+            handle.set_checks(added.id, added.address, checks).await?;
+            assert_eq!(
+                (status(&handle, added.id)?, state(&fake)),
+                (Some(want), kernel),
+                "{checks:?}"
+            );
+        }
+        handle
+            .set_checks(added.id, added.address, Checks::Passing)
+            .await?;
+        let drained = handle.drain_backend(added.id).await?;
+        assert_eq!(drained.status, BackendStatus::Draining);
+        assert_eq!(state(&fake), backend_state::DRAINING);
+
+        // An instance's process seen up counts as a passed check; down after that is unhealthy.
+        let gpt = NewBackend {
+            instance: Some("gpt".to_owned()),
+            ..new_backend("embed", "10.0.2.2:80")
+        };
+        let gpt = handle.add_backend(gpt).await?;
+        assert_eq!(gpt.status, BackendStatus::Unknown);
+        let process = |health| handle.set_process(gpt.id, gpt.address, health);
+        process(ProcessHealth::Up).await?;
+        assert_eq!(status(&handle, gpt.id)?, Some(BackendStatus::Healthy));
+        process(ProcessHealth::Down).await?;
+        assert_eq!(status(&handle, gpt.id)?, Some(BackendStatus::Unhealthy));
         Ok(())
     }
 
@@ -1987,7 +2206,7 @@ mod tests {
             backend_state::DOWN,
             "not before the process is up"
         );
-        handle.set_checks(id, address, true).await?;
+        handle.set_checks(id, address, Checks::Passing).await?;
         assert_eq!(
             state(&fake),
             backend_state::DOWN,
@@ -1997,7 +2216,7 @@ mod tests {
         assert_eq!(state(&fake), backend_state::ACTIVE);
         assert_eq!(fake.maps().rings[&0], [0, 1, 2]);
 
-        handle.set_checks(id, address, false).await?;
+        handle.set_checks(id, address, Checks::Failing).await?;
         assert_eq!(state(&fake), backend_state::DOWN);
         handle.set_process(id, address, ProcessHealth::Up).await?;
         assert_eq!(
@@ -2095,7 +2314,9 @@ mod tests {
         assert_eq!(listed, Some(&added), "the subscriber got the new backend");
         assert_eq!(seen.services[1].backends, 1);
 
-        handle.set_checks(0, addr("10.0.1.2:8080"), false).await?;
+        handle
+            .set_checks(0, addr("10.0.1.2:8080"), Checks::Failing)
+            .await?;
         let latest = handle.snapshot()?;
         assert_eq!(
             (latest.backends[0].healthy, latest.backends[0].health.checks),

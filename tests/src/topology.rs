@@ -424,8 +424,14 @@ impl Topology {
                     self.agent_log()
                 );
             }
+            // Every configured backend checked once: none still `unknown` (instances come up
+            // on their own time).
             if let Ok(v) = self.try_admin("GET", "/v1/backends", None)
-                && v["backends"].as_array().map(Vec::len) == Some(expected)
+                && let Some(listed) = v["backends"].as_array()
+                && listed.len() == expected
+                && listed
+                    .iter()
+                    .all(|b| !b["instance"].is_null() || b["status"] != "unknown")
             {
                 return;
             }
@@ -537,17 +543,32 @@ impl Topology {
     /// Polls `GET /v1/backends` (every 50 ms, at most `within`) until `active_connections` of
     /// the backend on `addr` equals `want`; panics with the last value otherwise.
     pub fn wait_active_connections(&self, addr: SocketAddrV4, want: u64, within: Duration) {
+        self.wait_backend_field(addr, "active_connections", &want.into(), within);
+    }
+
+    /// Like [`Topology::wait_active_connections`], until the backend's `status` is `want`
+    /// (`healthy`: it takes connections; a backend added with health checks on is `unknown`
+    /// until its first check passes).
+    pub fn wait_status(&self, addr: SocketAddrV4, want: &str, within: Duration) {
+        self.wait_backend_field(addr, "status", &want.into(), within);
+    }
+
+    fn wait_backend_field(
+        &self,
+        addr: SocketAddrV4,
+        field: &str,
+        want: &serde_json::Value,
+        within: Duration,
+    ) {
         let deadline = Instant::now() + within;
         loop {
-            let got = self
-                .backend_view(addr)
-                .and_then(|b| b["active_connections"].as_u64());
-            if got == Some(want) {
+            let got = self.backend_view(addr).map(|b| b[field].clone());
+            if got.as_ref() == Some(want) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "backend {addr}: active_connections {got:?}, want {want} (waited {within:?})"
+                "backend {addr}: {field} {got:?}, want {want} (waited {within:?})"
             );
             thread::sleep(Duration::from_millis(50));
         }

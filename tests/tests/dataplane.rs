@@ -266,10 +266,11 @@ fn local_backend_on_the_lb_host_mixes_with_a_remote_one() {
         .stderr(Stdio::null());
     let _server = topo.lb.spawn(server);
     topo.start_agent();
-    // Until the server listens, the agent's first connect can be refused; that is fine.
     let body = serde_json::json!({"service": "web", "address": local.to_string()});
     let added = topo.admin("POST", "/v1/backends", Some(&body));
     assert_eq!(added["kind"].as_str(), Some("local"), "{added}");
+    // It takes connections once a check passed (the server may not listen at once).
+    topo.wait_status(local, "healthy", Duration::from_secs(10));
     assert_eq!(
         topo.backend_view(topo.backend("b1").addr).expect("b1")["kind"].as_str(),
         Some("remote")
@@ -480,6 +481,7 @@ fn backend_added_through_the_api_takes_its_weighted_share() {
     assert_eq!(added["weight"].as_u64(), Some(2), "{added}");
     assert_eq!(added["state"].as_str(), Some("active"), "{added}");
     assert_eq!(added["active_connections"].as_u64(), Some(0), "{added}");
+    topo.wait_status(b2, "healthy", Duration::from_secs(10));
 
     // 30 consecutive connections walk the 3-entry weighted ring exactly ten times.
     let names: Vec<String> = topo.client.block_on(|| async {
@@ -726,4 +728,57 @@ fn agent_exit_detaches_xdp(tag: &str, signal: Signal) {
         "forwarding on lo left on after an agent was killed; log:\n{}",
         topo.agent_log()
     );
+}
+
+/// Issue 13 point 4 through XDP: a backend whose `/health` answers llama.cpp's 503 "Loading
+/// model" (`steer-loading-front` before b2's server) is `loading`, DOWN in the kernel, and gets no
+/// new connection until it answers 200; then round robin gives it its half.
+#[test]
+fn a_loading_backend_gets_no_connection_through_xdp_until_it_serves() {
+    let mut topo = topology("loadx", "round_robin", 2);
+    let b2 = topo.backend("b2");
+    let front = SocketAddrV4::new(*b2.addr.ip(), b2.addr.port() + 2);
+    let ready_file = topo.dir.join("b2.ready");
+    let _ = std::fs::remove_file(&ready_file);
+    let mut loading = Command::new(env!("CARGO_BIN_EXE_steer-loading-front"));
+    loading
+        .args(["--listen", &format!("0.0.0.0:{}", front.port())])
+        .args(["--upstream", &format!("127.0.0.1:{}", b2.addr.port())])
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _loading = b2.ns.spawn(loading);
+    let b1 = topo.backend("b1").addr;
+    topo.set_service_backends(vec![b1, front]);
+    topo.start_agent();
+    topo.wait_status(front, "loading", Duration::from_secs(10));
+    let names = |topo: &Topology| -> Vec<String> {
+        let answers: Vec<String> = topo.client.block_on(|| async {
+            let mut answers = Vec::new();
+            for _ in 0..10 {
+                answers.push(whoami_new(VIP).await.1);
+            }
+            answers
+        });
+        // The name only: through the front, b2 sees the front's address, not the LB's.
+        answers
+            .iter()
+            .map(|a| a.split(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&topo), vec!["b1"; 10], "only b1 while b2 loads");
+    let view = topo.backend_view(front).expect("listed");
+    assert_eq!(
+        (view["status"].as_str(), view["new_flows"].as_u64()),
+        (Some("loading"), Some(0)),
+        "{view}"
+    );
+
+    std::fs::write(&ready_file, b"").expect("the ready file");
+    topo.wait_status(front, "healthy", Duration::from_secs(10));
+    let served = names(&topo);
+    let on_b2 = served.iter().filter(|n| *n == "b2").count();
+    assert_eq!(on_b2, 5, "round robin, b2 serving: {served:?}");
 }

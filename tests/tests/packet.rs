@@ -206,16 +206,19 @@ fn least_connections_follows_open_connections_and_caps() {
 }
 
 /// Policy slots: most free slots (idle at the poll less steered since), then fewer connections,
-/// then the lowest slot; every new flow counts as steered until the agent's next poll.
+/// then the lowest slot; every new flow counts as steered until the agent's next poll. Only
+/// polled backends, whose cap the agent writes as their slot count, have room.
 #[test]
 fn slots_prefers_free_slots_and_counts_steered_flows() {
     in_lab(policy::SLOTS, |lab| {
+        let [b0, b1] = BACKENDS;
+        lab.set_backend(0, b0, backend_state::ACTIVE, 1, 8);
+        lab.set_backend(1, b1, backend_state::ACTIVE, 1, 8);
         lab.set_idle_slots(0, 1);
         lab.set_idle_slots(1, 2);
         let picks: Vec<SocketAddrV4> = (0..5)
             .map(|i| lab.forward(client(42000 + i), SYN).1)
             .collect();
-        let [b0, b1] = BACKENDS;
         // Free 1,2 -> 1; 1,1 tie -> fewer connections; 0,1 -> 1; then none free: fewer
         // connections, and at 2 and 2 the lowest slot.
         assert_eq!(picks, [b1, b0, b1, b0, b0]);
@@ -234,9 +237,16 @@ fn slots_prefers_free_slots_and_counts_steered_flows() {
         assert_eq!(lab.forward(client(42010), SYN).1, b1);
         assert_eq!(counts(lab, 1), (2, 1));
         // Not active: never chosen, whatever its free slots.
-        lab.set_state(1, backend_state::DRAINING);
+        lab.set_backend(1, b1, backend_state::DRAINING, 1, 8);
         lab.set_idle_slots(1, 9);
         assert_eq!(lab.forward(client(42011), SYN).1, b0);
+        // Never polled (no cap yet): no room, whatever its idle slots.
+        lab.set_backend(1, b1, backend_state::ACTIVE, 1, 0);
+        lab.set_idle_slots(1, 9);
+        assert_eq!(lab.forward(client(42012), SYN).1, b0);
+        lab.set_backend(0, b0, backend_state::ACTIVE, 1, 0);
+        let (verdict, _) = lab.run(&Frame::tcp(client(42013), VIP, SYN).build());
+        assert_eq!(verdict, XDP_PASS, "none polled: no backend, to the stack");
     });
 }
 

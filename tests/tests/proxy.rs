@@ -83,6 +83,7 @@ fn connections_beyond_capacity_queue_in_the_proxy_and_complete() {
     for backend in [topo.backend("b1").addr, topo.backend("b2").addr] {
         let body = serde_json::json!({"service": "web", "address": backend.to_string(), "weight": 1, "max_connections": 1});
         topo.admin("POST", "/v1/backends", Some(&body));
+        topo.wait_status(backend, "healthy", Duration::from_secs(10));
     }
     topo.client.block_on(|| async {
         let mut held = Vec::new();
@@ -965,7 +966,7 @@ impl SlowService {
             "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
              dataplane = \"userspace\"\nadmin_token_file = \"admin.token\"\n\
              shutdown_timeout = \"30s\"\n\n[[service]]\nname = \"slow\"\naddress = \"{vip}\"\n\
-             mode = \"http\"\n[service.health]\nenabled = false\n\
+             mode = \"http\"\npolicy = \"round_robin\"\n[service.health]\nenabled = false\n\
              [[service.backend]]\naddress = \"127.0.0.1:{port}\"\n"
         );
         let path = dir.join("steer.toml");
@@ -1742,4 +1743,292 @@ fn cache_affinity_keeps_conversations_on_their_server_within_the_load_bound() {
             "prompt keys spread, unlike one client address: {used:?}"
         );
     });
+}
+
+/// `steer run --dataplane userspace` on loopback serving `services` (name, the `[[service]]`
+/// settings, backends), each on a VIP of its own; returned once the admin API and every VIP
+/// accept connections, with the admin address and each service's VIP.
+fn userspace_agent(
+    dir: &Path,
+    services: &[(String, String, Vec<String>)],
+) -> (
+    Process,
+    SocketAddr,
+    std::collections::BTreeMap<String, SocketAddr>,
+) {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    tests::admin::token_file(dir);
+    let mut config = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\ndataplane = \"userspace\"\n\
+         admin_token_file = \"admin.token\"\n"
+    );
+    let mut vips = std::collections::BTreeMap::new();
+    for (name, settings, backends) in services {
+        let vip = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        vips.insert(name.clone(), vip);
+        config.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\naddress = \"{vip}\"\n{settings}\n\
+             [service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+        ));
+        for backend in backends {
+            config.push_str(&format!("[[service.backend]]\naddress = \"{backend}\"\n"));
+        }
+    }
+    let path = dir.join("steer.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut agent = std::process::Command::new(tests::topology::steer_bin());
+    agent.args(["run", "--config"]).arg(&path);
+    let agent = start(agent, dir, "steer");
+    let deadline = Instant::now() + WAIT;
+    for addr in std::iter::once(admin).chain(vips.values().copied()) {
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nothing listening on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    (agent, admin, vips)
+}
+
+/// The backend at `address` of `service` in `GET /v1/backends`.
+async fn backend_view(admin_addr: SocketAddr, service: &str, address: &str) -> serde_json::Value {
+    let list: serde_json::Value =
+        serde_json::from_str(&admin(admin_addr, "/v1/backends").await).expect("JSON");
+    list["backends"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|b| b["service"] == service && b["address"] == address)
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no {address} in {service}: {list}"))
+}
+
+/// Waits (bounded) until every `(service, address)` backend satisfies `check`.
+async fn wait_backends(
+    admin_addr: SocketAddr,
+    what: &str,
+    backends: &[(&str, &str)],
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    for &(service, address) in backends {
+        loop {
+            let b = backend_view(admin_addr, service, address).await;
+            if check(&b) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {service} {address}: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `n` chats at once on `n` connections to `vip`; the alias that answered each, sorted.
+async fn chats_at_once(vip: SocketAddr, n: usize, tokens: u32) -> Vec<String> {
+    let mut chats = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        chats.spawn(async move {
+            let mut client = Client::connect(vip).await;
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(tokens, false)))
+                .await;
+            assert_eq!(answer.status, 200, "{vip}: {}", answer.body());
+            answer.json()["model"].as_str().unwrap_or("?").to_owned()
+        });
+    }
+    let mut aliases = Vec::new();
+    while let Some(alias) = chats.join_next().await {
+        aliases.push(alias.expect("a chat task"));
+    }
+    aliases.sort();
+    aliases
+}
+
+/// Issue 13 point 4: a backend whose llama-server still loads its model (`/health` 503 "Loading
+/// model") is `loading` and takes no request, under round robin, least connections and slots,
+/// in http and l4 mode, while the other serves them all; once it answers 200 it is `healthy`
+/// and takes its share. The loading server is `steer-loading-front` before a real
+/// llama-server `b`: it loads until the test says so.
+#[test]
+fn a_loading_backend_takes_no_request_until_it_serves() {
+    let dir = std::env::temp_dir().join(format!("steer-loading-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (port_a, port_b, port_front) = (free_port(), free_port(), free_port());
+    let _llamas = [
+        llama_server(&dir, "a", port_a, 1, &[]),
+        llama_server(&dir, "b", port_b, 1, &[]),
+    ];
+    let ready_file = dir.join("b.ready");
+    let mut front = std::process::Command::new(env!("CARGO_BIN_EXE_steer-loading-front"));
+    front
+        .args(["--listen", &format!("127.0.0.1:{port_front}")])
+        .args(["--upstream", &format!("127.0.0.1:{port_b}")])
+        .arg("--ready-file")
+        .arg(&ready_file);
+    let _front = start(front, &dir, "front");
+    let [a, loading] = [port_a, port_front].map(|p| format!("127.0.0.1:{p}"));
+    let services: Vec<(String, String, Vec<String>)> =
+        ["round_robin", "least_connections", "slots"]
+            .into_iter()
+            .flat_map(|policy| ["http", "l4"].map(|mode| (policy, mode)))
+            .map(|(policy, mode)| {
+                let settings = format!("policy = \"{policy}\"\nmode = \"{mode}\"");
+                (
+                    format!("{policy}-{mode}"),
+                    settings,
+                    vec![a.clone(), loading.clone()],
+                )
+            })
+            .collect();
+    let (_agent, admin_addr, vips) = userspace_agent(&dir, &services);
+    let every = |address: &'static str| -> Vec<(&str, &str)> {
+        let address = if address == "a" { &a } else { &loading };
+        services
+            .iter()
+            .map(|(name, _, _)| (name.as_str(), address.as_str()))
+            .collect()
+    };
+    // Under slots only a polled backend has room: the ready one is polled, the loading one
+    // cannot be (its /slots answers 503 too).
+    let serving = |b: &serde_json::Value| {
+        b["status"] == "healthy"
+            && (b["service"] != "slots-http" && b["service"] != "slots-l4" || b["total_slots"] == 1)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        wait_backends(admin_addr, "a serves", &every("a"), serving).await;
+        wait_backends(admin_addr, "the front loads", &every("front"), |b| {
+            b["status"] == "loading" && b["healthy"] == false
+        })
+        .await;
+        let id = backend_view(admin_addr, "slots-http", &loading).await["id"].clone();
+        let metrics = admin(admin_addr, "/metrics").await;
+        let gauge = format!(
+            "steer_backend_status{{service=\"slots-http\",backend=\"{loading}\",id=\"{id}\",status=\"loading\"}}"
+        );
+        assert_eq!(series(&metrics, &gauge), 1.0, "{gauge}");
+
+        for (name, _, _) in &services {
+            for _ in 0..2 {
+                let aliases = chats_at_once(vips[name], 2, 16).await;
+                assert_eq!(aliases, ["a", "a"], "{name}: only a while b loads");
+            }
+            let front = backend_view(admin_addr, name, &loading).await;
+            assert_eq!(front["status"], "loading", "{name}: still loading: {front}");
+        }
+
+        std::fs::write(&ready_file, b"").expect("the ready file");
+        wait_backends(admin_addr, "b serves", &every("front"), serving).await;
+        for (name, _, _) in &services {
+            // Two at once: round robin alternates, the other two policies send the second
+            // where the first is not (fewer connections, more free slots).
+            let aliases = chats_at_once(vips[name], 2, 16).await;
+            assert_eq!(aliases, ["a", "b"], "{name}: b takes its share once it serves");
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 13 point 5: under policy `slots` in http mode, a burst of N + k chats on backends with
+/// N slots in all runs N at once and holds exactly k in the proxy's queue, so no llama-server
+/// ever queues one itself (its `requests_deferred` stays 0, polled through the burst); a
+/// backend whose slots are never polled (`--no-slots`, no `--metrics`) gets none, though it is
+/// healthy and first in the service.
+#[test]
+fn under_slots_a_burst_past_the_slots_waits_in_the_proxy() {
+    let dir = std::env::temp_dir().join(format!("steer-slots-gate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (port_unpolled, port_big, port_small) = (free_port(), free_port(), free_port());
+    let _llamas = [
+        llama_server(&dir, "unpolled", port_unpolled, 1, &["--no-slots"]),
+        llama_server(&dir, "big", port_big, 2, &["--metrics"]),
+        llama_server(&dir, "small", port_small, 1, &["--metrics"]),
+    ];
+    let [unpolled, big, small] =
+        [port_unpolled, port_big, port_small].map(|p| format!("127.0.0.1:{p}"));
+    let services = [(
+        "chat".to_owned(),
+        "policy = \"slots\"\nmode = \"http\"".to_owned(),
+        vec![unpolled.clone(), big.clone(), small.clone()],
+    )];
+    let (_agent, admin_addr, vips) = userspace_agent(&dir, &services);
+    let (slots, burst) = (3, 5);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        for (address, total) in [(&big, 2), (&small, 1)] {
+            wait_backends(
+                admin_addr,
+                "healthy and polled",
+                &[("chat", address)],
+                |b| {
+                    b["status"] == "healthy"
+                        && b["total_slots"] == total
+                        && b["idle_slots"] == total
+                },
+            )
+            .await;
+        }
+        wait_backends(admin_addr, "healthy", &[("chat", &unpolled)], |b| {
+            b["status"] == "healthy"
+        })
+        .await;
+        assert!(
+            backend_view(admin_addr, "chat", &unpolled).await["total_slots"].is_null(),
+            "never polled"
+        );
+
+        // The servers' own view through the burst: most processing, most deferred.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut watchers = tokio::task::JoinSet::new();
+        for (address, total) in [(big.clone(), 2), (small.clone(), 1)] {
+            let done = done.clone();
+            watchers.spawn(async move {
+                let addr: SocketAddr = address.parse().expect("an address");
+                let (mut processing, mut deferred) = (0.0f64, 0.0f64);
+                // Bounded: the burst ends well within WAIT.
+                let deadline = Instant::now() + WAIT;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                    let text = Client::connect(addr)
+                        .await
+                        .send("GET", "/metrics", None)
+                        .await
+                        .body();
+                    processing = processing.max(series(&text, "llamacpp:requests_processing"));
+                    deferred = deferred.max(series(&text, "llamacpp:requests_deferred"));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (address, total, processing, deferred)
+            });
+        }
+        let aliases = chats_at_once(vips["chat"], burst, 48).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        while let Some(watched) = watchers.join_next().await {
+            let (address, total, processing, deferred) = watched.expect("a watcher");
+            assert!(
+                processing <= total as f64,
+                "{address}: {processing} > {total} slots"
+            );
+            assert_eq!(deferred, 0.0, "{address} queued a request itself");
+        }
+        assert_eq!(aliases.len(), burst);
+        assert!(
+            aliases.iter().all(|alias| alias != "unpolled"),
+            "none to the backend never polled: {aliases:?}"
+        );
+        assert_eq!(
+            proxy_stat(admin_addr, "chat", "queued").await,
+            (burst - slots) as u64,
+            "exactly the chats past the slots waited"
+        );
+        assert_eq!(
+            proxy_stat(admin_addr, "chat", "admitted").await,
+            burst as u64
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -245,7 +245,7 @@ pub(crate) mod tests {
             body,
             json!({"backends": [{"id": 0, "service": "chat", "address": "10.0.1.2:8080",
                 "weight": 1, "max_connections": 0, "state": "active", "kind": "remote",
-                "healthy": true, "health": {"checks": "unchecked"}, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
+                "status": "healthy", "healthy": true, "health": {"checks": "unchecked"}, "active_connections": 0, "packets": 0, "bytes": 0, "new_flows": 0,
                 "steered_since_poll": 0, "models": [],
                 "requests": {"in_flight": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0,
                     "unreachable": 0, "failed": 0},
@@ -264,21 +264,24 @@ pub(crate) mod tests {
                 &body["weight"],
                 &body["max_connections"],
                 &body["state"],
-                &body["models"]
+                &body["models"],
+                &body["status"]
             ),
             (
                 &json!(1),
                 &json!(2),
                 &json!(4),
                 &json!("active"),
-                &json!(["qwen"])
-            )
+                &json!(["qwen"]),
+                &json!("healthy")
+            ),
+            "no health checks: healthy at once"
         );
 
         let (status, body) = call(&app, Method::POST, "/v1/backends/1/drain", None).await;
         assert_eq!(
-            (status, &body["state"]),
-            (StatusCode::OK, &json!("draining"))
+            (status, &body["state"], &body["status"]),
+            (StatusCode::OK, &json!("draining"), &json!("draining"))
         );
         let (status, body) = call(&app, Method::POST, "/v1/backends/1/activate", None).await;
         assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("active")));
@@ -450,7 +453,11 @@ pub(crate) mod tests {
             .and_then(|b| b.iter().find(|b| b["id"] == json!(gpt.id)).cloned())
             .unwrap_or_else(|| panic!("still listed: {list}"));
         assert_eq!(listed["instance"], "gpt");
-        assert_eq!(listed["healthy"], false);
+        assert_eq!(
+            (&listed["status"], &listed["healthy"]),
+            (&json!("unknown"), &json!(false)),
+            "not before its process is up"
+        );
         assert_eq!(
             listed["health"],
             json!({"process": "down", "checks": "unchecked"})

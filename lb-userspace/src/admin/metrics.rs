@@ -36,7 +36,7 @@ use crate::limits::{ConnectionStats, Connections};
 use crate::proxy::{ProxyStats, ServiceProxy};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
-    BackendInfo, BackendState, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
+    BackendInfo, BackendState, BackendStatus, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
 };
 
 /// What `/metrics` reads from: the agent's table and userspace proxies (none under
@@ -200,6 +200,26 @@ fn state_label(state: BackendState) -> &'static str {
     }
 }
 
+/// Every status a listed backend can have.
+const STATUSES: [BackendStatus; 5] = [
+    BackendStatus::Unknown,
+    BackendStatus::Loading,
+    BackendStatus::Healthy,
+    BackendStatus::Unhealthy,
+    BackendStatus::Draining,
+];
+
+/// As the API spells it. A new status fails to compile here: add it to [`STATUSES`] as well.
+fn status_label(status: BackendStatus) -> &'static str {
+    match status {
+        BackendStatus::Unknown => "unknown",
+        BackendStatus::Loading => "loading",
+        BackendStatus::Healthy => "healthy",
+        BackendStatus::Unhealthy => "unhealthy",
+        BackendStatus::Draining => "draining",
+    }
+}
+
 fn per_backend<M>(
     backends: &[BackendInfo],
     value: impl Fn(&BackendInfo) -> M,
@@ -225,6 +245,18 @@ fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::R
             STATES.map(|state| {
                 let labels = (BackendLabels(b), [("state", state_label(state))]);
                 (labels, gauge(u64::from(b.state == state)))
+            })
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_backend_status",
+        "1 for the backend's current status (unknown: no check passed yet; loading: its model \
+         loads; healthy: takes new connections; unhealthy; draining).",
+        backends.iter().flat_map(|b| {
+            STATUSES.map(|status| {
+                let labels = (BackendLabels(b), [("status", status_label(status))]);
+                (labels, gauge(u64::from(b.status == status)))
             })
         }),
     )?;
@@ -779,6 +811,17 @@ mod tests {
             let mut labels = labels.to_vec();
             labels.push(("state", state));
             assert_eq!(value(&samples, "steer_backend_state", &labels), want);
+        }
+        for (labels, status, want) in [
+            (&b0, "draining", 1.0),
+            (&b0, "healthy", 0.0),
+            (&b1, "healthy", 1.0),
+            (&b1, "unknown", 0.0),
+            (&b1, "loading", 0.0),
+        ] {
+            let mut labels = labels.to_vec();
+            labels.push(("status", status));
+            assert_eq!(value(&samples, "steer_backend_status", &labels), want);
         }
 
         let chat = [("service", "chat")];

@@ -28,7 +28,7 @@ use crate::affinity::{self, Load};
 use crate::dataplane::conns::ConnCounts;
 use crate::policy::{BackendView, ServiceView, choose};
 use crate::requests::{RequestCounts, speed_factors};
-use crate::spec::{AffinitySpec, ProxySpec, ServiceSpec};
+use crate::spec::{AffinitySpec, Policy, ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
 /// How often a waiter looks again for room the kernel's own flows freed.
@@ -186,16 +186,22 @@ pub struct Gate {
 /// `least_connections` compares them per weight times factor) and free slots by factor (so
 /// `slots` prefers free slots on fast backends). Factors are in thousandths, exact integers as
 /// the policy needs; with every factor 1 the policy's order is the kernel's.
-fn weighed(b: BackendView, factor: f64) -> BackendView {
+fn weighed(b: BackendView, factor: f64, policy: u32) -> BackendView {
     // Within 100..=1000: the factor's clamp.
     let milli = (factor * 1000.0).round().clamp(1.0, 1000.0) as u64;
+    let room = if policy == lb_common::policy::SLOTS {
+        b.usable_for_slots()
+    } else {
+        b.usable()
+    };
     BackendView {
-        state: if b.usable() {
+        state: if room {
             b.state
         } else {
             lb_common::backend_state::DOWN
         },
-        max_conns: 0,
+        // Room is decided: no cap (0 would be "never polled", no room, under `slots`).
+        max_conns: u32::MAX,
         conns: b.conns.saturating_mul(1_000_000) / milli,
         idle_slots: u32::try_from(b.free_slots().saturating_mul(milli)).unwrap_or(u32::MAX),
         steered: 0,
@@ -490,7 +496,12 @@ impl Gate {
                 } else {
                     view.state
                 },
-                max_conns: if cap == 0 { view.max_conns } else { cap },
+                max_conns: match (cap, view.max_conns) {
+                    (0, own) => own,
+                    // Never polled: the proxy's cap gives it no room the slots policy lacks.
+                    (_, 0) if pool.policy == Policy::Slots => 0,
+                    (cap, _) => cap,
+                },
                 conns: self.counts.get(id),
                 steered: self.counts.steered(id),
                 ..view
@@ -520,13 +531,14 @@ impl Gate {
                 (slot as usize, max)
             }
             _ => {
+                let policy = pool.policy.abi()?;
                 let ranked: Vec<BackendView> = backends
                     .iter()
                     .zip(self.speed_factors(&ids, &backends))
-                    .map(|(&b, factor)| weighed(b, factor))
+                    .map(|(&b, factor)| weighed(b, factor, policy))
                     .collect();
                 let view = ServiceView {
-                    policy: pool.policy.abi()?,
+                    policy,
                     id: route.id,
                     backend_count: route.backend_count,
                     ring: &pool.ring,
@@ -909,7 +921,8 @@ pub(crate) mod tests {
             let route = &mut Arc::make_mut(routes)[0];
             route.pools[0].policy = policy;
             for (view, _) in &mut route.backends {
-                view.idle_slots = idle;
+                // Polled: the slot count is the cap.
+                (view.idle_slots, view.max_conns) = (idle, idle);
             }
         });
         for (id, decode) in [(0, 90.0), (1, 30.0)] {
@@ -952,7 +965,7 @@ pub(crate) mod tests {
             route
                 .backends
                 .iter_mut()
-                .for_each(|(view, _)| view.idle_slots = 2);
+                .for_each(|(view, _)| (view.idle_slots, view.max_conns) = (2, 2));
         });
         let first = even.admit(client(), None, None).await.expect("room");
         let second = even.admit(client(), None, None).await.expect("room");
@@ -987,7 +1000,7 @@ pub(crate) mod tests {
                     steered,
                 })
                 .collect();
-            let weighed_views: Vec<BackendView> = backends.iter().map(|&b| weighed(b, 1.0)).collect();
+            let weighed_views: Vec<BackendView> = backends.iter().map(|&b| weighed(b, 1.0, policy)).collect();
             let n = backends.len() as u32;
             let ring: Vec<u32> = (0..n).collect();
             let maglev: Vec<u32> = (0..lb_common::MAGLEV_SIZE).map(|i| i % n).collect();

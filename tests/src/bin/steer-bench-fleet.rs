@@ -63,6 +63,9 @@ const LONG_WORK_S: f64 = 3.0;
 const CLIENTS: u64 = 10_000;
 /// The agent's default slot poll interval.
 const POLL_S: f64 = 0.5;
+/// A polled backend's cap that no load reaches: the policies choose, no cap holds a request
+/// (under `slots` a cap of 0 would be a backend never polled, with no room).
+const UNCAPPED: u32 = u32::MAX;
 /// Requests before this share of the run are a warm-up, left out of every figure.
 const WARMUP: f64 = 0.1;
 
@@ -129,6 +132,7 @@ fn fleet(n: usize, rng: &mut Rng) -> Vec<Service> {
                 .map(|b| BackendView {
                     state: backend_state::ACTIVE,
                     weight: 1,
+                    max_conns: UNCAPPED,
                     idle_slots: b.slots,
                     ..BackendView::default()
                 })
@@ -306,10 +310,10 @@ fn choice_cost(policy: Policy, backends: u32, calls: u64) -> (f64, f64) {
         .map(|_| BackendView {
             state: backend_state::ACTIVE,
             weight: 1,
+            max_conns: UNCAPPED,
             conns: rng.below(8),
             idle_slots: rng.below(4) as u32,
             steered: rng.below(2),
-            ..BackendView::default()
         })
         .collect();
     let slots: Vec<(u32, u32)> = (0..backends).map(|s| (s, 1)).collect();
