@@ -84,6 +84,9 @@ const SLOW_SHARE: f64 = 0.15;
 const CONCURRENCY: usize = 8;
 const LONG_SHARE: f64 = 0.3;
 const STREAM_SHARE: f64 = 0.5;
+/// About the tokens of a system prompt's rule (24 each, 480 for 20, by llama-server's
+/// `/tokenize`).
+const TOKENS_PER_RULE: usize = 24;
 /// The header the conversations are keyed with.
 const SESSION_HEADER: &str = "x-session-id";
 /// Longest wait for a router (or the servers) to answer a chat at start.
@@ -101,7 +104,7 @@ struct Sizes {
     burst_tokens: u32,
     conversations: usize,
     turns: usize,
-    /// Rules in the system prompt, about 17 tokens each.
+    /// Rules in the system prompt, [`TOKENS_PER_RULE`] each.
     rules: usize,
     reply_tokens: u32,
     /// Longest a burst request or a conversation's turn may take.
@@ -117,7 +120,7 @@ const FULL: Sizes = Sizes {
     burst_tokens: 16,
     conversations: 6,
     turns: 4,
-    rules: 20,
+    rules: 14,
     reply_tokens: 16,
     timeout: Duration::from_secs(150),
 };
@@ -314,8 +317,8 @@ async fn burst(front: &Arc<Front>, sizes: Sizes) -> Figures {
     outcomes.figures(cpu_before.zip(front.cpu()).map(|(a, b)| b - a))
 }
 
-/// The system prompt every conversation of a run starts with: about 17 tokens a rule, led by
-/// the run's name so no other run's conversations are in the servers' caches.
+/// The system prompt every conversation of a run starts with: `rules` rules, led by the run's
+/// name so no other run's conversations are in the servers' caches.
 fn system_prompt(run: &str, rules: usize) -> String {
     let mut prompt = format!("You are the harbour assistant of run {run}. Follow these rules.\n");
     for i in 1..=rules {
@@ -769,7 +772,7 @@ fn tables(runs: &[RouterRun], sizes: Sizes) -> String {
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         sizes.conversations,
         sizes.turns,
-        17 * sizes.rules,
+        TOKENS_PER_RULE * sizes.rules,
         sizes.reply_tokens
     );
     for r in runs {
