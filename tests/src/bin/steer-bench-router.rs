@@ -230,10 +230,10 @@ impl Outcomes {
             failure: self.failures.first().cloned(),
             latency: p50_p99(&mut total),
             ttft: p50_p99(&mut ttft),
-            last_s: total.iter().copied().fold(f64::NAN, f64::max),
+            last_s: f64::NAN,
             prompt_tokens: self.answers.iter().filter_map(|a| a.prompt_n).sum(),
             cpu_ms: cpu.map_or(f64::NAN, |s| 1e3 * s / completed.max(1) as f64),
-            per_s: 0.0,
+            per_s: f64::NAN,
         }
     }
 }
@@ -296,6 +296,7 @@ async fn mixed(front: &Arc<Front>, sizes: Sizes) -> Figures {
 /// `sizes.burst` non-streamed chats at once.
 async fn burst(front: &Arc<Front>, sizes: Sizes) -> Figures {
     let cpu_before = front.cpu();
+    let started = Instant::now();
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..sizes.burst {
         let front = Arc::clone(front);
@@ -311,10 +312,17 @@ async fn burst(front: &Arc<Front>, sizes: Sizes) -> Figures {
         });
     }
     let mut outcomes = Outcomes::default();
+    let mut last_s = f64::NAN;
     while let Some(joined) = requests.join_next().await {
-        outcomes.push(joined.expect("a burst request"));
+        let outcome = joined.expect("a burst request");
+        if outcome.is_ok() {
+            last_s = started.elapsed().as_secs_f64();
+        }
+        outcomes.push(outcome);
     }
-    outcomes.figures(cpu_before.zip(front.cpu()).map(|(a, b)| b - a))
+    let mut figures = outcomes.figures(cpu_before.zip(front.cpu()).map(|(a, b)| b - a));
+    figures.last_s = last_s;
+    figures
 }
 
 /// The system prompt every conversation of a run starts with: `rules` rules, led by the run's
