@@ -191,6 +191,16 @@ pub async fn fixed_rate(
 
 /// Starts `program` in `ns` with its stdout and stderr in `log`.
 pub fn spawn_logged(ns: &NetNs, program: &Path, args: &[&str], log: &Path) -> ChildGuard {
+    ns.spawn(logged(program, args, log))
+}
+
+/// [`spawn_logged`] in this process's own namespace (benchmarks on loopback).
+pub fn spawn_logged_here(program: &Path, args: &[&str], log: &Path) -> ChildGuard {
+    ChildGuard::spawn(logged(program, args, log))
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()))
+}
+
+fn logged(program: &Path, args: &[&str], log: &Path) -> Command {
     let out =
         std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let mut cmd = Command::new(program);
@@ -198,7 +208,129 @@ pub fn spawn_logged(ns: &NetNs, program: &Path, args: &[&str], log: &Path) -> Ch
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("dup log"))
         .stderr(out);
-    ns.spawn(cmd)
+    cmd
+}
+
+/// A loopback TCP port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// CPU time (user + system, seconds) used so far by process `pid` and its live descendants:
+/// `utime + stime` from `/proc/PID/stat`, in clock ticks of 10 ms. Gone processes count zero.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let mut stats = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                // Fields after the command name, which is in parentheses and may hold spaces.
+                if let Some((_, rest)) = stat.rsplit_once(") ") {
+                    let fields: Vec<u64> =
+                        rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect();
+                    // rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+                    if fields.len() > 13 {
+                        stats.push((p, fields[1] as u32, fields[11] + fields[12]));
+                    }
+                }
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut ticks = 0;
+    while let Some(p) = tree.pop() {
+        for &(child, parent, t) in &stats {
+            if child == p {
+                ticks += t;
+            }
+            if parent == p {
+                tree.push(child);
+            }
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// A cgroup that caps the CPU of the processes put in it (e.g. to make one backend of a fleet
+/// several times slower), removed on drop. cgroup v2 (`cpu.max`) where the cpu controller is
+/// there, else v1 (`cpu.cfs_quota_us` under `/sys/fs/cgroup/cpu`).
+#[derive(Debug)]
+pub struct CpuCap {
+    dir: PathBuf,
+    /// Where a process goes back to when the cgroup is removed.
+    parent: PathBuf,
+    v2: bool,
+}
+
+impl CpuCap {
+    /// A new cgroup `name-<pid>` allowed `share` of one CPU (e.g. 0.2), over a 20 ms period so a
+    /// capped process stalls for short spans, not for most of a 100 ms one.
+    pub fn new(name: &str, share: f64) -> std::io::Result<CpuCap> {
+        const PERIOD_US: u64 = 20_000;
+        let quota = ((share * PERIOD_US as f64) as u64).max(1_000);
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = std::fs::read_to_string(root.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+        let parent = if v2 {
+            root.to_owned()
+        } else {
+            root.join("cpu")
+        };
+        let dir = parent.join(format!("{name}-{}", std::process::id()));
+        if v2 {
+            // The children of the root get the cpu controller only when it is enabled there.
+            std::fs::write(root.join("cgroup.subtree_control"), "+cpu")?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let cap = CpuCap { dir, parent, v2 };
+        if v2 {
+            std::fs::write(cap.dir.join("cpu.max"), format!("{quota} {PERIOD_US}"))?;
+        } else {
+            std::fs::write(cap.dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
+            std::fs::write(cap.dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        }
+        Ok(cap)
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    pub fn add(&self, pid: u32) -> std::io::Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+    }
+
+    /// Which interface the cap was set through, for reports.
+    pub fn describe(&self) -> String {
+        let file = if self.v2 {
+            "cpu.max"
+        } else {
+            "cpu.cfs_quota_us"
+        };
+        format!("{} ({file})", self.dir.display())
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        // A cgroup with processes in it cannot be removed: move what is left back out.
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.parent.join("cgroup.procs"), pid);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            eprintln!("removing cgroup {}: {e}", self.dir.display());
+        }
+    }
 }
 
 /// Stops a process with SIGTERM (an agent detaches, nginx's master stops its workers), killing

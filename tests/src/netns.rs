@@ -152,13 +152,7 @@ impl NetNs {
                 setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {program} in {}: {e}", self.name));
-        ChildGuard {
-            child: Some(child),
-            program,
-        }
+        ChildGuard::spawn(cmd).unwrap_or_else(|e| panic!("spawn {program} in {}: {e}", self.name))
     }
 
     /// Sets a sysctl of this namespace (`key` like `net.ipv4.ip_forward`) and reads it back.
@@ -261,6 +255,15 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Starts `cmd` (in this process's namespace, unless `cmd` says otherwise).
+    pub fn spawn(mut cmd: Command) -> std::io::Result<ChildGuard> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        Ok(ChildGuard {
+            child: Some(cmd.spawn()?),
+            program,
+        })
+    }
+
     /// The child's pid.
     pub fn id(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 7] = [
+const BENCHES: [(&str, &str, bool, &str); 8] = [
     (
         "steer-bench-xdp",
         "xdp.json",
@@ -37,6 +37,12 @@ const BENCHES: [(&str, &str, bool, &str); 7] = [
         "llama.json",
         true,
         "Balancing quality on llama.cpp",
+    ),
+    (
+        "steer-bench-router",
+        "router.json",
+        false,
+        "Routers on an unequal fleet and on conversations",
     ),
     (
         "steer-bench-fleet",

@@ -28,7 +28,7 @@ use std::{
 use clap::Parser;
 use serde_json::{Value, json};
 use tests::{
-    bench::{RunArgs, p50_p99, save_results},
+    bench::{RunArgs, free_port, p50_p99, save_results},
     llama::{llama_server_path, model_path},
     topology::steer_bin,
 };
@@ -330,13 +330,6 @@ fn config(dir: &Path, admin: SocketAddr, vip: SocketAddr, ports: &[u16]) -> Stri
         );
     }
     text
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// The agent process; SIGTERM and a bounded wait on drop (it stops its llama-servers).

@@ -43,15 +43,11 @@ use tests::{
         Rng, RunArgs, Scale, Series, bar_chart, p50_p99, replace_once, save_results, spawn_agent,
         spawn_logged, stop,
     },
-    llama::{llama_server_path, model_path},
+    llama::{self, llama_server_path, server_args},
     netns::{self, ChildGuard},
     topology::{Topology, VIP, sibling_binary},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpSocket,
-    time::timeout_at,
-};
+use tokio::time::timeout_at;
 
 #[derive(Parser)]
 #[command(about = "Steer's policies over three unequal real llama-servers")]
@@ -118,27 +114,18 @@ struct Run {
     by_server: BTreeMap<String, usize>,
 }
 
-/// A llama-server in `ns` with `slots` slots of 1024 tokens and `threads` threads; `--alias`
-/// makes every answer's `model` field name it.
+/// A llama-server in `ns` (see [`server_args`]).
 fn llama_server(
     ns: &netns::NetNs,
     dir: &std::path::Path,
     (alias, threads, slots): (&str, u32, u32),
 ) -> ChildGuard {
-    let model = model_path().display().to_string();
-    let (np, ctx, t, port) = (
-        slots.to_string(),
-        (1024 * slots).to_string(),
-        threads.to_string(),
-        LLAMA_PORT.to_string(),
-    );
+    let args = server_args(alias, slots, threads, "0.0.0.0", LLAMA_PORT);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_logged(
         ns,
         &llama_server_path(),
-        &[
-            "-m", &model, "-np", &np, "-c", &ctx, "-t", &t, "--host", "0.0.0.0", "--port", &port,
-            "--alias", alias,
-        ],
+        &args,
         &dir.join(format!("{alias}.log")),
     )
 }
@@ -151,72 +138,20 @@ async fn chat(
     stream: bool,
     tokens: (u32, u32),
 ) -> Result<Done, String> {
-    let started = Instant::now();
     let body = json!({
         "messages": [{"role": "user", "content": "Tell a story about a lighthouse."}],
         "max_tokens": if long { tokens.1 } else { tokens.0 },
         "ignore_eos": true,
         "stream": stream,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: steer\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    socket
-        .bind(SocketAddr::from((from, 0)))
-        .map_err(|e| format!("bind {from}: {e}"))?;
-    let mut conn = socket
-        .connect(SocketAddr::V4(VIP))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    conn.write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut answer = Vec::new();
-    let mut ttft = None;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = conn
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-        // A streamed token arrives as an SSE event whose delta has content; the first event
-        // (the role) has none.
-        if stream && ttft.is_none() && contains(&answer, b"\"content\":\"") {
-            ttft = Some(started.elapsed().as_secs_f64());
-        }
-    }
-    let total_s = started.elapsed().as_secs_f64();
-    let text = String::from_utf8_lossy(&answer);
-    if !text.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "answer: {}",
-            text.lines().next().unwrap_or("(none)")
-        ));
-    }
-    let server = text
-        .split("\"model\":\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .map(str::to_owned);
+    });
+    let answer = llama::chat(Some(from), SocketAddr::V4(VIP), &[], &body).await?;
     Ok(Done {
         long,
         stream,
-        total_s,
-        ttft_s: ttft,
-        server,
+        total_s: answer.total_s,
+        ttft_s: answer.ttft_s,
+        server: answer.model,
     })
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The workload for `secs`: `CONCURRENCY` workers in a closed loop, worker `i` from
