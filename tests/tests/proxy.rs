@@ -1360,7 +1360,9 @@ async fn listed(admin_addr: SocketAddr) -> Vec<serde_json::Value> {
 }
 
 /// Issue 13 points 3 and 6: behind an http service (`least_connections`), three real
-/// llama-servers with two slots each, one held to 5% of a CPU by a cgroup quota. The proxy
+/// llama-servers with four slots each, one held to 5% of a CPU by a cgroup quota (four: the
+/// learnt slot count caps each backend, and at two the fast servers' caps, not the weighing,
+/// would decide how much the 6 clients put on the slow one). The proxy
 /// counts every backend's requests by class, its tokens and its speed from the answers'
 /// `timings` (streamed and not), shown in `/v1/backends` and `/metrics`; once the speeds are
 /// learnt, a closed loop of 6 clients keeps clearly fewer requests in flight on the slow server
@@ -1376,7 +1378,7 @@ fn http_mode_counts_requests_per_backend_and_the_slow_server_gets_less() {
     let llamas: Vec<Process> = aliases
         .iter()
         .zip(ports)
-        .map(|(alias, port)| llama_server(&dir, alias, port, 2, &[]))
+        .map(|(alias, port)| llama_server(&dir, alias, port, 4, &[]))
         .collect();
     let _cap = tests::cpucap::CpuCap::new(llamas[1].0.id(), 5);
     let backends = ports.map(|p| format!("127.0.0.1:{p}"));

@@ -186,7 +186,12 @@ pub struct Gate {
 /// `least_connections` compares them per weight times factor) and free slots by factor (so
 /// `slots` prefers free slots on fast backends). Factors are in thousandths, exact integers as
 /// the policy needs; with every factor 1 the policy's order is the kernel's.
-fn weighed(b: BackendView, factor: f64, policy: u32) -> BackendView {
+///
+/// Once any backend is measured slower (`ahead` 1), the in-flight count includes the request
+/// being placed: `least_connections` then picks the shortest expected delay, (in flight + 1) /
+/// speed, so an idle backend 20 times slower waits until the fast ones hold 20 each, where
+/// in flight / speed alone would hand it a request whenever it is idle.
+fn weighed(b: BackendView, factor: f64, policy: u32, ahead: u64) -> BackendView {
     // Within 100..=1000: the factor's clamp.
     let milli = (factor * 1000.0).round().clamp(1.0, 1000.0) as u64;
     let room = if policy == lb_common::policy::SLOTS {
@@ -202,7 +207,7 @@ fn weighed(b: BackendView, factor: f64, policy: u32) -> BackendView {
         },
         // Room is decided: no cap (0 would be "never polled", no room, under `slots`).
         max_conns: u32::MAX,
-        conns: b.conns.saturating_mul(1_000_000) / milli,
+        conns: (b.conns + ahead).saturating_mul(1_000_000) / milli,
         idle_slots: u32::try_from(b.free_slots().saturating_mul(milli)).unwrap_or(u32::MAX),
         steered: 0,
         ..b
@@ -532,10 +537,12 @@ impl Gate {
             }
             _ => {
                 let policy = pool.policy.abi()?;
+                let factors = self.speed_factors(&ids, &backends);
+                let ahead = u64::from(factors.iter().any(|&f| f < 1.0));
                 let ranked: Vec<BackendView> = backends
                     .iter()
-                    .zip(self.speed_factors(&ids, &backends))
-                    .map(|(&b, factor)| weighed(b, factor, policy))
+                    .zip(factors)
+                    .map(|(&b, factor)| weighed(b, factor, policy, ahead))
                     .collect();
                 let view = ServiceView {
                     policy,
@@ -1000,7 +1007,7 @@ pub(crate) mod tests {
                     steered,
                 })
                 .collect();
-            let weighed_views: Vec<BackendView> = backends.iter().map(|&b| weighed(b, 1.0, policy)).collect();
+            let weighed_views: Vec<BackendView> = backends.iter().map(|&b| weighed(b, 1.0, policy, 0)).collect();
             let n = backends.len() as u32;
             let ring: Vec<u32> = (0..n).collect();
             let maglev: Vec<u32> = (0..lb_common::MAGLEV_SIZE).map(|i| i % n).collect();
