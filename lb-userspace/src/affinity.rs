@@ -38,16 +38,28 @@ pub struct Ring {
     points: Vec<(u64, u32)>,
     /// Effective weight by slot; 0 off the ring.
     weights: Vec<u64>,
-    total_weight: u64,
 }
 
 /// A slot's state at choice time.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Load {
     /// Requests it holds now.
     pub in_flight: u64,
     /// Takes a request at all: active, not to be avoided, below its own cap.
     pub open: bool,
+    /// Its speed factor in thousandths (1..=1000; 1000: the fastest, or not measured yet): its
+    /// bound scales its weight by it, so a slower backend's share is smaller.
+    pub speed: u64,
+}
+
+impl Default for Load {
+    fn default() -> Load {
+        Load {
+            in_flight: 0,
+            open: false,
+            speed: 1000,
+        }
+    }
 }
 
 impl Ring {
@@ -80,7 +92,6 @@ impl Ring {
         Ring {
             points: points.into_iter().map(|(p, _, slot)| (p, slot)).collect(),
             weights,
-            total_weight: members.iter().map(|m| m.weight).sum(),
         }
     }
 
@@ -95,10 +106,20 @@ impl Ring {
 /// this request. `None` when every backend is closed or at its bound (the request waits).
 pub fn choose(ring: &Ring, key: u64, factor: LoadFactor, loads: &[Load]) -> Option<(u32, u64)> {
     let load = |slot: u32| loads.get(slot as usize).copied().unwrap_or_default();
-    let total: u64 = (0u32..)
-        .zip(&ring.weights)
-        .filter(|&(_, &w)| w > 0)
-        .map(|(slot, _)| load(slot).in_flight)
+    let weight = |slot: u32| ring.weights[slot as usize] * load(slot).speed.clamp(1, 1000);
+    let members = || {
+        (0u32..)
+            .zip(&ring.weights)
+            .filter(|&(_, &w)| w > 0)
+            .map(|(slot, _)| slot)
+    };
+    let total: u64 = members().map(|slot| load(slot).in_flight).sum();
+    // A member that takes nothing and holds nothing (down, avoided, refusing) leaves its share
+    // to the others, or a dead backend would hold every other below its bound; a full one holds
+    // requests and keeps its share.
+    let counted: u64 = members()
+        .filter(|&slot| load(slot).open || load(slot).in_flight > 0)
+        .map(weight)
         .sum();
     let start = ring.points.partition_point(|&(point, _)| point < key);
     let mut seen = vec![false; ring.weights.len()];
@@ -114,7 +135,7 @@ pub fn choose(ring: &Ring, key: u64, factor: LoadFactor, loads: &[Load]) -> Opti
         }
         seen[index] = true;
         left -= 1;
-        let bound = factor.capacity(total + 1, ring.weights[index], ring.total_weight);
+        let bound = factor.capacity(total + 1, weight(slot), counted);
         let b = load(slot);
         if b.open && b.in_flight < bound {
             return Some((slot, bound));
@@ -260,8 +281,8 @@ mod tests {
     fn idle(slots: usize) -> Vec<Load> {
         vec![
             Load {
-                in_flight: 0,
                 open: true,
+                ..Load::default()
             };
             slots
         ]
@@ -305,7 +326,7 @@ mod tests {
                 let mut loads = idle(4);
                 loads[other as usize] = Load {
                     in_flight: 3,
-                    open: false,
+                    ..Load::default()
                 };
                 loads[home as usize].in_flight = 1;
                 let chosen = choose(&ring, key, LoadFactor::DEFAULT, &loads).map(|c| c.0);
@@ -321,6 +342,32 @@ mod tests {
                 assert_ne!(moved, home);
             }
         }
+    }
+
+    #[test]
+    fn a_closed_idle_backend_leaves_its_share_and_a_slow_one_gets_a_smaller_bound() {
+        let ring = Ring::new(&members(2));
+        // Slot 0 refuses (closed, holding nothing), slot 1 holds 2: the bound is slot 1's alone,
+        // ceil(1.25 * 3), not ceil(1.25 * 3 / 2) = 2, which would leave it full.
+        let mut loads = idle(2);
+        loads[0].open = false;
+        loads[1].in_flight = 2;
+        for key in keys(50) {
+            assert_eq!(
+                choose(&ring, key, LoadFactor::DEFAULT, &loads),
+                Some((1, 4))
+            );
+        }
+        // Equal weights, slot 0 measured a third as fast: with 3 in flight on slot 1 it may
+        // hold ceil(1.25 * 4 * 333 / 1333) = 2 where slot 1 may hold ceil(1.25 * 4 * 1000 / 1333)
+        // = 4.
+        let mut loads = idle(2);
+        loads[0].speed = 333;
+        loads[1].in_flight = 3;
+        let chosen: std::collections::BTreeSet<(u32, u64)> = keys(200)
+            .filter_map(|key| choose(&ring, key, LoadFactor::DEFAULT, &loads))
+            .collect();
+        assert_eq!(chosen, [(0, 2), (1, 4)].into());
     }
 
     #[test]

@@ -273,8 +273,12 @@ pub struct Snapshot {
 pub struct Route {
     pub id: u32,
     pub backend_count: u32,
-    /// Indexed by slot: the kernel's view of the entry, and where to connect.
+    /// Indexed by slot: the kernel's view of the entry, and where to connect. The cap is the
+    /// backend's own whatever the policy (the kernel's entry under `slots` has none until
+    /// polled; a pool under `slots` applies that rule with [`Route::polled`]).
     pub backends: Vec<(BackendView, SocketAddrV4)>,
+    /// Bit `slot` set: a slot poll has answered for that backend.
+    pub polled: u64,
     /// The proxy's pools in the service's pool order; a service without `[[service.pool]]`
     /// has one, over every backend with the service's policy, ring and Maglev table (the
     /// kernel's).
@@ -293,6 +297,13 @@ pub struct PoolRoute {
     pub affinity: Option<Arc<Ring>>,
     /// Bit `slot` set: the backend in that slot serves the pool's model.
     pub members: u64,
+}
+
+impl Route {
+    /// Whether a slot poll has answered for the backend in `slot`.
+    pub fn is_polled(&self, slot: usize) -> bool {
+        slot < SLOTS && self.polled & (1 << slot) != 0
+    }
 }
 
 impl PoolRoute {
@@ -646,8 +657,19 @@ impl SlotBackend {
     }
 }
 
-/// A slot's `steer_backend` entry under `policy`.
+/// A slot's `steer_backend` entry under `policy`: its own cap ([`backend_entry`]), except
+/// that under `slots` a backend never polled has none, which the kernel reads as no room.
 fn kernel_backend(s: &Slot, policy: Policy) -> Backend {
+    let mut entry = backend_entry(s);
+    if policy == Policy::Slots && s.backend.as_ref().is_some_and(|b| b.slots.is_none()) {
+        entry.max_conns = 0;
+    }
+    entry
+}
+
+/// A slot's `steer_backend` entry whatever the policy (the routes' view: each pool applies
+/// its own policy's rule, see [`Route::polled`]).
+fn backend_entry(s: &Slot) -> Backend {
     match &s.backend {
         Some(b) => Backend {
             addr: u32::from_ne_bytes(b.address.ip().octets()),
@@ -655,12 +677,7 @@ fn kernel_backend(s: &Slot, policy: Policy) -> Backend {
             weight: u32::from(b.weight.get()),
             // Not healthy: DOWN for new flows; open ones keep going (conntrack).
             state: b.status().abi(),
-            // Under `slots` a cap of 0 is no room: a backend never polled takes no flow.
-            max_conns: if policy == Policy::Slots && b.slots.is_none() {
-                0
-            } else {
-                b.max_conns()
-            },
+            max_conns: b.max_conns(),
             kind: if b.local {
                 backend_kind::LOCAL
             } else {
@@ -1158,11 +1175,17 @@ impl<D: Dataplane> Table<D> {
                 .upsert_service(ServiceKey::tcp(entry.address), kernel)?;
         }
         let pools = self.pool_routes(service, &active, &ring, &maglev);
+        let polled = (0..SLOTS)
+            .filter(|&slot| {
+                let backend = entry.slots[slot].backend.as_ref();
+                backend.is_some_and(|b| b.slots.is_some())
+            })
+            .fold(0u64, |bits, slot| bits | 1 << slot);
         let backends = entry
             .slots
             .iter()
             .map(|s| {
-                let b = kernel_backend(s, entry.policy);
+                let b = backend_entry(s);
                 let view = BackendView {
                     state: b.state,
                     weight: b.weight,
@@ -1182,6 +1205,7 @@ impl<D: Dataplane> Table<D> {
             route.id = service_id;
             route.backend_count = backend_count;
             route.backends = backends;
+            route.polled = polled;
             route.pools.resize_with(pools.len(), PoolRoute::default);
             for (route, mut pool) in route.pools.iter_mut().zip(pools) {
                 // As in the kernel, an empty Maglev table leaves the old one in place.

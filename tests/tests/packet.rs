@@ -790,6 +790,11 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
                     .zip(&views)
                     .map(|(slot, view)| (*view, model_backend(slot)))
                     .collect(),
+                // The kernel's entry has no cap until polled (under `slots`: no room).
+                polled: (0..)
+                    .zip(&views)
+                    .filter(|(_, view)| view.max_conns > 0)
+                    .fold(0, |bits, (slot, _): (u32, _)| bits | 1 << slot),
                 // As the table publishes a service without pools: one over every backend.
                 pools: vec![PoolRoute {
                     policy: Policy::ALL

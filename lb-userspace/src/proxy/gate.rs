@@ -189,8 +189,8 @@ pub struct Gate {
 ///
 /// Once any backend is measured slower (`ahead` 1), the in-flight count includes the request
 /// being placed: `least_connections` then picks the shortest expected delay, (in flight + 1) /
-/// speed, so an idle backend 20 times slower waits until the fast ones hold 20 each, where
-/// in flight / speed alone would hand it a request whenever it is idle.
+/// speed, so an idle backend 20 times slower waits until the fast ones hold nine each (its
+/// factor's floor is 0.1), where in flight / speed alone would hand it one whenever it is idle.
 fn weighed(b: BackendView, factor: f64, policy: u32, ahead: u64) -> BackendView {
     // Within 100..=1000: the factor's clamp.
     let milli = (factor * 1000.0).round().clamp(1.0, 1000.0) as u64;
@@ -281,7 +281,11 @@ impl Gate {
             service: service.name.clone(),
             model: spec.map(|p| p.model.clone()),
             config,
-            affinity: service.affinity.clone(),
+            // Policy `cache_affinity`'s keys and bound, for a pool with that policy only.
+            affinity: service
+                .affinity
+                .clone()
+                .filter(|_| spec.map_or(service.policy, |p| p.policy) == Policy::CacheAffinity),
             id,
             pool,
             counts,
@@ -501,11 +505,11 @@ impl Gate {
                 } else {
                     view.state
                 },
-                max_conns: match (cap, view.max_conns) {
-                    (0, own) => own,
-                    // Never polled: the proxy's cap gives it no room the slots policy lacks.
-                    (_, 0) if pool.policy == Policy::Slots => 0,
-                    (cap, _) => cap,
+                max_conns: match cap {
+                    // Never polled, under `slots`: no room, whatever cap it or the pool has.
+                    _ if pool.policy == Policy::Slots && !route.is_polled(slot) => 0,
+                    0 => view.max_conns,
+                    cap => cap,
                 },
                 conns: self.counts.get(id),
                 steered: self.counts.steered(id),
@@ -516,9 +520,11 @@ impl Gate {
             (Some(ring), Some(spec)) => {
                 let loads: Vec<Load> = backends
                     .iter()
-                    .map(|b| Load {
+                    .zip(self.speed_factors(&ids, &backends))
+                    .map(|(b, factor)| Load {
                         in_flight: b.conns,
                         open: b.usable(),
+                        speed: (factor * 1000.0).round() as u64,
                     })
                     .collect();
                 let key = key
@@ -686,6 +692,8 @@ pub(crate) mod tests {
             id: 0,
             backend_count: n,
             backends,
+            // As if polled: tests under `slots` set the slots they poll.
+            polled: u64::MAX,
             pools: vec![PoolRoute {
                 policy: crate::spec::Policy::RoundRobin,
                 ring: (0..n).collect(),
@@ -867,8 +875,6 @@ pub(crate) mod tests {
         );
     }
 
-    /// A backend that answers each line after `delay`, on loopback.
-
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_says_when_to_come_back_from_its_recent_pace() {
         let (gate, _counts, _routes) = gate(1, 1, 1);
@@ -955,6 +961,42 @@ pub(crate) mod tests {
         }
         let on_slow = held.iter().filter(|lease| lease.id == 1).count();
         assert_eq!((held.len() - on_slow, on_slow), (6, 2));
+    }
+
+    /// A pool under `slots` gives a backend never polled no room, whatever its own cap (the
+    /// route carries caps whatever the policy); under another policy that cap holds.
+    #[tokio::test(start_paused = true)]
+    async fn under_slots_a_backend_never_polled_has_no_room_whatever_its_cap() {
+        let (gate, _counts, routes_tx) = gate(1, 0, 2);
+        let set = |policy| {
+            routes_tx.send_modify(|routes| {
+                let route = &mut Arc::make_mut(routes)[0];
+                route.pools[0].policy = policy;
+                route.polled = 0b10;
+                route
+                    .backends
+                    .iter_mut()
+                    .for_each(|(view, _)| (view.idle_slots, view.max_conns) = (2, 2));
+            });
+        };
+        set(crate::spec::Policy::Slots);
+        let held = [
+            gate.admit(client(), None, None).await.expect("room"),
+            gate.admit(client(), None, None).await.expect("room"),
+        ];
+        assert_eq!(
+            held.each_ref().map(|lease| lease.id),
+            [1, 1],
+            "the polled one only"
+        );
+        assert_eq!(
+            gate.admit(client(), None, None).await.map(|lease| lease.id),
+            Err(Refusal::QueueTimeout),
+            "the unpolled one has no room"
+        );
+        set(crate::spec::Policy::RoundRobin);
+        let lease = gate.admit(client(), None, None).await.expect("its own cap");
+        assert_eq!(lease.id, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -87,8 +87,6 @@ impl<B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>> Cl
 struct Outgoing {
     parts: hyper::http::request::Parts,
     body: Bytes,
-    /// Policy `cache_affinity`'s key of the request (none when the service has no such policy).
-    affinity_key: Option<u64>,
 }
 
 impl Outgoing {
@@ -312,10 +310,6 @@ async fn read<B: ClientBody>(
     } else {
         None
     };
-    let key = service.affinity().map(|spec| {
-        let header = |name: &str| parts.headers.get(name).map(HeaderValue::as_bytes);
-        affinity::key(spec, header, &body, peer)
-    });
     strip_hop_by_hop(&mut parts.headers);
     // The body is here already: a backend asked to wait for it would only add a round trip.
     parts.headers.remove(header::EXPECT);
@@ -324,14 +318,7 @@ async fn read<B: ClientBody>(
     if let Some(path) = parts.uri.path_and_query() {
         parts.uri = path.clone().into();
     }
-    Ok((
-        Outgoing {
-            parts,
-            body,
-            affinity_key: key,
-        },
-        model,
-    ))
+    Ok((Outgoing { parts, body }, model))
 }
 
 /// The `model` of a JSON object body (`null` or none: `None`), read without building the rest;
@@ -367,26 +354,28 @@ async fn forward(
         message,
         retry_after: (refusal == Refusal::QueueFull).then(|| gate.retry_after()),
     };
+    // Only a `cache_affinity` pool keys its requests (session header, API key, prompt).
+    let key = gate.affinity().map(|spec| {
+        let header = |name: &str| outgoing.parts.headers.get(name).map(HeaderValue::as_bytes);
+        affinity::key(spec, header, &outgoing.body, peer)
+    });
     let mut avoid = None;
     let mut unreachable = Vec::new();
     // One retry on another backend when the chosen one cannot be reached.
     for _ in 0..2 {
-        let lease = gate
-            .admit(peer, outgoing.affinity_key, avoid)
-            .await
-            .map_err(|refusal| {
-                let message = match refusal {
-                    Refusal::QueueFull => format!(
-                        "the queue of {service} is full (queue_size {})",
-                        config.queue_size
-                    ),
-                    _ => format!(
-                        "no backend of {service} had room within queue_timeout {:?}",
-                        config.queue_timeout
-                    ),
-                };
-                refused(refusal, message)
-            })?;
+        let lease = gate.admit(peer, key, avoid).await.map_err(|refusal| {
+            let message = match refusal {
+                Refusal::QueueFull => format!(
+                    "the queue of {service} is full (queue_size {})",
+                    config.queue_size
+                ),
+                _ => format!(
+                    "no backend of {service} had room within queue_timeout {:?}",
+                    config.queue_timeout
+                ),
+            };
+            refused(refusal, message)
+        })?;
         let address = lease.address;
         let in_flight = gate.requests().begin(lease.id);
         let span = debug_span!("request", backend = %address, id = lease.id);

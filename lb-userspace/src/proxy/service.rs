@@ -15,7 +15,7 @@ use super::gate::{Gate, PoolStats, Refusal, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
 use crate::requests::RequestCounts;
-use crate::spec::{AffinitySpec, PoolSpec, ProxyMode, ProxySpec, ServiceSpec};
+use crate::spec::{PoolSpec, ProxyMode, ProxySpec, ServiceSpec};
 use crate::table::Routes;
 
 #[derive(Debug)]
@@ -23,7 +23,6 @@ pub struct ServiceProxy {
     name: String,
     address: SocketAddrV4,
     config: ProxySpec,
-    affinity: Option<AffinitySpec>,
     /// `[[service.pool]]`, in config order; empty: one pool over every backend.
     specs: Vec<PoolSpec>,
     /// By pool, like `specs` (or the one pool).
@@ -92,7 +91,6 @@ impl ServiceProxy {
             name: service.name.clone(),
             address: service.address,
             config: service.proxy.clone(),
-            affinity: service.affinity.clone(),
             specs: service.pools.clone(),
             gates,
             default,
@@ -114,11 +112,6 @@ impl ServiceProxy {
 
     pub fn config(&self) -> &ProxySpec {
         &self.config
-    }
-
-    /// Policy `cache_affinity`'s keys (of the service, for every pool with that policy).
-    pub fn affinity(&self) -> Option<&AffinitySpec> {
-        self.affinity.as_ref()
     }
 
     /// Whether requests are routed by their `model` (the service has `[[service.pool]]`).
