@@ -90,12 +90,13 @@ fn nth_client(n: u32) -> SocketAddrV4 {
 }
 
 /// `n` active backends of weight 1: all on the two lab hosts, on ports of their own so each has
-/// its own SNAT ports.
+/// its own SNAT ports; polled, with a cap no run reaches (under `slots` a cap of 0 is a backend
+/// never polled, which takes no flow).
 fn set_backends(lab: &mut Lab, policy: u32, n: u32) {
     for slot in 0..n {
         let host = BACKENDS[(slot % 2) as usize];
         let addr = SocketAddrV4::new(*host.ip(), 8000 + slot as u16);
-        lab.set_backend(slot, addr, backend_state::ACTIVE, 1, 0);
+        lab.set_backend(slot, addr, backend_state::ACTIVE, 1, u32::MAX);
         lab.set_conns(slot, 0, 0);
     }
     let ring: Vec<u32> = (0..n).collect();
