@@ -13,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::Deserialize;
 
+use crate::policy::{gcd, splitmix64};
 use crate::spec::{AffinityKey, AffinitySpec, LoadFactor};
 
 /// Virtual nodes per unit of weight (weights divided by their gcd): with 160 per backend each
@@ -238,25 +239,13 @@ fn hash(source: Source, bytes: &[u8]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-    mix(fnv)
+    splitmix64(fnv)
 }
 
 /// A backend's `i`-th point on the ring.
 fn point(address: SocketAddrV4, i: u64) -> u64 {
     let id = (u64::from(address.ip().to_bits()) << 16) | u64::from(address.port());
-    mix(mix(id) ^ i)
-}
-
-/// SplitMix64's output function.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    splitmix64(splitmix64(id) ^ i)
 }
 
 #[cfg(test)]
@@ -290,7 +279,7 @@ mod tests {
 
     /// Keys spread over the hash space, the same every run.
     fn keys(n: u64) -> impl Iterator<Item = u64> {
-        (0..n).map(|i| mix(i ^ 0x5eed))
+        (0..n).map(|i| splitmix64(i ^ 0x5eed))
     }
 
     fn unloaded(ring: &Ring, key: u64, slots: usize) -> u32 {
@@ -396,7 +385,7 @@ mod tests {
             let mut loads = idle(3);
             let mut state = 7u64;
             for _ in 0..5_000 {
-                state = mix(state);
+                state = splitmix64(state);
                 let total: u64 = loads.iter().map(|l| l.in_flight).sum();
                 // Mostly admits, a release now and then, so the load rises and falls.
                 if state.is_multiple_of(4) && total > 0 {
