@@ -168,34 +168,18 @@ pub async fn poll_models(
     address: SocketAddrV4,
     timeout: Duration,
 ) -> Result<Vec<String>, PollError> {
-    let deadline = Instant::now() + timeout;
-    let get = |path| {
-        get(
-            address,
-            path,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-    };
+    let budget = Budget::new(address, timeout);
     let exchange = async {
-        match get("/v1/models").await {
-            Ok(body) => parse_models(&body).map_err(|source| PollError::Json {
-                path: "/v1/models",
-                source,
-            }),
+        match budget.get("/v1/models").await {
+            Ok(body) => json("/v1/models", parse_models(&body)),
             Err(GetError::Status { status: 404, .. }) => {
-                let props = get("/props").await?;
-                parse_model_alias(&props).map_err(|source| PollError::Json {
-                    path: "/props",
-                    source,
-                })
+                let props = budget.get("/props").await?;
+                json("/props", parse_model_alias(&props))
             }
             Err(error) => Err(error.into()),
         }
     };
-    exchange.await.map_err(|error| match error {
-        PollError::Get(GetError::Timeout { .. }) => PollError::Timeout(timeout),
-        error => error,
-    })
+    exchange.await.map_err(|error| budget.timed_out(error))
 }
 
 /// `/v1/models`: `{"object":"list","data":[{"id":"a","aliases":["a","b"],...}]}`; each name once,
@@ -240,32 +224,18 @@ pub async fn poll_backend(
     address: SocketAddrV4,
     timeout: Duration,
 ) -> Result<SlotCounts, PollError> {
-    // One budget for the whole exchange: each GET has what is left of it.
-    let deadline = Instant::now() + timeout;
-    let get = |path| {
-        get(
-            address,
-            path,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-    };
+    let budget = Budget::new(address, timeout);
     let exchange = async {
-        match get("/slots").await {
-            Ok(body) => parse_slots(&body).map_err(|source| PollError::Json {
-                path: "/slots",
-                source,
-            }),
+        match budget.get("/slots").await {
+            Ok(body) => json("/slots", parse_slots(&body)),
             Err(GetError::Status {
                 status: 404 | 501, ..
             }) => {
-                let metrics = get("/metrics").await?;
+                let metrics = budget.get("/metrics").await?;
                 let processing = parse_processing(&String::from_utf8_lossy(&metrics))
                     .ok_or(PollError::NoProcessingGauge)?;
-                let props = get("/props").await?;
-                let total = parse_total_slots(&props).map_err(|source| PollError::Json {
-                    path: "/props",
-                    source,
-                })?;
+                let props = budget.get("/props").await?;
+                let total = json("/props", parse_total_slots(&props))?;
                 Ok(SlotCounts {
                     total,
                     idle: total.saturating_sub(processing),
@@ -274,10 +244,43 @@ pub async fn poll_backend(
             Err(error) => Err(error.into()),
         }
     };
-    exchange.await.map_err(|error| match error {
-        PollError::Get(GetError::Timeout { .. }) => PollError::Timeout(timeout),
-        error => error,
-    })
+    exchange.await.map_err(|error| budget.timed_out(error))
+}
+
+/// The GETs of one poll of a backend: one time budget for the whole exchange, each GET has
+/// what is left of it.
+struct Budget {
+    address: SocketAddrV4,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Budget {
+    fn new(address: SocketAddrV4, timeout: Duration) -> Budget {
+        Budget {
+            address,
+            timeout,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    async fn get(&self, path: &'static str) -> Result<bytes::Bytes, GetError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        get(self.address, path, left).await
+    }
+
+    /// A GET that ran out of the budget is the poll's timeout.
+    fn timed_out(&self, error: PollError) -> PollError {
+        match error {
+            PollError::Get(GetError::Timeout { .. }) => PollError::Timeout(self.timeout),
+            error => error,
+        }
+    }
+}
+
+/// A parse of the answer to `path`, its error naming the path.
+fn json<T>(path: &'static str, parsed: Result<T, serde_json::Error>) -> Result<T, PollError> {
+    parsed.map_err(|source| PollError::Json { path, source })
 }
 
 /// `/slots`: `[{"id":0,...,"is_processing":false}, ...]`.
