@@ -995,13 +995,10 @@ impl<D: Dataplane> Table<D> {
         address: SocketAddrV4,
         edit: impl FnOnce(&mut SlotBackend) -> Option<()>,
     ) -> Result<(), TableError> {
-        let (service, slot) = split_id(id);
-        let Some(current) = self
-            .services
-            .get_mut(service)
-            .and_then(|s| s.slots[slot].backend.as_mut())
-            .filter(|b| b.address == address)
-        else {
+        let Some((service, slot, _)) = self.reported(id, address) else {
+            return Ok(());
+        };
+        let Some(current) = self.services[service].slots[slot].backend.as_mut() else {
             return Ok(());
         };
         let from = current.status();
@@ -1030,13 +1027,9 @@ impl<D: Dataplane> Table<D> {
     /// are forgotten, so the kernel may briefly count them twice (too few free slots) but never
     /// as free.
     fn set_slots(&mut self, report: SlotReport) -> Result<(), TableError> {
-        let (service, slot) = split_id(report.id);
-        let Some(old) = self
-            .services
-            .get(service)
-            .and_then(|e| e.slots[slot].backend.as_ref())
-            .filter(|b| b.address == report.address)
-            .map(|b| b.slots)
+        let Some((service, slot, old)) = self
+            .reported(report.id, report.address)
+            .map(|(service, slot, b)| (service, slot, b.slots))
         else {
             return Ok(());
         };
@@ -1060,13 +1053,7 @@ impl<D: Dataplane> Table<D> {
         address: SocketAddrV4,
         models: Vec<String>,
     ) -> Result<(), TableError> {
-        let (service, slot) = split_id(id);
-        let Some(backend) = self
-            .services
-            .get(service)
-            .and_then(|s| s.slots[slot].backend.as_ref())
-            .filter(|b| b.address == address)
-        else {
+        let Some((service, slot, backend)) = self.reported(id, address) else {
             return Ok(());
         };
         if backend.learnt_models == models {
@@ -1078,6 +1065,14 @@ impl<D: Dataplane> Table<D> {
                 backend.learnt_models = models;
             }
         })
+    }
+
+    /// The backend a probe's report names: `id`'s, if it is still at `address` (a report on an
+    /// id that changed hands since it was sent is dropped), with its service and slot.
+    fn reported(&self, id: u32, address: SocketAddrV4) -> Option<(usize, usize, &SlotBackend)> {
+        let (service, slot) = split_id(id);
+        let backend = self.services.get(service)?.slots[slot].backend.as_ref()?;
+        (backend.address == address).then_some((service, slot, backend))
     }
 
     fn occupied(&self, id: u32) -> Result<(usize, usize), TableError> {
