@@ -1404,17 +1404,7 @@ fn http_mode_counts_requests_per_backend_and_the_slow_server_gets_less() {
     runtime.block_on(async {
         let deadline = Instant::now() + WAIT;
         for backend in &backends {
-            let addr: SocketAddr = backend.parse().expect("an address");
-            loop {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    let health = Client::connect(addr).await.send("GET", "/health", None).await;
-                    if health.status == 200 {
-                        break;
-                    }
-                }
-                assert!(Instant::now() < deadline, "llama-server {backend} not ready");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_ready(backend.parse().expect("an address"), deadline).await;
         }
         while tokio::net::TcpStream::connect(vip).await.is_err() {
             assert!(Instant::now() < deadline, "steer not listening");
