@@ -9,8 +9,12 @@
 //!
 //! `/v1/models` lists the models with their `id` and `aliases` (llama-server: `--alias`, else
 //! the model's name or file name); where it is missing (404), `/props` names one (`model_alias`).
+//! A backend's models change only with what it runs, so once known they are asked again every
+//! [`MODELS_REFRESH`] (at once after a failed poll): two GETs a poll would cost the agent about
+//! twice the CPU of the slot polls alone, each a new connection (llama-server gives every open
+//! connection a thread of its small pool, so polls do not keep one alive).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
@@ -23,6 +27,9 @@ use crate::spec::SlotPoll;
 use crate::table::{SlotCounts, SlotReport, TableError, TableHandle};
 
 const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
+
+/// How often a backend whose models are known is asked for them again.
+pub const MODELS_REFRESH: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -56,6 +63,8 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
         // Backends whose last poll failed, so a failure is logged once per streak; by what
         // was asked ("slots", "models").
         let mut failing: HashSet<(u32, SocketAddrV4, &'static str)> = HashSet::new();
+        // When each backend last told its models.
+        let mut models_known: HashMap<(u32, SocketAddrV4), Instant> = HashMap::new();
         let mut tick = tokio::time::interval(poll.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -69,6 +78,10 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                 // poll can see.
                 let (id, address, steered_before) = (b.id, b.address, table.steered(b.id));
                 let timeout = poll.timeout;
+                let ask_models = polled.models
+                    && models_known
+                        .get(&(id, address))
+                        .is_none_or(|at| at.elapsed() >= MODELS_REFRESH);
                 polls.spawn(async move {
                     // Both at once, each within the poll's timeout.
                     let slots = async {
@@ -79,7 +92,7 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                         }
                     };
                     let models = async {
-                        if polled.models {
+                        if ask_models {
                             Some(poll_models(address, timeout).await)
                         } else {
                             None
@@ -89,12 +102,14 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                     (id, address, steered_before, slots, models)
                 });
             }
-            failing.retain(|&(id, address, _)| {
+            let listed = |id, address| {
                 snapshot
                     .backends
                     .iter()
                     .any(|b| (b.id, b.address) == (id, address))
-            });
+            };
+            failing.retain(|&(id, address, _)| listed(id, address));
+            models_known.retain(|&(id, address), _| listed(id, address));
             while let Some(Ok((id, address, steered_before, slots, models))) =
                 polls.join_next().await
             {
@@ -111,10 +126,11 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                     }
                 }
                 let models = models.and_then(|r| answered(&mut failing, id, address, "models", r));
-                if let Some(models) = models
-                    && stopped(table.set_models(id, address, models).await, id, address)
-                {
-                    return;
+                if let Some(models) = models {
+                    models_known.insert((id, address), Instant::now());
+                    if stopped(table.set_models(id, address, models).await, id, address) {
+                        return;
+                    }
                 }
             }
         }

@@ -1033,11 +1033,15 @@ impl<D: Dataplane> Table<D> {
         else {
             return Ok(());
         };
-        self.change(service, slot, |s| {
-            if let Some(backend) = &mut s.backend {
-                backend.slots = Some(report.slots);
-            }
-        })?;
+        // The same counts as the last poll's are written already (most polls of an idle or
+        // steadily busy backend): nothing to rewrite or republish.
+        if old != Some(report.slots) {
+            self.change(service, slot, |s| {
+                if let Some(backend) = &mut s.backend {
+                    backend.slots = Some(report.slots);
+                }
+            })?;
+        }
         if old.map(|o| o.total) != Some(report.slots.total) {
             info!(id = report.id, address = %report.address, total = report.slots.total, "slot count known");
         }
