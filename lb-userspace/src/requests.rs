@@ -100,12 +100,13 @@ pub struct Timings {
     pub predicted_per_second: f64,
 }
 
-/// Decode and prompt speed averages, tokens per second of the backend (see the module doc);
-/// `None` until an answer measured one.
+/// Decode and prompt speed averages, tokens per second of the backend (see the module doc),
+/// and the tokens an answer generates on average; `None` until an answer measured one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Speed {
     pub decode_tokens_per_second: Option<f64>,
     pub prompt_tokens_per_second: Option<f64>,
+    pub generated_tokens_per_answer: Option<f64>,
 }
 
 impl Speed {
@@ -124,6 +125,10 @@ impl Speed {
                 timings.prompt_per_second * together,
             );
         }
+        fold(
+            &mut self.generated_tokens_per_answer,
+            timings.predicted_n as f64,
+        );
     }
 }
 
@@ -275,6 +280,44 @@ impl RequestCounts {
         let entry = self.entry(id)?;
         Self::lock(entry).backend.decode_tokens_per_second
     }
+
+    /// `id`'s pace, once answers measured both its parts.
+    pub fn pace(&self, id: u32) -> Option<Pace> {
+        let entry = self.entry(id)?;
+        let speed = Self::lock(entry).backend;
+        Some(Pace {
+            decode_tokens_per_second: speed.decode_tokens_per_second?,
+            prompt_tokens_per_second: speed.prompt_tokens_per_second,
+            generated_tokens_per_answer: speed.generated_tokens_per_answer?,
+        })
+    }
+}
+
+/// How fast a backend gets through its answers: what the choice estimates a wait by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pace {
+    /// The backend's, all its requests together.
+    pub decode_tokens_per_second: f64,
+    /// `None` until a prompt of [`MIN_PROMPT_TOKENS`] or more measured it.
+    pub prompt_tokens_per_second: Option<f64>,
+    pub generated_tokens_per_answer: f64,
+}
+
+impl Pace {
+    /// Seconds to evaluate `prompt` tokens (none while the prompt speed is unknown) and
+    /// generate `tokens` beside `others` requests in flight (each at an equal share of the
+    /// speed).
+    pub fn seconds(&self, prompt: f64, tokens: f64, others: u64) -> f64 {
+        let evaluating = self
+            .prompt_tokens_per_second
+            .map_or(0.0, |speed| prompt / speed);
+        (evaluating + tokens / self.decode_tokens_per_second) * (others + 1) as f64
+    }
+
+    /// Answers it completes per second while busy: when one of its slots frees, on average.
+    pub fn answers_per_second(&self) -> f64 {
+        self.decode_tokens_per_second / self.generated_tokens_per_answer.max(1.0)
+    }
 }
 
 /// Each backend's speed relative to the fastest among `speeds`, clamped to
@@ -381,6 +424,15 @@ mod tests {
         let mut speed = Speed::default();
         speed.learn(&timings(100.0, 1000.0), 1);
         close(speed.decode_tokens_per_second, 100.0);
+        close(speed.generated_tokens_per_answer, 20.0);
+        speed.learn(
+            &Timings {
+                predicted_n: 70,
+                ..timings(100.0, 1000.0)
+            },
+            1,
+        );
+        close(speed.generated_tokens_per_answer, 30.0);
         speed.learn(&timings(50.0, 0.0), 1);
         close(speed.decode_tokens_per_second, 90.0);
         close(speed.prompt_tokens_per_second, 1000.0);
@@ -406,6 +458,24 @@ mod tests {
             speed.decode_tokens_per_second,
             30.0 + 60.0 * 0.8f64.powi(10),
         );
+    }
+
+    #[test]
+    fn a_pace_times_an_answer_beside_the_others_and_counts_answers_per_busy_second() {
+        let mut pace = Pace {
+            decode_tokens_per_second: 60.0,
+            prompt_tokens_per_second: None,
+            generated_tokens_per_answer: 20.0,
+        };
+        assert_eq!(
+            pace.seconds(100.0, 30.0, 0),
+            0.5,
+            "the prompt speed unknown"
+        );
+        assert_eq!(pace.seconds(0.0, 30.0, 2), 1.5, "a third of the speed");
+        pace.prompt_tokens_per_second = Some(200.0);
+        assert_eq!(pace.seconds(100.0, 30.0, 0), 1.0);
+        assert_eq!(pace.answers_per_second(), 3.0);
     }
 
     #[test]

@@ -251,6 +251,7 @@ pub(crate) mod tests {
                     "unreachable": 0, "failed": 0},
                 "tokens": {"prompt": 0, "generated": 0},
                 "speed": {"decode_tokens_per_second": null, "prompt_tokens_per_second": null,
+                    "generated_tokens_per_answer": null,
                     "models": {}}}]})
         );
 

@@ -342,6 +342,16 @@ fn backends(encoder: &mut DescriptorEncoder, backends: &[BackendInfo]) -> fmt::R
             Some((BackendLabels(b), ConstGauge::new(speed)))
         }),
     )?;
+    family(
+        encoder,
+        "steer_backend_generated_tokens_per_answer",
+        "Moving average of the tokens the backend's answers generate, from their timings; the \
+         proxy times a wait for the backend by it.",
+        backends.iter().filter_map(|b| {
+            let tokens = b.requests.speed.backend.generated_tokens_per_answer?;
+            Some((BackendLabels(b), ConstGauge::new(tokens)))
+        }),
+    )?;
     // Only backends whose llama.cpp slots were polled (policy slots) have these series.
     family(
         encoder,

@@ -7,7 +7,11 @@
 //! ([`Gate::speed_factors`]): `least_connections` compares requests in flight per
 //! weight times speed factor, `slots` free slots times speed factor (see [`weighed`]). Until a
 //! backend is measured its factor is 1, so with nothing measured (l4, or no llama-server
-//! `timings`) the proxy chooses exactly as the kernel does.
+//! `timings`) the proxy chooses exactly as the kernel does. Once paces are learnt, the
+//! speed-aware policies also time the request itself (its tokens and prompt): they pass over a
+//! backend with room that would be done with it over twice as late as another, and keep it
+//! waiting for a full faster backend when that ends at least twice as soon
+//! ([`Gate::waits_for_faster`]).
 //!
 //! A connection (http: a request) that finds no backend with room waits in the pool's FIFO
 //! queue. Releasing a claim and every table change wake the queue at once; a flow the kernel ends
@@ -23,11 +27,12 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
+use tracing::trace;
 
 use crate::affinity::{self, Load};
 use crate::dataplane::conns::ConnCounts;
 use crate::policy::{BackendView, ServiceView, choose};
-use crate::requests::{RequestCounts, speed_factors};
+use crate::requests::{Pace, RequestCounts, speed_factors};
 use crate::spec::{AffinitySpec, Policy, ProxySpec, ServiceSpec};
 use crate::table::{Route, Routes};
 
@@ -156,6 +161,8 @@ pub struct Gate {
     model: Option<String>,
     /// The service's settings with the pool's cap, queue size and queue timeout.
     config: ProxySpec,
+    /// The pool's policy.
+    policy: Policy,
     /// Policy `cache_affinity`'s keys and load bound.
     affinity: Option<AffinitySpec>,
     /// Service id: the index into the routes.
@@ -214,13 +221,47 @@ fn weighed(b: BackendView, factor: f64, policy: u32, ahead: u64) -> BackendView 
     }
 }
 
-/// What a choice is keyed by: the client's address (policy `maglev`) and the request's
-/// affinity key (`cache_affinity`).
+/// What a request brings to the choice besides its client's address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// Its affinity key (policy `cache_affinity`; `None`: the client's address keys it).
+    pub affinity: Option<u64>,
+    /// The tokens it asks to generate (`max_tokens`) and about those of its prompt: what the
+    /// speed-aware policies time it by ([`Gate::waits_for_faster`]); `None`: as many as the
+    /// backend's answers average.
+    pub tokens: Option<u64>,
+    pub prompt_tokens: u64,
+}
+
+/// The speed-aware policies: they weigh backends by speed and keep a request waiting for a
+/// faster backend when that ends sooner ([`Gate::waits_for_faster`]).
+fn times_requests(policy: Policy) -> bool {
+    matches!(
+        policy,
+        Policy::LeastConnections | Policy::Slots | Policy::CacheAffinity
+    )
+}
+
+/// What a choice is keyed by: the client's address (policy `maglev`) and what the request asks.
 #[derive(Clone, Copy, Debug)]
 struct Key {
     client: Ipv4Addr,
-    affinity: Option<u64>,
+    ask: Ask,
 }
+
+/// Where a claim stands in the queue: the waiters (itself included; 1 with nobody waiting) and
+/// how long it has waited.
+#[derive(Clone, Copy, Debug)]
+struct Turn {
+    queued: usize,
+    waited: Duration,
+}
+
+/// How many times sooner than on the backend with room a request must expect to be done on a
+/// full faster one to wait for it ([`Gate::waits_for_faster`]): estimates are rough (speeds
+/// move with load, prompts with what is cached), and between servers of about one speed their
+/// noise alone would keep requests waiting beside idle slots.
+const WAIT_MARGIN: f64 = 2.0;
 
 /// Waiters' service times kept for [`Gate::retry_after`].
 const PACE_SAMPLES: usize = 16;
@@ -277,15 +318,17 @@ impl Gate {
             config.queue_size = spec.queue_size;
             config.queue_timeout = spec.queue_timeout;
         }
+        let policy = spec.map_or(service.policy, |p| p.policy);
         Arc::new(Gate {
             service: service.name.clone(),
             model: spec.map(|p| p.model.clone()),
             config,
+            policy,
             // Policy `cache_affinity`'s keys and bound, for a pool with that policy only.
             affinity: service
                 .affinity
                 .clone()
-                .filter(|_| spec.map_or(service.policy, |p| p.policy) == Policy::CacheAffinity),
+                .filter(|_| policy == Policy::CacheAffinity),
             id,
             pool,
             counts,
@@ -346,6 +389,11 @@ impl Gate {
         self.affinity.as_ref()
     }
 
+    /// Whether its policy times requests by the tokens they ask for ([`Ask::tokens`]).
+    pub fn times_requests(&self) -> bool {
+        times_requests(self.policy)
+    }
+
     /// The name of the service it admits to.
     pub fn service(&self) -> &str {
         &self.service
@@ -362,19 +410,20 @@ impl Gate {
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
-    /// `key`: the request's affinity key (policy `cache_affinity`; `None`: the client's
-    /// address keys it). `avoid`: a backend id not to choose (one that just refused).
+    /// `ask`: what the request brings to the choice. `avoid`: a backend id not to choose (one
+    /// that just refused).
     pub async fn admit(
         self: &Arc<Self>,
         client: Ipv4Addr,
-        key: Option<u64>,
+        ask: Ask,
         avoid: Option<u32>,
     ) -> Result<Lease, Refusal> {
-        let key = Key {
-            client,
-            affinity: key,
-        };
+        let key = Key { client, ask };
         let started = tokio::time::Instant::now();
+        let turn = |queued| Turn {
+            queued,
+            waited: started.elapsed(),
+        };
         let admitted = |lease: Lease| {
             self.counters.admitted.fetch_add(1, Ordering::Relaxed);
             let waited = started.elapsed().as_secs_f64();
@@ -386,7 +435,7 @@ impl Gate {
             let mut queue = self.lock_queue();
             // Nobody waiting: no one to overtake.
             if queue.is_empty()
-                && let Some(lease) = self.try_claim(key, avoid)
+                && let Some(lease) = self.try_claim(key, turn(1), avoid)
             {
                 return admitted(lease);
             }
@@ -410,8 +459,12 @@ impl Gate {
             tokio::pin!(released);
             // Registered before looking, so a release between the look and the wait still wakes.
             released.as_mut().enable();
-            if self.lock_queue().front() == Some(&waiting.ticket)
-                && let Some(lease) = self.try_claim(key, avoid)
+            let queued = {
+                let queue = self.lock_queue();
+                (queue.front() == Some(&waiting.ticket)).then_some(queue.len())
+            };
+            if let Some(queued) = queued
+                && let Some(lease) = self.try_claim(key, turn(queued), avoid)
             {
                 self.note_served_from_queue();
                 return admitted(lease);
@@ -436,12 +489,12 @@ impl Gate {
 
     /// The kernel's choice over the current routes and live counts, then its claim; a claim lost
     /// to a concurrent claimer chooses again with the new counts.
-    fn try_claim(self: &Arc<Self>, key: Key, avoid: Option<u32>) -> Option<Lease> {
+    fn try_claim(self: &Arc<Self>, key: Key, turn: Turn, avoid: Option<u32>) -> Option<Lease> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
         for _ in 0..route.backends.len().max(1) {
             let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-            let (id, max, address) = self.choose(route, cursor, key, avoid)?;
+            let (id, max, address) = self.choose(route, cursor, key, turn, avoid)?;
             if self.counts.acquire(id, max) {
                 return Some(Lease {
                     gate: Arc::clone(self),
@@ -460,9 +513,14 @@ impl Gate {
         let route = routes.get(self.id)?;
         let key = Key {
             client,
-            affinity: None,
+            ask: Ask::default(),
         };
-        self.choose(route, cursor, key, None).map(|(id, ..)| id)
+        let turn = Turn {
+            queued: 1,
+            waited: Duration::ZERO,
+        };
+        self.choose(route, cursor, key, turn, None)
+            .map(|(id, ..)| id)
     }
 
     /// The speed factor of each of `backends` (ids `ids`), relative to the fastest active one
@@ -480,12 +538,15 @@ impl Gate {
     }
 
     /// The policy's backend for `key` over `route`, the live counts and the learnt speeds: its
-    /// id, cap (for `cache_affinity` the load bound too) and address.
+    /// id, cap (for `cache_affinity` the load bound too) and address; `None` when none has room
+    /// or (`least_connections`, `slots`) the request at `turn` is better off waiting for a
+    /// faster one.
     fn choose(
         &self,
         route: &Route,
         cursor: u64,
         key: Key,
+        turn: Turn,
         avoid: Option<u32>,
     ) -> Option<(u32, u32, SocketAddrV4)> {
         let cap = self.config.max_per_backend;
@@ -516,9 +577,28 @@ impl Gate {
                 ..view
             })
             .collect();
+        let timed = times_requests(pool.policy);
+        // Those a time-aware policy passes over (see `outrun`) are down for its choice.
+        let candidates: Vec<BackendView> = if timed {
+            let outrun = self.outrun(pool.policy, &ids, &backends, key.ask);
+            backends
+                .iter()
+                .zip(outrun)
+                .map(|(&b, outrun)| BackendView {
+                    state: if outrun {
+                        lb_common::backend_state::DOWN
+                    } else {
+                        b.state
+                    },
+                    ..b
+                })
+                .collect()
+        } else {
+            backends.clone()
+        };
         let (slot, max) = match (&pool.affinity, &self.affinity) {
             (Some(ring), Some(spec)) => {
-                let loads: Vec<Load> = backends
+                let loads: Vec<Load> = candidates
                     .iter()
                     .zip(self.speed_factors(&ids, &backends))
                     .map(|(b, factor)| Load {
@@ -528,6 +608,7 @@ impl Gate {
                     })
                     .collect();
                 let key = key
+                    .ask
                     .affinity
                     .unwrap_or_else(|| affinity::client_key(key.client));
                 let (slot, bound) = affinity::choose(ring, key, spec.load_factor, &loads)?;
@@ -545,7 +626,7 @@ impl Gate {
                 let policy = pool.policy.abi()?;
                 let factors = self.speed_factors(&ids, &backends);
                 let ahead = u64::from(factors.iter().any(|&f| f < 1.0));
-                let ranked: Vec<BackendView> = backends
+                let ranked: Vec<BackendView> = candidates
                     .iter()
                     .zip(factors)
                     .map(|(&b, factor)| weighed(b, factor, policy, ahead))
@@ -563,9 +644,126 @@ impl Gate {
                 (slot, backends.get(slot)?.max_conns)
             }
         };
+        if timed && self.waits_for_faster(&ids, &backends, slot, key.ask, turn) {
+            return None;
+        }
         let (_, address) = route.backends.get(slot)?;
         let id = route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot as u32;
         Some((id, max, *address))
+    }
+
+    /// The learnt pace of each of `ids`. A backend whose prompt speed is unknown (its prompts
+    /// were short or cached) is taken to evaluate as much slower than a measured one as it
+    /// decodes slower: left at none, its prompts would look free and draw long ones to it.
+    fn paces(&self, ids: &[u32]) -> Vec<Option<Pace>> {
+        let mut paces: Vec<Option<Pace>> = ids.iter().map(|&id| self.requests.pace(id)).collect();
+        let reference = paces
+            .iter()
+            .flatten()
+            .find_map(|p| Some(p.prompt_tokens_per_second? / p.decode_tokens_per_second));
+        for pace in paces.iter_mut().flatten() {
+            pace.prompt_tokens_per_second = pace
+                .prompt_tokens_per_second
+                .or(reference.map(|ratio| ratio * pace.decode_tokens_per_second));
+        }
+        paces
+    }
+
+    /// Which of `backends` (ids `ids`) a time-aware policy passes over for a request asking
+    /// `ask` although they have room: those that would be done with it more than
+    /// [`WAIT_MARGIN`] times later than another backend with room, so servers of about one
+    /// speed are left to the policy. Under `cache_affinity` a conversation homed on a server
+    /// several times slower goes on round the ring (to the same next backend every turn, whose
+    /// cache then holds it; its home's cache is worth less than the margin); under `slots` such
+    /// a server is passed over even when a poll older than the last answers shows the fast
+    /// servers' slots still busy.
+    fn outrun(&self, policy: Policy, ids: &[u32], backends: &[BackendView], ask: Ask) -> Vec<bool> {
+        let room = |b: &BackendView| {
+            if policy == Policy::Slots {
+                b.usable_for_slots()
+            } else {
+                b.usable()
+            }
+        };
+        let paces = self.paces(ids);
+        let tokens = |pace: &Pace| {
+            ask.tokens
+                .map_or(pace.generated_tokens_per_answer, |t| t as f64)
+        };
+        let prompt = ask.prompt_tokens as f64;
+        let done: Vec<Option<f64>> = backends
+            .iter()
+            .zip(&paces)
+            .map(|(b, pace)| {
+                let p = pace.filter(|_| room(b))?;
+                Some(p.seconds(prompt, tokens(&p), b.conns))
+            })
+            .collect();
+        let soonest = done.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+        done.iter()
+            .map(|done| done.is_some_and(|done| done > WAIT_MARGIN * soonest))
+            .collect()
+    }
+
+    /// Whether a request of `tokens` at `turn` is better off waiting for a faster backend that
+    /// is full than taking `room` (of `backends`, ids `ids`) now. In seconds, from each
+    /// backend's learnt [`Pace`]: on `room` the request is generated beside
+    /// what it holds; on a full backend it first waits for a slot to free, then is generated
+    /// beside the rest. The wait is judged for the whole queue, not its head alone: the head
+    /// taking `room` moves everyone behind it up, so it waits only if even the last waiter
+    /// (`turn.queued` slots to free, at the full faster backends' combined pace) would be done
+    /// on one of them [`WAIT_MARGIN`] times sooner than the head would be done on `room`. A head that has waited as long
+    /// as `room` would take stops waiting: the estimate was wrong (a stalled backend, say).
+    fn waits_for_faster(
+        &self,
+        ids: &[u32],
+        backends: &[BackendView],
+        room: usize,
+        ask: Ask,
+        turn: Turn,
+    ) -> bool {
+        let paces = self.paces(ids);
+        let pace = |slot: usize| paces.get(slot).copied().flatten();
+        let (Some(room_pace), Some(room_view)) = (pace(room), backends.get(room)) else {
+            return false;
+        };
+        let tokens = ask
+            .tokens
+            .map_or(room_pace.generated_tokens_per_answer, |t| t as f64);
+        let prompt = ask.prompt_tokens as f64;
+        let on_room = room_pace.seconds(prompt, tokens, room_view.conns);
+        if turn.waited.as_secs_f64() >= on_room {
+            return false;
+        }
+        let (mut frees_per_second, mut soonest) = (0.0, f64::INFINITY);
+        for (slot, b) in backends.iter().enumerate() {
+            let full = b.state == lb_common::backend_state::ACTIVE
+                && b.weight > 0
+                && b.max_conns > 0
+                && b.conns >= u64::from(b.max_conns);
+            let Some(pace) = pace(slot).filter(|_| full) else {
+                continue;
+            };
+            let on_it = pace.seconds(prompt, tokens, u64::from(b.max_conns) - 1);
+            if on_it < on_room {
+                frees_per_second += pace.answers_per_second();
+                soonest = soonest.min(on_it);
+            }
+        }
+        let wait = turn.queued as f64 / frees_per_second + soonest;
+        let waits = frees_per_second > 0.0 && wait * WAIT_MARGIN < on_room;
+        if frees_per_second > 0.0 {
+            trace!(
+                service = %self.service,
+                room = ids.get(room).copied(),
+                on_room,
+                wait,
+                queued = turn.queued,
+                waits,
+                "a faster backend is full"
+            );
+        }
+        waits
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -729,24 +927,20 @@ pub(crate) mod tests {
         Ipv4Addr::new(10, 9, 9, 9)
     }
 
+    /// A request from [`client`] that brings nothing else to the choice.
+    async fn admit(gate: &Arc<Gate>) -> Result<Lease, Refusal> {
+        gate.admit(client(), Ask::default(), None).await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn claims_by_policy_up_to_the_cap_and_counts_in_the_shared_array() {
         let (gate, counts, _routes) = gate(0, 1, 2);
-        let a = gate
-            .admit(client(), None, None)
-            .await
-            .expect("room on backend 0");
-        let b = gate
-            .admit(client(), None, None)
-            .await
-            .expect("room on backend 1");
+        let a = admit(&gate).await.expect("room on backend 0");
+        let b = admit(&gate).await.expect("room on backend 1");
         assert_eq!((a.id, b.id), (0, 1));
         assert_eq!(b.address, "10.0.1.2:80".parse().expect("address"));
         assert_eq!((counts.get(0), counts.get(1)), (1, 1));
-        assert_eq!(
-            gate.admit(client(), None, None).await.err(),
-            Some(Refusal::QueueFull)
-        );
+        assert_eq!(admit(&gate).await.err(), Some(Refusal::QueueFull));
         drop(a);
         assert_eq!(counts.get(0), 0, "released on drop");
         assert_eq!(gate.stats().refused["queue_full"], 1);
@@ -755,12 +949,12 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_are_served_in_order_as_soon_as_a_lease_is_dropped() {
         let (gate, _counts, _routes) = gate(8, 1, 1);
-        let first = gate.admit(client(), None, None).await.expect("room");
+        let first = admit(&gate).await.expect("room");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for n in 0..3 {
             let (gate, tx) = (Arc::clone(&gate), tx.clone());
             tokio::spawn(async move {
-                let lease = gate.admit(client(), None, None).await;
+                let lease = admit(&gate).await;
                 let _ = tx.send((n, Instant::now(), lease));
             });
             // Queue them in a known order.
@@ -802,34 +996,86 @@ pub(crate) mod tests {
             .collect()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn cache_affinity_keeps_a_key_on_its_backend_up_to_the_load_bound() {
+    /// A gate under `cache_affinity` over `n` backends of weight 1, without caps.
+    fn affinity_gate(n: u32) -> (Arc<Gate>, Arc<ConnCounts>) {
         let mut service = config(0, 0);
         service.policy = crate::spec::Policy::CacheAffinity;
         service.proxy.mode = ProxyMode::Http;
         service.affinity = Some(AffinitySpec::default());
-        let mut routes = routes(3);
-        {
-            let route = &mut Arc::make_mut(&mut routes)[0];
-            let members: Vec<affinity::Member> = (0u32..)
-                .zip(&route.backends)
-                .map(|(slot, &(_, address))| affinity::Member {
-                    slot,
-                    address,
-                    weight: 1,
-                })
-                .collect();
-            route.pools[0].policy = crate::spec::Policy::CacheAffinity;
-            route.pools[0].affinity = Some(Arc::new(affinity::Ring::new(&members)));
-        }
+        let mut routes = routes(n);
+        let route = &mut Arc::make_mut(&mut routes)[0];
+        let members: Vec<affinity::Member> = (0u32..)
+            .zip(&route.backends)
+            .map(|(slot, &(_, address))| affinity::Member {
+                slot,
+                address,
+                weight: 1,
+            })
+            .collect();
+        route.pools[0].policy = crate::spec::Policy::CacheAffinity;
+        route.pools[0].affinity = Some(Arc::new(affinity::Ring::new(&members)));
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let (_tx, rx) = watch::channel(routes);
+        // The routes never change: the sender may go.
+        let (_, rx) = watch::channel(routes);
         let requests = Arc::new(RequestCounts::new(64));
         let wait = Histogram::new(WAIT_BUCKETS);
         let gate = Gate::new(&service, 0, 0, Arc::clone(&counts), requests, rx, wait);
+        (gate, counts)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_affinity_leaves_a_home_over_twice_as_slow_as_another_backend_with_room() {
+        let (gate, counts) = affinity_gate(2);
+        let ask = |key, prompt_tokens, tokens| Ask {
+            affinity: Some(key),
+            tokens: Some(tokens),
+            prompt_tokens,
+        };
+        // A key homed on backend 1 (nothing measured: the ring alone decides).
+        let mut key = 0;
+        while gate
+            .admit(client(), ask(key, 0, 1), None)
+            .await
+            .map(|l| l.id)
+            != Ok(1)
+        {
+            key += 1;
+            assert!(key < 64, "no key of 64 is homed on backend 1");
+        }
+        // Backend 1 turns out ten times slower at both decoding and prompts.
+        for (id, speed) in [(0, 100.0), (1, 10.0)] {
+            let timings = crate::requests::Timings {
+                prompt_n: 100,
+                prompt_per_second: speed * 10.0,
+                predicted_per_second: speed,
+                predicted_n: 20,
+                ..Default::default()
+            };
+            gate.requests().begin(id).measured(None, &timings);
+        }
+        // A turn of 1000 prompt tokens and 20 to generate: 12 s at home, 1.2 s on backend 0.
+        let turn = gate.admit(client(), ask(key, 1000, 20), None).await;
+        assert_eq!(turn.map(|l| l.id), Ok(0));
+        // Backend 0 holding nine others (a tenth of its speed each): 12 s there too, home it is.
+        for _ in 0..9 {
+            assert!(counts.acquire(0, u32::MAX));
+        }
+        let turn = gate.admit(client(), ask(key, 1000, 20), None).await;
+        assert_eq!(turn.map(|l| l.id), Ok(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_affinity_keeps_a_key_on_its_backend_up_to_the_load_bound() {
+        let (gate, counts) = affinity_gate(3);
         let admit = |key| {
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), key, None).await.expect("room") }
+            async move {
+                let ask = Ask {
+                    affinity: key,
+                    ..Ask::default()
+                };
+                gate.admit(client(), ask, None).await.expect("room")
+            }
         };
         let home = admit(Some(42)).await.id;
         for _ in 0..5 {
@@ -854,19 +1100,16 @@ pub(crate) mod tests {
         let (gate, _counts, _routes) = gate(0, 1, 2);
         // Round robin's next pick is backend 0.
         let lease = gate
-            .admit(client(), None, Some(0))
+            .admit(client(), Ask::default(), Some(0))
             .await
             .expect("room on 1");
         assert_eq!(lease.id, 1);
         assert_eq!(
-            gate.admit(client(), None, Some(0)).await.err(),
+            gate.admit(client(), Ask::default(), Some(0)).await.err(),
             Some(Refusal::QueueFull),
             "1 is full and 0 avoided"
         );
-        assert_eq!(
-            gate.admit(client(), None, None).await.map(|l| l.id).ok(),
-            Some(0)
-        );
+        assert_eq!(admit(&gate).await.map(|l| l.id).ok(), Some(0));
         assert!(gate.has_backend_besides(0) && gate.has_backend_besides(1));
         let (alone, _counts, _routes) = self::gate(0, 1, 1);
         assert!(
@@ -880,12 +1123,12 @@ pub(crate) mod tests {
         let (gate, _counts, _routes) = gate(1, 1, 1);
         let timeout = gate.config().queue_timeout;
         assert_eq!(gate.retry_after(), timeout, "no pace yet: queue_timeout");
-        let mut held = gate.admit(client(), None, None).await.expect("room");
+        let mut held = admit(&gate).await.expect("room");
         // A waiter served every 2.5 s.
         for _ in 0..4 {
             let waiter = {
                 let gate = Arc::clone(&gate);
-                tokio::spawn(async move { gate.admit(client(), None, None).await })
+                tokio::spawn(async move { admit(&gate).await })
             };
             tokio::task::yield_now().await;
             assert_eq!(gate.stats().queue_depth, 1);
@@ -905,15 +1148,15 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_times_out_and_leaves_the_queue() {
         let (gate, _counts, _routes) = gate(1, 1, 1);
-        let _held = gate.admit(client(), None, None).await.expect("room");
+        let _held = admit(&gate).await.expect("room");
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
+            async move { admit(&gate).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         assert_eq!(
-            gate.admit(client(), None, None).await.err(),
+            admit(&gate).await.err(),
             Some(Refusal::QueueFull),
             "queue_size 1 is taken"
         );
@@ -938,13 +1181,7 @@ pub(crate) mod tests {
                 (view.idle_slots, view.max_conns) = (idle, idle);
             }
         });
-        for (id, decode) in [(0, 90.0), (1, 30.0)] {
-            let timings = crate::requests::Timings {
-                predicted_per_second: decode,
-                ..Default::default()
-            };
-            gate.requests().begin(id).measured(None, &timings);
-        }
+        answered(&gate, [(0, 90.0), (1, 30.0)], 0);
         (gate, routes_tx)
     }
 
@@ -957,7 +1194,7 @@ pub(crate) mod tests {
         );
         let mut held = Vec::new();
         for _ in 0..8 {
-            held.push(gate.admit(client(), None, None).await.expect("no cap"));
+            held.push(admit(&gate).await.expect("no cap"));
         }
         let on_slow = held.iter().filter(|lease| lease.id == 1).count();
         assert_eq!((held.len() - on_slow, on_slow), (6, 2));
@@ -981,8 +1218,8 @@ pub(crate) mod tests {
         };
         set(crate::spec::Policy::Slots);
         let held = [
-            gate.admit(client(), None, None).await.expect("room"),
-            gate.admit(client(), None, None).await.expect("room"),
+            admit(&gate).await.expect("room"),
+            admit(&gate).await.expect("room"),
         ];
         assert_eq!(
             held.each_ref().map(|lease| lease.id),
@@ -990,21 +1227,21 @@ pub(crate) mod tests {
             "the polled one only"
         );
         assert_eq!(
-            gate.admit(client(), None, None).await.map(|lease| lease.id),
+            admit(&gate).await.map(|lease| lease.id),
             Err(Refusal::QueueTimeout),
             "the unpolled one has no room"
         );
         set(crate::spec::Policy::RoundRobin);
-        let lease = gate.admit(client(), None, None).await.expect("its own cap");
+        let lease = admit(&gate).await.expect("its own cap");
         assert_eq!(lease.id, 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn slots_fill_the_fast_backend_first() {
         let (gate, _routes) = slow_second(crate::spec::Policy::Slots, 2);
-        let first = gate.admit(client(), None, None).await.expect("room");
-        let second = gate.admit(client(), None, None).await.expect("room");
-        let third = gate.admit(client(), None, None).await.expect("room");
+        let first = admit(&gate).await.expect("room");
+        let second = admit(&gate).await.expect("room");
+        let third = admit(&gate).await.expect("room");
         assert_eq!((first.id, second.id, third.id), (0, 0, 1));
         // Unmeasured, the second goes to the backend with more free slots, as in the kernel.
         let (even, _counts, routes_tx) = self::gate(0, 0, 2);
@@ -1016,9 +1253,143 @@ pub(crate) mod tests {
                 .iter_mut()
                 .for_each(|(view, _)| (view.idle_slots, view.max_conns) = (2, 2));
         });
-        let first = even.admit(client(), None, None).await.expect("room");
-        let second = even.admit(client(), None, None).await.expect("room");
+        let first = admit(&even).await.expect("room");
+        let second = admit(&even).await.expect("room");
         assert_eq!((first.id, second.id), (0, 1));
+    }
+
+    /// One answer from each `(id, decode tokens/s)` of `gate`'s backends, of `tokens` tokens (0:
+    /// the tokens per answer stay unknown).
+    fn answered<const N: usize>(gate: &Gate, speeds: [(u32, f64); N], tokens: u64) {
+        for (id, decode) in speeds {
+            let timings = crate::requests::Timings {
+                predicted_per_second: decode,
+                predicted_n: tokens,
+                ..Default::default()
+            };
+            gate.requests().begin(id).measured(None, &timings);
+        }
+    }
+
+    /// A gate under `least_connections` over a fast backend (100 tokens/s) and one ten times
+    /// slower, one slot each, every answer 20 tokens, with the fast one held.
+    async fn fast_one_held() -> (Arc<Gate>, Lease, watch::Sender<Routes>) {
+        let (gate, _counts, routes_tx) = gate(16, 1, 2);
+        routes_tx.send_modify(|routes| {
+            Arc::make_mut(routes)[0].pools[0].policy = crate::spec::Policy::LeastConnections;
+        });
+        answered(&gate, [(0, 100.0), (1, 10.0)], 20);
+        let held = admit(&gate).await;
+        let held = held.expect("room");
+        assert_eq!(held.id, 0, "the fast one first");
+        (gate, held, routes_tx)
+    }
+
+    fn asking(tokens: u64) -> Ask {
+        Ask {
+            tokens: Some(tokens),
+            ..Ask::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_full_fast_backend_while_that_beats_an_idle_slow_one() {
+        let (gate, held, _routes) = fast_one_held().await;
+        // 20 tokens: 2 s on the slow one, 0.2 s on the fast one after a 0.2 s wait for its slot
+        // (over twice as soon).
+        let waiter = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            async move { gate.admit(client(), asking(20), None).await.map(|l| l.id) }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(gate.stats().queue_depth, 1, "waiting, the slow one idle");
+        drop(held);
+        assert_eq!(waiter.await.expect("waiter"), Ok(0), "the fast one, freed");
+        // 2 tokens: 0.2 s on the slow one now, 0.22 s behind the fast one's slot.
+        let (gate, _held, _routes) = fast_one_held().await;
+        let short = gate.admit(client(), asking(2), None).await.map(|l| l.id);
+        assert_eq!(short, Ok(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_slots_a_server_ten_times_slower_is_passed_over_while_a_fast_one_has_room() {
+        let (gate, routes) = slow_second(crate::spec::Policy::Slots, 2);
+        answered(&gate, [(0, 100.0), (1, 10.0)], 20);
+        // The last poll saw the fast one's slots busy; its answers have ended since.
+        routes.send_modify(|routes| {
+            Arc::make_mut(routes)[0].backends[0].0.idle_slots = 0;
+        });
+        // Decode speeds 92 and 26 (averaged with `slow_second`'s), 20 tokens an answer: about
+        // 0.2 s there, 0.8 s on the slow one.
+        let first = admit(&gate).await;
+        assert_eq!(first.map(|l| l.id), Ok(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_prompt_waits_for_the_fast_backend_whose_prompt_speed_alone_is_known() {
+        let (gate, held, _routes) = fast_one_held().await;
+        // The fast one evaluated a prompt at 1000 tokens/s; the slow one only short ones, so
+        // its prompt speed is taken as its decode speed's share of that: 100 tokens/s.
+        let prompt = crate::requests::Timings {
+            prompt_n: 100,
+            prompt_per_second: 1000.0,
+            predicted_per_second: 100.0,
+            predicted_n: 20,
+            ..Default::default()
+        };
+        gate.requests().begin(0).measured(None, &prompt);
+        let long_prompt = Ask {
+            tokens: Some(2),
+            prompt_tokens: 1000,
+            ..Ask::default()
+        };
+        // 10.2 s on the slow one; 0.2 s for the fast one's slot, then 1.02 s there.
+        let waiter = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            async move { gate.admit(client(), long_prompt, None).await.map(|l| l.id) }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        assert_eq!(waiter.await.expect("waiter"), Ok(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_queue_sends_its_head_to_the_slow_backend_and_a_stalled_wait_gives_up() {
+        let (gate, _held, _routes) = fast_one_held().await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..10 {
+            let (gate, tx) = (Arc::clone(&gate), tx.clone());
+            tokio::spawn(async move {
+                let lease = gate.admit(client(), asking(20), None).await;
+                let _ = tx.send((n, lease.map(|l| (l.id, l))));
+            });
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gate.stats().queue_depth, 10);
+        // The tenth waiter would get the fast slot after 10 x 0.2 s, done at 2.2 s: not twice as
+        // soon as the head would be on the slow one (2 s), so the head takes it at its next
+        // look (from four waiters on it would).
+        tokio::time::advance(KERNEL_RELEASE_TICK).await;
+        let (n, got) = rx.recv().await.expect("one admitted");
+        let (id, _slow) = got.expect("admitted");
+        assert_eq!((n, id), (0, 1));
+        assert_eq!(
+            gate.stats().queue_depth,
+            9,
+            "the rest wait for the fast one"
+        );
+
+        // Alone in the queue, a wait that outlasts the 2 s the slow one would take gives up.
+        let (gate, _held, _routes) = fast_one_held().await;
+        let started = Instant::now();
+        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        assert_eq!(id, Ok(1));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2)
+                && waited <= Duration::from_secs(2) + KERNEL_RELEASE_TICK,
+            "{waited:?}"
+        );
     }
 
     fn view() -> BackendView {
@@ -1077,7 +1448,7 @@ pub(crate) mod tests {
         let started = Instant::now();
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
+            async move { admit(&gate).await.map(|lease| lease.id) }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(counts.release(0), "the kernel's flow ends");
@@ -1087,7 +1458,7 @@ pub(crate) mod tests {
         assert!(counts.acquire(0, 1));
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), None, None).await.map(|lease| lease.id) }
+            async move { admit(&gate).await.map(|lease| lease.id) }
         });
         tokio::task::yield_now().await;
         let added = Instant::now();

@@ -40,7 +40,7 @@ use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, debug_span};
 
 use super::drain::drain_started;
-use super::gate::{Gate, Lease, Refusal};
+use super::gate::{Ask, Gate, Lease, Refusal};
 use super::service::ServiceProxy;
 use super::timings::Tail;
 use crate::affinity;
@@ -337,6 +337,31 @@ fn requested_model(body: &[u8]) -> Result<Option<String>, String> {
     Ok(named.model)
 }
 
+/// The tokens a JSON body asks to generate at most: OpenAI's `max_completion_tokens` or
+/// `max_tokens` (Anthropic's too), llama.cpp's `n_predict`; `None` for a body that is not such
+/// an object, or a limit that is none (llama.cpp's -1).
+fn requested_tokens(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Limits {
+        max_completion_tokens: Option<i64>,
+        max_tokens: Option<i64>,
+        n_predict: Option<i64>,
+    }
+    // serde takes a JSON array for a struct too (its fields in order).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let limits = serde_json::from_slice::<Limits>(body).ok()?;
+    [
+        limits.max_completion_tokens,
+        limits.max_tokens,
+        limits.n_predict,
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|n| u64::try_from(n).ok().filter(|&n| n > 0))
+}
+
 /// Send `outgoing` to a backend of `gate`'s pool, waiting for room in its queue.
 async fn forward(
     gate: &Arc<Gate>,
@@ -354,16 +379,27 @@ async fn forward(
         message,
         retry_after: (refusal == Refusal::QueueFull).then(|| gate.retry_after()),
     };
-    // Only a `cache_affinity` pool keys its requests (session header, API key, prompt).
-    let key = gate.affinity().map(|spec| {
-        let header = |name: &str| outgoing.parts.headers.get(name).map(HeaderValue::as_bytes);
-        affinity::key(spec, header, &outgoing.body, peer)
-    });
+    // Only a `cache_affinity` pool keys its requests (session header, API key, prompt), and
+    // only the speed-aware policies time them.
+    let timed = gate.times_requests();
+    let ask = Ask {
+        affinity: gate.affinity().map(|spec| {
+            let header = |name: &str| outgoing.parts.headers.get(name).map(HeaderValue::as_bytes);
+            affinity::key(spec, header, &outgoing.body, peer)
+        }),
+        tokens: timed.then(|| requested_tokens(&outgoing.body)).flatten(),
+        // About four bytes of a JSON body a token (markup included: rather more than fewer).
+        prompt_tokens: if timed {
+            outgoing.body.len() as u64 / 4
+        } else {
+            0
+        },
+    };
     let mut avoid = None;
     let mut unreachable = Vec::new();
     // One retry on another backend when the chosen one cannot be reached.
     for _ in 0..2 {
-        let lease = gate.admit(peer, key, avoid).await.map_err(|refusal| {
+        let lease = gate.admit(peer, ask, avoid).await.map_err(|refusal| {
             let message = match refusal {
                 Refusal::QueueFull => format!(
                     "the queue of {service} is full (queue_size {})",
@@ -1163,6 +1199,28 @@ mod tests {
         assert_eq!(started.elapsed(), service.config().client_body_timeout);
         assert_eq!(service.stats().refused["body_timeout"], 1);
         assert_eq!(seen.0.load(Ordering::SeqCst), 0, "no backend connection");
+    }
+
+    #[test]
+    fn the_tokens_asked_for_are_read_from_a_json_objects_limits() {
+        let tokens = |body: &str| requested_tokens(body.as_bytes());
+        assert_eq!(tokens(r#"{"messages":[],"max_tokens":64}"#), Some(64));
+        assert_eq!(
+            tokens(r#"{"max_completion_tokens":8,"max_tokens":64}"#),
+            Some(8),
+            "OpenAI's newer name first"
+        );
+        assert_eq!(tokens(r#"{"prompt":"hi","n_predict":16}"#), Some(16));
+        for none in [
+            r#"{"prompt":"hi"}"#,
+            r#"{"n_predict":-1}"#,
+            r#"{"max_tokens":0}"#,
+            r#"{"max_tokens":"64"}"#,
+            "[64]",
+            "not json",
+        ] {
+            assert_eq!(tokens(none), None, "{none}");
+        }
     }
 
     #[test]

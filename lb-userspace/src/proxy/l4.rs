@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::gate::{Gate, Refusal};
+use super::gate::{Ask, Gate, Refusal};
 use super::splice;
 use crate::limits::{Activity, Closed, Registered};
 
@@ -22,7 +22,7 @@ pub(super) async fn serve_connection(
 ) -> Result<(), Refusal> {
     let activity = &registered.activity;
     let carried = async {
-        let lease = gate.admit(peer, None, None).await?;
+        let lease = gate.admit(peer, Ask::default(), None).await?;
         let backend = TcpStream::connect(lease.address)
             .await
             .map_err(|_| Refusal::Connect)?;
