@@ -64,6 +64,11 @@ use tokio::time::{Instant, sleep, timeout};
 struct Args {
     #[command(flatten)]
     run: RunArgs,
+    /// Run only the routers named so (as the tables name them, e.g. `steer slots`,
+    /// `vllm-router cache_aware`, `client round robin`; repeatable): for trying a change, not
+    /// for the figures of `docs/benchmarks.md`, which compare every router.
+    #[arg(long = "router", value_name = "NAME")]
+    routers: Vec<String>,
 }
 
 /// Steer's policies, each measured when the agent accepts it.
@@ -148,6 +153,16 @@ enum Router {
 }
 
 impl Router {
+    /// Every router measured, in the tables' order.
+    fn all() -> Vec<Router> {
+        STEER_POLICIES
+            .iter()
+            .map(|p| Router::Steer(p))
+            .chain([Router::ClientRoundRobin])
+            .chain(VLLM_POLICIES.iter().map(|p| Router::Vllm(p)))
+            .collect()
+    }
+
     fn name(&self) -> String {
         match self {
             Router::Steer(policy) => format!("steer {policy}"),
@@ -188,6 +203,8 @@ struct Figures {
     per_s: f64,
     latency: (f64, f64),
     ttft: (f64, f64),
+    /// The mean TTFT: what p50 hides when some conversations are left on a slow server.
+    ttft_mean: f64,
     /// Burst: when the last answer came, from the burst's start.
     last_s: f64,
     /// Conversations: prompt tokens the servers evaluated, over all turns.
@@ -229,6 +246,11 @@ impl Outcomes {
             failed: self.failures.len(),
             failure: self.failures.first().cloned(),
             latency: p50_p99(&mut total),
+            ttft_mean: if ttft.is_empty() {
+                f64::NAN
+            } else {
+                ttft.iter().sum::<f64>() / ttft.len() as f64
+            },
             ttft: p50_p99(&mut ttft),
             last_s: f64::NAN,
             prompt_tokens: self.answers.iter().filter_map(|a| a.prompt_n).sum(),
@@ -590,7 +612,7 @@ async fn decode_speeds(servers: &[SocketAddr], tokens: u32) -> Vec<f64> {
     speeds
 }
 
-fn run_all(sizes: Sizes, dir: &Path) -> (Vec<RouterRun>, Vec<f64>, String) {
+fn run_all(sizes: Sizes, dir: &Path, only: &[String]) -> (Vec<RouterRun>, Vec<f64>, String) {
     let vllm = install_vllm_router();
     let servers: Vec<SocketAddr> = SERVERS
         .iter()
@@ -629,12 +651,9 @@ fn run_all(sizes: Sizes, dir: &Path) -> (Vec<RouterRun>, Vec<f64>, String) {
             wait_answering(&one, &format!("llama-server {server}"), None).await;
         }
         let speeds = decode_speeds(&servers, sizes.long_tokens).await;
-        let routers: Vec<Router> = STEER_POLICIES
-            .iter()
-            .map(|p| Router::Steer(p))
-            .chain([Router::ClientRoundRobin])
-            .chain(VLLM_POLICIES.iter().map(|p| Router::Vllm(p)))
-            .collect();
+        let routers = Router::all()
+            .into_iter()
+            .filter(|router| only.is_empty() || only.contains(&router.name()));
         let mut runs = Vec::new();
         for router in routers {
             let name = router.name();
@@ -770,14 +789,15 @@ fn tables(runs: &[RouterRun], sizes: Sizes) -> String {
         );
     }
     let ttft50 = baselines(runs, |r| r.conversations.ttft.0, false);
+    let ttft_mean = baselines(runs, |r| r.conversations.ttft_mean, false);
     let prompt = baselines(runs, |r| r.conversations.prompt_tokens as f64, false);
     let _ = writeln!(
         md,
         "\n{} conversations in parallel, {} turns each re-sending the history (a system prompt of \
          about {} tokens), `max_tokens` {}, `{SESSION_HEADER}` per conversation; prompt tokens: \
          what the servers evaluated (`timings.prompt_n`, summed).\n\n\
-         | router | TTFT p50 s | x vllm | x client rr | TTFT p99 s | prompt tokens | x vllm | x client rr | failed | router CPU ms/req |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+         | router | TTFT p50 s | x vllm | x client rr | TTFT mean s | x vllm | x client rr | TTFT p99 s | prompt tokens | x vllm | x client rr | failed | router CPU ms/req |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         sizes.conversations,
         sizes.turns,
         TOKENS_PER_RULE * sizes.rules,
@@ -787,11 +807,14 @@ fn tables(runs: &[RouterRun], sizes: Sizes) -> String {
         let c = &r.conversations;
         let _ = writeln!(
             md,
-            "| {} | {:.3} | {} | {} | {:.3} | {} | {} | {} | {} | {} |",
+            "| {} | {:.3} | {} | {} | {:.3} | {} | {} | {:.3} | {} | {} | {} | {} | {} |",
             r.router,
             c.ttft.0,
             times(c.ttft.0, ttft50.0),
             times(c.ttft.0, ttft50.1),
+            c.ttft_mean,
+            times(c.ttft_mean, ttft_mean.0),
+            times(c.ttft_mean, ttft_mean.1),
             c.ttft.1,
             c.prompt_tokens,
             times(c.prompt_tokens as f64, prompt.0),
@@ -814,6 +837,7 @@ fn figures_json(f: &Figures) -> Value {
         "latency_p99_s": f.latency.1,
         "ttft_p50_s": f.ttft.0,
         "ttft_p99_s": f.ttft.1,
+        "ttft_mean_s": f.ttft_mean,
         "last_done_s": f.last_s,
         "prompt_tokens_evaluated": f.prompt_tokens,
         "router_cpu_ms_per_request": f.cpu_ms,
@@ -830,7 +854,15 @@ fn main() -> ExitCode {
     let dir = std::env::temp_dir().join(format!("steer-bench-router-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     tests::admin::token_file(&dir);
-    let (runs, speeds, cap) = run_all(sizes, &dir);
+    let known: Vec<String> = Router::all().iter().map(Router::name).collect();
+    if let Some(unknown) = args.routers.iter().find(|name| !known.contains(name)) {
+        eprintln!(
+            "steer-bench-router: no router `{unknown}`; there are: {}",
+            known.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
+    let (runs, speeds, cap) = run_all(sizes, &dir, &args.routers);
     let mut md = format!(
         "Servers alone, generation tokens/s: {}.\n\n",
         SERVERS
