@@ -160,6 +160,26 @@ impl Dataplane for FakeDataplane {
     }
 }
 
+/// Service `chat` at 10.0.0.100:80, round robin over `backends`, checked by `health` when
+/// given, everything else its default.
+pub fn chat_service(
+    backends: Vec<crate::spec::BackendSpec>,
+    health: Option<crate::spec::HealthSpec>,
+) -> crate::spec::ServiceSpec {
+    crate::spec::ServiceSpec {
+        name: "chat".to_owned(),
+        address: "10.0.0.100:80".parse().expect("vip"),
+        policy: crate::spec::Policy::RoundRobin,
+        backends,
+        health,
+        slots: None,
+        proxy: crate::spec::ProxySpec::default(),
+        pools: Vec::new(),
+        default_pool: 0,
+        affinity: None,
+    }
+}
+
 /// A table over `dataplane` with one service, `chat` (checked by `health` when given), and the
 /// backend of instance `gpt` at `address` in it; the backend's id. The task ends with the table.
 pub async fn table_with_instance(
@@ -171,18 +191,7 @@ pub async fn table_with_instance(
     tokio::task::JoinHandle<FakeDataplane>,
     u32,
 ) {
-    let service = crate::spec::ServiceSpec {
-        name: "chat".to_owned(),
-        address: "10.0.0.100:80".parse().expect("vip"),
-        policy: crate::spec::Policy::RoundRobin,
-        backends: Vec::new(),
-        health,
-        slots: None,
-        proxy: crate::spec::ProxySpec::default(),
-        pools: Vec::new(),
-        default_pool: 0,
-        affinity: None,
-    };
+    let service = chat_service(Vec::new(), health);
     let (table, task) =
         crate::table::start(dataplane.clone(), &[service]).unwrap_or_else(|e| panic!("{e}"));
     let added = table

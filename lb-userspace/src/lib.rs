@@ -223,9 +223,9 @@ async fn serve<D: Dataplane>(
         }
         let polled = slots::Polled {
             slots: service.slots.is_some(),
-            models: service.proxy.mode == ProxyMode::Http,
+            models: (service.proxy.mode == ProxyMode::Http).then_some(slots::MODELS_REFRESH),
         };
-        if polled.slots || polled.models {
+        if polled.slots || polled.models.is_some() {
             health_checks.spawn(slots::run(
                 table.clone(),
                 service.name.clone(),

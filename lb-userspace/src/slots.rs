@@ -10,7 +10,9 @@
 //! `/v1/models` lists the models with their `id` and `aliases` (llama-server: `--alias`, else
 //! the model's name or file name); where it is missing (404), `/props` names one (`model_alias`).
 //! A backend's models change only with what it runs, so once known they are asked again every
-//! [`MODELS_REFRESH`] (at once after a failed poll): two GETs a poll would cost the agent about
+//! [`MODELS_REFRESH`], and at the next poll after one of its slots or models failed or while it
+//! is out of service or lists none (a restart or a new model goes through one of those
+//! first): two GETs a poll would cost the agent about
 //! twice the CPU of the slot polls alone, each a new connection (llama-server gives every open
 //! connection a thread of its small pool, so polls do not keep one alive).
 
@@ -52,8 +54,8 @@ pub enum PollError {
 pub struct Polled {
     /// Its idle slots (policy `slots`, or a `[service.slots]` table).
     pub slots: bool,
-    /// Its models (http services).
-    pub models: bool,
+    /// Its models (http services), asked again this often once known ([`MODELS_REFRESH`]).
+    pub models: Option<Duration>,
 }
 
 /// Poll the backends of `service` until the task is aborted or the table stops.
@@ -78,10 +80,11 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                 // poll can see.
                 let (id, address, steered_before) = (b.id, b.address, table.steered(b.id));
                 let timeout = poll.timeout;
-                let ask_models = polled.models
-                    && models_known
+                let ask_models = polled.models.is_some_and(|refresh| {
+                    models_known
                         .get(&(id, address))
-                        .is_none_or(|at| at.elapsed() >= MODELS_REFRESH);
+                        .is_none_or(|at| at.elapsed() >= refresh)
+                });
                 polls.spawn(async move {
                     // Both at once, each within the poll's timeout.
                     let slots = async {
@@ -109,10 +112,19 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                     .any(|b| (b.id, b.address) == (id, address))
             };
             failing.retain(|&(id, address, _)| listed(id, address));
-            models_known.retain(|&(id, address), _| listed(id, address));
+            // Asked again at once after anything a change of what it runs goes through: out of
+            // service (a restart, a load) or no models known.
+            models_known.retain(|&(id, address), _| {
+                snapshot.backends.iter().any(|b| {
+                    (b.id, b.address) == (id, address) && b.healthy && !b.models.is_empty()
+                })
+            });
             while let Some(Ok((id, address, steered_before, slots, models))) =
                 polls.join_next().await
             {
+                if matches!(slots, Some(Err(_))) {
+                    models_known.remove(&(id, address));
+                }
                 let slots = slots.and_then(|r| answered(&mut failing, id, address, "slots", r));
                 if let Some(slots) = slots {
                     let report = SlotReport {
@@ -127,8 +139,11 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                 }
                 let models = models.and_then(|r| answered(&mut failing, id, address, "models", r));
                 if let Some(models) = models {
-                    models_known.insert((id, address), Instant::now());
-                    if stopped(table.set_models(id, address, models).await, id, address) {
+                    let learnt = table.set_models(id, address, models).await;
+                    if learnt.is_ok() {
+                        models_known.insert((id, address), Instant::now());
+                    }
+                    if stopped(learnt, id, address) {
                         return;
                     }
                 }
@@ -427,6 +442,93 @@ mod tests {
             poll_models(loading, timeout).await,
             Err(PollError::Get(GetError::Status { status: 503, .. }))
         ));
+    }
+
+    /// Models asked once known only every `refresh` (an hour here: never within the test), and
+    /// at once after a failed slot poll, which a restart with a new model goes through.
+    #[tokio::test]
+    async fn models_are_asked_again_after_a_failed_poll_not_at_every_poll() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (model_asks, restarted, down) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let backend = crate::probe::tests::answering({
+            let (model_asks, restarted, down) =
+                (model_asks.clone(), restarted.clone(), down.clone());
+            move |path| {
+                let answer = match path {
+                    _ if down.swap(false, Ordering::SeqCst) => {
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    }
+                    "/slots" => ok(r#"[{"id":0,"is_processing":false}]"#),
+                    "/v1/models" => {
+                        model_asks.fetch_add(1, Ordering::SeqCst);
+                        let name = if restarted.load(Ordering::SeqCst) {
+                            "b"
+                        } else {
+                            "a"
+                        };
+                        ok(&format!(r#"{{"data":[{{"id":"{name}"}}]}}"#))
+                    }
+                    _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned(),
+                };
+                answer.into_bytes()
+            }
+        })
+        .await;
+        let backends = vec![crate::spec::BackendSpec {
+            address: backend,
+            weight: crate::spec::Weight::ONE,
+            max_connections: 0,
+            models: Vec::new(),
+        }];
+        let service = crate::fake::chat_service(backends, None);
+        let dataplane = crate::fake::FakeDataplane::default();
+        let (table, _task) = crate::table::start(dataplane, &[service]).expect("start");
+        let poll = SlotPoll {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(2),
+        };
+        let polled = Polled {
+            slots: true,
+            models: Some(Duration::from_secs(3600)),
+        };
+        let interval = poll.interval;
+        let poller = tokio::spawn(run(table.clone(), "chat".to_owned(), poll, polled));
+        let models = || {
+            table.snapshot().expect("snapshot").backends[0]
+                .models
+                .clone()
+        };
+        // Bounded waits for the polls, not timing assertions.
+        let until = |wanted: &'static str| {
+            let models = &models;
+            async move {
+                for _ in 0..500 {
+                    if models() == [wanted] {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                models()
+            }
+        };
+        assert_eq!(until("a").await, ["a"]);
+        let asked = model_asks.load(Ordering::SeqCst);
+        // Another model without anything failing: not asked again for the hour (ten polls).
+        restarted.store(true, Ordering::SeqCst);
+        tokio::time::sleep(10 * interval).await;
+        assert_eq!(
+            (models(), model_asks.load(Ordering::SeqCst)),
+            (vec!["a".to_owned()], asked)
+        );
+        // A poll that fails (the server restarting): asked at the next one.
+        down.store(true, Ordering::SeqCst);
+        assert_eq!(until("b").await, ["b"]);
+        poller.abort();
     }
 
     /// A loopback llama-server stand-in: `answer(path)` is the whole HTTP response.

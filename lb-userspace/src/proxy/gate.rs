@@ -257,6 +257,77 @@ struct Turn {
     waited: Duration,
 }
 
+/// A request's expected times on a pool's backends (see [`Gate::timing`]).
+struct Timing {
+    /// By slot; `None` for a backend not measured yet.
+    paces: Vec<Option<Pace>>,
+    /// The tokens it asks for, else the mean of the measured backends' tokens per answer: one
+    /// figure for all, so backends are compared on one workload.
+    tokens: f64,
+    prompt: f64,
+}
+
+impl Timing {
+    fn pace(&self, slot: usize) -> Option<Pace> {
+        self.paces.get(slot).copied().flatten()
+    }
+
+    /// Seconds to be done with it on `slot` beside `others` requests.
+    fn on(&self, slot: usize, others: u64) -> Option<f64> {
+        Some(self.pace(slot)?.seconds(self.prompt, self.tokens, others))
+    }
+
+    /// Which of `backends` a time-aware policy passes over although they have room: those
+    /// that are both over [`WAIT_MARGIN`] times slower than the fastest backend with room and,
+    /// as loaded now, would be done with the request over that many times later than another
+    /// backend with room. Servers of about one speed are left to the policy and its own load
+    /// rules (`cache_affinity`'s bound). Under `cache_affinity` a conversation homed on a server
+    /// several times slower goes on round the ring (to the same next backend every turn, whose
+    /// cache then holds it; the home's cache is worth less than the margin); under `slots` such
+    /// a server is passed over even when a poll older than the last answers shows the fast
+    /// servers' slots still busy. A backend's load under `slots` is the more of its requests
+    /// and its busy slots at the last poll (others' requests count too).
+    fn outrun(&self, policy: Policy, backends: &[BackendView]) -> Vec<bool> {
+        let slots = policy == Policy::Slots;
+        let times: Vec<Option<(f64, f64)>> = (0..)
+            .zip(backends)
+            .map(|(slot, b)| {
+                let room = if slots {
+                    b.usable_for_slots()
+                } else {
+                    b.usable()
+                };
+                let load = if slots {
+                    let busy = u64::from(b.max_conns).saturating_sub(b.free_slots());
+                    b.conns.max(busy)
+                } else {
+                    b.conns
+                };
+                room.then(|| Some((self.on(slot, 0)?, self.on(slot, load)?)))
+                    .flatten()
+            })
+            .collect();
+        let fastest = times
+            .iter()
+            .flatten()
+            .map(|t| t.0)
+            .fold(f64::INFINITY, f64::min);
+        let soonest = times
+            .iter()
+            .flatten()
+            .map(|t| t.1)
+            .fold(f64::INFINITY, f64::min);
+        times
+            .iter()
+            .map(|t| {
+                t.is_some_and(|(alone, loaded)| {
+                    alone > WAIT_MARGIN * fastest && loaded > WAIT_MARGIN * soonest
+                })
+            })
+            .collect()
+    }
+}
+
 /// How many times sooner than on the backend with room a request must expect to be done on a
 /// full faster one to wait for it ([`Gate::waits_for_faster`]): estimates are rough (speeds
 /// move with load, prompts with what is cached), and between servers of about one speed their
@@ -577,10 +648,13 @@ impl Gate {
                 ..view
             })
             .collect();
-        let timed = times_requests(pool.policy);
-        // Those a time-aware policy passes over (see `outrun`) are down for its choice.
-        let candidates: Vec<BackendView> = if timed {
-            let outrun = self.outrun(pool.policy, &ids, &backends, key.ask);
+        // Once a time-aware policy has paces to time the request by, those it passes over (see
+        // `outrun`) are down for its choice.
+        let timing = times_requests(pool.policy)
+            .then(|| self.timing(&ids, key.ask))
+            .flatten();
+        let candidates: Vec<BackendView> = if let Some(timing) = &timing {
+            let outrun = timing.outrun(pool.policy, &backends);
             backends
                 .iter()
                 .zip(outrun)
@@ -644,7 +718,10 @@ impl Gate {
                 (slot, backends.get(slot)?.max_conns)
             }
         };
-        if timed && self.waits_for_faster(&ids, &backends, slot, key.ask, turn) {
+        if timing
+            .as_ref()
+            .is_some_and(|timing| self.waits_for_faster(timing, &backends, slot, turn))
+        {
             return None;
         }
         let (_, address) = route.backends.get(slot)?;
@@ -652,87 +729,69 @@ impl Gate {
         Some((id, max, *address))
     }
 
-    /// The learnt pace of each of `ids`. A backend whose prompt speed is unknown (its prompts
+    /// How long a request asking `ask` would take on each of `ids`, from their learnt paces;
+    /// `None` while no backend has one. A backend whose prompt speed is unknown (its prompts
     /// were short or cached) is taken to evaluate as much slower than a measured one as it
     /// decodes slower: left at none, its prompts would look free and draw long ones to it.
-    fn paces(&self, ids: &[u32]) -> Vec<Option<Pace>> {
+    fn timing(&self, ids: &[u32], ask: Ask) -> Option<Timing> {
         let mut paces: Vec<Option<Pace>> = ids.iter().map(|&id| self.requests.pace(id)).collect();
-        let reference = paces
+        let measured: Vec<Pace> = paces.iter().flatten().copied().collect();
+        if measured.is_empty() {
+            return None;
+        }
+        let reference = measured
             .iter()
-            .flatten()
             .find_map(|p| Some(p.prompt_tokens_per_second? / p.decode_tokens_per_second));
         for pace in paces.iter_mut().flatten() {
             pace.prompt_tokens_per_second = pace
                 .prompt_tokens_per_second
                 .or(reference.map(|ratio| ratio * pace.decode_tokens_per_second));
         }
-        paces
+        let tokens = ask.tokens.map_or_else(
+            || {
+                let sum: f64 = measured.iter().map(|p| p.generated_tokens_per_answer).sum();
+                sum / measured.len() as f64
+            },
+            |t| t as f64,
+        );
+        Some(Timing {
+            paces,
+            tokens,
+            prompt: ask.prompt_tokens as f64,
+        })
     }
 
-    /// Which of `backends` (ids `ids`) a time-aware policy passes over for a request asking
-    /// `ask` although they have room: those that would be done with it more than
-    /// [`WAIT_MARGIN`] times later than another backend with room, so servers of about one
-    /// speed are left to the policy. Under `cache_affinity` a conversation homed on a server
-    /// several times slower goes on round the ring (to the same next backend every turn, whose
-    /// cache then holds it; its home's cache is worth less than the margin); under `slots` such
-    /// a server is passed over even when a poll older than the last answers shows the fast
-    /// servers' slots still busy.
-    fn outrun(&self, policy: Policy, ids: &[u32], backends: &[BackendView], ask: Ask) -> Vec<bool> {
-        let room = |b: &BackendView| {
-            if policy == Policy::Slots {
-                b.usable_for_slots()
-            } else {
-                b.usable()
-            }
-        };
-        let paces = self.paces(ids);
-        let tokens = |pace: &Pace| {
-            ask.tokens
-                .map_or(pace.generated_tokens_per_answer, |t| t as f64)
-        };
-        let prompt = ask.prompt_tokens as f64;
-        let done: Vec<Option<f64>> = backends
-            .iter()
-            .zip(&paces)
-            .map(|(b, pace)| {
-                let p = pace.filter(|_| room(b))?;
-                Some(p.seconds(prompt, tokens(&p), b.conns))
-            })
-            .collect();
-        let soonest = done.iter().flatten().copied().fold(f64::INFINITY, f64::min);
-        done.iter()
-            .map(|done| done.is_some_and(|done| done > WAIT_MARGIN * soonest))
-            .collect()
-    }
-
-    /// Whether a request of `tokens` at `turn` is better off waiting for a faster backend that
-    /// is full than taking `room` (of `backends`, ids `ids`) now. In seconds, from each
-    /// backend's learnt [`Pace`]: on `room` the request is generated beside
-    /// what it holds; on a full backend it first waits for a slot to free, then is generated
-    /// beside the rest. The wait is judged for the whole queue, not its head alone: the head
-    /// taking `room` moves everyone behind it up, so it waits only if even the last waiter
+    /// Whether the request `timing` times is better off waiting for a faster backend that is
+    /// full than taking `room` (of `backends`) now. On `room` it is evaluated and generated
+    /// beside what it holds; on a full backend it first waits for a slot to free, then beside
+    /// the rest. The wait is judged for the whole queue, not its head alone: the head taking
+    /// `room` moves everyone behind it up, so it waits only if even the last waiter
     /// (`turn.queued` slots to free, at the full faster backends' combined pace) would be done
-    /// on one of them [`WAIT_MARGIN`] times sooner than the head would be done on `room`. A head that has waited as long
-    /// as `room` would take stops waiting: the estimate was wrong (a stalled backend, say).
+    /// on one of them [`WAIT_MARGIN`] times sooner than the head would be done on `room`. It
+    /// never waits where it could not: without a queue, or past `queue_timeout` (it would be
+    /// refused while `room` was free). A head that has waited as long as `room` would take
+    /// stops waiting: the estimate was wrong (a stalled backend, say).
     fn waits_for_faster(
         &self,
-        ids: &[u32],
+        timing: &Timing,
         backends: &[BackendView],
         room: usize,
-        ask: Ask,
         turn: Turn,
     ) -> bool {
-        let paces = self.paces(ids);
-        let pace = |slot: usize| paces.get(slot).copied().flatten();
-        let (Some(room_pace), Some(room_view)) = (pace(room), backends.get(room)) else {
+        let (Some(room_view), true) = (backends.get(room), self.config.queue_size > 0) else {
             return false;
         };
-        let tokens = ask
-            .tokens
-            .map_or(room_pace.generated_tokens_per_answer, |t| t as f64);
-        let prompt = ask.prompt_tokens as f64;
-        let on_room = room_pace.seconds(prompt, tokens, room_view.conns);
-        if turn.waited.as_secs_f64() >= on_room {
+        let Some(on_room) = timing.on(room, room_view.conns) else {
+            return false;
+        };
+        // Leaves the head a look at the room before its deadline.
+        let limit = self
+            .config
+            .queue_timeout
+            .saturating_sub(2 * KERNEL_RELEASE_TICK)
+            .as_secs_f64();
+        let waited = turn.waited.as_secs_f64();
+        if waited >= on_room.min(limit) {
             return false;
         }
         let (mut frees_per_second, mut soonest) = (0.0, f64::INFINITY);
@@ -741,28 +800,31 @@ impl Gate {
                 && b.weight > 0
                 && b.max_conns > 0
                 && b.conns >= u64::from(b.max_conns);
-            let Some(pace) = pace(slot).filter(|_| full) else {
+            let (Some(pace), true) = (timing.pace(slot), full) else {
                 continue;
             };
-            let on_it = pace.seconds(prompt, tokens, u64::from(b.max_conns) - 1);
+            let Some(on_it) = timing.on(slot, u64::from(b.max_conns) - 1) else {
+                continue;
+            };
             if on_it < on_room {
                 frees_per_second += pace.answers_per_second();
                 soonest = soonest.min(on_it);
             }
         }
-        let wait = turn.queued as f64 / frees_per_second + soonest;
-        let waits = frees_per_second > 0.0 && wait * WAIT_MARGIN < on_room;
-        if frees_per_second > 0.0 {
-            trace!(
-                service = %self.service,
-                room = ids.get(room).copied(),
-                on_room,
-                wait,
-                queued = turn.queued,
-                waits,
-                "a faster backend is full"
-            );
+        if frees_per_second == 0.0 {
+            return false;
         }
+        let wait = turn.queued as f64 / frees_per_second + soonest;
+        let waits = wait * WAIT_MARGIN < on_room && waited + wait < limit;
+        trace!(
+            service = %self.service,
+            room,
+            on_room,
+            wait,
+            queued = turn.queued,
+            waits,
+            "a faster backend is full"
+        );
         waits
     }
 
@@ -907,19 +969,19 @@ pub(crate) mod tests {
         cap: u32,
         n: u32,
     ) -> (Arc<Gate>, Arc<ConnCounts>, watch::Sender<Routes>) {
+        gate_for(&config(queue_size, cap), n)
+    }
+
+    /// A gate of `service` over `n` active backends.
+    fn gate_for(
+        service: &ServiceSpec,
+        n: u32,
+    ) -> (Arc<Gate>, Arc<ConnCounts>, watch::Sender<Routes>) {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
         let (tx, rx) = watch::channel(routes(n));
         let wait = Histogram::new(WAIT_BUCKETS);
         let requests = Arc::new(RequestCounts::new(64));
-        let gate = Gate::new(
-            &config(queue_size, cap),
-            0,
-            0,
-            Arc::clone(&counts),
-            requests,
-            rx,
-            wait,
-        );
+        let gate = Gate::new(service, 0, 0, Arc::clone(&counts), requests, rx, wait);
         (gate, counts, tx)
     }
 
@@ -1274,7 +1336,12 @@ pub(crate) mod tests {
     /// A gate under `least_connections` over a fast backend (100 tokens/s) and one ten times
     /// slower, one slot each, every answer 20 tokens, with the fast one held.
     async fn fast_one_held() -> (Arc<Gate>, Lease, watch::Sender<Routes>) {
-        let (gate, _counts, routes_tx) = gate(16, 1, 2);
+        fast_one_held_in(&config(16, 1)).await
+    }
+
+    /// [`fast_one_held`] with `service`'s queue (its cap is 1).
+    async fn fast_one_held_in(service: &ServiceSpec) -> (Arc<Gate>, Lease, watch::Sender<Routes>) {
+        let (gate, _counts, routes_tx) = gate_for(service, 2);
         routes_tx.send_modify(|routes| {
             Arc::make_mut(routes)[0].pools[0].policy = crate::spec::Policy::LeastConnections;
         });
@@ -1313,14 +1380,19 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn under_slots_a_server_ten_times_slower_is_passed_over_while_a_fast_one_has_room() {
-        let (gate, routes) = slow_second(crate::spec::Policy::Slots, 2);
-        answered(&gate, [(0, 100.0), (1, 10.0)], 20);
-        // The last poll saw the fast one's slots busy; its answers have ended since.
+        let (gate, _counts, routes) = gate(0, 0, 2);
         routes.send_modify(|routes| {
-            Arc::make_mut(routes)[0].backends[0].0.idle_slots = 0;
+            let route = &mut Arc::make_mut(routes)[0];
+            route.pools[0].policy = crate::spec::Policy::Slots;
+            for (view, _) in &mut route.backends {
+                (view.idle_slots, view.max_conns) = (2, 2);
+            }
+            // The fast one's last poll saw its slots busy (another balancer's requests, or
+            // answers that ended since).
+            route.backends[0].0.idle_slots = 0;
         });
-        // Decode speeds 92 and 26 (averaged with `slow_second`'s), 20 tokens an answer: about
-        // 0.2 s there, 0.8 s on the slow one.
+        answered(&gate, [(0, 100.0), (1, 10.0)], 20);
+        // 20 tokens: 0.6 s there beside two, 2 s on the idle slow one.
         let first = admit(&gate).await;
         assert_eq!(first.map(|l| l.id), Ok(0));
     }
@@ -1351,6 +1423,46 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(held);
         assert_eq!(waiter.await.expect("waiter"), Ok(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_request_waits_for_a_faster_backend_past_its_queue_timeout_or_without_a_queue() {
+        // The wait for the fast one (0.4 s) would end past a queue_timeout of 300 ms: a 504
+        // while the slow one was idle. So the slow one, at once.
+        let mut service = config(16, 1);
+        service.proxy.queue_timeout = Duration::from_millis(300);
+        let (gate, _held, _routes) = fast_one_held_in(&service).await;
+        let started = Instant::now();
+        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        assert_eq!((id, started.elapsed()), (Ok(1), Duration::ZERO));
+        // No queue: waiting would be a refusal.
+        let (gate, _held, _routes) = fast_one_held_in(&config(0, 1)).await;
+        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        assert_eq!(id, Ok(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_affinity_passes_over_no_backend_as_fast_as_the_others_whatever_its_load() {
+        let (gate, counts) = affinity_gate(3);
+        // Spread over the ring: small numbers all fall before its first point.
+        let keyed = |n| Ask {
+            affinity: Some(crate::policy::splitmix64(n)),
+            tokens: Some(20),
+            ..Ask::default()
+        };
+        let mut key = 0;
+        while gate.admit(client(), keyed(key), None).await.map(|l| l.id) != Ok(0) {
+            key += 1;
+            assert!(key < 64, "no key of 64 is homed on backend 0");
+        }
+        answered(&gate, [(0, 100.0), (1, 100.0), (2, 100.0)], 20);
+        // Loads 2, 0, 2: three times the idle one's time at home, but below the bound
+        // (ceil(1.25 * 5 / 3) = 3), which alone decides between servers of one speed.
+        for id in [0, 0, 2, 2] {
+            assert!(counts.acquire(id, u32::MAX));
+        }
+        let id = gate.admit(client(), keyed(key), None).await.map(|l| l.id);
+        assert_eq!(id, Ok(0));
     }
 
     #[tokio::test(start_paused = true)]
