@@ -285,8 +285,10 @@ impl Timing {
     /// several times slower goes on round the ring (to the same next backend every turn, whose
     /// cache then holds it; the home's cache is worth less than the margin); under `slots` such
     /// a server is passed over even when a poll older than the last answers shows the fast
-    /// servers' slots still busy. A backend's load under `slots` is the more of its requests
-    /// and its busy slots at the last poll (others' requests count too).
+    /// servers' slots still busy. The load is this agent's requests in flight, which are current:
+    /// a poll's busy slots would count answers that ended since the poll as load (measured:
+    /// `slots` then left conversations on a server ten times slower), at the price of not
+    /// seeing other balancers' requests on a shared backend.
     fn outrun(&self, policy: Policy, backends: &[BackendView]) -> Vec<bool> {
         let slots = policy == Policy::Slots;
         let times: Vec<Option<(f64, f64)>> = (0..)
@@ -297,13 +299,7 @@ impl Timing {
                 } else {
                     b.usable()
                 };
-                let load = if slots {
-                    let busy = u64::from(b.max_conns).saturating_sub(b.free_slots());
-                    b.conns.max(busy)
-                } else {
-                    b.conns
-                };
-                room.then(|| Some((self.on(slot, 0)?, self.on(slot, load)?)))
+                room.then(|| Some((self.on(slot, 0)?, self.on(slot, b.conns)?)))
                     .flatten()
             })
             .collect();
@@ -1387,12 +1383,11 @@ pub(crate) mod tests {
             for (view, _) in &mut route.backends {
                 (view.idle_slots, view.max_conns) = (2, 2);
             }
-            // The fast one's last poll saw its slots busy (another balancer's requests, or
-            // answers that ended since).
+            // The fast one's last poll saw its slots busy: answers that ended since.
             route.backends[0].0.idle_slots = 0;
         });
         answered(&gate, [(0, 100.0), (1, 10.0)], 20);
-        // 20 tokens: 0.6 s there beside two, 2 s on the idle slow one.
+        // 20 tokens: 0.2 s there, 2 s on the slow one.
         let first = admit(&gate).await;
         assert_eq!(first.map(|l| l.id), Ok(0));
     }
