@@ -201,11 +201,7 @@ pub struct Gate {
 fn weighed(b: BackendView, factor: f64, policy: u32, ahead: u64) -> BackendView {
     // Within 100..=1000: the factor's clamp.
     let milli = (factor * 1000.0).round().clamp(1.0, 1000.0) as u64;
-    let room = if policy == lb_common::policy::SLOTS {
-        b.usable_for_slots()
-    } else {
-        b.usable()
-    };
+    let room = has_room(&b, policy == lb_common::policy::SLOTS);
     BackendView {
         state: if room {
             b.state
@@ -218,6 +214,15 @@ fn weighed(b: BackendView, factor: f64, policy: u32, ahead: u64) -> BackendView 
         idle_slots: u32::try_from(b.free_slots().saturating_mul(milli)).unwrap_or(u32::MAX),
         steered: 0,
         ..b
+    }
+}
+
+/// Whether `b` can take one more: under `slots` a backend never polled (cap 0) cannot.
+fn has_room(b: &BackendView, slots: bool) -> bool {
+    if slots {
+        b.usable_for_slots()
+    } else {
+        b.usable()
     }
 }
 
@@ -294,12 +299,8 @@ impl Timing {
         let times: Vec<Option<(f64, f64)>> = (0..)
             .zip(backends)
             .map(|(slot, b)| {
-                let room = if slots {
-                    b.usable_for_slots()
-                } else {
-                    b.usable()
-                };
-                room.then(|| Some((self.on(slot, 0)?, self.on(slot, b.conns)?)))
+                has_room(b, slots)
+                    .then(|| Some((self.on(slot, 0)?, self.on(slot, b.conns)?)))
                     .flatten()
             })
             .collect();
@@ -649,7 +650,7 @@ impl Gate {
         let timing = times_requests(pool.policy)
             .then(|| self.timing(&ids, key.ask))
             .flatten();
-        let candidates: Vec<BackendView> = if let Some(timing) = &timing {
+        let passed_over: Option<Vec<BackendView>> = timing.as_ref().map(|timing| {
             let outrun = timing.outrun(pool.policy, &backends);
             backends
                 .iter()
@@ -663,9 +664,8 @@ impl Gate {
                     ..b
                 })
                 .collect()
-        } else {
-            backends.clone()
-        };
+        });
+        let candidates = passed_over.as_deref().unwrap_or(&backends);
         let (slot, max) = match (&pool.affinity, &self.affinity) {
             (Some(ring), Some(spec)) => {
                 let loads: Vec<Load> = candidates

@@ -330,11 +330,16 @@ fn requested_model(body: &[u8]) -> Result<Option<String>, String> {
         model: Option<String>,
     }
     let named = serde_json::from_slice::<Named>(body).map_err(|error| error.to_string())?;
-    // serde takes a JSON array for a struct too (its fields in order).
-    if body.trim_ascii_start().first() != Some(&b'{') {
+    if !is_json_object(body) {
         return Err("not an object".to_owned());
     }
     Ok(named.model)
+}
+
+/// Whether `body` starts as a JSON object: serde takes a JSON array for a struct too (its
+/// fields in order), which a body naming its fields must not be.
+fn is_json_object(body: &[u8]) -> bool {
+    body.trim_ascii_start().first() == Some(&b'{')
 }
 
 /// The tokens a JSON body asks to generate at most: OpenAI's `max_completion_tokens` or
@@ -347,8 +352,7 @@ fn requested_tokens(body: &[u8]) -> Option<u64> {
         max_tokens: Option<i64>,
         n_predict: Option<i64>,
     }
-    // serde takes a JSON array for a struct too (its fields in order).
-    if body.trim_ascii_start().first() != Some(&b'{') {
+    if !is_json_object(body) {
         return None;
     }
     let limits = serde_json::from_slice::<Limits>(body).ok()?;
