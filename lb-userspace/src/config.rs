@@ -17,7 +17,8 @@ use toml::Spanned;
 use crate::spec::{
     AdminLimits, AffinityKey, AffinitySpec, BackendSpec, DataplaneKind, DriverConfig, HealthSpec,
     InstanceBackend, InstanceSettings, InstanceSpec, LoadFactor, Policy, PoolSpec, ProxyMode,
-    ProxySpec, ServiceSpec, SlotPoll, Weight, XdpMode, XdpOptions, usable_endpoint,
+    ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts, Weight, XdpMode, XdpOptions,
+    usable_endpoint,
 };
 use crate::supervisor;
 
@@ -188,7 +189,15 @@ struct RawService {
     max_request_body: Option<Spanned<usize>>,
     queue_size: Option<usize>,
     queue_timeout: Option<Timeout>,
-    response_timeout: Option<Timeout>,
+    /// Split by phase: named only to say into what ([`RESPONSE_TIMEOUT_SPLIT`]).
+    response_timeout: Option<Spanned<serde::de::IgnoredAny>>,
+    connect_timeout: Option<Timeout>,
+    first_byte_timeout: Option<Timeout>,
+    first_byte_timeout_unstreamed: Option<Spanned<OptionalTimeout>>,
+    idle_timeout: Option<Spanned<Timeout>>,
+    total_timeout: Option<Spanned<OptionalTimeout>>,
+    max_retries: Option<Spanned<u32>>,
+    retry_window: Option<Spanned<Timeout>>,
     #[serde(default)]
     pool: Vec<Spanned<RawPool>>,
     default_model: Option<Spanned<String>>,
@@ -208,7 +217,88 @@ struct RawPool {
     max_requests_per_backend: Option<u32>,
     queue_size: Option<usize>,
     queue_timeout: Option<Timeout>,
+    connect_timeout: Option<Timeout>,
+    first_byte_timeout: Option<Timeout>,
+    first_byte_timeout_unstreamed: Option<Spanned<OptionalTimeout>>,
+    idle_timeout: Option<Spanned<Timeout>>,
+    total_timeout: Option<Spanned<OptionalTimeout>>,
 }
+
+/// The timeouts of an exchange with a backend, as a service or one of its pools sets them (both
+/// have the same keys: serde's `flatten` would lose `deny_unknown_fields` and the spans).
+struct RawUpstream<'a> {
+    connect_timeout: &'a Option<Timeout>,
+    first_byte_timeout: &'a Option<Timeout>,
+    first_byte_timeout_unstreamed: &'a Option<Spanned<OptionalTimeout>>,
+    idle_timeout: &'a Option<Spanned<Timeout>>,
+    total_timeout: &'a Option<Spanned<OptionalTimeout>>,
+}
+
+/// A raw service's or pool's [`RawUpstream`].
+macro_rules! raw_upstream {
+    ($raw:expr) => {
+        RawUpstream {
+            connect_timeout: &$raw.connect_timeout,
+            first_byte_timeout: &$raw.first_byte_timeout,
+            first_byte_timeout_unstreamed: &$raw.first_byte_timeout_unstreamed,
+            idle_timeout: &$raw.idle_timeout,
+            total_timeout: &$raw.total_timeout,
+        }
+    };
+}
+
+impl RawUpstream<'_> {
+    /// These timeouts over `base` (the defaults, or a pool's service).
+    fn over(&self, base: UpstreamTimeouts) -> UpstreamTimeouts {
+        UpstreamTimeouts {
+            connect: self.connect_timeout.as_ref().map_or(base.connect, |t| t.0),
+            first_byte: self
+                .first_byte_timeout
+                .as_ref()
+                .map_or(base.first_byte, |t| t.0),
+            first_byte_unstreamed: self
+                .first_byte_timeout_unstreamed
+                .as_ref()
+                .map_or(base.first_byte_unstreamed, |t| t.get_ref().0),
+            idle: self
+                .idle_timeout
+                .as_ref()
+                .map_or(base.idle, |t| t.get_ref().0),
+            total: self
+                .total_timeout
+                .as_ref()
+                .map_or(base.total, |t| t.get_ref().0),
+        }
+    }
+
+    /// Those that only an http exchange has, with where each was set.
+    fn http_only(&self) -> [(&'static str, Option<Range<usize>>); 3] {
+        [
+            (
+                "first_byte_timeout_unstreamed",
+                self.first_byte_timeout_unstreamed
+                    .as_ref()
+                    .map(Spanned::span),
+            ),
+            (
+                "idle_timeout",
+                self.idle_timeout.as_ref().map(Spanned::span),
+            ),
+            (
+                "total_timeout",
+                self.total_timeout.as_ref().map(Spanned::span),
+            ),
+        ]
+    }
+}
+
+/// What a config that still sets `response_timeout` is told.
+const RESPONSE_TIMEOUT_SPLIT: &str = "was split by phase, since llama-server sends the head of a \
+     non-streamed answer only when its generation is done: set `connect_timeout`, \
+     `first_byte_timeout` (until the first byte of the answer's body: a streamed generation's \
+     first token, any other request's answer; default 300s), `first_byte_timeout_unstreamed` (a \
+     non-streamed generation; default \"off\"), `idle_timeout` (between body bytes) or \
+     `total_timeout` instead";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -301,6 +391,26 @@ impl<'de> Deserialize<'de> for Timeout {
                 "`{text}` is not a duration like \"500ms\", \"10s\", \"10m\" or \"1h\" (above zero)"
             ))
         })
+    }
+}
+
+/// A duration, or `"off"` for none.
+struct OptionalTimeout(Option<Duration>);
+
+impl<'de> Deserialize<'de> for OptionalTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == "off" {
+            return Ok(OptionalTimeout(None));
+        }
+        parse_duration(&text)
+            .map(|d| OptionalTimeout(Some(d)))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format_args!(
+                    "`{text}` is not \"off\" or a duration like \"500ms\", \"10s\", \"10m\" or \
+                     \"1h\" (above zero)"
+                ))
+            })
     }
 }
 
@@ -478,6 +588,13 @@ impl Doc<'_> {
     fn proxy(&self, i: usize, raw: &RawService) -> Result<ProxySpec, ConfigError> {
         let span = |field: &Option<Spanned<u32>>| field.as_ref().map(Spanned::span);
         let timeout_span = |field: &Option<Spanned<Timeout>>| field.as_ref().map(Spanned::span);
+        if let Some(old) = &raw.response_timeout {
+            return Err(self.invalid(
+                Some(old.span()),
+                format!("service[{i}].response_timeout"),
+                RESPONSE_TIMEOUT_SPLIT,
+            ));
+        }
         let (cap, misplaced) = match raw.mode {
             ProxyMode::L4 => (
                 &raw.max_connections_per_backend,
@@ -498,7 +615,12 @@ impl Doc<'_> {
                         "client_body_timeout",
                         timeout_span(&raw.client_body_timeout),
                     ),
-                ],
+                    ("max_retries", span(&raw.max_retries)),
+                    ("retry_window", timeout_span(&raw.retry_window)),
+                ]
+                .into_iter()
+                .chain(raw_upstream!(raw).http_only())
+                .collect::<Vec<_>>(),
             ),
             ProxyMode::Http => (
                 &raw.max_requests_per_backend,
@@ -517,10 +639,15 @@ impl Doc<'_> {
                 .queue_timeout
                 .as_ref()
                 .map_or(default.queue_timeout, |t| t.0),
-            response_timeout: raw
-                .response_timeout
+            upstream: raw_upstream!(raw).over(default.upstream),
+            max_retries: raw
+                .max_retries
                 .as_ref()
-                .map_or(default.response_timeout, |t| t.0),
+                .map_or(default.max_retries, |n| *n.get_ref()),
+            retry_window: raw
+                .retry_window
+                .as_ref()
+                .map_or(default.retry_window, |t| t.get_ref().0),
             max_request_body: raw
                 .max_request_body
                 .as_ref()
@@ -553,6 +680,10 @@ impl Doc<'_> {
                 let hint = if field.starts_with("client_") {
                     "an l4 connection has no request head or body; client_idle_timeout bounds \
                      its wait for a first byte"
+                        .to_owned()
+                } else if !field.starts_with("max_") || field == "max_retries" {
+                    "an l4 connection is carried as bytes, with no request to send again or \
+                     answer to time; connect_timeout and first_byte_timeout bound its backend"
                         .to_owned()
                 } else {
                     format!("this service's cap per backend is `{}`", config.cap_field())
@@ -931,6 +1062,7 @@ impl Doc<'_> {
                     .queue_timeout
                     .as_ref()
                     .map_or(proxy.queue_timeout, |t| t.0),
+                upstream: raw_upstream!(pool).over(proxy.upstream),
             });
         }
         let Some(default_model) = &raw.default_model else {
@@ -1309,7 +1441,8 @@ address = "10.0.0.100:81"
     fn proxy_settings_default_per_service() -> Result<(), ConfigError> {
         let text = "[agent]\ninterfaces = [\"lo\"]\ndataplane = \"userspace\"\n\n[[service]]\nname = \"a\"\n\
                     address = \"127.0.0.2:80\"\nmode = \"l4\"\nmax_connections_per_backend = 1\n\
-                    queue_size = 3\nqueue_timeout = \"2s\"\nresponse_timeout = \"5s\"\n\n\
+                    queue_size = 3\nqueue_timeout = \"2s\"\nfirst_byte_timeout = \"5s\"\n\
+                    connect_timeout = \"1s\"\n\n\
                     [[service]]\nname = \"b\"\naddress = \"127.0.0.2:81\"\n";
         let config = parse(text)?;
         assert_eq!(config.dataplane, DataplaneKind::Userspace);
@@ -1323,12 +1456,15 @@ address = "10.0.0.100:81"
             ("a", 1, 3)
         );
         assert_eq!(a.queue_timeout, Duration::from_secs(2));
-        assert_eq!(a.response_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (a.upstream.first_byte, a.upstream.connect),
+            (Duration::from_secs(5), Duration::from_secs(1))
+        );
         let b = &config.services[1].proxy;
         assert_eq!((b.mode, b.max_per_backend), (ProxyMode::L4, 0));
         assert_eq!(b.queue_size, ProxySpec::default().queue_size);
         assert_eq!(b.queue_timeout, ProxySpec::default().queue_timeout);
-        assert_eq!(b.response_timeout, ProxySpec::default().response_timeout);
+        assert_eq!(b.upstream, UpstreamTimeouts::default());
         assert_eq!(parse(EXAMPLE)?.dataplane, DataplaneKind::Xdp);
         Ok(())
     }
@@ -1376,11 +1512,85 @@ address = "10.0.0.100:81"
                 "service[0].max_request_body",
                 "max_connections_per_backend",
             ),
+            (
+                "idle_timeout = \"10s\"",
+                7,
+                "service[0].idle_timeout",
+                "connect_timeout and first_byte_timeout",
+            ),
+            (
+                "max_retries = 1",
+                7,
+                "service[0].max_retries",
+                "no request to send again",
+            ),
         ] {
             let (at, got, message) = invalid(&service(extra));
             assert_eq!((at, got.as_str()), (line, field), "{extra}: {message}");
             assert!(message.contains(names), "{extra}: {message}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn upstream_timeouts_are_set_by_phase_per_service_and_pool() -> Result<(), ConfigError> {
+        let service = |extra: &str| {
+            format!(
+                "[agent]\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"chat\"\n\
+                 address = \"127.0.0.2:80\"\nmode = \"http\"\n{extra}\n"
+            )
+        };
+        let defaults = parse(&service(""))?;
+        let proxy = &defaults.services[0].proxy;
+        assert_eq!(proxy.upstream, UpstreamTimeouts::default());
+        assert_eq!(
+            (proxy.upstream.first_byte_unstreamed, proxy.upstream.total),
+            (None, None),
+            "nothing bounds a working generation by default"
+        );
+        let set = parse(&service(
+            "connect_timeout = \"2s\"\nfirst_byte_timeout = \"1m\"\n\
+             first_byte_timeout_unstreamed = \"10m\"\nidle_timeout = \"30s\"\n\
+             total_timeout = \"1h\"\nmax_retries = 0\nretry_window = \"5s\"\n\
+             [[service.pool]]\nmodel = \"a\"\n\
+             [[service.pool]]\nmodel = \"b\"\nfirst_byte_timeout_unstreamed = \"off\"\n\
+             idle_timeout = \"5s\"",
+        ))?;
+        let chat = &set.services[0];
+        let service_timeouts = UpstreamTimeouts {
+            connect: Duration::from_secs(2),
+            first_byte: Duration::from_secs(60),
+            first_byte_unstreamed: Some(Duration::from_secs(600)),
+            idle: Duration::from_secs(30),
+            total: Some(Duration::from_secs(3600)),
+        };
+        assert_eq!(chat.proxy.upstream, service_timeouts);
+        assert_eq!(
+            (chat.proxy.max_retries, chat.proxy.retry_window),
+            (0, Duration::from_secs(5))
+        );
+        assert_eq!(chat.pools[0].upstream, service_timeouts, "the service's");
+        assert_eq!(
+            chat.pools[1].upstream,
+            UpstreamTimeouts {
+                first_byte_unstreamed: None,
+                idle: Duration::from_secs(5),
+                ..service_timeouts
+            }
+        );
+        let (line, field, message) = invalid(&service("response_timeout = \"100s\""));
+        assert_eq!((line, field.as_str()), (8, "service[0].response_timeout"));
+        assert!(
+            message.contains("first_byte_timeout_unstreamed") && message.contains("idle_timeout"),
+            "{message}"
+        );
+        let message = parse(&service("total_timeout = \"never\""))
+            .expect_err("not a duration")
+            .to_string();
+        assert!(
+            message.contains("is not \"off\" or a duration"),
+            "{message}"
+        );
         Ok(())
     }
 
@@ -1414,6 +1624,7 @@ address = "10.0.0.100:81"
                 max_per_backend: 2,
                 queue_size: 9,
                 queue_timeout: ProxySpec::default().queue_timeout,
+                upstream: UpstreamTimeouts::default(),
             }
         );
         let qwen = &chat.pools[1];

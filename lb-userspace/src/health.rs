@@ -13,12 +13,9 @@ use std::net::SocketAddrV4;
 use bytes::Bytes;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::probe::GetError;
+use crate::probe::{self, GetError};
 use crate::spec::HealthSpec;
 use crate::table::{Checks, TableHandle};
-
-/// What llama-server's 503 says while it loads the model (on every path, `/health` included).
-const LOADING_MODEL: &str = "Loading model";
 
 /// One check's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,9 +152,11 @@ pub async fn run(table: TableHandle, service: String, config: HealthSpec) {
 fn outcome(result: &Result<Bytes, GetError>) -> Outcome {
     match result {
         Ok(_) => Outcome::Pass,
-        Err(GetError::Status {
-            status: 503, body, ..
-        }) if body.contains(LOADING_MODEL) => Outcome::Loading,
+        Err(GetError::Status { status, body, .. })
+            if probe::is_loading(*status, body.as_bytes()) =>
+        {
+            Outcome::Loading
+        }
         Err(_) => Outcome::Fail,
     }
 }

@@ -10,7 +10,7 @@
 //! A quiet connection is also timed ([`ClientTimeouts`]): `idle` from the accept or the end of
 //! the last response to the first byte of the next request head, `header` from that first byte
 //! to the head's end. hyper's own header timer runs from the moment it waits for a head, idle
-//! time included, so it is off and [`serve_http1`] keeps both timers itself. Nothing times a
+//! time included, so it is off and [`serve_http`] keeps both timers itself. Nothing times a
 //! request in flight here: a streamed answer (or a long prefill without a byte) is never cut.
 
 use std::collections::HashMap;
@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -253,19 +253,20 @@ impl Connections {
     }
 }
 
-/// How an HTTP/1.1 connection served by [`serve_http1`] ended.
+/// How an HTTP/1.1 connection served by [`serve_http`] ended.
 #[derive(Debug)]
 pub enum Ended {
     /// The client closed it, or it was closed after the last answer.
     Done,
-    Failed(hyper::Error),
+    Failed(Box<dyn std::error::Error + Send + Sync>),
     Closed(Closed),
 }
 
-/// Serve one HTTP/1.1 connection with `service` under `timeouts` and its registry place, until
-/// it ends or is closed by its limits; once `stop` completes, the request in flight is answered
-/// and the connection closed (the caller bounds how long that may take).
-pub async fn serve_http1<S, B>(
+/// Serve one client connection, HTTP/1.1 (with upgrades: a WebSocket) or HTTP/2 with prior
+/// knowledge (h2c, told by its preface), with `service` under `timeouts` and its registry place,
+/// until it ends or is closed by its limits; once `stop` completes, the requests in flight are
+/// answered and the connection closed (the caller bounds how long that may take).
+pub async fn serve_http<S, B>(
     stream: TcpStream,
     registered: Registered,
     timeouts: ClientTimeouts,
@@ -288,10 +289,10 @@ where
         service,
         activity: Arc::clone(&activity),
     };
-    let connection = hyper::server::conn::http1::Builder::new()
-        // Kept by `activity` instead (see the module doc).
-        .header_read_timeout(None)
-        .serve_connection(io, tracking);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Kept by `activity` instead (see the module doc).
+    builder.http1().header_read_timeout(None);
+    let connection = builder.serve_connection_with_upgrades(io, tracking);
     tokio::pin!(connection, stop);
     let mut stopping = false;
     loop {

@@ -1,7 +1,7 @@
 //! `steer`: parse flags and config, run the agent until SIGINT or SIGTERM, and turn any error into
 //! a message on stderr and exit code 1.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,6 +94,8 @@ struct SuperviseArgs {
     /// RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
     /// More llama-server arguments, e.g. `-- -np 2 -c 2048`.
     #[arg(last = true, value_name = "ARGS")]
     extra: Vec<String>,
@@ -125,9 +127,23 @@ struct RunArgs {
     /// `userspace`: no BPF, every connection through the proxy; replaces `agent.dataplane`.
     #[arg(long, value_enum)]
     dataplane: Option<DataplaneKind>,
-    /// Log filter (`info`, `debug`, `lb_userspace=debug,...`); default: RUST_LOG, else `info`.
+    /// Log filter (`info`, `debug`, `lb_userspace=debug,...`; the access log is
+    /// `steer::access`); default: RUST_LOG, else `info`.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+enum LogFormat {
+    /// `TIME LEVEL target: message key=value...`, coloured on a terminal only.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (`message` among
+    /// them), `span`.
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -157,7 +173,7 @@ fn try_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            init_logging(args.log_level.as_deref())?;
+            init_logging(args.log_level.as_deref(), args.log_format)?;
             let overrides = Overrides {
                 interfaces: args.interfaces,
                 xdp_mode: args.xdp_mode,
@@ -183,7 +199,7 @@ fn try_main() -> anyhow::Result<()> {
 }
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
-    init_logging(args.log_level.as_deref())?;
+    init_logging(args.log_level.as_deref(), args.log_format)?;
     lb_userspace::limits::raise_open_files();
     let driver = args
         .config_driver
@@ -215,17 +231,39 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     })
 }
 
-fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
     let filter = match (level, std::env::var("RUST_LOG")) {
-        (Some(level), _) => EnvFilter::try_new(level).context("--log-level")?,
-        (None, Ok(env)) => EnvFilter::try_new(env).context("RUST_LOG")?,
+        (Some(level), _) => log_filter(level).context("--log-level")?,
+        (None, Ok(env)) => log_filter(&env).context("RUST_LOG")?,
         (None, Err(_)) => EnvFilter::new("info"),
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     Ok(())
+}
+
+/// A log filter of comma-separated directives, each a level or `target[span{field}]=level`. A
+/// bare word is refused unless it is a level: tracing would read `verbose` as "everything of
+/// target `verbose`", which logs nothing, in silence.
+fn log_filter(directives: &str) -> anyhow::Result<EnvFilter> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in directives.split(',').map(str::trim) {
+        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive));
+        if !directive.contains('=') && !directive.is_empty() && !is_level {
+            anyhow::bail!(
+                "`{directive}` is not a level ({}) nor a directive like `lb_userspace=debug`",
+                LEVELS.join(", ")
+            );
+        }
+        EnvFilter::try_new(directive).with_context(|| format!("`{directive}`"))?;
+    }
+    Ok(EnvFilter::try_new(directives)?)
 }
 
 /// The first SIGINT or SIGTERM completes the first future (drain), the next one the second
@@ -269,4 +307,29 @@ fn describe(err: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_filter_is_levels_and_directives_and_nothing_that_would_log_nothing() {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,lb_userspace=debug",
+            "steer::access=off,info",
+        ] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("verbose", "`verbose` is not a level"),
+            ("info,loud", "`loud` is not a level"),
+            ("lb_userspace=loudest", "loudest"),
+        ] {
+            let error = format!("{:#}", log_filter(bad).expect_err(bad));
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
 }

@@ -20,6 +20,16 @@ pub const MAX_RESPONSE: usize = 1 << 20;
 /// How much of a non-200 answer's body an error keeps: llama.cpp's error objects fit.
 pub const STATUS_BODY_PREFIX: usize = 256;
 
+/// Whether an answer is llama-server's while it loads its model: a 503 saying "Loading model" (on
+/// every path, `/health` included), from the start of its body.
+pub fn is_loading(status: u16, body: &[u8]) -> bool {
+    const LOADING_MODEL: &[u8] = b"Loading model";
+    status == 503
+        && body
+            .windows(LOADING_MODEL.len())
+            .any(|w| w == LOADING_MODEL)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
     #[error("GET {path}: {source}")]

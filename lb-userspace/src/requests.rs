@@ -48,7 +48,7 @@ pub enum Class {
     ServerError,
     /// The backend could not be reached (connect refused or timed out): nothing was sent.
     Unreachable,
-    /// The backend failed after the request was sent: no answer, or none in `response_timeout`.
+    /// The backend failed after the request was sent: no answer, or none within its first-byte or total timeout.
     Failed,
 }
 

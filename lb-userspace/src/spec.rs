@@ -46,9 +46,13 @@ pub struct ProxySpec {
     pub queue_size: usize,
     /// Longest wait in the queue.
     pub queue_timeout: Duration,
-    /// Longest wait for the response, from when the request (l4: the client's first bytes) was
-    /// sent: the first byte (l4) or the response head (http).
-    pub response_timeout: Duration,
+    /// How long a backend may take in each phase of an exchange.
+    pub upstream: UpstreamTimeouts,
+    /// http: tries on other backends after a failure that proves the backend did not answer
+    /// (see `proxy::http`); 0: none.
+    pub max_retries: u32,
+    /// http: no retry starts later than this after the request was first sent.
+    pub retry_window: Duration,
     /// http: the largest request body taken (it is read whole before a backend is chosen).
     pub max_request_body: usize,
     /// Client connections held at once; at the cap a new one replaces the one quiet the longest
@@ -71,7 +75,9 @@ impl Default for ProxySpec {
             max_per_backend: 0,
             queue_size: 1024,
             queue_timeout: Duration::from_secs(100),
-            response_timeout: Duration::from_secs(100),
+            upstream: UpstreamTimeouts::default(),
+            max_retries: 2,
+            retry_window: Duration::from_secs(30),
             // Chat requests with long prompts stay well below this; a body is held in memory
             // until sent.
             max_request_body: 16 << 20,
@@ -83,6 +89,39 @@ impl Default for ProxySpec {
             client_idle_timeout: Duration::from_secs(60),
             // A body up to `max_request_body` (16 MiB) over a slow link.
             client_body_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The phases of an exchange with a backend and how long each may take. The defaults never cut a
+/// llama-server that is working: a generation's own length is bounded by nothing but `total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    /// The TCP connect to the backend.
+    pub connect: Duration,
+    /// From the request's send to the first byte of the answer's body (l4: the backend's first
+    /// byte after the client's first bytes): a streamed generation's first token, after its
+    /// prompt was read; the whole answer of any request that is not a generation.
+    pub first_byte: Duration,
+    /// The same for a generation that is not streamed, whose head llama-server sends only once
+    /// it is done, so the clock runs over the whole generation; `None`: no limit.
+    pub first_byte_unstreamed: Option<Duration>,
+    /// http: between two pieces of an answer's body, once it started (an SSE comment counts).
+    pub idle: Duration,
+    /// http: the whole exchange, from the send to the body's end; `None`: no limit.
+    pub total: Option<Duration>,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        UpstreamTimeouts {
+            connect: Duration::from_secs(5),
+            // A prompt of 60k tokens at 200 tokens/s (a CPU) is read in 300 s.
+            first_byte: Duration::from_secs(300),
+            first_byte_unstreamed: None,
+            // llama.cpp reads a long prompt in batches between two decoded tokens of the others.
+            idle: Duration::from_secs(120),
+            total: None,
         }
     }
 }
@@ -177,6 +216,7 @@ pub struct PoolSpec {
     pub max_per_backend: u32,
     pub queue_size: usize,
     pub queue_timeout: Duration,
+    pub upstream: UpstreamTimeouts,
 }
 
 impl PoolSpec {

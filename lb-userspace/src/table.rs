@@ -1469,6 +1469,7 @@ mod tests {
             ..backend("10.0.1.4:8080", 3)
         });
         let pool = |model: &str, aliases: &[&str], policy| PoolSpec {
+            upstream: crate::spec::UpstreamTimeouts::default(),
             model: model.to_owned(),
             aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
             policy,

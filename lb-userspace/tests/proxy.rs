@@ -226,7 +226,7 @@ fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
             "max_connections_per_backend = 1\nqueue_size = 1\nqueue_timeout = \"1s\"",
             &[e]
         ),
-        service("slow", slow, "response_timeout = \"1s\"", &[f]),
+        service("slow", slow, "first_byte_timeout = \"1s\"", &[f]),
     );
     let path = std::env::temp_dir().join(format!("steer-proxy-{}.toml", std::process::id()));
     std::fs::write(&path, config).expect("write the config");
@@ -294,17 +294,17 @@ fn userspace_dataplane_balances_queues_and_closes_at_the_limits() {
     assert_eq!(counter(admin, "tight", "queue_full"), 1);
     assert_eq!(counter(admin, "tight", "queue_timeout"), 1);
 
-    // A backend silent for longer than response_timeout: the client is closed.
+    // A backend silent for longer than first_byte_timeout: the client is closed.
     let mut client = Client::connect(slow);
     let sent = Instant::now();
     client.send();
-    assert_eq!(client.answer(), None, "closed: response timeout");
+    assert_eq!(client.answer(), None, "closed: first-byte timeout");
     let waited = sent.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
-        "after response_timeout: {waited:?}"
+        "after first_byte_timeout: {waited:?}"
     );
-    assert_eq!(counter(admin, "slow", "response_timeout"), 1);
+    assert_eq!(counter(admin, "slow", "first_byte_timeout"), 1);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&token);
 }

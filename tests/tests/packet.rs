@@ -660,7 +660,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
     use lb_userspace::dataplane::Dataplane;
     use lb_userspace::policy::{BackendView, ServiceView, choose, maglev_table, rr_ring};
     use lb_userspace::proxy::ServiceProxy;
-    use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec};
+    use lb_userspace::spec::{Policy, ProxyMode, ProxySpec, ServiceSpec, UpstreamTimeouts};
     use lb_userspace::table::{PoolRoute, Route};
     use std::{sync::Arc, time::Duration};
 
@@ -674,7 +674,9 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             max_per_backend: 0,
             queue_size: 0,
             queue_timeout: Duration::ZERO,
-            response_timeout: Duration::ZERO,
+            upstream: UpstreamTimeouts::default(),
+            max_retries: 0,
+            retry_window: Duration::ZERO,
             max_request_body: 0,
             max_client_connections: 1,
             client_header_timeout: Duration::ZERO,

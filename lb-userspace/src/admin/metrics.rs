@@ -505,8 +505,9 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
         encoder,
         "steer_proxy_refused",
         "Connections (l4: closed) or requests (http: answered with an error) the userspace proxy \
-         refused, by reason: queue_full (503), queue_timeout (504), response_timeout (524), \
-         connect_failed (502 after one retry), bad_gateway (502), body_too_large (413), \
+         refused, by reason: queue_full (503), queue_timeout (504), first_byte_timeout (524), \
+         idle_timeout (an answer cut: its body stalled), total_timeout (524, or an answer cut), \
+         connect_failed (502 after the retries), bad_gateway (502), body_too_large (413), \
          bad_request (400: the body could not be read), body_timeout (408), connection_limit \
          (closed at once: max_client_connections open, each busy), client_timeout (closed: a \
          head not done within client_header_timeout; l4: no byte within client_idle_timeout), \
@@ -540,8 +541,20 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
     family(
         encoder,
         "steer_proxy_retried",
-        "http requests sent to another backend after the first could not be reached.",
-        stats().map(|(s, _)| (labels(s), counter(s.retried))),
+        "http requests sent again to another backend, by reason: connect_failed (refused or \
+         timed out), reset (closed before any byte of an answer), loading (llama.cpp's 503 \
+         Loading model).",
+        stats().flat_map(|(s, _)| {
+            s.retried.iter().map(|(&reason, &n)| {
+                (
+                    [
+                        ("service", s.service.clone()),
+                        ("reason", reason.to_owned()),
+                    ],
+                    counter(n),
+                )
+            })
+        }),
     )?;
     pools(encoder, proxies)
 }
@@ -601,9 +614,16 @@ fn pools(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Resul
     family(
         encoder,
         "steer_proxy_pool_retried",
-        "Requests of a model pool sent to another of its backends after the first could not be \
-         reached.",
-        pools().map(|(labels, p, _)| (labels, counter(p.retried))),
+        "Requests of a model pool sent again to another of its backends, by reason (see \
+         steer_proxy_retried).",
+        pools().flat_map(|([service, pool], p, _)| {
+            p.retried.iter().map(move |(&reason, &n)| {
+                (
+                    [service.clone(), pool.clone(), ("reason", reason.to_owned())],
+                    counter(n),
+                )
+            })
+        }),
     )
 }
 

@@ -225,7 +225,7 @@ pub(crate) async fn serve_app(
                         let _ = stopping.wait_for(|stop| *stop).await;
                     };
                     tasks.spawn(async move {
-                        let ended = limits::serve_http1(stream, registered, timeouts, service, stop);
+                        let ended = limits::serve_http(stream, registered, timeouts, service, stop);
                         if let limits::Ended::Failed(error) = ended.await {
                             tracing::debug!(%error, "admin API connection ended");
                         }

@@ -46,9 +46,15 @@ pub enum Refusal {
     QueueFull,
     /// No backend had room within `queue_timeout`.
     QueueTimeout,
-    /// The backend sent no response within `response_timeout` of the request.
-    ResponseTimeout,
-    /// No backend could be reached (http: after one retry on another backend).
+    /// The backend sent no first byte of its answer within `first_byte_timeout` (or
+    /// `first_byte_timeout_unstreamed`) of the request.
+    FirstByteTimeout,
+    /// http: an answer's body stopped for `idle_timeout`; it is cut.
+    IdleTimeout,
+    /// http: the exchange was not done within `total_timeout` (524, or cut once the answer
+    /// started).
+    TotalTimeout,
+    /// No backend could be reached (http: after its retries on others).
     Connect,
     /// http: the backend failed after the request was sent, before a response head.
     BadGateway,
@@ -72,10 +78,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 12] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::QueueFull,
         Refusal::QueueTimeout,
-        Refusal::ResponseTimeout,
+        Refusal::FirstByteTimeout,
+        Refusal::IdleTimeout,
+        Refusal::TotalTimeout,
         Refusal::Connect,
         Refusal::BadGateway,
         Refusal::BodyTooLarge,
@@ -92,7 +100,9 @@ impl Refusal {
         match self {
             Refusal::QueueFull => "queue_full",
             Refusal::QueueTimeout => "queue_timeout",
-            Refusal::ResponseTimeout => "response_timeout",
+            Refusal::FirstByteTimeout => "first_byte_timeout",
+            Refusal::IdleTimeout => "idle_timeout",
+            Refusal::TotalTimeout => "total_timeout",
             Refusal::Connect => "connect_failed",
             Refusal::BadGateway => "bad_gateway",
             Refusal::BodyTooLarge => "body_too_large",
@@ -102,6 +112,32 @@ impl Refusal {
             Refusal::ClientTimeout => "client_timeout",
             Refusal::UnknownModel => "model_not_found",
             Refusal::InvalidBody => "invalid_body",
+        }
+    }
+}
+
+/// Why an http request was sent again to another backend: each proves the first did not act on
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The connect was refused or timed out.
+    Connect,
+    /// The connection closed or reset before any byte of an answer, for a request that may be
+    /// sent twice (see `proxy::http`).
+    Reset,
+    /// llama.cpp's `503 Loading model`: the server took nothing yet.
+    Loading,
+}
+
+impl Retry {
+    pub const ALL: [Retry; 3] = [Retry::Connect, Retry::Reset, Retry::Loading];
+
+    /// As `/v1/proxy` and the `reason` label of `/metrics` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Retry::Connect => "connect_failed",
+            Retry::Reset => "reset",
+            Retry::Loading => "loading",
         }
     }
 }
@@ -116,8 +152,8 @@ pub const WAIT_BUCKETS: [f64; 16] = [
 struct Counters {
     admitted: AtomicU64,
     queued: AtomicU64,
-    /// http: requests sent again to another backend after a failed connect.
-    retried: AtomicU64,
+    /// http: requests sent again to another backend, indexed like [`Retry::ALL`].
+    retried: [AtomicU64; Retry::ALL.len()],
     /// Indexed like [`Refusal::ALL`].
     refused: [AtomicU64; Refusal::ALL.len()],
     /// Seconds each admitted connection or request waited (0 without a wait).
@@ -129,7 +165,7 @@ impl Default for Counters {
         Counters {
             admitted: AtomicU64::default(),
             queued: AtomicU64::default(),
-            retried: AtomicU64::default(),
+            retried: Default::default(),
             refused: Default::default(),
             wait: Histogram::new(WAIT_BUCKETS),
         }
@@ -147,7 +183,8 @@ pub struct PoolStats {
     /// Of those and the ones that timed out: how many had to wait for room.
     pub queued: u64,
     pub queue_depth: u64,
-    pub retried: u64,
+    /// By [`Retry::name`].
+    pub retried: BTreeMap<&'static str, u64>,
     /// By [`Refusal::name`].
     #[serde(flatten)]
     pub refused: BTreeMap<&'static str, u64>,
@@ -340,6 +377,15 @@ pub struct Lease {
     gate: Arc<Gate>,
     pub id: u32,
     pub address: SocketAddrV4,
+    /// How long the claim waited in the queue.
+    pub waited: Duration,
+}
+
+impl Lease {
+    /// Count a refusal of the request this room was claimed for.
+    pub fn count(&self, refusal: Refusal) {
+        self.gate.count(refusal);
+    }
 }
 
 impl Drop for Lease {
@@ -385,6 +431,7 @@ impl Gate {
             config.max_per_backend = spec.max_per_backend;
             config.queue_size = spec.queue_size;
             config.queue_timeout = spec.queue_timeout;
+            config.upstream = spec.upstream;
         }
         let policy = spec.map_or(service.policy, |p| p.policy);
         Arc::new(Gate {
@@ -478,13 +525,13 @@ impl Gate {
     }
 
     /// Claim room on a backend for `client` now, or wait in line for it; the error says why not.
-    /// `ask`: what the request brings to the choice. `avoid`: a backend id not to choose (one
-    /// that just refused).
+    /// `ask`: what the request brings to the choice. `avoid`: backend ids not to choose (those
+    /// that failed it already).
     pub async fn admit(
         self: &Arc<Self>,
         client: Ipv4Addr,
         ask: Ask,
-        avoid: Option<u32>,
+        avoid: &[u32],
     ) -> Result<Lease, Refusal> {
         let key = Key { client, ask };
         let started = tokio::time::Instant::now();
@@ -492,9 +539,10 @@ impl Gate {
             queued,
             waited: started.elapsed(),
         };
-        let admitted = |lease: Lease| {
+        let admitted = |mut lease: Lease| {
             self.counters.admitted.fetch_add(1, Ordering::Relaxed);
-            let waited = started.elapsed().as_secs_f64();
+            lease.waited = started.elapsed();
+            let waited = lease.waited.as_secs_f64();
             self.counters.wait.observe(waited);
             self.service_wait.observe(waited);
             Ok(lease)
@@ -557,7 +605,7 @@ impl Gate {
 
     /// The kernel's choice over the current routes and live counts, then its claim; a claim lost
     /// to a concurrent claimer chooses again with the new counts.
-    fn try_claim(self: &Arc<Self>, key: Key, turn: Turn, avoid: Option<u32>) -> Option<Lease> {
+    fn try_claim(self: &Arc<Self>, key: Key, turn: Turn, avoid: &[u32]) -> Option<Lease> {
         let routes = self.routes.borrow().clone();
         let route = routes.get(self.id)?;
         for _ in 0..route.backends.len().max(1) {
@@ -568,6 +616,7 @@ impl Gate {
                     gate: Arc::clone(self),
                     id,
                     address,
+                    waited: Duration::ZERO,
                 });
             }
         }
@@ -587,7 +636,7 @@ impl Gate {
             queued: 1,
             waited: Duration::ZERO,
         };
-        self.choose(route, cursor, key, turn, None)
+        self.choose(route, cursor, key, turn, &[])
             .map(|(id, ..)| id)
     }
 
@@ -615,7 +664,7 @@ impl Gate {
         cursor: u64,
         key: Key,
         turn: Turn,
-        avoid: Option<u32>,
+        avoid: &[u32],
     ) -> Option<(u32, u32, SocketAddrV4)> {
         let cap = self.config.max_per_backend;
         let pool = route.pools.get(self.pool)?;
@@ -629,7 +678,7 @@ impl Gate {
             .enumerate()
             .map(|(slot, (&id, &(view, _)))| BackendView {
                 // Down for this choice: the policy skips it as the kernel would.
-                state: if avoid == Some(id) || !pool.has_member(slot) {
+                state: if avoid.contains(&id) || !pool.has_member(slot) {
                     lb_common::backend_state::DOWN
                 } else {
                     view.state
@@ -831,7 +880,11 @@ impl Gate {
             admitted: c.admitted.load(Ordering::Relaxed),
             queued: c.queued.load(Ordering::Relaxed),
             queue_depth: self.lock_queue().len() as u64,
-            retried: c.retried.load(Ordering::Relaxed),
+            retried: Retry::ALL
+                .iter()
+                .zip(&c.retried)
+                .map(|(r, n)| (r.name(), n.load(Ordering::Relaxed)))
+                .collect(),
             refused: Refusal::ALL
                 .iter()
                 .zip(&c.refused)
@@ -840,22 +893,22 @@ impl Gate {
         }
     }
 
-    /// Whether the pool has an active backend other than `id` (one to retry on).
-    pub fn has_backend_besides(&self, id: u32) -> bool {
-        self.has_active_backend_but(Some(id))
+    /// Whether the pool has an active backend other than those of `ids` (one to retry on).
+    pub fn has_backend_besides(&self, ids: &[u32]) -> bool {
+        self.has_active_backend_but(ids)
     }
 
     /// Whether the pool has an active backend (its model is listed).
     pub fn has_active_backend(&self) -> bool {
-        self.has_active_backend_but(None)
+        self.has_active_backend_but(&[])
     }
 
-    fn has_active_backend_but(&self, besides: Option<u32>) -> bool {
+    fn has_active_backend_but(&self, besides: &[u32]) -> bool {
         let routes = self.routes.borrow();
         routes.get(self.id).is_some_and(|route| {
             route.pools.get(self.pool).is_some_and(|pool| {
                 (0u32..).zip(&route.backends).any(|(slot, (view, _))| {
-                    Some(route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot) != besides
+                    !besides.contains(&(route.id * lb_common::MAX_BACKENDS_PER_SERVICE + slot))
                         && pool.has_member(slot as usize)
                         && view.state == lb_common::backend_state::ACTIVE
                 })
@@ -881,8 +934,9 @@ impl Gate {
     }
 
     /// A request sent again to another backend.
-    pub fn count_retry(&self) {
-        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+    pub fn count_retry(&self, why: Retry) {
+        // `ALL` lists them in declaration order.
+        self.counters.retried[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -902,7 +956,9 @@ pub(crate) mod tests {
             max_request_body: 1 << 20,
             queue_size,
             queue_timeout: Duration::from_secs(10),
-            response_timeout: Duration::from_secs(10),
+            upstream: crate::spec::UpstreamTimeouts::default(),
+            max_retries: 2,
+            retry_window: Duration::from_secs(30),
             max_client_connections: 16,
             client_header_timeout: Duration::from_secs(30),
             client_idle_timeout: Duration::from_secs(60),
@@ -987,7 +1043,7 @@ pub(crate) mod tests {
 
     /// A request from [`client`] that brings nothing else to the choice.
     async fn admit(gate: &Arc<Gate>) -> Result<Lease, Refusal> {
-        gate.admit(client(), Ask::default(), None).await
+        gate.admit(client(), Ask::default(), &[]).await
     }
 
     #[tokio::test(start_paused = true)]
@@ -1092,7 +1148,7 @@ pub(crate) mod tests {
         // A key homed on backend 1 (nothing measured: the ring alone decides).
         let mut key = 0;
         while gate
-            .admit(client(), ask(key, 0, 1), None)
+            .admit(client(), ask(key, 0, 1), &[])
             .await
             .map(|l| l.id)
             != Ok(1)
@@ -1112,13 +1168,13 @@ pub(crate) mod tests {
             gate.requests().begin(id).measured(None, &timings);
         }
         // A turn of 1000 prompt tokens and 20 to generate: 12 s at home, 1.2 s on backend 0.
-        let turn = gate.admit(client(), ask(key, 1000, 20), None).await;
+        let turn = gate.admit(client(), ask(key, 1000, 20), &[]).await;
         assert_eq!(turn.map(|l| l.id), Ok(0));
         // Backend 0 holding nine others (a tenth of its speed each): 12 s there too, home it is.
         for _ in 0..9 {
             assert!(counts.acquire(0, u32::MAX));
         }
-        let turn = gate.admit(client(), ask(key, 1000, 20), None).await;
+        let turn = gate.admit(client(), ask(key, 1000, 20), &[]).await;
         assert_eq!(turn.map(|l| l.id), Ok(1));
     }
 
@@ -1132,7 +1188,7 @@ pub(crate) mod tests {
                     affinity: key,
                     ..Ask::default()
                 };
-                gate.admit(client(), ask, None).await.expect("room")
+                gate.admit(client(), ask, &[]).await.expect("room")
             }
         };
         let home = admit(Some(42)).await.id;
@@ -1158,20 +1214,21 @@ pub(crate) mod tests {
         let (gate, _counts, _routes) = gate(0, 1, 2);
         // Round robin's next pick is backend 0.
         let lease = gate
-            .admit(client(), Ask::default(), Some(0))
+            .admit(client(), Ask::default(), &[0])
             .await
             .expect("room on 1");
         assert_eq!(lease.id, 1);
         assert_eq!(
-            gate.admit(client(), Ask::default(), Some(0)).await.err(),
+            gate.admit(client(), Ask::default(), &[0]).await.err(),
             Some(Refusal::QueueFull),
             "1 is full and 0 avoided"
         );
         assert_eq!(admit(&gate).await.map(|l| l.id).ok(), Some(0));
-        assert!(gate.has_backend_besides(0) && gate.has_backend_besides(1));
+        assert!(gate.has_backend_besides(&[0]) && gate.has_backend_besides(&[1]));
+        assert!(!gate.has_backend_besides(&[0, 1]));
         let (alone, _counts, _routes) = self::gate(0, 1, 1);
         assert!(
-            !alone.has_backend_besides(0),
+            !alone.has_backend_besides(&[0]),
             "no other backend to retry on"
         );
     }
@@ -1362,7 +1419,7 @@ pub(crate) mod tests {
         // (over twice as soon).
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), asking(20), None).await.map(|l| l.id) }
+            async move { gate.admit(client(), asking(20), &[]).await.map(|l| l.id) }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(gate.stats().queue_depth, 1, "waiting, the slow one idle");
@@ -1370,7 +1427,7 @@ pub(crate) mod tests {
         assert_eq!(waiter.await.expect("waiter"), Ok(0), "the fast one, freed");
         // 2 tokens: 0.2 s on the slow one now, 0.22 s behind the fast one's slot.
         let (gate, _held, _routes) = fast_one_held().await;
-        let short = gate.admit(client(), asking(2), None).await.map(|l| l.id);
+        let short = gate.admit(client(), asking(2), &[]).await.map(|l| l.id);
         assert_eq!(short, Ok(1));
     }
 
@@ -1413,7 +1470,7 @@ pub(crate) mod tests {
         // 10.2 s on the slow one; 0.2 s for the fast one's slot, then 1.02 s there.
         let waiter = tokio::spawn({
             let gate = Arc::clone(&gate);
-            async move { gate.admit(client(), long_prompt, None).await.map(|l| l.id) }
+            async move { gate.admit(client(), long_prompt, &[]).await.map(|l| l.id) }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         drop(held);
@@ -1428,11 +1485,11 @@ pub(crate) mod tests {
         service.proxy.queue_timeout = Duration::from_millis(300);
         let (gate, _held, _routes) = fast_one_held_in(&service).await;
         let started = Instant::now();
-        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        let id = gate.admit(client(), asking(20), &[]).await.map(|l| l.id);
         assert_eq!((id, started.elapsed()), (Ok(1), Duration::ZERO));
         // No queue: waiting would be a refusal.
         let (gate, _held, _routes) = fast_one_held_in(&config(0, 1)).await;
-        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        let id = gate.admit(client(), asking(20), &[]).await.map(|l| l.id);
         assert_eq!(id, Ok(1));
     }
 
@@ -1446,7 +1503,7 @@ pub(crate) mod tests {
             ..Ask::default()
         };
         let mut key = 0;
-        while gate.admit(client(), keyed(key), None).await.map(|l| l.id) != Ok(0) {
+        while gate.admit(client(), keyed(key), &[]).await.map(|l| l.id) != Ok(0) {
             key += 1;
             assert!(key < 64, "no key of 64 is homed on backend 0");
         }
@@ -1456,7 +1513,7 @@ pub(crate) mod tests {
         for id in [0, 0, 2, 2] {
             assert!(counts.acquire(id, u32::MAX));
         }
-        let id = gate.admit(client(), keyed(key), None).await.map(|l| l.id);
+        let id = gate.admit(client(), keyed(key), &[]).await.map(|l| l.id);
         assert_eq!(id, Ok(0));
     }
 
@@ -1467,7 +1524,7 @@ pub(crate) mod tests {
         for n in 0..10 {
             let (gate, tx) = (Arc::clone(&gate), tx.clone());
             tokio::spawn(async move {
-                let lease = gate.admit(client(), asking(20), None).await;
+                let lease = gate.admit(client(), asking(20), &[]).await;
                 let _ = tx.send((n, lease.map(|l| (l.id, l))));
             });
             tokio::task::yield_now().await;
@@ -1489,7 +1546,7 @@ pub(crate) mod tests {
         // Alone in the queue, a wait that outlasts the 2 s the slow one would take gives up.
         let (gate, _held, _routes) = fast_one_held().await;
         let started = Instant::now();
-        let id = gate.admit(client(), asking(20), None).await.map(|l| l.id);
+        let id = gate.admit(client(), asking(20), &[]).await.map(|l| l.id);
         assert_eq!(id, Ok(1));
         let waited = started.elapsed();
         assert!(

@@ -37,15 +37,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tracing::{Instrument, debug, debug_span};
+use tokio::time::{Instant, Sleep};
+use tracing::{Instrument, debug, debug_span, warn};
 
+use super::access::{Access, Outcome};
 use super::drain::drain_started;
-use super::gate::{Ask, Gate, Lease, Refusal};
+use super::gate::{Ask, Gate, Lease, Refusal, Retry};
 use super::service::ServiceProxy;
 use super::timings::Tail;
 use crate::affinity;
 use crate::limits::{self, Closed, Ended, Registered};
+use crate::probe;
 use crate::requests::{Class, InFlight};
+use crate::spec::UpstreamTimeouts;
 
 /// What the client gets: an error of the proxy's own, or the backend's body passed on.
 type ProxyBody = Either<Full<Bytes>, Passed>;
@@ -71,7 +75,7 @@ pub async fn serve_connection(
     });
     // Draining: the request in flight (and its streamed answer) finishes; then it closes.
     let stop = drain_started(&mut draining);
-    match limits::serve_http1(client, registered, timeouts, serve, stop).await {
+    match limits::serve_http(client, registered, timeouts, serve, stop).await {
         Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
         Ended::Closed(Closed::Header) => service.count(Refusal::ClientTimeout),
         Ended::Failed(error) => debug!(%error, "client connection ended"),
@@ -87,6 +91,13 @@ impl<B: Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>> Cl
 struct Outgoing {
     parts: hyper::http::request::Parts,
     body: Bytes,
+    /// A POST to one of [`MODEL_PATHS`]: a generation (or an embedding, a rerank), which does
+    /// nothing at a backend but compute.
+    generation: bool,
+    /// Its body asks for a streamed answer.
+    streamed: bool,
+    /// The tokens its body asks to generate at most.
+    tokens: Option<u64>,
 }
 
 impl Outgoing {
@@ -97,6 +108,135 @@ impl Outgoing {
         *request.headers_mut() = self.parts.headers.clone();
         request
     }
+
+    /// Whether it may be sent to another backend after one failed before any byte of an answer
+    /// although it may have read it: a generation (run twice, it only costs compute) or an
+    /// idempotent method.
+    fn repeatable(&self) -> bool {
+        self.generation || self.parts.method.is_idempotent()
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade:`,
+/// e.g. `websocket`).
+fn upgrade_asked<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let headers = request.headers();
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let http1 = request.version() == hyper::Version::HTTP_11;
+    connection_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+        .filter(|_| http1)
+}
+
+/// A request to switch to `protocol` (a WebSocket), sent to a backend of the default pool on a
+/// connection of its own; on the backend's 101 the client's and the backend's connections are
+/// joined into one tunnel, which holds its claim (a slot, as one long request) until either
+/// side closes it. Any other answer is passed on as it is.
+async fn tunnel<B: ClientBody>(
+    service: &ServiceProxy,
+    peer: Ipv4Addr,
+    mut request: Request<B>,
+    protocol: HeaderValue,
+    access: &mut Access,
+) -> Result<Response<ProxyBody>, Refused> {
+    let client_side = hyper::upgrade::on(&mut request);
+    let (mut outgoing, _) = read(service, peer, request).await?;
+    let headers = &mut outgoing.parts.headers;
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+    let gate = service.default_gate();
+    let lease = gate
+        .admit(peer, Ask::default(), &[])
+        .await
+        .map_err(|refusal| {
+            let message = format!(
+                "no backend of service `{}` had room for an upgrade ({})",
+                gate.service(),
+                refusal.name()
+            );
+            Refused::new(refusal, message)
+        })?;
+    access.backend = Some(lease.address);
+    access.queue_wait = lease.waited;
+    let in_flight = gate.requests().begin(lease.id);
+    let failed = |refusal, error: String| {
+        let message = format!(
+            "backend {} could not be upgraded to: {error}",
+            lease.address
+        );
+        Refused::new(refusal, message)
+    };
+    let connect = gate.config().upstream.connect;
+    let stream = tokio::time::timeout(connect, TcpStream::connect(lease.address))
+        .await
+        .map_err(|_| {
+            failed(
+                Refusal::Connect,
+                format!("no connection within {connect:?}"),
+            )
+        })?
+        .map_err(|error| failed(Refusal::Connect, error.to_string()))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| failed(Refusal::Connect, error.to_string()))?;
+    tokio::spawn(connection.with_upgrades());
+    let first_byte = gate.config().upstream.first_byte;
+    let mut response = tokio::time::timeout(first_byte, sender.send_request(outgoing.request()))
+        .await
+        .map_err(|_| {
+            let error = format!("no answer within first_byte_timeout {first_byte:?}");
+            failed(Refusal::FirstByteTimeout, error)
+        })?
+        .map_err(|error| failed(Refusal::BadGateway, error.to_string()))?;
+    in_flight.answered(Class::of_status(response.status().as_u16()));
+    access.status = Some(response.status().as_u16());
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // Refused by the backend: its answer, read whole (it is short), then the claim goes.
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = tokio::time::timeout(first_byte, body.collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default();
+        access.log(Outcome::Done, None);
+        return Ok(Response::from_parts(parts, Either::Left(Full::new(body))));
+    }
+    let backend_side = hyper::upgrade::on(&mut response);
+    // Logged when the tunnel closes.
+    let finished = access.clone();
+    tokio::spawn(
+        async move {
+            let joined = match tokio::try_join!(client_side, backend_side) {
+                Ok((client, backend)) => {
+                    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                    tokio::io::copy_bidirectional(&mut client, &mut backend)
+                        .await
+                        .map(drop)
+                        .map_err(|error| error.to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            if let Err(error) = joined {
+                debug!(%error, "tunnel ended");
+            }
+            drop((lease, in_flight));
+            finished.log(Outcome::Done, None);
+        }
+        .in_current_span(),
+    );
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(Full::new(Bytes::new())),
+    ))
 }
 
 /// The POST paths whose JSON body names the `model`: OpenAI's, llama.cpp's own (with its
@@ -125,22 +265,38 @@ async fn handle<B: ClientBody>(
     peer: Ipv4Addr,
     request: Request<B>,
 ) -> Response<ProxyBody> {
-    let refused = |error: Refused| {
+    let mut access = Access::begin(request.method(), request.uri().path());
+    let refused = |error: Refused, access: &mut Access| {
         debug!(refusal = ?error.refusal, message = %error.message, "request refused");
+        access.status = Some(error.status().as_u16());
+        access.log(Outcome::Refused(error.refusal.name()), None);
         error.response()
     };
+    if let Some(protocol) = upgrade_asked(&request) {
+        return match tunnel(service, peer, request, protocol, &mut access).await {
+            Ok(response) => response,
+            Err(error) => {
+                service.default_gate().count(error.refusal);
+                refused(error, &mut access)
+            }
+        };
+    }
     let lists_models = request.method() == hyper::Method::GET
         && matches!(request.uri().path(), "/v1/models" | "/models");
     if service.routes_by_model() && lists_models {
-        return model_list(service);
+        let list = model_list(service);
+        access.status = Some(list.status().as_u16());
+        access.log(Outcome::Done, None);
+        return list;
     }
     let (outgoing, model) = match read(service, peer, request).await {
         Ok(read) => read,
         Err(error) => {
             service.count(error.refusal);
-            return refused(error);
+            return refused(error, &mut access);
         }
     };
+    access.streamed = outgoing.streamed;
     let Ok(gate) = service.pool(model.as_deref()) else {
         let model = model.unwrap_or_default();
         let models: Vec<&str> = service.models().collect();
@@ -152,13 +308,15 @@ async fn handle<B: ClientBody>(
             ),
         );
         service.count(error.refusal);
-        return refused(error);
+        access.model = Some(model);
+        return refused(error, &mut access);
     };
-    match forward(gate, pool, peer, &outgoing).await {
-        Ok(response) => response,
+    access.model = model;
+    match forward(gate, pool, peer, &outgoing, &mut access).await {
+        Ok(answer) => answer.pass(access),
         Err(error) => {
             gate.count(error.refusal);
-            refused(error)
+            refused(error, &mut access)
         }
     }
 }
@@ -217,7 +375,8 @@ impl Refused {
             Refusal::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::QueueTimeout => StatusCode::GATEWAY_TIMEOUT,
             // Cloudflare's "a timeout occurred", which llama.cpp clients show as it is.
-            Refusal::ResponseTimeout => {
+            // An idle timeout cuts a body whose head is out: no status of its own.
+            Refusal::FirstByteTimeout | Refusal::TotalTimeout | Refusal::IdleTimeout => {
                 StatusCode::from_u16(524).unwrap_or(StatusCode::GATEWAY_TIMEOUT)
             }
             Refusal::Connect | Refusal::BadGateway => StatusCode::BAD_GATEWAY,
@@ -254,8 +413,8 @@ impl Refused {
     }
 }
 
-/// The request as it will be sent (its body read whole), and the `model` it names when the
-/// service routes by model and its path is one of [`MODEL_PATHS`].
+/// The request as it will be sent (its body read whole), and the `model` its body names when
+/// its path is one of [`MODEL_PATHS`].
 async fn read<B: ClientBody>(
     service: &ServiceProxy,
     peer: Ipv4Addr,
@@ -294,22 +453,34 @@ async fn read<B: ClientBody>(
             ));
         }
     };
-    let names_model =
-        parts.method == hyper::Method::POST && MODEL_PATHS.contains(&parts.uri.path());
-    let model = if service.routes_by_model() && names_model {
-        requested_model(&body).map_err(|error| {
-            Refused::new(
+    let generation = parts.method == hyper::Method::POST && MODEL_PATHS.contains(&parts.uri.path());
+    let asked = if generation {
+        Asked::read(&body)
+    } else {
+        Asked::default()
+    };
+    // A service without pools routes no request by its model: a bad one is the backend's to
+    // judge.
+    let model = match asked.model {
+        Ok(model) => model,
+        Err(error) if service.routes_by_model() => {
+            return Err(Refused::new(
                 Refusal::InvalidBody,
                 format!(
                     "the body of POST {} must be a JSON object with a string `model` (or none, \
                      for the default model): {error}",
                     parts.uri.path()
                 ),
-            )
-        })?
-    } else {
-        None
+            ));
+        }
+        Err(_) => None,
     };
+    // An HTTP/2 client names the host in `:authority` alone; HTTP/1.1 to the backend needs Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(host) = parts.uri.authority().and_then(|a| a.as_str().parse().ok())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
     strip_hop_by_hop(&mut parts.headers);
     // The body is here already: a backend asked to wait for it would only add a round trip.
     parts.headers.remove(header::EXPECT);
@@ -318,61 +489,97 @@ async fn read<B: ClientBody>(
     if let Some(path) = parts.uri.path_and_query() {
         parts.uri = path.clone().into();
     }
-    Ok((Outgoing { parts, body }, model))
+    let outgoing = Outgoing {
+        parts,
+        body,
+        generation,
+        streamed: asked.streamed,
+        tokens: asked.tokens,
+    };
+    Ok((outgoing, model))
 }
 
-/// The `model` of a JSON object body (`null` or none: `None`), read without building the rest;
-/// otherwise why not.
-fn requested_model(body: &[u8]) -> Result<Option<String>, String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        #[serde(default)]
-        model: Option<String>,
-    }
-    let named = serde_json::from_slice::<Named>(body).map_err(|error| error.to_string())?;
-    if !is_json_object(body) {
-        return Err("not an object".to_owned());
-    }
-    Ok(named.model)
+/// What a generation's JSON body says of itself, read in one pass. A field of another type than
+/// expected is as good as absent, but for `model`, which routes the request.
+#[derive(Debug, PartialEq)]
+struct Asked {
+    /// `None` for none or `null`; why not for a body that is not a JSON object or a `model` that
+    /// is not a string.
+    model: Result<Option<String>, String>,
+    /// `"stream": true`.
+    streamed: bool,
+    /// The tokens to generate at most: OpenAI's `max_completion_tokens` or `max_tokens`
+    /// (Anthropic's too), llama.cpp's `n_predict`; `None` for a limit that is none (-1).
+    tokens: Option<u64>,
 }
 
-/// Whether `body` starts as a JSON object: serde takes a JSON array for a struct too (its
-/// fields in order), which a body naming its fields must not be.
-fn is_json_object(body: &[u8]) -> bool {
-    body.trim_ascii_start().first() == Some(&b'{')
+impl Default for Asked {
+    fn default() -> Self {
+        Asked {
+            model: Ok(None),
+            streamed: false,
+            tokens: None,
+        }
+    }
 }
 
-/// The tokens a JSON body asks to generate at most: OpenAI's `max_completion_tokens` or
-/// `max_tokens` (Anthropic's too), llama.cpp's `n_predict`; `None` for a body that is not such
-/// an object, or a limit that is none (llama.cpp's -1).
-fn requested_tokens(body: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Limits {
-        max_completion_tokens: Option<i64>,
-        max_tokens: Option<i64>,
-        n_predict: Option<i64>,
+impl Asked {
+    fn read(body: &[u8]) -> Asked {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            model: Option<serde_json::Value>,
+            stream: Option<serde_json::Value>,
+            max_completion_tokens: Option<serde_json::Value>,
+            max_tokens: Option<serde_json::Value>,
+            n_predict: Option<serde_json::Value>,
+        }
+        // serde takes a JSON array for a struct too (its fields in order), which a body naming
+        // its fields must not be.
+        let fields = if body.trim_ascii_start().first() == Some(&b'{') {
+            serde_json::from_slice::<Fields>(body).map_err(|error| error.to_string())
+        } else {
+            Err(serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .map_or_else(|error| error.to_string(), |_| "not an object".to_owned()))
+        };
+        let fields = match fields {
+            Ok(fields) => fields,
+            Err(why) => {
+                return Asked {
+                    model: Err(why),
+                    ..Asked::default()
+                };
+            }
+        };
+        let tokens = [
+            fields.max_completion_tokens,
+            fields.max_tokens,
+            fields.n_predict,
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|n| n.as_u64().filter(|&n| n > 0));
+        Asked {
+            model: fields.model.map_or(Ok(None), |model| {
+                serde_json::from_value(model)
+                    .map(Some)
+                    .map_err(|error| error.to_string())
+            }),
+            streamed: fields.stream == Some(serde_json::Value::Bool(true)),
+            tokens,
+        }
     }
-    if !is_json_object(body) {
-        return None;
-    }
-    let limits = serde_json::from_slice::<Limits>(body).ok()?;
-    [
-        limits.max_completion_tokens,
-        limits.max_tokens,
-        limits.n_predict,
-    ]
-    .into_iter()
-    .flatten()
-    .find_map(|n| u64::try_from(n).ok().filter(|&n| n > 0))
 }
 
-/// Send `outgoing` to a backend of `gate`'s pool, waiting for room in its queue.
+/// Send `outgoing` to a backend of `gate`'s pool, waiting for room in its queue; on a failure
+/// that proves the backend did not answer ([`Failed::retry`]), to another one, up to
+/// `max_retries` times within `retry_window`.
 async fn forward(
     gate: &Arc<Gate>,
     pool: &Arc<Pool>,
     peer: Ipv4Addr,
     outgoing: &Outgoing,
-) -> Result<Response<ProxyBody>, Refused> {
+    access: &mut Access,
+) -> Result<Passing, Refused> {
     let config = gate.config();
     let service = match gate.model() {
         Some(model) => format!("service `{}` (model `{model}`)", gate.service()),
@@ -391,7 +598,7 @@ async fn forward(
             let header = |name: &str| outgoing.parts.headers.get(name).map(HeaderValue::as_bytes);
             affinity::key(spec, header, &outgoing.body, peer)
         }),
-        tokens: timed.then(|| requested_tokens(&outgoing.body)).flatten(),
+        tokens: outgoing.tokens.filter(|_| timed),
         // About four bytes of a JSON body a token (markup included: rather more than fewer).
         prompt_tokens: if timed {
             outgoing.body.len() as u64 / 4
@@ -399,11 +606,12 @@ async fn forward(
             0
         },
     };
-    let mut avoid = None;
-    let mut unreachable = Vec::new();
-    // One retry on another backend when the chosen one cannot be reached.
-    for _ in 0..2 {
-        let lease = gate.admit(peer, ask, avoid).await.map_err(|refusal| {
+    // The backends tried, and why each failed.
+    let mut tried: Vec<u32> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut first_sent = None;
+    loop {
+        let lease = gate.admit(peer, ask, &tried).await.map_err(|refusal| {
             let message = match refusal {
                 Refusal::QueueFull => format!(
                     "the queue of {service} is full (queue_size {})",
@@ -416,135 +624,297 @@ async fn forward(
             };
             refused(refusal, message)
         })?;
-        let address = lease.address;
+        let (id, address) = (lease.id, lease.address);
+        access.backend = Some(address);
+        access.queue_wait += lease.waited;
+        let sent = *first_sent.get_or_insert_with(Instant::now);
+        let clock = Clock::new(&config.upstream, outgoing, sent);
         let in_flight = gate.requests().begin(lease.id);
-        let span = debug_span!("request", backend = %address, id = lease.id);
-        let exchanged = exchange(pool, address, outgoing, config.response_timeout)
+        let span = debug_span!("request", backend = %address, id);
+        let exchanged = exchange(pool, address, outgoing, &clock)
             .instrument(span)
             .await;
         in_flight.answered(match &exchanged {
-            Ok((response, _)) => Class::of_status(response.status().as_u16()),
+            Ok(answer) => Class::of_status(answer.head.status.as_u16()),
             Err(Failed::Connect(_)) => Class::Unreachable,
-            Err(Failed::Unsent(_) | Failed::Broken(_) | Failed::ResponseTimeout) => Class::Failed,
+            Err(_) => Class::Failed,
         });
-        match exchanged {
-            Ok((response, upstream)) => {
-                return Ok(pass(response, upstream, lease, in_flight, pool));
-            }
-            Err(Failed::Connect(error)) => {
-                debug!(%address, %error, "backend unreachable");
-                unreachable.push(format!("{address}: {error}"));
-                // Waiting in the queue for no other backend would end in a 504, not the 502.
-                if avoid.is_some() || !gate.has_backend_besides(lease.id) {
-                    break;
-                }
-                avoid = Some(lease.id);
-                gate.count_retry();
-            }
-            Err(Failed::ResponseTimeout) => {
-                return Err(refused(
-                    Refusal::ResponseTimeout,
-                    format!(
-                        "backend {address} of {service} sent no response within \
-                         response_timeout {:?}",
-                        config.response_timeout
-                    ),
-                ));
-            }
-            Err(Failed::Broken(error) | Failed::Unsent(error)) => {
-                return Err(refused(
-                    Refusal::BadGateway,
-                    format!("backend {address} of {service} failed: {error}"),
-                ));
-            }
+        let passing = |answer| Passing {
+            answer,
+            clock,
+            lease,
+            in_flight,
+            pool: Arc::clone(pool),
+        };
+        let (why, exchanged) = match exchanged {
+            Ok(answer) if !answer.is_loading() => return Ok(passing(answer)),
+            Ok(answer) => (Some(Retry::Loading), Ok(answer)),
+            Err(failed) => (failed.retry(outgoing), Err(failed)),
+        };
+        tried.push(id);
+        let retry = why.filter(|_| {
+            tried.len() <= config.max_retries as usize
+                && sent.elapsed() < config.retry_window
+                && gate.has_backend_besides(&tried)
+        });
+        let Some(why) = retry else {
+            return match exchanged {
+                // Loading, with nowhere else to go: llama.cpp's own answer says so.
+                Ok(answer) => Ok(passing(answer)),
+                Err(failed) => Err(failed.refused(address, &service, &failures)),
+            };
+        };
+        let failure = exchanged.map_or_else(|failed| failed.to_string(), |_| "loading".into());
+        debug!(%address, %failure, reason = why.name(), "sending the request to another backend");
+        failures.push(format!("{address}: {failure}"));
+        gate.count_retry(why);
+        access.retries += 1;
+    }
+}
+
+/// The deadlines of one try at a backend.
+struct Clock {
+    connect: Duration,
+    /// When the answer's first byte is due, and the key that set it.
+    first_byte: Option<(Instant, Duration, &'static str)>,
+    idle: Duration,
+    /// When the whole exchange, counted from its first try, must be done.
+    total: Option<(Instant, Duration)>,
+}
+
+impl Clock {
+    /// The deadlines of a try sent now, of a request first sent at `first_sent`.
+    fn new(timeouts: &UpstreamTimeouts, outgoing: &Outgoing, first_sent: Instant) -> Clock {
+        let now = Instant::now();
+        // A non-streamed generation's head comes with the whole answer.
+        let first_byte = if outgoing.generation && !outgoing.streamed {
+            timeouts
+                .first_byte_unstreamed
+                .map(|t| (now + t, t, "first_byte_timeout_unstreamed"))
+        } else {
+            let t = timeouts.first_byte;
+            Some((now + t, t, "first_byte_timeout"))
+        };
+        Clock {
+            connect: timeouts.connect,
+            first_byte,
+            idle: timeouts.idle,
+            total: timeouts.total.map(|t| (first_sent + t, t)),
         }
     }
-    Err(refused(
-        Refusal::Connect,
-        format!(
-            "no backend of {service} could be reached ({})",
-            unreachable.join("; ")
-        ),
-    ))
+
+    /// The first deadline of the wait for the answer's first byte, and the failure it is.
+    fn first_byte_deadline(&self) -> Option<(Instant, Failed)> {
+        let first_byte = self
+            .first_byte
+            .map(|(at, t, key)| (at, Failed::FirstByteTimeout(t, key)));
+        let total = self.total.map(|(at, t)| (at, Failed::TotalTimeout(t)));
+        match (first_byte, total) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When a body still coming at `now` is cut: after `idle` without a byte, or at the total
+    /// deadline.
+    fn body_deadline(&self, now: Instant) -> Instant {
+        let idle = now + self.idle;
+        self.total.map_or(idle, |(at, _)| at.min(idle))
+    }
+
+    /// Why a body was cut at `now`.
+    fn cut(&self, now: Instant) -> Refusal {
+        match self.total {
+            Some((at, _)) if now >= at => Refusal::TotalTimeout,
+            _ => Refusal::IdleTimeout,
+        }
+    }
 }
 
-/// Why a request got no response head from a backend.
+/// Why a try at a backend got no answer to pass on.
+#[derive(Debug, thiserror::Error)]
 enum Failed {
     /// Before anything was sent: another backend may take it.
+    #[error("could not be reached: {0}")]
     Connect(String),
     /// The connection ended before the request was written: it may be sent again.
+    #[error("closed the connection before taking the request: {0}")]
     Unsent(hyper::Error),
-    ResponseTimeout,
-    /// After (part of) the request was written: the backend may have acted on it.
-    Broken(hyper::Error),
+    /// The connection ended after (part of) the request was written, before any byte of an
+    /// answer's body: the backend may have acted on it.
+    #[error("failed before answering: {0}")]
+    Reset(hyper::Error),
+    #[error("sent no byte of its answer within {1} {0:?}")]
+    FirstByteTimeout(Duration, &'static str),
+    #[error("did not finish within total_timeout {0:?}")]
+    TotalTimeout(Duration),
 }
 
-/// Send `outgoing` to `address` on a pooled connection or a new one; the response head and the
-/// connection its body comes on. `response_timeout` runs from when the request is sent.
+impl Failed {
+    /// Why the request may go to another backend after this, if it may: the backend cannot have
+    /// acted on it, or it does nothing there but compute (a generation, an idempotent method).
+    fn retry(&self, outgoing: &Outgoing) -> Option<Retry> {
+        match self {
+            Failed::Connect(_) | Failed::Unsent(_) => Some(Retry::Connect),
+            Failed::Reset(_) if outgoing.repeatable() => Some(Retry::Reset),
+            Failed::Reset(_) | Failed::FirstByteTimeout(..) | Failed::TotalTimeout(_) => None,
+        }
+    }
+
+    /// The client's answer to this failure at `address`, after the `earlier` ones.
+    fn refused(self, address: SocketAddrV4, service: &str, earlier: &[String]) -> Refused {
+        let refusal = match self {
+            Failed::Connect(_) | Failed::Unsent(_) => Refusal::Connect,
+            Failed::Reset(_) => Refusal::BadGateway,
+            Failed::FirstByteTimeout(..) => Refusal::FirstByteTimeout,
+            Failed::TotalTimeout(_) => Refusal::TotalTimeout,
+        };
+        let mut message = format!("backend {address} of {service} {self}");
+        if !earlier.is_empty() {
+            message += &format!(" (tried before: {})", earlier.join("; "));
+        }
+        Refused::new(refusal, message)
+    }
+}
+
+/// A backend's answer: its head and the first piece of its body, on the connection the rest
+/// comes on. The head is held until that first piece is here, so that until then nothing has
+/// reached the client and the request may still go elsewhere.
+struct Answer {
+    head: hyper::http::response::Parts,
+    body: Incoming,
+    /// `None`: the body is empty.
+    first: Option<Frame<Bytes>>,
+    /// The body declared its length (see [`Passed::reusable`]).
+    reusable: bool,
+    upstream: Upstream,
+}
+
+impl Answer {
+    /// llama.cpp's answer while it loads its model.
+    fn is_loading(&self) -> bool {
+        let start = self.first.as_ref().and_then(Frame::data_ref);
+        probe::is_loading(self.head.status.as_u16(), start.map_or(&[], |d| &d[..]))
+    }
+}
+
+/// Send `outgoing` to `address` on a pooled connection or a new one; the answer, before the
+/// first-byte deadline of `clock`.
 async fn exchange(
     pool: &Pool,
     address: SocketAddrV4,
     outgoing: &Outgoing,
-    response_timeout: Duration,
-) -> Result<(Response<Incoming>, Upstream), Failed> {
-    if let Some(mut upstream) = pool.take(address).await {
-        match send(&mut upstream, outgoing, response_timeout).await {
-            Ok(response) => return Ok((response, upstream)),
-            // The backend had closed it (llama-server does after a stream): try a new one, if
-            // the request never left or repeating it is harmless.
-            Err(Failed::Unsent(error)) => debug!(%error, "a pooled connection was closed"),
-            Err(Failed::Broken(error)) if outgoing.parts.method.is_idempotent() => {
-                debug!(%error, "a pooled connection failed");
+    clock: &Clock,
+) -> Result<Answer, Failed> {
+    let answered = async {
+        let mut upstream = pool.take(address).await;
+        let mut response = None;
+        if let Some(pooled) = &mut upstream {
+            match send(pooled, outgoing).await {
+                Ok(answered) => response = Some(answered),
+                // The backend had closed it (llama-server does after a stream): a new one, if
+                // the request never left or repeating it is harmless.
+                Err(Failed::Unsent(error)) => debug!(%error, "a pooled connection was closed"),
+                Err(Failed::Reset(error)) if outgoing.repeatable() => {
+                    debug!(%error, "a pooled connection failed");
+                }
+                Err(other) => return Err(other),
             }
-            Err(other) => return Err(other),
         }
+        let response = match response {
+            Some(response) => response,
+            None => new_exchange(address, outgoing, clock, &mut upstream).await?,
+        };
+        let Some(upstream) = upstream else {
+            unreachable!("a response came on a connection")
+        };
+        let (head, mut body) = response.into_parts();
+        let reusable = body.size_hint().exact().is_some();
+        let first = body.frame().await.transpose().map_err(Failed::Reset)?;
+        Ok(Answer {
+            head,
+            body,
+            first,
+            reusable,
+            upstream,
+        })
+    };
+    match clock.first_byte_deadline() {
+        Some((at, late)) => tokio::time::timeout_at(at, answered)
+            .await
+            .unwrap_or(Err(late)),
+        None => answered.await,
     }
-    let mut upstream = Upstream::connect(address, response_timeout).await?;
-    let response = send(&mut upstream, outgoing, response_timeout)
+}
+
+/// `outgoing` on a new connection to `address`, which replaces `upstream`.
+async fn new_exchange(
+    address: SocketAddrV4,
+    outgoing: &Outgoing,
+    clock: &Clock,
+    upstream: &mut Option<Upstream>,
+) -> Result<Response<Incoming>, Failed> {
+    let upstream = upstream.insert(Upstream::connect(address, clock.connect).await?);
+    send(upstream, outgoing)
         .await
         .map_err(|failed| match failed {
             // Closed before it took anything: as good as refused.
             Failed::Unsent(error) => Failed::Connect(error.to_string()),
             other => other,
-        })?;
-    Ok((response, upstream))
+        })
 }
 
-async fn send(
-    upstream: &mut Upstream,
-    outgoing: &Outgoing,
-    response_timeout: Duration,
-) -> Result<Response<Incoming>, Failed> {
-    let sent = upstream.sender.try_send_request(outgoing.request());
-    match tokio::time::timeout(response_timeout, sent).await {
-        Ok(Ok(response)) => Ok(response),
+async fn send(upstream: &mut Upstream, outgoing: &Outgoing) -> Result<Response<Incoming>, Failed> {
+    match upstream.sender.try_send_request(outgoing.request()).await {
+        Ok(response) => Ok(response),
         // hyper hands the request back when it never wrote it.
-        Ok(Err(error)) if error.message().is_some() => Err(Failed::Unsent(error.into_error())),
-        Ok(Err(error)) => Err(Failed::Broken(error.into_error())),
-        Err(_) => Err(Failed::ResponseTimeout),
+        Err(error) if error.message().is_some() => Err(Failed::Unsent(error.into_error())),
+        Err(error) => Err(Failed::Reset(error.into_error())),
     }
 }
 
-/// The client's response: the backend's head without hop-by-hop headers, its body passed on
-/// (a success's end kept to learn the backend's speed from).
-fn pass(
-    response: Response<Incoming>,
-    upstream: Upstream,
+/// An answer to pass on, with the claim, counts and deadlines it is passed under.
+struct Passing {
+    answer: Answer,
+    clock: Clock,
     lease: Lease,
     in_flight: InFlight,
-    pool: &Arc<Pool>,
-) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let body = Passed {
-        reusable: body.size_hint().exact().is_some(),
-        body,
-        ended: false,
-        tail: parts.status.is_success().then(Tail::default),
-        held: Some((upstream, lease, in_flight)),
-        pool: Arc::clone(pool),
-    };
-    Response::from_parts(parts, Either::Right(body))
+    pool: Arc<Pool>,
+}
+
+impl Passing {
+    /// The client's response: the backend's head without hop-by-hop headers, its body passed
+    /// on under the body's deadlines (a success's end kept to learn the backend's speed from),
+    /// logged to `access` at its end.
+    fn pass(self, mut access: Access) -> Response<ProxyBody> {
+        let Answer {
+            mut head,
+            body,
+            first,
+            reusable,
+            upstream,
+        } = self.answer;
+        strip_hop_by_hop(&mut head.headers);
+        let timer = Box::pin(tokio::time::sleep_until(
+            self.clock.body_deadline(Instant::now()),
+        ));
+        access.status = Some(head.status.as_u16());
+        access.first_byte();
+        let body = Passed {
+            body,
+            ended: first.is_none(),
+            first,
+            reusable,
+            tail: head.status.is_success().then(Tail::default),
+            held: Some((upstream, self.lease, self.in_flight)),
+            pool: self.pool,
+            clock: self.clock,
+            timer,
+            access,
+            outcome: None,
+        };
+        Response::from_parts(head, Either::Right(body))
+    }
 }
 
 /// Headers of one hop (RFC 9110 7.6.1), and those the `Connection` header names.
@@ -598,7 +968,9 @@ impl Upstream {
     async fn connect(address: SocketAddrV4, timeout: Duration) -> Result<Upstream, Failed> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
             .await
-            .map_err(|_| Failed::Connect(format!("no connection within {timeout:?}")))?
+            .map_err(|_| {
+                Failed::Connect(format!("no connection within connect_timeout {timeout:?}"))
+            })?
             .map_err(|error| Failed::Connect(error.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -660,10 +1032,12 @@ impl Pool {
 }
 
 /// A backend's response body on its way to the client, holding the backend's claim and
-/// connection: at its end both are given back, dropped before (the client went away) the
-/// connection is closed.
+/// connection: at its end both are given back, dropped before (the client went away, or the
+/// body was cut) the connection is closed.
 pub struct Passed {
     body: Incoming,
+    /// The first piece, read before the head went out ([`Answer`]), until it is passed too.
+    first: Option<Frame<Bytes>>,
     /// The answer declared its length. One that did not (chunked: a streamed chat completion)
     /// does not go back to the pool: llama-server closes the connection after it, and a request
     /// sent there in the moment before that FIN arrives would be lost, where a POST may not be
@@ -675,7 +1049,19 @@ pub struct Passed {
     tail: Option<Tail>,
     held: Option<(Upstream, Lease, InFlight)>,
     pool: Arc<Pool>,
+    /// The exchange's deadlines: `idle_timeout` between two pieces, `total_timeout`.
+    clock: Clock,
+    /// Fires at the body's next deadline; moved on with each piece.
+    timer: Pin<Box<Sleep>>,
+    access: Access,
+    /// How it ended, when not at its end nor by the client leaving.
+    outcome: Option<Outcome>,
 }
+
+/// Why a body was cut short (the client's connection is closed mid-answer).
+#[derive(Debug, thiserror::Error)]
+#[error("the backend's answer was cut at {0}")]
+struct Cut(&'static str);
 
 impl Passed {
     fn finish(&mut self) {
@@ -686,15 +1072,45 @@ impl Passed {
                 self.pool.put(upstream);
             }
             // Learnt before the claim is given back: the next choice weighs by it.
-            if let Some(measured) = self
+            let measured = self
                 .tail
                 .as_mut()
                 .filter(|_| ended)
-                .and_then(Tail::measured)
-            {
+                .and_then(Tail::measured);
+            if let Some(measured) = &measured {
                 in_flight.measured(measured.model.as_deref(), &measured.timings);
             }
             drop((lease, in_flight));
+            let outcome = self.outcome.unwrap_or(if ended {
+                Outcome::Done
+            } else {
+                Outcome::ClientGone
+            });
+            let tokens = measured.map(|m| (m.timings.prompt_n, m.timings.predicted_n));
+            self.access.log(outcome, tokens);
+        }
+    }
+
+    /// Stop passing the body: it stalled for `idle_timeout`, or the exchange ran past
+    /// `total_timeout`.
+    fn cut(&mut self) -> Cut {
+        let refusal = self.clock.cut(Instant::now());
+        if let Some((upstream, lease, _)) = &self.held {
+            warn!(
+                backend = %upstream.address,
+                reason = refusal.name(),
+                "an answer was cut short"
+            );
+            lease.count(refusal);
+        }
+        self.outcome = Some(Outcome::Cut(refusal.name()));
+        self.finish();
+        Cut(refusal.name())
+    }
+
+    fn note(&mut self, frame: &Frame<Bytes>) {
+        if let (Some(tail), Some(data)) = (&mut self.tail, frame.data_ref()) {
+            tail.push(data);
         }
     }
 }
@@ -707,32 +1123,55 @@ impl Drop for Passed {
 
 impl Body for Passed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if let (Some(tail), Some(data)) = (
-            &mut self.tail,
-            frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()),
-        ) {
-            tail.push(data);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(first) = self.first.take() {
+            self.note(&first);
+            return Poll::Ready(Some(Ok(first)));
         }
-        if !matches!(frame, Some(Ok(_))) {
-            self.ended = frame.is_none();
+        if self.ended {
             self.finish();
+            return Poll::Ready(None);
         }
-        Poll::Ready(frame)
+        let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+            ready!(self.timer.as_mut().poll(cx));
+            return Poll::Ready(Some(Err(self.cut().into())));
+        };
+        let next = self.clock.body_deadline(Instant::now());
+        self.timer.as_mut().reset(next);
+        match &frame {
+            Some(Ok(frame)) => self.note(frame),
+            end => {
+                self.ended = end.is_none();
+                if !self.ended {
+                    self.outcome = Some(Outcome::BackendFailed);
+                }
+                self.finish();
+            }
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.first.is_none() && (self.ended || self.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.body.size_hint();
+        let Some(first) = self.first.as_ref().and_then(Frame::data_ref) else {
+            return rest;
+        };
+        let n = first.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint.set_lower(rest.lower() + n);
+        hint
     }
 }
 
@@ -742,7 +1181,7 @@ mod tests {
     use crate::dataplane::conns::ConnCounts;
     use crate::proxy::gate::tests::{config, routes_to};
     use crate::requests::RequestCounts;
-    use crate::spec::ProxyMode;
+    use crate::spec::{ProxyMode, ProxySpec};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A response's whole body (reading it to the end releases the claim and pools the
@@ -756,16 +1195,22 @@ mod tests {
             .to_bytes()
     }
 
-    /// A backend on loopback whose every answer is a chunked body: `frames` frames, then the
-    /// end, or with `frames` 0 a body that never ends. Counts the connections it accepted and
-    /// the ones that were closed.
-    async fn chunked_backend(frames: usize) -> (SocketAddrV4, Arc<(AtomicUsize, AtomicUsize)>) {
+    /// A listener on a free loopback port, and its address.
+    async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddrV4) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
             unreachable!("bound to IPv4")
         };
+        (listener, address)
+    }
+
+    /// A backend on loopback whose every answer is a chunked body: `frames` frames, then the
+    /// end, or with `frames` 0 one frame and no end. Counts the connections it accepted and
+    /// the ones that were closed.
+    async fn chunked_backend(frames: usize) -> (SocketAddrV4, Arc<(AtomicUsize, AtomicUsize)>) {
+        let (listener, address) = loopback_listener().await;
         let seen = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
         let counts = Arc::clone(&seen);
         tokio::spawn(async move {
@@ -776,7 +1221,7 @@ mod tests {
                     let service = hyper::service::service_fn(move |_request| async move {
                         let (tx, rx) = tokio::sync::mpsc::channel(4);
                         tokio::spawn(async move {
-                            for _ in 0..frames {
+                            for _ in 0..frames.max(1) {
                                 let _ = tx.send(Bytes::from("data: x\n\n")).await;
                             }
                             if frames == 0 {
@@ -811,18 +1256,25 @@ mod tests {
         }
     }
 
-    /// A service over `backend`, its counts, and the routes' sender (the table, kept alive).
-    fn http_service(
-        backend: SocketAddrV4,
-    ) -> (
+    /// The service, its counts, and the routes' sender (the table, kept alive).
+    type Served = (
         Arc<ServiceProxy>,
         Arc<ConnCounts>,
         tokio::sync::watch::Sender<crate::table::Routes>,
-    ) {
+    );
+
+    /// A service over `backend`, one request at a time each.
+    fn http_service(backend: SocketAddrV4) -> Served {
+        http_service_over(&[backend], |_| {})
+    }
+
+    /// A round-robin service over `backends` with its proxy settings as `set` leaves them.
+    fn http_service_over(backends: &[SocketAddrV4], set: impl FnOnce(&mut ProxySpec)) -> Served {
         let counts = Arc::new(ConnCounts::anonymous(64).expect("anonymous counters"));
-        let (table, routes) = tokio::sync::watch::channel(routes_to(&[backend]));
+        let (table, routes) = tokio::sync::watch::channel(routes_to(backends));
         let mut config = config(8, 1);
         config.proxy.mode = ProxyMode::Http;
+        set(&mut config.proxy);
         let requests = Arc::new(RequestCounts::new(64));
         let service = ServiceProxy::new(&config, 0, &counts, requests, &routes);
         (service, counts, table)
@@ -837,12 +1289,7 @@ mod tests {
     /// A backend on loopback answering every request with `status` and `body` in chunks of
     /// 100 bytes.
     async fn answering_backend(status: StatusCode, body: &'static [u8]) -> SocketAddrV4 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
-            unreachable!("bound to IPv4")
-        };
+        let (listener, address) = loopback_listener().await;
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let service = hyper::service::service_fn(move |_request| async move {
@@ -954,12 +1401,7 @@ mod tests {
     /// second, then closes without answering. Returns the request lines it read.
     async fn second_request_dropping_backend() -> (SocketAddrV4, Arc<Mutex<Vec<String>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
-            unreachable!("bound to IPv4")
-        };
+        let (listener, address) = loopback_listener().await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let lines = Arc::clone(&seen);
         tokio::spawn(async move {
@@ -1000,8 +1442,8 @@ mod tests {
             read_body(response).await;
             status
         };
-        let post = || {
-            Request::post("/v1/chat/completions")
+        let post = |path: &str| {
+            Request::post(path)
                 .body(Full::new(Bytes::new()))
                 .expect("a request")
         };
@@ -1009,8 +1451,10 @@ mod tests {
             status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
-        // Read by the backend on the pooled connection, then lost: a POST is not sent twice.
-        let lost = handle(&service, &pool, Ipv4Addr::LOCALHOST, post()).await;
+        // Read by the backend on the pooled connection, then lost: a POST that is not a
+        // generation is not sent twice.
+        let save = "/slots/0?action=save";
+        let lost = handle(&service, &pool, Ipv4Addr::LOCALHOST, post(save)).await;
         assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
         let body = read_body(lost).await;
         assert!(
@@ -1021,18 +1465,32 @@ mod tests {
             status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
-        // The same loss for a GET: sent again on a new connection, and answered.
+        // The same loss for a generation and for a GET: sent again on a new connection, and
+        // answered.
+        let chat = "/v1/chat/completions";
+        assert_eq!(
+            status(handle(&service, &pool, Ipv4Addr::LOCALHOST, post(chat)).await).await,
+            200
+        );
         assert_eq!(
             status(handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await).await,
             200
         );
         let lines = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let get_line = "GET /v1/chat/completions HTTP/1.1";
-        let post_line = "POST /v1/chat/completions HTTP/1.1";
+        let save_line = "POST /slots/0?action=save HTTP/1.1";
+        let chat_line = "POST /v1/chat/completions HTTP/1.1";
         assert_eq!(
             lines,
-            [get_line, post_line, get_line, get_line, get_line],
-            "the POST once, the lost GET twice"
+            [
+                get_line, save_line, get_line, chat_line, chat_line, get_line, get_line
+            ],
+            "the save once, the lost generation and GET twice"
+        );
+        assert_eq!(
+            service.stats().retried.values().sum::<u64>(),
+            0,
+            "a new connection to the same backend is no retry"
         );
     }
 
@@ -1207,7 +1665,7 @@ mod tests {
 
     #[test]
     fn the_tokens_asked_for_are_read_from_a_json_objects_limits() {
-        let tokens = |body: &str| requested_tokens(body.as_bytes());
+        let tokens = |body: &str| Asked::read(body.as_bytes()).tokens;
         assert_eq!(tokens(r#"{"messages":[],"max_tokens":64}"#), Some(64));
         assert_eq!(
             tokens(r#"{"max_completion_tokens":8,"max_tokens":64}"#),
@@ -1215,6 +1673,11 @@ mod tests {
             "OpenAI's newer name first"
         );
         assert_eq!(tokens(r#"{"prompt":"hi","n_predict":16}"#), Some(16));
+        assert_eq!(
+            tokens(r#"{"model":3,"max_tokens":64}"#),
+            Some(64),
+            "a bad field spoils only itself"
+        );
         for none in [
             r#"{"prompt":"hi"}"#,
             r#"{"n_predict":-1}"#,
@@ -1229,7 +1692,7 @@ mod tests {
 
     #[test]
     fn the_model_is_read_from_a_json_object_and_nothing_else() {
-        let model = |body: &str| requested_model(body.as_bytes());
+        let model = |body: &str| Asked::read(body.as_bytes()).model;
         assert_eq!(
             model(r#"{"messages":[{"role":"user","content":"hi"}],"model":"qwen"}"#),
             Ok(Some("qwen".to_owned()))
@@ -1243,13 +1706,27 @@ mod tests {
                 "invalid type: integer `3`, expected a string",
             ),
             (r#"["qwen"]"#, "not an object"),
-            ("3", "invalid type: integer"),
+            ("3", "not an object"),
             ("model=qwen", "expected value"),
             ("", "EOF while parsing"),
             (r#"{"model":"a","model":"b"}"#, "duplicate field `model`"),
         ] {
             let error = model(bad).expect_err(bad);
             assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_body_is_streamed_only_when_it_says_stream_true() {
+        let streamed = |body: &str| Asked::read(body.as_bytes()).streamed;
+        assert!(streamed(r#"{"messages":[],"stream":true}"#));
+        for not in [
+            r#"{"messages":[]}"#,
+            r#"{"stream":false}"#,
+            r#"{"stream":"true"}"#,
+            r#"[true]"#,
+        ] {
+            assert!(!streamed(not), "{not}");
         }
     }
 
@@ -1274,6 +1751,7 @@ mod tests {
         let mut config = config(8, 1);
         config.proxy.mode = ProxyMode::Http;
         let spec = |model: &str, aliases: &[&str]| crate::spec::PoolSpec {
+            upstream: crate::spec::UpstreamTimeouts::default(),
             model: model.to_owned(),
             aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
             policy: crate::spec::Policy::RoundRobin,
@@ -1449,5 +1927,487 @@ mod tests {
                 ("x-forwarded-for", "10.1.1.1, 10.9.9.9"),
             ]
         );
+    }
+    /// A backend on loopback that plays `script` on each connection it accepts, after reading
+    /// the request (one read: a small request arrives whole on loopback); a stand-in for a
+    /// llama-server that stalls, resets or loads on demand, which a real one cannot be made to.
+    async fn scripted_backend(script: &'static [Step]) -> SocketAddrV4 {
+        scripted_backend_seen(script).await.0
+    }
+
+    /// A [`scripted_backend`] and the requests it read, as text.
+    async fn scripted_backend_seen(
+        script: &'static [Step],
+    ) -> (SocketAddrV4, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, address) = loopback_listener().await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let requests = Arc::clone(&requests);
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let Ok(n @ 1..) = stream.read(&mut request).await else {
+                        return;
+                    };
+                    requests
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(String::from_utf8_lossy(&request[..n]).into_owned());
+                    for step in script {
+                        match step {
+                            Step::Send(bytes) => {
+                                if stream.write_all(bytes).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Step::Wait(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+                            // Dropping the stream closes it.
+                            Step::Close => return,
+                        }
+                    }
+                    // Held open, silent, until the peer closes.
+                    let _ = stream.read(&mut request).await;
+                });
+            }
+        });
+        (address, seen)
+    }
+
+    /// What a [`scripted_backend`] does after reading a request.
+    enum Step {
+        Send(&'static [u8]),
+        Wait(u64),
+        Close,
+    }
+
+    const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+    const CHUNK: &[u8] = b"9\r\ndata: x\n\n\r\n";
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    /// llama-server's answer on every path while it loads its model.
+    const LOADING: &[u8] =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+        content-length: 75\r\n\r\n\
+        {\"error\":{\"code\":503,\"message\":\"Loading model\",\"type\":\"unavailable_error\"}}";
+
+    fn chat(streamed: bool) -> Request<Full<Bytes>> {
+        let body =
+            format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"stream":{streamed}}}"#);
+        Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request")
+    }
+
+    /// The `error.type` of a refusal's body.
+    async fn error_type(response: Response<ProxyBody>) -> String {
+        let body = read_body(response).await;
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+        json["error"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    const SHORT: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_streamed_answer_with_no_first_token_within_first_byte_timeout_is_524() {
+        // The head comes at once (as llama-server's may), the first token never.
+        let backend = scripted_backend(&[Step::Send(CHUNKED_HEAD)]).await;
+        let (service, counts, _table) = http_service_over(&[backend], |proxy| {
+            proxy.upstream.first_byte = SHORT;
+        });
+        let pool = Arc::new(Pool::default());
+        let started = std::time::Instant::now();
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        assert!(started.elapsed() >= SHORT);
+        assert_eq!(response.status().as_u16(), 524);
+        assert_eq!(error_type(response).await, "first_byte_timeout");
+        assert_eq!(service.stats().refused["first_byte_timeout"], 1);
+        assert_eq!(counts.get(0), 0, "the claim is given back");
+    }
+
+    #[tokio::test]
+    async fn a_non_streamed_generation_is_not_timed_by_default_and_is_by_its_own_key() {
+        // Works for twice the first-byte timeout, then answers whole, as llama-server does.
+        let backend = scripted_backend(&[Step::Wait(600), Step::Send(OK)]).await;
+        let (service, _counts, _table) = http_service_over(&[backend], |proxy| {
+            proxy.upstream.first_byte = SHORT;
+        });
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.body().size_hint().exact(),
+            Some(2),
+            "the declared length, its first piece read already"
+        );
+        assert_eq!(read_body(response).await, "ok");
+        // Any request that is not a generation is timed by first_byte_timeout.
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(response.status().as_u16(), 524);
+
+        let (service, _counts, _table) = http_service_over(&[backend], |proxy| {
+            proxy.upstream.first_byte_unstreamed = Some(SHORT);
+        });
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status().as_u16(), 524);
+        let body = read_body(response).await;
+        assert!(
+            String::from_utf8_lossy(&body).contains("first_byte_timeout_unstreamed 300ms"),
+            "{body:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_stalls_mid_body_is_cut_after_idle_timeout() {
+        let backend = scripted_backend(&[
+            Step::Send(CHUNKED_HEAD),
+            Step::Send(CHUNK),
+            Step::Wait(100),
+            Step::Send(CHUNK),
+        ])
+        .await;
+        let (service, counts, _table) = http_service_over(&[backend], |proxy| {
+            proxy.upstream.idle = SHORT;
+        });
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let started = std::time::Instant::now();
+        let mut body = response.into_body();
+        let mut read = Vec::new();
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => read.extend_from_slice(frame.data_ref().expect("data")),
+                Some(Err(error)) => break error,
+                None => panic!("the body ended"),
+            }
+        };
+        assert!(started.elapsed() >= SHORT);
+        assert_eq!(
+            read, b"data: x\n\ndata: x\n\n",
+            "what came before the stall is passed"
+        );
+        assert!(error.to_string().contains("idle_timeout"), "{error}");
+        assert_eq!(service.stats().refused["idle_timeout"], 1);
+        assert_eq!(counts.get(0), 0, "the claim is given back");
+    }
+
+    #[tokio::test]
+    async fn total_timeout_bounds_the_whole_exchange_before_and_after_the_head() {
+        let trickling = scripted_backend(&[
+            Step::Send(CHUNKED_HEAD),
+            Step::Send(CHUNK),
+            Step::Wait(100),
+            Step::Send(CHUNK),
+            Step::Wait(100),
+            Step::Send(CHUNK),
+            Step::Wait(100),
+            Step::Send(CHUNK),
+            Step::Wait(100),
+            Step::Send(CHUNK),
+        ])
+        .await;
+        let (service, _counts, _table) = http_service_over(&[trickling], |proxy| {
+            proxy.upstream.total = Some(SHORT);
+        });
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let error = response.into_body().collect().await.expect_err("cut");
+        assert!(error.to_string().contains("total_timeout"), "{error}");
+
+        let silent = scripted_backend(&[]).await;
+        let (service, _counts, _table) = http_service_over(&[silent], |proxy| {
+            proxy.upstream.total = Some(SHORT);
+        });
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status().as_u16(), 524);
+        assert_eq!(error_type(response).await, "total_timeout");
+    }
+
+    #[tokio::test]
+    async fn a_generation_reset_before_any_answer_byte_goes_to_another_backend() {
+        let resetting = scripted_backend(&[Step::Close]).await;
+        let answering = scripted_backend(&[Step::Send(OK)]).await;
+        let (service, _counts, _table) = http_service_over(&[resetting, answering], |_| {});
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(read_body(response).await, "ok");
+        assert_eq!(service.stats().retried["reset"], 1);
+        // A POST that is not a generation may have done its work: 502, not sent again.
+        let save = Request::post("/slots/0?action=save")
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, save).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(service.stats().retried["reset"], 1);
+    }
+
+    #[tokio::test]
+    async fn llama_cpps_loading_503_goes_to_another_backend_or_to_the_client_as_it_is() {
+        let loading = scripted_backend(&[Step::Send(LOADING)]).await;
+        let answering = scripted_backend(&[Step::Send(OK)]).await;
+        let (service, _counts, _table) = http_service_over(&[loading, answering], |_| {});
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(service.stats().retried["loading"], 1);
+
+        let (alone, _counts, _table) = http_service_over(&[loading], |_| {});
+        let response = handle(&alone, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = read_body(response).await;
+        assert!(
+            String::from_utf8_lossy(&body).contains("Loading model"),
+            "{body:?}"
+        );
+        assert_eq!(alone.stats().retried["loading"], 0, "nowhere else to go");
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_max_retries_and_name_every_backend_tried() {
+        let mut backends = Vec::new();
+        for _ in 0..4 {
+            backends.push(scripted_backend(&[Step::Close]).await);
+        }
+        let (service, _counts, _table) = http_service_over(&backends, |proxy| {
+            proxy.max_retries = 2;
+        });
+        let pool = Arc::new(Pool::default());
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        let body = String::from_utf8_lossy(&read_body(response).await).into_owned();
+        for tried in &backends[..3] {
+            assert!(body.contains(&tried.to_string()), "{tried} in {body}");
+        }
+        assert!(!body.contains(&backends[3].to_string()), "{body}");
+        assert_eq!(service.stats().retried["reset"], 2);
+
+        let (service, _counts, _table) = http_service_over(&backends, |proxy| {
+            proxy.max_retries = 0;
+        });
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            service.stats().retried["reset"],
+            0,
+            "none with max_retries 0"
+        );
+    }
+
+    /// Every access line logged in this test process so far (JSON): a global subscriber, set
+    /// once, since a scoped one misses events whose callsites other tests' threads registered
+    /// first. Tests tell theirs by their backends' addresses.
+    fn access_lines() -> Vec<serde_json::Value> {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+        let captured = CAPTURED.get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .with_env_filter("steer::access=info")
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("the only global one");
+            captured
+        });
+        let text = captured
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&text)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_request_gets_one_access_line_with_how_it_ended() {
+        let answering = scripted_backend(&[Step::Send(OK)]).await;
+        let stalling = scripted_backend(&[Step::Send(CHUNKED_HEAD), Step::Send(CHUNK)]).await;
+        let (service, _counts, _table) = http_service(answering);
+        let (stalled, _counts2, _table2) = http_service_over(&[stalling], |proxy| {
+            proxy.upstream.idle = SHORT;
+        });
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let Ok(std::net::SocketAddr::V4(address)) = listener.local_addr() else {
+                unreachable!("bound to IPv4")
+            };
+            address
+        };
+        let (unreachable, _counts3, _table3) = http_service(dead);
+        let pool = Arc::new(Pool::default());
+        access_lines();
+        let done = handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await;
+        read_body(done).await;
+        let gone = handle(&stalled, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        drop(gone);
+        let cut = handle(&stalled, &pool, Ipv4Addr::LOCALHOST, chat(true)).await;
+        let _ = cut.into_body().collect().await;
+        let refused = handle(&unreachable, &pool, Ipv4Addr::LOCALHOST, get()).await;
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+        let ours = [answering, stalling, dead].map(|a| serde_json::json!(a.to_string()));
+        let lines: Vec<serde_json::Value> = access_lines()
+            .into_iter()
+            .filter(|line| ours.contains(&line["fields"]["backend"]))
+            .collect();
+        let fields: Vec<&serde_json::Value> = lines.iter().map(|l| &l["fields"]).collect();
+        let outcomes: Vec<&str> = fields
+            .iter()
+            .map(|f| f["outcome"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["done", "client_gone", "idle_timeout", "connect_failed"],
+            "{lines:?}"
+        );
+        let levels: Vec<&str> = lines
+            .iter()
+            .map(|l| l["level"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(levels, ["INFO", "INFO", "WARN", "WARN"]);
+        assert_eq!(fields[0]["method"], "POST");
+        assert_eq!(fields[0]["path"], "/v1/chat/completions");
+        assert_eq!(fields[0]["status"], 200);
+        assert_eq!(fields[0]["backend"], answering.to_string());
+        assert!(fields[0]["duration_ms"].as_f64() >= Some(0.0));
+        assert!(fields[0].get("ttft_ms").is_none(), "not streamed");
+        assert!(
+            fields[1]["ttft_ms"].as_f64() >= Some(0.0),
+            "streamed: {}",
+            fields[1]
+        );
+        assert_eq!(fields[3]["status"], 502);
+        assert_eq!(fields[3]["method"], "GET");
+    }
+
+    /// The proxy serving `service` on a loopback listener, and its address.
+    async fn serving(
+        service: &Arc<ServiceProxy>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let front = listener.local_addr().expect("address");
+        let proxy = tokio::spawn(crate::proxy::serve(
+            Arc::clone(service),
+            listener,
+            watch::channel(false).1,
+        ));
+        (front, proxy)
+    }
+
+    /// A WebSocket server on loopback that echoes every message: llama-server speaks none.
+    async fn websocket_echo_backend() -> SocketAddrV4 {
+        use futures_util::{SinkExt, StreamExt};
+        let (listener, address) = loopback_listener().await;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(message)) = socket.next().await {
+                        if message.is_text() && socket.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_websocket_passes_through_as_one_request_holding_its_slot() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let echo = websocket_echo_backend().await;
+        let (service, counts, _table) = http_service(echo);
+        let (front, proxy) = serving(&service).await;
+        let stream = TcpStream::connect(front).await.expect("connect");
+        let (mut socket, response) =
+            tokio_tungstenite::client_async(format!("ws://{front}/ws"), stream)
+                .await
+                .expect("a WebSocket handshake through the proxy");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        for text in ["hello", "again"] {
+            socket.send(Message::text(text)).await.expect("send");
+            let echoed = socket.next().await.expect("a message").expect("no error");
+            assert_eq!(echoed.to_text().expect("text"), text);
+        }
+        assert_eq!(counts.get(0), 1, "the tunnel holds its slot");
+        socket.close(None).await.expect("close");
+        drop(socket);
+        let released = async {
+            while counts.get(0) != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), released)
+            .await
+            .expect("the slot is given back once the tunnel closes");
+        assert_eq!(
+            service.default_gate().requests().get(0).requests.by_class["3xx"],
+            0
+        );
+        proxy.abort();
+    }
+
+    #[tokio::test]
+    async fn an_h2c_client_is_answered_through_an_http1_backend() {
+        let (backend, seen) = scripted_backend_seen(&[Step::Send(OK)]).await;
+        let (service, _counts, _table) = http_service(backend);
+        let (front, proxy) = serving(&service).await;
+        let stream = TcpStream::connect(front).await.expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("an h2c handshake (prior knowledge)");
+        tokio::spawn(connection);
+        for _ in 0..2 {
+            let request = Request::post(format!("http://{front}/v1/chat/completions"))
+                .body(Full::new(Bytes::from_static(br#"{"messages":[]}"#)))
+                .expect("a request");
+            let response = sender.send_request(request).await.expect("an answer");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            let body = response.into_body().collect().await.expect("the body");
+            assert_eq!(body.to_bytes(), "ok");
+        }
+        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert!(
+            seen[0].starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[0]
+                .to_ascii_lowercase()
+                .contains(&format!("host: {front}")),
+            "the backend gets Host from :authority: {seen:?}"
+        );
+        proxy.abort();
     }
 }

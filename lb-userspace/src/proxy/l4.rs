@@ -22,12 +22,15 @@ pub(super) async fn serve_connection(
 ) -> Result<(), Refusal> {
     let activity = &registered.activity;
     let carried = async {
-        let lease = gate.admit(peer, Ask::default(), None).await?;
-        let backend = TcpStream::connect(lease.address)
+        let lease = gate.admit(peer, Ask::default(), &[]).await?;
+        let timeouts = gate.config().upstream;
+        let backend = tokio::time::timeout(timeouts.connect, TcpStream::connect(lease.address))
             .await
-            .map_err(|_| Refusal::Connect)?;
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Refusal::Connect)?;
         debug!(backend = %lease.address, id = lease.id, "proxying");
-        Ok::<_, Refusal>(carry(&client, &backend, gate.config().response_timeout, activity).await)
+        Ok::<_, Refusal>(carry(&client, &backend, timeouts.first_byte, activity).await)
     };
     let client_spoke = async {
         // A byte or the EOF: either way not idle any more.
@@ -47,7 +50,7 @@ pub(super) async fn serve_connection(
     };
     match carried {
         Ok(()) => Ok(()),
-        Err(Ended::ResponseTimeout) => Err(Refusal::ResponseTimeout),
+        Err(Ended::FirstByteTimeout) => Err(Refusal::FirstByteTimeout),
         // A peer reset: nothing more to carry.
         Err(Ended::Io(error)) => {
             debug!(%error, "connection ended");
@@ -58,11 +61,11 @@ pub(super) async fn serve_connection(
 
 /// The relay both ways, zero-copy ([`splice::relay`]). Half-closes pass through: each direction
 /// ends on its own EOF with a `shutdown(SHUT_WR)` towards the other side. The backend must answer
-/// within `response_timeout` of the client's first bytes (or speak first).
+/// within `first_byte_timeout` of the client's first bytes (or speak first).
 async fn carry(
     client: &TcpStream,
     backend: &TcpStream,
-    response_timeout: Duration,
+    first_byte_timeout: Duration,
     activity: &Activity,
 ) -> Result<(), Ended> {
     let (sent, request_sent) = tokio::sync::oneshot::channel::<()>();
@@ -81,9 +84,9 @@ async fn carry(
         tokio::select! {
             peeked = &mut answered => peeked?,
             // Sent (or the client closed without a byte): the clock runs.
-            _ = request_sent => tokio::time::timeout(response_timeout, &mut answered)
+            _ = request_sent => tokio::time::timeout(first_byte_timeout, &mut answered)
                 .await
-                .map_err(|_| Ended::ResponseTimeout)??,
+                .map_err(|_| Ended::FirstByteTimeout)??,
         };
         // The backend spoke (first, for a protocol where the server does).
         activity.engaged();
@@ -95,7 +98,7 @@ async fn carry(
 
 enum Ended {
     Io(std::io::Error),
-    ResponseTimeout,
+    FirstByteTimeout,
 }
 
 impl From<std::io::Error> for Ended {
@@ -139,7 +142,7 @@ mod tests {
     /// Connected client and backend sides of a proxied connection through `carry`.
     async fn carried(
         backend: SocketAddrV4,
-        response_timeout: Duration,
+        first_byte_timeout: Duration,
     ) -> (TcpStream, tokio::task::JoinHandle<Result<(), Ended>>) {
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = TcpStream::connect(front.local_addr().expect("address"))
@@ -149,16 +152,22 @@ mod tests {
         let backend = TcpStream::connect(backend).await.expect("connect backend");
         let task = tokio::spawn(async move {
             let registered = Connections::new(1).register().expect("room");
-            carry(&accepted, &backend, response_timeout, &registered.activity).await
+            carry(
+                &accepted,
+                &backend,
+                first_byte_timeout,
+                &registered.activity,
+            )
+            .await
         });
         (client, task)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn l4_response_timeout_runs_from_the_first_bytes_sent_not_the_connect() {
+    async fn l4_first_byte_timeout_runs_from_the_first_bytes_sent_not_the_connect() {
         let backend = slow_echo(Duration::from_secs(3)).await;
         let (mut client, task) = carried(backend, Duration::from_secs(5)).await;
-        // Idle for longer than response_timeout before asking: no timeout.
+        // Idle for longer than first_byte_timeout before asking: no timeout.
         tokio::time::sleep(Duration::from_secs(10)).await;
         client.write_all(b"hello\n").await.expect("send");
         let mut answer = [0u8; 6];
@@ -176,7 +185,7 @@ mod tests {
         let sent = Instant::now();
         assert!(matches!(
             task.await.expect("carry task"),
-            Err(Ended::ResponseTimeout)
+            Err(Ended::FirstByteTimeout)
         ));
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
     }

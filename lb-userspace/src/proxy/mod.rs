@@ -12,6 +12,7 @@
 //! bound without privileges; for other hosts' SYNs to reach it, the agent, when root, makes the
 //! VIP local with a [`LocalRoute`]. Loopback VIPs (127.0.0.0/8) work as they are.
 
+mod access;
 mod drain;
 mod gate;
 mod http;

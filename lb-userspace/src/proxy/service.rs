@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::gate::{Gate, PoolStats, Refusal, WAIT_BUCKETS};
+use super::gate::{Gate, PoolStats, Refusal, Retry, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
 use crate::requests::RequestCounts;
@@ -51,7 +51,8 @@ pub struct ProxyStats {
     /// Of those and the ones that timed out: how many had to wait for room.
     pub queued: u64,
     pub queue_depth: u64,
-    pub retried: u64,
+    /// By [`Retry::name`].
+    pub retried: BTreeMap<&'static str, u64>,
     /// Client connections open now.
     pub open_connections: u64,
     /// Quiet client connections closed to make room at `max_client_connections`.
@@ -191,7 +192,13 @@ impl ServiceProxy {
             admitted: sum(|p| p.admitted),
             queued: sum(|p| p.queued),
             queue_depth: sum(|p| p.queue_depth),
-            retried: sum(|p| p.retried),
+            retried: Retry::ALL
+                .iter()
+                .map(|r| {
+                    let n = pools.iter().filter_map(|p| p.retried.get(r.name())).sum();
+                    (r.name(), n)
+                })
+                .collect(),
             open_connections: connections.open,
             evicted: connections.evicted,
             refused,

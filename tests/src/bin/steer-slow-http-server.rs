@@ -1,6 +1,6 @@
 //! A real HTTP/1.1 server that sleeps `--delay` before answering any request with
 //! `{"slept_ms": N}`: a backend that holds its response longer than the proxy's
-//! `response_timeout`, which llama-server cannot be made to do on demand.
+//! `first_byte_timeout`, which llama-server cannot be made to do on demand.
 
 use std::net::SocketAddr;
 use std::time::Duration;
