@@ -15,9 +15,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::spec::{
-    AdminLimits, AffinityKey, AffinitySpec, BackendSpec, DataplaneKind, DriverConfig, HealthSpec,
-    InstanceBackend, InstanceSettings, InstanceSpec, LoadFactor, Policy, PoolSpec, ProxyMode,
-    ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts, Weight, XdpMode, XdpOptions,
+    AdminLimits, AffinityKey, AffinitySpec, BackendSpec, DataplaneKind, DriverConfig, EjectionSpec,
+    HealthSpec, InstanceBackend, InstanceSettings, InstanceSpec, LoadFactor, Policy, PoolSpec,
+    ProxyMode, ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts, Weight, XdpMode, XdpOptions,
     usable_endpoint,
 };
 use crate::supervisor;
@@ -177,6 +177,7 @@ struct RawService {
     address: Spanned<SocketAddrV4>,
     policy: Option<Spanned<Policy>>,
     affinity: Option<Spanned<RawAffinity>>,
+    ejection: Option<Spanned<RawEjection>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
     #[serde(default)]
@@ -314,6 +315,15 @@ impl RawService {
             .as_ref()
             .map_or_else(Policy::default, |p| *p.get_ref())
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEjection {
+    consecutive_failures: Option<u32>,
+    base_time: Option<Timeout>,
+    max_time: Option<Timeout>,
+    max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -999,6 +1009,7 @@ impl Doc<'_> {
             pools,
             default_pool,
             affinity: self.affinity(i, raw)?,
+            ejection: self.ejection(i, raw)?,
         })
     }
 
@@ -1093,6 +1104,55 @@ impl Doc<'_> {
 
     /// `[service.affinity]`, which policy `cache_affinity` (http only; of the service or of a
     /// pool) reads and nothing else.
+    /// `[service.ejection]`: on by default for an http service (the proxy sees its answers), an
+    /// error for l4.
+    fn ejection(&self, i: usize, raw: &RawService) -> Result<Option<EjectionSpec>, ConfigError> {
+        let field = |what: &str| format!("service[{i}].ejection{what}");
+        if raw.mode != ProxyMode::Http {
+            return match &raw.ejection {
+                Some(table) => Err(self.invalid(
+                    Some(table.span()),
+                    field(""),
+                    "only mode = \"http\" sees the answers it counts failures by",
+                )),
+                None => Ok(None),
+            };
+        }
+        let default = EjectionSpec::default();
+        let Some(table) = &raw.ejection else {
+            return Ok(Some(default));
+        };
+        let table = table.get_ref();
+        let spec = EjectionSpec {
+            consecutive_failures: table
+                .consecutive_failures
+                .unwrap_or(default.consecutive_failures),
+            base_time: table.base_time.as_ref().map_or(default.base_time, |t| t.0),
+            max_time: table.max_time.as_ref().map_or(default.max_time, |t| t.0),
+            max_percent: table
+                .max_ejected_percent
+                .as_ref()
+                .map_or(default.max_percent, |p| *p.get_ref()),
+        };
+        if let Some(percent) = &table.max_ejected_percent
+            && !(1..=100).contains(percent.get_ref())
+        {
+            return Err(self.invalid(
+                Some(percent.span()),
+                field(".max_ejected_percent"),
+                "must be 1 to 100",
+            ));
+        }
+        if spec.max_time < spec.base_time {
+            return Err(self.invalid(
+                raw.ejection.as_ref().map(Spanned::span),
+                field(".max_time"),
+                "must not be shorter than base_time",
+            ));
+        }
+        Ok((spec.consecutive_failures > 0).then_some(spec))
+    }
+
     fn affinity(&self, i: usize, raw: &RawService) -> Result<Option<AffinitySpec>, ConfigError> {
         let field = |what: &str| format!("service[{i}].{what}");
         let keyed = std::iter::once(raw.policy())
@@ -1591,6 +1651,56 @@ address = "10.0.0.100:81"
             message.contains("is not \"off\" or a duration"),
             "{message}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn ejection_is_on_for_http_services_and_refused_for_l4() -> Result<(), ConfigError> {
+        let service = |extra: &str| {
+            format!(
+                "[agent]\ninterfaces = [\"lo\"]\n\n[[service]]\nname = \"chat\"\n\
+                 address = \"127.0.0.2:80\"\n{extra}\n"
+            )
+        };
+        let http = parse(&service("mode = \"http\""))?;
+        assert_eq!(http.services[0].ejection, Some(EjectionSpec::default()));
+        assert_eq!(parse(&service(""))?.services[0].ejection, None, "l4");
+        let set = parse(&service(
+            "mode = \"http\"\n[service.ejection]\nconsecutive_failures = 3\nbase_time = \"5s\"\n\
+             max_time = \"1m\"\nmax_ejected_percent = 20",
+        ))?;
+        assert_eq!(
+            set.services[0].ejection,
+            Some(EjectionSpec {
+                consecutive_failures: 3,
+                base_time: Duration::from_secs(5),
+                max_time: Duration::from_secs(60),
+                max_percent: 20,
+            })
+        );
+        let off = "mode = \"http\"\n[service.ejection]\nconsecutive_failures = 0";
+        assert_eq!(parse(&service(off))?.services[0].ejection, None);
+        for (extra, field, says) in [
+            (
+                "[service.ejection]\nconsecutive_failures = 3",
+                "service[0].ejection",
+                "mode = \"http\"",
+            ),
+            (
+                "mode = \"http\"\n[service.ejection]\nmax_ejected_percent = 0",
+                "service[0].ejection.max_ejected_percent",
+                "1 to 100",
+            ),
+            (
+                "mode = \"http\"\n[service.ejection]\nbase_time = \"10m\"",
+                "service[0].ejection.max_time",
+                "not be shorter than base_time",
+            ),
+        ] {
+            let (_, got, message) = invalid(&service(extra));
+            assert_eq!(got, field, "{extra}: {message}");
+            assert!(message.contains(says), "{extra}: {message}");
+        }
         Ok(())
     }
 

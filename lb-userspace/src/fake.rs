@@ -177,6 +177,7 @@ pub fn chat_service(
         pools: Vec::new(),
         default_pool: 0,
         affinity: None,
+        ejection: None,
     }
 }
 

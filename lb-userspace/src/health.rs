@@ -406,6 +406,7 @@ mod tests {
             pools: Vec::new(),
             default_pool: 0,
             affinity: None,
+            ejection: None,
         };
         let dataplane = FakeDataplane::default();
         let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");

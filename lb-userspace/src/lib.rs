@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod limits;
+pub mod outlier;
 pub mod policy;
 pub mod probe;
 pub mod proxy;
@@ -233,6 +234,14 @@ async fn serve<D: Dataplane>(
                 polled,
             ));
         }
+    }
+    let ejected: Vec<_> = config
+        .services
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.ejection?)))
+        .collect();
+    if !ejected.is_empty() {
+        health_checks.spawn(outlier::run(table.clone(), ejected));
     }
     // They stop accepting when this turns true; aborted (with their connections) when this
     // returns.

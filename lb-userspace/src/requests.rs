@@ -180,6 +180,8 @@ struct Entry {
     in_flight: AtomicU64,
     /// Indexed like [`Class::ALL`].
     answered: [AtomicU64; Class::ALL.len()],
+    /// Requests it failed since its last good answer (see [`InFlight::answered`]).
+    failures_in_a_row: AtomicU64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     speeds: Mutex<Learnt>,
@@ -196,6 +198,8 @@ struct Learnt {
 /// Per-backend request counters and speeds, indexed by backend id.
 pub struct RequestCounts {
     entries: Box<[Entry]>,
+    /// Woken when a backend fails a request: passive health looks at the streaks.
+    failed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for RequestCounts {
@@ -211,6 +215,7 @@ impl RequestCounts {
     pub fn new(entries: usize) -> Self {
         RequestCounts {
             entries: (0..entries).map(|_| Entry::default()).collect(),
+            failed: tokio::sync::Notify::new(),
         }
     }
 
@@ -231,6 +236,7 @@ impl RequestCounts {
         for count in &entry.answered {
             count.store(0, Ordering::Release);
         }
+        entry.failures_in_a_row.store(0, Ordering::Release);
         entry.prompt_tokens.store(0, Ordering::Release);
         entry.generated_tokens.store(0, Ordering::Release);
         *Self::lock(entry) = Learnt::default();
@@ -273,6 +279,25 @@ impl RequestCounts {
                 models: learnt.models.iter().cloned().collect(),
             },
         }
+    }
+
+    /// Requests `id` failed in a row: 5xx answers (not llama.cpp's loading 503), connections
+    /// refused, reset or timed out, answers cut short.
+    pub fn failures_in_a_row(&self, id: u32) -> u64 {
+        self.entry(id)
+            .map_or(0, |e| e.failures_in_a_row.load(Ordering::Acquire))
+    }
+
+    /// Start `id`'s streak over (it was ejected for it).
+    pub fn forget_failures(&self, id: u32) {
+        if let Some(entry) = self.entry(id) {
+            entry.failures_in_a_row.store(0, Ordering::Release);
+        }
+    }
+
+    /// Completes once a backend failed a request since the last time it completed.
+    pub async fn failure(&self) {
+        self.failed.notified().await;
     }
 
     /// `id`'s decode speed average, if any answer measured one.
@@ -349,12 +374,39 @@ impl InFlight {
         (Some(entry.generation.load(Ordering::Acquire)) == self.generation).then_some(entry)
     }
 
-    /// Count what became of it (once per request).
+    /// Count what became of it (once per request): an answer below 500 ends the backend's
+    /// streak of failures, a 5xx or no answer adds to it.
     pub fn answered(&self, class: Class) {
         if let Some(entry) = self.entry() {
             // `ALL` lists them in declaration order.
             entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
+            match class {
+                Class::Success | Class::Redirect | Class::ClientError => {
+                    entry.failures_in_a_row.store(0, Ordering::Release);
+                }
+                Class::ServerError | Class::Unreachable | Class::Failed => self.failed(entry),
+            }
         }
+    }
+
+    /// llama.cpp's `503 Loading model`: a 5xx that says nothing against the backend.
+    pub fn loading(&self) {
+        if let Some(entry) = self.entry() {
+            entry.answered[Class::ServerError as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Its answer, begun, was cut short (it stalled past `idle_timeout`, or ran past
+    /// `total_timeout`): a failure of the backend's.
+    pub fn cut(&self) {
+        if let Some(entry) = self.entry() {
+            self.failed(entry);
+        }
+    }
+
+    fn failed(&self, entry: &Entry) {
+        entry.failures_in_a_row.fetch_add(1, Ordering::AcqRel);
+        self.counts.failed.notify_one();
     }
 
     /// Learn from the answer's `timings`, as model `model` when the answer names one.

@@ -202,6 +202,51 @@ pub struct ServiceSpec {
     /// `[service.affinity]`: with policy `cache_affinity` (the service's or a pool's), and only
     /// then.
     pub affinity: Option<AffinitySpec>,
+    /// `[service.ejection]`: passive health of an http service's backends; `None` for l4, or
+    /// with `consecutive_failures = 0`.
+    pub ejection: Option<EjectionSpec>,
+}
+
+/// Passive health: a backend that fails `consecutive_failures` requests in a row is taken out
+/// for `base_time`, twice as long each time it is taken out again, at most `max_time`; never more
+/// than `max_percent` of a service's backends at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EjectionSpec {
+    pub consecutive_failures: u32,
+    pub base_time: Duration,
+    pub max_time: Duration,
+    /// 1 to 100.
+    pub max_percent: u32,
+}
+
+impl Default for EjectionSpec {
+    fn default() -> Self {
+        EjectionSpec {
+            consecutive_failures: 5,
+            base_time: Duration::from_secs(30),
+            max_time: Duration::from_secs(300),
+            max_percent: 50,
+        }
+    }
+}
+
+impl EjectionSpec {
+    /// How many of `backends` may be out at once: `max_percent` of them (rounded down), at
+    /// least one when there are two or more (one alone is never taken out).
+    pub fn allowed(&self, backends: usize) -> usize {
+        if backends < 2 {
+            return 0;
+        }
+        (backends * self.max_percent as usize / 100).max(1)
+    }
+
+    /// How long the `n`th ejection in a row (from 1) lasts.
+    pub fn time(&self, n: u32) -> Duration {
+        let doubled = self
+            .base_time
+            .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX));
+        doubled.min(self.max_time)
+    }
 }
 
 /// A model pool of an http service: the backends serving `model` (or one of its `aliases`).

@@ -143,6 +143,9 @@ pub enum BackendStatus {
     Unhealthy,
     /// Healthy, drained (by the operator or the supervisor): keeps its flows, takes no new ones.
     Draining,
+    /// Healthy to its checks, but taken out for a while by passive health: the http proxy saw
+    /// it fail requests in a row ([`crate::outlier`]). No new connections.
+    Ejected,
 }
 
 impl BackendStatus {
@@ -151,9 +154,10 @@ impl BackendStatus {
         match self {
             BackendStatus::Healthy => backend_state::ACTIVE,
             BackendStatus::Draining => backend_state::DRAINING,
-            BackendStatus::Unknown | BackendStatus::Loading | BackendStatus::Unhealthy => {
-                backend_state::DOWN
-            }
+            BackendStatus::Unknown
+            | BackendStatus::Loading
+            | BackendStatus::Unhealthy
+            | BackendStatus::Ejected => backend_state::DOWN,
         }
     }
 }
@@ -180,7 +184,8 @@ pub struct BackendInfo {
     pub kind: BackendKind,
     /// Takes new connections only when `healthy`.
     pub status: BackendStatus,
-    /// Neither health input says no: `status` is `healthy` or `draining`.
+    /// Neither health input (checks, process) nor passive health says no: `status` is `healthy`
+    /// or `draining`.
     pub healthy: bool,
     pub health: Health,
     /// The supervised instance it is, if any.
@@ -333,6 +338,7 @@ enum Command {
     SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
     SetSlots(SlotReport, Reply<()>),
     SetModels(u32, SocketAddrV4, Vec<String>, Reply<()>),
+    SetEjected(u32, SocketAddrV4, bool, Reply<()>),
     /// Read the kernel's counters now and publish.
     Refresh(Reply<Arc<Snapshot>>),
     Close(oneshot::Sender<()>),
@@ -400,6 +406,19 @@ impl TableHandle {
         process: ProcessHealth,
     ) -> Result<(), TableError> {
         self.call(|reply| Command::SetProcess(id, address, process, reply))
+            .await
+    }
+
+    /// Take the backend at `address` under `id` out of service for passive health (`true`), or
+    /// back (`false`); dropped if the id has since changed hands. It shows as `ejected` while
+    /// its other inputs say healthy; the kernel and the proxy give it nothing new.
+    pub async fn set_ejected(
+        &self,
+        id: u32,
+        address: SocketAddrV4,
+        ejected: bool,
+    ) -> Result<(), TableError> {
+        self.call(|reply| Command::SetEjected(id, address, ejected, reply))
             .await
     }
 
@@ -590,6 +609,8 @@ struct SlotBackend {
     models: Vec<String>,
     /// At the last model poll.
     learnt_models: Vec<String>,
+    /// Taken out by passive health.
+    ejected: bool,
 }
 
 #[derive(Clone)]
@@ -632,10 +653,12 @@ impl SlotBackend {
             (Checks::Unchecked, None) if self.checked => BackendStatus::Unknown,
             (Checks::Unchecked, None) => BackendStatus::Healthy,
         };
-        if health == BackendStatus::Healthy && self.state() == BackendState::Draining {
-            BackendStatus::Draining
-        } else {
-            health
+        match health {
+            BackendStatus::Healthy if self.state() == BackendState::Draining => {
+                BackendStatus::Draining
+            }
+            BackendStatus::Healthy if self.ejected => BackendStatus::Ejected,
+            health => health,
         }
     }
 
@@ -780,6 +803,7 @@ impl<D: Dataplane> Table<D> {
                     slots: None,
                     models,
                     learnt_models: Vec::new(),
+                    ejected: false,
                 });
             }
         }
@@ -863,6 +887,13 @@ impl<D: Dataplane> Table<D> {
             Command::SetModels(id, address, models, reply) => {
                 answer(reply, self.set_models(id, address, models))
             }
+            Command::SetEjected(id, address, ejected, reply) => {
+                let set = self.set_health(id, address, |b| {
+                    b.ejected = ejected;
+                    Some(())
+                });
+                answer(reply, set)
+            }
             Command::Refresh(reply) => {
                 let read = self.read_counters();
                 Box::new(move |published| {
@@ -925,6 +956,7 @@ impl<D: Dataplane> Table<D> {
             slots: None,
             models: new.models.clone(),
             learnt_models: Vec::new(),
+            ejected: false,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
         let info = self.info(service, slot)?;
@@ -1014,7 +1046,7 @@ impl<D: Dataplane> Table<D> {
         }
         let (checks, process) = (edited.checks, edited.process());
         self.change(service, slot, |s| s.backend = Some(edited))?;
-        if to == BackendStatus::Unhealthy {
+        if matches!(to, BackendStatus::Unhealthy | BackendStatus::Ejected) {
             warn!(id, %address, ?from, ?to, ?checks, ?process, "backend status: no new connections");
         } else {
             info!(id, %address, ?from, ?to, ?checks, ?process, "backend status");
@@ -1422,6 +1454,7 @@ mod tests {
                 pools: Vec::new(),
                 default_pool: 0,
                 affinity: None,
+                ejection: None,
             },
             ServiceSpec {
                 name: "embed".to_owned(),
@@ -1434,6 +1467,7 @@ mod tests {
                 pools: Vec::new(),
                 default_pool: 0,
                 affinity: None,
+                ejection: None,
             },
         ]
     }

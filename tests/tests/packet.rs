@@ -694,6 +694,7 @@ fn kernel_and_proxy_choices_match_the_policy_model() {
             pools: Vec::new(),
             default_pool: 0,
             affinity: None,
+            ejection: None,
         };
         let requests = Arc::new(lb_userspace::requests::RequestCounts::new(64));
         let proxied = ServiceProxy::new(&service, 0, &counts, requests, &published);

@@ -2066,7 +2066,9 @@ fn under_slots_a_burst_past_the_slots_waits_in_the_proxy() {
 /// generation that takes over a minute (a real llama-server held to 5% of a CPU by a cgroup
 /// quota; its head comes only when the generation is done) is answered 200, where the old
 /// `response_timeout` would have cut it; then, the quota lifted, a client that goes away
-/// mid-stream frees its slot at once: llama-server's `/slots` shows it idle within a second.
+/// mid-stream frees its slot at once: llama-server's `/slots` shows it idle within a second; an
+/// h2c client gets a chat answer; and the JSON access log has a line for each, with how it
+/// ended.
 #[test]
 fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot() {
     netns::require_root("a cgroup CPU quota");
@@ -2123,6 +2125,7 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
 
         // A streamed generation of 3000 tokens, left after its first events.
         let mut client = Client::connect(vip).await;
+        let asked = Instant::now();
         let stream = client
             .head("POST", "/v1/chat/completions", Some(&chat(3000, true)))
             .await;
@@ -2132,6 +2135,7 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
         let first = tokio::time::timeout(WAIT, body.frame())
             .await
             .expect("a first event");
+        let client_ttft = asked.elapsed();
         assert!(matches!(first, Some(Ok(_))), "{first:?}");
         let busy = |slots: &serde_json::Value| {
             slots
@@ -2163,9 +2167,70 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
             idle_after < Duration::from_secs(1),
             "the slot went idle {idle_after:?} after the client left"
         );
+        // An HTTP/2 client (h2c, prior knowledge) gets its chat answer; llama-server speaks
+        // HTTP/1.1 only.
+        let stream = tokio::net::TcpStream::connect(vip).await.expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("an h2c handshake");
+        tokio::spawn(connection);
+        let request = hyper::Request::post(format!("http://{vip}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                chat(8, false).to_string(),
+            )))
+            .expect("a request");
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(
+            (response.status(), response.version()),
+            (hyper::StatusCode::OK, hyper::Version::HTTP_2)
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+        assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
+
         let stats: serde_json::Value =
             serde_json::from_str(&admin(admin_addr, "/v1/proxy").await).expect("JSON");
         assert_eq!(stats[0]["first_byte_timeout"], 0, "{stats}");
+        // Per model (none named) and backend: four requests answered 200, the one streamed
+        // timed to its first token no later than its client saw it, the tokens generated.
+        let metrics = admin(admin_addr, "/metrics").await;
+        let labels = format!("service=\"gen\",model=\"\",backend=\"{backend}\"");
+        let value = |name: &str| series(&metrics, &format!("{name}{{{labels}}}"));
+        assert_eq!(
+            series(
+                &metrics,
+                &format!("steer_requests_total{{{labels},code=\"200\"}}")
+            ),
+            4.0
+        );
+        assert_eq!(value("steer_request_ttft_seconds_count"), 1.0);
+        let ttft = value("steer_request_ttft_seconds_sum");
+        assert!(
+            ttft > 0.0 && ttft <= client_ttft.as_secs_f64(),
+            "{ttft} s, the client saw {client_ttft:?}"
+        );
+        assert_eq!(value("steer_request_duration_seconds_count"), 4.0);
+        // The stream left early reports no timings: the probe, the long one and the h2c one.
+        assert_eq!(
+            value("steer_request_completion_tokens_total"),
+            f64::from(16 + tokens + 8)
+        );
+        assert_eq!(
+            value("steer_request_time_per_output_token_seconds_count"),
+            3.0
+        );
         // The access log says the same, one JSON line per request.
         let deadline = Instant::now() + Duration::from_secs(10);
         let access = loop {
@@ -2179,15 +2244,15 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
                 .filter(|l| l["target"] == "steer::access")
                 .map(|l| l["fields"].clone())
                 .collect();
-            if access.len() >= 3 || Instant::now() > deadline {
+            if access.len() >= 4 || Instant::now() > deadline {
                 break access;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(
             access.len(),
-            3,
-            "the probe, the long one, the stream: {access:?}"
+            4,
+            "the probe, the long one, the stream, the h2c one: {access:?}"
         );
         let long_line = &access[1];
         assert_eq!(
@@ -2213,5 +2278,97 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
         assert!(access[2]["ttft_ms"].as_f64() > Some(0.0), "{}", access[2]);
     });
     drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 14 point 3: passive health with a real llama-server and a stand-in that passes its
+/// health checks yet answers every chat 500 (`steer-test-backend`; llama-server cannot be made
+/// to). Round robin sends it every other chat; after its fifth 500 in a row it is `ejected`
+/// (shown in `/v1/backends` and `/metrics`) and every chat goes to llama-server, until its
+/// `base_time` is up and it is back.
+#[test]
+fn a_backend_failing_requests_in_a_row_is_ejected_and_comes_back_after_its_time() {
+    let dir = std::env::temp_dir().join(format!("steer-eject-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (llama_port, failing_port) = (free_port(), free_port());
+    let _llama = llama_server(&dir, "good", llama_port, 2, &[]);
+    let failing = format!("127.0.0.1:{failing_port}");
+    let mut stand_in = std::process::Command::new(env!("CARGO_BIN_EXE_steer-test-backend"));
+    stand_in.args(["--name", "failing", "--listen", &failing]);
+    let _failing = start(stand_in, &dir, "failing");
+    let llama = format!("127.0.0.1:{llama_port}");
+    let settings = "mode = \"http\"\npolicy = \"round_robin\"\n\
+                    [service.ejection]\nbase_time = \"3s\"\nmax_time = \"6s\"";
+    let services = [(
+        "eject".to_owned(),
+        settings.to_owned(),
+        vec![llama.clone(), failing.clone()],
+    )];
+    let (_agent, admin_addr, vips) = userspace_agent(&dir, &services);
+    let vip = vips["eject"];
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        wait_ready(llama.parse().expect("an address"), Instant::now() + WAIT).await;
+        let backends = [("eject", llama.as_str()), ("eject", failing.as_str())];
+        wait_backends(admin_addr, "healthy", &backends, |b| b["status"] == "healthy").await;
+        let status = |address: String| async move {
+            backend_view(admin_addr, "eject", &address).await["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut client = Client::connect(vip).await;
+        let mut failed = 0;
+        for _ in 0..10 {
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(4, false)))
+                .await;
+            match answer.status {
+                200 => {}
+                500 => failed += 1,
+                other => panic!("{other}: {}", answer.body()),
+            }
+        }
+        assert_eq!(failed, 5, "round robin: every other chat to the failing one");
+        wait_backends(admin_addr, "ejected", &[("eject", failing.as_str())], |b| {
+            b["status"] == "ejected"
+        })
+        .await;
+        let ejected_at = Instant::now();
+        let metrics = admin(admin_addr, "/metrics").await;
+        let ejected_series = format!(
+            "steer_backend_status{{service=\"eject\",backend=\"{failing}\",id=\"1\",status=\"ejected\"}}"
+        );
+        assert_eq!(series(&metrics, &ejected_series), 1.0);
+        // Out: every chat goes to llama-server.
+        for _ in 0..6 {
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(4, false)))
+                .await;
+            assert_eq!(answer.status, 200, "{}", answer.body());
+            assert_eq!(answer.json()["model"], "good");
+        }
+        wait_backends(admin_addr, "back", &[("eject", failing.as_str())], |b| {
+            b["status"] == "healthy"
+        })
+        .await;
+        let out_for = ejected_at.elapsed();
+        assert!(
+            out_for > Duration::from_secs(1),
+            "back after {out_for:?}, base_time is 3 s"
+        );
+        assert_eq!(status(failing.clone()).await, "healthy");
+        // Back, it takes its turn again (and fails it).
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let answer = client
+                .send("POST", "/v1/chat/completions", Some(&chat(4, false)))
+                .await;
+            statuses.push(answer.status);
+        }
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 500]);
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }

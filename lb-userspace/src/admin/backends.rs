@@ -179,6 +179,7 @@ pub(crate) mod tests {
             pools: Vec::new(),
             default_pool: 0,
             affinity: None,
+            ejection: None,
         }]
     }
 

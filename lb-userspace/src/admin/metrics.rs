@@ -33,7 +33,7 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::limits::{ConnectionStats, Connections};
-use crate::proxy::{ProxyStats, ServiceProxy};
+use crate::proxy::{ProxyStats, Series, SeriesKey, ServiceProxy};
 use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, BackendStatus, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
@@ -95,6 +95,7 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
             stats: proxy.stats(),
             wait: proxy.wait_histogram(),
             pool_waits: proxy.pool_wait_histograms(),
+            requests: proxy.request_metrics().snapshot(),
         })
         .collect();
     let text = Scrape {
@@ -127,6 +128,7 @@ struct ProxyScrape {
     stats: ProxyStats,
     wait: Histogram,
     pool_waits: Vec<(String, Histogram)>,
+    requests: Vec<(SeriesKey, Series)>,
 }
 
 impl Scrape {
@@ -201,12 +203,13 @@ fn state_label(state: BackendState) -> &'static str {
 }
 
 /// Every status a listed backend can have.
-const STATUSES: [BackendStatus; 5] = [
+const STATUSES: [BackendStatus; 6] = [
     BackendStatus::Unknown,
     BackendStatus::Loading,
     BackendStatus::Healthy,
     BackendStatus::Unhealthy,
     BackendStatus::Draining,
+    BackendStatus::Ejected,
 ];
 
 /// As the API spells it. A new status fails to compile here: add it to [`STATUSES`] as well.
@@ -217,6 +220,7 @@ fn status_label(status: BackendStatus) -> &'static str {
         BackendStatus::Healthy => "healthy",
         BackendStatus::Unhealthy => "unhealthy",
         BackendStatus::Draining => "draining",
+        BackendStatus::Ejected => "ejected",
     }
 }
 
@@ -556,7 +560,87 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
             })
         }),
     )?;
-    pools(encoder, proxies)
+    pools(encoder, proxies)?;
+    requests(encoder, proxies)
+}
+
+/// Which histogram of a [`Series`] a family encodes.
+type SeriesHistogram = fn(&Series) -> &Histogram;
+
+/// The http proxy's request series, by service, model (the body's; empty: none) and backend
+/// (empty: refused before one was chosen).
+fn requests(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Result {
+    let series = || {
+        proxies.iter().flat_map(|p| {
+            p.requests.iter().map(|(key, series)| {
+                let labels = [
+                    ("service", p.stats.service.clone()),
+                    ("model", key.model.clone()),
+                    ("backend", key.backend.clone()),
+                ];
+                (labels, series)
+            })
+        })
+    };
+    let histograms: [(&str, &str, SeriesHistogram); 4] = [
+        (
+            "steer_request_ttft_seconds",
+            "Streamed http requests: from the request's arrival to the first piece of the \
+             answer's body (the first token).",
+            |s| &s.ttft,
+        ),
+        (
+            "steer_request_time_per_output_token_seconds",
+            "llama-server's decode time per generated token of each answer (its timings).",
+            |s| &s.time_per_output_token,
+        ),
+        (
+            "steer_request_duration_seconds",
+            "http requests: from the request's arrival to the answer's end, or its refusal.",
+            |s| &s.duration,
+        ),
+        (
+            "steer_request_queue_wait_seconds",
+            "http requests that got a backend: time in the queue, over every try.",
+            |s| &s.queue_wait,
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        family(
+            encoder,
+            name,
+            help,
+            series().map(|(labels, s)| (labels, histogram(s).clone())),
+        )?;
+    }
+    family(
+        encoder,
+        "steer_requests",
+        "http requests by the status code the client got (a body cut short counts its head's).",
+        series().flat_map(|([service, model, backend], s)| {
+            s.by_status.iter().map(move |(code, &n)| {
+                let labels = [
+                    service.clone(),
+                    model.clone(),
+                    backend.clone(),
+                    ("code", code.to_string()),
+                ];
+                (labels, counter(n))
+            })
+        }),
+    )?;
+    family(
+        encoder,
+        "steer_request_prompt_tokens",
+        "Prompt tokens llama-server evaluated for the answers passed (timings.prompt_n).",
+        series().map(|(labels, s)| (labels, counter(s.prompt_tokens))),
+    )?;
+    family(
+        encoder,
+        "steer_request_completion_tokens",
+        "Tokens llama-server generated for the answers passed (timings.predicted_n).",
+        series().map(|(labels, s)| (labels, counter(s.completion_tokens))),
+    )
 }
 
 /// The per-pool series of services with `[[service.pool]]` (the service series above are their
@@ -697,6 +781,7 @@ mod tests {
             pools: Vec::new(),
             default_pool: 0,
             affinity: None,
+            ejection: None,
         }]
     }
 

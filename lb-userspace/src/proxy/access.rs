@@ -1,17 +1,116 @@
-//! The access log: one line per http request once its answer is done (or refused, cut, or left
-//! by the client), as target `steer::access` (`--log-level steer::access=off` silences it): INFO,
-//! or WARN when the proxy or a backend failed it. With `--log-format json` each line is a JSON
-//! object whose `fields` hold the values below.
+//! What each http request felt like, once its answer is done (or refused, cut, or left by the
+//! client): a line of the access log, as target `steer::access` (`--log-level
+//! steer::access=off` silences it), INFO, or WARN when the proxy or a backend failed it (with
+//! `--log-format json` a JSON object whose `fields` hold the values below); and the service's
+//! [`RequestMetrics`], per model and backend.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::Method;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
+
+use super::gate::WAIT_BUCKETS;
+use crate::requests::Timings;
+
+/// Upper bounds (seconds) of the time to first token and request duration histograms: 10 ms to
+/// 10 minutes.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+];
+/// Upper bounds (seconds) of the time per output token histogram: 1 ms to 5 s.
+pub const TOKEN_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+];
+/// Which series a request counts in: the `model` its body names (empty: none) and the backend
+/// of its last try (empty: refused before one was chosen).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub model: String,
+    pub backend: String,
+}
+
+/// The requests of one model on one backend.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Streamed answers: from the request's arrival to the first piece of the body.
+    pub ttft: Histogram,
+    /// llama-server's decode time per generated token (`timings.predicted_ms / predicted_n`).
+    pub time_per_output_token: Histogram,
+    /// From the request's arrival to the answer's end (or the refusal).
+    pub duration: Histogram,
+    /// In the queue, over every try, of requests that got a backend.
+    pub queue_wait: Histogram,
+    /// Requests by the status the client got (a body cut short counts its head's).
+    pub by_status: BTreeMap<u16, u64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Series {
+            ttft: Histogram::new(LATENCY_BUCKETS),
+            time_per_output_token: Histogram::new(TOKEN_BUCKETS),
+            duration: Histogram::new(LATENCY_BUCKETS),
+            queue_wait: Histogram::new(WAIT_BUCKETS),
+            by_status: BTreeMap::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        }
+    }
+}
+
+/// A service's request series, by model and backend (`/metrics`).
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    series: Mutex<BTreeMap<SeriesKey, Series>>,
+}
+
+impl RequestMetrics {
+    /// Every series now (the histograms share their counts with the live ones).
+    pub fn snapshot(&self) -> Vec<(SeriesKey, Series)> {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+    }
+
+    fn record(&self, access: &Access, timings: Option<&Timings>) {
+        let key = SeriesKey {
+            model: access.model.clone().unwrap_or_default(),
+            backend: access.backend.map(|b| b.to_string()).unwrap_or_default(),
+        };
+        let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let series = all.entry(key).or_default();
+        if let Some(status) = access.status {
+            *series.by_status.entry(status).or_default() += 1;
+        }
+        series
+            .duration
+            .observe(access.started.elapsed().as_secs_f64());
+        if let Some(ttft) = access.first_byte.filter(|_| access.streamed) {
+            series.ttft.observe(ttft.as_secs_f64());
+        }
+        if access.backend.is_some() {
+            series.queue_wait.observe(access.queue_wait.as_secs_f64());
+        }
+        if let Some(timings) = timings {
+            series.prompt_tokens += timings.prompt_n;
+            series.completion_tokens += timings.predicted_n;
+            if timings.predicted_n > 0 {
+                let per_token = timings.predicted_ms / 1000.0 / timings.predicted_n as f64;
+                series.time_per_output_token.observe(per_token);
+            }
+        }
+    }
+}
 
 /// What the log says of one request, filled in as it goes.
 #[derive(Clone, Debug)]
 pub struct Access {
+    metrics: Arc<RequestMetrics>,
     started: Instant,
     method: Method,
     path: String,
@@ -45,8 +144,9 @@ pub enum Outcome {
 }
 
 impl Access {
-    pub fn begin(method: &Method, path: &str) -> Access {
+    pub fn begin(metrics: &Arc<RequestMetrics>, method: &Method, path: &str) -> Access {
         Access {
+            metrics: Arc::clone(metrics),
             started: Instant::now(),
             method: method.clone(),
             path: path.to_owned(),
@@ -65,8 +165,11 @@ impl Access {
         self.first_byte = Some(self.started.elapsed());
     }
 
-    /// Write the line: `tokens` are the prompt and generated tokens llama-server reported.
-    pub fn log(&self, outcome: Outcome, tokens: Option<(u64, u64)>) {
+    /// Write the line and count it in the service's metrics: `timings` are what llama-server
+    /// reported at the answer's end.
+    pub fn log(&self, outcome: Outcome, timings: Option<&Timings>) {
+        self.metrics.record(self, timings);
+        let tokens = timings.map(|t| (t.prompt_n, t.predicted_n));
         let outcome_name = match outcome {
             Outcome::Done => "done",
             Outcome::ClientGone => "client_gone",

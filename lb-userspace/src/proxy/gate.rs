@@ -975,6 +975,7 @@ pub(crate) mod tests {
             pools: Vec::new(),
             default_pool: 0,
             affinity: None,
+            ejection: None,
         }
     }
 

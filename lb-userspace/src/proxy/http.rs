@@ -265,7 +265,11 @@ async fn handle<B: ClientBody>(
     peer: Ipv4Addr,
     request: Request<B>,
 ) -> Response<ProxyBody> {
-    let mut access = Access::begin(request.method(), request.uri().path());
+    let mut access = Access::begin(
+        service.request_metrics(),
+        request.method(),
+        request.uri().path(),
+    );
     let refused = |error: Refused, access: &mut Access| {
         debug!(refusal = ?error.refusal, message = %error.message, "request refused");
         access.status = Some(error.status().as_u16());
@@ -634,11 +638,12 @@ async fn forward(
         let exchanged = exchange(pool, address, outgoing, &clock)
             .instrument(span)
             .await;
-        in_flight.answered(match &exchanged {
-            Ok(answer) => Class::of_status(answer.head.status.as_u16()),
-            Err(Failed::Connect(_)) => Class::Unreachable,
-            Err(_) => Class::Failed,
-        });
+        match &exchanged {
+            Ok(answer) if answer.is_loading() => in_flight.loading(),
+            Ok(answer) => in_flight.answered(Class::of_status(answer.head.status.as_u16())),
+            Err(Failed::Connect(_)) => in_flight.answered(Class::Unreachable),
+            Err(_) => in_flight.answered(Class::Failed),
+        }
         let passing = |answer| Passing {
             answer,
             clock,
@@ -1086,8 +1091,8 @@ impl Passed {
             } else {
                 Outcome::ClientGone
             });
-            let tokens = measured.map(|m| (m.timings.prompt_n, m.timings.predicted_n));
-            self.access.log(outcome, tokens);
+            self.access
+                .log(outcome, measured.as_ref().map(|m| &m.timings));
         }
     }
 
@@ -1095,13 +1100,14 @@ impl Passed {
     /// `total_timeout`.
     fn cut(&mut self) -> Cut {
         let refusal = self.clock.cut(Instant::now());
-        if let Some((upstream, lease, _)) = &self.held {
+        if let Some((upstream, lease, in_flight)) = &self.held {
             warn!(
                 backend = %upstream.address,
                 reason = refusal.name(),
                 "an answer was cut short"
             );
             lease.count(refusal);
+            in_flight.cut();
         }
         self.outcome = Some(Outcome::Cut(refusal.name()));
         self.finish();
@@ -1179,6 +1185,7 @@ impl Body for Passed {
 mod tests {
     use super::*;
     use crate::dataplane::conns::ConnCounts;
+    use crate::proxy::RequestMetrics;
     use crate::proxy::gate::tests::{config, routes_to};
     use crate::requests::RequestCounts;
     use crate::spec::{ProxyMode, ProxySpec};
@@ -2299,6 +2306,39 @@ mod tests {
         );
         assert_eq!(fields[3]["status"], 502);
         assert_eq!(fields[3]["method"], "GET");
+
+        // The metrics count the same requests, by backend.
+        let only = |metrics: &RequestMetrics| {
+            let mut all = metrics.snapshot();
+            assert_eq!(all.len(), 1, "{all:?}");
+            all.remove(0)
+        };
+        let (key, done) = only(service.request_metrics());
+        assert_eq!(key.backend, answering.to_string());
+        assert_eq!(done.by_status, [(200, 1)].into());
+        let (_, streamed) = only(stalled.request_metrics());
+        assert_eq!(
+            streamed.by_status,
+            [(200, 2)].into(),
+            "a cut counts its head's"
+        );
+        let count = |h: &prometheus_client::metrics::histogram::Histogram| {
+            let mut text = String::new();
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register("h", "", h.clone());
+            prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+            text.lines()
+                .find_map(|l| l.strip_prefix("h_count ")?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{text}"))
+        };
+        assert_eq!(count(&streamed.ttft), 2, "both streamed");
+        assert_eq!(count(&done.ttft), 0, "not streamed");
+        assert_eq!(count(&done.duration), 1);
+        let (key, refused) = only(unreachable.request_metrics());
+        assert_eq!(
+            (key.backend, refused.by_status),
+            (dead.to_string(), [(502, 1)].into())
+        );
     }
 
     /// The proxy serving `service` on a loopback listener, and its address.

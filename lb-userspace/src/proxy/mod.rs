@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+pub use access::{RequestMetrics, Series, SeriesKey};
 pub use drain::drain_started;
 pub use gate::{Gate, PoolStats};
 pub use route::{LocalRoute, RouteError};

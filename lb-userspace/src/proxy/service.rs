@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::access::RequestMetrics;
 use super::gate::{Gate, PoolStats, Refusal, Retry, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
@@ -36,6 +37,8 @@ pub struct ServiceProxy {
     refused: [AtomicU64; Refusal::ALL.len()],
     /// Every pool's queue waits.
     wait: Histogram,
+    /// http: each request's latency, status and tokens, by model and backend.
+    requests: Arc<RequestMetrics>,
 }
 
 /// The counters of one service at one moment: its own and its pools' summed.
@@ -99,6 +102,7 @@ impl ServiceProxy {
             accepted: AtomicU64::default(),
             refused: Default::default(),
             wait,
+            requests: Arc::default(),
         })
     }
 
@@ -208,6 +212,11 @@ impl ServiceProxy {
                 Vec::new()
             },
         }
+    }
+
+    /// http: its request series, by model and backend.
+    pub fn request_metrics(&self) -> &Arc<RequestMetrics> {
+        &self.requests
     }
 
     /// The service's queue wait histogram (every pool's waits).

@@ -8,6 +8,8 @@
 //! - `GET /health` -> 200, or 503 (as llama.cpp while loading) after `PUT /health` with body
 //!   `fail`; `PUT /health` with `ok` heals it. A test can make a backend fail its health checks
 //!   on demand, which a real llama-server cannot do.
+//! - `POST /v1/chat/completions` -> `--chat-status` (500 by default) with an OpenAI error body: a
+//!   backend that passes its health checks and fails every request, for passive health.
 
 use std::net::SocketAddr;
 use std::sync::{
@@ -29,6 +31,7 @@ use axum::{
 struct Backend {
     name: String,
     failing: Arc<AtomicBool>,
+    chat_status: StatusCode,
 }
 use clap::Parser;
 
@@ -44,6 +47,9 @@ struct Args {
     /// Address to listen on, e.g. 0.0.0.0:8080.
     #[arg(long)]
     listen: SocketAddr,
+    /// The status every chat completion gets.
+    #[arg(long, default_value_t = 500)]
+    chat_status: u16,
 }
 
 async fn whoami(
@@ -81,6 +87,14 @@ async fn echo(body: Bytes) -> Bytes {
     body
 }
 
+async fn chat(State(backend): State<Backend>) -> impl IntoResponse {
+    let status = backend.chat_status;
+    let error = serde_json::json!({
+        "error": {"code": status.as_u16(), "type": "server_error", "message": "failing on purpose"}
+    });
+    (status, error.to_string())
+}
+
 /// Lifts the soft open-file limit to the hard limit (1,000+ concurrent connections).
 fn raise_nofile() -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -103,10 +117,13 @@ fn main() -> anyhow::Result<()> {
             .route("/bytes/{n}", get(bytes))
             .route("/echo", post(echo))
             .route("/health", get(health).put(set_health))
+            .route("/v1/chat/completions", post(chat))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(Backend {
                 name: args.name.clone(),
                 failing: Arc::new(AtomicBool::new(false)),
+                chat_status: StatusCode::from_u16(args.chat_status)
+                    .context("--chat-status is no HTTP status")?,
             });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

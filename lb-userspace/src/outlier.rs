@@ -1,0 +1,250 @@
+//! Passive health (outlier detection) of the backends of http services, from what the proxy
+//! sees of them. A backend that fails `consecutive_failures` requests in a row
+//! ([`RequestCounts::failures_in_a_row`]: 5xx answers but llama.cpp's loading 503, connections
+//! refused, reset or timed out, answers cut short) is ejected: the table marks it `ejected`, so
+//! neither the kernel nor the proxy gives it anything new, for `base_time`, twice as long each
+//! time it is ejected again before it stayed in for `max_time`, at most `max_time`. At most
+//! `max_ejected_percent` of a service's backends are out at once, and never a service's only
+//! one. An ejected backend comes back by itself when its time is up; active health checks, if
+//! any, keep judging it meanwhile.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::spec::EjectionSpec;
+use crate::table::{BackendStatus, TableHandle};
+
+/// How often the records are looked at without a failure to wake for (they come back on their
+/// own deadlines too): a bound on missed wake-ups, not a clock anything depends on.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What passive health remembers of one backend (an id with its address).
+#[derive(Debug, Default)]
+struct Record {
+    /// Ejections in a row: each lasts twice the one before.
+    ejections: u32,
+    /// While ejected: when it comes back.
+    out_until: Option<Instant>,
+    /// Since when it is back from its last ejection.
+    back_since: Option<Instant>,
+    /// Its streak reached the threshold while the share was out: said once.
+    held_back: bool,
+}
+
+/// Judge the backends of `services` (name, settings) until the table stops.
+pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
+    let requests = table.requests();
+    let mut records: HashMap<(u32, SocketAddrV4), Record> = HashMap::new();
+    loop {
+        let next = records.values().filter_map(|r| r.out_until).min();
+        let wake = next.map_or(Instant::now() + TICK, |at| at.min(Instant::now() + TICK));
+        tokio::select! {
+            () = requests.failure() => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let Ok(snapshot) = table.snapshot() else {
+            return;
+        };
+        let now = Instant::now();
+        for (service, spec) in &services {
+            let backends: Vec<_> = snapshot
+                .backends
+                .iter()
+                .filter(|b| &b.service == service)
+                .collect();
+            let allowed = spec.allowed(backends.len());
+            let mut out = backends
+                .iter()
+                .filter(|b| {
+                    records
+                        .get(&(b.id, b.address))
+                        .is_some_and(|r| r.out_until.is_some())
+                })
+                .count();
+            for backend in &backends {
+                let (id, address) = (backend.id, backend.address);
+                let record = records.entry((id, address)).or_default();
+                if record.out_until.is_some_and(|until| until <= now) {
+                    if table.set_ejected(id, address, false).await.is_err() {
+                        return;
+                    }
+                    info!(service, id, %address, "backend back from ejection");
+                    record.out_until = None;
+                    record.back_since = Some(now);
+                    out -= 1;
+                }
+                if record.out_until.is_some() {
+                    continue;
+                }
+                if record
+                    .back_since
+                    .is_some_and(|since| now - since >= spec.max_time)
+                {
+                    record.ejections = 0;
+                    record.back_since = None;
+                }
+                if backend.status != BackendStatus::Healthy {
+                    // Out for another reason, which explains its failures.
+                    requests.forget_failures(id);
+                    continue;
+                }
+                let failures = requests.failures_in_a_row(id);
+                if failures < u64::from(spec.consecutive_failures) {
+                    record.held_back = false;
+                    continue;
+                }
+                if out >= allowed {
+                    if !record.held_back {
+                        warn!(
+                            service, id, %address, failures, allowed,
+                            "backend not ejected: max_ejected_percent of the service is out already"
+                        );
+                        record.held_back = true;
+                    }
+                    continue;
+                }
+                record.ejections += 1;
+                let time = spec.time(record.ejections);
+                if table.set_ejected(id, address, true).await.is_err() {
+                    return;
+                }
+                requests.forget_failures(id);
+                record.out_until = Some(now + time);
+                record.held_back = false;
+                out += 1;
+                warn!(
+                    service, id, %address, failures, ejections = record.ejections, ?time,
+                    "backend ejected: it failed requests in a row"
+                );
+            }
+        }
+        // A backend that left (or whose id went to another) is forgotten.
+        records.retain(|&(id, address), _| {
+            snapshot
+                .backends
+                .iter()
+                .any(|b| b.id == id && b.address == address)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeDataplane, chat_service};
+    use crate::requests::Class;
+    use crate::spec::BackendSpec;
+    use lb_common::backend_state::{ACTIVE, DOWN};
+
+    fn backend(port: u16) -> BackendSpec {
+        BackendSpec {
+            address: SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port),
+            weight: crate::spec::Weight::ONE,
+            max_connections: 0,
+            models: Vec::new(),
+        }
+    }
+
+    /// `n` requests to `id` answered `status`.
+    fn answered(table: &TableHandle, id: u32, status: u16, n: usize) {
+        let requests = table.requests();
+        for _ in 0..n {
+            requests.begin(id).answered(Class::of_status(status));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn five_failures_in_a_row_eject_a_backend_for_a_time_that_doubles() {
+        let dataplane = FakeDataplane::default();
+        let service = chat_service(vec![backend(8081), backend(8082)], None);
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
+        let spec = EjectionSpec {
+            consecutive_failures: 5,
+            base_time: Duration::from_secs(10),
+            max_time: Duration::from_secs(100),
+            max_percent: 50,
+        };
+        let judge = tokio::spawn(run(table.clone(), vec![("chat".to_owned(), spec)]));
+        let status = |id: usize| table.snapshot().expect("snapshot").backends[id].status;
+        let state = |id: u32| dataplane.maps().backends[&id].state;
+        let settle = || tokio::time::sleep(Duration::from_millis(10));
+
+        // Four 500s, a 200, four more: no five in a row.
+        answered(&table, 0, 500, 4);
+        answered(&table, 0, 200, 1);
+        answered(&table, 0, 500, 4);
+        settle().await;
+        assert_eq!(status(0), BackendStatus::Healthy);
+        // The fifth in a row.
+        answered(&table, 0, 502, 1);
+        settle().await;
+        assert_eq!(
+            (status(0), state(0)),
+            (BackendStatus::Ejected, DOWN),
+            "the kernel too"
+        );
+        assert_eq!(dataplane.maps().rings[&0], [1], "out of the ring");
+        // The other may not go too: at 50% of two, one is out.
+        answered(&table, 1, 500, 5);
+        settle().await;
+        assert_eq!(status(1), BackendStatus::Healthy, "max_ejected_percent");
+        answered(&table, 1, 200, 1);
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(
+            (status(0), state(0)),
+            (BackendStatus::Healthy, ACTIVE),
+            "back after 10 s"
+        );
+        // Failing again at once: out for twice as long.
+        answered(&table, 0, 500, 5);
+        settle().await;
+        assert_eq!(status(0), BackendStatus::Ejected);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(status(0), BackendStatus::Ejected, "20 s this time");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(status(0), BackendStatus::Healthy);
+        judge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_services_only_backend_and_loading_answers_are_never_ejected() {
+        let dataplane = FakeDataplane::default();
+        let service = chat_service(vec![backend(8081)], None);
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
+        let judge = tokio::spawn(run(
+            table.clone(),
+            vec![("chat".to_owned(), EjectionSpec::default())],
+        ));
+        answered(&table, 0, 500, 10);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let status = || table.snapshot().expect("snapshot").backends[0].status;
+        assert_eq!(status(), BackendStatus::Healthy, "the only one stays");
+        assert_eq!(table.requests().failures_in_a_row(0), 10);
+        let requests = table.requests();
+        answered(&table, 0, 200, 1);
+        for _ in 0..10 {
+            requests.begin(0).loading();
+        }
+        assert_eq!(
+            requests.failures_in_a_row(0),
+            0,
+            "a loading 503 is no failure"
+        );
+        judge.abort();
+    }
+
+    #[test]
+    fn the_share_out_is_rounded_down_but_at_least_one_of_two() {
+        let spec = EjectionSpec::default();
+        assert_eq!([1, 2, 3, 4, 10].map(|n| spec.allowed(n)), [0, 1, 1, 2, 5]);
+        let times: Vec<u64> = (1..=6).map(|n| spec.time(n).as_secs()).collect();
+        assert_eq!(times, [30, 60, 120, 240, 300, 300]);
+        assert_eq!(spec.time(40), spec.max_time, "no overflow");
+    }
+}
