@@ -398,7 +398,8 @@ impl<'de> Deserialize<'de> for Timeout {
         let text = String::deserialize(deserializer)?;
         parse_duration(&text).map(Timeout).ok_or_else(|| {
             serde::de::Error::custom(format_args!(
-                "`{text}` is not a duration like \"500ms\", \"10s\", \"10m\" or \"1h\" (above zero)"
+                "`{text}` is not a duration like \"500ms\", \"10s\", \"10m\" or \"1h\" (above zero, at \
+                 most 8760h)"
             ))
         })
     }
@@ -418,13 +419,17 @@ impl<'de> Deserialize<'de> for OptionalTimeout {
             .ok_or_else(|| {
                 serde::de::Error::custom(format_args!(
                     "`{text}` is not \"off\" or a duration like \"500ms\", \"10s\", \"10m\" or \
-                     \"1h\" (above zero)"
+                     \"1h\" (above zero, at most 8760h)"
                 ))
             })
     }
 }
 
-/// `"500ms"`, `"10s"`, `"10m"`, `"1h"`; `None` for anything else or zero.
+/// The longest duration taken: a year. Longer ones mean "never" and would overflow the clock
+/// they are added to.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `"500ms"`, `"10s"`, `"10m"`, `"1h"`; `None` for anything else, zero or over a year.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let split = text.find(|c: char| !c.is_ascii_digit())?;
     let (number, unit) = text.split_at(split);
@@ -436,7 +441,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => Duration::from_secs(n.checked_mul(3600)?),
         _ => return None,
     };
-    (!duration.is_zero()).then_some(duration)
+    (!duration.is_zero() && duration <= MAX_DURATION).then_some(duration)
 }
 
 impl Config {

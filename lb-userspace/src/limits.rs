@@ -262,6 +262,9 @@ pub enum Ended {
     Closed(Closed),
 }
 
+/// Requests an HTTP/2 client connection may have in flight at once.
+pub const H2_STREAMS: u32 = 8;
+
 /// Serve one client connection, HTTP/1.1 (with upgrades: a WebSocket) or HTTP/2 with prior
 /// knowledge (h2c, told by its preface), with `service` under `timeouts` and its registry place,
 /// until it ends or is closed by its limits; once `stop` completes, the requests in flight are
@@ -292,6 +295,9 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Kept by `activity` instead (see the module doc).
     builder.http1().header_read_timeout(None);
+    // Each stream's body is read whole before it waits for a backend: an h2 connection holds
+    // at most as many as this, as HTTP/1.1 holds one.
+    builder.http2().max_concurrent_streams(H2_STREAMS);
     let connection = builder.serve_connection_with_upgrades(io, tracking);
     tokio::pin!(connection, stop);
     let mut stopping = false;

@@ -107,7 +107,7 @@ fn parse_driver(text: &str) -> Result<DriverConfig, String> {
 
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text).ok_or_else(|| {
-        format!("`{text}` is not a duration like 500ms, 10s, 10m or 1h (above zero)")
+        format!("`{text}` is not a duration like 500ms, 10s, 10m or 1h (above zero, at most 8760h)")
     })
 }
 
@@ -249,15 +249,19 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> anyhow::Result<()> {
 }
 
 /// A log filter of comma-separated directives, each a level or `target[span{field}]=level`. A
-/// bare word is refused unless it is a level: tracing would read `verbose` as "everything of
-/// target `verbose`", which logs nothing, in silence.
+/// bare word that is neither a level nor looks like a module path (`lb_userspace`,
+/// `steer::access`) is refused: tracing would read `verbose` as "everything of target
+/// `verbose`", which logs nothing, in silence.
 fn log_filter(directives: &str) -> anyhow::Result<EnvFilter> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     for directive in directives.split(',').map(str::trim) {
-        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive));
-        if !directive.contains('=') && !directive.is_empty() && !is_level {
+        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive))
+            || matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
+        let is_path = directive.contains("::") || directive.contains('_');
+        if !directive.contains('=') && !directive.is_empty() && !is_level && !is_path {
             anyhow::bail!(
-                "`{directive}` is not a level ({}) nor a directive like `lb_userspace=debug`",
+                "`{directive}` is not a level ({}) nor a directive like `lb_userspace=debug` \
+                 (every event of a target: `{directive}=trace`)",
                 LEVELS.join(", ")
             );
         }

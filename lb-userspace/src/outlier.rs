@@ -4,8 +4,8 @@
 //! refused, reset or timed out, answers cut short) is ejected: the table marks it `ejected`, so
 //! neither the kernel nor the proxy gives it anything new, for `base_time`, twice as long each
 //! time it is ejected again before it stayed in for `max_time`, at most `max_time`. At most
-//! `max_ejected_percent` of a service's backends are out at once, and never a service's only
-//! one. An ejected backend comes back by itself when its time is up; active health checks, if
+//! `max_ejected_percent` of a service's backends serving or ejected are out at once, and never
+//! the last one serving. An ejected backend comes back by itself when its time is up; active health checks, if
 //! any, keep judging it meanwhile.
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::spec::EjectionSpec;
-use crate::table::{BackendStatus, TableHandle};
+use crate::table::{BackendStatus, TableError, TableHandle};
 
 /// How often the records are looked at without a failure to wake for (they come back on their
 /// own deadlines too): a bound on missed wake-ups, not a clock anything depends on.
@@ -56,7 +56,17 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
                 .iter()
                 .filter(|b| &b.service == service)
                 .collect();
-            let allowed = spec.allowed(backends.len());
+            // The share is of the backends serving or ejected now, not of those out for another
+            // reason.
+            let live = backends
+                .iter()
+                .filter(|b| matches!(b.status, BackendStatus::Healthy | BackendStatus::Ejected))
+                .count();
+            let allowed = spec.allowed(live);
+            let mut healthy = backends
+                .iter()
+                .filter(|b| b.status == BackendStatus::Healthy)
+                .count();
             let mut out = backends
                 .iter()
                 .filter(|b| {
@@ -69,13 +79,20 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
                 let (id, address) = (backend.id, backend.address);
                 let record = records.entry((id, address)).or_default();
                 if record.out_until.is_some_and(|until| until <= now) {
-                    if table.set_ejected(id, address, false).await.is_err() {
-                        return;
+                    match table.set_ejected(id, address, false).await {
+                        Ok(()) => {}
+                        Err(TableError::Stopped) => return,
+                        // Kept out: tried again at the next wake.
+                        Err(error) => {
+                            warn!(service, id, %address, %error, "backend not taken back yet");
+                            continue;
+                        }
                     }
                     info!(service, id, %address, "backend back from ejection");
                     record.out_until = None;
                     record.back_since = Some(now);
                     out -= 1;
+                    healthy += 1;
                 }
                 if record.out_until.is_some() {
                     continue;
@@ -107,11 +124,22 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
                     }
                     continue;
                 }
+                if healthy <= 1 {
+                    // The last one serving: out, it would leave the service with none.
+                    continue;
+                }
                 record.ejections += 1;
                 let time = spec.time(record.ejections);
-                if table.set_ejected(id, address, true).await.is_err() {
-                    return;
+                match table.set_ejected(id, address, true).await {
+                    Ok(()) => {}
+                    Err(TableError::Stopped) => return,
+                    Err(error) => {
+                        record.ejections -= 1;
+                        warn!(service, id, %address, %error, "backend not ejected");
+                        continue;
+                    }
                 }
+                healthy -= 1;
                 requests.forget_failures(id);
                 record.out_until = Some(now + time);
                 record.held_back = false;
@@ -136,7 +164,6 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
 mod tests {
     use super::*;
     use crate::fake::{FakeDataplane, chat_service};
-    use crate::requests::Class;
     use crate::spec::BackendSpec;
     use lb_common::backend_state::{ACTIVE, DOWN};
 
@@ -153,7 +180,7 @@ mod tests {
     fn answered(table: &TableHandle, id: u32, status: u16, n: usize) {
         let requests = table.requests();
         for _ in 0..n {
-            requests.begin(id).answered(Class::of_status(status));
+            requests.begin(id).answered_status(status);
         }
     }
 
@@ -227,6 +254,13 @@ mod tests {
         assert_eq!(status(), BackendStatus::Healthy, "the only one stays");
         assert_eq!(table.requests().failures_in_a_row(0), 10);
         let requests = table.requests();
+        answered(&table, 0, 501, 1);
+        assert_eq!(
+            requests.failures_in_a_row(0),
+            0,
+            "a 501 (a feature not started) ends it"
+        );
+        answered(&table, 0, 500, 3);
         answered(&table, 0, 200, 1);
         for _ in 0..10 {
             requests.begin(0).loading();
@@ -246,5 +280,30 @@ mod tests {
         let times: Vec<u64> = (1..=6).map(|n| spec.time(n).as_secs()).collect();
         assert_eq!(times, [30, 60, 120, 240, 300, 300]);
         assert_eq!(spec.time(40), spec.max_time, "no overflow");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_healthy_backend_is_never_ejected() {
+        let dataplane = FakeDataplane::default();
+        let service = chat_service(vec![backend(8081), backend(8082)], None);
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
+        let address = table.snapshot().expect("snapshot").backends[1].address;
+        table
+            .set_checks(1, address, crate::table::Checks::Failing)
+            .await
+            .expect("checks");
+        let judge = tokio::spawn(run(
+            table.clone(),
+            vec![("chat".to_owned(), EjectionSpec::default())],
+        ));
+        answered(&table, 0, 500, 5);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let status = |id: usize| table.snapshot().expect("snapshot").backends[id].status;
+        assert_eq!(
+            (status(0), status(1)),
+            (BackendStatus::Healthy, BackendStatus::Unhealthy),
+            "the other is out already: this one stays"
+        );
+        judge.abort();
     }
 }

@@ -374,17 +374,30 @@ impl InFlight {
         (Some(entry.generation.load(Ordering::Acquire)) == self.generation).then_some(entry)
     }
 
-    /// Count what became of it (once per request): an answer below 500 ends the backend's
-    /// streak of failures, a 5xx or no answer adds to it.
+    /// Count what became of it (once per request): an answer ends the backend's streak of
+    /// failures, no answer adds to it. Use [`InFlight::answered_status`] for an answer.
     pub fn answered(&self, class: Class) {
         if let Some(entry) = self.entry() {
             // `ALL` lists them in declaration order.
             entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
             match class {
-                Class::Success | Class::Redirect | Class::ClientError => {
-                    entry.failures_in_a_row.store(0, Ordering::Release);
-                }
-                Class::ServerError | Class::Unreachable | Class::Failed => self.failed(entry),
+                Class::Unreachable | Class::Failed => self.failed(entry),
+                _ => entry.failures_in_a_row.store(0, Ordering::Release),
+            }
+        }
+    }
+
+    /// Count an answer of `status`: 500, 502, 503 (not the loading one: see
+    /// [`InFlight::loading`]) and 504 say the server failed and add to its streak; any other
+    /// status, a 501 for a feature it was not started with, a 4xx, ends it.
+    pub fn answered_status(&self, status: u16) {
+        let class = Class::of_status(status);
+        if let Some(entry) = self.entry() {
+            entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
+            if matches!(status, 500 | 502 | 503 | 504) {
+                self.failed(entry);
+            } else {
+                entry.failures_in_a_row.store(0, Ordering::Release);
             }
         }
     }

@@ -1011,7 +1011,9 @@ impl<D: Dataplane> Table<D> {
         self.set_health(id, address, |b| {
             let supervised = b.supervised.as_mut()?;
             if process == ProcessHealth::Up && supervised.process != ProcessHealth::Up {
+                // A new process: what was seen of the old one no longer holds.
                 b.checks = Checks::Unchecked;
+                b.ejected = false;
                 supervised.came_up = true;
             }
             supervised.process = process;

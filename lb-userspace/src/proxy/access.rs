@@ -25,8 +25,10 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 pub const TOKEN_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
 ];
-/// Which series a request counts in: the `model` its body names (empty: none) and the backend
-/// of its last try (empty: refused before one was chosen).
+/// Which series a request counts in: the model pool it went to (empty: a service without pools,
+/// or refused before a pool was chosen; never the client's own string, so the series stay as
+/// few as the config's pools times backends) and the backend of its last try (empty: refused
+/// before one was chosen).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SeriesKey {
     pub model: String,
@@ -79,7 +81,7 @@ impl RequestMetrics {
 
     fn record(&self, access: &Access, timings: Option<&Timings>) {
         let key = SeriesKey {
-            model: access.model.clone().unwrap_or_default(),
+            model: access.pool.clone().unwrap_or_default(),
             backend: access.backend.map(|b| b.to_string()).unwrap_or_default(),
         };
         let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
@@ -116,6 +118,8 @@ pub struct Access {
     path: String,
     /// The `model` its body names.
     pub model: Option<String>,
+    /// The model pool it went to.
+    pub pool: Option<String>,
     pub streamed: bool,
     /// The backend of its last try.
     pub backend: Option<SocketAddrV4>,
@@ -151,6 +155,7 @@ impl Access {
             method: method.clone(),
             path: path.to_owned(),
             model: None,
+            pool: None,
             streamed: false,
             backend: None,
             queue_wait: Duration::ZERO,
@@ -188,8 +193,8 @@ impl Access {
                 tracing::$level!(
                     target: "steer::access",
                     method = %self.method,
-                    path = %self.path,
-                    model = self.model.as_deref(),
+                    path = bounded(&self.path),
+                    model = self.model.as_deref().map(bounded),
                     backend = self.backend.map(tracing::field::display),
                     status = self.status,
                     queue_ms = millis(self.queue_wait),
@@ -211,7 +216,54 @@ impl Access {
     }
 }
 
+/// `text`, or its first [`LOGGED_CHARS`] characters: a client's value must not make a line of
+/// megabytes.
+fn bounded(text: &str) -> &str {
+    text.char_indices()
+        .nth(LOGGED_CHARS)
+        .map_or(text, |(end, _)| &text[..end])
+}
+
+/// The most of a client's string (a path, a model) a line keeps.
+const LOGGED_CHARS: usize = 512;
+
 /// Milliseconds to a tenth.
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_string_is_logged_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("qwen"), "qwen");
+        let long = "é".repeat(LOGGED_CHARS + 10);
+        let kept = bounded(&long);
+        assert_eq!(kept.chars().count(), LOGGED_CHARS);
+        assert!(long.starts_with(kept));
+    }
+
+    #[test]
+    fn a_series_is_keyed_by_the_pool_not_the_model_a_client_names() {
+        let metrics = Arc::new(RequestMetrics::default());
+        for named in ["a", "b", "c"] {
+            let mut access = Access::begin(&metrics, &Method::POST, "/v1/chat/completions");
+            access.model = Some(named.to_owned());
+            access.status = Some(200);
+            access.log(Outcome::Done, None);
+        }
+        let mut pooled = Access::begin(&metrics, &Method::POST, "/v1/chat/completions");
+        pooled.model = Some("gpt-4o-mini".to_owned());
+        pooled.pool = Some("qwen".to_owned());
+        pooled.status = Some(200);
+        pooled.log(Outcome::Done, None);
+        let keys: Vec<String> = metrics
+            .snapshot()
+            .into_iter()
+            .map(|(k, _)| k.model)
+            .collect();
+        assert_eq!(keys, ["", "qwen"], "three names, one series without pools");
+    }
 }

@@ -117,8 +117,9 @@ impl Outgoing {
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade:`,
-/// e.g. `websocket`).
+/// The protocol an HTTP/1.1 request asks to switch to, when it is a WebSocket (`Connection:
+/// upgrade`, `Upgrade: websocket`). Any other upgrade (curl's `h2c`, say) is declined as RFC 9110
+/// allows: its headers are dropped as hop-by-hop and the request is served as it is.
 fn upgrade_asked<B>(request: &Request<B>) -> Option<HeaderValue> {
     let headers = request.headers();
     let connection_upgrade = headers
@@ -128,11 +129,14 @@ fn upgrade_asked<B>(request: &Request<B>) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
     let http1 = request.version() == hyper::Version::HTTP_11;
-    connection_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-        .filter(|_| http1)
+    let websocket = headers
+        .get(header::UPGRADE)
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    websocket.filter(|_| connection_upgrade && http1).cloned()
 }
+
+/// The most of a backend's answer that declines an upgrade the proxy reads.
+const TUNNEL_REFUSAL: usize = 1 << 20;
 
 /// A request to switch to `protocol` (a WebSocket), sent to a backend of the default pool on a
 /// connection of its own; on the backend's 101 the client's and the backend's connections are
@@ -165,7 +169,12 @@ async fn tunnel<B: ClientBody>(
     access.backend = Some(lease.address);
     access.queue_wait = lease.waited;
     let in_flight = gate.requests().begin(lease.id);
+    // Before any answer: counted as none.
     let failed = |refusal, error: String| {
+        in_flight.answered(match refusal {
+            Refusal::Connect => Class::Unreachable,
+            _ => Class::Failed,
+        });
         let message = format!(
             "backend {} could not be upgraded to: {error}",
             lease.address
@@ -194,20 +203,29 @@ async fn tunnel<B: ClientBody>(
             failed(Refusal::FirstByteTimeout, error)
         })?
         .map_err(|error| failed(Refusal::BadGateway, error.to_string()))?;
-    in_flight.answered(Class::of_status(response.status().as_u16()));
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switched {
+        in_flight.answered(Class::Success);
+    } else {
+        in_flight.answered_status(response.status().as_u16());
+    }
     access.status = Some(response.status().as_u16());
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // Refused by the backend: its answer, read whole (it is short), then the claim goes.
+    if !switched {
+        // Refused by the backend: its answer (short: an error), read whole, then the claim goes.
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = tokio::time::timeout(first_byte, body.collect())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(http_body_util::Collected::to_bytes)
-            .unwrap_or_default();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let read = tokio::time::timeout(first_byte, Limited::new(body, TUNNEL_REFUSAL).collect());
+        let Ok(Ok(body)) = read.await else {
+            let message = format!(
+                "backend {}: its answer to the upgrade did not arrive whole",
+                lease.address
+            );
+            return Err(Refused::new(Refusal::BadGateway, message));
+        };
         access.log(Outcome::Done, None);
-        return Ok(Response::from_parts(parts, Either::Left(Full::new(body))));
+        let body = Full::new(body.to_bytes());
+        return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     let backend_side = hyper::upgrade::on(&mut response);
     // Logged when the tunnel closes.
@@ -316,6 +334,7 @@ async fn handle<B: ClientBody>(
         return refused(error, &mut access);
     };
     access.model = model;
+    access.pool = gate.model().map(str::to_owned);
     match forward(gate, pool, peer, &outgoing, &mut access).await {
         Ok(answer) => answer.pass(access),
         Err(error) => {
@@ -640,7 +659,7 @@ async fn forward(
             .await;
         match &exchanged {
             Ok(answer) if answer.is_loading() => in_flight.loading(),
-            Ok(answer) => in_flight.answered(Class::of_status(answer.head.status.as_u16())),
+            Ok(answer) => in_flight.answered_status(answer.head.status.as_u16()),
             Err(Failed::Connect(_)) => in_flight.answered(Class::Unreachable),
             Err(_) => in_flight.answered(Class::Failed),
         }
@@ -1155,6 +1174,9 @@ impl Body for Passed {
                 self.ended = end.is_none();
                 if !self.ended {
                     self.outcome = Some(Outcome::BackendFailed);
+                    if let Some((_, _, in_flight)) = &self.held {
+                        in_flight.cut();
+                    }
                 }
                 self.finish();
             }
@@ -2449,5 +2471,26 @@ mod tests {
             "the backend gets Host from :authority: {seen:?}"
         );
         proxy.abort();
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_to_anything_but_a_websocket_is_declined_and_served() {
+        let (backend, seen) = scripted_backend_seen(&[Step::Send(OK)]).await;
+        let (service, _counts, _table) = http_service(backend);
+        let pool = Arc::new(Pool::default());
+        let request = Request::get("/v1/models")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = handle(&service, &pool, Ipv4Addr::LOCALHOST, request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(read_body(response).await, "ok");
+        let sent = seen.lock().unwrap_or_else(PoisonError::into_inner)[0].to_ascii_lowercase();
+        assert!(
+            !sent.contains("upgrade") && !sent.contains("http2-settings"),
+            "hop-by-hop, dropped: {sent}"
+        );
     }
 }
