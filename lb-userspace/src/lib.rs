@@ -225,6 +225,7 @@ async fn serve<D: Dataplane>(
         let polled = slots::Polled {
             slots: service.slots.is_some(),
             models: (service.proxy.mode == ProxyMode::Http).then_some(slots::MODELS_REFRESH),
+            metrics: (service.proxy.mode == ProxyMode::Http).then_some(slots::METRICS_REFRESH),
         };
         if polled.slots || polled.models.is_some() {
             health_checks.spawn(slots::run(

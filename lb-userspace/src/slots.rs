@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,6 +33,9 @@ const PROCESSING_GAUGE: &str = "llamacpp:requests_processing";
 
 /// How often a backend whose models are known is asked for them again.
 pub const MODELS_REFRESH: Duration = Duration::from_secs(10);
+/// How often an http service's backends are asked for llama-server's own `/metrics`, which
+/// the agent's `/metrics` passes on: a scrape of the agent never waits for one of a backend.
+pub const METRICS_REFRESH: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -56,6 +60,8 @@ pub struct Polled {
     pub slots: bool,
     /// Its models (http services), asked again this often once known ([`MODELS_REFRESH`]).
     pub models: Option<Duration>,
+    /// llama-server's `/metrics` (http services), this often ([`METRICS_REFRESH`]).
+    pub metrics: Option<Duration>,
 }
 
 /// Poll the backends of `service` until the task is aborted or the table stops.
@@ -65,8 +71,9 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
         // Backends whose last poll failed, so a failure is logged once per streak; by what
         // was asked ("slots", "models").
         let mut failing: HashSet<(u32, SocketAddrV4, &'static str)> = HashSet::new();
-        // When each backend last told its models.
+        // When each backend last told its models, and was last asked for its metrics.
         let mut models_known: HashMap<(u32, SocketAddrV4), Instant> = HashMap::new();
+        let mut metrics_asked: HashMap<(u32, SocketAddrV4), Instant> = HashMap::new();
         let mut tick = tokio::time::interval(poll.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -80,11 +87,18 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                 // poll can see.
                 let (id, address, steered_before) = (b.id, b.address, table.steered(b.id));
                 let timeout = poll.timeout;
-                let ask_models = polled.models.is_some_and(|refresh| {
-                    models_known
-                        .get(&(id, address))
-                        .is_none_or(|at| at.elapsed() >= refresh)
-                });
+                let due = |asked: &HashMap<_, Instant>, refresh: Option<Duration>| {
+                    refresh.is_some_and(|refresh| {
+                        asked
+                            .get(&(id, address))
+                            .is_none_or(|at: &Instant| at.elapsed() >= refresh)
+                    })
+                };
+                let ask_models = due(&models_known, polled.models);
+                let ask_metrics = due(&metrics_asked, polled.metrics);
+                if ask_metrics {
+                    metrics_asked.insert((id, address), Instant::now());
+                }
                 polls.spawn(async move {
                     // Both at once, each within the poll's timeout.
                     let slots = async {
@@ -101,8 +115,15 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                             None
                         }
                     };
-                    let (slots, models) = tokio::join!(slots, models);
-                    (id, address, steered_before, slots, models)
+                    let metrics = async {
+                        if ask_metrics {
+                            poll_metrics(address, timeout).await
+                        } else {
+                            None
+                        }
+                    };
+                    let (slots, models, metrics) = tokio::join!(slots, models, metrics);
+                    (id, address, steered_before, slots, models, metrics)
                 });
             }
             let listed = |id, address| {
@@ -112,6 +133,7 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                     .any(|b| (b.id, b.address) == (id, address))
             };
             failing.retain(|&(id, address, _)| listed(id, address));
+            metrics_asked.retain(|&(id, address), _| listed(id, address));
             // Asked again at once after anything a change of what it runs goes through: out of
             // service (a restart, a load) or no models known.
             models_known.retain(|&(id, address), _| {
@@ -119,9 +141,14 @@ pub async fn run(table: TableHandle, service: String, poll: SlotPoll, polled: Po
                     (b.id, b.address) == (id, address) && b.healthy && !b.models.is_empty()
                 })
             });
-            while let Some(Ok((id, address, steered_before, slots, models))) =
+            while let Some(Ok((id, address, steered_before, slots, models, metrics))) =
                 polls.join_next().await
             {
+                if let Some(metrics) = metrics
+                    && stopped(table.set_metrics(id, address, metrics).await, id, address)
+                {
+                    return;
+                }
                 if matches!(slots, Some(Err(_))) {
                     models_known.remove(&(id, address));
                 }
@@ -189,6 +216,19 @@ fn stopped(published: Result<(), TableError>, id: u32, address: SocketAddrV4) ->
         Err(error) => {
             warn!(id, %address, %error, "publishing a backend poll");
             false
+        }
+    }
+}
+
+/// llama-server's own `/metrics` text at `address` (it needs `--metrics`), within `timeout`;
+/// `None` when it has none or did not answer (a failure there says nothing the other polls do
+/// not: it is only logged at DEBUG).
+pub async fn poll_metrics(address: SocketAddrV4, timeout: Duration) -> Option<Arc<str>> {
+    match get(address, "/metrics", timeout).await {
+        Ok(body) => Some(String::from_utf8_lossy(&body).into()),
+        Err(error) => {
+            debug!(%address, %error, "no llama-server metrics");
+            None
         }
     }
 }
@@ -495,6 +535,7 @@ mod tests {
         let polled = Polled {
             slots: true,
             models: Some(Duration::from_secs(3600)),
+            metrics: None,
         };
         let interval = poll.interval;
         let poller = tokio::spawn(run(table.clone(), "chat".to_owned(), poll, polled));

@@ -208,6 +208,10 @@ pub struct BackendInfo {
     /// The http proxy's requests to it: in flight and by class, tokens and speeds.
     #[serde(flatten)]
     pub requests: BackendRequests,
+    /// llama-server's own `/metrics` text at the last poll (http services; it needs
+    /// `--metrics`), passed on by the agent's `/metrics`.
+    #[serde(skip)]
+    pub llama_metrics: Option<Arc<str>>,
 }
 
 /// Where a backend runs, which decides how its packets are rewritten.
@@ -339,6 +343,7 @@ enum Command {
     SetSlots(SlotReport, Reply<()>),
     SetModels(u32, SocketAddrV4, Vec<String>, Reply<()>),
     SetEjected(u32, SocketAddrV4, bool, Reply<()>),
+    SetMetrics(u32, SocketAddrV4, Arc<str>, Reply<()>),
     /// Read the kernel's counters now and publish.
     Refresh(Reply<Arc<Snapshot>>),
     Close(oneshot::Sender<()>),
@@ -419,6 +424,18 @@ impl TableHandle {
         ejected: bool,
     ) -> Result<(), TableError> {
         self.call(|reply| Command::SetEjected(id, address, ejected, reply))
+            .await
+    }
+
+    /// Keep the text of llama-server's own `/metrics` at `address` under `id` (dropped if the
+    /// id has since changed hands), for the agent's `/metrics` to pass on.
+    pub async fn set_metrics(
+        &self,
+        id: u32,
+        address: SocketAddrV4,
+        text: Arc<str>,
+    ) -> Result<(), TableError> {
+        self.call(|reply| Command::SetMetrics(id, address, text, reply))
             .await
     }
 
@@ -611,6 +628,8 @@ struct SlotBackend {
     learnt_models: Vec<String>,
     /// Taken out by passive health.
     ejected: bool,
+    /// llama-server's own `/metrics`, as last polled.
+    llama_metrics: Option<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -804,6 +823,7 @@ impl<D: Dataplane> Table<D> {
                     models,
                     learnt_models: Vec::new(),
                     ejected: false,
+                    llama_metrics: None,
                 });
             }
         }
@@ -887,6 +907,19 @@ impl<D: Dataplane> Table<D> {
             Command::SetModels(id, address, models, reply) => {
                 answer(reply, self.set_models(id, address, models))
             }
+            Command::SetMetrics(id, address, text, reply) => {
+                let (service, slot) = split_id(id);
+                let backend = self
+                    .services
+                    .get_mut(service)
+                    .and_then(|s| s.slots[slot].backend.as_mut())
+                    .filter(|b| b.address == address);
+                if let Some(backend) = backend {
+                    // Nothing the kernel or the routes see.
+                    backend.llama_metrics = Some(text);
+                }
+                answer(reply, Ok(()))
+            }
             Command::SetEjected(id, address, ejected, reply) => {
                 let set = self.set_health(id, address, |b| {
                     b.ejected = ejected;
@@ -957,6 +990,7 @@ impl<D: Dataplane> Table<D> {
             models: new.models.clone(),
             learnt_models: Vec::new(),
             ejected: false,
+            llama_metrics: None,
         };
         self.change(service, slot, |s| s.backend = Some(backend))?;
         let info = self.info(service, slot)?;
@@ -1356,6 +1390,7 @@ impl<D: Dataplane> Table<D> {
             bytes: stats.bytes.saturating_sub(b.stats_base.bytes),
             new_flows: stats.new_flows.saturating_sub(b.stats_base.new_flows),
             requests: self.requests.get(id),
+            llama_metrics: b.llama_metrics.clone(),
         }
     }
 

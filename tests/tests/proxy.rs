@@ -2076,7 +2076,7 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let port = free_port();
-    let _llama = llama_server(&dir, "long", port, 1, &[]);
+    let _llama = llama_server(&dir, "long", port, 1, &["--metrics"]);
     let backend = format!("127.0.0.1:{port}");
     let services = [(
         "gen".to_owned(),
@@ -2230,6 +2230,35 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
         assert_eq!(
             value("steer_request_time_per_output_token_seconds_count"),
             3.0
+        );
+        // llama-server's own series, passed on with the backend's labels (polled every 10 s:
+        // the long generation alone outlasts several polls).
+        let llama_labels = format!("service=\"gen\",backend=\"{backend}\",model=\"long\"");
+        let predicted = series(
+            &metrics,
+            &format!("llamacpp_tokens_predicted_total{{{llama_labels}}}"),
+        );
+        assert!(predicted >= 16.0, "{predicted}");
+        // The whole exposition passes promtool's lint (Debian prometheus, from `cargo xtask
+        // deps`).
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (cargo xtask deps installs Debian prometheus)");
+        std::io::Write::write_all(
+            &mut promtool.stdin.take().expect("a pipe"),
+            metrics.as_bytes(),
+        )
+        .expect("promtool's stdin");
+        let linted = promtool.wait_with_output().expect("promtool ran");
+        assert!(
+            linted.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&linted.stdout),
+            String::from_utf8_lossy(&linted.stderr)
         );
         // The access log says the same, one JSON line per request.
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -61,6 +61,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "nginx's stream (TCP proxy) module for that baseline",
     ),
     (
+        "prometheus",
+        "promtool check metrics on the agent's /metrics in the tests",
+    ),
+    (
         "fonts-dejavu-core",
         "the TTF the benchmark plots' text is drawn with (plotters, no fontconfig)",
     ),

@@ -133,12 +133,118 @@ struct ProxyScrape {
 
 impl Scrape {
     fn render(self) -> Result<String, EncodeError> {
+        let llama = self
+            .snapshot
+            .as_ref()
+            .map(|snapshot| llama_series(&snapshot.backends))
+            .unwrap_or_default();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(self));
         let mut text = String::new();
         prometheus_text::encode(&mut text, &registry)?;
+        text.push_str(&llama);
         Ok(text)
     }
+}
+
+/// llama-server's own series (`llamacpp:*`) from each backend's last `/metrics` poll, as
+/// `llamacpp_*`: a colon is for recording rules (promtool refuses it in an exposition), so each
+/// name has `_` for it. Every sample is labelled with the backend's `service`, `backend` and
+/// `model` (its first; empty while none is known), and grouped into one family each with one
+/// HELP and TYPE, as the text format wants; a "counter" whose name has no `_total`
+/// (`n_tokens_max`, a high-water mark) is a gauge. Lines of other names, and lines that are not
+/// samples, are left out.
+fn llama_series(backends: &[BackendInfo]) -> String {
+    #[derive(Default)]
+    struct Family {
+        help: Option<String>,
+        kind: Option<String>,
+        samples: Vec<String>,
+    }
+    // The exported name of one of llama-server's.
+    let exported = |name: &str| {
+        let rest = name.strip_prefix("llamacpp:")?;
+        rest.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+            .then(|| format!("llamacpp_{rest}"))
+    };
+    fn family<'a>(families: &'a mut Vec<(String, Family)>, name: &str) -> &'a mut Family {
+        let at = match families.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                families.push((name.to_owned(), Family::default()));
+                families.len() - 1
+            }
+        };
+        &mut families[at].1
+    }
+    // In the order first seen.
+    let mut families: Vec<(String, Family)> = Vec::new();
+    for backend in backends {
+        let Some(text) = &backend.llama_metrics else {
+            continue;
+        };
+        let model = backend.models.first().map_or("", String::as_str);
+        let labels = format!(
+            "service=\"{}\",backend=\"{}\",model=\"{}\"",
+            escape_label(&backend.service),
+            backend.address,
+            escape_label(model)
+        );
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+                if let Some(name) = exported(name) {
+                    let family = family(&mut families, &name);
+                    family.help.get_or_insert_with(|| help.to_owned());
+                }
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+                if let Some(name) = exported(name) {
+                    let kind = match kind {
+                        "counter" if !name.ends_with("_total") => "gauge",
+                        kind => kind,
+                    };
+                    let family = family(&mut families, &name);
+                    family.kind.get_or_insert_with(|| kind.to_owned());
+                }
+            } else if !line.is_empty() && !line.starts_with('#') {
+                let end = line.find(['{', ' ']).unwrap_or(line.len());
+                let (name, rest) = line.split_at(end);
+                let Some(name) = exported(name).filter(|_| !rest.is_empty()) else {
+                    continue;
+                };
+                let sample = match rest.strip_prefix('{') {
+                    Some(inner) if inner.starts_with('}') => format!("{name}{{{labels}{inner}"),
+                    Some(inner) => format!("{name}{{{labels},{inner}"),
+                    None => format!("{name}{{{labels}}}{rest}"),
+                };
+                family(&mut families, &name).samples.push(sample);
+            }
+        }
+    }
+    let mut text = String::new();
+    for (name, family) in families.iter().filter(|(_, f)| !f.samples.is_empty()) {
+        if let Some(help) = &family.help {
+            text += &format!("# HELP {name} {help}\n");
+        }
+        if let Some(kind) = &family.kind {
+            text += &format!("# TYPE {name} {kind}\n");
+        }
+        for sample in &family.samples {
+            text += sample;
+            text.push('\n');
+        }
+    }
+    text
+}
+
+/// A label value as the text format writes it.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Collector for Scrape {
@@ -822,6 +928,85 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         (content_type, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `promtool check metrics` on `text`, where promtool is installed (`cargo xtask deps` puts
+    /// it there; under CI its absence fails the test).
+    fn promtool_clean(text: &str) {
+        use std::io::Write;
+        let spawned = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(error) if std::env::var_os("CI").is_none() => {
+                eprintln!(
+                    "SKIPPED promtool check metrics: promtool not found ({error}); `cargo xtask deps` installs it"
+                );
+                return;
+            }
+            Err(error) => panic!("promtool (Debian prometheus) is needed under CI: {error}"),
+        };
+        child
+            .stdin
+            .take()
+            .expect("a pipe")
+            .write_all(text.as_bytes())
+            .expect("promtool's stdin");
+        let out = child.wait_with_output().expect("promtool ran");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[tokio::test]
+    async fn llama_servers_own_series_are_passed_on_per_backend_and_promtool_clean()
+    -> Result<(), table::TableError> {
+        const LLAMA_METRICS: &str = include_str!("../../fixtures/llama-server/metrics.txt");
+        let fake = FakeDataplane::default();
+        let (handle, _task) = table::start(fake, &services())?;
+        let snapshot = handle.snapshot()?;
+        for backend in &snapshot.backends {
+            handle
+                .set_metrics(backend.id, backend.address, LLAMA_METRICS.into())
+                .await?;
+        }
+        handle
+            .set_models(1, snapshot.backends[1].address, vec!["smol".to_owned()])
+            .await?;
+        let app = router(Some(handle), Vec::new(), Vec::new(), Connections::new(8));
+        let (_, text) = get_metrics(app).await;
+        let samples = parse(&text);
+        for (backend, model) in [("10.0.1.2:8080", ""), ("10.0.1.3:8080", "smol")] {
+            let labels = [("service", "chat"), ("backend", backend), ("model", model)];
+            assert_eq!(
+                value(&samples, "llamacpp_prompt_tokens_total", &labels),
+                31.0
+            );
+            assert_eq!(
+                value(&samples, "llamacpp_predicted_tokens_seconds", &labels),
+                155.86
+            );
+        }
+        assert_eq!(
+            text.matches("# TYPE llamacpp_prompt_tokens_total counter\n")
+                .count(),
+            1,
+            "one family for both backends"
+        );
+        assert!(
+            text.contains("# TYPE llamacpp_n_tokens_max gauge\n"),
+            "a high-water mark without _total is a gauge"
+        );
+        assert!(!text.contains("llamacpp:"), "no colon is exported");
+        promtool_clean(&text);
+        Ok(())
     }
 
     #[tokio::test]
