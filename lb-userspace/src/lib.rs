@@ -239,7 +239,13 @@ async fn serve<D: Dataplane>(
     let ejected: Vec<_> = config
         .services
         .iter()
-        .filter_map(|s| Some((s.name.clone(), s.ejection?)))
+        .filter_map(|s| {
+            Some(outlier::Judged {
+                service: s.name.clone(),
+                spec: s.ejection?,
+                pools: s.pools.clone(),
+            })
+        })
         .collect();
     if !ejected.is_empty() {
         health_checks.spawn(outlier::run(table.clone(), ejected));

@@ -4,8 +4,8 @@
 //! refused, reset or timed out, answers cut short) is ejected: the table marks it `ejected`, so
 //! neither the kernel nor the proxy gives it anything new, for `base_time`, twice as long each
 //! time it is ejected again before it stayed in for `max_time`, at most `max_time`. At most
-//! `max_ejected_percent` of a service's backends serving or ejected are out at once, and never
-//! the last one serving. An ejected backend comes back by itself when its time is up; active health checks, if
+//! `max_ejected_percent` of the backends serving or ejected of each model pool (a service
+//! without pools is one) are out at once, and never a pool's last one serving. An ejected backend comes back by itself when its time is up; active health checks, if
 //! any, keep judging it meanwhile.
 
 use std::collections::HashMap;
@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::spec::EjectionSpec;
-use crate::table::{BackendStatus, TableError, TableHandle};
+use crate::spec::{EjectionSpec, PoolSpec};
+use crate::table::{BackendInfo, BackendStatus, TableError, TableHandle};
 
 /// How often the records are looked at without a failure to wake for (they come back on their
 /// own deadlines too): a bound on missed wake-ups, not a clock anything depends on.
@@ -35,8 +35,17 @@ struct Record {
     held_back: bool,
 }
 
-/// Judge the backends of `services` (name, settings) until the table stops.
-pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
+/// A service whose backends passive health judges.
+#[derive(Clone, Debug)]
+pub struct Judged {
+    pub service: String,
+    pub spec: EjectionSpec,
+    /// Its model pools: the share out is bounded in each (none: the service is one pool).
+    pub pools: Vec<PoolSpec>,
+}
+
+/// Judge the backends of `services` until the table stops.
+pub async fn run(table: TableHandle, services: Vec<Judged>) {
     let requests = table.requests();
     let mut records: HashMap<(u32, SocketAddrV4), Record> = HashMap::new();
     loop {
@@ -50,50 +59,55 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
             return;
         };
         let now = Instant::now();
-        for (service, spec) in &services {
-            let backends: Vec<_> = snapshot
+        for Judged {
+            service,
+            spec,
+            pools,
+        } in &services
+        {
+            let backends: Vec<&BackendInfo> = snapshot
                 .backends
                 .iter()
                 .filter(|b| &b.service == service)
                 .collect();
-            // The share is of the backends serving or ejected now, not of those out for another
-            // reason.
-            let live = backends
-                .iter()
-                .filter(|b| matches!(b.status, BackendStatus::Healthy | BackendStatus::Ejected))
-                .count();
-            let allowed = spec.allowed(live);
-            let mut healthy = backends
-                .iter()
-                .filter(|b| b.status == BackendStatus::Healthy)
-                .count();
-            let mut out = backends
-                .iter()
-                .filter(|b| {
-                    records
-                        .get(&(b.id, b.address))
-                        .is_some_and(|r| r.out_until.is_some())
-                })
-                .count();
+            // Each pool's members, by index into `backends`.
+            let groups: Vec<Vec<usize>> = if pools.is_empty() {
+                vec![(0..backends.len()).collect()]
+            } else {
+                pools
+                    .iter()
+                    .map(|pool| {
+                        (0..backends.len())
+                            .filter(|&i| pool.served_by(&backends[i].models))
+                            .collect()
+                    })
+                    .collect()
+            };
+            // Those whose time is up come back first: they count as serving below.
             for backend in &backends {
                 let (id, address) = (backend.id, backend.address);
                 let record = records.entry((id, address)).or_default();
-                if record.out_until.is_some_and(|until| until <= now) {
-                    match table.set_ejected(id, address, false).await {
-                        Ok(()) => {}
-                        Err(TableError::Stopped) => return,
-                        // Kept out: tried again at the next wake.
-                        Err(error) => {
-                            warn!(service, id, %address, %error, "backend not taken back yet");
-                            continue;
-                        }
-                    }
-                    info!(service, id, %address, "backend back from ejection");
-                    record.out_until = None;
-                    record.back_since = Some(now);
-                    out -= 1;
-                    healthy += 1;
+                if record.out_until.is_none_or(|until| until > now) {
+                    continue;
                 }
+                match table.set_ejected(id, address, false).await {
+                    Ok(()) => {}
+                    Err(TableError::Stopped) => return,
+                    // Kept out: tried again at the next wake.
+                    Err(error) => {
+                        warn!(service, id, %address, %error, "backend not taken back yet");
+                        continue;
+                    }
+                }
+                info!(service, id, %address, "backend back from ejection");
+                record.out_until = None;
+                record.back_since = Some(now);
+                // Its failures were before it went out.
+                requests.forget_failures(id);
+            }
+            for (i, backend) in backends.iter().enumerate() {
+                let (id, address) = (backend.id, backend.address);
+                let record = records.entry((id, address)).or_default();
                 if record.out_until.is_some() {
                     continue;
                 }
@@ -114,20 +128,19 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
                     record.held_back = false;
                     continue;
                 }
-                if out >= allowed {
+                if !room_to_eject(spec, &groups, i, &backends, &records) {
+                    let record = records.entry((id, address)).or_default();
                     if !record.held_back {
                         warn!(
-                            service, id, %address, failures, allowed,
-                            "backend not ejected: max_ejected_percent of the service is out already"
+                            service, id, %address, failures,
+                            "backend not ejected: max_ejected_percent of its pool is out \
+                             already, or it is the last one serving"
                         );
                         record.held_back = true;
                     }
                     continue;
                 }
-                if healthy <= 1 {
-                    // The last one serving: out, it would leave the service with none.
-                    continue;
-                }
+                let record = records.entry((id, address)).or_default();
                 record.ejections += 1;
                 let time = spec.time(record.ejections);
                 match table.set_ejected(id, address, true).await {
@@ -139,11 +152,9 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
                         continue;
                     }
                 }
-                healthy -= 1;
                 requests.forget_failures(id);
                 record.out_until = Some(now + time);
                 record.held_back = false;
-                out += 1;
                 warn!(
                     service, id, %address, failures, ejections = record.ejections, ?time,
                     "backend ejected: it failed requests in a row"
@@ -160,6 +171,37 @@ pub async fn run(table: TableHandle, services: Vec<(String, EjectionSpec)>) {
     }
 }
 
+/// Whether `backends[candidate]` may go out: in every pool it is in, the ones out would stay
+/// within `max_ejected_percent` of those serving or out, and one would still serve.
+fn room_to_eject(
+    spec: &EjectionSpec,
+    groups: &[Vec<usize>],
+    candidate: usize,
+    backends: &[&BackendInfo],
+    records: &HashMap<(u32, SocketAddrV4), Record>,
+) -> bool {
+    let out = |i: usize| {
+        records
+            .get(&(backends[i].id, backends[i].address))
+            .is_some_and(|r| r.out_until.is_some())
+    };
+    // Serving: healthy, or ejected in the snapshot but back since.
+    let serving = |i: usize| {
+        matches!(
+            backends[i].status,
+            BackendStatus::Healthy | BackendStatus::Ejected
+        ) && !out(i)
+    };
+    groups
+        .iter()
+        .filter(|members| members.contains(&candidate))
+        .all(|members| {
+            let serving_now = members.iter().filter(|&&i| serving(i)).count();
+            let out_now = members.iter().filter(|&&i| out(i)).count();
+            out_now < spec.allowed(serving_now + out_now) && serving_now > 1
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +215,14 @@ mod tests {
             weight: crate::spec::Weight::ONE,
             max_connections: 0,
             models: Vec::new(),
+        }
+    }
+
+    fn judged(spec: EjectionSpec, pools: Vec<PoolSpec>) -> Judged {
+        Judged {
+            service: "chat".to_owned(),
+            spec,
+            pools,
         }
     }
 
@@ -195,7 +245,7 @@ mod tests {
             max_time: Duration::from_secs(100),
             max_percent: 50,
         };
-        let judge = tokio::spawn(run(table.clone(), vec![("chat".to_owned(), spec)]));
+        let judge = tokio::spawn(run(table.clone(), vec![judged(spec, Vec::new())]));
         let status = |id: usize| table.snapshot().expect("snapshot").backends[id].status;
         let state = |id: u32| dataplane.maps().backends[&id].state;
         let settle = || tokio::time::sleep(Duration::from_millis(10));
@@ -246,7 +296,7 @@ mod tests {
         let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
         let judge = tokio::spawn(run(
             table.clone(),
-            vec![("chat".to_owned(), EjectionSpec::default())],
+            vec![judged(EjectionSpec::default(), Vec::new())],
         ));
         answered(&table, 0, 500, 10);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -294,7 +344,7 @@ mod tests {
             .expect("checks");
         let judge = tokio::spawn(run(
             table.clone(),
-            vec![("chat".to_owned(), EjectionSpec::default())],
+            vec![judged(EjectionSpec::default(), Vec::new())],
         ));
         answered(&table, 0, 500, 5);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -304,6 +354,40 @@ mod tests {
             (BackendStatus::Healthy, BackendStatus::Unhealthy),
             "the other is out already: this one stays"
         );
+        judge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pools_only_backend_stays_though_the_service_has_others() {
+        let dataplane = FakeDataplane::default();
+        let serving = |port, model: &str| BackendSpec {
+            models: vec![model.to_owned()],
+            ..backend(port)
+        };
+        let service = chat_service(
+            vec![serving(8081, "a"), serving(8082, "a"), serving(8083, "b")],
+            None,
+        );
+        let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
+        let pool = |model: &str| PoolSpec {
+            model: model.to_owned(),
+            aliases: Vec::new(),
+            policy: crate::spec::Policy::RoundRobin,
+            max_per_backend: 0,
+            queue_size: 8,
+            queue_timeout: Duration::from_secs(1),
+            upstream: crate::spec::UpstreamTimeouts::default(),
+        };
+        let judge = tokio::spawn(run(
+            table.clone(),
+            vec![judged(EjectionSpec::default(), vec![pool("a"), pool("b")])],
+        ));
+        answered(&table, 2, 500, 5);
+        answered(&table, 0, 500, 5);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let status = |id: usize| table.snapshot().expect("snapshot").backends[id].status;
+        assert_eq!(status(2), BackendStatus::Healthy, "the only one of pool b");
+        assert_eq!(status(0), BackendStatus::Ejected, "one of pool a's two");
         judge.abort();
     }
 }

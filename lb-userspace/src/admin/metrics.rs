@@ -95,7 +95,7 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
             stats: proxy.stats(),
             wait: proxy.wait_histogram(),
             pool_waits: proxy.pool_wait_histograms(),
-            requests: proxy.request_metrics().snapshot(),
+            requests: proxy.request_series(),
         })
         .collect();
     let text = Scrape {

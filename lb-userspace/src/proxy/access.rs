@@ -79,6 +79,12 @@ impl RequestMetrics {
         series.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
     }
 
+    /// Forget the series of backends `keep` says no to (those the service no longer has).
+    pub fn retain_backends(&self, keep: impl Fn(&str) -> bool) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series.retain(|key, _| key.backend.is_empty() || keep(&key.backend));
+    }
+
     fn record(&self, access: &Access, timings: Option<&Timings>) {
         let key = SeriesKey {
             model: access.pool.clone().unwrap_or_default(),

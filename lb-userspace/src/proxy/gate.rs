@@ -916,6 +916,19 @@ impl Gate {
         })
     }
 
+    /// Where the service's backends are now (every pool's).
+    pub fn backend_addresses(&self) -> Vec<SocketAddrV4> {
+        let routes = self.routes.borrow();
+        routes.get(self.id).map_or_else(Vec::new, |route| {
+            route
+                .backends
+                .iter()
+                .map(|&(_, address)| address)
+                .filter(|address| !address.ip().is_unspecified())
+                .collect()
+        })
+    }
+
     /// The queue wait histogram (shares its counts with the gate's).
     pub fn wait_histogram(&self) -> Histogram {
         self.counters.wait.clone()

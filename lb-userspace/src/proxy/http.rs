@@ -2493,4 +2493,21 @@ mod tests {
             "hop-by-hop, dropped: {sent}"
         );
     }
+
+    #[tokio::test]
+    async fn a_backend_that_left_leaves_no_request_series_behind() {
+        let answering = scripted_backend(&[Step::Send(OK)]).await;
+        let (service, _counts, table) = http_service(answering);
+        let pool = Arc::new(Pool::default());
+        read_body(handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await).await;
+        let series = service.request_series();
+        assert_eq!(series.len(), 1);
+        assert_eq!(series[0].0.backend, answering.to_string());
+        let other = scripted_backend(&[Step::Send(OK)]).await;
+        table.send(routes_to(&[other])).expect("the routes");
+        assert!(
+            service.request_series().is_empty(),
+            "forgotten with its backend"
+        );
+    }
 }

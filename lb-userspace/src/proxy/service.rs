@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::access::RequestMetrics;
+use super::access::{RequestMetrics, Series, SeriesKey};
 use super::gate::{Gate, PoolStats, Refusal, Retry, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
@@ -217,6 +217,20 @@ impl ServiceProxy {
     /// http: its request series, by model and backend.
     pub fn request_metrics(&self) -> &Arc<RequestMetrics> {
         &self.requests
+    }
+
+    /// Its request series now; those of backends it no longer has are forgotten, so backends
+    /// that come and go leave no series behind.
+    pub fn request_series(&self) -> Vec<(SeriesKey, Series)> {
+        let listed: Vec<String> = self
+            .default
+            .backend_addresses()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        self.requests
+            .retain_backends(|backend| listed.iter().any(|l| l == backend));
+        self.requests.snapshot()
     }
 
     /// The service's queue wait histogram (every pool's waits).
