@@ -1,12 +1,17 @@
 //! Passive health (outlier detection) of the backends of http services, from what the proxy
 //! sees of them. A backend that fails `consecutive_failures` requests in a row
-//! ([`RequestCounts::failures_in_a_row`]: 5xx answers but llama.cpp's loading 503, connections
-//! refused, reset or timed out, answers cut short) is ejected: the table marks it `ejected`, so
-//! neither the kernel nor the proxy gives it anything new, for `base_time`, twice as long each
-//! time it is ejected again before it stayed in for `max_time`, at most `max_time`. At most
-//! `max_ejected_percent` of the backends serving or ejected of each model pool (a service
-//! without pools is one) are out at once, and never a pool's last one serving. An ejected backend comes back by itself when its time is up; active health checks, if
-//! any, keep judging it meanwhile.
+//! ([`RequestCounts::failures_in_a_row`]: 500/502/503/504 but llama.cpp's loading 503,
+//! connections refused, reset or timed out, answers cut short or broken off) is ejected: the
+//! table marks it `ejected`, so neither the kernel nor the proxy gives it anything new, for
+//! `base_time`, twice as long each time it is ejected again before it stayed in for `max_time`,
+//! at most `max_time`. At most `max_ejected_percent` of the backends serving or ejected of each
+//! model pool (a service without pools is one) are out at once, and never a pool's last one
+//! serving. The same server (address) in the agent's other services, an l4 service that XDP
+//! steers say, goes out and comes back with it, unless it is the last one serving there. An
+//! ejected backend comes back by itself when its time is up; active health checks, if any, keep
+//! judging it meanwhile.
+//!
+//! [`RequestCounts::failures_in_a_row`]: crate::requests::RequestCounts::failures_in_a_row
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -101,6 +106,15 @@ pub async fn run(table: TableHandle, services: Vec<Judged>) {
                 }
                 info!(service, id, %address, "backend back from ejection");
                 record.out_until = None;
+                for (other, _) in same_server(&snapshot.backends, id, address) {
+                    let judged_out = records
+                        .get(&(other, address))
+                        .is_some_and(|r| r.out_until.is_some());
+                    if !judged_out && take_out(&table, other, address, false).await.is_err() {
+                        return;
+                    }
+                }
+                let record = records.entry((id, address)).or_default();
                 record.back_since = Some(now);
                 // Its failures were before it went out.
                 requests.forget_failures(id);
@@ -159,6 +173,13 @@ pub async fn run(table: TableHandle, services: Vec<Judged>) {
                     service, id, %address, failures, ejections = record.ejections, ?time,
                     "backend ejected: it failed requests in a row"
                 );
+                // The same server in other services (an l4 service XDP steers, say) goes out
+                // with it, unless it is the last one serving there.
+                for (other, others_serving) in same_server(&snapshot.backends, id, address) {
+                    if others_serving && take_out(&table, other, address, true).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
         // A backend that left (or whose id went to another) is forgotten.
@@ -168,6 +189,39 @@ pub async fn run(table: TableHandle, services: Vec<Judged>) {
                 .iter()
                 .any(|b| b.id == id && b.address == address)
         });
+    }
+}
+
+/// The other services' backends at `address` (the same server as `id`), each with whether its
+/// service has another healthy backend.
+fn same_server(backends: &[BackendInfo], id: u32, address: SocketAddrV4) -> Vec<(u32, bool)> {
+    backends
+        .iter()
+        .filter(|b| b.address == address && b.id != id)
+        .map(|b| {
+            let others = backends.iter().any(|o| {
+                o.service == b.service && o.id != b.id && o.status == BackendStatus::Healthy
+            });
+            (b.id, others)
+        })
+        .collect()
+}
+
+/// Set a companion entry's ejection; an error other than a stopped table is logged and
+/// dropped (it only widens what is out).
+async fn take_out(
+    table: &TableHandle,
+    id: u32,
+    address: SocketAddrV4,
+    ejected: bool,
+) -> Result<(), TableError> {
+    match table.set_ejected(id, address, ejected).await {
+        Err(TableError::Stopped) => Err(TableError::Stopped),
+        Err(error) => {
+            warn!(id, %address, %error, ejected, "the same server in another service");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 
@@ -388,6 +442,54 @@ mod tests {
         let status = |id: usize| table.snapshot().expect("snapshot").backends[id].status;
         assert_eq!(status(2), BackendStatus::Healthy, "the only one of pool b");
         assert_eq!(status(0), BackendStatus::Ejected, "one of pool a's two");
+        judge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_server_in_another_service_goes_out_and_back_with_it() {
+        let dataplane = FakeDataplane::default();
+        let chat = chat_service(vec![backend(8081), backend(8082)], None);
+        let web = crate::spec::ServiceSpec {
+            name: "web".to_owned(),
+            address: "10.0.0.101:80".parse().expect("vip"),
+            ..chat_service(vec![backend(8081), backend(8082)], None)
+        };
+        let (table, _task) = crate::table::start(dataplane.clone(), &[chat, web]).expect("start");
+        let entry = |service: &str, port: u16| {
+            let snapshot = table.snapshot().expect("snapshot");
+            let b = snapshot
+                .backends
+                .iter()
+                .find(|b| b.service == service && b.address.port() == port)
+                .cloned()
+                .expect("listed");
+            (b.id, b.status)
+        };
+        let spec = EjectionSpec {
+            base_time: Duration::from_secs(10),
+            ..EjectionSpec::default()
+        };
+        let judge = tokio::spawn(run(table.clone(), vec![judged(spec, Vec::new())]));
+        let (chat_id, _) = entry("chat", 8081);
+        answered(&table, chat_id, 500, 5);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (web_id, web_status) = entry("web", 8081);
+        assert_eq!(entry("chat", 8081).1, BackendStatus::Ejected);
+        assert_eq!(
+            web_status,
+            BackendStatus::Ejected,
+            "the same server, XDP's service"
+        );
+        assert_eq!(
+            dataplane.maps().backends[&web_id].state,
+            DOWN,
+            "the kernel sees it"
+        );
+        assert_eq!(entry("web", 8082).1, BackendStatus::Healthy);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(entry("chat", 8081).1, BackendStatus::Healthy);
+        assert_eq!(entry("web", 8081).1, BackendStatus::Healthy, "back with it");
+        assert_eq!(dataplane.maps().backends[&web_id].state, ACTIVE);
         judge.abort();
     }
 }

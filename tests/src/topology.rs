@@ -130,6 +130,8 @@ pub struct Topology {
     service_backends: Option<Vec<SocketAddrV4>>,
     /// Bodies of `[[instance]]` sections, each a backend of the service.
     instances: Vec<String>,
+    /// More `[[service]]` tables, after the test service's.
+    more_services: String,
     /// More `[[service]]` settings, one per line (e.g. `mode = "http"`).
     service_settings: String,
     /// More `[agent]` settings, one per line.
@@ -174,6 +176,7 @@ impl Topology {
             policy: policy.to_owned(),
             service_backends: None,
             instances: Vec::new(),
+            more_services: String::new(),
             service_settings: String::new(),
             agent_settings: String::new(),
             snat_ports: SNAT_PORTS,
@@ -288,6 +291,7 @@ impl Topology {
         for body in &self.instances {
             let _ = write!(cfg, "\n[[instance]]\nservice = \"web\"\n{body}");
         }
+        cfg.push_str(&self.more_services);
         cfg
     }
 
@@ -332,6 +336,13 @@ impl Topology {
     pub fn add_service_settings(&mut self, lines: &str) {
         self.service_settings.push_str(lines);
         self.service_settings.push('\n');
+    }
+
+    /// Adds `tables` (a `[[service]]` with its own sub-tables) after the test service. Before
+    /// [`Topology::start_agent`].
+    pub fn add_service(&mut self, tables: &str) {
+        self.more_services.push('\n');
+        self.more_services.push_str(tables);
     }
 
     /// Adds an `[[instance]]` section with `body` (name, binary, model, port, ...) that serves
@@ -415,7 +426,9 @@ impl Topology {
         let child = self.lb.spawn(cmd);
         self.agent = Some(Agent { child, log });
 
-        let expected = self.configured_backends().len() + self.instances.len();
+        let expected = self.configured_backends().len()
+            + self.instances.len()
+            + self.more_services.matches("[[service.backend]]").count();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.agent_mut().child.try_wait() {

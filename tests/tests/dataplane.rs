@@ -782,3 +782,84 @@ fn a_loading_backend_gets_no_connection_through_xdp_until_it_serves() {
     let on_b2 = served.iter().filter(|n| *n == "b2").count();
     assert_eq!(on_b2, 5, "round robin, b2 serving: {served:?}");
 }
+
+/// Issue 14 point 3 through XDP: the http proxy's passive health takes a server out for every
+/// service on it. An `http` service over the same two backends as the l4 service XDP steers
+/// (`steer-test-backend` answers every chat 500: a backend that passes its health checks and
+/// fails every request, which llama-server cannot be made to do) ejects one of them after its
+/// fifth 500 in a row (at most half of two); the l4 service's entry for that server is `ejected`
+/// too, DOWN in the kernel, and new connections through XDP all go to the other.
+#[test]
+fn a_backend_ejected_by_the_http_proxy_gets_no_connection_through_xdp() {
+    let mut topo = topology("ejectx", "round_robin", 2);
+    let (b1, b2) = (topo.backend("b1").addr, topo.backend("b2").addr);
+    let chat = SocketAddrV4::new(*VIP.ip(), 8080);
+    topo.add_service(&format!(
+        "[[service]]\nname = \"chat\"\naddress = \"{chat}\"\nmode = \"http\"\n\
+         policy = \"round_robin\"\n[service.ejection]\nbase_time = \"60s\"\nmax_time = \"60s\"\n\
+         [[service.backend]]\naddress = \"{b1}\"\n[[service.backend]]\naddress = \"{b2}\"\n"
+    ));
+    topo.start_agent();
+    topo.wait_status(b1, "healthy", Duration::from_secs(10));
+    topo.wait_status(b2, "healthy", Duration::from_secs(10));
+    let statuses: Vec<u16> = topo.client.block_on(|| async {
+        let mut conn = HttpConn::connect(SocketAddr::V4(chat))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {chat}: {e}"));
+        let mut statuses = Vec::new();
+        for _ in 0..10 {
+            let answer = conn
+                .try_request("POST", "/v1/chat/completions", Some(b"{\"messages\":[]}"))
+                .await
+                .expect("an answer");
+            statuses.push(answer.status);
+        }
+        statuses
+    });
+    assert_eq!(statuses, [500; 10], "the stand-in fails every chat");
+    let view = |service: &str, addr: SocketAddrV4| {
+        topo.backends_view()
+            .into_iter()
+            .find(|b| b["service"] == service && b["address"] == addr.to_string())
+            .unwrap_or_else(|| panic!("{service} {addr} listed"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let ejected: Vec<SocketAddrV4> = [b1, b2]
+            .into_iter()
+            .filter(|&b| view("chat", b)["status"] == "ejected")
+            .collect();
+        if !ejected.is_empty() {
+            assert_eq!(ejected.len(), 1, "at most half of two");
+            break ejected[0];
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "none ejected: {:?}",
+            topo.backends_view()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let serving = if out == b1 { b2 } else { b1 };
+    assert_eq!(
+        view("web", out)["status"],
+        "ejected",
+        "the same server, XDP's service"
+    );
+    assert_eq!(view("web", serving)["status"], "healthy");
+    let serving_name = if serving == b1 { "b1" } else { "b2" };
+    let answers: Vec<String> = topo.client.block_on(|| async {
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(whoami_new(VIP).await.1);
+        }
+        answers
+    });
+    for answer in &answers {
+        let (host, _) = topo.check_whoami(answer);
+        assert_eq!(
+            host, serving_name,
+            "through XDP, only the one serving: {answers:?}"
+        );
+    }
+}
