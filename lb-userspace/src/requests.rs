@@ -377,49 +377,45 @@ impl InFlight {
     /// Count what became of it (once per request): an answer ends the backend's streak of
     /// failures, no answer adds to it. Use [`InFlight::answered_status`] for an answer.
     pub fn answered(&self, class: Class) {
-        if let Some(entry) = self.entry() {
-            // `ALL` lists them in declaration order.
-            entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
-            match class {
-                Class::Unreachable | Class::Failed => self.failed(entry),
-                _ => entry.failures_in_a_row.store(0, Ordering::Release),
-            }
-        }
+        let failed = matches!(class, Class::Unreachable | Class::Failed);
+        self.count(Some(class), Some(failed));
     }
 
     /// Count an answer of `status`: 500, 502, 503 (not the loading one: see
     /// [`InFlight::loading`]) and 504 say the server failed and add to its streak; any other
     /// status, a 501 for a feature it was not started with, a 4xx, ends it.
     pub fn answered_status(&self, status: u16) {
-        let class = Class::of_status(status);
-        if let Some(entry) = self.entry() {
-            entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
-            if matches!(status, 500 | 502 | 503 | 504) {
-                self.failed(entry);
-            } else {
-                entry.failures_in_a_row.store(0, Ordering::Release);
-            }
-        }
+        let failed = matches!(status, 500 | 502 | 503 | 504);
+        self.count(Some(Class::of_status(status)), Some(failed));
     }
 
     /// llama.cpp's `503 Loading model`: a 5xx that says nothing against the backend.
     pub fn loading(&self) {
-        if let Some(entry) = self.entry() {
-            entry.answered[Class::ServerError as usize].fetch_add(1, Ordering::Relaxed);
-        }
+        self.count(Some(Class::ServerError), None);
     }
 
     /// Its answer, begun, was cut short (it stalled past `idle_timeout`, or ran past
     /// `total_timeout`): a failure of the backend's.
     pub fn cut(&self) {
-        if let Some(entry) = self.entry() {
-            self.failed(entry);
-        }
+        self.count(None, Some(true));
     }
 
-    fn failed(&self, entry: &Entry) {
-        entry.failures_in_a_row.fetch_add(1, Ordering::AcqRel);
-        self.counts.failed.notify_one();
+    /// Count it under `class`, if any, and add to the backend's streak of failures (`true`),
+    /// end it (`false`) or leave it (`None`).
+    fn count(&self, class: Option<Class>, failed: Option<bool>) {
+        let Some(entry) = self.entry() else { return };
+        if let Some(class) = class {
+            // `ALL` lists them in declaration order.
+            entry.answered[class as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        match failed {
+            Some(true) => {
+                entry.failures_in_a_row.fetch_add(1, Ordering::AcqRel);
+                self.counts.failed.notify_one();
+            }
+            Some(false) => entry.failures_in_a_row.store(0, Ordering::Release),
+            None => {}
+        }
     }
 
     /// Learn from the answer's `timings`, as model `model` when the answer names one.
