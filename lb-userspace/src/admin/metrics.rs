@@ -12,6 +12,7 @@
 //! Per-backend series come from [`BackendInfo`]: a new per-backend value (idle and busy slots,
 //! say) is a field there and one more [`family`] call in [`backends`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -276,6 +277,18 @@ fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
         value.encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// One counter series per reason of `counts`: `labels` and `reason`.
+fn by_reason<'a, const N: usize>(
+    labels: [(&'static str, String); N],
+    counts: &'a BTreeMap<&'static str, u64>,
+) -> impl Iterator<Item = (Vec<(&'static str, String)>, ConstCounter<u64>)> + 'a {
+    counts.iter().map(move |(&reason, &n)| {
+        let mut set = labels.to_vec();
+        set.push(("reason", reason.to_owned()));
+        (set, counter(n))
+    })
 }
 
 fn counter(value: u64) -> ConstCounter<u64> {
@@ -623,17 +636,7 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
          head not done within client_header_timeout; l4: no byte within client_idle_timeout), \
          model_not_found (404: a model no pool has), invalid_body (400: a body naming no string \
          model).",
-        stats().flat_map(|(s, _)| {
-            s.refused.iter().map(|(&reason, &n)| {
-                (
-                    [
-                        ("service", s.service.clone()),
-                        ("reason", reason.to_owned()),
-                    ],
-                    counter(n),
-                )
-            })
-        }),
+        stats().flat_map(|(s, _)| by_reason(labels(s), &s.refused)),
     )?;
     family(
         encoder,
@@ -654,17 +657,7 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
         "http requests sent again to another backend, by reason: connect_failed (refused or \
          timed out), reset (closed before any byte of an answer), loading (llama.cpp's 503 \
          Loading model).",
-        stats().flat_map(|(s, _)| {
-            s.retried.iter().map(|(&reason, &n)| {
-                (
-                    [
-                        ("service", s.service.clone()),
-                        ("reason", reason.to_owned()),
-                    ],
-                    counter(n),
-                )
-            })
-        }),
+        stats().flat_map(|(s, _)| by_reason(labels(s), &s.retried)),
     )?;
     pools(encoder, proxies)?;
     requests(encoder, proxies)
@@ -673,8 +666,8 @@ fn proxies(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Res
 /// Which histogram of a [`Series`] a family encodes.
 type SeriesHistogram = fn(&Series) -> &Histogram;
 
-/// The http proxy's request series, by service, model (the body's; empty: none) and backend
-/// (empty: refused before one was chosen).
+/// The http proxy's request series, by service, model (the pool's; empty: a service without
+/// pools, or refused before a pool) and backend (empty: refused before one was chosen).
 fn requests(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Result {
     let series = || {
         proxies.iter().flat_map(|p| {
@@ -792,28 +785,14 @@ fn pools(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Resul
         "Requests of a model pool the proxy refused after choosing the pool, by reason (see \
          steer_proxy_refused; model_not_found and invalid_body come before a pool, so only \
          there).",
-        pools().flat_map(|([service, pool], p, _)| {
-            p.refused.iter().map(move |(&reason, &n)| {
-                (
-                    [service.clone(), pool.clone(), ("reason", reason.to_owned())],
-                    counter(n),
-                )
-            })
-        }),
+        pools().flat_map(|(labels, p, _)| by_reason(labels, &p.refused)),
     )?;
     family(
         encoder,
         "steer_proxy_pool_retried",
         "Requests of a model pool sent again to another of its backends, by reason (see \
          steer_proxy_retried).",
-        pools().flat_map(|([service, pool], p, _)| {
-            p.retried.iter().map(move |(&reason, &n)| {
-                (
-                    [service.clone(), pool.clone(), ("reason", reason.to_owned())],
-                    counter(n),
-                )
-            })
-        }),
+        pools().flat_map(|(labels, p, _)| by_reason(labels, &p.retried)),
     )
 }
 
