@@ -122,12 +122,8 @@ impl Outgoing {
 /// allows: its headers are dropped as hop-by-hop and the request is served as it is.
 fn upgrade_asked<B>(request: &Request<B>) -> Option<HeaderValue> {
     let headers = request.headers();
-    let connection_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let connection_upgrade =
+        connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"));
     let http1 = request.version() == hyper::Version::HTTP_11;
     let websocket = headers
         .get(header::UPGRADE)
@@ -175,28 +171,14 @@ async fn tunnel<B: ClientBody>(
             Refusal::Connect => Class::Unreachable,
             _ => Class::Failed,
         });
-        let message = format!(
-            "backend {} could not be upgraded to: {error}",
-            lease.address
-        );
+        let message = format!("backend {}, upgrading: {error}", lease.address);
         Refused::new(refusal, message)
     };
-    let connect = gate.config().upstream.connect;
-    let stream = tokio::time::timeout(connect, TcpStream::connect(lease.address))
-        .await
-        .map_err(|_| {
-            failed(
-                Refusal::Connect,
-                format!("no connection within {connect:?}"),
-            )
-        })?
-        .map_err(|error| failed(Refusal::Connect, error.to_string()))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let mut upstream = Upstream::connect(lease.address, gate.config().upstream.connect)
         .await
         .map_err(|error| failed(Refusal::Connect, error.to_string()))?;
-    tokio::spawn(connection.with_upgrades());
     let first_byte = gate.config().upstream.first_byte;
-    let mut response = tokio::time::timeout(first_byte, sender.send_request(outgoing.request()))
+    let mut response = tokio::time::timeout(first_byte, send(&mut upstream, &outgoing))
         .await
         .map_err(|_| {
             let error = format!("no answer within first_byte_timeout {first_byte:?}");
@@ -245,7 +227,7 @@ async fn tunnel<B: ClientBody>(
             if let Err(error) = joined {
                 debug!(%error, "tunnel ended");
             }
-            drop((lease, in_flight));
+            drop((upstream, lease, in_flight));
             finished.log(Outcome::Done, None);
         }
         .in_current_span(),
@@ -657,8 +639,9 @@ async fn forward(
         let exchanged = exchange(pool, address, outgoing, &clock)
             .instrument(span)
             .await;
+        let loading = exchanged.as_ref().is_ok_and(Answer::is_loading);
         match &exchanged {
-            Ok(answer) if answer.is_loading() => in_flight.loading(),
+            Ok(_) if loading => in_flight.loading(),
             Ok(answer) => in_flight.answered_status(answer.head.status.as_u16()),
             Err(Failed::Connect(_)) => in_flight.answered(Class::Unreachable),
             Err(_) => in_flight.answered(Class::Failed),
@@ -671,7 +654,7 @@ async fn forward(
             pool: Arc::clone(pool),
         };
         let (why, exchanged) = match exchanged {
-            Ok(answer) if !answer.is_loading() => return Ok(passing(answer)),
+            Ok(answer) if !loading => return Ok(passing(answer)),
             Ok(answer) => (Some(Retry::Loading), Ok(answer)),
             Err(failed) => (failed.retry(outgoing), Err(failed)),
         };
@@ -943,12 +926,8 @@ impl Passing {
 
 /// Headers of one hop (RFC 9110 7.6.1), and those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -966,6 +945,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// The tokens of the `Connection` headers (trimmed).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// Append the client to `X-Forwarded-For`.
@@ -1000,9 +989,11 @@ impl Upstream {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|error| Failed::Connect(error.to_string()))?;
+        // Upgradeable: a WebSocket's 101 hands the connection over ([`tunnel`]); any other
+        // answer leaves it as it is.
         let connection = tokio::spawn(
             async move {
-                if let Err(error) = connection.await {
+                if let Err(error) = connection.with_upgrades().await {
                     debug!(%error, "backend connection ended");
                 }
             }
