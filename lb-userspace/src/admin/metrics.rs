@@ -675,7 +675,10 @@ fn requests(encoder: &mut DescriptorEncoder, proxies: &[ProxyScrape]) -> fmt::Re
                 let labels = [
                     ("service", p.stats.service.clone()),
                     ("model", key.model.clone()),
-                    ("backend", key.backend.clone()),
+                    (
+                        "backend",
+                        key.backend.map(|b| b.to_string()).unwrap_or_default(),
+                    ),
                 ];
                 (labels, series)
             })

@@ -27,12 +27,12 @@ pub const TOKEN_BUCKETS: [f64; 12] = [
 ];
 /// Which series a request counts in: the model pool it went to (empty: a service without pools,
 /// or refused before a pool was chosen; never the client's own string, so the series stay as
-/// few as the config's pools times backends) and the backend of its last try (empty: refused
+/// few as the config's pools times backends) and the backend of its last try (`None`: refused
 /// before one was chosen).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SeriesKey {
     pub model: String,
-    pub backend: String,
+    pub backend: Option<SocketAddrV4>,
 }
 
 /// The requests of one model on one backend.
@@ -79,16 +79,16 @@ impl RequestMetrics {
         series.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
     }
 
-    /// Forget the series of backends `keep` says no to (those the service no longer has).
-    pub fn retain_backends(&self, keep: impl Fn(&str) -> bool) {
+    /// Forget the series of backends not among `listed` (those the service no longer has).
+    pub fn retain_backends(&self, listed: &[SocketAddrV4]) {
         let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        series.retain(|key, _| key.backend.is_empty() || keep(&key.backend));
+        series.retain(|key, _| key.backend.is_none_or(|b| listed.contains(&b)));
     }
 
     fn record(&self, access: &Access, timings: Option<&Timings>) {
         let key = SeriesKey {
             model: access.pool.clone().unwrap_or_default(),
-            backend: access.backend.map(|b| b.to_string()).unwrap_or_default(),
+            backend: access.backend,
         };
         let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let series = all.entry(key).or_default();

@@ -2327,7 +2327,7 @@ mod tests {
             all.remove(0)
         };
         let (key, done) = only(service.request_metrics());
-        assert_eq!(key.backend, answering.to_string());
+        assert_eq!(key.backend, Some(answering));
         assert_eq!(done.by_status, [(200, 1)].into());
         let (_, streamed) = only(stalled.request_metrics());
         assert_eq!(
@@ -2350,7 +2350,7 @@ mod tests {
         let (key, refused) = only(unreachable.request_metrics());
         assert_eq!(
             (key.backend, refused.by_status),
-            (dead.to_string(), [(502, 1)].into())
+            (Some(dead), [(502, 1)].into())
         );
     }
 
@@ -2493,7 +2493,7 @@ mod tests {
         read_body(handle(&service, &pool, Ipv4Addr::LOCALHOST, chat(false)).await).await;
         let series = service.request_series();
         assert_eq!(series.len(), 1);
-        assert_eq!(series[0].0.backend, answering.to_string());
+        assert_eq!(series[0].0.backend, Some(answering));
         let other = scripted_backend(&[Step::Send(OK)]).await;
         table.send(routes_to(&[other])).expect("the routes");
         assert!(

@@ -222,14 +222,8 @@ impl ServiceProxy {
     /// Its request series now; those of backends it no longer has are forgotten, so backends
     /// that come and go leave no series behind.
     pub fn request_series(&self) -> Vec<(SeriesKey, Series)> {
-        let listed: Vec<String> = self
-            .default
-            .backend_addresses()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         self.requests
-            .retain_backends(|backend| listed.iter().any(|l| l == backend));
+            .retain_backends(&self.default.backend_addresses());
         self.requests.snapshot()
     }
 
