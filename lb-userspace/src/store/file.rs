@@ -16,9 +16,9 @@
 //! content; comments and formatting are not preserved.
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use toml::Spanned;
 use tracing::debug;
 
 use super::{Record, StoreError, Stored};
+use crate::durable;
 
 /// How long a save waits for another writer's lock before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,14 +99,7 @@ impl FileStore {
     }
 
     fn save_blocking(&self, value: toml::Value) -> Result<(), StoreError> {
-        let dir = self.dir();
-        if !dir.exists() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|source| self.write_error(source))?;
-        }
+        durable::create_dir(&self.path).map_err(|source| self.write_error(source))?;
         let _lock = self.lock()?;
         let text = self.read()?.unwrap_or_default();
         // Refuse to replace a file we cannot parse: that would drop every other config in it.
@@ -119,8 +113,7 @@ impl FileStore {
             name: self.name.clone(),
             message: e.to_string(),
         })?;
-        self.replace(&dir, text.as_bytes())
-            .map_err(|source| self.write_error(source))?;
+        durable::replace(&self.path, text.as_bytes()).map_err(|source| self.write_error(source))?;
         debug!(path = %self.path.display(), name = %self.name, "saved config");
         Ok(())
     }
@@ -145,39 +138,10 @@ impl FileStore {
         })
     }
 
-    /// Writes `bytes` to a temp file beside the target, makes it durable, renames it over the
-    /// target and makes the rename durable. Runs under the lock, so one temp name suffices.
-    fn replace(&self, dir: &Path, bytes: &[u8]) -> io::Result<()> {
-        let tmp = self.sibling(".tmp");
-        let mode = match fs::metadata(&self.path) {
-            Ok(meta) => meta.permissions().mode() & 0o7777,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0o600,
-            Err(e) => return Err(e),
-        };
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(&tmp)?;
-            // `mode` only applies on creation; a stale temp file from a crash keeps its own.
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written?;
-        File::open(dir)?.sync_all()
-    }
-
     /// Takes the exclusive save lock. The lock lives on a sibling file because the config file
     /// itself is replaced by each save, and a lock on a replaced inode excludes nobody.
     fn lock(&self) -> Result<Flock<File>, StoreError> {
-        let path = self.sibling(".lock");
+        let path = durable::sibling(&self.path, ".lock");
         let lock_error = |source| StoreError::Lock {
             path: path.clone(),
             source,
@@ -209,20 +173,6 @@ impl FileStore {
         }
     }
 
-    fn dir(&self) -> PathBuf {
-        match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
-    }
-
-    /// `<file><suffix>` in the same directory (same filesystem, so rename is atomic).
-    fn sibling(&self, suffix: &str) -> PathBuf {
-        let mut name = self.path.as_os_str().to_owned();
-        name.push(suffix);
-        PathBuf::from(name)
-    }
-
     fn write_error(&self, source: io::Error) -> StoreError {
         StoreError::Write {
             path: self.path.clone(),
@@ -245,6 +195,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 mod tests {
     use super::*;
     use crate::store::{ArgValue, SavedArgs};
+    use std::os::unix::fs::PermissionsExt;
 
     fn stored(model: &str) -> Stored {
         Stored {
