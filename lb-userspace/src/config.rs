@@ -16,9 +16,9 @@ use toml::Spanned;
 
 use crate::spec::{
     AdminLimits, AffinityKey, AffinitySpec, BackendSpec, DataplaneKind, DriverConfig, EjectionSpec,
-    HealthSpec, InstanceBackend, InstanceSettings, InstanceSpec, LoadFactor, Policy, PoolSpec,
-    ProxyMode, ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts, Weight, XdpMode, XdpOptions,
-    usable_endpoint,
+    EtcdAuth, EtcdTls, FleetSpec, HealthSpec, InstanceBackend, InstanceSettings, InstanceSpec,
+    LoadFactor, Policy, PoolSpec, ProxyMode, ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts,
+    Weight, XdpMode, XdpOptions, is_fleet_name, usable_endpoint,
 };
 use crate::supervisor;
 
@@ -66,6 +66,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `agent.max_concurrent_applies`: applies in progress at once across the instances.
     pub max_concurrent_applies: NonZeroUsize,
+    /// `[fleet]`: the etcd cluster this agent registers in and takes remote backends from.
+    pub fleet: Option<FleetSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,30 @@ struct RawConfig {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     instance: Vec<RawInstance>,
+    fleet: Option<Spanned<RawFleet>>,
+}
+
+/// `[fleet]`: the etcd cluster shared with the fleet's other agents.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    endpoints: Spanned<Vec<String>>,
+    prefix: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<Timeout>>,
+    cache: Option<PathBuf>,
+    user: Option<Spanned<String>>,
+    password_file: Option<Spanned<PathBuf>>,
+    tls: Option<Spanned<RawEtcdTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcdTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 /// `[[instance]]`: a llama-server the agent supervises. Its arguments are persisted through
@@ -468,6 +494,17 @@ impl Config {
     }
 }
 
+/// etcd's shortest lease (`1.5 x` its default election timeout, rounded up) and a sane longest.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// `host:port`, as etcd-client takes an endpoint.
+fn is_endpoint(endpoint: &str) -> bool {
+    endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
+}
+
 /// `service[0].backend[1].address`, without the segments `toml::Spanned` adds; `toml` for the
 /// document itself (a syntax error).
 fn field_path(path: &serde_path_to_error::Path) -> String {
@@ -550,6 +587,7 @@ impl Doc<'_> {
             services.push(service);
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
+        let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
         let instances = self.instances(raw.instance, &services)?;
         let default = AdminLimits::default();
         let admin_limits = AdminLimits {
@@ -596,7 +634,164 @@ impl Doc<'_> {
                 .shutdown_timeout
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |t| t.0),
             max_concurrent_applies,
+            fleet,
         })
+    }
+
+    /// `[fleet]`; it needs a steer built with the `etcd` feature.
+    fn fleet(&self, raw: Spanned<RawFleet>) -> Result<FleetSpec, ConfigError> {
+        if !cfg!(feature = "etcd") {
+            return Err(self.invalid(
+                Some(raw.span()),
+                "fleet",
+                "this steer was built without the `etcd` feature (`cargo build --features \
+                 lb-userspace/etcd`)",
+            ));
+        }
+        let raw = raw.into_inner();
+        let endpoints_span = raw.endpoints.span();
+        let endpoints = raw.endpoints.into_inner();
+        if endpoints.is_empty() {
+            return Err(self.invalid(
+                Some(endpoints_span),
+                "fleet.endpoints",
+                "give at least one etcd endpoint (`host:port`)",
+            ));
+        }
+        if let Some(bad) = endpoints.iter().find(|e| !is_endpoint(e)) {
+            return Err(self.invalid(
+                Some(endpoints_span),
+                "fleet.endpoints",
+                format!("`{bad}` is not `host:port`"),
+            ));
+        }
+        let prefix = match raw.prefix {
+            None => FleetSpec::DEFAULT_PREFIX.to_owned(),
+            Some(prefix) => {
+                let span = prefix.span();
+                let prefix = prefix.into_inner();
+                let segments_ok = prefix
+                    .strip_prefix('/')
+                    .is_some_and(|rest| rest.split('/').all(is_fleet_name));
+                if !segments_ok {
+                    return Err(self.invalid(
+                        Some(span),
+                        "fleet.prefix",
+                        format!(
+                            "`{prefix}` is not a key prefix: `/` then names of letters, digits, \
+                             `.`, `_` or `-` joined by `/`, no trailing `/` (e.g. `/steer/fleet/prod`)"
+                        ),
+                    ));
+                }
+                prefix
+            }
+        };
+        let host = match raw.host {
+            Some(host) => {
+                let span = host.span();
+                let host = host.into_inner();
+                if !is_fleet_name(&host) {
+                    return Err(self.invalid(
+                        Some(span),
+                        "fleet.host",
+                        format!("`{host}` is not a name of letters, digits, `.`, `_` or `-`"),
+                    ));
+                }
+                host
+            }
+            None => {
+                let name = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|n| n.into_string().ok())
+                    .filter(|n| is_fleet_name(n));
+                name.ok_or_else(|| {
+                    self.invalid(
+                        None,
+                        "fleet.host",
+                        "the hostname is not a usable fleet name: set `fleet.host`",
+                    )
+                })?
+            }
+        };
+        let lease_ttl = match raw.lease_ttl {
+            None => FleetSpec::DEFAULT_LEASE_TTL,
+            Some(ttl) => {
+                let span = ttl.span();
+                let ttl = ttl.into_inner().0;
+                if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) || ttl.subsec_nanos() != 0 {
+                    return Err(self.invalid(
+                        Some(span),
+                        "fleet.lease_ttl",
+                        format!(
+                            "whole seconds from {MIN_LEASE_TTL:?} (etcd's shortest lease) to \
+                             {MAX_LEASE_TTL:?}"
+                        ),
+                    ));
+                }
+                ttl
+            }
+        };
+        let auth = match (raw.user, raw.password_file) {
+            (None, None) => None,
+            (Some(user), Some(password_file)) => Some(EtcdAuth {
+                user: user.into_inner(),
+                password_file: self.relative(password_file.into_inner()),
+            }),
+            (Some(user), None) => {
+                return Err(self.invalid(
+                    Some(user.span()),
+                    "fleet.password_file",
+                    "`user` needs `password_file` (the password is never in the config)",
+                ));
+            }
+            (None, Some(file)) => {
+                return Err(self.invalid(
+                    Some(file.span()),
+                    "fleet.user",
+                    "`password_file` needs `user`",
+                ));
+            }
+        };
+        let tls = match raw.tls {
+            None => None,
+            Some(tls) => {
+                let span = tls.span();
+                let tls = tls.into_inner();
+                if tls.cert.is_some() != tls.key.is_some() {
+                    return Err(self.invalid(
+                        Some(span),
+                        "fleet.tls",
+                        "`cert` and `key` go together (a client certificate and its key)",
+                    ));
+                }
+                Some(EtcdTls {
+                    ca: self.relative(tls.ca),
+                    cert: tls.cert.map(|p| self.relative(p)),
+                    key: tls.key.map(|p| self.relative(p)),
+                    server_name: tls.server_name,
+                })
+            }
+        };
+        Ok(FleetSpec {
+            endpoints,
+            prefix,
+            host,
+            lease_ttl,
+            cache: raw.cache.map_or_else(
+                || PathBuf::from(FleetSpec::DEFAULT_CACHE),
+                |p| self.relative(p),
+            ),
+            auth,
+            tls,
+        })
+    }
+
+    /// `path` taken from the config file's directory when relative.
+    fn relative(&self, path: PathBuf) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) => dir.join(path),
+            None => path,
+        }
     }
 
     /// The service's proxy settings; a cap or body limit of the other mode is an error.
@@ -933,12 +1128,9 @@ impl Doc<'_> {
 
     /// `agent.admin_token_file`, relative to the config's directory; the default otherwise.
     fn token_path(&self, file: Option<&Spanned<PathBuf>>) -> PathBuf {
-        let Some(file) = file else {
-            return PathBuf::from(crate::token::DEFAULT_TOKEN_FILE);
-        };
-        match self.path.parent() {
-            Some(dir) => dir.join(file.get_ref()),
-            None => file.get_ref().clone(),
+        match file {
+            Some(file) => self.relative(file.get_ref().clone()),
+            None => PathBuf::from(crate::token::DEFAULT_TOKEN_FILE),
         }
     }
 
@@ -1994,6 +2186,104 @@ address = "10.0.0.100:81"
         )?;
         assert_eq!(config.admin_token_file, Path::new("/etc/steer/state/token"));
         assert_eq!(config.admin_addr.to_string(), "0.0.0.0:9090");
+        Ok(())
+    }
+
+    /// `[fleet]` with its defaults, relative paths from the config's directory, and each bad
+    /// value refused with its field (built with the `etcd` feature; without it the table is an
+    /// error of its own).
+    #[test]
+    fn fleet_with_defaults_and_errors() -> Result<(), ConfigError> {
+        let base = "[agent]\ninterfaces = [\"eth0\"]\n[fleet]\n";
+        if !cfg!(feature = "etcd") {
+            let (_, field, message) = invalid(&format!("{base}endpoints = [\"127.0.0.1:2379\"]\n"));
+            assert_eq!(field, "fleet");
+            assert!(message.contains("`etcd` feature"), "{message}");
+            return Ok(());
+        }
+        let config = Config::parse(
+            Path::new("/etc/steer/steer.toml"),
+            &format!(
+                "{base}endpoints = [\"10.0.0.1:2379\", \"etcd-b:2379\"]\nhost = \"gpu-a\"\n\
+                 user = \"steer\"\npassword_file = \"etcd.password\"\n\
+                 tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"k.pem\" }}\n"
+            ),
+            &Overrides::default(),
+        )?;
+        let fleet = config.fleet.expect("[fleet]");
+        assert_eq!(fleet.endpoints, ["10.0.0.1:2379", "etcd-b:2379"]);
+        assert_eq!(fleet.prefix, FleetSpec::DEFAULT_PREFIX);
+        assert_eq!(fleet.host, "gpu-a");
+        assert_eq!(fleet.lease_ttl, FleetSpec::DEFAULT_LEASE_TTL);
+        assert_eq!(fleet.cache, PathBuf::from(FleetSpec::DEFAULT_CACHE));
+        let auth = fleet.auth.expect("auth");
+        assert_eq!(
+            auth.password_file,
+            PathBuf::from("/etc/steer/etcd.password")
+        );
+        let tls = fleet.tls.expect("tls");
+        assert_eq!(tls.ca, PathBuf::from("/etc/steer/ca.pem"));
+        assert_eq!(tls.key, Some(PathBuf::from("/etc/steer/k.pem")));
+
+        let endpoint = "endpoints = [\"127.0.0.1:2379\"]\n";
+        for (more, field, says) in [
+            ("endpoints = []\n", "fleet.endpoints", "at least one"),
+            (
+                "endpoints = [\"http://127.0.0.1\"]\n",
+                "fleet.endpoints",
+                "is not `host:port`",
+            ),
+            (
+                "endpoints = [\"127.0.0.1:0\"]\n",
+                "fleet.endpoints",
+                "is not `host:port`",
+            ),
+            ("prefix = \"steer\"\n", "fleet.prefix", "not a key prefix"),
+            ("prefix = \"/steer/\"\n", "fleet.prefix", "not a key prefix"),
+            (
+                "prefix = \"/steer/../x\"\n",
+                "fleet.prefix",
+                "not a key prefix",
+            ),
+            ("host = \"a/b\"\n", "fleet.host", "not a name"),
+            (
+                "lease_ttl = \"1s\"\n",
+                "fleet.lease_ttl",
+                "whole seconds from 2s",
+            ),
+            (
+                "lease_ttl = \"2500ms\"\n",
+                "fleet.lease_ttl",
+                "whole seconds",
+            ),
+            (
+                "user = \"steer\"\n",
+                "fleet.password_file",
+                "needs `password_file`",
+            ),
+            ("password_file = \"p\"\n", "fleet.user", "needs `user`"),
+            (
+                "tls = { ca = \"ca.pem\", cert = \"c.pem\" }\n",
+                "fleet.tls",
+                "go together",
+            ),
+            ("servers = []\n", "fleet.servers", "unknown field `servers`"),
+        ] {
+            let host = if more.starts_with("host") {
+                ""
+            } else {
+                "host = \"h\"\n"
+            };
+            let endpoint = if more.starts_with("endpoints") {
+                ""
+            } else {
+                endpoint
+            };
+            let text = format!("{base}{host}{endpoint}{more}");
+            let (_, got, message) = invalid(&text);
+            assert_eq!(got, field, "{more}: {message}");
+            assert!(message.contains(says), "{more}: {message}");
+        }
         Ok(())
     }
 

@@ -13,6 +13,9 @@ pub mod admin;
 pub mod affinity;
 pub mod config;
 pub mod dataplane;
+pub mod durable;
+#[cfg(feature = "etcd")]
+pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod limits;
@@ -155,6 +158,8 @@ pub async fn supervise(
         instances: vec![handle],
         proxies: Vec::new(),
         token,
+        #[cfg(feature = "etcd")]
+        fleet: None,
     };
     info!(api = %addr, "supervisor ready");
     let served = admin::serve(listener, sources, &AdminLimits::default(), shutdown).await;
@@ -286,11 +291,19 @@ async fn serve<D: Dataplane>(
         instances.push(handle);
         instance_tasks.push(task);
     }
+    // After the instances' backends exist: the first registration lists them all.
+    #[cfg(feature = "etcd")]
+    let fleet = config.fleet.clone().map(|spec| {
+        let services = config.services.iter().map(|s| s.name.clone()).collect();
+        fleet::Fleet::start(spec, table.clone(), services)
+    });
     let sources = admin::Sources {
         table: Some(table.clone()),
         instances: instances.clone(),
         proxies: proxied,
         token: admin_token,
+        #[cfg(feature = "etcd")]
+        fleet: fleet.as_ref().map(fleet::Fleet::status),
     };
     info!(
         admin = %addr,
@@ -345,6 +358,11 @@ async fn serve<D: Dataplane>(
     health_checks.shutdown().await;
     proxies.shutdown().await;
     stop_instances(&instances, instance_tasks, forced, force).await;
+    // The instances' last states are out; the lease goes, and this host leaves every balancer.
+    #[cfg(feature = "etcd")]
+    if let Some(fleet) = fleet {
+        fleet.stop().await;
+    }
     // Some admin connections may still hold handles: end the table task all the same.
     table.close().await;
     let dataplane = task.await.map_err(AgentError::TableTask)?;

@@ -609,6 +609,58 @@ pub struct ClientTimeouts {
     pub idle: Duration,
 }
 
+/// `[fleet]`: the etcd cluster several agents share ([`crate::fleet`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetSpec {
+    /// etcd client endpoints, `host:port` (`https://` with `tls`).
+    pub endpoints: Vec<String>,
+    /// The fleet's key prefix, without a trailing `/`: every key of the fleet is under it.
+    pub prefix: String,
+    /// This agent's name in the fleet (default: the hostname); its records are under it.
+    pub host: String,
+    /// The registration lease's time to live: a host that stops renewing it (killed, cut off)
+    /// leaves every balancer this long after its last renewal.
+    pub lease_ttl: Duration,
+    /// The local copy of the last fleet seen, read at a start while etcd does not answer.
+    pub cache: PathBuf,
+    pub auth: Option<EtcdAuth>,
+    pub tls: Option<EtcdTls>,
+}
+
+/// A fleet host, instance or key prefix segment: it becomes part of etcd keys, so no `/`, and not
+/// `.` or `..`.
+pub fn is_fleet_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// etcd's user and password authentication; the password is read from a file, never the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password_file: PathBuf,
+}
+
+/// TLS to etcd: the CA that signs its certificates, and a client certificate when etcd asks one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against (default: the endpoint's host).
+    pub server_name: Option<String>,
+}
+
+impl FleetSpec {
+    pub const DEFAULT_PREFIX: &str = "/steer/fleet/default";
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_CACHE: &str = "/var/lib/steer/fleet-cache.json";
+}
+
 /// Which store to use and the config name inside it, as given to `--config-driver`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]

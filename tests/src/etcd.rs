@@ -63,57 +63,216 @@ impl Etcd {
     fn try_start(dir: PathBuf) -> Result<Etcd, String> {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let log = dir.join("etcd.log");
-        let log_file = fs::File::create(&log).map_err(|e| format!("creating the log: {e}"))?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        let member = Member {
+            name: "steer-test".to_owned(),
+            dir,
+            client,
+            peer,
+            cluster: format!("steer-test=http://{peer}"),
+            extra: Vec::new(),
+        };
+        let child = member.spawn()?;
+        // From here the guard owns the process and the directory, also on failure.
+        let mut etcd = Etcd {
+            child,
+            dir: member.dir.clone(),
+            client,
+        };
+        match wait_healthy(client, || etcd.child.try_wait().ok().flatten()) {
+            Ok(()) => Ok(etcd),
+            Err(why) => Err(format!("{why}\netcd log:\n{}", member.log())),
+        }
+    }
+}
+
+/// One etcd member: its name, data directory, ports and the cluster it starts in.
+struct Member {
+    name: String,
+    dir: PathBuf,
+    client: SocketAddr,
+    peer: SocketAddr,
+    /// `--initial-cluster`: every member's `name=http://peer`.
+    cluster: String,
+    /// More flags (TLS, say).
+    extra: Vec<String>,
+}
+
+impl Member {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the member, its output appended to its log; with its data directory from an
+    /// earlier run it rejoins with what it had.
+    fn spawn(&self) -> Result<Child, String> {
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("creating the log: {e}"))?;
         let stderr = log_file
             .try_clone()
             .map_err(|e| format!("cloning the log: {e}"))?;
-        let client = free_port()?;
-        let peer = free_port()?;
-        let child = Command::new("etcd")
-            .arg("--name=steer-test")
-            .arg(format!("--data-dir={}", dir.join("data").display()))
-            .arg(format!("--listen-client-urls=http://{client}"))
-            .arg(format!("--advertise-client-urls=http://{client}"))
-            .arg(format!("--listen-peer-urls=http://{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
-            .arg(format!("--initial-cluster=steer-test=http://{peer}"))
+        let scheme = if self.extra.iter().any(|f| f.starts_with("--cert-file")) {
+            "https"
+        } else {
+            "http"
+        };
+        Command::new("etcd")
+            .arg(format!("--name={}", self.name))
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={scheme}://{}", self.client))
+            .arg(format!(
+                "--advertise-client-urls={scheme}://{}",
+                self.client
+            ))
+            .arg(format!("--listen-peer-urls=http://{}", self.peer))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://{}",
+                self.peer
+            ))
+            .arg(format!("--initial-cluster={}", self.cluster))
+            .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-level=warn")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(stderr)
             .spawn()
             .map_err(|e| {
                 format!("running etcd (is etcd-server installed? run `cargo xtask deps`): {e}")
-            })?;
-        // From here the guard owns the process and the directory, also on failure.
-        let mut etcd = Etcd { child, dir, client };
-        match etcd.wait_healthy() {
-            Ok(()) => Ok(etcd),
-            Err(why) => {
-                let log = fs::read_to_string(&log).unwrap_or_default();
-                Err(format!("{why}\netcd log:\n{log}"))
-            }
+            })
+    }
+}
+
+/// A cluster of etcd members on loopback ports, each with its own data directory; members can
+/// be stopped (SIGKILL, as a crash) and started again. Killed and removed on drop.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    children: Vec<Option<Child>>,
+    root: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one reports healthy (a leader elected).
+    pub fn start(size: usize) -> EtcdCluster {
+        Self::start_with(size, &[])
+    }
+
+    /// As [`EtcdCluster::start`], every member with `extra` flags (TLS ones serve https).
+    pub fn start_with(size: usize, extra: &[String]) -> EtcdCluster {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let root =
+            std::env::temp_dir().join(format!("steer-etcd-cluster-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let ports: Vec<(SocketAddr, SocketAddr)> = (0..size)
+            .map(|_| Ok::<_, String>((free_port()?, free_port()?)))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, peer))| Member {
+                name: format!("m{i}"),
+                dir: root.join(format!("m{i}")),
+                client,
+                peer,
+                cluster: cluster.clone(),
+                extra: extra.to_vec(),
+            })
+            .collect();
+        let mut etcd = EtcdCluster {
+            members,
+            children: Vec::new(),
+            root,
+        };
+        for member in &etcd.members {
+            fs::create_dir_all(&member.dir).unwrap_or_else(|e| panic!("{e}"));
+            let child = member.spawn().unwrap_or_else(|e| panic!("{e}"));
+            etcd.children.push(Some(child));
+        }
+        for i in 0..size {
+            etcd.wait_member(i);
+        }
+        etcd
+    }
+
+    /// The members' client addresses, `127.0.0.1:<port>`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.to_string()).collect()
+    }
+
+    /// Kills member `i` (SIGKILL: no goodbye to its peers).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
-    fn wait_healthy(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("etcd exited with {status}"));
-            }
-            if health(self.client).is_some_and(|body| body.contains(r#""health":"true""#)) {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
+    /// Starts member `i` again from its data directory. Waits for it to be healthy only when
+    /// `wait` (a member without a quorum never is).
+    pub fn restart(&mut self, i: usize, wait: bool) {
+        assert!(self.children[i].is_none(), "member {i} runs");
+        let child = self.members[i].spawn().unwrap_or_else(|e| panic!("{e}"));
+        self.children[i] = Some(child);
+        if wait {
+            self.wait_member(i);
         }
-        Err(format!(
-            "etcd not healthy on {} within {READY_TIMEOUT:?}",
-            self.client
-        ))
     }
+
+    /// Waits until member `i` reports healthy.
+    pub fn wait_member(&mut self, i: usize) {
+        let member = &self.members[i];
+        let child = &mut self.children[i];
+        let exited = || child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if let Err(why) = wait_healthy(member.client, exited) {
+            panic!("etcd member {}: {why}\nlog:\n{}", member.name, member.log());
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.stop(i);
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Waits until etcd on `client` says it is healthy; `exited` tells whether it died meanwhile.
+fn wait_healthy(
+    client: SocketAddr,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = exited() {
+            return Err(format!("etcd exited with {status}"));
+        }
+        if health(client).is_some_and(|body| body.contains(r#""health":"true""#)) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "etcd not healthy on {client} within {READY_TIMEOUT:?}"
+    ))
 }
 
 impl Drop for Etcd {

@@ -43,28 +43,19 @@ use crate::table::{
 /// What `/metrics` reads from: the agent's table and userspace proxies (none under
 /// `steer supervise`) and instances.
 #[derive(Clone)]
-struct MetricSources {
-    table: Option<TableHandle>,
-    instances: Arc<[InstanceHandle]>,
-    proxies: Arc<[Arc<ServiceProxy>]>,
+pub struct MetricSources {
+    pub table: Option<TableHandle>,
+    pub instances: Arc<[InstanceHandle]>,
+    pub proxies: Arc<[Arc<ServiceProxy>]>,
     /// The admin API's client connections.
-    admin: Arc<Connections>,
+    pub admin: Arc<Connections>,
+    #[cfg(feature = "etcd")]
+    pub fleet: Option<Arc<crate::fleet::FleetStatus>>,
 }
 
 /// `GET /metrics`: the series of what there is (no table and no proxies under
 /// `steer supervise`). Reads need no token.
-pub fn router(
-    table: Option<TableHandle>,
-    instances: Vec<InstanceHandle>,
-    proxies: Vec<Arc<ServiceProxy>>,
-    admin: Arc<Connections>,
-) -> Router {
-    let sources = MetricSources {
-        table,
-        instances: instances.into(),
-        proxies: proxies.into(),
-        admin,
-    };
+pub fn router(sources: MetricSources) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .with_state(sources)
@@ -104,6 +95,11 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
         instances,
         proxies,
         admin: sources.admin.stats(),
+        #[cfg(feature = "etcd")]
+        fleet: sources
+            .fleet
+            .as_ref()
+            .map(|f| (f.report(), f.lease_renewals())),
     }
     .render()
     .inspect_err(|err| warn!(%err, "/metrics not served"))?;
@@ -120,6 +116,9 @@ struct Scrape {
     instances: Vec<Status>,
     proxies: Vec<ProxyScrape>,
     admin: ConnectionStats,
+    /// The fleet's report and lease renewals so far.
+    #[cfg(feature = "etcd")]
+    fleet: Option<(crate::fleet::FleetReport, u64)>,
 }
 
 /// A proxy's counters and queue wait histograms: the service's and, with pools, each pool's
@@ -251,6 +250,10 @@ fn escape_label(value: &str) -> String {
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         admin(&mut encoder, self.admin)?;
+        #[cfg(feature = "etcd")]
+        if let Some((report, renewals)) = &self.fleet {
+            fleet(&mut encoder, report, *renewals)?;
+        }
         if let Some(snapshot) = &self.snapshot {
             backends(&mut encoder, &snapshot.backends)?;
             services(&mut encoder, &snapshot.services)?;
@@ -263,6 +266,80 @@ impl Collector for Scrape {
         }
         instances(&mut encoder, &self.instances)
     }
+}
+
+/// The fleet's freshness and size: `steer_fleet_stale_seconds` is what an alert on a balancer
+/// cut off from etcd (serving its last fleet) watches.
+#[cfg(feature = "etcd")]
+fn fleet(
+    encoder: &mut DescriptorEncoder,
+    report: &crate::fleet::FleetReport,
+    renewals: u64,
+) -> fmt::Result {
+    // A family of one series without labels.
+    fn one<M>(metric: M) -> [([(&'static str, String); 0], M); 1] {
+        [([], metric)]
+    }
+    family(
+        encoder,
+        "steer_fleet_connected",
+        "1 while the fleet watch is open and etcd answers the lease keep-alives: the fleet view is current",
+        one(gauge(u64::from(report.connected))),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_stale_seconds",
+        "Seconds since the fleet view was last known current (etcd answered while watched)",
+        one(ConstGauge::new(report.stale_seconds)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_revision",
+        "The etcd revision the fleet view is current to",
+        one(gauge(report.revision.max(0) as u64)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_from_cache",
+        "1 while the fleet view came from the local cache and etcd has not answered since",
+        one(gauge(u64::from(report.from_cache))),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_registered",
+        "1 while this agent's registration lease is live",
+        one(gauge(u64::from(report.registered))),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_hosts",
+        "Hosts registered in the fleet view",
+        one(gauge(report.hosts.len() as u64)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_instances",
+        "Instance records in the fleet view, every host's",
+        one(gauge(report.instances.len() as u64)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_backends",
+        "Backends the fleet put in this agent's services (other hosts' serving instances)",
+        one(gauge(report.backends as u64)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_skipped_keys",
+        "Fleet keys or values that could not be read and were skipped",
+        one(counter(report.skipped_keys)),
+    )?;
+    family(
+        encoder,
+        "steer_fleet_lease_renewals",
+        "Keep-alives of the registration lease etcd answered",
+        one(counter(renewals)),
+    )
 }
 
 /// One metric family: `name` (the encoder appends `_total` to counters) and its series.
@@ -839,6 +916,18 @@ fn instances(encoder: &mut DescriptorEncoder, instances: &[Status]) -> fmt::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sources of an agent with `table`, no instances, proxies or fleet.
+    fn test_sources(table: Option<TableHandle>) -> MetricSources {
+        MetricSources {
+            table,
+            instances: Arc::new([]),
+            proxies: Arc::new([]),
+            admin: Connections::new(8),
+            #[cfg(feature = "etcd")]
+            fleet: None,
+        }
+    }
     use crate::fake::FakeDataplane;
     use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
     use crate::store::SavedArgs;
@@ -962,7 +1051,7 @@ mod tests {
         handle
             .set_models(1, snapshot.backends[1].address, vec!["smol".to_owned()])
             .await?;
-        let app = router(Some(handle), Vec::new(), Vec::new(), Connections::new(8));
+        let app = router(test_sources(Some(handle)));
         let (_, text) = get_metrics(app).await;
         let samples = parse(&text);
         for (backend, model) in [("10.0.1.2:8080", ""), ("10.0.1.3:8080", "smol")] {
@@ -1029,12 +1118,7 @@ mod tests {
             },
         );
         drop(answered);
-        let app = router(
-            Some(handle.clone()),
-            Vec::new(),
-            Vec::new(),
-            Connections::new(8),
-        );
+        let app = router(test_sources(Some(handle.clone())));
 
         let (content_type, text) = get_metrics(app.clone()).await;
         assert_eq!(content_type.as_deref(), Some(prometheus_text::CONTENT_TYPE));
@@ -1240,6 +1324,8 @@ mod tests {
                 refused: 1,
                 evicted: 2,
             },
+            #[cfg(feature = "etcd")]
+            fleet: None,
         }
         .render()?;
         let samples = parse(&text);
@@ -1290,16 +1376,7 @@ mod tests {
             steered_before: 0,
         };
         handle.set_slots(report).await?;
-        let samples = parse(
-            &get_metrics(router(
-                Some(handle),
-                Vec::new(),
-                Vec::new(),
-                Connections::new(8),
-            ))
-            .await
-            .1,
-        );
+        let samples = parse(&get_metrics(router(test_sources(Some(handle)))).await.1);
         let b1 = |state| [("backend", "10.0.1.3:8080"), ("state", state)];
         assert_eq!(value(&samples, "steer_backend_slots", &b1("idle")), 1.0);
         assert_eq!(value(&samples, "steer_backend_slots", &b1("busy")), 3.0);

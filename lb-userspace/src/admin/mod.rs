@@ -8,6 +8,8 @@
 //! ([`Authorized`]); unknown routes and methods get JSON too.
 
 pub mod backends;
+#[cfg(feature = "etcd")]
+pub mod fleet;
 pub mod instances;
 pub mod metrics;
 pub mod proxy_stats;
@@ -40,6 +42,9 @@ pub struct Sources {
     pub instances: Vec<InstanceHandle>,
     pub proxies: Vec<Arc<ServiceProxy>>,
     pub token: Arc<AdminToken>,
+    /// `[fleet]`: what the fleet tasks know.
+    #[cfg(feature = "etcd")]
+    pub fleet: Option<Arc<crate::fleet::FleetStatus>>,
 }
 
 /// Serves every route `sources` can answer on `listener` under `limits` until `shutdown`, then
@@ -63,13 +68,22 @@ fn router(sources: Sources, connections: Arc<Connections>) -> Router {
         instances,
         proxies,
         token,
+        #[cfg(feature = "etcd")]
+        fleet,
     } = sources;
-    let mut app = instances::router(instances.clone(), Arc::clone(&token)).merge(metrics::router(
-        table.clone(),
-        instances,
-        proxies.clone(),
-        connections,
-    ));
+    let metrics = metrics::MetricSources {
+        table: table.clone(),
+        instances: instances.clone().into(),
+        proxies: proxies.clone().into(),
+        admin: connections,
+        #[cfg(feature = "etcd")]
+        fleet: fleet.clone(),
+    };
+    let mut app = instances::router(instances, Arc::clone(&token)).merge(metrics::router(metrics));
+    #[cfg(feature = "etcd")]
+    if let Some(fleet) = fleet {
+        app = app.merge(fleet::router(fleet));
+    }
     // `steer run`: the table's routes, and the proxies' (an empty list when none listens).
     if let Some(table) = table {
         app = app

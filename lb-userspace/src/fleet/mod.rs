@@ -1,0 +1,328 @@
+//! A fleet of agents sharing one etcd cluster (`[fleet]`).
+//!
+//! Each agent registers under a lease it keeps alive ([`register`]): a host key, and one record
+//! per supervised instance that is a backend, rewritten as soon as the table's view of it changes
+//! (ready, draining, crashed). Each agent watches the whole prefix ([`watch`]) and turns the
+//! other hosts' serving instances into backends of its services of the same name through the one
+//! table ([`program`]); its own instances are its supervisor's. A dead host's lease expires and
+//! its records go with it, from every balancer at once.
+//!
+//! etcd is the only engine: no consensus or gossip here. Losing it never takes a backend away
+//! (fail-static): the table keeps the last fleet seen, the agent exports how stale that is
+//! ([`FleetStatus`]) and resumes the watch from its revision when etcd is back, so no change is
+//! missed or replayed. The last fleet seen is also kept in a local cache (written atomically),
+//! which an agent starting while etcd does not answer comes up from.
+
+mod program;
+pub mod record;
+mod register;
+pub mod view;
+mod watch;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use serde::Serialize;
+use tokio::sync::watch as signal;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::spec::FleetSpec;
+use crate::table::TableHandle;
+use record::{InstanceRecord, Keys};
+use view::View;
+
+/// Bounds every unary etcd call, so an etcd that does not answer is an error, never a hang.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings: a connection to a member cut off without a reset breaks within about
+/// `KEEPALIVE + KEEPALIVE_TIMEOUT`, and its watch with it. etcd closes the connection of a
+/// client that pings more often than every 5 s (`--grpc-keepalive-min-time`).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between tries while etcd does not answer, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd at {endpoints}: no answer within {timeout:?}")]
+    Timeout {
+        endpoints: String,
+        timeout: Duration,
+    },
+    #[error("reading {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the registration lease expired (etcd went without renewals longer than lease_ttl)")]
+    LeaseExpired,
+    #[error(
+        "host key {key} belongs to another live agent (lease {lease:x}): another agent runs with \
+         this fleet.host, or this agent's last run has not expired yet"
+    )]
+    HostTaken { key: String, lease: i64 },
+}
+
+/// A fleet connection's settings, shared by the tasks.
+struct Etcd {
+    spec: FleetSpec,
+    keys: Keys,
+}
+
+impl Etcd {
+    fn endpoints(&self) -> String {
+        self.spec.endpoints.join(",")
+    }
+
+    fn error(&self, source: etcd_client::Error) -> FleetError {
+        FleetError::Etcd {
+            endpoints: self.endpoints(),
+            source,
+        }
+    }
+
+    /// `call` bounded by [`REQUEST_TIMEOUT`], its error naming the endpoints.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, FleetError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+            Ok(result) => result.map_err(|source| self.error(source)),
+            Err(_) => Err(FleetError::Timeout {
+                endpoints: self.endpoints(),
+                timeout: REQUEST_TIMEOUT,
+            }),
+        }
+    }
+
+    /// A client over every endpoint. Requests need a leader: a member cut off from the quorum
+    /// refuses them (and ends its watches) instead of serving what it last knew as current.
+    async fn connect(&self) -> Result<Client, FleetError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(KEEPALIVE, KEEPALIVE_TIMEOUT)
+            .with_require_leader(true);
+        if let Some(auth) = &self.spec.auth {
+            let password = read("fleet.password_file", &auth.password_file)?;
+            let password = String::from_utf8_lossy(&password).trim_end().to_owned();
+            options = options.with_user(auth.user.clone(), password);
+        }
+        if let Some(tls) = &self.spec.tls {
+            let mut config = TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(read("fleet.tls.ca", &tls.ca)?));
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                config = config.identity(Identity::from_pem(
+                    read("fleet.tls.cert", cert)?,
+                    read("fleet.tls.key", key)?,
+                ));
+            }
+            if let Some(name) = &tls.server_name {
+                config = config.domain_name(name.clone());
+            }
+            options = options.with_tls(config);
+        }
+        self.timed(Client::connect(&self.spec.endpoints, Some(options)))
+            .await
+    }
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, FleetError> {
+    std::fs::read(path).map_err(|source| FleetError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What the fleet tasks know of etcd and the fleet, for `/metrics` and `/v1/fleet`.
+#[derive(Debug)]
+pub struct FleetStatus {
+    host: String,
+    prefix: String,
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The watch is open on a member with a leader.
+    watching: bool,
+    /// The lease of the current registration, once granted.
+    lease: Option<i64>,
+    /// The last keep-alive etcd answered while the watch was open: the view was current then.
+    confirmed: Option<Instant>,
+    view: Arc<View>,
+    /// The view came from the local cache and etcd has not answered since.
+    from_cache: bool,
+    backends: usize,
+    skipped_keys: u64,
+    lease_renewals: u64,
+}
+
+/// The fleet as `/v1/fleet` lists it.
+#[derive(Debug, Serialize)]
+pub struct FleetReport {
+    pub host: String,
+    pub prefix: String,
+    /// The watch is open and etcd answered the last keep-alive: the view is current.
+    pub connected: bool,
+    /// Seconds since the view was last known current (since the start, if never).
+    pub stale_seconds: f64,
+    /// The etcd revision the view is current to.
+    pub revision: i64,
+    pub from_cache: bool,
+    pub registered: bool,
+    /// Backends the fleet put in this agent's services.
+    pub backends: usize,
+    pub skipped_keys: u64,
+    pub hosts: Vec<String>,
+    pub instances: Vec<ListedInstance>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListedInstance {
+    pub host: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub record: InstanceRecord,
+}
+
+impl FleetStatus {
+    fn new(spec: &FleetSpec) -> FleetStatus {
+        FleetStatus {
+            host: spec.host.clone(),
+            prefix: spec.prefix.clone(),
+            started: Instant::now(),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether the view is current, and for how long it has not been known to be.
+    fn freshness(&self, inner: &Inner) -> (bool, Duration) {
+        let since = inner.confirmed.unwrap_or(self.started).elapsed();
+        // A keep-alive goes out every third of the TTL: one missed is not yet staleness.
+        let connected = inner.watching && inner.lease.is_some() && inner.confirmed.is_some();
+        (connected, since)
+    }
+
+    pub fn report(&self) -> FleetReport {
+        self.update(|inner| {
+            let (connected, stale) = self.freshness(inner);
+            FleetReport {
+                host: self.host.clone(),
+                prefix: self.prefix.clone(),
+                connected,
+                stale_seconds: stale.as_secs_f64(),
+                revision: inner.view.revision,
+                from_cache: inner.from_cache,
+                registered: inner.lease.is_some(),
+                backends: inner.backends,
+                skipped_keys: inner.skipped_keys,
+                hosts: inner.view.hosts.keys().cloned().collect(),
+                instances: inner
+                    .view
+                    .instances
+                    .iter()
+                    .map(|((host, name), record)| ListedInstance {
+                        host: host.clone(),
+                        name: name.clone(),
+                        record: record.clone(),
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    pub fn lease_renewals(&self) -> u64 {
+        self.update(|inner| inner.lease_renewals)
+    }
+}
+
+/// The running fleet tasks.
+pub struct Fleet {
+    status: Arc<FleetStatus>,
+    stop: signal::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Fleet {
+    /// Registers this agent's instances (from `table`) and programs the others' into `table`'s
+    /// `services`, until [`Fleet::stop`]. Nothing here waits for etcd.
+    pub fn start(spec: FleetSpec, table: TableHandle, services: BTreeSet<String>) -> Fleet {
+        let status = Arc::new(FleetStatus::new(&spec));
+        let etcd = Arc::new(Etcd {
+            keys: Keys::new(&spec.prefix),
+            spec,
+        });
+        let (stop, stopped) = signal::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(register::run(
+            Arc::clone(&etcd),
+            table.clone(),
+            Arc::clone(&status),
+            stopped.clone(),
+        ));
+        tasks.spawn(watch::run(
+            etcd,
+            table,
+            services,
+            Arc::clone(&status),
+            stopped,
+        ));
+        Fleet {
+            status,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn status(&self) -> Arc<FleetStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Ends the watch and revokes the registration, so the other balancers drop this host's
+    /// instances at once; bounded by the request timeout.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let stopped = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(REQUEST_TIMEOUT * 2, stopped)
+            .await
+            .is_err()
+        {
+            self.tasks.shutdown().await;
+        }
+    }
+}
+
+/// Sleeps `delay` (then doubles it up to [`RETRY_MAX`]) unless `stop` turns true first;
+/// whether to go on.
+async fn backoff(delay: &mut Duration, stop: &mut signal::Receiver<bool>) -> bool {
+    let wait = *delay;
+    *delay = (*delay * 2).min(RETRY_MAX);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = stopped(stop) => {}
+    }
+    !*stop.borrow()
+}
+
+/// Completes once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut signal::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,227 @@
+//! The fleet's keys in etcd, all under the fleet's prefix (`fleet.prefix`):
+//!
+//! - `<prefix>/hosts/<host>`: an agent that is up ([`HostRecord`]), under its lease;
+//! - `<prefix>/instances/<host>/<instance>`: one of that agent's supervised llama-servers that
+//!   serves a service ([`InstanceRecord`]), under the same lease.
+//!
+//! Values are JSON. A reader ignores fields it does not know (a newer agent may add some), and a
+//! key or value it cannot read is logged and skipped, never applied.
+
+use std::net::SocketAddrV4;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::is_fleet_name;
+use crate::table::{BackendInfo, BackendStatus};
+
+/// The fleet's key layout under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// What a key under the prefix names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Host(String),
+    Instance { host: String, name: String },
+}
+
+/// A record an agent writes for each supervised instance that is a backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The service it is a backend of: every agent with a service of that name balances to it.
+    pub service: String,
+    /// Where balancers connect to it.
+    pub address: SocketAddrV4,
+    /// The models its `/v1/models` lists (empty until its first poll answered).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// llama.cpp slots, once polled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    pub state: InstanceState,
+    /// Its decode speed as the agent's proxy measured it, rounded to whole tokens per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_tokens_per_second: Option<u32>,
+}
+
+/// An instance's state as its own agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Started, not healthy yet (loading its model): no traffic.
+    Starting,
+    /// Takes requests.
+    Ready,
+    /// Keeps what it has, takes nothing new (an apply or a stop is coming, or an operator's drain).
+    Draining,
+    /// Exited or failing its checks.
+    Down,
+}
+
+/// The record of a live agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// The agent's version.
+    pub version: String,
+    /// When it registered, in seconds since the epoch.
+    pub since: u64,
+}
+
+/// A key under the prefix that is not one of the fleet's.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not under the fleet's prefix")]
+    Foreign,
+    #[error("not a fleet key (`hosts/<host>` or `instances/<host>/<instance>`)")]
+    Unknown,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The range every fleet key is in: `<prefix>/`.
+    pub fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    pub fn host(&self, host: &str) -> String {
+        format!("{}/hosts/{host}", self.prefix)
+    }
+
+    pub fn instance(&self, host: &str, name: &str) -> String {
+        format!("{}/instances/{host}/{name}", self.prefix)
+    }
+
+    pub fn of(&self, key: &Key) -> String {
+        match key {
+            Key::Host(host) => self.host(host),
+            Key::Instance { host, name } => self.instance(host, name),
+        }
+    }
+
+    pub fn parse(&self, key: &[u8]) -> Result<Key, KeyError> {
+        let key = std::str::from_utf8(key).map_err(|_| KeyError::Unknown)?;
+        let rest = key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .ok_or(KeyError::Foreign)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["hosts", host] if is_fleet_name(host) => Ok(Key::Host((*host).to_owned())),
+            ["instances", host, name] if is_fleet_name(host) && is_fleet_name(name) => {
+                Ok(Key::Instance {
+                    host: (*host).to_owned(),
+                    name: (*name).to_owned(),
+                })
+            }
+            _ => Err(KeyError::Unknown),
+        }
+    }
+}
+
+impl InstanceRecord {
+    /// The record of a supervised instance's backend; `None` for any other backend.
+    pub fn of(backend: &BackendInfo) -> Option<(String, InstanceRecord)> {
+        let name = backend.instance.clone()?;
+        let state = match backend.status {
+            BackendStatus::Healthy | BackendStatus::Ejected => InstanceState::Ready,
+            BackendStatus::Draining => InstanceState::Draining,
+            BackendStatus::Unknown | BackendStatus::Loading => InstanceState::Starting,
+            BackendStatus::Unhealthy => InstanceState::Down,
+        };
+        let speed = backend.requests.speed.backend.decode_tokens_per_second;
+        Some((
+            name,
+            InstanceRecord {
+                service: backend.service.clone(),
+                address: backend.address,
+                models: backend.models.clone(),
+                slots: backend.total_slots,
+                state,
+                decode_tokens_per_second: speed
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| s.round().min(f64::from(u32::MAX)) as u32),
+            },
+        ))
+    }
+
+    /// Equal but for the measured speed, which alone is not worth a write each request.
+    pub fn same_but_speed(&self, other: &InstanceRecord) -> bool {
+        InstanceRecord {
+            decode_tokens_per_second: other.decode_tokens_per_second,
+            ..self.clone()
+        } == *other
+    }
+
+    /// Whether balancers send it anything: ready, or draining (its flows stay).
+    pub fn is_serving(&self) -> bool {
+        matches!(self.state, InstanceState::Ready | InstanceState::Draining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_anything_else_is_refused() {
+        let keys = Keys::new("/steer/fleet/prod");
+        let instance = Key::Instance {
+            host: "gpu-a".into(),
+            name: "qwen-0".into(),
+        };
+        assert_eq!(
+            keys.of(&instance),
+            "/steer/fleet/prod/instances/gpu-a/qwen-0"
+        );
+        assert_eq!(
+            keys.parse(keys.of(&instance).as_bytes()).ok(),
+            Some(instance)
+        );
+        let host = Key::Host("gpu-a".into());
+        assert_eq!(keys.parse(keys.of(&host).as_bytes()).ok(), Some(host));
+        for foreign in ["/steer/fleet/production/hosts/a", "/other/hosts/a", ""] {
+            assert!(
+                matches!(keys.parse(foreign.as_bytes()), Err(KeyError::Foreign)),
+                "{foreign}"
+            );
+        }
+        for unknown in [
+            &b"/steer/fleet/prod/hosts/"[..],
+            b"/steer/fleet/prod/hosts/a/b",
+            b"/steer/fleet/prod/instances/a",
+            b"/steer/fleet/prod/instances/a/b/c",
+            b"/steer/fleet/prod/instances/a/../b",
+            b"/steer/fleet/prod/services/chat",
+            b"/steer/fleet/prod/hosts/\xff",
+        ] {
+            assert!(
+                matches!(keys.parse(unknown), Err(KeyError::Unknown)),
+                "{}",
+                String::from_utf8_lossy(unknown)
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_reads_with_fields_it_does_not_know_and_not_without_its_own() {
+        let text = r#"{"service":"chat","address":"10.0.0.2:8080","models":["m"],
+            "state":"ready","decode_tokens_per_second":41,"added_later":true}"#;
+        let record: InstanceRecord = serde_json::from_str(text).expect("record");
+        assert_eq!(record.state, InstanceState::Ready);
+        assert_eq!(record.decode_tokens_per_second, Some(41));
+        assert!(serde_json::from_str::<InstanceRecord>(r#"{"service":"chat"}"#).is_err());
+        assert!(
+            serde_json::from_str::<InstanceRecord>(
+                r#"{"service":"chat","address":"10.0.0.2:8080","state":"lost"}"#
+            )
+            .is_err()
+        );
+    }
+}

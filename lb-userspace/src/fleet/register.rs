@@ -1,0 +1,252 @@
+//! This agent in the fleet: a lease kept alive, the host key and a record per supervised
+//! instance under it, each record rewritten as soon as the table's view of its backend changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use tokio::sync::watch as signal;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::record::{HostRecord, InstanceRecord};
+use super::{Etcd, FleetError, FleetStatus, REQUEST_TIMEOUT, RETRY_MIN, backoff, stopped};
+use crate::table::{Snapshot, TableHandle};
+
+/// A record whose only change is its measured speed is rewritten at most this often.
+const SPEED_REFRESH: Duration = Duration::from_secs(30);
+
+/// Registers until `stop`, then revokes the lease. A failed session (etcd gone, lease expired)
+/// is retried with a new lease until `stop`.
+pub(super) async fn run(
+    etcd: Arc<Etcd>,
+    table: TableHandle,
+    status: Arc<FleetStatus>,
+    mut stop: signal::Receiver<bool>,
+) {
+    let mut delay = RETRY_MIN;
+    // This run's last lease: its host key is ours to take over.
+    let mut previous = None;
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        let mut session = Session {
+            etcd: &etcd,
+            table: &table,
+            status: &status,
+            lease: None,
+            published: BTreeMap::new(),
+        };
+        let result = session
+            .run(previous, &mut stop, &mut lost_since, &mut delay)
+            .await;
+        previous = session.lease.or(previous);
+        status.update(|inner| inner.lease = None);
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                if lost_since.is_none() {
+                    lost_since = Some(Instant::now());
+                    warn!(%error, "fleet registration lost: retrying; other balancers keep this host's instances until its lease expires");
+                }
+                if !backoff(&mut delay, &mut stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Session<'a> {
+    etcd: &'a Etcd,
+    table: &'a TableHandle,
+    status: &'a FleetStatus,
+    lease: Option<i64>,
+    /// Each instance's record as last written, and when.
+    published: BTreeMap<String, (InstanceRecord, Instant)>,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        previous: Option<i64>,
+        stop: &mut signal::Receiver<bool>,
+        lost_since: &mut Option<Instant>,
+        delay: &mut Duration,
+    ) -> Result<(), FleetError> {
+        let etcd = self.etcd;
+        let mut client = etcd.connect().await?;
+        let ttl = etcd.spec.lease_ttl;
+        let lease = etcd
+            .timed(client.lease_grant(ttl.as_secs() as i64, None))
+            .await?
+            .id();
+        self.lease = Some(lease);
+        let (mut keeper, mut replies) = etcd.timed(client.lease_keep_alive(lease)).await?;
+        self.claim_host(&mut client, lease, previous).await?;
+        let mut snapshots = self.table.subscribe();
+        let snapshot = snapshots.borrow_and_update().clone();
+        self.publish(&mut client, &snapshot).await?;
+        if let Some(old) = previous.filter(|&old| old != lease) {
+            // Whatever the last session left on its lease and this one did not write again.
+            let _ = etcd.timed(client.lease_revoke(old)).await;
+        }
+        self.status.update(|inner| inner.lease = Some(lease));
+        match lost_since.take() {
+            Some(since) => {
+                info!(lease = format!("{lease:x}"), down = ?since.elapsed(), "fleet registration back")
+            }
+            None => {
+                info!(host = %etcd.spec.host, lease = format!("{lease:x}"), ttl = ?ttl, "registered in the fleet")
+            }
+        }
+        *delay = super::RETRY_MIN;
+        let mut renew = tokio::time::interval(ttl / 3);
+        loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    etcd.timed(keeper.keep_alive()).await?;
+                    let reply = tokio::time::timeout(REQUEST_TIMEOUT, replies.message())
+                        .await
+                        .map_err(|_| FleetError::Timeout {
+                            endpoints: etcd.endpoints(),
+                            timeout: REQUEST_TIMEOUT,
+                        })?
+                        .map_err(|source| etcd.error(source))?;
+                    match reply {
+                        Some(reply) if reply.ttl() > 0 => self.status.update(|inner| {
+                            inner.lease_renewals += 1;
+                            if inner.watching {
+                                inner.confirmed = Some(Instant::now());
+                            }
+                        }),
+                        _ => return Err(FleetError::LeaseExpired),
+                    }
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        // The table stopped: the agent is going away.
+                        return self.revoke(&mut client, lease).await;
+                    }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    self.publish(&mut client, &snapshot).await?;
+                }
+                () = stopped(stop) => {
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    // The instances' last states (stopped) go out before the lease.
+                    let _ = self.publish(&mut client, &snapshot).await;
+                    return self.revoke(&mut client, lease).await;
+                }
+            }
+        }
+    }
+
+    /// Puts the host key under `lease`, unless another live lease holds it.
+    async fn claim_host(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        previous: Option<i64>,
+    ) -> Result<(), FleetError> {
+        let etcd = self.etcd;
+        let key = etcd.keys.host(&etcd.spec.host);
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let record = HostRecord {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            since,
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let put = TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let mut holders = vec![Compare::version(key.as_str(), CompareOp::Equal, 0)];
+        holders.extend(previous.map(|old| Compare::lease(key.as_str(), CompareOp::Equal, old)));
+        for holder in holders {
+            let txn = Txn::new().when([holder]).and_then([put.clone()]);
+            if etcd.timed(client.txn(txn)).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        let held = etcd.timed(client.get(key.as_str(), None)).await?;
+        let lease = held.kvs().first().map_or(0, |kv| kv.lease());
+        Err(FleetError::HostTaken { key, lease })
+    }
+
+    /// Writes the records that changed since the last write and deletes the ones gone, in one
+    /// transaction.
+    async fn publish(
+        &mut self,
+        client: &mut Client,
+        snapshot: &Snapshot,
+    ) -> Result<(), FleetError> {
+        let Some(lease) = self.lease else {
+            return Ok(());
+        };
+        let etcd = self.etcd;
+        let now = Instant::now();
+        let current: BTreeMap<String, InstanceRecord> = snapshot
+            .backends
+            .iter()
+            .filter_map(InstanceRecord::of)
+            .collect();
+        let mut ops = Vec::new();
+        let mut written = Vec::new();
+        for (name, record) in &current {
+            let due = match self.published.get(name) {
+                None => true,
+                Some((old, at)) => {
+                    !old.same_but_speed(record)
+                        || (old != record && now.duration_since(*at) >= SPEED_REFRESH)
+                }
+            };
+            if due {
+                let value = serde_json::to_vec(record).unwrap_or_default();
+                let key = etcd.keys.instance(&etcd.spec.host, name);
+                ops.push(TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+                written.push(name.clone());
+            }
+        }
+        let gone: Vec<String> = self
+            .published
+            .keys()
+            .filter(|name| !current.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &gone {
+            ops.push(TxnOp::delete(
+                etcd.keys.instance(&etcd.spec.host, name),
+                None,
+            ));
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        etcd.timed(client.txn(Txn::new().and_then(ops))).await?;
+        for name in gone {
+            self.published.remove(&name);
+        }
+        for name in written {
+            let state = current[&name].state;
+            info!(instance = %name, ?state, "fleet record written");
+            self.published
+                .insert(name.clone(), (current[&name].clone(), now));
+        }
+        Ok(())
+    }
+
+    async fn revoke(&self, client: &mut Client, lease: i64) -> Result<(), FleetError> {
+        match self.etcd.timed(client.lease_revoke(lease)).await {
+            Ok(_) => info!(lease = format!("{lease:x}"), "left the fleet"),
+            Err(error) => warn!(%error, "leaving the fleet: the lease expires on its own"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,578 @@
+//! A fleet through a real 3-member etcd cluster on loopback: three agents (hosts `h1`..`h3`),
+//! each supervising one real llama-server and balancing service `chat` on its own address over
+//! every host's instance.
+//!
+//! Shown, in order: every instance registers and is a backend of every balancer; garbage keys in
+//! the prefix are skipped; two balancers active-active put 1,000 affinity keys on the same
+//! backends; a crashed llama-server leaves the other balancers within 1 s and comes back revived;
+//! one etcd member down changes nothing, two (no quorum) leave every balancer serving its last
+//! fleet with 0 failed requests under load while exporting its staleness, and once they are back
+//! a change made then arrives; a SIGKILLed agent leaves the others within its lease TTL + 1 s;
+//! and an agent started while etcd is down comes up from its cached fleet and catches up when etcd
+//! returns.
+//!
+//! The hosts share the root namespace's loopback (each agent's service on its own port, its
+//! instance on its own): what the fleet does is the same as across namespaces, and a host that
+//! disappears (its namespace deleted, its power cut) is an agent that stops renewing its lease,
+//! which SIGKILL shows.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::bench::free_port;
+use tests::etcd::EtcdCluster;
+use tests::llama::{llama_server_path, model_path};
+use tests::netns;
+
+/// The lease TTL the agents register with.
+const TTL: Duration = Duration::from_secs(3);
+/// Upper bound for any wait (a llama-server loading its model included).
+const WAIT: Duration = Duration::from_secs(90);
+/// Keys sent through each of two balancers.
+const KEYS: usize = 1000;
+
+/// One agent (a "host") and what it serves.
+struct Host {
+    name: String,
+    config: PathBuf,
+    log: PathBuf,
+    admin: SocketAddr,
+    vip: SocketAddr,
+    /// Its llama-server's address: its backend in every balancer.
+    instance: SocketAddr,
+    agent: Option<Child>,
+}
+
+impl Host {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("the agent's log");
+        let child = Command::new(tests::topology::steer_bin())
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup the log"))
+            .stderr(log)
+            .spawn()
+            .expect("start steer");
+        self.agent = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let (status, body) = http(self.admin, "GET", path, &[], None)
+            .unwrap_or_else(|e| panic!("GET {path} on {}: {e}\n{}", self.name, self.log_text()));
+        assert_eq!(status, 200, "GET {path} on {}: {body}", self.name);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    fn try_get(&self, path: &str) -> Option<Value> {
+        let (status, body) = http(self.admin, "GET", path, &[], None).ok()?;
+        (status == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// `chat`'s backends as this balancer lists them: address to the backend's entry.
+    fn backends(&self) -> BTreeMap<String, Value> {
+        self.try_get("/v1/backends")
+            .and_then(|v| v["backends"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| b["service"] == "chat")
+            .map(|b| (b["address"].as_str().unwrap_or_default().to_owned(), b))
+            .collect()
+    }
+
+    fn fleet(&self) -> Value {
+        self.get("/v1/fleet")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http(self.admin, "GET", "/metrics", &[], None).expect("/metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    }
+
+    fn token(&self) -> String {
+        let path = self.config.with_file_name(format!("{}.token", self.name));
+        std::fs::read_to_string(path)
+            .expect("the token")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 request on a new connection (closed after it), each step within 20 s.
+fn http(
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let timeout = Duration::from_secs(20);
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: steer-test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head += &format!("{name}: {value}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        head += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    head += "\r\n";
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// Waits until `done` (polled every 20 ms) within `within`; how long it took. Panics with `what`
+/// and the hosts' logs otherwise.
+fn wait_for(
+    hosts: &[Host],
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > within {
+            let logs: Vec<String> = hosts
+                .iter()
+                .map(|h| format!("--- {} ---\n{}", h.name, tail(&h.log_text())))
+                .collect();
+            panic!("{what}: not within {within:?}\n{}", logs.join("\n"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// Whether `host` lists `address` as a healthy backend of `chat`.
+fn serves(host: &Host, address: SocketAddr) -> bool {
+    host.backends()
+        .get(&address.to_string())
+        .is_some_and(|b| b["healthy"] == true && b["state"] == "active")
+}
+
+/// Chats sent one after another through `vip` until `stop`: (sent, failed, last failure).
+fn load(vip: SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<(u64, u64, String)> {
+    thread::spawn(move || {
+        let (sent, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+        let mut last = String::new();
+        let body = r#"{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":2}"#;
+        // Bounded: at most this many, whatever `stop` says.
+        for _ in 0..20_000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+            match http(vip, "POST", "/v1/chat/completions", &[], Some(body)) {
+                Ok((200, _)) => {}
+                Ok((status, body)) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    last = format!("HTTP {status}: {body}");
+                }
+                Err(e) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    last = e.to_string();
+                }
+            }
+        }
+        (sent.into_inner(), failed.into_inner(), last)
+    })
+}
+
+/// The backend each access-log line of `log` names, by the key in its path
+/// (`/steer-affinity/<key>`).
+fn placements(log: &str) -> BTreeMap<String, String> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "steer::access")
+        .filter_map(|line| {
+            let fields = &line["fields"];
+            let key = fields["path"].as_str()?.strip_prefix("/steer-affinity/")?;
+            Some((key.to_owned(), fields["backend"].as_str()?.to_owned()))
+        })
+        .collect()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+#[test]
+fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
+    netns::require_root("llama-server instances run as nobody");
+    let dir = std::env::temp_dir().join(format!("steer-fleet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let mut etcd = EtcdCluster::start(3);
+    let prefix = format!("/steer/fleet/t{}", std::process::id());
+    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+    let mut hosts: Vec<Host> = (1..=3)
+        .map(|i| {
+            let name = format!("h{i}");
+            let [admin, vip, instance] = [free_port(), free_port(), free_port()]
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+            let config = dir.join(format!("{name}.toml"));
+            let text = format!(
+                "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
+                 admin_token_file = \"{name}.token\"\ndataplane = \"userspace\"\n\
+                 shutdown_timeout = \"2s\"\n\n\
+                 [fleet]\nendpoints = [{endpoints}]\nprefix = \"{prefix}\"\nhost = \"{name}\"\n\
+                 lease_ttl = \"{ttl}s\"\ncache = \"{name}-fleet.json\"\n\n\
+                 [[service]]\nname = \"chat\"\naddress = \"{vip}\"\nmode = \"http\"\n\
+                 policy = \"cache_affinity\"\n[service.affinity]\nkey = [\"header:x-session-id\"]\n\n\
+                 [[instance]]\nname = \"i{i}\"\nbinary = {binary:?}\nmodel = {model:?}\n\
+                 port = {port}\nservice = \"chat\"\naddress = \"{instance}\"\n\
+                 args = [\"--host\", \"127.0.0.1\", \"-np\", \"2\", \"-c\", \"1024\", \"-t\", \"1\", \
+                 \"--alias\", \"smol\"]\n\
+                 config_driver = {{ type = \"file\", path = {store:?}, name = \"i{i}\" }}\n",
+                endpoints = endpoints.join(", "),
+                ttl = TTL.as_secs(),
+                binary = path_str(&llama_server_path()),
+                model = path_str(&model_path()),
+                port = instance.port(),
+                store = path_str(&dir.join(format!("{name}-args.toml"))),
+            );
+            std::fs::write(&config, text).expect("write the config");
+            Host {
+                log: dir.join(format!("{name}.log")),
+                name,
+                config,
+                admin,
+                vip,
+                instance,
+                agent: None,
+            }
+        })
+        .collect();
+    for host in &mut hosts {
+        host.start();
+    }
+    let instances: Vec<SocketAddr> = hosts.iter().map(|h| h.instance).collect();
+
+    // 1. Registration: every instance is a healthy backend of every balancer.
+    let took = wait_for(&hosts, WAIT, "every instance in every balancer", || {
+        hosts
+            .iter()
+            .all(|h| instances.iter().all(|&i| serves(h, i)))
+    });
+    eprintln!("every instance healthy in every balancer after {took:?}");
+    for host in &hosts {
+        let fleet = host.fleet();
+        assert_eq!(fleet["connected"], true, "{}: {fleet}", host.name);
+        assert_eq!(
+            fleet["hosts"],
+            serde_json::json!(["h1", "h2", "h3"]),
+            "{fleet}"
+        );
+        assert_eq!(
+            fleet["instances"].as_array().map(Vec::len),
+            Some(3),
+            "{fleet}"
+        );
+        assert_eq!(fleet["backends"], 2, "the other hosts' instances: {fleet}");
+        let local = &host.backends()[&host.instance.to_string()];
+        assert_eq!(
+            local["instance"],
+            format!("i{}", &host.name[1..]),
+            "{local}"
+        );
+    }
+
+    // 2. Garbage in the prefix is skipped, counted, and changes nothing.
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+            .await
+            .expect("etcd client");
+        for (key, value) in [
+            (format!("{prefix}/instances/h9/x"), "{not json".to_owned()),
+            (
+                format!("{prefix}/instances/h9/y"),
+                r#"{"service":"chat","address":"nowhere","state":"ready"}"#.to_owned(),
+            ),
+            (format!("{prefix}/services/../../etc"), "x".to_owned()),
+        ] {
+            client.put(key, value, None).await.expect("put garbage");
+        }
+    });
+    wait_for(
+        &hosts,
+        Duration::from_secs(10),
+        "garbage keys counted",
+        || {
+            hosts
+                .iter()
+                .all(|h| h.fleet()["skipped_keys"].as_u64() >= Some(3))
+        },
+    );
+    for host in &hosts {
+        assert_eq!(
+            host.backends().len(),
+            3,
+            "{}: {:?}",
+            host.name,
+            host.backends()
+        );
+        assert!(host.metric("steer_fleet_skipped_keys_total") >= 3.0);
+    }
+
+    // 3. Active-active: the same key lands on the same backend through two balancers.
+    for host in &hosts[..2] {
+        for key in 0..KEYS {
+            let key = format!("k{key}");
+            let path = format!("/steer-affinity/{key}");
+            http(host.vip, "GET", &path, &[("x-session-id", &key)], None)
+                .unwrap_or_else(|e| panic!("{path} via {}: {e}", host.name));
+        }
+    }
+    let through: Vec<BTreeMap<String, String>> = hosts[..2]
+        .iter()
+        .map(|h| placements(&h.log_text()))
+        .collect();
+    assert_eq!(through[0].len(), KEYS, "every key logged by h1");
+    assert_eq!(through[1].len(), KEYS, "every key logged by h2");
+    let differ: Vec<_> = through[0]
+        .iter()
+        .filter(|(key, backend)| through[1].get(*key) != Some(*backend))
+        .collect();
+    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    for backend in through[0].values() {
+        *spread.entry(backend).or_default() += 1;
+    }
+    eprintln!(
+        "{KEYS} keys through h1 and h2: {} placed differently; spread {spread:?}",
+        differ.len()
+    );
+    assert!(differ.is_empty(), "keys placed differently: {differ:?}");
+    assert_eq!(
+        spread.len(),
+        3,
+        "the keys spread over every host's backend: {spread:?}"
+    );
+
+    // 4. A crashed llama-server leaves every other balancer within 1 s, and comes back.
+    let pid = hosts[0].get("/v1/instances/i1/params")["pid"]
+        .as_i64()
+        .expect("i1's pid");
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill i1's llama-server");
+    let gone = |h: &Host| !serves(h, instances[0]);
+    wait_for(
+        &hosts,
+        Duration::from_secs(5),
+        "i1 out of h2 and h3",
+        || hosts[1..].iter().all(gone),
+    );
+    let out = killed.elapsed();
+    eprintln!("crashed llama-server out of the other balancers after {out:?}");
+    assert!(
+        out <= Duration::from_secs(1),
+        "i1 left h2 and h3 after {out:?}"
+    );
+    wait_for(&hosts, WAIT, "i1 revived in every balancer", || {
+        hosts.iter().all(|h| serves(h, instances[0]))
+    });
+
+    // 5. etcd: one member down changes nothing; two (no quorum) leave every balancer serving
+    // its last fleet under load, stale and saying so; back, a change made then arrives.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = hosts
+        .iter()
+        .map(|h| load(h.vip, Arc::clone(&stop)))
+        .collect();
+    etcd.stop(0);
+    thread::sleep(Duration::from_secs(3));
+    wait_for(
+        &hosts,
+        Duration::from_secs(15),
+        "connected again with one member down",
+        || hosts.iter().all(|h| h.fleet()["connected"] == true),
+    );
+    etcd.stop(1);
+    wait_for(
+        &hosts,
+        Duration::from_secs(20),
+        "every agent sees etcd gone",
+        || hosts.iter().all(|h| h.fleet()["connected"] == false),
+    );
+    thread::sleep(Duration::from_secs(TTL.as_secs() * 2));
+    for host in &hosts {
+        let stale = host.metric("steer_fleet_stale_seconds");
+        assert!(stale >= TTL.as_secs_f64(), "{}: stale {stale}", host.name);
+        assert_eq!(host.metric("steer_fleet_connected"), 0.0);
+        for &instance in &instances {
+            assert!(
+                serves(host, instance),
+                "{} still serves {instance}",
+                host.name
+            );
+        }
+    }
+    etcd.restart(0, false);
+    etcd.restart(1, false);
+    etcd.wait_member(0);
+    wait_for(
+        &hosts,
+        Duration::from_secs(30),
+        "every agent current again",
+        || hosts.iter().all(|h| h.fleet()["connected"] == true),
+    );
+    // A change after the quorum came back: h2 drains its instance by hand.
+    let i2 = hosts[1].backends()[&instances[1].to_string()]["id"]
+        .as_u64()
+        .expect("i2's id");
+    let token = hosts[1].token();
+    let auth = format!("Bearer {token}");
+    let (status, body) = http(
+        hosts[1].admin,
+        "POST",
+        &format!("/v1/backends/{i2}/drain"),
+        &[("Authorization", &auth)],
+        None,
+    )
+    .expect("drain i2");
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        &hosts,
+        Duration::from_secs(5),
+        "i2 draining in h1 and h3",
+        || {
+            [&hosts[0], &hosts[2]].iter().all(|h| {
+                h.backends()
+                    .get(&instances[1].to_string())
+                    .is_some_and(|b| b["state"] == "draining")
+            })
+        },
+    );
+    let (status, body) = http(
+        hosts[1].admin,
+        "POST",
+        &format!("/v1/backends/{i2}/activate"),
+        &[("Authorization", &auth)],
+        None,
+    )
+    .expect("activate i2");
+    assert_eq!(status, 200, "{body}");
+    stop.store(true, Ordering::Relaxed);
+    for (host, load) in hosts.iter().zip(loads) {
+        let (sent, failed, last) = load.join().expect("load thread");
+        eprintln!(
+            "{}: {sent} chats through the quorum loss, {failed} failed",
+            host.name
+        );
+        assert!(sent > 0);
+        assert_eq!(
+            failed, 0,
+            "{}: {failed} of {sent} failed, the last: {last}",
+            host.name
+        );
+    }
+
+    // 6. A SIGKILLed agent (its llama-server dies with it) leaves the others within TTL + 1 s.
+    wait_for(&hosts, WAIT, "i2 active again everywhere", || {
+        hosts.iter().all(|h| serves(h, instances[1]))
+    });
+    let killed = Instant::now();
+    hosts[2].kill();
+    let listed = |h: &Host| h.backends().contains_key(&instances[2].to_string());
+    wait_for(
+        &hosts,
+        TTL + Duration::from_secs(5),
+        "h3's instance gone",
+        || !hosts[..2].iter().any(listed),
+    );
+    let out = killed.elapsed();
+    eprintln!("SIGKILLed agent's instance out of every balancer after {out:?} (TTL {TTL:?})");
+    assert!(out <= TTL + Duration::from_secs(1), "h3 left after {out:?}");
+
+    // 7. Started while etcd is down, an agent serves its cached fleet, then catches up.
+    for i in 0..3 {
+        etcd.stop(i);
+    }
+    hosts[2].start();
+    wait_for(
+        &hosts,
+        Duration::from_secs(30),
+        "h3 serving the cached fleet",
+        || {
+            hosts[2]
+                .try_get("/v1/fleet")
+                .is_some_and(|f| f["from_cache"] == true)
+                && instances[..2].iter().all(|&i| serves(&hosts[2], i))
+        },
+    );
+    for i in 0..3 {
+        etcd.restart(i, false);
+    }
+    etcd.wait_member(0);
+    wait_for(
+        &hosts,
+        WAIT,
+        "h3 current and back in every balancer",
+        || {
+            hosts[2]
+                .try_get("/v1/fleet")
+                .is_some_and(|f| f["connected"] == true && f["from_cache"] == false)
+                && hosts.iter().all(|h| serves(h, instances[2]))
+        },
+    );
+
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
