@@ -173,6 +173,8 @@ struct RawInstance {
     service: Option<Spanned<String>>,
     address: Option<Spanned<SocketAddrV4>>,
     drain_timeout: Option<Spanned<Timeout>>,
+    /// The fleet instance group (needs `service` and `[fleet]`).
+    group: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -588,7 +590,7 @@ impl Doc<'_> {
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
         let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
-        let instances = self.instances(raw.instance, &services)?;
+        let instances = self.instances(raw.instance, &services, fleet.is_some())?;
         let default = AdminLimits::default();
         let admin_limits = AdminLimits {
             max_connections: self.at_least_one(
@@ -951,10 +953,12 @@ impl Doc<'_> {
         Ok(Some(poll))
     }
 
+    /// `fleet`: whether the config has `[fleet]` (an instance group needs it).
     fn instances(
         &self,
         raw: Vec<RawInstance>,
         services: &[ServiceSpec],
+        fleet: bool,
     ) -> Result<Vec<InstanceSpec>, ConfigError> {
         let mut instances: Vec<InstanceSpec> = Vec::with_capacity(raw.len());
         for (i, instance) in raw.into_iter().enumerate() {
@@ -1010,6 +1014,31 @@ impl Doc<'_> {
             let timeout = |t: Option<Timeout>, default| t.map_or(default, |t| t.0);
             let default = InstanceSettings::default();
             let backend = self.instance_backend(i, &instance, services)?;
+            let group = match instance.group {
+                None => None,
+                Some(group) => {
+                    let span = Some(group.span());
+                    let group = group.into_inner();
+                    let problem = if !is_fleet_name(&group) {
+                        Some(format!(
+                            "`{group}` is not a name of letters, digits, `.`, `_` or `-`"
+                        ))
+                    } else if backend.is_none() {
+                        Some(
+                            "a group's instances are in the fleet as backends: set `service`"
+                                .to_owned(),
+                        )
+                    } else if !fleet {
+                        Some("groups are shared through the fleet: add `[fleet]`".to_owned())
+                    } else {
+                        None
+                    };
+                    if let Some(message) = problem {
+                        return Err(self.invalid(span, field("group"), message));
+                    }
+                    Some(group)
+                }
+            };
             let mut extra_args = instance.args;
             let sets_host = extra_args
                 .iter()
@@ -1026,6 +1055,7 @@ impl Doc<'_> {
                 port,
                 extra_args,
                 backend,
+                group,
                 settings: InstanceSettings {
                     startup_timeout: timeout(instance.startup_timeout, default.startup_timeout),
                     debounce: timeout(instance.debounce, default.debounce),

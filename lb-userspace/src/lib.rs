@@ -295,7 +295,15 @@ async fn serve<D: Dataplane>(
     #[cfg(feature = "etcd")]
     let fleet = config.fleet.clone().map(|spec| {
         let services = config.services.iter().map(|s| s.name.clone()).collect();
-        fleet::Fleet::start(spec, table.clone(), services)
+        let members = config
+            .instances
+            .iter()
+            .zip(&instances)
+            .filter_map(|(spec, handle)| {
+                Some((spec.name.clone(), (handle.clone(), spec.group.clone()?)))
+            })
+            .collect();
+        fleet::Fleet::start(spec, table.clone(), services, members)
     });
     let sources = admin::Sources {
         table: Some(table.clone()),
@@ -303,7 +311,7 @@ async fn serve<D: Dataplane>(
         proxies: proxied,
         token: admin_token,
         #[cfg(feature = "etcd")]
-        fleet: fleet.as_ref().map(fleet::Fleet::status),
+        fleet: fleet.as_ref().map(fleet::Fleet::api),
     };
     info!(
         admin = %addr,

@@ -221,6 +221,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         },
         driver,
         backend: None,
+        group: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {

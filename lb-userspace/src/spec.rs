@@ -703,6 +703,9 @@ pub struct InstanceSpec {
     pub driver: DriverConfig,
     /// The service it is a backend of, if any.
     pub backend: Option<InstanceBackend>,
+    /// The fleet instance group it belongs to (`group`): a rolling change of the group's
+    /// arguments reaches it, and it starts with the group's last good arguments.
+    pub group: Option<String>,
 }
 
 /// How an instance is run and what its API may change (`[[instance]]` keys, or `steer

@@ -46,12 +46,67 @@ struct Host {
     log: PathBuf,
     admin: SocketAddr,
     vip: SocketAddr,
-    /// Its llama-server's address: its backend in every balancer.
-    instance: SocketAddr,
+    /// Its llama-servers' addresses: its backends in every balancer.
+    instances: Vec<SocketAddr>,
     agent: Option<Child>,
 }
 
 impl Host {
+    /// Host `name`'s agent config in `dir`: service `chat` (`service` lines: policy and so on)
+    /// over its `instances` (each a llama-server of the test model, in `group` if given), in the
+    /// fleet at `endpoints` under `prefix`.
+    fn new(
+        dir: &Path,
+        name: &str,
+        endpoints: &[String],
+        prefix: &str,
+        service: &str,
+        instances: &[&str],
+        group: Option<&str>,
+    ) -> Host {
+        let [admin, vip] =
+            [free_port(), free_port()].map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+        let mut text = format!(
+            "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
+             admin_token_file = \"{name}.token\"\ndataplane = \"userspace\"\n\
+             shutdown_timeout = \"2s\"\n\n\
+             [fleet]\nendpoints = [{endpoints}]\nprefix = \"{prefix}\"\nhost = \"{name}\"\n\
+             lease_ttl = \"{ttl}s\"\ncache = \"{name}-fleet.json\"\n\n\
+             [[service]]\nname = \"chat\"\naddress = \"{vip}\"\nmode = \"http\"\n{service}\n",
+            endpoints = endpoints.join(", "),
+            ttl = TTL.as_secs(),
+        );
+        let mut addresses = Vec::new();
+        for instance in instances {
+            let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            addresses.push(address);
+            let group = group.map_or(String::new(), |g| format!("group = \"{g}\"\n"));
+            text += &format!(
+                "\n[[instance]]\nname = \"{instance}\"\nbinary = {binary:?}\nmodel = {model:?}\n\
+                 port = {port}\nservice = \"chat\"\naddress = \"{address}\"\n{group}\
+                 args = [\"--host\", \"127.0.0.1\", \"-np\", \"2\", \"-c\", \"1024\", \"-t\", \"1\", \
+                 \"--alias\", \"smol\"]\ndebounce = \"10ms\"\n\
+                 config_driver = {{ type = \"file\", path = {store:?}, name = \"{instance}\" }}\n",
+                binary = path_str(&llama_server_path()),
+                model = path_str(&model_path()),
+                port = address.port(),
+                store = path_str(&dir.join(format!("{name}-args.toml"))),
+            );
+        }
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text).expect("write the config");
+        Host {
+            log: dir.join(format!("{name}.log")),
+            name: name.to_owned(),
+            config,
+            admin,
+            vip,
+            instances: addresses,
+            agent: None,
+        }
+    }
+
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -257,49 +312,27 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let mut etcd = EtcdCluster::start(3);
     let prefix = format!("/steer/fleet/t{}", std::process::id());
-    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+    let affinity =
+        "policy = \"cache_affinity\"\n[service.affinity]\nkey = [\"header:x-session-id\"]\n";
     let mut hosts: Vec<Host> = (1..=3)
         .map(|i| {
             let name = format!("h{i}");
-            let [admin, vip, instance] = [free_port(), free_port(), free_port()]
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
-            let config = dir.join(format!("{name}.toml"));
-            let text = format!(
-                "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\n\
-                 admin_token_file = \"{name}.token\"\ndataplane = \"userspace\"\n\
-                 shutdown_timeout = \"2s\"\n\n\
-                 [fleet]\nendpoints = [{endpoints}]\nprefix = \"{prefix}\"\nhost = \"{name}\"\n\
-                 lease_ttl = \"{ttl}s\"\ncache = \"{name}-fleet.json\"\n\n\
-                 [[service]]\nname = \"chat\"\naddress = \"{vip}\"\nmode = \"http\"\n\
-                 policy = \"cache_affinity\"\n[service.affinity]\nkey = [\"header:x-session-id\"]\n\n\
-                 [[instance]]\nname = \"i{i}\"\nbinary = {binary:?}\nmodel = {model:?}\n\
-                 port = {port}\nservice = \"chat\"\naddress = \"{instance}\"\n\
-                 args = [\"--host\", \"127.0.0.1\", \"-np\", \"2\", \"-c\", \"1024\", \"-t\", \"1\", \
-                 \"--alias\", \"smol\"]\n\
-                 config_driver = {{ type = \"file\", path = {store:?}, name = \"i{i}\" }}\n",
-                endpoints = endpoints.join(", "),
-                ttl = TTL.as_secs(),
-                binary = path_str(&llama_server_path()),
-                model = path_str(&model_path()),
-                port = instance.port(),
-                store = path_str(&dir.join(format!("{name}-args.toml"))),
-            );
-            std::fs::write(&config, text).expect("write the config");
-            Host {
-                log: dir.join(format!("{name}.log")),
-                name,
-                config,
-                admin,
-                vip,
-                instance,
-                agent: None,
-            }
+            let instance = format!("i{i}");
+            Host::new(
+                &dir,
+                &name,
+                &etcd.endpoints(),
+                &prefix,
+                affinity,
+                &[&instance],
+                None,
+            )
         })
         .collect();
     for host in &mut hosts {
         host.start();
     }
-    let instances: Vec<SocketAddr> = hosts.iter().map(|h| h.instance).collect();
+    let instances: Vec<SocketAddr> = hosts.iter().map(|h| h.instances[0]).collect();
 
     // 1. Registration: every instance is a healthy backend of every balancer.
     let took = wait_for(&hosts, WAIT, "every instance in every balancer", || {
@@ -322,7 +355,7 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
             "{fleet}"
         );
         assert_eq!(fleet["backends"], 2, "the other hosts' instances: {fleet}");
-        let local = &host.backends()[&host.instance.to_string()];
+        let local = &host.backends()[&host.instances[0].to_string()];
         assert_eq!(
             local["instance"],
             format!("i{}", &host.name[1..]),
@@ -528,6 +561,20 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
     wait_for(&hosts, WAIT, "i2 active again everywhere", || {
         hosts.iter().all(|h| serves(h, instances[1]))
     });
+    // Its cache has caught up with the fleet (written within a second of a change).
+    let cache = dir.join("h3-fleet.json");
+    let i2_key = format!("{prefix}/instances/h2/i2");
+    wait_for(
+        &hosts,
+        Duration::from_secs(5),
+        "h3's cache up to date",
+        || {
+            std::fs::read_to_string(&cache)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+                .is_some_and(|c| c["entries"][&i2_key]["state"] == "ready")
+        },
+    );
     let killed = Instant::now();
     hosts[2].kill();
     let listed = |h: &Host| h.backends().contains_key(&instances[2].to_string());
@@ -573,6 +620,250 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
         },
     );
 
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The instances `host` lists that are not serving (healthy and active), among `of`.
+fn out_of(host: &Host, of: &[SocketAddr]) -> usize {
+    let backends = host.backends();
+    of.iter()
+        .filter(|a| {
+            !backends
+                .get(&a.to_string())
+                .is_some_and(|b| b["healthy"] == true && b["state"] == "active")
+        })
+        .count()
+}
+
+/// Starts a rolling change of group `smol` through `host`; its id.
+fn roll(host: &Host, args: Value) -> String {
+    let auth = format!("Bearer {}", host.token());
+    let body = serde_json::json!({ "args": args }).to_string();
+    let (status, answer) = http(
+        host.admin,
+        "POST",
+        "/v1/fleet/groups/smol/params",
+        &[("Authorization", &auth)],
+        Some(&body),
+    )
+    .expect("POST a rolling change");
+    assert_eq!(status, 202, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("JSON");
+    answer["rollout"].as_str().expect("a rollout id").to_owned()
+}
+
+/// Waits until rollout `id` of group `smol` has ended, as `host` sees it; its record.
+fn rolled(hosts: &[Host], host: &Host, id: &str) -> Value {
+    let mut last = Value::Null;
+    wait_for(
+        hosts,
+        Duration::from_secs(180),
+        &format!("rollout {id} ended"),
+        || {
+            last = host.try_get("/v1/fleet/rollouts/smol").unwrap_or_default();
+            last["id"] == id && last["state"] != "running"
+        },
+    );
+    last
+}
+
+/// An instance's applied arguments, from its own agent.
+fn applied(host: &Host, instance: &str) -> Value {
+    host.get(&format!("/v1/instances/{instance}/params"))["applied"]["args"].clone()
+}
+
+#[test]
+fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a_late_joiner() {
+    netns::require_root("llama-server instances run as nobody");
+    let dir = std::env::temp_dir().join(format!("steer-rollout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let etcd = EtcdCluster::start(3);
+    let prefix = format!("/steer/fleet/r{}", std::process::id());
+    let round_robin = "policy = \"round_robin\"\n";
+    let group = Some("smol");
+    let mut hosts: Vec<Host> = [("a", ["a1", "a2"]), ("b", ["b1", "b2"])]
+        .iter()
+        .map(|(name, instances)| {
+            Host::new(
+                &dir,
+                name,
+                &etcd.endpoints(),
+                &prefix,
+                round_robin,
+                instances,
+                group,
+            )
+        })
+        .collect();
+    for host in &mut hosts {
+        host.start();
+    }
+    let all: Vec<SocketAddr> = hosts.iter().flat_map(|h| h.instances.clone()).collect();
+    wait_for(&hosts, WAIT, "all four instances in both balancers", || {
+        hosts.iter().all(|h| out_of(h, &all) == 0)
+    });
+
+    // Under load through both balancers, with a watch on how many are out at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = hosts
+        .iter()
+        .map(|h| load(h.vip, Arc::clone(&stop)))
+        .collect();
+    let most_out = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let (stop, most_out) = (Arc::clone(&stop), Arc::clone(&most_out));
+        let views: Vec<(SocketAddr, String)> =
+            hosts.iter().map(|h| (h.admin, h.name.clone())).collect();
+        let all = all.clone();
+        let dir = dir.clone();
+        thread::spawn(move || {
+            let watchers: Vec<Host> = views
+                .into_iter()
+                .map(|(admin, name)| Host {
+                    log: dir.join(format!("{name}.log")),
+                    config: dir.join(format!("{name}.toml")),
+                    name,
+                    admin,
+                    vip: admin,
+                    instances: Vec::new(),
+                    agent: None,
+                })
+                .collect();
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                for host in &watchers {
+                    most_out.fetch_max(out_of(host, &all) as u64, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
+
+    // 1. A good change: every instance takes it, one at a time, nothing fails.
+    let id = roll(&hosts[0], serde_json::json!({"--ctx-size": "1536"}));
+    let record = rolled(&hosts, &hosts[0], &id);
+    assert_eq!(record["state"], "done", "{record}");
+    assert_eq!(
+        record["steps"].as_array().map(Vec::len),
+        Some(4),
+        "{record}"
+    );
+    assert_eq!(record["by"], "a", "{record}");
+    // Another agent reads the same record from etcd.
+    assert_eq!(hosts[1].get("/v1/fleet/rollouts/smol")["state"], "done");
+    for (host, instance) in [(0, "a1"), (0, "a2"), (1, "b1"), (1, "b2")] {
+        assert_eq!(
+            applied(&hosts[host], instance)["--ctx-size"],
+            "1536",
+            "{instance}"
+        );
+    }
+
+    // 2. A failing change stops after its first instance, which is rolled back.
+    let before: Vec<Value> = [(0, "a1"), (0, "a2"), (1, "b1"), (1, "b2")]
+        .iter()
+        .map(|&(h, i)| applied(&hosts[h], i))
+        .collect();
+    let id = roll(
+        &hosts[1],
+        serde_json::json!({"--cache-type-k": "bogus-type"}),
+    );
+    let record = rolled(&hosts, &hosts[1], &id);
+    assert_eq!(record["state"], "failed", "{record}");
+    let steps = record["steps"].as_array().cloned().unwrap_or_default();
+    assert_eq!(steps.len(), 1, "stopped at the first: {record}");
+    assert_eq!(steps[0]["applied"], false, "{record}");
+    assert_eq!(steps[0]["restored"], true, "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("a/a1")),
+        "{record}"
+    );
+    let after: Vec<Value> = [(0, "a1"), (0, "a2"), (1, "b1"), (1, "b2")]
+        .iter()
+        .map(|&(h, i)| applied(&hosts[h], i))
+        .collect();
+    assert_eq!(after, before, "no instance keeps the failed change");
+    wait_for(&hosts, WAIT, "a1 back in both balancers", || {
+        hosts.iter().all(|h| out_of(h, &all) == 0)
+    });
+
+    // 3. Two changes at once through two agents: the later waits for the earlier's lock.
+    let first = roll(&hosts[0], serde_json::json!({"--batch-size": "256"}));
+    let second = roll(&hosts[1], serde_json::json!({"--batch-size": "512"}));
+    let mut seen = BTreeMap::new();
+    wait_for(
+        &hosts,
+        Duration::from_secs(240),
+        "both changes rolled",
+        || {
+            if let Some(r) = hosts[0].try_get("/v1/fleet/rollouts/smol") {
+                let id = r["id"].as_str().unwrap_or_default().to_owned();
+                seen.insert(id, r["state"].as_str().unwrap_or_default().to_owned());
+            }
+            [&first, &second]
+                .iter()
+                .all(|id| seen.get(*id).is_some_and(|s| s == "done"))
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    monitor.join().expect("monitor");
+    for (host, load) in hosts.iter().zip(loads) {
+        let (sent, failed, last) = load.join().expect("load thread");
+        eprintln!(
+            "{}: {sent} chats through three rolling changes, {failed} failed",
+            host.name
+        );
+        assert!(sent > 0);
+        assert_eq!(
+            failed, 0,
+            "{}: {failed} of {sent} failed, the last: {last}",
+            host.name
+        );
+    }
+    let most = most_out.load(Ordering::Relaxed);
+    eprintln!("at most {most} of 4 instances out of a balancer at once");
+    assert!(most <= 1, "{most} instances were out at once");
+    let batch: Vec<Value> = [(0, "a1"), (0, "a2"), (1, "b1"), (1, "b2")]
+        .iter()
+        .map(|&(h, i)| applied(&hosts[h], i)["--batch-size"].clone())
+        .collect();
+    assert!(
+        batch.iter().all(|b| b == &batch[0]),
+        "one last change everywhere: {batch:?}"
+    );
+
+    // 4. A host that joins later starts with the group's last good arguments.
+    let mut late = Host::new(
+        &dir,
+        "c",
+        &etcd.endpoints(),
+        &prefix,
+        round_robin,
+        &["c1"],
+        group,
+    );
+    late.start();
+    hosts.push(late);
+    let want = batch[0].clone();
+    wait_for(&hosts, WAIT, "c1 with the group's arguments", || {
+        hosts[2]
+            .try_get("/v1/instances/c1/params")
+            .is_some_and(|p| {
+                p["state"] == "running"
+                    && p["applied"]["args"]["--ctx-size"] == "1536"
+                    && p["applied"]["args"]["--batch-size"] == want
+            })
+    });
+    assert!(
+        applied(&hosts[2], "c1").get("--cache-type-k").is_none(),
+        "never the failed change"
+    );
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);
 }

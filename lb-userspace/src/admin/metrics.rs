@@ -50,7 +50,7 @@ pub struct MetricSources {
     /// The admin API's client connections.
     pub admin: Arc<Connections>,
     #[cfg(feature = "etcd")]
-    pub fleet: Option<Arc<crate::fleet::FleetStatus>>,
+    pub fleet: Option<crate::fleet::FleetApi>,
 }
 
 /// `GET /metrics`: the series of what there is (no table and no proxies under

@@ -44,7 +44,7 @@ pub struct Sources {
     pub token: Arc<AdminToken>,
     /// `[fleet]`: what the fleet tasks know.
     #[cfg(feature = "etcd")]
-    pub fleet: Option<Arc<crate::fleet::FleetStatus>>,
+    pub fleet: Option<crate::fleet::FleetApi>,
 }
 
 /// Serves every route `sources` can answer on `listener` under `limits` until `shutdown`, then
@@ -82,7 +82,7 @@ fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     let mut app = instances::router(instances, Arc::clone(&token)).merge(metrics::router(metrics));
     #[cfg(feature = "etcd")]
     if let Some(fleet) = fleet {
-        app = app.merge(fleet::router(fleet));
+        app = app.merge(fleet::router(fleet, Arc::clone(&token)));
     }
     // `steer run`: the table's routes, and the proxies' (an empty list when none listens).
     if let Some(table) = table {

@@ -16,10 +16,11 @@
 mod program;
 pub mod record;
 mod register;
+pub mod rollout;
 pub mod view;
 mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::spec::FleetSpec;
+use crate::supervisor::InstanceHandle;
 use crate::table::TableHandle;
 use record::{InstanceRecord, Keys};
 use view::View;
@@ -68,6 +70,8 @@ pub enum FleetError {
     },
     #[error("the registration lease expired (etcd went without renewals longer than lease_ttl)")]
     LeaseExpired,
+    #[error("another change of group `{group}` held its lock for over {waited:?}")]
+    LockTimeout { group: String, waited: Duration },
     #[error(
         "host key {key} belongs to another live agent (lease {lease:x}): another agent runs with \
          this fleet.host, or this agent's last run has not expired yet"
@@ -252,48 +256,110 @@ impl FleetStatus {
     pub fn lease_renewals(&self) -> u64 {
         self.update(|inner| inner.lease_renewals)
     }
+
+    /// The fleet as last read.
+    pub fn view(&self) -> Arc<View> {
+        self.update(|inner| Arc::clone(&inner.view))
+    }
+}
+
+/// What the admin API reads and asks of the fleet.
+#[derive(Clone)]
+pub struct FleetApi {
+    status: Arc<FleetStatus>,
+    etcd: Arc<Etcd>,
+}
+
+impl FleetApi {
+    pub fn report(&self) -> FleetReport {
+        self.status.report()
+    }
+
+    pub fn lease_renewals(&self) -> u64 {
+        self.status.lease_renewals()
+    }
+
+    /// Starts a rolling change of `group`'s arguments to `args` (as `POST /v1/params` takes
+    /// them); its rollout id.
+    pub fn roll(
+        &self,
+        group: &str,
+        args: serde_json::Value,
+    ) -> Result<String, rollout::RolloutError> {
+        rollout::start(&self.etcd, &self.status, group, args)
+    }
+
+    /// The group's latest rollout and its steps so far, as the view holds them.
+    pub fn rollout(&self, group: &str) -> Option<(record::RolloutRecord, Vec<record::StepRecord>)> {
+        let view = self.status.view();
+        let rollout = view.rollouts.get(group)?.clone();
+        let steps = rollout
+            .order
+            .iter()
+            .filter_map(|(host, name)| {
+                view.steps
+                    .get(&(group.to_owned(), host.clone(), name.clone()))
+                    .filter(|s| s.rollout == rollout.id)
+                    .cloned()
+            })
+            .collect();
+        Some((rollout, steps))
+    }
 }
 
 /// The running fleet tasks.
 pub struct Fleet {
-    status: Arc<FleetStatus>,
+    api: FleetApi,
     stop: signal::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
 impl Fleet {
     /// Registers this agent's instances (from `table`) and programs the others' into `table`'s
-    /// `services`, until [`Fleet::stop`]. Nothing here waits for etcd.
-    pub fn start(spec: FleetSpec, table: TableHandle, services: BTreeSet<String>) -> Fleet {
+    /// `services`, until [`Fleet::stop`]; `members` are this agent's instances that are in a
+    /// group, with the group, by name. Nothing here waits for etcd.
+    pub fn start(
+        spec: FleetSpec,
+        table: TableHandle,
+        services: BTreeSet<String>,
+        members: BTreeMap<String, (InstanceHandle, String)>,
+    ) -> Fleet {
         let status = Arc::new(FleetStatus::new(&spec));
         let etcd = Arc::new(Etcd {
             keys: Keys::new(&spec.prefix),
             spec,
         });
+        let groups = members
+            .iter()
+            .map(|(name, (_, group))| (name.clone(), group.clone()))
+            .collect();
+        let participant = rollout::Participant::new(Arc::clone(&etcd), members);
         let (stop, stopped) = signal::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(register::run(
             Arc::clone(&etcd),
             table.clone(),
             Arc::clone(&status),
+            groups,
             stopped.clone(),
         ));
         tasks.spawn(watch::run(
-            etcd,
+            Arc::clone(&etcd),
             table,
             services,
             Arc::clone(&status),
+            participant,
             stopped,
         ));
         Fleet {
-            status,
+            api: FleetApi { status, etcd },
             stop,
             tasks,
         }
     }
 
-    pub fn status(&self) -> Arc<FleetStatus> {
-        Arc::clone(&self.status)
+    pub fn api(&self) -> FleetApi {
+        self.api.clone()
     }
 
     /// Ends the watch and revokes the registration, so the other balancers drop this host's

@@ -2,7 +2,12 @@
 //!
 //! - `<prefix>/hosts/<host>`: an agent that is up ([`HostRecord`]), under its lease;
 //! - `<prefix>/instances/<host>/<instance>`: one of that agent's supervised llama-servers that
-//!   serves a service ([`InstanceRecord`]), under the same lease.
+//!   serves a service ([`InstanceRecord`]), under the same lease;
+//! - `<prefix>/groups/<group>`: an instance group's last good arguments ([`GroupRecord`]);
+//! - `<prefix>/rollouts/<group>`: the group's latest rolling change ([`RolloutRecord`]), and
+//!   `<prefix>/rollouts/<group>/<host>/<instance>` each instance's step of it ([`StepRecord`]);
+//! - `<prefix>/locks/<group>`: held (under the coordinator's lease) while a change of the group
+//!   rolls, so two never roll at once.
 //!
 //! Values are JSON. A reader ignores fields it does not know (a newer agent may add some), and a
 //! key or value it cannot read is logged and skipped, never applied.
@@ -24,7 +29,18 @@ pub struct Keys {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     Host(String),
-    Instance { host: String, name: String },
+    Instance {
+        host: String,
+        name: String,
+    },
+    Group(String),
+    Rollout(String),
+    Step {
+        group: String,
+        host: String,
+        name: String,
+    },
+    Lock(String),
 }
 
 /// A record an agent writes for each supervised instance that is a backend.
@@ -44,6 +60,67 @@ pub struct InstanceRecord {
     /// Its decode speed as the agent's proxy measured it, rounded to whole tokens per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_tokens_per_second: Option<u32>,
+    /// The instance group it is in (`group` in its `[[instance]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// An instance group's last good arguments: those of the last rolling change every instance
+/// took. A host that joins later starts its instances of the group with them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// The change, as `POST /v1/params` takes it (`{"--ctx-size": "4096", ...}`).
+    pub args: serde_json::Value,
+    /// The rollout that made them good.
+    pub rollout: String,
+}
+
+/// A rolling change of a group's arguments: one instance at a time, in `order`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub id: String,
+    /// The host whose agent coordinates it.
+    pub by: String,
+    pub args: serde_json::Value,
+    pub state: RolloutState,
+    /// Every instance of the group when it started, by host and name.
+    pub order: Vec<(String, String)>,
+    /// The index in `order` of the instance applying now (while running), else of the last one
+    /// tried.
+    pub step: usize,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutState {
+    Running,
+    /// Every instance took the change.
+    Done,
+    /// One did not; it was rolled back and the rest were left alone.
+    Failed,
+}
+
+/// One instance's step of a rollout, written by its own agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub rollout: String,
+    pub step: usize,
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// After a failure: whether the previous arguments came up again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<bool>,
+}
+
+/// Who holds a group's lock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockRecord {
+    pub by: String,
+    pub rollout: String,
 }
 
 /// An instance's state as its own agent sees it.
@@ -67,6 +144,34 @@ pub struct HostRecord {
     pub version: String,
     /// When it registered, in seconds since the epoch.
     pub since: u64,
+    /// Its backends that should serve but do not yet (new, loading, failing their checks): a
+    /// rolling change waits until no balancer lists the instance it just restarted.
+    #[serde(default)]
+    pub not_serving: Vec<SocketAddrV4>,
+}
+
+impl HostRecord {
+    /// The record for `snapshot`, registered `since`.
+    pub fn of(snapshot: &crate::table::Snapshot, since: u64) -> HostRecord {
+        let mut not_serving: Vec<SocketAddrV4> = snapshot
+            .backends
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.status,
+                    BackendStatus::Unknown | BackendStatus::Loading | BackendStatus::Unhealthy
+                )
+            })
+            .map(|b| b.address)
+            .collect();
+        not_serving.sort_unstable();
+        not_serving.dedup();
+        HostRecord {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            since,
+            not_serving,
+        }
+    }
 }
 
 /// A key under the prefix that is not one of the fleet's.
@@ -74,7 +179,10 @@ pub struct HostRecord {
 pub enum KeyError {
     #[error("not under the fleet's prefix")]
     Foreign,
-    #[error("not a fleet key (`hosts/<host>` or `instances/<host>/<instance>`)")]
+    #[error(
+        "not a fleet key (`hosts/<host>`, `instances/<host>/<instance>`, `groups/<group>`, \
+         `rollouts/<group>[/<host>/<instance>]` or `locks/<group>`)"
+    )]
     Unknown,
 }
 
@@ -98,10 +206,30 @@ impl Keys {
         format!("{}/instances/{host}/{name}", self.prefix)
     }
 
+    pub fn group(&self, group: &str) -> String {
+        format!("{}/groups/{group}", self.prefix)
+    }
+
+    pub fn rollout(&self, group: &str) -> String {
+        format!("{}/rollouts/{group}", self.prefix)
+    }
+
+    pub fn step(&self, group: &str, host: &str, name: &str) -> String {
+        format!("{}/rollouts/{group}/{host}/{name}", self.prefix)
+    }
+
+    pub fn lock(&self, group: &str) -> String {
+        format!("{}/locks/{group}", self.prefix)
+    }
+
     pub fn of(&self, key: &Key) -> String {
         match key {
             Key::Host(host) => self.host(host),
             Key::Instance { host, name } => self.instance(host, name),
+            Key::Group(group) => self.group(group),
+            Key::Rollout(group) => self.rollout(group),
+            Key::Step { group, host, name } => self.step(group, host, name),
+            Key::Lock(group) => self.lock(group),
         }
     }
 
@@ -112,22 +240,36 @@ impl Keys {
             .and_then(|rest| rest.strip_prefix('/'))
             .ok_or(KeyError::Foreign)?;
         let parts: Vec<&str> = rest.split('/').collect();
+        if !parts[1..].iter().all(|p| is_fleet_name(p)) {
+            return Err(KeyError::Unknown);
+        }
+        let owned = |i: usize| parts[i].to_owned();
         match parts.as_slice() {
-            ["hosts", host] if is_fleet_name(host) => Ok(Key::Host((*host).to_owned())),
-            ["instances", host, name] if is_fleet_name(host) && is_fleet_name(name) => {
-                Ok(Key::Instance {
-                    host: (*host).to_owned(),
-                    name: (*name).to_owned(),
-                })
-            }
+            ["hosts", _] => Ok(Key::Host(owned(1))),
+            ["instances", _, _] => Ok(Key::Instance {
+                host: owned(1),
+                name: owned(2),
+            }),
+            ["groups", _] => Ok(Key::Group(owned(1))),
+            ["rollouts", _] => Ok(Key::Rollout(owned(1))),
+            ["rollouts", _, _, _] => Ok(Key::Step {
+                group: owned(1),
+                host: owned(2),
+                name: owned(3),
+            }),
+            ["locks", _] => Ok(Key::Lock(owned(1))),
             _ => Err(KeyError::Unknown),
         }
     }
 }
 
 impl InstanceRecord {
-    /// The record of a supervised instance's backend; `None` for any other backend.
-    pub fn of(backend: &BackendInfo) -> Option<(String, InstanceRecord)> {
+    /// The record of a supervised instance's backend (in `group`, if the instance is in one);
+    /// `None` for any other backend.
+    pub fn of(
+        backend: &BackendInfo,
+        group: impl FnOnce(&str) -> Option<String>,
+    ) -> Option<(String, InstanceRecord)> {
         let name = backend.instance.clone()?;
         let state = match backend.status {
             BackendStatus::Healthy | BackendStatus::Ejected => InstanceState::Ready,
@@ -136,6 +278,7 @@ impl InstanceRecord {
             BackendStatus::Unhealthy => InstanceState::Down,
         };
         let speed = backend.requests.speed.backend.decode_tokens_per_second;
+        let group = group(&name);
         Some((
             name,
             InstanceRecord {
@@ -147,6 +290,7 @@ impl InstanceRecord {
                 decode_tokens_per_second: speed
                     .filter(|s| s.is_finite() && *s >= 0.0)
                     .map(|s| s.round().min(f64::from(u32::MAX)) as u32),
+                group,
             },
         ))
     }
@@ -184,8 +328,19 @@ mod tests {
             keys.parse(keys.of(&instance).as_bytes()).ok(),
             Some(instance)
         );
-        let host = Key::Host("gpu-a".into());
-        assert_eq!(keys.parse(keys.of(&host).as_bytes()).ok(), Some(host));
+        for key in [
+            Key::Host("gpu-a".into()),
+            Key::Group("smol".into()),
+            Key::Rollout("smol".into()),
+            Key::Step {
+                group: "smol".into(),
+                host: "gpu-a".into(),
+                name: "qwen-0".into(),
+            },
+            Key::Lock("smol".into()),
+        ] {
+            assert_eq!(keys.parse(keys.of(&key).as_bytes()).ok(), Some(key));
+        }
         for foreign in ["/steer/fleet/production/hosts/a", "/other/hosts/a", ""] {
             assert!(
                 matches!(keys.parse(foreign.as_bytes()), Err(KeyError::Foreign)),
@@ -199,6 +354,8 @@ mod tests {
             b"/steer/fleet/prod/instances/a/b/c",
             b"/steer/fleet/prod/instances/a/../b",
             b"/steer/fleet/prod/services/chat",
+            b"/steer/fleet/prod/rollouts/g/h",
+            b"/steer/fleet/prod/locks/g/h",
             b"/steer/fleet/prod/hosts/\xff",
         ] {
             assert!(

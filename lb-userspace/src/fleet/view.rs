@@ -6,7 +6,10 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{HostRecord, InstanceRecord, Key, KeyError, Keys};
+use super::record::{
+    GroupRecord, HostRecord, InstanceRecord, Key, KeyError, Keys, LockRecord, RolloutRecord,
+    StepRecord,
+};
 
 /// Every readable fleet key and the etcd revision the view is current to.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -15,6 +18,11 @@ pub struct View {
     pub hosts: BTreeMap<String, HostRecord>,
     /// By (host, instance).
     pub instances: BTreeMap<(String, String), InstanceRecord>,
+    pub groups: BTreeMap<String, GroupRecord>,
+    pub rollouts: BTreeMap<String, RolloutRecord>,
+    /// By (group, host, instance).
+    pub steps: BTreeMap<(String, String, String), StepRecord>,
+    pub locks: BTreeMap<String, LockRecord>,
 }
 
 /// A key that was not applied, and why.
@@ -62,14 +70,29 @@ impl View {
             key: String::from_utf8_lossy(key).into_owned(),
             source,
         };
+        fn read<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, serde_json::Error> {
+            serde_json::from_slice(value)
+        }
         match parsed {
             Key::Host(host) => {
-                let record = serde_json::from_slice(value).map_err(bad_value)?;
-                self.hosts.insert(host, record);
+                self.hosts.insert(host, read(value).map_err(bad_value)?);
             }
             Key::Instance { host, name } => {
-                let record = serde_json::from_slice(value).map_err(bad_value)?;
-                self.instances.insert((host, name), record);
+                self.instances
+                    .insert((host, name), read(value).map_err(bad_value)?);
+            }
+            Key::Group(group) => {
+                self.groups.insert(group, read(value).map_err(bad_value)?);
+            }
+            Key::Rollout(group) => {
+                self.rollouts.insert(group, read(value).map_err(bad_value)?);
+            }
+            Key::Step { group, host, name } => {
+                self.steps
+                    .insert((group, host, name), read(value).map_err(bad_value)?);
+            }
+            Key::Lock(group) => {
+                self.locks.insert(group, read(value).map_err(bad_value)?);
             }
         }
         Ok(())
@@ -81,13 +104,13 @@ impl View {
             key: String::from_utf8_lossy(key).into_owned(),
             source,
         })?;
-        match &parsed {
-            Key::Host(host) => {
-                self.hosts.remove(host);
-            }
-            Key::Instance { host, name } => {
-                self.instances.remove(&(host.clone(), name.clone()));
-            }
+        match parsed.clone() {
+            Key::Host(host) => drop(self.hosts.remove(&host)),
+            Key::Instance { host, name } => drop(self.instances.remove(&(host, name))),
+            Key::Group(group) => drop(self.groups.remove(&group)),
+            Key::Rollout(group) => drop(self.rollouts.remove(&group)),
+            Key::Step { group, host, name } => drop(self.steps.remove(&(group, host, name))),
+            Key::Lock(group) => drop(self.locks.remove(&group)),
         }
         Ok(parsed)
     }
@@ -128,6 +151,16 @@ impl View {
         for ((host, name), record) in &self.instances {
             entries.insert(keys.instance(host, name), serde_json::json!(record));
         }
+        for (group, record) in &self.groups {
+            entries.insert(keys.group(group), serde_json::json!(record));
+        }
+        for (group, record) in &self.rollouts {
+            entries.insert(keys.rollout(group), serde_json::json!(record));
+        }
+        for ((group, host, name), record) in &self.steps {
+            entries.insert(keys.step(group, host, name), serde_json::json!(record));
+        }
+        // Locks live under their holder's lease: a cached one would be stale at once.
         Cached {
             revision: self.revision,
             entries,

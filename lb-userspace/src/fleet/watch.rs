@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::program::Programmed;
+use super::rollout::Participant;
 use super::view::{Cached, Skipped, View};
 use super::{Etcd, FleetError, FleetStatus, RETRY_MIN, backoff, stopped};
 use crate::durable;
@@ -26,6 +27,7 @@ struct Watcher {
     table: TableHandle,
     services: BTreeSet<String>,
     status: Arc<FleetStatus>,
+    participant: Participant,
     view: View,
     programmed: Programmed,
     /// The view holds changes the cache does not, since then.
@@ -38,6 +40,7 @@ pub(super) async fn run(
     table: TableHandle,
     services: BTreeSet<String>,
     status: Arc<FleetStatus>,
+    participant: Participant,
     mut stop: signal::Receiver<bool>,
 ) {
     let mut watcher = Watcher {
@@ -45,6 +48,7 @@ pub(super) async fn run(
         table,
         services,
         status,
+        participant,
         view: View::default(),
         programmed: Programmed::default(),
         unsaved: None,
@@ -53,9 +57,11 @@ pub(super) async fn run(
     let mut delay = RETRY_MIN;
     let mut lost_since: Option<Instant> = None;
     let mut first = true;
+    let mut client = None;
+    let mut failures = 0;
     loop {
         let result = watcher
-            .session(&mut stop, &mut lost_since, &mut delay)
+            .session(&mut client, &mut stop, &mut lost_since, &mut delay)
             .await;
         watcher.status.update(|inner| inner.watching = false);
         watcher.save_cache(true).await;
@@ -63,6 +69,16 @@ pub(super) async fn run(
             Ok(()) => return,
             Err(error) => error,
         };
+        // A session that watched (and cleared `lost_since`) counts from zero.
+        failures = if lost_since.is_none() {
+            1
+        } else {
+            failures + 1
+        };
+        if failures > 1 {
+            // Retried once on the same client (its other endpoints); then a new one.
+            client = None;
+        }
         if first && watcher.view.revision == 0 {
             watcher.serve_cached(&error).await;
         }
@@ -86,15 +102,19 @@ impl Watcher {
     /// Reads (if needed) and watches until an error or `stop`.
     async fn session(
         &mut self,
+        client: &mut Option<Client>,
         stop: &mut signal::Receiver<bool>,
         lost_since: &mut Option<Instant>,
         delay: &mut Duration,
     ) -> Result<(), FleetError> {
         let etcd = Arc::clone(&self.etcd);
-        let mut client = etcd.connect().await?;
+        let client = match client {
+            Some(client) => client,
+            None => client.insert(etcd.connect().await?),
+        };
         let from_cache = self.status.update(|inner| inner.from_cache);
         if self.view.revision == 0 {
-            self.read_all(&mut client).await?;
+            self.read_all(client).await?;
         }
         let options = WatchOptions::new()
             .with_prefix()
@@ -117,9 +137,11 @@ impl Watcher {
                 )));
             };
             if response.created() {
+                // Created on a member with a leader (the client requires one): current now.
                 self.status.update(|inner| {
                     inner.watching = true;
                     inner.from_cache = false;
+                    inner.confirmed = Some(Instant::now());
                 });
                 *delay = RETRY_MIN;
                 match lost_since.take() {
@@ -170,6 +192,8 @@ impl Watcher {
                 self.view.revision = self.view.revision.max(kv.mod_revision());
             }
             self.changed(skipped).await;
+            // Only a view etcd gave: a cached one may name steps long taken.
+            self.participant.changed(&self.view);
         }
     }
 
@@ -191,6 +215,7 @@ impl Watcher {
         }
         self.view = view;
         self.changed(skipped).await;
+        self.participant.changed(&self.view);
         Ok(())
     }
 

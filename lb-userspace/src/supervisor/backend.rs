@@ -6,14 +6,15 @@
 //! - exit seen: process down at once, without waiting for active checks;
 //! - healthy start (first start, revival, apply, rollback): process up;
 //! - before an apply or a shutdown stops the process: process draining, then a wait until its
-//!   connections are gone or the drain timeout passes. An operator's drain is the operator's
+//!   connections are gone and its llama-server's slots idle (other balancers of a fleet send it
+//!   work too), or the drain timeout passes. An operator's drain is the operator's
 //!   own state and outlives restarts.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::table::{ProcessHealth, TableError, TableHandle};
 
@@ -84,8 +85,7 @@ impl BackendLink {
         loop {
             let open = self.table.connections(self.id);
             if open == 0 {
-                info!(id = self.id, waited = ?started.elapsed(), "backend drained");
-                return;
+                break;
             }
             if Instant::now() >= deadline {
                 warn!(id = self.id, open, timeout = ?self.drain_timeout, "drain timed out");
@@ -93,6 +93,24 @@ impl BackendLink {
             }
             sleep(DRAIN_POLL).await;
         }
+        // Other balancers of a fleet send it work this agent does not count: llama-server's own
+        // slots are the shared truth. A server whose slots cannot be read is taken as idle.
+        loop {
+            match crate::slots::poll_backend(self.address, DRAIN_POLL * 10).await {
+                Ok(slots) if slots.idle < slots.total => {}
+                Ok(_) => break,
+                Err(error) => {
+                    debug!(id = self.id, %error, "slots unreadable: drained by connections alone");
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                warn!(id = self.id, timeout = ?self.drain_timeout, "drain timed out with slots busy");
+                return;
+            }
+            sleep(DRAIN_POLL).await;
+        }
+        info!(id = self.id, waited = ?started.elapsed(), "backend drained");
     }
 
     async fn report(&self, process: ProcessHealth) -> Result<(), TableError> {
@@ -115,7 +133,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_drain_ends_when_the_count_reaches_zero_without_asking_the_table() {
         let dataplane = FakeDataplane::default();
-        let address = "10.0.0.1:8080".parse().expect("address");
+        // Nothing listens there: the slot check after the count finds no server and ends.
+        let address = "127.0.0.1:9".parse().expect("address");
         let (table, task, id) = crate::fake::table_with_instance(&dataplane, None, address).await;
         dataplane.set_connections(id, 2);
         let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(30));

@@ -1312,7 +1312,8 @@ mod tests {
         use lb_common::backend_state::{ACTIVE, DOWN, DRAINING};
 
         let dataplane = FakeDataplane::default();
-        let address = "10.0.0.1:8080".parse().expect("address");
+        // Loopback, nothing listening: the drain's slot check finds no server.
+        let address = "127.0.0.1:9".parse().expect("address");
         let (table, _table_task, id) =
             crate::fake::table_with_instance(&dataplane, None, address).await;
         let state = || dataplane.maps().backends[&id].state;
@@ -1323,14 +1324,14 @@ mod tests {
         assert_eq!(state(), ACTIVE);
 
         // The table's address holds the port: a move is refused, the same port is fine.
-        let moved = setup.handle.submit(input(json!({"--port": 8081}))).await;
+        let moved = setup.handle.submit(input(json!({"--port": 10}))).await;
         match moved {
             Err(err @ InstanceError::PortFixed { .. }) => {
-                assert!(err.to_string().contains("10.0.0.1:8080"), "{err}");
+                assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
             }
             other => panic!("a port move must be refused: {other:?}"),
         }
-        let same = setup.handle.submit(input(json!({"--port": 8080}))).await;
+        let same = setup.handle.submit(input(json!({"--port": 9}))).await;
         assert!(matches!(same.map(|_| ()), Ok(())), "same port accepted");
         sleep(Duration::from_secs(1)).await;
 

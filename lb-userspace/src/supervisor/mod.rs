@@ -255,6 +255,7 @@ mod tests {
             port,
             extra_args: Vec::new(),
             settings: InstanceSettings::default(),
+            group: None,
             driver: default_driver("gpt"),
             backend: backend.then(|| InstanceBackend {
                 service: "chat".to_owned(),
