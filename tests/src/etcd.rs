@@ -72,6 +72,7 @@ impl Etcd {
             peer,
             cluster: format!("steer-test=http://{peer}"),
             extra: Vec::new(),
+            health: client,
         };
         let child = member.spawn()?;
         // From here the guard owns the process and the directory, also on failure.
@@ -97,6 +98,9 @@ struct Member {
     cluster: String,
     /// More flags (TLS, say).
     extra: Vec<String>,
+    /// Where `/health` answers in plain HTTP (`--listen-metrics-urls`): the client port serves
+    /// only https once TLS flags are given.
+    health: SocketAddr,
 }
 
 impl Member {
@@ -124,7 +128,11 @@ impl Member {
         } else {
             "http"
         };
-        Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if self.health != self.client {
+            command.arg(format!("--listen-metrics-urls=http://{}", self.health));
+        }
+        command
             .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={scheme}://{}", self.client))
@@ -193,6 +201,11 @@ impl EtcdCluster {
                 peer,
                 cluster: cluster.clone(),
                 extra: extra.to_vec(),
+                health: if extra.is_empty() {
+                    client
+                } else {
+                    free_port().unwrap_or_else(|e| panic!("{e}"))
+                },
             })
             .collect();
         let mut etcd = EtcdCluster {
@@ -240,7 +253,7 @@ impl EtcdCluster {
         let member = &self.members[i];
         let child = &mut self.children[i];
         let exited = || child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-        if let Err(why) = wait_healthy(member.client, exited) {
+        if let Err(why) = wait_healthy(member.health, exited) {
             panic!("etcd member {}: {why}\nlog:\n{}", member.name, member.log());
         }
     }

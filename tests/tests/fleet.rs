@@ -107,6 +107,13 @@ impl Host {
         }
     }
 
+    /// Adds `lines` to the config's `[fleet]` table.
+    fn add_fleet_lines(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("the config");
+        let text = text.replacen("[fleet]\n", &format!("[fleet]\n{lines}"), 1);
+        std::fs::write(&self.config, text).expect("write the config");
+    }
+
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -864,6 +871,249 @@ fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a
         applied(&hosts[2], "c1").get("--cache-type-k").is_none(),
         "never the failed change"
     );
+    drop(hosts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate and key signed by it for `name` with `usage` (in `dir`).
+fn certificate(dir: &Path, name: &str, usage: &str) {
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+    )
+    .expect("write the extensions");
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+/// etcd with TLS (client certificates required) and user/password authentication: an agent
+/// with the CA, a client certificate and the right password registers; one with a wrong
+/// password, and one without a client certificate, do not and say why; a rolling change through
+/// the admin API needs its token.
+#[test]
+fn the_fleet_talks_to_etcd_over_tls_with_a_password_and_changes_need_the_token() {
+    netns::require_root("the agents run as root, as in production");
+    let dir = std::env::temp_dir().join(format!("steer-fleet-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=steer-test-ca",
+        ],
+    );
+    certificate(&dir, "etcd", "serverAuth,clientAuth");
+    certificate(&dir, "steer", "clientAuth");
+    let file = |name: &str| dir.join(name).display().to_string();
+    let etcd = EtcdCluster::start_with(
+        1,
+        &[
+            format!("--cert-file={}", file("etcd.pem")),
+            format!("--key-file={}", file("etcd.key")),
+            format!("--trusted-ca-file={}", file("ca.pem")),
+            "--client-cert-auth".to_owned(),
+        ],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let tls = || {
+        let read = |name: &str| std::fs::read(dir.join(name)).expect("read a certificate");
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+            .identity(etcd_client::Identity::from_pem(
+                read("steer.pem"),
+                read("steer.key"),
+            ))
+    };
+    runtime.block_on(async {
+        let options = etcd_client::ConnectOptions::new().with_tls(tls());
+        let mut client = etcd_client::Client::connect(etcd.endpoints(), Some(options))
+            .await
+            .expect("etcd over TLS");
+        client
+            .user_add("root", "s3cret", None)
+            .await
+            .expect("add root");
+        client
+            .user_grant_role("root", "root")
+            .await
+            .expect("grant root");
+        client.auth_enable().await.expect("enable auth");
+    });
+    std::fs::write(dir.join("etcd.password"), "s3cret\n").expect("the password");
+    std::fs::write(dir.join("wrong.password"), "guess\n").expect("a wrong password");
+    let prefix = format!("/steer/fleet/tls{}", std::process::id());
+    let round_robin = "policy = \"round_robin\"\n";
+    let mut hosts: Vec<Host> = ["ok", "wrong", "nocert"]
+        .iter()
+        .map(|name| {
+            Host::new(
+                &dir,
+                name,
+                &etcd.endpoints(),
+                &prefix,
+                round_robin,
+                &[],
+                None,
+            )
+        })
+        .collect();
+    let tls_lines = |cert: bool| {
+        let client = if cert {
+            format!(
+                ", cert = {:?}, key = {:?}",
+                file("steer.pem"),
+                file("steer.key")
+            )
+        } else {
+            String::new()
+        };
+        format!("tls = {{ ca = {:?}{client} }}\n", file("ca.pem"))
+    };
+    hosts[0].add_fleet_lines(&format!(
+        "user = \"root\"\npassword_file = \"etcd.password\"\n{}",
+        tls_lines(true)
+    ));
+    hosts[1].add_fleet_lines(&format!(
+        "user = \"root\"\npassword_file = \"wrong.password\"\n{}",
+        tls_lines(true)
+    ));
+    hosts[2].add_fleet_lines(&format!(
+        "user = \"root\"\npassword_file = \"etcd.password\"\n{}",
+        tls_lines(false)
+    ));
+    for host in &mut hosts {
+        host.start();
+    }
+    wait_for(
+        &hosts,
+        Duration::from_secs(30),
+        "the agent with the right credentials registered",
+        || {
+            hosts[0]
+                .try_get("/v1/fleet")
+                .is_some_and(|f| f["registered"] == true && f["connected"] == true)
+        },
+    );
+    assert_eq!(
+        hosts[0].fleet()["hosts"],
+        serde_json::json!(["ok"]),
+        "only it"
+    );
+    wait_for(
+        &hosts,
+        Duration::from_secs(30),
+        "the others say why they are not in",
+        || {
+            hosts[1]
+                .log_text()
+                .contains("authentication failed, invalid user ID or password")
+                && hosts[2].log_text().contains("BadCertificate")
+        },
+    );
+    for host in &hosts[1..] {
+        let fleet = host.fleet();
+        assert_eq!(fleet["registered"], false, "{}: {fleet}", host.name);
+        assert_eq!(fleet["connected"], false, "{}: {fleet}", host.name);
+    }
+    // A change of the fleet through the admin API needs the agent's token.
+    let body = r#"{"args": {"--ctx-size": "2048"}}"#;
+    let (status, answer) = http(
+        hosts[0].admin,
+        "POST",
+        "/v1/fleet/groups/smol/params",
+        &[],
+        Some(body),
+    )
+    .expect("POST");
+    assert_eq!(status, 401, "{answer}");
+    let auth = format!("Bearer {}", hosts[0].token());
+    let (status, answer) = http(
+        hosts[0].admin,
+        "POST",
+        "/v1/fleet/groups/smol/params",
+        &[("Authorization", &auth)],
+        Some(body),
+    )
+    .expect("POST");
+    assert_eq!(status, 404, "no instance of the group: {answer}");
+    let (status, answer) = http(
+        hosts[0].admin,
+        "POST",
+        "/v1/fleet/groups/smol/params",
+        &[("Authorization", &auth)],
+        Some(r#"{"args": ["--ctx-size"]}"#),
+    )
+    .expect("POST");
+    assert_eq!(status, 400, "{answer}");
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -76,7 +76,11 @@ pub(super) async fn run(
                 }
                 if lost_since.is_none() {
                     lost_since = Some(Instant::now());
-                    warn!(%error, "fleet registration interrupted: retrying; other balancers keep this host's instances until its lease expires");
+                    if previous.is_some() {
+                        warn!(%error, "fleet registration interrupted: retrying; other balancers keep this host's instances until its lease expires");
+                    } else {
+                        warn!(%error, "cannot register in the fleet: retrying");
+                    }
                 } else {
                     debug!(%error, "fleet registration: still no answer");
                 }
