@@ -40,6 +40,25 @@ enum Command {
     /// Run one llama-server, revive it when it exits, and change its arguments over
     /// `POST /v1/params` until SIGINT or SIGTERM.
     Supervise(Box<SuperviseArgs>),
+    /// The fleet in etcd (`[fleet]` of the config).
+    #[cfg(feature = "etcd")]
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+#[cfg(feature = "etcd")]
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Print every host, instance, group and rolling change the fleet holds, as etcd has them
+    /// now (exit 1 if etcd does not answer).
+    Get {
+        /// Config file whose `[fleet]` names etcd and the prefix.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Every key with its revision and lease, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -195,6 +214,26 @@ fn try_main() -> anyhow::Result<()> {
             })
         }
         Command::Supervise(args) => supervise(*args),
+        #[cfg(feature = "etcd")]
+        Command::Fleet(FleetCommand::Get { config, json }) => {
+            use lb_userspace::fleet;
+            let config = Config::load(&config, &Overrides::default())?;
+            let spec = config
+                .fleet
+                .with_context(|| format!("{}: no [fleet]", config.path.display()))?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let (view, stored, skipped) = runtime.block_on(fleet::read(&spec))?;
+            let text = if json {
+                format!("{:#}\n", fleet::show::json(&view, &stored, &skipped))
+            } else {
+                fleet::show::text(&spec, &view, &skipped)
+            };
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .context("writing the fleet")?;
+            Ok(())
+        }
     }
 }
 

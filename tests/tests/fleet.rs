@@ -107,6 +107,22 @@ impl Host {
         }
     }
 
+    /// `steer fleet get` with this host's config (`--json`), its output; panics if it fails.
+    fn fleet_get(&self, json: bool) -> String {
+        let mut command = Command::new(tests::topology::steer_bin());
+        command.args(["fleet", "get", "--config"]).arg(&self.config);
+        if json {
+            command.arg("--json");
+        }
+        let out = command.output().expect("run steer fleet get");
+        assert!(
+            out.status.success(),
+            "steer fleet get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    }
+
     /// Adds `lines` to the config's `[fleet]` table.
     fn add_fleet_lines(&self, lines: &str) {
         let text = std::fs::read_to_string(&self.config).expect("the config");
@@ -397,6 +413,27 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
                 .all(|h| h.fleet()["skipped_keys"].as_u64() >= Some(3))
         },
     );
+    // Read back with `steer fleet get`, as etcd holds it.
+    let text = hosts[0].fleet_get(false);
+    for line in ["host h1: steer", "host h3: steer", "skipped"] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    for (host, instance) in [("h1", "i1"), ("h2", "i2"), ("h3", "i3")] {
+        let want = format!("instance {host}/{instance}: Ready");
+        assert!(text.contains(&want), "{want}: {text}");
+    }
+    let json: Value = serde_json::from_str(&hosts[0].fleet_get(true)).expect("fleet get --json");
+    let keys = json["keys"].as_array().cloned().unwrap_or_default();
+    assert!(
+        keys.iter().all(|k| k["mod_revision"].as_i64() > Some(0)),
+        "{json}"
+    );
+    let i1 = keys
+        .iter()
+        .find(|k| k["key"] == format!("{prefix}/instances/h1/i1"))
+        .expect("i1's key");
+    assert!(i1["lease"].as_i64() > Some(0), "under h1's lease: {i1}");
+    assert_eq!(json["skipped"].as_array().map(Vec::len), Some(3), "{json}");
     for host in &hosts {
         assert_eq!(
             host.backends().len(),
@@ -844,6 +881,10 @@ fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a
         batch.iter().all(|b| b == &batch[0]),
         "one last change everywhere: {batch:?}"
     );
+
+    let text = hosts[0].fleet_get(false);
+    assert!(text.contains("group smol: last good"), "{text}");
+    assert!(text.contains("rollout smol"), "{text}");
 
     // 4. A host that joins later starts with the group's last good arguments.
     let mut late = Host::new(

@@ -17,6 +17,7 @@ mod program;
 pub mod record;
 mod register;
 pub mod rollout;
+pub mod show;
 pub mod view;
 mod watch;
 
@@ -111,6 +112,36 @@ impl Etcd {
         }
     }
 
+    /// Everything under the prefix now: the view, what it skipped, and each key as (key, mod
+    /// revision, lease, value).
+    async fn read_view(
+        &self,
+        client: &mut Client,
+    ) -> Result<(View, Vec<view::Skipped>, Vec<(String, i64, i64, Vec<u8>)>), FleetError> {
+        let options = etcd_client::GetOptions::new().with_prefix();
+        let response = self
+            .timed(client.get(self.keys.all(), Some(options)))
+            .await?;
+        let mut view = View {
+            revision: response.header().map_or(0, |h| h.revision()),
+            ..View::default()
+        };
+        let mut skipped = Vec::new();
+        let mut kvs = Vec::with_capacity(response.kvs().len());
+        for kv in response.kvs() {
+            if let Err(why) = view.put(&self.keys, kv.key(), kv.value()) {
+                skipped.push(why);
+            }
+            kvs.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.mod_revision(),
+                kv.lease(),
+                kv.value().to_vec(),
+            ));
+        }
+        Ok((view, skipped, kvs))
+    }
+
     /// A client over every endpoint. Requests need a leader: a member cut off from the quorum
     /// refuses them (and ends its watches) instead of serving what it last knew as current.
     async fn connect(&self) -> Result<Client, FleetError> {
@@ -119,17 +150,17 @@ impl Etcd {
             .with_keep_alive(KEEPALIVE, KEEPALIVE_TIMEOUT)
             .with_require_leader(true);
         if let Some(auth) = &self.spec.auth {
-            let password = read("fleet.password_file", &auth.password_file)?;
+            let password = read_file("fleet.password_file", &auth.password_file)?;
             let password = String::from_utf8_lossy(&password).trim_end().to_owned();
             options = options.with_user(auth.user.clone(), password);
         }
         if let Some(tls) = &self.spec.tls {
             let mut config = TlsOptions::new()
-                .ca_certificate(Certificate::from_pem(read("fleet.tls.ca", &tls.ca)?));
+                .ca_certificate(Certificate::from_pem(read_file("fleet.tls.ca", &tls.ca)?));
             if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
                 config = config.identity(Identity::from_pem(
-                    read("fleet.tls.cert", cert)?,
-                    read("fleet.tls.key", key)?,
+                    read_file("fleet.tls.cert", cert)?,
+                    read_file("fleet.tls.key", key)?,
                 ));
             }
             if let Some(name) = &tls.server_name {
@@ -142,12 +173,48 @@ impl Etcd {
     }
 }
 
-fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, FleetError> {
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, FleetError> {
     std::fs::read(path).map_err(|source| FleetError::Read {
         what,
         path: path.to_owned(),
         source,
     })
+}
+
+/// One key of the fleet as etcd holds it (`steer fleet get --json`).
+#[derive(Debug, Serialize)]
+pub struct StoredKey {
+    pub key: String,
+    pub mod_revision: i64,
+    /// The lease it lives under (0: none); a host's keys go with its lease.
+    pub lease: i64,
+    /// The JSON value, or the text of one that is not JSON.
+    pub value: serde_json::Value,
+}
+
+/// The whole fleet as etcd holds it now, for `steer fleet get`: the view built from it (what an
+/// agent would act on), every key with its revision, and the keys an agent would skip.
+pub async fn read(
+    spec: &FleetSpec,
+) -> Result<(View, Vec<StoredKey>, Vec<view::Skipped>), FleetError> {
+    let etcd = Etcd {
+        keys: Keys::new(&spec.prefix),
+        spec: spec.clone(),
+    };
+    let mut client = etcd.connect().await?;
+    let (view, skipped, kvs) = etcd.read_view(&mut client).await?;
+    let stored = kvs
+        .into_iter()
+        .map(|(key, mod_revision, lease, value)| StoredKey {
+            key,
+            mod_revision,
+            lease,
+            value: serde_json::from_slice(&value).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&value).into_owned())
+            }),
+        })
+        .collect();
+    Ok((view, stored, skipped))
 }
 
 /// What the fleet tasks know of etcd and the fleet, for `/metrics` and `/v1/fleet`.

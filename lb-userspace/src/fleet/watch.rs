@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch as signal;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -199,20 +199,7 @@ impl Watcher {
 
     /// Replaces the view with everything under the prefix now.
     async fn read_all(&mut self, client: &mut Client) -> Result<(), FleetError> {
-        let etcd = Arc::clone(&self.etcd);
-        let response = etcd
-            .timed(client.get(etcd.keys.all(), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let mut view = View {
-            revision: response.header().map_or(0, |h| h.revision()),
-            ..View::default()
-        };
-        let mut skipped = Vec::new();
-        for kv in response.kvs() {
-            if let Err(why) = view.put(&etcd.keys, kv.key(), kv.value()) {
-                skipped.push(why);
-            }
-        }
+        let (view, skipped, _) = self.etcd.read_view(client).await?;
         self.view = view;
         self.changed(skipped).await;
         self.participant.changed(&self.view);
