@@ -612,7 +612,7 @@ pub struct ClientTimeouts {
 /// `[fleet]`: the etcd cluster several agents share ([`crate::fleet`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetSpec {
-    /// etcd client endpoints, `host:port` (`https://` with `tls`).
+    /// etcd client endpoints, `host:port` (spoken to over TLS when `tls` is set).
     pub endpoints: Vec<String>,
     /// The fleet's key prefix, without a trailing `/`: every key of the fleet is under it.
     pub prefix: String,
@@ -704,7 +704,7 @@ pub struct InstanceSpec {
     /// The service it is a backend of, if any.
     pub backend: Option<InstanceBackend>,
     /// The fleet instance group it belongs to (`group`): a rolling change of the group's
-    /// arguments reaches it, and it starts with the group's last good arguments.
+    /// arguments reaches it, and after its first start it takes the group's last good ones.
     pub group: Option<String>,
 }
 

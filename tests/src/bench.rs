@@ -211,6 +211,19 @@ fn logged(program: &Path, args: &[&str], log: &Path) -> Command {
     cmd
 }
 
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`); 0 when missing.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// A loopback TCP port free at the time of the call.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -24,3 +24,24 @@ pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
         _ => panic!("{name}{labels:?}: {} samples, want 1", found.len()),
     }
 }
+
+/// Panics with promtool's findings unless `promtool check metrics` (Debian prometheus, from
+/// `cargo xtask deps`) passes `text`, a whole exposition.
+pub fn assert_promtool_clean(text: &str) {
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask deps installs Debian prometheus)");
+    std::io::Write::write_all(&mut promtool.stdin.take().expect("a pipe"), text.as_bytes())
+        .expect("promtool's stdin");
+    let linted = promtool.wait_with_output().expect("promtool ran");
+    assert!(
+        linted.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+}

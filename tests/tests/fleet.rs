@@ -533,6 +533,8 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
         let stale = host.metric("steer_fleet_stale_seconds");
         assert!(stale >= TTL.as_secs_f64(), "{}: stale {stale}", host.name);
         assert_eq!(host.metric("steer_fleet_connected"), 0.0);
+        let (_, text) = http(host.admin, "GET", "/metrics", &[], None).expect("/metrics");
+        tests::metrics::assert_promtool_clean(&text);
         for &instance in &instances {
             assert!(
                 serves(host, instance),

@@ -2239,27 +2239,8 @@ fn a_long_unstreamed_generation_is_answered_and_a_closed_stream_frees_its_slot()
             &format!("llamacpp_tokens_predicted_total{{{llama_labels}}}"),
         );
         assert!(predicted >= 16.0, "{predicted}");
-        // The whole exposition passes promtool's lint (Debian prometheus, from `cargo xtask
-        // deps`).
-        let mut promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool (cargo xtask deps installs Debian prometheus)");
-        std::io::Write::write_all(
-            &mut promtool.stdin.take().expect("a pipe"),
-            metrics.as_bytes(),
-        )
-        .expect("promtool's stdin");
-        let linted = promtool.wait_with_output().expect("promtool ran");
-        assert!(
-            linted.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&linted.stdout),
-            String::from_utf8_lossy(&linted.stderr)
-        );
+        // The whole exposition passes promtool's lint.
+        tests::metrics::assert_promtool_clean(&metrics);
         // The access log says the same, one JSON line per request.
         let deadline = Instant::now() + Duration::from_secs(10);
         let access = loop {

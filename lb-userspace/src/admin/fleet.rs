@@ -4,7 +4,8 @@
 //!   instance record it holds);
 //! - `POST /v1/fleet/groups/{group}/params` `{"args": {...}}` (as `POST /v1/params` takes them):
 //!   starts a rolling change of the group's arguments across the fleet, 202 with its id;
-//! - `GET /v1/fleet/rollouts/{group}`: the group's latest rolling change and its steps.
+//! - `GET /v1/fleet/rollouts/{group}`: the group's latest rolling change and its steps (secret
+//!   argument values redacted).
 
 use std::sync::Arc;
 
@@ -68,7 +69,7 @@ async fn roll(
     let Json(request) = body?;
     let started = state.fleet.roll(&group, request.args).map_err(|error| {
         let status = match error {
-            RolloutError::Args(_) => StatusCode::BAD_REQUEST,
+            RolloutError::Args(_) | RolloutError::Group(_) => StatusCode::BAD_REQUEST,
             RolloutError::NoInstance(_) => StatusCode::NOT_FOUND,
         };
         ApiError::new(status, error.to_string())
@@ -88,11 +89,12 @@ async fn rollout(
     group: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RolloutView>, ApiError> {
     let Path(group) = group?;
-    let (rollout, steps) = state.fleet.rollout(&group).ok_or_else(|| {
+    let (mut rollout, steps) = state.fleet.rollout(&group).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no rolling change of group `{group}` is recorded"),
         )
     })?;
+    rollout.args = crate::fleet::record::redacted(&rollout.args);
     Ok(Json(RolloutView { rollout, steps }))
 }

@@ -71,6 +71,8 @@ pub enum FleetError {
     },
     #[error("the registration lease expired (etcd went without renewals longer than lease_ttl)")]
     LeaseExpired,
+    #[error("the rolling change of group `{group}` lost its lock (its lease expired)")]
+    LockLost { group: String },
     #[error("another change of group `{group}` held its lock for over {waited:?}")]
     LockTimeout { group: String, waited: Duration },
     #[error(
@@ -124,6 +126,7 @@ impl Etcd {
             .await?;
         let mut view = View {
             revision: response.header().map_or(0, |h| h.revision()),
+            cluster: response.header().map_or(0, |h| h.cluster_id()),
             ..View::default()
         };
         let mut skipped = Vec::new();
@@ -324,6 +327,18 @@ impl FleetStatus {
         self.update(|inner| inner.lease_renewals)
     }
 
+    /// When the view was last known current, in seconds since the epoch (for the cache).
+    fn confirmed_epoch(&self) -> f64 {
+        let stale = self.update(|inner| self.freshness(inner).1);
+        epoch_now() - stale.as_secs_f64()
+    }
+
+    /// The view came from a cache last known current at `confirmed` (epoch seconds).
+    fn confirmed_at_epoch(&self, confirmed: f64) {
+        let ago = Duration::from_secs_f64((epoch_now() - confirmed).max(0.0));
+        self.update(|inner| inner.confirmed = Instant::now().checked_sub(ago));
+    }
+
     /// The fleet as last read.
     pub fn view(&self) -> Arc<View> {
         self.update(|inner| Arc::clone(&inner.view))
@@ -441,6 +456,12 @@ impl Fleet {
             self.tasks.shutdown().await;
         }
     }
+}
+
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Sleeps `delay` (then doubles it up to [`RETRY_MAX`]) unless `stop` turns true first;

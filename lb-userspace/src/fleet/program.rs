@@ -25,13 +25,9 @@ impl Programmed {
         self.backends.len()
     }
 
-    /// Makes the table's fleet backends what `wanted` says; returns how many table calls failed.
-    pub async fn apply(
-        &mut self,
-        table: &TableHandle,
-        wanted: &BTreeMap<BackendKey, Wanted>,
-    ) -> usize {
-        let mut failed = 0;
+    /// Makes the table's fleet backends what `wanted` says; what the table refuses is warned
+    /// about and tried again at the next change.
+    pub async fn apply(&mut self, table: &TableHandle, wanted: &BTreeMap<BackendKey, Wanted>) {
         let gone: Vec<BackendKey> = self
             .backends
             .keys()
@@ -39,33 +35,49 @@ impl Programmed {
             .cloned()
             .collect();
         for key in gone {
-            let Some((id, _)) = self.backends.remove(&key) else {
+            let Some(&(id, _)) = self.backends.get(&key) else {
                 continue;
             };
+            // Forgotten only once the table has let it go: a failed removal is tried again at
+            // the next change.
             match table.remove_backend(id).await {
                 Ok(_) | Err(TableError::UnknownBackend(_)) => {
+                    self.backends.remove(&key);
                     info!(service = %key.0, address = %key.1, id, "fleet backend gone")
                 }
                 Err(error) => {
-                    failed += 1;
                     warn!(service = %key.0, address = %key.1, id, %error, "removing a fleet backend");
                 }
             }
         }
         self.refused.retain(|key| wanted.contains_key(key));
         for (key, want) in wanted {
+            let known = self.backends.contains_key(key);
             let result = match self.backends.get(key).copied() {
                 Some((_, draining)) if draining == want.draining => continue,
                 Some((id, _)) if want.draining => table.drain_backend(id).await.map(|_| id),
                 Some((id, _)) => table.activate_backend(id).await.map(|_| id),
-                None => self.add(table, key, want).await,
+                None => self.add(table, key, want).await.inspect(|&id| {
+                    // Recorded as added (and active) at once: a drain that fails below is tried
+                    // again at the next change, and the backend is never left untracked.
+                    self.backends.insert(key.clone(), (id, false));
+                }),
+            };
+            let result = match (result, want.draining) {
+                (Ok(id), true) if self.backends.get(key) == Some(&(id, false)) => {
+                    table.drain_backend(id).await.map(|_| id)
+                }
+                (result, _) => result,
             };
             match result {
                 Ok(id) => {
+                    if known {
+                        let state = if want.draining { "draining" } else { "active" };
+                        info!(service = %key.0, address = %key.1, id, state, "fleet backend state");
+                    }
                     self.backends.insert(key.clone(), (id, want.draining));
                 }
                 Err(error) => {
-                    failed += 1;
                     if self.refused.insert(key.clone()) {
                         warn!(
                             service = %key.0,
@@ -79,7 +91,6 @@ impl Programmed {
                 }
             }
         }
-        failed
     }
 
     async fn add(
@@ -106,9 +117,6 @@ impl Programmed {
             instance = %want.instance,
             "fleet backend added"
         );
-        if want.draining {
-            table.drain_backend(info.id).await?;
-        }
         Ok(info.id)
     }
 }
@@ -159,13 +167,12 @@ mod tests {
                 .collect::<Vec<_>>()
         };
 
-        let failed = programmed
+        programmed
             .apply(
                 &table,
                 &wanted(&[("10.0.2.1:8080", false), ("10.0.1.2:8080", false)]),
             )
             .await;
-        assert_eq!(failed, 1, "the configured address is refused");
         assert_eq!(
             listed(&table),
             [
@@ -187,7 +194,7 @@ mod tests {
             listed(&table)[1],
             ("10.0.2.1:8080".to_owned(), BackendState::Active)
         );
-        assert_eq!(programmed.apply(&table, &wanted(&[])).await, 0);
+        programmed.apply(&table, &wanted(&[])).await;
         assert_eq!(
             listed(&table),
             [("10.0.1.2:8080".to_owned(), BackendState::Active)]

@@ -9,8 +9,9 @@
 //! - `<prefix>/locks/<group>`: held (under the coordinator's lease) while a change of the group
 //!   rolls, so two never roll at once.
 //!
-//! Values are JSON. A reader ignores fields it does not know (a newer agent may add some), and a
-//! key or value it cannot read is logged and skipped, never applied.
+//! Values are JSON. A reader ignores fields it does not know and reads an instance state it does
+//! not know as not serving (a newer agent may add either), and a key or value it cannot read is
+//! logged and skipped, never applied.
 
 use std::net::SocketAddrV4;
 
@@ -75,6 +76,20 @@ pub struct GroupRecord {
     pub rollout: String,
 }
 
+/// A change's `args` (`{"--flag": value}`) for views: secret values (`--api-key`, ...)
+/// replaced, as every other view of arguments has them.
+pub fn redacted(args: &serde_json::Value) -> serde_json::Value {
+    let mut out = args.clone();
+    if let Some(flags) = out.as_object_mut() {
+        for (flag, value) in flags.iter_mut() {
+            if crate::supervisor::is_secret_flag(flag) && value.is_string() {
+                *value = serde_json::Value::from(crate::supervisor::REDACTED);
+            }
+        }
+    }
+    out
+}
+
 /// A rolling change of a group's arguments: one instance at a time, in `order`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutRecord {
@@ -135,6 +150,10 @@ pub enum InstanceState {
     Draining,
     /// Exited or failing its checks.
     Down,
+    /// A state a newer agent writes that this one does not know: taken as not serving, so the
+    /// record still reads.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The record of a live agent.
@@ -222,6 +241,7 @@ impl Keys {
         format!("{}/locks/{group}", self.prefix)
     }
 
+    #[cfg(test)]
     pub fn of(&self, key: &Key) -> String {
         match key {
             Key::Host(host) => self.host(host),
@@ -367,18 +387,18 @@ mod tests {
     }
 
     #[test]
-    fn a_record_reads_with_fields_it_does_not_know_and_not_without_its_own() {
+    fn a_record_reads_with_fields_and_states_it_does_not_know_and_not_without_its_own() {
         let text = r#"{"service":"chat","address":"10.0.0.2:8080","models":["m"],
             "state":"ready","decode_tokens_per_second":41,"added_later":true}"#;
         let record: InstanceRecord = serde_json::from_str(text).expect("record");
         assert_eq!(record.state, InstanceState::Ready);
         assert_eq!(record.decode_tokens_per_second, Some(41));
         assert!(serde_json::from_str::<InstanceRecord>(r#"{"service":"chat"}"#).is_err());
-        assert!(
-            serde_json::from_str::<InstanceRecord>(
-                r#"{"service":"chat","address":"10.0.0.2:8080","state":"lost"}"#
-            )
-            .is_err()
-        );
+        let later: InstanceRecord = serde_json::from_str(
+            r#"{"service":"chat","address":"10.0.0.2:8080","state":"hibernating"}"#,
+        )
+        .expect("a state from a newer agent");
+        assert_eq!(later.state, InstanceState::Unknown);
+        assert!(!later.is_serving());
     }
 }

@@ -15,11 +15,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::record::{GroupRecord, LockRecord, RolloutRecord, RolloutState, StepRecord};
 use super::view::View;
@@ -34,6 +35,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// record, and at the lock while another change holds it.
 const POLL: Duration = Duration::from_millis(100);
 const LOCK_POLL: Duration = Duration::from_millis(500);
+/// How many times (a second apart) a rollout record is written while etcd does not answer.
+const WRITE_TRIES: usize = 30;
 /// After a step, how long the balancers have to list the instance (back in their tables from
 /// the same revision the step came after) before their lists are read, and then to take it
 /// back (their health checks pass).
@@ -47,6 +50,8 @@ pub enum RolloutError {
     Args(#[source] serde_json::Error),
     #[error("group `{0}` has no instance in the fleet")]
     NoInstance(String),
+    #[error("`{0}` is not a group name (letters, digits, `.`, `_` or `-`)")]
+    Group(String),
 }
 
 /// A change `args` for `group` checked and handed to its coordinator task; its rollout id.
@@ -56,6 +61,9 @@ pub(super) fn start(
     group: &str,
     args: serde_json::Value,
 ) -> Result<String, RolloutError> {
+    if !crate::spec::is_fleet_name(group) {
+        return Err(RolloutError::Group(group.to_owned()));
+    }
     serde_json::from_value::<InputArgs>(args.clone()).map_err(RolloutError::Args)?;
     let view = status.view();
     if !view
@@ -68,7 +76,10 @@ pub(super) fn start(
     let millis = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    let id = format!("{}-{millis}", etcd.spec.host);
+    // Unique even for two changes in one millisecond.
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{}-{millis}-{n}", etcd.spec.host);
     let coordinator = Coordinator {
         etcd: Arc::clone(etcd),
         status: Arc::clone(status),
@@ -106,106 +117,186 @@ impl Coordinator {
             .timed(client.lease_grant(ttl.as_secs() as i64, None))
             .await?
             .id();
-        let (mut keeper, mut replies) = etcd.timed(client.lease_keep_alive(lease)).await?;
-        // The lock lives while this coordinator does.
-        let renewing = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / 3);
-            loop {
-                tick.tick().await;
-                if keeper.keep_alive().await.is_err() {
-                    return;
-                }
-                match tokio::time::timeout(REQUEST_TIMEOUT, replies.message()).await {
-                    Ok(Ok(Some(reply))) if reply.ttl() > 0 => {}
-                    _ => return,
-                }
-            }
-        });
-        let rolled = self.roll_locked(&mut client, lease).await;
+        // The lock lives while the lease does; `lost` turns true once etcd no longer has it.
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewing = tokio::spawn(renew(
+            Arc::clone(&self.etcd),
+            client.clone(),
+            lease,
+            Arc::clone(&lost),
+        ));
+        let rolled = Locked {
+            coordinator: self,
+            client,
+            lease,
+            lost,
+        }
+        .roll()
+        .await;
         renewing.abort();
+        let mut client = etcd.connect().await?;
         let _ = etcd.timed(client.lease_revoke(lease)).await;
         rolled
     }
+}
 
-    async fn roll_locked(
-        &self,
-        client: &mut Client,
-        lease: i64,
-    ) -> Result<RolloutState, FleetError> {
-        let etcd = &self.etcd;
-        let keys = &etcd.keys;
-        self.lock(client, lease).await?;
-        let view = self.status.view();
+/// Keeps `lease` alive, resuming the keep-alive on another endpoint after an error, until etcd
+/// says the lease is gone: then `lost`.
+async fn renew(etcd: Arc<Etcd>, mut client: Client, lease: i64, lost: Arc<AtomicBool>) {
+    let every = etcd.spec.lease_ttl / 3;
+    loop {
+        match etcd.timed(client.lease_keep_alive(lease)).await {
+            Ok((mut keeper, mut replies)) => loop {
+                tokio::time::sleep(every).await;
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(REQUEST_TIMEOUT, replies.message()).await {
+                    Ok(Ok(Some(reply))) if reply.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    _ => break,
+                }
+            },
+            Err(FleetError::Etcd {
+                source: etcd_client::Error::LeaseKeepAliveError(_),
+                ..
+            }) => {
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(error) => debug!(%error, "renewing a rollout's lease: retrying"),
+        }
+        tokio::time::sleep(super::RETRY_MIN).await;
+    }
+}
+
+/// A coordinator's work while it holds the group's lock under `lease`.
+struct Locked<'a> {
+    coordinator: &'a Coordinator,
+    client: Client,
+    lease: i64,
+    lost: Arc<AtomicBool>,
+}
+
+impl Locked<'_> {
+    async fn roll(mut self) -> Result<RolloutState, FleetError> {
+        let this = self.coordinator;
+        let keys = &this.etcd.keys;
+        this.lock(&mut self.client, self.lease).await?;
+        let view = this.status.view();
         let order: Vec<(String, String)> = view
             .instances
             .iter()
-            .filter(|(_, i)| i.group.as_deref() == Some(self.group.as_str()))
+            .filter(|(_, i)| i.group.as_deref() == Some(this.group.as_str()))
             .map(|(key, _)| key.clone())
             .collect();
         let mut record = RolloutRecord {
-            id: self.id.clone(),
-            by: etcd.spec.host.clone(),
-            args: self.args.clone(),
+            id: this.id.clone(),
+            by: this.etcd.spec.host.clone(),
+            args: this.args.clone(),
             state: RolloutState::Running,
             order: order.clone(),
             step: 0,
             error: None,
         };
-        info!(group = %self.group, rollout = %self.id, instances = order.len(), "rolling change started");
+        info!(group = %this.group, rollout = %this.id, instances = order.len(), "rolling change started");
         if order.is_empty() {
             record.state = RolloutState::Failed;
             record.error = Some("no instance of the group is in the fleet".to_owned());
         }
         for (step, (host, name)) in order.iter().enumerate() {
             record.step = step;
-            self.put(client, &keys.rollout(&self.group), &record)
-                .await?;
-            match self.wait_step(step, host, name).await {
+            self.write(&keys.rollout(&this.group), &record).await?;
+            let outcome = match this.wait_step(step, host, name, &self.lost).await {
                 Ok(()) => {
-                    info!(group = %self.group, %host, instance = %name, step, "instance took the change");
+                    info!(group = %this.group, %host, instance = %name, step, "instance took the change");
                     // Healthy on its host; the next goes out once every balancer took it back.
-                    if let Err(error) = self.wait_rejoined(host, name).await {
-                        record.state = RolloutState::Failed;
-                        record.error = Some(format!("{host}/{name}: {error}"));
-                        break;
-                    }
+                    this.wait_rejoined(host, name, &self.lost).await
                 }
-                Err(error) => {
-                    record.state = RolloutState::Failed;
-                    record.error = Some(format!("{host}/{name}: {error}"));
-                    break;
-                }
+                Err(error) => Err(error),
+            };
+            if let Err(error) = outcome {
+                record.state = RolloutState::Failed;
+                record.error = Some(format!("{host}/{name}: {error}"));
+                break;
             }
         }
         if record.state == RolloutState::Running {
             record.state = RolloutState::Done;
-            // The group's arguments so far with this change over them, so a host that joins
-            // later gets every change, not the last one alone.
-            let mut args = self
-                .status
-                .view()
-                .groups
-                .get(&self.group)
-                .map(|g| g.args.clone())
-                .unwrap_or_else(|| serde_json::json!({}));
-            if let (Some(all), Some(change)) = (args.as_object_mut(), self.args.as_object()) {
-                all.extend(change.iter().map(|(k, v)| (k.clone(), v.clone())));
-            }
-            let good = GroupRecord {
-                args,
-                rollout: self.id.clone(),
-            };
-            self.put(client, &keys.group(&self.group), &good).await?;
+            let good = self.merged_args().await?;
+            self.write(&keys.group(&this.group), &good).await?;
         }
-        self.put(client, &keys.rollout(&self.group), &record)
-            .await?;
-        let unlock = TxnOp::delete(keys.lock(&self.group), None);
-        let mine = Compare::lease(keys.lock(&self.group), CompareOp::Equal, lease);
-        etcd.timed(client.txn(Txn::new().when([mine]).and_then([unlock])))
-            .await?;
+        self.write(&keys.rollout(&this.group), &record).await?;
+        let unlock = TxnOp::delete(keys.lock(&this.group), None);
+        let txn = Txn::new().when([self.holding()]).and_then([unlock]);
+        let _ = this.etcd.timed(self.client.txn(txn)).await;
         Ok(record.state)
     }
 
+    /// The group's arguments so far, read from etcd under the lock, with this change over them:
+    /// a host that joins later gets every change, not the last one alone.
+    async fn merged_args(&mut self) -> Result<GroupRecord, FleetError> {
+        let this = self.coordinator;
+        let key = this.etcd.keys.group(&this.group);
+        let current = this.etcd.timed(self.client.get(key, None)).await?;
+        let mut args = current
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<GroupRecord>(kv.value()).ok())
+            .map_or_else(|| serde_json::json!({}), |g| g.args);
+        if let (Some(all), Some(change)) = (args.as_object_mut(), this.args.as_object()) {
+            all.extend(change.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Ok(GroupRecord {
+            args,
+            rollout: this.id.clone(),
+        })
+    }
+
+    /// The lock is still this coordinator's: its key under this lease.
+    fn holding(&self) -> Compare {
+        let key = self.coordinator.etcd.keys.lock(&self.coordinator.group);
+        Compare::lease(key, CompareOp::Equal, self.lease)
+    }
+
+    /// Puts `value` at `key` only while the lock is held (a coordinator that lost it writes
+    /// nothing more), trying again for up to [`WRITE_TRIES`] seconds while etcd does not answer.
+    async fn write(&mut self, key: &str, value: &impl serde::Serialize) -> Result<(), FleetError> {
+        let this = self.coordinator;
+        let value = serde_json::to_vec(value).unwrap_or_default();
+        let mut last = None;
+        for _ in 0..WRITE_TRIES {
+            let txn =
+                Txn::new()
+                    .when([self.holding()])
+                    .and_then([TxnOp::put(key, value.clone(), None)]);
+            match this.etcd.timed(self.client.txn(txn)).await {
+                Ok(done) if done.succeeded() => return Ok(()),
+                Ok(_) => {
+                    return Err(FleetError::LockLost {
+                        group: this.group.clone(),
+                    });
+                }
+                Err(error) => {
+                    debug!(%error, %key, "writing a rollout record: retrying");
+                    last = Some(error);
+                }
+            }
+            if self.lost.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(last.unwrap_or(FleetError::LockLost {
+            group: this.group.clone(),
+        }))
+    }
+}
+
+impl Coordinator {
     /// Takes the group's lock under `lease`, waiting for another change that holds it.
     async fn lock(&self, client: &mut Client, lease: i64) -> Result<(), FleetError> {
         let etcd = &self.etcd;
@@ -243,21 +334,8 @@ impl Coordinator {
         }
     }
 
-    async fn put(
-        &self,
-        client: &mut Client,
-        key: &str,
-        value: &impl serde::Serialize,
-    ) -> Result<(), FleetError> {
-        let value = serde_json::to_vec(value).unwrap_or_default();
-        self.etcd
-            .timed(client.put(key, value, None))
-            .await
-            .map(drop)
-    }
-
     /// Waits until no balancer lists the instance among the backends it does not serve yet.
-    async fn wait_rejoined(&self, host: &str, name: &str) -> Result<(), String> {
+    async fn wait_rejoined(&self, host: &str, name: &str, lost: &AtomicBool) -> Result<(), String> {
         tokio::time::sleep(SETTLE).await;
         let deadline = Instant::now() + REJOIN_TIMEOUT;
         let instance = (host.to_owned(), name.to_owned());
@@ -277,6 +355,9 @@ impl Coordinator {
             if waiting.is_empty() {
                 return Ok(());
             }
+            if lost.load(Ordering::SeqCst) {
+                return Err("the coordinator lost the group's lock".to_owned());
+            }
             if Instant::now() >= deadline {
                 return Err(format!(
                     "healthy on its host but not taken back by {waiting:?} within {REJOIN_TIMEOUT:?}"
@@ -287,7 +368,13 @@ impl Coordinator {
     }
 
     /// Waits for `host`'s agent to report step `step` on `name`, as the watched view shows it.
-    async fn wait_step(&self, step: usize, host: &str, name: &str) -> Result<(), String> {
+    async fn wait_step(
+        &self,
+        step: usize,
+        host: &str,
+        name: &str,
+        lost: &AtomicBool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + STEP_TIMEOUT;
         let key = (self.group.clone(), host.to_owned(), name.to_owned());
         let instance = (host.to_owned(), name.to_owned());
@@ -309,6 +396,9 @@ impl Coordinator {
             }
             if !view.instances.contains_key(&instance) {
                 return Err("left the fleet during its step".to_owned());
+            }
+            if lost.load(Ordering::SeqCst) {
+                return Err("the coordinator lost the group's lock".to_owned());
             }
             if Instant::now() >= deadline {
                 return Err(format!("no outcome within {STEP_TIMEOUT:?}"));
@@ -353,11 +443,18 @@ impl Participant {
             let Some((target_host, name)) = rollout.order.get(rollout.step) else {
                 continue;
             };
+            // A rollout whose coordinator holds no lock (it died, or it is an old record
+            // replayed) is no one's to act on.
+            let locked = view
+                .locks
+                .get(group)
+                .is_some_and(|l| l.rollout == rollout.id);
             let reported = view
                 .steps
                 .get(&(group.clone(), target_host.clone(), name.clone()))
                 .is_some_and(|s| s.rollout == rollout.id && s.step == rollout.step);
             if *target_host != host
+                || !locked
                 || reported
                 || !self.taken.insert((rollout.id.clone(), rollout.step))
             {
@@ -368,6 +465,7 @@ impl Participant {
             tokio::spawn(take_step(
                 Arc::clone(&self.etcd),
                 handle,
+                group.clone(),
                 key,
                 rollout.args.clone(),
                 rollout.id.clone(),
@@ -380,15 +478,30 @@ impl Participant {
             }
             self.good.insert(group.clone(), good.rollout.clone());
             let part_of = view.rollouts.get(group).filter(|r| r.id == good.rollout);
-            for (name, (handle, _)) in self.instances.iter().filter(|(_, (_, g))| g == group) {
-                let took_part =
-                    part_of.is_some_and(|r| r.order.contains(&(host.clone(), name.clone())));
-                if took_part {
-                    continue;
-                }
-                info!(%group, instance = %name, rollout = %good.rollout, "applying the group's last good arguments");
-                tokio::spawn(apply(handle.clone(), good.args.clone()));
+            let behind: Vec<(String, InstanceHandle)> = self
+                .instances
+                .iter()
+                .filter(|(name, (_, g))| {
+                    g == group
+                        && !part_of
+                            .is_some_and(|r| r.order.contains(&(host.clone(), (*name).clone())))
+                })
+                .map(|(name, (handle, _))| (name.clone(), handle.clone()))
+                .collect();
+            if behind.is_empty() {
+                continue;
             }
+            let (group, args, rollout) = (group.clone(), good.args.clone(), good.rollout.clone());
+            // One instance at a time, as a rollout would.
+            tokio::spawn(async move {
+                for (name, handle) in behind {
+                    info!(%group, instance = %name, %rollout, "applying the group's last good arguments");
+                    let (applied, error, _) = apply(handle, args.clone()).await;
+                    if !applied {
+                        warn!(%group, instance = %name, error = error.as_deref().unwrap_or(""), "the group's last good arguments did not apply");
+                    }
+                }
+            });
         }
     }
 }
@@ -397,11 +510,25 @@ impl Participant {
 async fn take_step(
     etcd: Arc<Etcd>,
     handle: Option<InstanceHandle>,
+    group: String,
     key: String,
     args: serde_json::Value,
     rollout: String,
     step: usize,
 ) {
+    // The view may be a replay of history: etcd itself must say this step is due now.
+    match due_now(&etcd, &group, &rollout, step).await {
+        Ok(true) => {}
+        Ok(false) => {
+            debug!(%rollout, step, "a rolling change's step no longer due: skipped");
+            return;
+        }
+        Err(error) => {
+            // Taken again on the next change of the view, or by a restarted agent.
+            warn!(%error, %rollout, step, "cannot confirm a rolling change's step: not taken");
+            return;
+        }
+    }
     info!(%rollout, step, "taking a rolling change");
     let record = match handle {
         None => StepRecord {
@@ -436,6 +563,26 @@ async fn take_step(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Whether etcd holds rollout `id` of `group` as running at `step` with its lock held.
+async fn due_now(etcd: &Etcd, group: &str, id: &str, step: usize) -> Result<bool, FleetError> {
+    let mut client = etcd.connect().await?;
+    let lock = etcd.timed(client.get(etcd.keys.lock(group), None)).await?;
+    let locked = lock
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<LockRecord>(kv.value()).ok())
+        .is_some_and(|l| l.rollout == id);
+    let record = etcd
+        .timed(client.get(etcd.keys.rollout(group), None))
+        .await?;
+    let running = record
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<RolloutRecord>(kv.value()).ok())
+        .is_some_and(|r| r.id == id && r.step == step && r.state == RolloutState::Running);
+    Ok(locked && running)
 }
 
 /// Submits `args` to the instance and waits for the outcome: (applied, error, restored).

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::record::redacted;
 use super::view::{Skipped, View};
 use super::{FleetSpec, StoredKey};
 
@@ -63,7 +64,7 @@ pub fn text(spec: &FleetSpec, view: &View, skipped: &[Skipped]) -> String {
             rollout.step + 1,
             rollout.order.len(),
             rollout.by,
-            rollout.args
+            redacted(&rollout.args)
         );
     }
     for (group, lock) in &view.locks {
@@ -79,11 +80,22 @@ pub fn text(spec: &FleetSpec, view: &View, skipped: &[Skipped]) -> String {
     out
 }
 
-/// Every key with its revision and lease, and the keys skipped, as JSON.
+/// Every key with its revision and lease (secret argument values redacted), and the keys
+/// skipped, as JSON.
 pub fn json(view: &View, stored: &[StoredKey], skipped: &[Skipped]) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|k| {
+            let mut key = serde_json::json!(k);
+            if let Some(args) = key["value"].get("args").map(redacted) {
+                key["value"]["args"] = args;
+            }
+            key
+        })
+        .collect();
     serde_json::json!({
         "revision": view.revision,
-        "keys": stored,
+        "keys": keys,
         "skipped": skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }

@@ -15,6 +15,9 @@ use super::record::{
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct View {
     pub revision: i64,
+    /// The etcd cluster it came from (its id; 0: not known): a view is resumed only on the same
+    /// cluster.
+    pub cluster: u64,
     pub hosts: BTreeMap<String, HostRecord>,
     /// By (host, instance).
     pub instances: BTreeMap<(String, String), InstanceRecord>,
@@ -58,6 +61,11 @@ pub type BackendKey = (String, SocketAddrV4);
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Cached {
     pub revision: i64,
+    #[serde(default)]
+    pub cluster: u64,
+    /// When the view was last known current, in seconds since the epoch.
+    #[serde(default)]
+    pub confirmed: f64,
     pub entries: BTreeMap<String, serde_json::Value>,
 }
 
@@ -115,9 +123,9 @@ impl View {
         Ok(parsed)
     }
 
-    /// The backends the fleet asks of the agent of `own_host` with `services`: every other host's
-    /// instance that serves (ready or draining) in one of them. The agent's own instances are its
-    /// supervisor's. Two records of one address in one service (a stale key beside a new one)
+    /// The backends the fleet asks of the agent of `own_host` with `services`: every other
+    /// registered host's instance that serves (ready or draining) in one of them. The agent's
+    /// own instances are its supervisor's. Two records of one address in one service (a stale key beside a new one)
     /// make one backend, draining only if both are.
     pub fn wanted(
         &self,
@@ -126,9 +134,17 @@ impl View {
     ) -> BTreeMap<BackendKey, Wanted> {
         let mut wanted: BTreeMap<BackendKey, Wanted> = BTreeMap::new();
         for ((host, name), record) in &self.instances {
-            if host == own_host || !record.is_serving() || !services.contains(&record.service) {
+            // A record without its host's key (which lives under the same lease) is a stray
+            // one, left by some other writer: no agent keeps it alive, so it is not a backend.
+            let registered = self.hosts.contains_key(host);
+            if host == own_host
+                || !registered
+                || !record.is_serving()
+                || !services.contains(&record.service)
+            {
                 continue;
             }
+
             let draining = record.state == super::record::InstanceState::Draining;
             wanted
                 .entry((record.service.clone(), record.address))
@@ -143,7 +159,8 @@ impl View {
         wanted
     }
 
-    pub fn to_cached(&self, keys: &Keys) -> Cached {
+    /// The view as the cache keeps it, last known current at `confirmed` (epoch seconds).
+    pub fn to_cached(&self, keys: &Keys, confirmed: f64) -> Cached {
         let mut entries = BTreeMap::new();
         for (host, record) in &self.hosts {
             entries.insert(keys.host(host), serde_json::json!(record));
@@ -163,6 +180,8 @@ impl View {
         // Locks live under their holder's lease: a cached one would be stale at once.
         Cached {
             revision: self.revision,
+            cluster: self.cluster,
+            confirmed,
             entries,
         }
     }
@@ -171,6 +190,7 @@ impl View {
     pub fn from_cached(keys: &Keys, cached: &Cached) -> (View, Vec<Skipped>) {
         let mut view = View {
             revision: cached.revision,
+            cluster: cached.cluster,
             ..View::default()
         };
         let mut skipped = Vec::new();
@@ -199,7 +219,16 @@ mod tests {
     fn other_hosts_serving_instances_of_known_services_are_wanted() {
         let keys = Keys::new("/f");
         let mut view = View::default();
+        for host in ["a", "b", "c", "me"] {
+            let key = format!("/f/hosts/{host}");
+            view.put(&keys, key.as_bytes(), br#"{"version":"1","since":5}"#)
+                .expect("host");
+        }
         let puts = [
+            (
+                "/f/instances/stray/x",
+                record("chat", "10.0.0.8:8080", "ready"),
+            ),
             ("/f/instances/a/x", record("chat", "10.0.0.1:8080", "ready")),
             (
                 "/f/instances/b/x",
@@ -273,7 +302,7 @@ mod tests {
         .expect("put");
         view.put(&keys, b"/f/hosts/a", br#"{"version":"1","since":5}"#)
             .expect("put");
-        let text = serde_json::to_string(&view.to_cached(&keys)).expect("json");
+        let text = serde_json::to_string(&view.to_cached(&keys, 1.0)).expect("json");
         let cached: Cached = serde_json::from_str(&text).expect("cached");
         let (back, skipped) = View::from_cached(&keys, &cached);
         assert!(skipped.is_empty(), "{skipped:?}");

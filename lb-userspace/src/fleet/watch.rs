@@ -113,6 +113,13 @@ impl Watcher {
             None => client.insert(etcd.connect().await?),
         };
         let from_cache = self.status.update(|inner| inner.from_cache);
+        if self.view.revision > 0 && !self.same_history(client).await? {
+            warn!(
+                revision = self.view.revision,
+                "etcd is another cluster or behind the fleet view (restored, rebuilt?): reading the whole fleet"
+            );
+            self.view.revision = 0;
+        }
         if self.view.revision == 0 {
             self.read_all(client).await?;
         }
@@ -197,6 +204,24 @@ impl Watcher {
         }
     }
 
+    /// Whether etcd is the cluster the view came from and at or past its revision, so a watch
+    /// from the revision after it resumes the same history (one count-only read).
+    async fn same_history(&self, client: &mut Client) -> Result<bool, FleetError> {
+        let etcd = &self.etcd;
+        let options = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        let response = etcd
+            .timed(client.get(etcd.keys.all(), Some(options)))
+            .await?;
+        let Some(header) = response.header() else {
+            return Ok(false);
+        };
+        let cluster_known = self.view.cluster != 0;
+        Ok((!cluster_known || header.cluster_id() == self.view.cluster)
+            && header.revision() >= self.view.revision)
+    }
+
     /// Replaces the view with everything under the prefix now.
     async fn read_all(&mut self, client: &mut Client) -> Result<(), FleetError> {
         let (view, skipped, _) = self.etcd.read_view(client).await?;
@@ -236,7 +261,9 @@ impl Watcher {
         self.unsaved = None;
         self.saved = Some(Instant::now());
         let path = self.etcd.spec.cache.clone();
-        let cached = self.view.to_cached(&self.etcd.keys);
+        let cached = self
+            .view
+            .to_cached(&self.etcd.keys, self.status.confirmed_epoch());
         let bytes = serde_json::to_vec_pretty(&cached).unwrap_or_default();
         let written = tokio::task::spawn_blocking(move || {
             durable::create_dir(&path)?;
@@ -283,6 +310,7 @@ impl Watcher {
         );
         self.view = view;
         self.status.update(|inner| inner.from_cache = true);
+        self.status.confirmed_at_epoch(cached.confirmed);
         self.changed(skipped).await;
         // Nothing new to write back.
         self.unsaved = None;

@@ -164,4 +164,56 @@ mod tests {
             ended - gone
         );
     }
+
+    /// With no connection of its own left, the drain still waits while llama-server's `/slots`
+    /// says a slot is busy (another balancer's request), and ends once all are idle. The
+    /// stand-in is a loopback server answering `/slots` busy for its first answers.
+    #[tokio::test]
+    async fn a_drain_waits_for_the_servers_own_slots() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        const BUSY_ANSWERS: usize = 3;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let std::net::SocketAddr::V4(address) = listener.local_addr().expect("address") else {
+            panic!("an IPv4 address");
+        };
+        let answered = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&answered);
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = [0u8; 1024];
+                let _ = stream.read(&mut head).await;
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                let busy = n < BUSY_ANSWERS;
+                let body = format!(
+                    r#"[{{"id":0,"is_processing":{busy}}},{{"id":1,"is_processing":false}}]"#
+                );
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let dataplane = FakeDataplane::default();
+        let (table, task, id) = crate::fake::table_with_instance(&dataplane, None, address).await;
+        let link = BackendLink::new(table.clone(), id, address, Duration::from_secs(30));
+        link.drain().await;
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            BUSY_ANSWERS + 1,
+            "ended on the first answer with every slot idle, not before"
+        );
+        assert_eq!(dataplane.maps().backends[&id].state, DRAINING);
+        server.abort();
+        table.close().await;
+        task.await.expect("table task");
+    }
 }

@@ -24,7 +24,7 @@ pub use backend::BackendLink;
 pub use instance::{
     ApplyLimit, InstanceError, InstanceHandle, Outcome, Rejection, Settings, State, Status,
 };
-pub use policy::{ArgPolicy, PolicyError};
+pub use policy::{ArgPolicy, PolicyError, REDACTED, is_secret_flag};
 /// For the admin API's tests: an instance actor without `start`'s checks.
 #[cfg(test)]
 pub(crate) use {args::Aliases, instance::spawn};

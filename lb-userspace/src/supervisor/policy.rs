@@ -413,8 +413,13 @@ pub fn redact_argv(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// Whether `flag` (as spelled) carries a secret, which views show as [`REDACTED`].
+pub fn is_secret_flag(flag: &str) -> bool {
+    SECRET_FLAGS.contains(&flag)
+}
+
 fn redact_value(flag: &str, value: &mut ArgValue) {
-    if SECRET_FLAGS.contains(&flag)
+    if is_secret_flag(flag)
         && let ArgValue::Value(text) = value
     {
         *text = REDACTED.to_owned();

@@ -55,7 +55,7 @@ use serde_json::{Value, json};
 use tests::{
     bench::{
         Fixed, MAX_OUTSTANDING, RunArgs, Scale, Series, bar_chart, fixed_rate, ratio, replace_once,
-        save_results, spawn_agent, spawn_logged, stop,
+        save_results, spawn_agent, spawn_logged, status_kib, stop,
     },
     netns::{self, NetNs},
     topology::{HttpConn, LB_CLIENT_SIDE, Topology, VIP, sibling_binary, steer_bin},
@@ -342,19 +342,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         }
     }
     total
-}
-
-/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`); 0 when missing.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|l| {
-                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-        })
-        .unwrap_or(0)
 }
 
 /// The BPF maps `pid` holds open (counted once each, by map id) and the sum of their `memlock`,
