@@ -51,6 +51,12 @@ const BENCHES: [(&str, &str, bool, &str); 8] = [
         "Fleet-scale simulation of the policies",
     ),
     (
+        "steer-bench-etcd",
+        "etcd.json",
+        false,
+        "The fleet through etcd: convergence, a large fleet, requests at rest",
+    ),
+    (
         "steer-bench-flood",
         "flood.json",
         false,
@@ -91,6 +97,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         "lb-userspace",
         "--bin",
         "steer",
+        // The fleet benchmark's agents need the etcd client.
+        "--features",
+        "lb-userspace/etcd",
     ]);
     cargo::run(&mut build)?;
     let built = started.elapsed();

@@ -42,7 +42,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "etcd-server",
-        "the etcd the store and supervisor tests start",
+        "the etcd the store, supervisor and fleet tests start",
+    ),
+    (
+        "openssl",
+        "the CA and certificates of the fleet's TLS test (tests/tests/fleet.rs)",
     ),
     (
         "wrk",

@@ -50,6 +50,9 @@ struct Args {
     /// Results (JSON; the markdown beside it).
     #[arg(long, value_name = "FILE", default_value = "bench/results/etcd.json")]
     out: PathBuf,
+    /// A smoke of every path (5 changes, 3 s): figures that mean nothing.
+    #[arg(long)]
+    quick: bool,
 }
 
 /// Bounds every wait for an agent or a change.
@@ -61,16 +64,30 @@ struct Agent {
     admin: SocketAddr,
 }
 
-/// Starts a balancer agent named `host` in `dir` with `services` (name, address) in the fleet.
-fn agent(dir: &Path, host: &str, endpoints: &[String], prefix: &str, services: &[String]) -> Agent {
+/// How an agent gets its backends.
+enum Backends<'a> {
+    /// From the fleet at these endpoints, under this prefix.
+    Fleet(&'a [String], &'a str),
+    /// From its config file: (service, address) pairs.
+    Configured(&'a [(String, String, String)]),
+}
+
+/// Starts a balancer agent named `host` in `dir` with `services` (health checks off), its
+/// backends from `backends`; returns once it serves (and, in a fleet, is connected).
+fn agent(dir: &Path, host: &str, backends: &Backends<'_>, services: &[String]) -> Agent {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
     let mut config = format!(
         "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\nadmin_token_file = \"{host}.token\"\n\
-         dataplane = \"userspace\"\n\n[fleet]\nendpoints = [{}]\nprefix = \"{prefix}\"\n\
-         host = \"{host}\"\ncache = \"{host}-fleet.json\"\n",
-        endpoints.join(", ")
+         dataplane = \"userspace\"\n"
     );
+    if let Backends::Fleet(endpoints, prefix) = backends {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+        config += &format!(
+            "\n[fleet]\nendpoints = [{}]\nprefix = \"{prefix}\"\nhost = \"{host}\"\n\
+             cache = \"{host}-fleet.json\"\n",
+            endpoints.join(", ")
+        );
+    }
     for (n, name) in services.iter().enumerate() {
         // An address of its own each, so two services never share one.
         let vip = SocketAddr::from(([127, 77, 0, n as u8 + 1], free_port()));
@@ -78,6 +95,12 @@ fn agent(dir: &Path, host: &str, endpoints: &[String], prefix: &str, services: &
             "\n[[service]]\nname = \"{name}\"\naddress = \"{vip}\"\nmode = \"http\"\n\
              [service.health]\nenabled = false\n"
         );
+        if let Backends::Configured(list) = backends {
+            for (_, _, address) in list.iter().filter(|(_, service, _)| service == name) {
+                config +=
+                    &format!("[[service.backend]]\naddress = \"{address}\"\nmodels = [\"m\"]\n");
+            }
+        }
     }
     let path = dir.join(format!("{host}.toml"));
     std::fs::write(&path, config).expect("write the config");
@@ -94,7 +117,13 @@ fn agent(dir: &Path, host: &str, endpoints: &[String], prefix: &str, services: &
     let guard = spawn_logged_here(&steer_bin(), &args, &log);
     let agent = Agent { guard, log, admin };
     let deadline = Instant::now() + WAIT;
-    while !get(agent.admin, "/v1/fleet").is_some_and(|f| f["connected"] == true) {
+    let ready = || match backends {
+        Backends::Fleet(..) => {
+            get(agent.admin, "/v1/fleet").is_some_and(|f| f["connected"] == true)
+        }
+        Backends::Configured(_) => get(agent.admin, "/v1/services").is_some(),
+    };
+    while !ready() {
         assert!(
             Instant::now() < deadline,
             "agent {host} not in the fleet:\n{}",
@@ -268,7 +297,11 @@ fn ms(seconds: f64) -> f64 {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.quick {
+        args.changes = 5;
+        args.seconds = 3;
+    }
     let dir = std::env::temp_dir().join(format!("steer-bench-etcd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -284,7 +317,14 @@ fn main() -> ExitCode {
     let prefix = "/steer/fleet/bench";
     let chat = vec!["chat".to_owned()];
     let agents: Vec<Agent> = (1..=3)
-        .map(|i| agent(&dir, &format!("b{i}"), &endpoints, prefix, &chat))
+        .map(|i| {
+            agent(
+                &dir,
+                &format!("b{i}"),
+                &Backends::Fleet(&endpoints, prefix),
+                &chat,
+            )
+        })
         .collect();
     let mut tails: Vec<LogTail> = agents.iter().map(|a| LogTail::new(&a.log)).collect();
     let (mut watch_stream, mut add, mut remove, mut raw) = (
@@ -422,10 +462,6 @@ fn main() -> ExitCode {
     // 2. One agent, 1,000 instances over 16 services, then 10 changes/s.
     let prefix = "/steer/fleet/scale";
     let services: Vec<String> = (0..16).map(|s| format!("s{s}")).collect();
-    let scale = agent(&dir, "watcher", &endpoints, prefix, &services);
-    let pid = scale.guard.id();
-    let mut tail = LogTail::new(&scale.log);
-    let rss0 = status_kib(pid, "VmRSS");
     let instances: Vec<(String, String, String)> = (0..1000)
         .map(|i| {
             let service = format!("s{}", i % 16);
@@ -437,6 +473,30 @@ fn main() -> ExitCode {
             )
         })
         .collect();
+    // The baseline: the same 1,000 backends from a config file, no fleet, at rest.
+    let configured = agent(
+        &dir,
+        "configured",
+        &Backends::Configured(&instances),
+        &services,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = configured.guard.id();
+    let cpu = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(args.seconds));
+    let cpu_configured = (cpu_seconds(pid) - cpu) / args.seconds as f64;
+    let rss_configured = status_kib(pid, "VmRSS");
+    stop(configured.guard, "agent");
+
+    let scale = agent(
+        &dir,
+        "watcher",
+        &Backends::Fleet(&endpoints, prefix),
+        &services,
+    );
+    let pid = scale.guard.id();
+    let mut tail = LogTail::new(&scale.log);
+    let rss0 = status_kib(pid, "VmRSS");
     let loaded = Instant::now();
     runtime.block_on(async {
         for host in 0..instances.len().div_ceil(8) {
@@ -509,6 +569,14 @@ fn main() -> ExitCode {
         ms(ap50),
         ms(ap99)
     );
+    let _ = writeln!(
+        md,
+        "\nBaseline, the same 1,000 backends from a config file (no fleet), at rest: CPU {:.2}%, \
+         RSS {:.1} MiB; the fleet agent at rest / configured: {:.2}x CPU.",
+        cpu_configured * 100.0,
+        rss_configured as f64 / 1024.0,
+        ratio(cpu_rest, cpu_configured)
+    );
     stop(scale.guard, "agent");
     print!("{md}");
     let results = json!({
@@ -525,6 +593,7 @@ fn main() -> ExitCode {
             "cpu_changes": cpu_changes,
             "changes_per_second": applied.len() as f64 / elapsed,
             "apply_ms": {"p50": ms(ap50), "p99": ms(ap99)},
+            "configured_baseline": {"cpu_rest": cpu_configured, "rss_kib": rss_configured},
         },
     });
     drop(etcd);
