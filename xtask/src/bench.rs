@@ -13,7 +13,7 @@ use crate::{cargo, deps};
 
 /// The benchmarks in the order they run: binary, results file, whether it draws plots (takes
 /// `--plots DIR`), and the report's heading.
-const BENCHES: [(&str, &str, bool, &str); 8] = [
+const BENCHES: [(&str, &str, bool, &str); 9] = [
     (
         "steer-bench-xdp",
         "xdp.json",
