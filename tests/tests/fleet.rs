@@ -107,6 +107,13 @@ impl Host {
         }
     }
 
+    /// POST `body` to the admin API's `path` with this agent's token: (status, body).
+    fn post(&self, path: &str, body: Option<&str>) -> (u16, String) {
+        let auth = format!("Bearer {}", self.token());
+        http(self.admin, "POST", path, &[("Authorization", &auth)], body)
+            .unwrap_or_else(|e| panic!("POST {path} on {}: {e}", self.name))
+    }
+
     /// `steer fleet get` with this host's config (`--json`), its output; panics if it fails.
     fn fleet_get(&self, json: bool) -> String {
         let mut command = Command::new(tests::topology::steer_bin());
@@ -309,6 +316,34 @@ fn load(vip: SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<(u64, u64,
     })
 }
 
+/// Waits until every host's fleet view is (or is not) `connected`.
+fn wait_connected(hosts: &[Host], connected: bool, within: Duration, what: &str) {
+    wait_for(hosts, within, what, || {
+        hosts.iter().all(|h| h.fleet()["connected"] == connected)
+    });
+}
+
+/// Joins the `loads` sent through `hosts` (in order) and asserts none failed `during` what.
+fn assert_none_failed(
+    hosts: &[Host],
+    loads: Vec<thread::JoinHandle<(u64, u64, String)>>,
+    during: &str,
+) {
+    for (host, load) in hosts.iter().zip(loads) {
+        let (sent, failed, last) = load.join().expect("load thread");
+        eprintln!(
+            "{}: {sent} chats through {during}, {failed} failed",
+            host.name
+        );
+        assert!(sent > 0);
+        assert_eq!(
+            failed, 0,
+            "{}: {failed} of {sent} failed, the last: {last}",
+            host.name
+        );
+    }
+}
+
 /// The backend each access-log line of `log` names, by the key in its path
 /// (`/steer-affinity/<key>`).
 fn placements(log: &str) -> BTreeMap<String, String> {
@@ -323,6 +358,14 @@ fn placements(log: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A fresh directory `<tag>-<pid>` under the temp dir, for a test's configs, logs and stores.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
@@ -330,9 +373,7 @@ fn path_str(path: &Path) -> &str {
 #[test]
 fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
     netns::require_root("llama-server instances run as nobody");
-    let dir = std::env::temp_dir().join(format!("steer-fleet-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = scratch("steer-fleet");
     let mut etcd = EtcdCluster::start(3);
     let prefix = format!("/steer/fleet/t{}", std::process::id());
     let affinity =
@@ -515,18 +556,18 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
         .collect();
     etcd.stop(0);
     thread::sleep(Duration::from_secs(3));
-    wait_for(
+    wait_connected(
         &hosts,
+        true,
         Duration::from_secs(15),
         "connected again with one member down",
-        || hosts.iter().all(|h| h.fleet()["connected"] == true),
     );
     etcd.stop(1);
-    wait_for(
+    wait_connected(
         &hosts,
+        false,
         Duration::from_secs(20),
         "every agent sees etcd gone",
-        || hosts.iter().all(|h| h.fleet()["connected"] == false),
     );
     thread::sleep(Duration::from_secs(TTL.as_secs() * 2));
     for host in &hosts {
@@ -546,26 +587,17 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
     etcd.restart(0, false);
     etcd.restart(1, false);
     etcd.wait_member(0);
-    wait_for(
+    wait_connected(
         &hosts,
+        true,
         Duration::from_secs(30),
         "every agent current again",
-        || hosts.iter().all(|h| h.fleet()["connected"] == true),
     );
     // A change after the quorum came back: h2 drains its instance by hand.
     let i2 = hosts[1].backends()[&instances[1].to_string()]["id"]
         .as_u64()
         .expect("i2's id");
-    let token = hosts[1].token();
-    let auth = format!("Bearer {token}");
-    let (status, body) = http(
-        hosts[1].admin,
-        "POST",
-        &format!("/v1/backends/{i2}/drain"),
-        &[("Authorization", &auth)],
-        None,
-    )
-    .expect("drain i2");
+    let (status, body) = hosts[1].post(&format!("/v1/backends/{i2}/drain"), None);
     assert_eq!(status, 200, "{body}");
     wait_for(
         &hosts,
@@ -579,29 +611,10 @@ fn a_fleet_through_etcd_registers_balances_alike_and_survives_losing_etcd() {
             })
         },
     );
-    let (status, body) = http(
-        hosts[1].admin,
-        "POST",
-        &format!("/v1/backends/{i2}/activate"),
-        &[("Authorization", &auth)],
-        None,
-    )
-    .expect("activate i2");
+    let (status, body) = hosts[1].post(&format!("/v1/backends/{i2}/activate"), None);
     assert_eq!(status, 200, "{body}");
     stop.store(true, Ordering::Relaxed);
-    for (host, load) in hosts.iter().zip(loads) {
-        let (sent, failed, last) = load.join().expect("load thread");
-        eprintln!(
-            "{}: {sent} chats through the quorum loss, {failed} failed",
-            host.name
-        );
-        assert!(sent > 0);
-        assert_eq!(
-            failed, 0,
-            "{}: {failed} of {sent} failed, the last: {last}",
-            host.name
-        );
-    }
+    assert_none_failed(&hosts, loads, "the quorum loss");
 
     // 6. A SIGKILLed agent (its llama-server dies with it) leaves the others within TTL + 1 s.
     wait_for(&hosts, WAIT, "i2 active again everywhere", || {
@@ -684,16 +697,8 @@ fn out_of(host: &Host, of: &[SocketAddr]) -> usize {
 
 /// Starts a rolling change of group `smol` through `host`; its id.
 fn roll(host: &Host, args: Value) -> String {
-    let auth = format!("Bearer {}", host.token());
     let body = serde_json::json!({ "args": args }).to_string();
-    let (status, answer) = http(
-        host.admin,
-        "POST",
-        "/v1/fleet/groups/smol/params",
-        &[("Authorization", &auth)],
-        Some(&body),
-    )
-    .expect("POST a rolling change");
+    let (status, answer) = host.post("/v1/fleet/groups/smol/params", Some(&body));
     assert_eq!(status, 202, "{answer}");
     let answer: Value = serde_json::from_str(&answer).expect("JSON");
     answer["rollout"].as_str().expect("a rollout id").to_owned()
@@ -722,9 +727,7 @@ fn applied(host: &Host, instance: &str) -> Value {
 #[test]
 fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a_late_joiner() {
     netns::require_root("llama-server instances run as nobody");
-    let dir = std::env::temp_dir().join(format!("steer-rollout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = scratch("steer-rollout");
     let etcd = EtcdCluster::start(3);
     let prefix = format!("/steer/fleet/r{}", std::process::id());
     let round_robin = "policy = \"round_robin\"\n";
@@ -859,19 +862,7 @@ fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a
     );
     stop.store(true, Ordering::Relaxed);
     monitor.join().expect("monitor");
-    for (host, load) in hosts.iter().zip(loads) {
-        let (sent, failed, last) = load.join().expect("load thread");
-        eprintln!(
-            "{}: {sent} chats through three rolling changes, {failed} failed",
-            host.name
-        );
-        assert!(sent > 0);
-        assert_eq!(
-            failed, 0,
-            "{}: {failed} of {sent} failed, the last: {last}",
-            host.name
-        );
-    }
+    assert_none_failed(&hosts, loads, "three rolling changes");
     let most = most_out.load(Ordering::Relaxed);
     eprintln!("at most {most} of 4 instances out of a balancer at once");
     assert!(most <= 1, "{most} instances were out at once");
@@ -991,9 +982,7 @@ fn certificate(dir: &Path, name: &str, usage: &str) {
 #[test]
 fn the_fleet_talks_to_etcd_over_tls_with_a_password_and_changes_need_the_token() {
     netns::require_root("the agents run as root, as in production");
-    let dir = std::env::temp_dir().join(format!("steer-fleet-tls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = scratch("steer-fleet-tls");
     openssl(
         &dir,
         &[
@@ -1138,24 +1127,10 @@ fn the_fleet_talks_to_etcd_over_tls_with_a_password_and_changes_need_the_token()
     )
     .expect("POST");
     assert_eq!(status, 401, "{answer}");
-    let auth = format!("Bearer {}", hosts[0].token());
-    let (status, answer) = http(
-        hosts[0].admin,
-        "POST",
-        "/v1/fleet/groups/smol/params",
-        &[("Authorization", &auth)],
-        Some(body),
-    )
-    .expect("POST");
+    let (status, answer) = hosts[0].post("/v1/fleet/groups/smol/params", Some(body));
     assert_eq!(status, 404, "no instance of the group: {answer}");
-    let (status, answer) = http(
-        hosts[0].admin,
-        "POST",
-        "/v1/fleet/groups/smol/params",
-        &[("Authorization", &auth)],
-        Some(r#"{"args": ["--ctx-size"]}"#),
-    )
-    .expect("POST");
+    let not_flags = r#"{"args": ["--ctx-size"]}"#;
+    let (status, answer) = hosts[0].post("/v1/fleet/groups/smol/params", Some(not_flags));
     assert_eq!(status, 400, "{answer}");
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);

@@ -15,6 +15,8 @@
 //!    apply time of each change (put to its log line).
 //! 3. At rest: etcd's own gRPC counters over `seconds` with the 3 agents idle: requests per
 //!    second per agent, lease keep-alives apart.
+//! 4. Two balancers of one fleet on one real llama-server: how slots and in-flight counts
+//!    behave (each balancer counts its own; the server's own gauges are the shared truth).
 
 #![expect(
     clippy::print_stdout,
@@ -35,6 +37,7 @@ use tests::bench::{
     cpu_seconds, free_port, p50_p99, ratio, save_results, spawn_logged_here, status_kib, stop,
 };
 use tests::etcd::EtcdCluster;
+use tests::llama::{llama_server_path, model_path};
 use tests::netns::ChildGuard;
 use tests::topology::steer_bin;
 
@@ -62,6 +65,8 @@ struct Agent {
     guard: ChildGuard,
     log: PathBuf,
     admin: SocketAddr,
+    /// Each service's address, in the order given.
+    vips: Vec<SocketAddr>,
 }
 
 /// How an agent gets its backends.
@@ -75,11 +80,32 @@ enum Backends<'a> {
 /// Starts a balancer agent named `host` in `dir` with `services` (health checks off), its
 /// backends from `backends`; returns once it serves (and, in a fleet, is connected).
 fn agent(dir: &Path, host: &str, backends: &Backends<'_>, services: &[String]) -> Agent {
+    agent_with(
+        dir,
+        host,
+        backends,
+        services,
+        "",
+        "policy = \"round_robin\"\n",
+    )
+}
+
+/// [`agent`] with `extra` config text at the end (an `[[instance]]`) and `policy` lines in
+/// every service.
+fn agent_with(
+    dir: &Path,
+    host: &str,
+    backends: &Backends<'_>,
+    services: &[String],
+    extra: &str,
+    policy: &str,
+) -> Agent {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut config = format!(
         "[agent]\ninterfaces = [\"lo\"]\nadmin_addr = \"{admin}\"\nadmin_token_file = \"{host}.token\"\n\
          dataplane = \"userspace\"\n"
     );
+    let mut vips = Vec::new();
     if let Backends::Fleet(endpoints, prefix) = backends {
         let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
         config += &format!(
@@ -91,8 +117,9 @@ fn agent(dir: &Path, host: &str, backends: &Backends<'_>, services: &[String]) -
     for (n, name) in services.iter().enumerate() {
         // An address of its own each, so two services never share one.
         let vip = SocketAddr::from(([127, 77, 0, n as u8 + 1], free_port()));
+        vips.push(vip);
         config += &format!(
-            "\n[[service]]\nname = \"{name}\"\naddress = \"{vip}\"\nmode = \"http\"\n\
+            "\n[[service]]\nname = \"{name}\"\naddress = \"{vip}\"\nmode = \"http\"\n{policy}\
              [service.health]\nenabled = false\n"
         );
         if let Backends::Configured(list) = backends {
@@ -102,6 +129,7 @@ fn agent(dir: &Path, host: &str, backends: &Backends<'_>, services: &[String]) -
             }
         }
     }
+    config += extra;
     let path = dir.join(format!("{host}.toml"));
     std::fs::write(&path, config).expect("write the config");
     let log = dir.join(format!("{host}.log"));
@@ -115,7 +143,12 @@ fn agent(dir: &Path, host: &str, backends: &Backends<'_>, services: &[String]) -
         path.to_str().expect("UTF-8"),
     ];
     let guard = spawn_logged_here(&steer_bin(), &args, &log);
-    let agent = Agent { guard, log, admin };
+    let agent = Agent {
+        guard,
+        log,
+        admin,
+        vips,
+    };
     let deadline = Instant::now() + WAIT;
     let ready = || match backends {
         Backends::Fleet(..) => {
@@ -578,6 +611,7 @@ fn main() -> ExitCode {
         ratio(cpu_rest, cpu_configured)
     );
     stop(scale.guard, "agent");
+    let slots = shared_slots(&dir, &endpoints, &mut md);
     print!("{md}");
     let results = json!({
         "convergence_ms": {
@@ -595,10 +629,134 @@ fn main() -> ExitCode {
             "apply_ms": {"p50": ms(ap50), "p99": ms(ap99)},
             "configured_baseline": {"cpu_rest": cpu_configured, "rss_kib": rss_configured},
         },
+        "shared_slots": slots,
     });
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
     save_results("steer-bench-etcd", &args.out, &results, &md)
+}
+
+/// Part 4: two balancers of one fleet on one llama-server (2 slots, policy `slots` in both): four
+/// requests through one balancer, then two through each, sampling the server's own
+/// `requests_processing` and `requests_deferred` and each balancer's queue. Each balancer caps
+/// its own requests; only the server sees them all.
+fn shared_slots(dir: &Path, endpoints: &[String], md: &mut String) -> Value {
+    let prefix = "/steer/fleet/slots";
+    let port = free_port();
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    let instance = format!(
+        "\n[[instance]]\nname = \"gen\"\nbinary = {:?}\nmodel = {:?}\nport = {port}\n\
+         service = \"gen\"\naddress = \"{server}\"\n\
+         args = [\"--host\", \"127.0.0.1\", \"-np\", \"2\", \"-c\", \"2048\", \"-t\", \"1\", \"--metrics\"]\n\
+         config_driver = {{ type = \"file\", path = {:?}, name = \"gen\" }}\n",
+        llama_server_path().display().to_string(),
+        model_path().display().to_string(),
+        dir.join("gen-args.toml").display().to_string(),
+    );
+    let services = vec!["gen".to_owned()];
+    let fleet = Backends::Fleet(endpoints, prefix);
+    let slots = "policy = \"slots\"\n";
+    let owner = agent_with(dir, "owner", &fleet, &services, &instance, slots);
+    let other = agent_with(dir, "other", &fleet, &services, "", slots);
+    let polled = |a: &Agent| {
+        get(a.admin, "/v1/backends").is_some_and(|v| {
+            v["backends"].as_array().is_some_and(|all| {
+                all.iter().any(|b| {
+                    b["address"] == server.to_string()
+                        && b["healthy"] == true
+                        && b["total_slots"] == 2
+                })
+            })
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while !(polled(&owner) && polled(&other)) {
+        assert!(
+            Instant::now() < deadline,
+            "the instance not polled by both:\n{}",
+            read(&owner.log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = |a: &Agent| {
+        get(a.admin, "/v1/proxy")
+            .and_then(|v| v.as_array()?.iter().find(|s| s["service"] == "gen")?["queued"].as_u64())
+            .unwrap_or(0)
+    };
+    let (a, b) = (owner.vips[0], other.vips[0]);
+    let mut rows = Vec::new();
+    let _ = writeln!(
+        md,
+        "\n### Two balancers on one llama-server (2 slots, policy `slots` in both)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| requests | at the server: most processing | most deferred (queued in llama-server) | queued in balancer 1 | in balancer 2 | answered |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (what, targets) in [
+        ("4 through balancer 1", [a, a, a, a]),
+        ("2 through each balancer", [a, a, b, b]),
+    ] {
+        let before = (queued(&owner), queued(&other));
+        let senders: Vec<_> = targets
+            .iter()
+            .map(|&vip| {
+                std::thread::spawn(move || {
+                    let body = r#"{"messages":[{"role":"user","content":"Count to fifty."}],"max_tokens":48}"#;
+                    post(vip, "/v1/chat/completions", body) == Some(200)
+                })
+            })
+            .collect();
+        let (mut processing, mut deferred) = (0.0f64, 0.0f64);
+        let deadline = Instant::now() + WAIT * 2;
+        while senders.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            if let Some(text) = get_text(server, "/metrics") {
+                processing = processing.max(sample(&text, "llamacpp:requests_processing"));
+                deferred = deferred.max(sample(&text, "llamacpp:requests_deferred"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let answered = senders
+            .into_iter()
+            .filter_map(|t| t.join().ok())
+            .filter(|ok| *ok)
+            .count();
+        let (q1, q2) = (queued(&owner) - before.0, queued(&other) - before.1);
+        let _ = writeln!(
+            md,
+            "| {what} | {processing} | {deferred} | {q1} | {q2} | {answered} of 4 |"
+        );
+        rows.push(
+            json!({"requests": what, "max_processing": processing, "max_deferred": deferred,
+            "queued_1": q1, "queued_2": q2, "answered": answered}),
+        );
+    }
+    stop(other.guard, "agent");
+    stop(owner.guard, "agent");
+    json!(rows)
+}
+
+/// A sample of `name` (no labels) in Prometheus text; 0 when missing.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// POST `body` (JSON) to `path` on `to` on a new connection; the status.
+fn post(to: SocketAddr, path: &str, body: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(WAIT)).ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.get(9..12)?.parse().ok()
 }
 
 /// A sample of `name` (no labels) from the agent's `/metrics`; 0 when missing.
