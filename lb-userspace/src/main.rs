@@ -311,16 +311,36 @@ fn log_filter(directives: &str) -> anyhow::Result<EnvFilter> {
 }
 
 /// The first SIGINT or SIGTERM completes the first future (drain), the next one the second
-/// (cut it short). The handlers are installed before either is awaited; call in the runtime.
+/// (cut it short). SIGHUP, SIGUSR1 and SIGUSR2, whose default is to kill the process (an ssh
+/// logout, a habitual `kill -HUP`), are logged and otherwise ignored: the agent has no reload
+/// yet. The handlers are installed before either is awaited; call in the runtime.
 fn shutdown_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut user1 = signal(SignalKind::user_defined1())?;
+    let mut user2 = signal(SignalKind::user_defined2())?;
     let (seen, signals) = tokio::sync::watch::channel(0u32);
     tokio::spawn(async move {
         loop {
             let name = tokio::select! {
                 _ = interrupt.recv() => "SIGINT",
                 _ = terminate.recv() => "SIGTERM",
+                _ = hangup.recv() => {
+                    tracing::warn!(
+                        signal = "SIGHUP",
+                        "ignored: a config reload is not implemented yet; restart the agent to apply a change"
+                    );
+                    continue;
+                }
+                _ = user1.recv() => {
+                    tracing::warn!(signal = "SIGUSR1", "ignored: it means nothing to the agent");
+                    continue;
+                }
+                _ = user2.recv() => {
+                    tracing::warn!(signal = "SIGUSR2", "ignored: it means nothing to the agent");
+                    continue;
+                }
             };
             seen.send_modify(|n| *n += 1);
             match *seen.borrow() {

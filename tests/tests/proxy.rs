@@ -1091,6 +1091,48 @@ fn sigterm_lets_requests_in_flight_finish() {
     assert!(log.contains("requests in flight finished"), "{log}");
 }
 
+/// SIGHUP, SIGUSR1 and SIGUSR2 kill a process by default (an ssh logout, a habitual `kill
+/// -HUP`): the agent logs them, keeps serving and keeps the request in flight (was: SIGHUP ended
+/// the agent with status 129 and no log line). SIGTERM still drains and ends it.
+#[test]
+fn signals_that_mean_nothing_to_the_agent_are_logged_and_never_fatal() {
+    let mut service = SlowService::start("hangup", 1500);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let before = service.in_flight(1).await;
+        for signal in [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+            service.signal(signal);
+        }
+        let deadline = Instant::now() + WAIT;
+        while !["SIGHUP", "SIGUSR1", "SIGUSR2"]
+            .iter()
+            .all(|s| service.log().contains(&format!("signal=\"{s}\"")))
+        {
+            assert!(Instant::now() < deadline, "not logged:\n{}", service.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The request in flight is answered, and so is a new one.
+        let after = service.in_flight(1).await;
+        for request in before.into_iter().chain(after) {
+            let answer = request.await.expect("the request was cut");
+            assert_eq!(answer.status, 200, "{}", answer.body());
+        }
+    });
+    assert!(
+        service.agent.0.try_wait().expect("wait").is_none(),
+        "{}",
+        service.log()
+    );
+    let log = service.log();
+    assert!(
+        log.contains("config reload is not implemented yet"),
+        "{log}"
+    );
+    service.signal(Signal::SIGTERM);
+    let status = service.wait_exit(WAIT);
+    assert!(status.success(), "{status}:\n{}", service.log());
+}
+
 /// A second signal during the drain ends it at once: the requests still in flight are cut and
 /// the agent exits long before the backend would have answered.
 #[test]
