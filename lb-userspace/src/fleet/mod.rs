@@ -114,12 +114,12 @@ impl Etcd {
         }
     }
 
-    /// Everything under the prefix now: the view, what it skipped, and each key as (key, mod
-    /// revision, lease, value).
+    /// Everything under the prefix now: the view, what it skipped, and etcd's answer itself
+    /// (each key's revision and lease, for `steer fleet get`).
     async fn read_view(
         &self,
         client: &mut Client,
-    ) -> Result<(View, Vec<view::Skipped>, Vec<(String, i64, i64, Vec<u8>)>), FleetError> {
+    ) -> Result<(View, Vec<view::Skipped>, etcd_client::GetResponse), FleetError> {
         let options = etcd_client::GetOptions::new().with_prefix();
         let response = self
             .timed(client.get(self.keys.all(), Some(options)))
@@ -130,19 +130,43 @@ impl Etcd {
             ..View::default()
         };
         let mut skipped = Vec::new();
-        let mut kvs = Vec::with_capacity(response.kvs().len());
         for kv in response.kvs() {
             if let Err(why) = view.put(&self.keys, kv.key(), kv.value()) {
                 skipped.push(why);
             }
-            kvs.push((
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.mod_revision(),
-                kv.lease(),
-                kv.value().to_vec(),
-            ));
         }
-        Ok((view, skipped, kvs))
+        Ok((view, skipped, response))
+    }
+
+    /// The JSON value at `key`, if there is one that reads as a `T`.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        client: &mut Client,
+        key: String,
+    ) -> Result<Option<T>, FleetError> {
+        let response = self.timed(client.get(key, None)).await?;
+        Ok(response
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+
+    /// Renews a lease once through `keeper`, its answer read from `replies`; `LeaseExpired`
+    /// when etcd says the lease is gone, another error when the stream broke (the lease may
+    /// live on: resume it).
+    async fn renew_once(
+        &self,
+        keeper: &mut etcd_client::LeaseKeeper,
+        replies: &mut etcd_client::LeaseKeepAliveStream,
+    ) -> Result<(), FleetError> {
+        self.timed(keeper.keep_alive()).await?;
+        match self.timed(replies.message()).await? {
+            Some(reply) if reply.ttl() > 0 => Ok(()),
+            Some(_) => Err(FleetError::LeaseExpired),
+            None => Err(self.error(etcd_client::Error::LeaseKeepAliveError(
+                "the keep-alive stream ended".to_owned(),
+            ))),
+        }
     }
 
     /// A client over every endpoint. Requests need a leader: a member cut off from the quorum
@@ -205,15 +229,16 @@ pub async fn read(
         spec: spec.clone(),
     };
     let mut client = etcd.connect().await?;
-    let (view, skipped, kvs) = etcd.read_view(&mut client).await?;
-    let stored = kvs
-        .into_iter()
-        .map(|(key, mod_revision, lease, value)| StoredKey {
-            key,
-            mod_revision,
-            lease,
-            value: serde_json::from_slice(&value).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&value).into_owned())
+    let (view, skipped, response) = etcd.read_view(&mut client).await?;
+    let stored = response
+        .kvs()
+        .iter()
+        .map(|kv| StoredKey {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+            value: serde_json::from_slice(kv.value()).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(kv.value()).into_owned())
             }),
         })
         .collect();
@@ -290,7 +315,7 @@ impl FleetStatus {
     /// Whether the view is current, and for how long it has not been known to be.
     fn freshness(&self, inner: &Inner) -> (bool, Duration) {
         let since = inner.confirmed.unwrap_or(self.started).elapsed();
-        // A keep-alive goes out every third of the TTL: one missed is not yet staleness.
+        // Every failed keep-alive or watch clears `lease` or `watching`: no grace here.
         let connected = inner.watching && inner.lease.is_some() && inner.confirmed.is_some();
         (connected, since)
     }
@@ -458,6 +483,7 @@ impl Fleet {
     }
 }
 
+/// Seconds since the epoch, now (the timestamps the records and the cache keep).
 fn epoch_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

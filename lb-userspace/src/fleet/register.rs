@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch as signal;
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::record::{HostRecord, InstanceRecord};
-use super::{Etcd, FleetError, FleetStatus, REQUEST_TIMEOUT, RETRY_MIN, backoff, stopped};
+use super::{Etcd, FleetError, FleetStatus, RETRY_MIN, backoff, stopped};
 use crate::table::{Snapshot, TableHandle};
 
 /// A record whose only change is its measured speed is rewritten at most this often.
@@ -141,7 +141,6 @@ impl Session<'_> {
                     .timed(client.lease_grant(ttl.as_secs() as i64, None))
                     .await?
                     .id();
-                self.lease = Some(lease);
                 (lease, etcd.timed(client.lease_keep_alive(lease)).await?)
             }
         };
@@ -173,23 +172,13 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 _ = renew.tick() => {
-                    etcd.timed(keeper.keep_alive()).await?;
-                    let reply = tokio::time::timeout(REQUEST_TIMEOUT, replies.message())
-                        .await
-                        .map_err(|_| FleetError::Timeout {
-                            endpoints: etcd.endpoints(),
-                            timeout: REQUEST_TIMEOUT,
-                        })?
-                        .map_err(|source| etcd.error(source))?;
-                    match reply {
-                        Some(reply) if reply.ttl() > 0 => self.status.update(|inner| {
-                            inner.lease_renewals += 1;
-                            if inner.watching {
-                                inner.confirmed = Some(Instant::now());
-                            }
-                        }),
-                        _ => return Err(FleetError::LeaseExpired),
-                    }
+                    etcd.renew_once(&mut keeper, &mut replies).await?;
+                    self.status.update(|inner| {
+                        inner.lease_renewals += 1;
+                        if inner.watching {
+                            inner.confirmed = Some(Instant::now());
+                        }
+                    });
                 }
                 changed = snapshots.changed() => {
                     if changed.is_err() {
@@ -219,10 +208,7 @@ impl Session<'_> {
     ) -> Result<(), FleetError> {
         let etcd = self.etcd;
         let key = etcd.keys.host(&etcd.spec.host);
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let record = HostRecord::of(snapshot, since);
+        let record = HostRecord::of(snapshot, super::epoch_now() as u64);
         let value = serde_json::to_vec(&record).unwrap_or_default();
         let put = TxnOp::put(
             key.as_str(),

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::record::{GroupRecord, LockRecord, RolloutRecord, RolloutState, StepRecord};
 use super::view::View;
-use super::{Etcd, FleetError, FleetStatus, REQUEST_TIMEOUT};
+use super::{Etcd, FleetError, FleetStatus};
 use crate::supervisor::{InputArgs, InstanceHandle, Outcome};
 
 /// How long a change waits for another change of its group to finish.
@@ -73,9 +73,7 @@ pub(super) fn start(
     {
         return Err(RolloutError::NoInstance(group.to_owned()));
     }
-    let millis = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let millis = (super::epoch_now() * 1000.0) as u64;
     // Unique even for two changes in one millisecond.
     static STARTED: AtomicU64 = AtomicU64::new(0);
     let n = STARTED.fetch_add(1, Ordering::Relaxed);
@@ -127,14 +125,13 @@ impl Coordinator {
         ));
         let rolled = Locked {
             coordinator: self,
-            client,
+            client: client.clone(),
             lease,
             lost,
         }
         .roll()
         .await;
         renewing.abort();
-        let mut client = etcd.connect().await?;
         let _ = etcd.timed(client.lease_revoke(lease)).await;
         rolled
     }
@@ -148,16 +145,16 @@ async fn renew(etcd: Arc<Etcd>, mut client: Client, lease: i64, lost: Arc<Atomic
         match etcd.timed(client.lease_keep_alive(lease)).await {
             Ok((mut keeper, mut replies)) => loop {
                 tokio::time::sleep(every).await;
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(REQUEST_TIMEOUT, replies.message()).await {
-                    Ok(Ok(Some(reply))) if reply.ttl() > 0 => {}
-                    Ok(Ok(Some(_))) => {
+                match etcd.renew_once(&mut keeper, &mut replies).await {
+                    Ok(()) => {}
+                    Err(FleetError::LeaseExpired) => {
                         lost.store(true, Ordering::SeqCst);
                         return;
                     }
-                    _ => break,
+                    Err(error) => {
+                        debug!(%error, "renewing a rollout's lease: resuming");
+                        break;
+                    }
                 }
             },
             Err(FleetError::Etcd {
@@ -241,12 +238,8 @@ impl Locked<'_> {
     async fn merged_args(&mut self) -> Result<GroupRecord, FleetError> {
         let this = self.coordinator;
         let key = this.etcd.keys.group(&this.group);
-        let current = this.etcd.timed(self.client.get(key, None)).await?;
-        let mut args = current
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<GroupRecord>(kv.value()).ok())
-            .map_or_else(|| serde_json::json!({}), |g| g.args);
+        let current: Option<GroupRecord> = this.etcd.get_json(&mut self.client, key).await?;
+        let mut args = current.map_or_else(|| serde_json::json!({}), |g| g.args);
         if let (Some(all), Some(change)) = (args.as_object_mut(), this.args.as_object()) {
             all.extend(change.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
@@ -517,9 +510,14 @@ async fn take_step(
     step: usize,
 ) {
     // The view may be a replay of history: etcd itself must say this step is due now.
-    match due_now(&etcd, &group, &rollout, step).await {
-        Ok(true) => {}
-        Ok(false) => {
+    let confirmed = async {
+        let mut client = etcd.connect().await?;
+        let due = due_now(&etcd, &mut client, &group, &rollout, step).await?;
+        Ok::<_, FleetError>((client, due))
+    };
+    let mut client = match confirmed.await {
+        Ok((client, true)) => client,
+        Ok((_, false)) => {
             debug!(%rollout, step, "a rolling change's step no longer due: skipped");
             return;
         }
@@ -528,60 +526,50 @@ async fn take_step(
             warn!(%error, %rollout, step, "cannot confirm a rolling change's step: not taken");
             return;
         }
-    }
+    };
     info!(%rollout, step, "taking a rolling change");
-    let record = match handle {
-        None => StepRecord {
-            rollout,
-            step,
-            applied: false,
-            error: Some("no such instance on its host".to_owned()),
-            restored: None,
-        },
-        Some(handle) => {
-            let (applied, error, restored) = apply(handle, args).await;
-            StepRecord {
-                rollout,
-                step,
-                applied,
-                error,
-                restored,
-            }
-        }
+    let (applied, error, restored) = match handle {
+        Some(handle) => apply(handle, args).await,
+        None => (false, Some("no such instance on its host".to_owned()), None),
+    };
+    let record = StepRecord {
+        rollout,
+        step,
+        applied,
+        error,
+        restored,
     };
     let value = serde_json::to_vec(&record).unwrap_or_default();
-    // The coordinator waits for it: tried until etcd has it (bounded).
+    // The coordinator waits for it: tried until etcd has it (bounded), on a new client after a
+    // failure.
     for _ in 0..120 {
-        let written = async {
-            let mut client = etcd.connect().await?;
-            etcd.timed(client.put(key.as_str(), value.clone(), None))
-                .await
-        };
-        match written.await {
+        match etcd
+            .timed(client.put(key.as_str(), value.clone(), None))
+            .await
+        {
             Ok(_) => return,
             Err(error) => warn!(%error, %key, "recording a rolling change's step"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(fresh) = etcd.connect().await {
+            client = fresh;
+        }
     }
 }
 
 /// Whether etcd holds rollout `id` of `group` as running at `step` with its lock held.
-async fn due_now(etcd: &Etcd, group: &str, id: &str, step: usize) -> Result<bool, FleetError> {
-    let mut client = etcd.connect().await?;
-    let lock = etcd.timed(client.get(etcd.keys.lock(group), None)).await?;
-    let locked = lock
-        .kvs()
-        .first()
-        .and_then(|kv| serde_json::from_slice::<LockRecord>(kv.value()).ok())
-        .is_some_and(|l| l.rollout == id);
-    let record = etcd
-        .timed(client.get(etcd.keys.rollout(group), None))
-        .await?;
-    let running = record
-        .kvs()
-        .first()
-        .and_then(|kv| serde_json::from_slice::<RolloutRecord>(kv.value()).ok())
-        .is_some_and(|r| r.id == id && r.step == step && r.state == RolloutState::Running);
+async fn due_now(
+    etcd: &Etcd,
+    client: &mut Client,
+    group: &str,
+    id: &str,
+    step: usize,
+) -> Result<bool, FleetError> {
+    let lock: Option<LockRecord> = etcd.get_json(client, etcd.keys.lock(group)).await?;
+    let record: Option<RolloutRecord> = etcd.get_json(client, etcd.keys.rollout(group)).await?;
+    let locked = lock.is_some_and(|l| l.rollout == id);
+    let running =
+        record.is_some_and(|r| r.id == id && r.step == step && r.state == RolloutState::Running);
     Ok(locked && running)
 }
 

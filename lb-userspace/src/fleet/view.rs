@@ -125,8 +125,8 @@ impl View {
 
     /// The backends the fleet asks of the agent of `own_host` with `services`: every other
     /// registered host's instance that serves (ready or draining) in one of them. The agent's
-    /// own instances are its supervisor's. Two records of one address in one service (a stale key beside a new one)
-    /// make one backend, draining only if both are.
+    /// own instances are its supervisor's. Two records of one address in one service (a stale
+    /// key beside a new one) make one backend, draining only if both are.
     pub fn wanted(
         &self,
         own_host: &str,
@@ -144,7 +144,6 @@ impl View {
             {
                 continue;
             }
-
             let draining = record.state == super::record::InstanceState::Draining;
             wanted
                 .entry((record.service.clone(), record.address))
