@@ -323,25 +323,24 @@ fn shutdown_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<
     let (seen, signals) = tokio::sync::watch::channel(0u32);
     tokio::spawn(async move {
         loop {
-            let name = tokio::select! {
-                _ = interrupt.recv() => "SIGINT",
-                _ = terminate.recv() => "SIGTERM",
-                _ = hangup.recv() => {
+            let (name, stops) = tokio::select! {
+                _ = interrupt.recv() => ("SIGINT", true),
+                _ = terminate.recv() => ("SIGTERM", true),
+                _ = hangup.recv() => ("SIGHUP", false),
+                _ = user1.recv() => ("SIGUSR1", false),
+                _ = user2.recv() => ("SIGUSR2", false),
+            };
+            if !stops {
+                if name == "SIGHUP" {
                     tracing::warn!(
-                        signal = "SIGHUP",
+                        signal = name,
                         "ignored: a config reload is not implemented yet; restart the agent to apply a change"
                     );
-                    continue;
+                } else {
+                    tracing::warn!(signal = name, "ignored: it means nothing to the agent");
                 }
-                _ = user1.recv() => {
-                    tracing::warn!(signal = "SIGUSR1", "ignored: it means nothing to the agent");
-                    continue;
-                }
-                _ = user2.recv() => {
-                    tracing::warn!(signal = "SIGUSR2", "ignored: it means nothing to the agent");
-                    continue;
-                }
-            };
+                continue;
+            }
             seen.send_modify(|n| *n += 1);
             match *seen.borrow() {
                 1 => tracing::info!(signal = name, "shutting down; another signal cuts it short"),

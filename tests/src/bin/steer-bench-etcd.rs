@@ -177,17 +177,24 @@ fn get(to: SocketAddr, path: &str) -> Option<Value> {
     serde_json::from_str(&text).ok()
 }
 
+/// GET `path` on `to` on a new connection: the body of a 200.
 fn get_text(to: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
     let head = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).ok()?;
+    let (status, body) = exchange(to, &head, Duration::from_secs(10))?;
+    (status == 200).then_some(body)
+}
+
+/// Sends `request` whole on a new connection to `to` and reads the answer to its end, within
+/// `timeout` per read: (status, body).
+fn exchange(to: SocketAddr, request: &str, timeout: Duration) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    let status = response.get(9..12)?.parse().ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some((status, body.to_owned()))
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as the agent logs it
@@ -289,7 +296,9 @@ fn etcd_requests(endpoints: &[String]) -> BTreeMap<String, f64> {
         let Ok(addr) = endpoint.parse::<SocketAddr>() else {
             continue;
         };
-        let Some(text) = get_text_http10(addr, "/metrics") else {
+        // HTTP/1.0: etcd answers it unchunked, so the text parses line by line.
+        let request = "GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n";
+        let Some((_, text)) = exchange(addr, request, Duration::from_secs(10)) else {
             continue;
         };
         for line in text
@@ -310,19 +319,6 @@ fn etcd_requests(endpoints: &[String]) -> BTreeMap<String, f64> {
         }
     }
     counts
-}
-
-fn get_text_http10(to: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response.split_once("\r\n\r\n")?.1.to_owned())
 }
 
 fn ms(seconds: f64) -> f64 {
@@ -746,25 +742,15 @@ fn sample(text: &str, name: &str) -> f64 {
 
 /// POST `body` (JSON) to `path` on `to` on a new connection; the status.
 fn post(to: SocketAddr, path: &str, body: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
-    stream.set_read_timeout(Some(WAIT)).ok()?;
-    let head = format!(
+    let request = format!(
         "POST {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(head.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.get(9..12)?.parse().ok()
+    exchange(to, &request, WAIT).map(|(status, _)| status)
 }
 
 /// A sample of `name` (no labels) from the agent's `/metrics`; 0 when missing.
 fn metric(admin: SocketAddr, name: &str) -> f64 {
-    get_text(admin, "/metrics")
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        })
-        .unwrap_or(0.0)
+    get_text(admin, "/metrics").map_or(0.0, |text| sample(&text, name))
 }
