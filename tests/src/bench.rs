@@ -2,6 +2,7 @@
 //! set (JSON, its markdown table, PNG plots) atomically, and one bar-chart shape for every plot.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -224,12 +225,23 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback TCP port free at the time of the call.
+/// A loopback TCP port free at the time of the call, and never handed out before by this
+/// process: the kernel may give a just-closed port again, and a test that takes several before
+/// starting anything would then give two servers one port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    // Bounded: the ephemeral range holds tens of thousands; a test takes a few dozen.
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port not handed out before in 1000 tries")
 }
 
 /// CPU time (user + system, seconds) used so far by process `pid` and its live descendants:

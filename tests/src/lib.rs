@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod blocking;
 pub mod cpucap;
 pub mod etcd;
 pub mod flood;

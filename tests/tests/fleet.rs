@@ -17,8 +17,7 @@
 //! which SIGKILL shows.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::bench::free_port;
+use tests::blocking::{http, load, scratch};
 use tests::etcd::EtcdCluster;
 use tests::llama::{llama_server_path, model_path};
 use tests::netns;
@@ -161,6 +161,35 @@ impl Host {
         }
     }
 
+    /// One line on whether the agent runs, then its last warnings and errors.
+    fn summary(&self) -> String {
+        let state = match &self.agent {
+            None => "not started".to_owned(),
+            Some(agent) => {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.id()));
+                // The state follows the command's closing parenthesis; Z is an exited child.
+                match stat
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.to_owned()))
+                {
+                    Some(rest) if !rest.starts_with('Z') => format!("agent {} runs", agent.id()),
+                    _ => format!("agent {} has exited", agent.id()),
+                }
+            }
+        };
+        let text = self.log_text();
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\"WARN\"") || l.contains("\"ERROR\""))
+            .collect();
+        let last = &warnings[warnings.len().saturating_sub(6)..];
+        format!(
+            "{}: {state}; last warnings:\n  {}",
+            self.name,
+            last.join("\n  ")
+        )
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -214,46 +243,6 @@ impl Drop for Host {
     }
 }
 
-/// One HTTP/1.1 request on a new connection (closed after it), each step within 20 s.
-fn http(
-    to: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let timeout = Duration::from_secs(20);
-    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: steer-test\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head += &format!("{name}: {value}\r\n");
-    }
-    let body = body.unwrap_or("");
-    if !body.is_empty() || method == "POST" {
-        head += &format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-    }
-    head += "\r\n";
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
-}
-
 /// Waits until `done` (polled every 20 ms) within `within`; how long it took. Panics with `what`
 /// and the hosts' logs otherwise.
 fn wait_for(
@@ -265,11 +254,17 @@ fn wait_for(
     let start = Instant::now();
     while !done() {
         if start.elapsed() > within {
+            // Each host's state and warnings first: a long failure message is cut at its end.
+            let summary: Vec<String> = hosts.iter().map(Host::summary).collect();
             let logs: Vec<String> = hosts
                 .iter()
                 .map(|h| format!("--- {} ---\n{}", h.name, tail(&h.log_text())))
                 .collect();
-            panic!("{what}: not within {within:?}\n{}", logs.join("\n"));
+            panic!(
+                "{what}: not within {within:?}\n{}\n{}",
+                summary.join("\n"),
+                logs.join("\n")
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -286,34 +281,6 @@ fn serves(host: &Host, address: SocketAddr) -> bool {
     host.backends()
         .get(&address.to_string())
         .is_some_and(|b| b["healthy"] == true && b["state"] == "active")
-}
-
-/// Chats sent one after another through `vip` until `stop`: (sent, failed, last failure).
-fn load(vip: SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<(u64, u64, String)> {
-    thread::spawn(move || {
-        let (sent, failed) = (AtomicU64::new(0), AtomicU64::new(0));
-        let mut last = String::new();
-        let body = r#"{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":2}"#;
-        // Bounded: at most this many, whatever `stop` says.
-        for _ in 0..20_000 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            sent.fetch_add(1, Ordering::Relaxed);
-            match http(vip, "POST", "/v1/chat/completions", &[], Some(body)) {
-                Ok((200, _)) => {}
-                Ok((status, body)) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    last = format!("HTTP {status}: {body}");
-                }
-                Err(e) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    last = e.to_string();
-                }
-            }
-        }
-        (sent.into_inner(), failed.into_inner(), last)
-    })
 }
 
 /// Waits until every host's fleet view is (or is not) `connected`.
@@ -356,14 +323,6 @@ fn placements(log: &str) -> BTreeMap<String, String> {
             Some((key.to_owned(), fields["backend"].as_str()?.to_owned()))
         })
         .collect()
-}
-
-/// A fresh directory `<tag>-<pid>` under the temp dir, for a test's configs, logs and stores.
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
 }
 
 fn path_str(path: &Path) -> &str {
