@@ -20,7 +20,7 @@ use crate::spec::{
     LoadFactor, Policy, PoolSpec, ProxyMode, ProxySpec, ServiceSpec, SlotPoll, UpstreamTimeouts,
     Weight, XdpMode, XdpOptions, is_fleet_name, usable_endpoint,
 };
-use crate::supervisor;
+use crate::{host, supervisor};
 
 const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -184,7 +184,7 @@ struct RawAgent {
     xdp_mode: Option<XdpMode>,
     admin_addr: Option<Spanned<SocketAddr>>,
     admin_token_file: Option<Spanned<PathBuf>>,
-    snat_ports: Option<PortRange>,
+    snat_ports: Option<Spanned<PortRange>>,
     conntrack_entries: Option<NonZeroU32>,
     flow_idle_timeout: Option<Timeout>,
     closed_flow_timeout: Option<Timeout>,
@@ -473,6 +473,49 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 impl Config {
+    /// The settings that differ in `new` and that a running agent cannot change (a reload
+    /// refuses them), by key: the data plane, the admin API, the fleet and the apply limit.
+    /// Services and instances are the reload's own to compare ([`crate::reload::Plan`]).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let (x, y) = (&self.xdp, &new.xdp);
+        [
+            (x.interfaces != y.interfaces, "agent.interfaces"),
+            (x.mode != y.mode, "agent.xdp_mode"),
+            (x.snat_ports != y.snat_ports, "agent.snat_ports"),
+            (x.flow_events != y.flow_events, "agent.flow_events"),
+            (
+                x.conntrack_entries != y.conntrack_entries,
+                "agent.conntrack_entries",
+            ),
+            (
+                x.flow_idle_timeout != y.flow_idle_timeout,
+                "agent.flow_idle_timeout",
+            ),
+            (
+                x.closed_flow_timeout != y.closed_flow_timeout,
+                "agent.closed_flow_timeout",
+            ),
+            (self.dataplane != new.dataplane, "agent.dataplane"),
+            (self.admin_addr != new.admin_addr, "agent.admin_addr"),
+            (
+                self.admin_token_file != new.admin_token_file,
+                "agent.admin_token_file",
+            ),
+            (
+                self.admin_limits != new.admin_limits,
+                "agent.admin_* limits",
+            ),
+            (
+                self.max_concurrent_applies != new.max_concurrent_applies,
+                "agent.max_concurrent_applies",
+            ),
+            (self.fleet != new.fleet, "[fleet]"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, key)| changed.then_some(key))
+        .collect()
+    }
+
     /// Read and validate the config file, with command-line overrides applied.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -482,10 +525,20 @@ impl Config {
         Config::parse(path, &text, overrides)
     }
 
-    /// Validate config text; `path` names it in errors, and relative token paths are taken from
-    /// its directory.
+    /// Validate config text against this host (its interfaces and ephemeral ports); `path`
+    /// names it in errors, and relative token paths are taken from its directory.
     pub fn parse(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let doc = Doc { path, text };
+        Config::parse_on(path, text, overrides, &host::Facts::read())
+    }
+
+    /// [`Config::parse`] against the host `facts` describe.
+    pub fn parse_on(
+        path: &Path,
+        text: &str,
+        overrides: &Overrides,
+        facts: &host::Facts,
+    ) -> Result<Config, ConfigError> {
+        let doc = Doc { path, text, facts };
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
             .map_err(|err| {
                 let field = field_path(err.path());
@@ -536,6 +589,25 @@ fn field_path(path: &serde_path_to_error::Path) -> String {
 struct Doc<'a> {
     path: &'a Path,
     text: &'a str,
+    facts: &'a host::Facts,
+}
+
+/// Where an instance's port and address are in the file.
+struct InstanceSpans {
+    port: Range<usize>,
+    address: Option<Range<usize>>,
+}
+
+/// What the cross checks of [`Doc::addresses_apart`] read, once every part is built.
+struct Settled<'a> {
+    admin_addr: SocketAddr,
+    services: &'a [ServiceSpec],
+    instances: &'a [InstanceSpec],
+}
+
+/// Whether two listening sockets would clash: one port, and one address or a wildcard.
+fn same_listener(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 impl Doc<'_> {
@@ -569,6 +641,7 @@ impl Doc<'_> {
 
     fn build(&self, raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
         let agent = raw.agent;
+        let interfaces_span = agent.interfaces.as_ref().map(Spanned::span);
         let interfaces = self.interfaces(agent.interfaces, &overrides.interfaces)?;
         let admin_token_file = self.token_path(agent.admin_token_file.as_ref());
         let admin_addr = overrides
@@ -590,7 +663,38 @@ impl Doc<'_> {
         }
         let max_concurrent_applies = agent.max_concurrent_applies.unwrap_or(NonZeroUsize::MIN);
         let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
+        let instance_spans: Vec<InstanceSpans> = raw
+            .instance
+            .iter()
+            .map(|i| InstanceSpans {
+                port: i.port.span(),
+                address: i.address.as_ref().map(Spanned::span),
+            })
+            .collect();
         let instances = self.instances(raw.instance, &services, fleet.is_some())?;
+        let dataplane = overrides.dataplane.or(agent.dataplane).unwrap_or_default();
+        let snat_span = agent.snat_ports.as_ref().map(Spanned::span);
+        let snat_ports = agent
+            .snat_ports
+            .map_or(DEFAULT_SNAT_PORTS, |p| p.into_inner().0);
+        let settled = Settled {
+            admin_addr,
+            services: &services,
+            instances: &instances,
+        };
+        self.addresses_apart(&settled, &raw.service, &instance_spans)?;
+        if dataplane == DataplaneKind::Xdp {
+            self.loopback_unsteered(&raw.service, &services, &instances, &instance_spans)?;
+            self.snat_outside_ephemeral(&snat_ports, snat_span)?;
+        }
+        // XDP attaches to them; an instance without `address` takes the first one's.
+        if dataplane == DataplaneKind::Xdp
+            || instances
+                .iter()
+                .any(|i| i.backend.as_ref().is_some_and(|b| b.address.is_none()))
+        {
+            self.interfaces_exist(&interfaces, interfaces_span, &overrides.interfaces)?;
+        }
         let default = AdminLimits::default();
         let admin_limits = AdminLimits {
             max_connections: self.at_least_one(
@@ -613,7 +717,7 @@ impl Doc<'_> {
             xdp: XdpOptions {
                 interfaces,
                 mode: overrides.xdp_mode.or(agent.xdp_mode).unwrap_or_default(),
-                snat_ports: agent.snat_ports.map_or(DEFAULT_SNAT_PORTS, |p| p.0),
+                snat_ports,
                 flow_events: agent.flow_events.unwrap_or(true),
                 conntrack_entries: agent
                     .conntrack_entries
@@ -630,7 +734,7 @@ impl Doc<'_> {
             admin_token_file,
             admin_limits,
             services,
-            dataplane: overrides.dataplane.or(agent.dataplane).unwrap_or_default(),
+            dataplane,
             instances,
             shutdown_timeout: agent
                 .shutdown_timeout
@@ -638,6 +742,184 @@ impl Doc<'_> {
             max_concurrent_applies,
             fleet,
         })
+    }
+
+    /// No two of the admin API, the services and the instances listen where another does, and
+    /// no backend is a service's own address (a connection to it would loop back to the agent).
+    fn addresses_apart(
+        &self,
+        settled: &Settled<'_>,
+        raw_services: &[Spanned<RawService>],
+        instance_spans: &[InstanceSpans],
+    ) -> Result<(), ConfigError> {
+        let mut listeners: Vec<(SocketAddr, String)> = vec![(
+            settled.admin_addr,
+            "the admin API (agent.admin_addr)".to_owned(),
+        )];
+        for (i, (service, raw)) in settled.services.iter().zip(raw_services).enumerate() {
+            let address = SocketAddr::V4(service.address);
+            if let Some((_, owner)) = listeners.iter().find(|(a, _)| same_listener(*a, address)) {
+                return Err(self.invalid(
+                    Some(raw.get_ref().address.span()),
+                    format!("service[{i}].address"),
+                    format!("{address} is where {owner} listens"),
+                ));
+            }
+            listeners.push((address, format!("service `{}`", service.name)));
+        }
+        for (i, (instance, spans)) in settled.instances.iter().zip(instance_spans).enumerate() {
+            let address = SocketAddr::new(instance.listen_ip(), instance.port);
+            if let Some((_, owner)) = listeners.iter().find(|(a, _)| same_listener(*a, address)) {
+                return Err(self.invalid(
+                    Some(spans.port.clone()),
+                    format!("instance[{i}].port"),
+                    format!("llama-server would listen on {address}, where {owner} listens"),
+                ));
+            }
+        }
+        let vip = |address: SocketAddrV4| settled.services.iter().find(|s| s.address == address);
+        for (i, raw) in raw_services.iter().enumerate() {
+            for (j, backend) in raw.get_ref().backend.iter().enumerate() {
+                let address = *backend.get_ref().address.get_ref();
+                if let Some(service) = vip(address) {
+                    return Err(self.invalid(
+                        Some(backend.get_ref().address.span()),
+                        format!("service[{i}].backend[{j}].address"),
+                        format!(
+                            "{address} is the address of service `{}`: a backend must be a \
+                             server, not the balancer",
+                            service.name
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, (instance, spans)) in settled.instances.iter().zip(instance_spans).enumerate() {
+            let address = instance.backend.as_ref().and_then(|b| b.address);
+            if let Some(service) = address.and_then(vip) {
+                return Err(self.invalid(
+                    spans.address.clone(),
+                    format!("instance[{i}].address"),
+                    format!(
+                        "{} is the address of service `{}`: a backend must be a server, not \
+                         the balancer",
+                        SocketAddr::V4(service.address),
+                        service.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// With XDP, a service the kernel steers (l4) cannot have a backend on loopback: the
+    /// program rewrites a packet from the wire to it, and the kernel drops it as a martian.
+    fn loopback_unsteered(
+        &self,
+        raw_services: &[Spanned<RawService>],
+        services: &[ServiceSpec],
+        instances: &[InstanceSpec],
+        instance_spans: &[InstanceSpans],
+    ) -> Result<(), ConfigError> {
+        const FIX: &str = "XDP steers this l4 service's connections and cannot forward them to \
+                           loopback (they would be lost): give the backend an address other hosts \
+                           reach, or carry the service through the proxy with `mode = \"http\"` or \
+                           `agent.dataplane = \"userspace\"`";
+        for (i, (service, raw)) in services.iter().zip(raw_services).enumerate() {
+            if !service.kernel_steers() {
+                continue;
+            }
+            let looped = service
+                .backends
+                .iter()
+                .position(|b| b.address.ip().is_loopback());
+            if let Some(j) = looped {
+                let address = &raw.get_ref().backend[j].get_ref().address;
+                return Err(self.invalid(
+                    Some(address.span()),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!("{} is a loopback address: {FIX}", address.get_ref()),
+                ));
+            }
+        }
+        for (i, (instance, spans)) in instances.iter().zip(instance_spans).enumerate() {
+            let Some(backend) = &instance.backend else {
+                continue;
+            };
+            let steered = services
+                .iter()
+                .any(|s| s.name == backend.service && s.kernel_steers());
+            if let Some(address) = backend.address.filter(|a| steered && a.ip().is_loopback()) {
+                return Err(self.invalid(
+                    spans.address.clone(),
+                    format!("instance[{i}].address"),
+                    format!("{address} is a loopback address: {FIX}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The SNAT ports must lie outside the kernel's ephemeral range: a connection of the host's
+    /// own could take a port a balanced flow holds, and replies would reach the wrong one.
+    fn snat_outside_ephemeral(
+        &self,
+        snat: &RangeInclusive<u16>,
+        span: Option<Range<usize>>,
+    ) -> Result<(), ConfigError> {
+        let Some(ephemeral) = &self.facts.ephemeral_ports else {
+            return Ok(());
+        };
+        if snat.start() > ephemeral.end() || snat.end() < ephemeral.start() {
+            return Ok(());
+        }
+        let set = if span.is_some() {
+            "they are set here"
+        } else {
+            "they are the default"
+        };
+        Err(self.invalid(
+            span,
+            "agent.snat_ports",
+            format!(
+                "SNAT ports {}-{} overlap this host's ephemeral ports {}-{} \
+                 (net.ipv4.ip_local_port_range; {set}): set agent.snat_ports to a range outside \
+                 them, or narrow the ephemeral range",
+                snat.start(),
+                snat.end(),
+                ephemeral.start(),
+                ephemeral.end()
+            ),
+        ))
+    }
+
+    fn interfaces_exist(
+        &self,
+        interfaces: &[String],
+        span: Option<Range<usize>>,
+        flags: &[String],
+    ) -> Result<(), ConfigError> {
+        let Some(missing) = interfaces
+            .iter()
+            .find(|name| !self.facts.interfaces.contains(name))
+        else {
+            return Ok(());
+        };
+        let (span, field) = if flags.is_empty() {
+            (span, "agent.interfaces")
+        } else {
+            (None, "--interface")
+        };
+        let mut known = self.facts.interfaces.clone();
+        known.sort();
+        Err(self.invalid(
+            span,
+            field,
+            format!(
+                "`{missing}` is not an interface of this host (it has {})",
+                known.join(", ")
+            ),
+        ))
     }
 
     /// `[fleet]`; it needs a steer built with the `etcd` feature.
@@ -1649,7 +1931,7 @@ mod tests {
 [agent]
 interfaces = ["eth0", "eth1"]
 xdp_mode = "skb"
-snat_ports = "40000-40999"
+snat_ports = "10000-10999"
 conntrack_entries = 1024
 flow_idle_timeout = "1h"
 closed_flow_timeout = "500ms"
@@ -1673,8 +1955,21 @@ name = "embed"
 address = "10.0.0.100:81"
 "#;
 
+    /// The host the tests' configs are checked against.
+    fn facts() -> host::Facts {
+        host::Facts {
+            interfaces: ["lo", "eth0", "eth1"].map(String::from).to_vec(),
+            ephemeral_ports: Some(32768..=60999),
+        }
+    }
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("steer.toml"), text, &Overrides::default())
+        Config::parse_on(
+            Path::new("steer.toml"),
+            text,
+            &Overrides::default(),
+            &facts(),
+        )
     }
 
     /// The error's line, field and message, or a panic naming what came back instead.
@@ -1698,7 +1993,7 @@ address = "10.0.0.100:81"
         let config = parse(EXAMPLE)?;
         assert_eq!(config.xdp.interfaces, ["eth0", "eth1"]);
         assert_eq!(config.xdp.mode, XdpMode::Skb);
-        assert_eq!(config.xdp.snat_ports, 40000..=40999);
+        assert_eq!(config.xdp.snat_ports, 10000..=10999);
         assert_eq!(config.xdp.conntrack_entries, 1024);
         assert_eq!(config.xdp.flow_idle_timeout, Duration::from_secs(3600));
         assert_eq!(config.xdp.closed_flow_timeout, Duration::from_millis(500));
@@ -2047,7 +2342,7 @@ address = "10.0.0.100:81"
             admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             dataplane: Some(DataplaneKind::Userspace),
         };
-        let config = Config::parse(Path::new("x.toml"), "", &overrides)?;
+        let config = Config::parse_on(Path::new("x.toml"), "", &overrides, &facts())?;
         assert_eq!(config.dataplane, DataplaneKind::Userspace);
         assert_eq!(config.xdp.interfaces, ["veth9"]);
         assert_eq!(config.xdp.mode, XdpMode::Native);
@@ -2062,7 +2357,7 @@ address = "10.0.0.100:81"
             summary.contains("interfaces: veth9 (no XDP: dataplane userspace)"),
             "check-config must not claim XDP under userspace: {summary}"
         );
-        let config = Config::parse(Path::new("x.toml"), EXAMPLE, &overrides)?;
+        let config = Config::parse_on(Path::new("x.toml"), EXAMPLE, &overrides, &facts())?;
         assert_eq!(
             config.xdp.interfaces,
             ["veth9"],
@@ -2095,9 +2390,9 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (7, "agent.flow_idle_timeout"));
         let (line, field, _) = invalid(&EXAMPLE.replace("\"skb\"", "\"generic\""));
         assert_eq!((line, field.as_str()), (4, "agent.xdp_mode"));
-        let (line, field, _) = invalid(&EXAMPLE.replace("40000-40999", "40999-40000"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("10000-10999", "10999-10000"));
         assert_eq!((line, field.as_str()), (5, "agent.snat_ports"));
-        let (line, field, _) = invalid(&EXAMPLE.replace("40000-40999", "80-90"));
+        let (line, field, _) = invalid(&EXAMPLE.replace("10000-10999", "80-90"));
         assert_eq!((line, field.as_str()), (5, "agent.snat_ports"));
         let (line, _, _) = invalid("[agent]\ninterfaces = eth0\nxdp_mode = \"skb\"\n");
         assert_eq!(line, 2, "syntax errors are located too");
@@ -2180,6 +2475,151 @@ address = "10.0.0.100:81"
         }
     }
 
+    /// What check-config (and `steer run`) refuse although each part alone is valid: the
+    /// error's line (0: none), field and message.
+    fn refusal(text: &str, overrides: &Overrides, facts: &host::Facts) -> (usize, String, String) {
+        match Config::parse_on(Path::new("steer.toml"), text, overrides, facts) {
+            Err(ConfigError::Invalid {
+                location,
+                field,
+                message,
+            }) => (location.line_column.map_or(0, |(l, _)| l), field, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn configs_that_cannot_work_are_refused_with_line_and_reason() -> Result<(), ConfigError> {
+        let none = Overrides::default();
+        let chat = "[agent]\ninterfaces = [\"eth0\"]\n\n[[service]]\nname = \"chat\"\n\
+                    address = \"10.0.0.100:80\"\n";
+        let backend =
+            |address: &str| format!("{chat}[[service.backend]]\naddress = \"{address}\"\n");
+        let instance = |extra: &str| {
+            format!(
+                "{chat}\n[[instance]]\nname = \"gpt\"\nbinary = \"llama-server\"\n\
+                 model = \"m.gguf\"\nport = 8081\n{extra}"
+            )
+        };
+
+        // A backend that is the balancer itself.
+        let (line, field, message) = refusal(&backend("10.0.0.100:80"), &none, &facts());
+        assert_eq!((line, field.as_str()), (8, "service[0].backend[0].address"));
+        assert!(
+            message.contains("is the address of service `chat`"),
+            "{message}"
+        );
+        let text = instance("service = \"chat\"\naddress = \"10.0.0.100:80\"\n");
+        let (line, field, message) = refusal(&text, &none, &facts());
+        assert_eq!((line, field.as_str()), (14, "instance[0].address"));
+        assert!(
+            message.contains("10.0.0.100:80 is the address of service `chat`"),
+            "{message}"
+        );
+
+        // Two listeners on one address, or on one port with a wildcard.
+        let text = chat.replace("[agent]\n", "[agent]\nadmin_addr = \"10.0.0.100:80\"\n");
+        let (line, field, message) = refusal(&text, &none, &facts());
+        assert_eq!((line, field.as_str()), (7, "service[0].address"));
+        assert!(
+            message.contains("where the admin API (agent.admin_addr) listens"),
+            "{message}"
+        );
+        let text = chat.replace("[agent]\n", "[agent]\nadmin_addr = \"0.0.0.0:80\"\n");
+        assert_eq!(refusal(&text, &none, &facts()).1, "service[0].address");
+        let text = instance("").replace("[agent]\n", "[agent]\nadmin_addr = \"127.0.0.1:8081\"\n");
+        let (line, field, message) = refusal(&text, &none, &facts());
+        assert_eq!((line, field.as_str()), (13, "instance[0].port"));
+        assert!(
+            message.contains("would listen on 127.0.0.1:8081, where the admin API"),
+            "{message}"
+        );
+        // llama-server's own 127.0.0.1 is apart from the VIP's port; its --host 0.0.0.0 is not.
+        let on_80 = instance("").replace("port = 8081", "port = 80");
+        parse(&on_80)?;
+        let text = on_80.replace(
+            "port = 80\n",
+            "port = 80\nargs = [\"--host\", \"0.0.0.0\"]\n",
+        );
+        let (_, field, message) = refusal(&text, &none, &facts());
+        assert_eq!(field, "instance[0].port");
+        assert!(
+            message.contains("0.0.0.0:80, where service `chat` listens"),
+            "{message}"
+        );
+
+        // Loopback backends of a service XDP steers; the proxy's paths may have them.
+        let (line, field, message) = refusal(&backend("127.0.0.1:8080"), &none, &facts());
+        assert_eq!((line, field.as_str()), (8, "service[0].backend[0].address"));
+        assert!(
+            message.contains("127.0.0.1:8080 is a loopback address"),
+            "{message}"
+        );
+        assert!(
+            message.contains("agent.dataplane = \"userspace\""),
+            "{message}"
+        );
+        let text = instance("service = \"chat\"\naddress = \"127.0.0.1:8081\"\n");
+        assert_eq!(refusal(&text, &none, &facts()).1, "instance[0].address");
+        let http = backend("127.0.0.1:8080").replace(
+            "[[service.backend]]",
+            "mode = \"http\"\n[[service.backend]]",
+        );
+        parse(&http)?;
+        let userspace =
+            backend("127.0.0.1:8080").replace("[agent]\n", "[agent]\ndataplane = \"userspace\"\n");
+        parse(&userspace)?;
+        let flag = Overrides {
+            dataplane: Some(DataplaneKind::Userspace),
+            ..Overrides::default()
+        };
+        Config::parse_on(
+            Path::new("x.toml"),
+            &backend("127.0.0.1:8080"),
+            &flag,
+            &facts(),
+        )?;
+
+        // SNAT ports among the ephemeral ones, set or by default.
+        let text = chat.replace("[agent]\n", "[agent]\nsnat_ports = \"30000-40000\"\n");
+        let (line, field, message) = refusal(&text, &none, &facts());
+        assert_eq!((line, field.as_str()), (2, "agent.snat_ports"));
+        assert!(
+            message
+                .contains("SNAT ports 30000-40000 overlap this host's ephemeral ports 32768-60999"),
+            "{message}"
+        );
+        let wide = host::Facts {
+            ephemeral_ports: Some(1024..=65535),
+            ..facts()
+        };
+        let (line, field, message) = refusal(chat, &none, &wide);
+        assert_eq!((line, field.as_str()), (0, "agent.snat_ports"));
+        assert!(message.contains("they are the default"), "{message}");
+        Config::parse_on(Path::new("x.toml"), &userspace, &none, &wide)?;
+
+        // Interfaces the host lacks, from the file or the flag; not needed without XDP.
+        let text = chat.replace("\"eth0\"", "\"eth9\"");
+        let (line, field, message) = refusal(&text, &none, &facts());
+        assert_eq!((line, field.as_str()), (2, "agent.interfaces"));
+        assert_eq!(
+            message,
+            "`eth9` is not an interface of this host (it has eth0, eth1, lo)"
+        );
+        let flag = Overrides {
+            interfaces: vec!["eth9".to_owned()],
+            ..Overrides::default()
+        };
+        assert_eq!(refusal(chat, &flag, &facts()).1, "--interface");
+        parse(&text.replace("[agent]\n", "[agent]\ndataplane = \"userspace\"\n"))?;
+        // ...unless an instance takes its address from the first one.
+        let text = instance("service = \"chat\"\n")
+            .replace("\"eth0\"", "\"eth9\"")
+            .replace("[agent]\n", "[agent]\ndataplane = \"userspace\"\n");
+        assert_eq!(refusal(&text, &none, &facts()).1, "agent.interfaces");
+        Ok(())
+    }
+
     #[test]
     fn too_many_backends_and_services() {
         let mut text = String::from(
@@ -2209,10 +2649,11 @@ address = "10.0.0.100:81"
     fn token_file_is_relative_to_the_config() -> Result<(), ConfigError> {
         let text = "[agent]\ninterfaces = [\"eth0\"]\nadmin_addr = \"0.0.0.0:9090\"\n\
                     admin_token_file = \"state/token\"\n";
-        let config = Config::parse(
+        let config = Config::parse_on(
             Path::new("/etc/steer/steer.toml"),
             text,
             &Overrides::default(),
+            &facts(),
         )?;
         assert_eq!(config.admin_token_file, Path::new("/etc/steer/state/token"));
         assert_eq!(config.admin_addr.to_string(), "0.0.0.0:9090");
@@ -2231,7 +2672,7 @@ address = "10.0.0.100:81"
             assert!(message.contains("`etcd` feature"), "{message}");
             return Ok(());
         }
-        let config = Config::parse(
+        let config = Config::parse_on(
             Path::new("/etc/steer/steer.toml"),
             &format!(
                 "{base}endpoints = [\"10.0.0.1:2379\", \"etcd-b:2379\"]\nhost = \"gpu-a\"\n\
@@ -2239,6 +2680,7 @@ address = "10.0.0.100:81"
                  tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"k.pem\" }}\n"
             ),
             &Overrides::default(),
+            &facts(),
         )?;
         let fleet = config.fleet.expect("[fleet]");
         assert_eq!(fleet.endpoints, ["10.0.0.1:2379", "etcd-b:2379"]);

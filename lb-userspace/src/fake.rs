@@ -37,6 +37,9 @@ pub struct Maps {
     pub local_addrs: Vec<std::net::Ipv4Addr>,
     /// The next write of this backend id fails (once).
     pub fail_backend: Option<u32>,
+    /// What `rewrites_packets` answers: XDP's true, or false (the default) for tests whose
+    /// backends are servers on loopback.
+    pub rewrites_packets: bool,
 }
 
 /// The maps, and connection counts in anonymous shared memory as the userspace dataplane
@@ -126,6 +129,10 @@ impl Dataplane for FakeDataplane {
 
     fn is_local(&self, addr: std::net::Ipv4Addr) -> bool {
         self.maps().local_addrs.contains(&addr)
+    }
+
+    fn rewrites_packets(&self) -> bool {
+        self.maps().rewrites_packets
     }
 
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {

@@ -1,6 +1,8 @@
-//! This host's own IPv4 addresses, as its interfaces list them.
+//! This host as the agent sees it: its own IPv4 addresses, its interfaces and the ports its
+//! kernel picks for outgoing connections.
 
 use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
 
 /// Whether `addr` is assigned to one of this host's interfaces: a backend there is local (the
 /// kernel path reaches it through the host's stack), a VIP there needs no route of the agent's.
@@ -12,9 +14,53 @@ pub fn has_address(addr: Ipv4Addr) -> Result<bool, nix::Error> {
     }))
 }
 
+/// What a config is checked against besides itself: read from the host at `steer run` and
+/// `steer check-config`, set by hand in unit tests.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    /// Interface names in this network namespace.
+    pub interfaces: Vec<String>,
+    /// `net.ipv4.ip_local_port_range`, when it can be read.
+    pub ephemeral_ports: Option<RangeInclusive<u16>>,
+}
+
+impl Facts {
+    /// This host's (its network namespace's) interfaces and ephemeral ports.
+    pub fn read() -> Facts {
+        let interfaces = std::fs::read_dir("/sys/class/net")
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ephemeral_ports = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| {
+                let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+                Some(ports.next()??..=ports.next()??)
+            });
+        Facts {
+            interfaces,
+            ephemeral_ports,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_host_has_loopback_and_an_ephemeral_range() {
+        let facts = Facts::read();
+        assert!(facts.interfaces.iter().any(|i| i == "lo"), "{facts:?}");
+        let ports = facts.ephemeral_ports.expect("ip_local_port_range");
+        assert!(
+            ports.start() <= ports.end() && *ports.start() > 0,
+            "{ports:?}"
+        );
+    }
 
     #[test]
     fn loopback_is_ours_and_a_documentation_address_is_not() -> Result<(), nix::Error> {

@@ -23,6 +23,7 @@ pub mod outlier;
 pub mod policy;
 pub mod probe;
 pub mod proxy;
+pub mod reload;
 pub mod requests;
 pub mod slots;
 pub mod spec;
@@ -41,7 +42,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::dataplane::memory::Userspace;
 use crate::dataplane::xdp::Loaded;
 use crate::dataplane::{Dataplane, DataplaneError};
@@ -98,6 +99,7 @@ pub enum AgentError {
 /// completed: a second signal) cuts the drain short.
 pub async fn run(
     config: Config,
+    reloading: Reloading,
     shutdown: impl Future<Output = ()>,
     force: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -122,14 +124,17 @@ pub async fn run(
     match kind {
         DataplaneKind::Xdp => {
             let (maps, xdp) = Loaded::load(&config.xdp)?.attach()?;
-            let maps = serve(maps, kind, &config, listener, shutdown, force).await?;
+            let maps = serve(maps, kind, &config, reloading, listener, shutdown, force).await?;
             drop(xdp);
             drop(maps);
             info!(interfaces = ?config.xdp.interfaces, "XDP detached");
         }
         DataplaneKind::Userspace => {
             let userspace = Userspace::new()?;
-            serve(userspace, kind, &config, listener, shutdown, force).await?;
+            serve(
+                userspace, kind, &config, reloading, listener, shutdown, force,
+            )
+            .await?;
         }
     }
     drop(routes);
@@ -155,8 +160,12 @@ pub async fn supervise(
     let (handle, task) = supervisor::start(spec, supervisor::ApplyLimit::default(), None).await?;
     let sources = admin::Sources {
         table: None,
-        instances: vec![handle],
-        proxies: Vec::new(),
+        running: admin::Running {
+            instances: vec![handle],
+            ..admin::Running::default()
+        }
+        .fixed(),
+        reload: None,
         token,
         #[cfg(feature = "etcd")]
         fleet: None,
@@ -191,20 +200,47 @@ async fn bind(api: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentE
         .map_err(|source| AgentError::Bind { api, addr, source })
 }
 
+/// What a reload re-reads the config with, and where its asks come from.
+pub struct Reloading {
+    /// The command line's, applied over the file again at each reload.
+    pub overrides: Overrides,
+    /// RLIMIT_NOFILE, which a reloaded config's caps are fitted to as at the start (0:
+    /// unknown).
+    pub open_files: u64,
+    pub trigger: reload::Trigger,
+    pub requests: tokio::sync::mpsc::Receiver<reload::Request>,
+}
+
+impl Reloading {
+    /// Asks from `trigger` (SIGHUP, `POST /v1/reload`) re-read the file with `overrides`.
+    pub fn new(overrides: Overrides, open_files: u64) -> Reloading {
+        let (trigger, requests) = reload::channel();
+        Reloading {
+            overrides,
+            open_files,
+            trigger,
+            requests,
+        }
+    }
+}
+
 /// Program `dataplane` with the config's services, proxy their addresses counting in its
-/// connection counts, and serve the API on `listener` until `shutdown`; the dataplane comes back
-/// once the table task has stopped. With XDP a service address that cannot be listened on is a
-/// warning (XDP still carries that service); with the userspace dataplane it is an error.
+/// connection counts, and serve the API on `listener` until `shutdown`, applying each reload
+/// `reloading` asks for; the dataplane comes back once the table task has stopped. With XDP a
+/// service address that cannot be listened on is a warning (XDP still carries that service);
+/// with the userspace dataplane it is an error.
 ///
 /// Shutdown: the proxies and the admin API stop accepting, and the requests and streams in
 /// flight get up to `agent.shutdown_timeout` to finish (http keep-alive connections close after
 /// their current request); then the instances drain their backends (XDP flows) and stop, and the
 /// table hands the dataplane back for detaching. `force` cuts the wait short, and then the
-/// instances' llama-servers are killed rather than drained.
+/// instances' llama-servers are killed rather than drained. A stop during a reload ends it where
+/// it is.
 async fn serve<D: Dataplane>(
     dataplane: D,
     kind: DataplaneKind,
     config: &Config,
+    reloading: Reloading,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     force: impl Future<Output = ()>,
@@ -217,98 +253,75 @@ async fn serve<D: Dataplane>(
     let admin_token = admin_token(&config.admin_token_file, "agent.admin_token_file")?;
     let counts = dataplane.conn_counts();
     let (table, task) = table::start(dataplane, &config.services)?;
-    // Aborted when this returns: the checkers hold table handles the table task waits out.
-    let mut health_checks = tokio::task::JoinSet::new();
-    for service in &config.services {
-        if let Some(health) = &service.health {
-            health_checks.spawn(health::run(
-                table.clone(),
-                service.name.clone(),
-                health.clone(),
-            ));
-        }
-        let polled = slots::Polled {
-            slots: service.slots.is_some(),
-            models: (service.proxy.mode == ProxyMode::Http).then_some(slots::MODELS_REFRESH),
-            metrics: (service.proxy.mode == ProxyMode::Http).then_some(slots::METRICS_REFRESH),
-        };
-        if polled.slots || polled.models.is_some() {
-            health_checks.spawn(slots::run(
-                table.clone(),
-                service.name.clone(),
-                service.slots.clone().unwrap_or_default(),
-                polled,
-            ));
-        }
-    }
-    let ejected: Vec<_> = config
-        .services
-        .iter()
-        .filter_map(|s| {
-            Some(outlier::Judged {
-                service: s.name.clone(),
-                spec: s.ejection?,
-                pools: s.pools.clone(),
-            })
-        })
-        .collect();
-    if !ejected.is_empty() {
-        health_checks.spawn(outlier::run(table.clone(), ejected));
-    }
+    let Reloading {
+        overrides,
+        open_files,
+        trigger,
+        requests: mut reloads,
+    } = reloading;
+    let mut agent = Agent {
+        config: config.clone(),
+        overrides,
+        open_files,
+        probes: config.services.iter().map(|s| probes(&table, s)).collect(),
+        outlier: outlier(&table, &config.services),
+        proxies: Vec::with_capacity(config.services.len()),
+        instances: Vec::with_capacity(config.instances.len()),
+        // Shared: applies across the instances take turns.
+        applies: supervisor::ApplyLimit::new(config.max_concurrent_applies),
+        running: tokio::sync::watch::channel(Arc::default()).0,
+        table,
+        counts,
+    };
     // They stop accepting when this turns true; aborted (with their connections) when this
     // returns.
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let mut proxies = tokio::task::JoinSet::new();
-    let mut proxied = Vec::with_capacity(config.services.len());
     for (id, service) in config.services.iter().enumerate() {
         let listener = match (proxy::listen(service), kind) {
             (Ok(listener), _) => listener,
             (Err(error), DataplaneKind::Xdp) => {
                 warn!(%error, "no userspace path for this service: XDP carries it alone");
+                agent.proxies.push(None);
                 continue;
             }
             (Err(error), DataplaneKind::Userspace) => return Err(error.into()),
         };
-        let service =
-            proxy::ServiceProxy::new(service, id, &counts, table.requests(), &table.routes());
-        proxies.spawn(proxy::serve(
-            Arc::clone(&service),
-            listener,
-            draining.clone(),
-        ));
-        proxied.push(service);
+        let table = &agent.table;
+        let service = proxy::ServiceProxy::new(
+            service,
+            id,
+            &agent.counts,
+            table.requests(),
+            &table.routes(),
+        );
+        let (current, serving) = tokio::sync::watch::channel(service);
+        proxies.spawn(proxy::serve(serving, listener, draining.clone()));
+        agent.proxies.push(Some(current));
     }
-    let mut instances = Vec::with_capacity(config.instances.len());
-    let mut instance_tasks = Vec::with_capacity(config.instances.len());
-    // Shared: applies across the instances take turns.
-    let applies = supervisor::ApplyLimit::new(config.max_concurrent_applies);
     for spec in &config.instances {
-        let link = match &spec.backend {
-            Some(backend) => Some(instance_backend(&table, config, spec, backend).await?),
-            None => None,
-        };
-        let (handle, task) = supervisor::start(spec.clone(), applies.clone(), link).await?;
-        instances.push(handle);
-        instance_tasks.push(task);
+        let instance = agent.start_instance(spec).await?;
+        agent.instances.push(instance);
     }
+    agent.publish();
     // After the instances' backends exist: the first registration lists them all.
     #[cfg(feature = "etcd")]
     let fleet = config.fleet.clone().map(|spec| {
         let services = config.services.iter().map(|s| s.name.clone()).collect();
-        let members = config
+        let members = agent
             .instances
             .iter()
-            .zip(&instances)
-            .filter_map(|(spec, handle)| {
-                Some((spec.name.clone(), (handle.clone(), spec.group.clone()?)))
+            .filter_map(|i| {
+                let group = i.spec.group.clone()?;
+                Some((i.spec.name.clone(), (i.handle.clone(), group)))
             })
             .collect();
-        fleet::Fleet::start(spec, table.clone(), services, members)
+        fleet::Fleet::start(spec, agent.table.clone(), services, members)
     });
     let sources = admin::Sources {
-        table: Some(table.clone()),
-        instances: instances.clone(),
-        proxies: proxied,
+        table: Some(agent.table.clone()),
+        running: agent.running.subscribe(),
+        reload: Some(trigger),
         token: admin_token,
         #[cfg(feature = "etcd")]
         fleet: fleet.as_ref().map(fleet::Fleet::api),
@@ -323,7 +336,7 @@ async fn serve<D: Dataplane>(
     );
     let signalled = async {
         shutdown.await;
-        info!(timeout = ?config.shutdown_timeout, "draining: no new connections; requests in flight may finish");
+        info!("draining: no new connections; requests in flight may finish");
         let _ = draining_tx.send(true);
     };
     let admin = admin::serve(listener, sources, &config.admin_limits, signalled);
@@ -331,13 +344,31 @@ async fn serve<D: Dataplane>(
     let mut served = None;
     let mut stop = draining.clone();
     // The admin API ends on its own only on an error: then the agent stops too.
-    tokio::select! {
-        result = &mut admin => {
-            served = Some(result);
-            let _ = draining_tx.send(true);
+    loop {
+        let reload = async {
+            match reloads.recv().await {
+                Some(request) => {
+                    let outcome = agent.reload().await;
+                    if let Err(error) = &outcome {
+                        warn!(%error, "reload");
+                    }
+                    let _ = request.reply.send(outcome);
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut admin => {
+                served = Some(result);
+                let _ = draining_tx.send(true);
+                break;
+            }
+            () = proxy::drain_started(&mut stop) => break,
+            () = reload => {}
         }
-        () = proxy::drain_started(&mut stop) => {}
     }
+    let shutdown_timeout = agent.config.shutdown_timeout;
+    info!(timeout = ?shutdown_timeout, "waiting for the requests in flight");
     let started = tokio::time::Instant::now();
     let in_flight = async {
         let result = match served.take() {
@@ -354,8 +385,8 @@ async fn serve<D: Dataplane>(
             served = Some(result);
             false
         }
-        () = tokio::time::sleep(config.shutdown_timeout) => {
-            warn!(timeout = ?config.shutdown_timeout, "shutdown timeout: cutting what is left");
+        () = tokio::time::sleep(shutdown_timeout) => {
+            warn!(timeout = ?shutdown_timeout, "shutdown timeout: cutting what is left");
             false
         }
         () = &mut force => {
@@ -363,16 +394,21 @@ async fn serve<D: Dataplane>(
             true
         }
     };
-    health_checks.shutdown().await;
+    for probes in &mut agent.probes {
+        probes.shutdown().await;
+    }
+    agent.outlier.shutdown().await;
     proxies.shutdown().await;
-    stop_instances(&instances, instance_tasks, forced, force).await;
+    let instances = std::mem::take(&mut agent.instances);
+    stop_instances(instances, forced, force).await;
     // The instances' last states are out; the lease goes, and this host leaves every balancer.
     #[cfg(feature = "etcd")]
     if let Some(fleet) = fleet {
         fleet.stop().await;
     }
     // Some admin connections may still hold handles: end the table task all the same.
-    table.close().await;
+    agent.table.close().await;
+    drop(agent);
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     if let Some(served) = served {
         served.map_err(|source| AgentError::Serve {
@@ -384,30 +420,249 @@ async fn serve<D: Dataplane>(
     Ok(dataplane)
 }
 
+/// The parts of a running agent a reload changes, each owned here: the config they were made
+/// from, a service's probes and proxy by service id, the instances.
+struct Agent {
+    config: Config,
+    overrides: Overrides,
+    open_files: u64,
+    table: table::TableHandle,
+    counts: Arc<dataplane::conns::ConnCounts>,
+    /// By service id: its health checks and slot polls. Aborted when dropped: the checkers
+    /// hold table handles the table task waits out.
+    probes: Vec<tokio::task::JoinSet<()>>,
+    /// Passive health over every service with `[service.ejection]`.
+    outlier: tokio::task::JoinSet<()>,
+    /// By service id: the proxy its listener hands connections to now (none: XDP alone
+    /// carries the service).
+    proxies: Vec<Option<tokio::sync::watch::Sender<Arc<proxy::ServiceProxy>>>>,
+    instances: Vec<Instance>,
+    applies: supervisor::ApplyLimit,
+    /// What the admin API lists.
+    running: tokio::sync::watch::Sender<Arc<admin::Running>>,
+}
+
+/// A supervised instance: its spec, its actor and, for a backend, its id in the table.
+struct Instance {
+    spec: InstanceSpec,
+    handle: supervisor::InstanceHandle,
+    task: tokio::task::JoinHandle<()>,
+    backend: Option<u32>,
+}
+
+/// The health checks and slot polls of `service`.
+fn probes(table: &table::TableHandle, service: &spec::ServiceSpec) -> tokio::task::JoinSet<()> {
+    let mut probes = tokio::task::JoinSet::new();
+    if let Some(health) = &service.health {
+        probes.spawn(health::run(
+            table.clone(),
+            service.name.clone(),
+            health.clone(),
+        ));
+    }
+    let polled = slots::Polled {
+        slots: service.slots.is_some(),
+        models: (service.proxy.mode == ProxyMode::Http).then_some(slots::MODELS_REFRESH),
+        metrics: (service.proxy.mode == ProxyMode::Http).then_some(slots::METRICS_REFRESH),
+    };
+    if polled.slots || polled.models.is_some() {
+        probes.spawn(slots::run(
+            table.clone(),
+            service.name.clone(),
+            service.slots.clone().unwrap_or_default(),
+            polled,
+        ));
+    }
+    probes
+}
+
+/// Passive health of the `services` with `[service.ejection]` (none: no task).
+fn outlier(table: &table::TableHandle, services: &[spec::ServiceSpec]) -> tokio::task::JoinSet<()> {
+    let judged: Vec<_> = services
+        .iter()
+        .filter_map(|s| {
+            Some(outlier::Judged {
+                service: s.name.clone(),
+                spec: s.ejection?,
+                pools: s.pools.clone(),
+            })
+        })
+        .collect();
+    let mut task = tokio::task::JoinSet::new();
+    if !judged.is_empty() {
+        task.spawn(outlier::run(table.clone(), judged));
+    }
+    task
+}
+
+impl Agent {
+    /// Starts `spec`'s llama-server; a backend first, taking no connections until healthy.
+    async fn start_instance(&self, spec: &InstanceSpec) -> Result<Instance, AgentError> {
+        let (link, backend) = match &spec.backend {
+            Some(backend) => {
+                let link = instance_backend(&self.table, &self.config, spec, backend).await?;
+                let id = link.id();
+                (Some(link), Some(id))
+            }
+            None => (None, None),
+        };
+        let (handle, task) = supervisor::start(spec.clone(), self.applies.clone(), link).await?;
+        Ok(Instance {
+            spec: spec.clone(),
+            handle,
+            task,
+            backend,
+        })
+    }
+
+    /// Drains and stops `instance` for good, then takes its backend out of the table.
+    async fn stop_instance(&self, instance: Instance) -> Result<(), AgentError> {
+        instance.handle.shutdown().await;
+        let _ = instance.task.await;
+        if let Some(id) = instance.backend {
+            self.table
+                .remove_instance_backend(id, &instance.spec.name)
+                .await?;
+        }
+        info!(instance = %instance.spec.name, "instance stopped and removed");
+        Ok(())
+    }
+
+    /// Publishes the proxies and instances for the admin API.
+    fn publish(&self) {
+        let running = admin::Running {
+            proxies: self
+                .proxies
+                .iter()
+                .flatten()
+                .map(|p| Arc::clone(&p.borrow()))
+                .collect(),
+            instances: self.instances.iter().map(|i| i.handle.clone()).collect(),
+        };
+        self.running.send_replace(Arc::new(running));
+    }
+
+    /// Re-reads the config and applies what changed (see [`reload`]); the running config
+    /// stays when the new one is refused.
+    async fn reload(&mut self) -> Result<reload::Report, reload::ReloadError> {
+        use reload::ReloadError;
+        let mut new = Config::load(&self.config.path, &self.overrides)
+            .map_err(|error| ReloadError::Invalid(error.to_string()))?;
+        limits::fit_caps(&mut new.admin_limits, &mut new.services, self.open_files);
+        let restart = self.config.needs_restart(&new);
+        if !restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(restart.join(", ")));
+        }
+        let plan = reload::Plan::between(
+            &self.config.services,
+            &new.services,
+            &self.config.instances,
+            &new.instances,
+        )?;
+        let mut report = reload::Report::default();
+        let applied = self.apply(plan, &mut report).await;
+        self.publish();
+        if let Err(error) = applied {
+            return Err(ReloadError::Apply {
+                error: error.to_string(),
+                applied: Box::new(report),
+            });
+        }
+        report.shutdown_timeout = self.config.shutdown_timeout != new.shutdown_timeout;
+        // Every difference is applied: the new config is the running one, its order included.
+        self.config = new;
+        if report.is_empty() {
+            info!("reloaded: nothing changed");
+        } else {
+            info!(?report, "reloaded");
+        }
+        Ok(report)
+    }
+
+    /// Applies `plan`, recording each step in `report` and in the running config as it is done.
+    async fn apply(
+        &mut self,
+        plan: reload::Plan,
+        report: &mut reload::Report,
+    ) -> Result<(), AgentError> {
+        let mut ejection_changed = false;
+        for (id, spec) in plan.services {
+            self.table.reconfigure(spec.clone()).await?;
+            if let Some(current) = &self.proxies[id] {
+                let table = &self.table;
+                let next = current.borrow().reconfigured(
+                    &spec,
+                    &self.counts,
+                    table.requests(),
+                    &table.routes(),
+                );
+                current.send_replace(next);
+            }
+            let old = &self.config.services[id];
+            if old.health != spec.health || old.slots != spec.slots || old.pools != spec.pools {
+                self.probes[id] = probes(&self.table, &spec);
+            }
+            ejection_changed |= old.ejection != spec.ejection || old.pools != spec.pools;
+            report.services.push(spec.name.clone());
+            self.config.services[id] = spec;
+        }
+        if ejection_changed {
+            self.outlier = outlier(&self.table, &self.config.services);
+        }
+        let removed = plan
+            .instances_removed
+            .iter()
+            .chain(plan.instances_changed.iter().map(|i| &i.name));
+        for name in removed.cloned().collect::<Vec<_>>() {
+            let Some(at) = self.instances.iter().position(|i| i.spec.name == name) else {
+                continue;
+            };
+            let instance = self.instances.remove(at);
+            self.config.instances.retain(|i| i.name != name);
+            self.stop_instance(instance).await?;
+            if plan.instances_removed.contains(&name) {
+                report.instances_removed.push(name);
+            }
+        }
+        for (spec, changed) in plan
+            .instances_changed
+            .iter()
+            .map(|s| (s, true))
+            .chain(plan.instances_added.iter().map(|s| (s, false)))
+        {
+            let instance = self.start_instance(spec).await?;
+            self.instances.push(instance);
+            self.config.instances.push(spec.clone());
+            let names = if changed {
+                &mut report.instances_changed
+            } else {
+                &mut report.instances_added
+            };
+            names.push(spec.name.clone());
+        }
+        Ok(())
+    }
+}
+
 /// Each instance drains its backend and stops its llama-server, all at once; `force` (or
 /// `forced` already) kills them instead.
-async fn stop_instances(
-    instances: &[supervisor::InstanceHandle],
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    forced: bool,
-    force: impl Future<Output = ()>,
-) {
-    if tasks.is_empty() {
+async fn stop_instances(instances: Vec<Instance>, forced: bool, force: impl Future<Output = ()>) {
+    if instances.is_empty() {
         return;
     }
-    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let aborts: Vec<_> = instances.iter().map(|i| i.task.abort_handle()).collect();
     if forced {
         // Dropping an actor kills its process.
         aborts.iter().for_each(tokio::task::AbortHandle::abort);
     } else {
         info!(instances = instances.len(), "stopping the instances");
-        for instance in instances {
-            instance.shutdown().await;
+        for instance in &instances {
+            instance.handle.shutdown().await;
         }
     }
     let stopped = async {
-        for task in tasks {
-            let _ = task.await;
+        for instance in instances {
+            let _ = instance.task.await;
         }
     };
     tokio::pin!(stopped);
@@ -526,7 +781,8 @@ address = "10.0.1.2:8080"
             };
             let force = std::future::pending();
             let kind = DataplaneKind::Xdp;
-            serve(fake, kind, &config, listener, stopped, force).await
+            let reloading = Reloading::new(config::Overrides::default(), 0);
+            serve(fake, kind, &config, reloading, listener, stopped, force).await
         });
         Ok((addr, stop, agent))
     }

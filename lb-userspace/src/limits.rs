@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -169,7 +169,8 @@ impl Drop for InFlight {
 /// The client connections of one listener, at most `max` of them.
 #[derive(Debug)]
 pub struct Connections {
-    max: usize,
+    /// Changed by a reload; connections above a lowered cap close as they end or idle.
+    max: AtomicUsize,
     open: Mutex<HashMap<u64, Arc<Activity>>>,
     next: AtomicU64,
     refused: AtomicU64,
@@ -202,9 +203,14 @@ impl Drop for Registered {
 
 impl Connections {
     /// `max` is at least 1 (config validation).
+    /// A reload's new cap; the connections held stay.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max.max(1), Ordering::Relaxed);
+    }
+
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Connections {
-            max: max.max(1),
+            max: AtomicUsize::new(max.max(1)),
             open: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -220,7 +226,7 @@ impl Connections {
     /// `None` (counted) when every one has something in flight, and the new one is to be closed.
     pub fn register(self: &Arc<Self>) -> Option<Registered> {
         let mut open = self.lock();
-        if open.len() >= self.max {
+        if open.len() >= self.max.load(Ordering::Relaxed) {
             let oldest = open
                 .iter()
                 .filter_map(|(&id, activity)| activity.quiet_since().map(|since| (since, id)))

@@ -37,6 +37,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask the running agent to re-read its config and apply what changed (as SIGHUP does);
+    /// print what changed, or why the config was refused (exit 1; the running one stays).
+    Reload {
+        /// The agent's config file: where its admin API and token file are.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The admin API's address, when `steer run` was given `--admin-addr`.
+        #[arg(long, value_name = "ADDR")]
+        admin_addr: Option<SocketAddr>,
+    },
     /// Run one llama-server, revive it when it exits, and change its arguments over
     /// `POST /v1/params` until SIGINT or SIGTERM.
     Supervise(Box<SuperviseArgs>),
@@ -201,6 +211,7 @@ fn try_main() -> anyhow::Result<()> {
             };
             let mut config = Config::load(&args.config, &overrides)?;
             let open_files = lb_userspace::limits::raise_open_files();
+            let reloading = lb_userspace::Reloading::new(overrides, open_files);
             lb_userspace::limits::fit_caps(
                 &mut config.admin_limits,
                 &mut config.services,
@@ -208,10 +219,42 @@ fn try_main() -> anyhow::Result<()> {
             );
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
-                let (shutdown, force) = shutdown_signals().context("installing signal handlers")?;
-                lb_userspace::run(config, shutdown, force).await?;
+                let trigger = reloading.trigger.clone();
+                let (shutdown, force) =
+                    shutdown_signals(Some(trigger)).context("installing signal handlers")?;
+                lb_userspace::run(config, reloading, shutdown, force).await?;
                 Ok(())
             })
+        }
+        Command::Reload { config, admin_addr } => {
+            let overrides = Overrides {
+                admin_addr,
+                ..Overrides::default()
+            };
+            let config = Config::load(&config, &overrides)?;
+            let token = token::read_existing(&config.admin_token_file)
+                .context("agent.admin_token_file")?
+                .with_context(|| {
+                    format!(
+                        "no token in {} (has the agent started?)",
+                        config.admin_token_file.display()
+                    )
+                })?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let wait = Duration::from_secs(600);
+            let (status, body) = runtime.block_on(lb_userspace::reload::ask(
+                config.admin_addr,
+                token.secret(),
+                wait,
+            ))?;
+            let answer: serde_json::Value = serde_json::from_str(&body)
+                .with_context(|| format!("the agent answered {status}: {body}"))?;
+            if status != 200 {
+                let error = answer["error"].as_str().unwrap_or(&body);
+                anyhow::bail!("reload refused ({status}): {error}");
+            }
+            writeln!(std::io::stdout().lock(), "{answer:#}").context("writing the report")?;
+            Ok(())
         }
         Command::Supervise(args) => supervise(*args),
         #[cfg(feature = "etcd")]
@@ -264,7 +307,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let (shutdown, _) = shutdown_signals().context("installing signal handlers")?;
+        let (shutdown, _) = shutdown_signals(None).context("installing signal handlers")?;
         let token = &args.admin_token_file;
         lb_userspace::supervise(spec, args.supervisor_addr, token, shutdown).await?;
         Ok(())
@@ -311,10 +354,13 @@ fn log_filter(directives: &str) -> anyhow::Result<EnvFilter> {
 }
 
 /// The first SIGINT or SIGTERM completes the first future (drain), the next one the second
-/// (cut it short). SIGHUP, SIGUSR1 and SIGUSR2, whose default is to kill the process (an ssh
-/// logout, a habitual `kill -HUP`), are logged and otherwise ignored: the agent has no reload
-/// yet. The handlers are installed before either is awaited; call in the runtime.
-fn shutdown_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
+/// (cut it short). SIGHUP asks `reload` for a reload (its outcome is logged by the agent);
+/// without one (`steer supervise`), and always for SIGUSR1 and SIGUSR2, whose default is to kill
+/// the process, the signal is logged and otherwise ignored. The handlers are installed before
+/// either future is awaited; call in the runtime.
+fn shutdown_signals(
+    reload: Option<lb_userspace::reload::Trigger>,
+) -> std::io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
@@ -331,11 +377,13 @@ fn shutdown_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<
                 _ = user2.recv() => ("SIGUSR2", false),
             };
             if !stops {
-                if name == "SIGHUP" {
-                    tracing::warn!(
-                        signal = name,
-                        "ignored: a config reload is not implemented yet; restart the agent to apply a change"
-                    );
+                if let (Some(trigger), "SIGHUP") = (&reload, name) {
+                    tracing::info!(signal = name, "reloading the config");
+                    let trigger = trigger.clone();
+                    // The agent logs the outcome; the next signal need not wait for it.
+                    tokio::spawn(async move { trigger.reload().await });
+                } else if name == "SIGHUP" {
+                    tracing::warn!(signal = name, "ignored: `steer supervise` has no reload");
                 } else {
                     tracing::warn!(signal = name, "ignored: it means nothing to the agent");
                 }

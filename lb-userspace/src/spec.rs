@@ -528,6 +528,11 @@ impl AdminToken {
         (!token.is_empty()).then(|| AdminToken(token.to_owned()))
     }
 
+    /// The token itself, for a client of the agent's own (`steer reload`) to present.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Compares in time independent of where the first difference is.
     pub fn matches(&self, presented: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), presented.as_bytes());
@@ -572,7 +577,7 @@ impl XdpMode {
 }
 
 /// What the agent's config decides about the data plane.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct XdpOptions {
     /// Interfaces to attach to; each one's first IPv4 address is the source towards backends
     /// reached through it.
@@ -691,7 +696,7 @@ impl DriverConfig {
 }
 
 /// One instance as the command line or the agent's config describes it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceSpec {
     pub name: String,
     pub binary: String,
@@ -708,9 +713,32 @@ pub struct InstanceSpec {
     pub group: Option<String>,
 }
 
+impl InstanceSpec {
+    /// The address its llama-server binds: `--host` (the last one given), else llama-server's
+    /// default 127.0.0.1; a host that is no IP address (a name, a socket path) as the wildcard,
+    /// which clashes with every address.
+    pub fn listen_ip(&self) -> std::net::IpAddr {
+        let mut host = None;
+        let mut args = self.extra_args.iter();
+        while let Some(arg) = args.next() {
+            if arg == "--host" {
+                host = args.next().map(String::as_str);
+            } else if let Some(value) = arg.strip_prefix("--host=") {
+                host = Some(value);
+            }
+        }
+        match host {
+            None => std::net::Ipv4Addr::LOCALHOST.into(),
+            Some(host) => host
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        }
+    }
+}
+
 /// How an instance is run and what its API may change (`[[instance]]` keys, or `steer
 /// supervise` flags).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceSettings {
     /// How long a start may take to answer its health check.
     pub startup_timeout: Duration,
@@ -745,7 +773,7 @@ impl Default for InstanceSettings {
 }
 
 /// `[[instance]] service = ...`: the instance is a backend of that service.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceBackend {
     pub service: String,
     /// Where clients' traffic reaches it; `None`: the first IPv4 address of the agent's first

@@ -63,6 +63,14 @@ pub enum TableError {
         service: String,
         address: SocketAddrV4,
     },
+    #[error(
+        "service `{service}`: {address} is a loopback address, which XDP cannot forward this l4 \
+         service's connections to; give the backend an address other hosts reach"
+    )]
+    LoopbackSteered {
+        service: String,
+        address: SocketAddrV4,
+    },
     #[error("service `{service}` already has the maximum of {MAX_BACKENDS_PER_SERVICE} backends")]
     ServiceFull { service: String },
     /// The supervisor drains and revives it; removing it would leave the instance steering an
@@ -336,7 +344,9 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, TableError>) -> 
 
 enum Command {
     Add(NewBackend, Reply<BackendInfo>),
-    Remove(u32, Reply<BackendInfo>),
+    Reconfigure(Box<ServiceSpec>, Reply<()>),
+    /// With the supervised instance whose backend it is, if it is one.
+    Remove(u32, Option<String>, Reply<BackendInfo>),
     SetState(u32, BackendState, Reply<BackendInfo>),
     SetChecks(u32, SocketAddrV4, Checks, Reply<()>),
     SetProcess(u32, SocketAddrV4, ProcessHealth, Reply<()>),
@@ -373,10 +383,31 @@ impl TableHandle {
         self.call(|reply| Command::Add(backend, reply)).await
     }
 
+    /// A reload's new spec of the service of that name (its address and mode unchanged):
+    /// policy, pools and health checking, and the config's backends by difference with the
+    /// spec before (added, removed, reweighted); backends the config did not change, and those
+    /// of the API, the fleet and the instances, are left as they are.
+    pub async fn reconfigure(&self, spec: ServiceSpec) -> Result<(), TableError> {
+        self.call(|reply| Command::Reconfigure(Box::new(spec), reply))
+            .await
+    }
+
     /// Stops new flows at once; the backend's open flows go on in the kernel. A supervised
     /// instance's backend is refused ([`TableError::Supervised`]).
     pub async fn remove_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
-        self.call(|reply| Command::Remove(id, reply)).await
+        self.call(|reply| Command::Remove(id, None, reply)).await
+    }
+
+    /// Removes the backend of supervised `instance` once it has stopped for good (a reload
+    /// took the instance out); refused for another instance's or an unsupervised backend.
+    pub async fn remove_instance_backend(
+        &self,
+        id: u32,
+        instance: &str,
+    ) -> Result<BackendInfo, TableError> {
+        let instance = instance.to_owned();
+        self.call(|reply| Command::Remove(id, Some(instance), reply))
+            .await
     }
 
     pub async fn drain_backend(&self, id: u32) -> Result<BackendInfo, TableError> {
@@ -590,6 +621,8 @@ struct ServiceEntry {
     kernel_steers: bool,
     /// The proxy's model pools (see [`Route::pools`]).
     pools: Vec<PoolSpec>,
+    /// The config's backends as last applied: a reload changes what differs from them.
+    configured: Vec<BackendSpec>,
     slots: Vec<Slot>,
     /// The active backends (slot, weight, address) the kernel's Maglev table was last built for.
     maglev_of: Option<Vec<(u32, u32, SocketAddrV4)>>,
@@ -795,6 +828,7 @@ impl<D: Dataplane> Table<D> {
                 checked,
                 kernel_steers: service.kernel_steers(),
                 pools: service.pools.clone(),
+                configured: service.backends.clone(),
                 slots: vec![Slot::default(); SLOTS],
                 maglev_of: None,
                 ring_written: None,
@@ -895,7 +929,10 @@ impl<D: Dataplane> Table<D> {
     fn run_one(&mut self, command: Command) -> Answer {
         match command {
             Command::Add(backend, reply) => answer(reply, self.add(backend)),
-            Command::Remove(id, reply) => answer(reply, self.remove(id)),
+            Command::Reconfigure(spec, reply) => answer(reply, self.reconfigure(&spec)),
+            Command::Remove(id, instance, reply) => {
+                answer(reply, self.remove(id, instance.as_deref()))
+            }
             Command::SetState(id, state, reply) => answer(reply, self.set_state(id, state)),
             Command::SetChecks(id, address, checks, reply) => {
                 answer(reply, self.set_checks(id, address, checks))
@@ -944,6 +981,12 @@ impl<D: Dataplane> Table<D> {
     /// The lowest free slot of a service that has no backend at `address`.
     fn free_slot(&self, service: usize, address: SocketAddrV4) -> Result<usize, TableError> {
         let entry = &self.services[service];
+        if entry.kernel_steers && self.dataplane.rewrites_packets() && address.ip().is_loopback() {
+            return Err(TableError::LoopbackSteered {
+                service: entry.name.clone(),
+                address,
+            });
+        }
         let taken = entry.slots.iter().filter_map(|s| s.backend.as_ref());
         if taken.clone().any(|b| b.address == address) {
             return Err(TableError::DuplicateAddress {
@@ -998,11 +1041,81 @@ impl<D: Dataplane> Table<D> {
         Ok(info)
     }
 
-    fn remove(&mut self, id: u32) -> Result<BackendInfo, TableError> {
+    fn reconfigure(&mut self, spec: &ServiceSpec) -> Result<(), TableError> {
+        let service = self
+            .services
+            .iter()
+            .position(|s| s.name == spec.name)
+            .ok_or_else(|| TableError::UnknownService(spec.name.clone()))?;
+        let checked = spec.health.is_some();
+        let entry = &mut self.services[service];
+        entry.policy = spec.policy;
+        entry.checked = checked;
+        entry.kernel_steers = spec.kernel_steers();
+        entry.pools = spec.pools.clone();
+        // Rebuilt at the sync below: a policy turned to maglev needs the kernel's table.
+        entry.maglev_of = None;
+        for backend in entry.slots.iter_mut().filter_map(|s| s.backend.as_mut()) {
+            backend.checked = checked;
+        }
+        let before = std::mem::replace(&mut entry.configured, spec.backends.clone());
+        let at = |table: &Self, address: SocketAddrV4| {
+            table.services[service]
+                .slots
+                .iter()
+                .position(|s| s.backend.as_ref().is_some_and(|b| b.address == address))
+        };
+        for gone in before
+            .iter()
+            .filter(|b| !spec.backends.iter().any(|n| n.address == b.address))
+        {
+            // Gone already if the API removed it.
+            if let Some(slot) = at(self, gone.address) {
+                self.remove(backend_id(service, slot), None)?;
+            }
+        }
+        for backend in &spec.backends {
+            match before.iter().find(|b| b.address == backend.address) {
+                None => {
+                    self.add(NewBackend {
+                        service: spec.name.clone(),
+                        address: backend.address,
+                        weight: backend.weight,
+                        max_connections: backend.max_connections,
+                        models: backend.models.clone(),
+                        instance: None,
+                    })?;
+                }
+                Some(old) if old != backend => {
+                    if let Some(slot) = at(self, backend.address) {
+                        self.change(service, slot, |s| {
+                            if let Some(b) = &mut s.backend {
+                                b.weight = backend.weight;
+                                b.max_connections = backend.max_connections;
+                                b.models = backend.models.clone();
+                            }
+                        })?;
+                        info!(id = backend_id(service, slot), address = %backend.address, weight = backend.weight.get(), max_connections = backend.max_connections, "backend reconfigured");
+                    }
+                }
+                // Unchanged in the config: left as it is, whatever the API did to it since.
+                Some(_) => {}
+            }
+        }
+        self.sync(service, 0..SLOTS)?;
+        info!(service = %spec.name, policy = ?spec.policy, checked, "service reconfigured");
+        Ok(())
+    }
+
+    /// `owner`: the supervised instance whose backend `id` must be; `None`: one of no instance.
+    fn remove(&mut self, id: u32, owner: Option<&str>) -> Result<BackendInfo, TableError> {
         let (service, slot) = self.occupied(id)?;
         let info = self.info(service, slot)?;
-        if let Some(instance) = info.instance {
-            return Err(TableError::Supervised { id, instance });
+        if info.instance.as_deref() != owner {
+            return match info.instance {
+                Some(instance) => Err(TableError::Supervised { id, instance }),
+                None => Err(TableError::UnknownBackend(id)),
+            };
         }
         self.change(service, slot, |s| {
             s.backend = None;
@@ -1509,6 +1622,60 @@ mod tests {
         ]
     }
 
+    /// A reload's spec changes the policy and the config's backends by difference: a backend
+    /// added, one removed, one reweighted; the one the API removed and the config still lists
+    /// unchanged stays out, and the API's own backend stays in.
+    #[tokio::test]
+    async fn reconfigure_applies_the_configs_difference_only() -> Result<(), TableError> {
+        let mut services = services();
+        services[0].backends.push(backend("10.0.1.4:8080", 1));
+        let fake = FakeDataplane::default();
+        let (table, _task) = start(fake.clone(), &services)?;
+        table.remove_backend(1).await?;
+        table
+            .add_backend(new_backend("chat", "10.0.1.9:8080"))
+            .await?;
+        let mut chat = services[0].clone();
+        chat.policy = Policy::Maglev;
+        chat.backends = vec![
+            backend("10.0.1.2:8080", 3),
+            backend("10.0.1.3:8080", 1),
+            backend("10.0.1.5:8080", 1),
+        ];
+        table.reconfigure(chat).await?;
+        let listed: Vec<(String, u16)> = table
+            .snapshot()?
+            .backends
+            .iter()
+            .filter(|b| b.service == "chat")
+            .map(|b| (b.address.to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("10.0.1.2:8080".to_owned(), 3),
+                ("10.0.1.9:8080".to_owned(), 1),
+                ("10.0.1.5:8080".to_owned(), 1),
+            ],
+            "10.0.1.3 stays removed (the config did not change it), 10.0.1.4 went, 10.0.1.5 came"
+        );
+        {
+            let maps = fake.maps();
+            let kernel = maps.services[&ServiceKey::tcp(addr("10.0.0.100:80"))];
+            assert_eq!(kernel.policy, lb_common::policy::MAGLEV);
+            assert!(maps.maglev.contains_key(&0), "the maglev table is written");
+        }
+        assert!(matches!(
+            table.reconfigure(ServiceSpec {
+                name: "nope".to_owned(),
+                ..services[0].clone()
+            })
+            .await,
+            Err(TableError::UnknownService(name)) if name == "nope"
+        ));
+        Ok(())
+    }
+
     /// An http service chooses per request: XDP must pass its SYNs to the proxy, so only the l4
     /// service gets a kernel entry.
     #[tokio::test]
@@ -1852,6 +2019,12 @@ mod tests {
                 .add_backend(new_backend("chat", "10.0.1.2:8080"))
                 .await,
             Err(TableError::DuplicateAddress { .. })
+        ));
+        // `chat` is l4: with XDP a loopback backend is refused, with the proxy alone it is not.
+        fake.maps().rewrites_packets = true;
+        assert!(matches!(
+            handle.add_backend(new_backend("chat", "127.0.0.1:8080")).await,
+            Err(TableError::LoopbackSteered { service, .. }) if service == "chat"
         ));
         for id in [2, 64, 4095, u32::MAX] {
             assert!(matches!(

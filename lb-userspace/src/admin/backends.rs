@@ -42,6 +42,7 @@ impl From<TableError> for ApiError {
     fn from(err: TableError) -> Self {
         let status = match &err {
             TableError::UnknownService(_) | TableError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+            TableError::LoopbackSteered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             TableError::DuplicateAddress { .. }
             | TableError::ServiceFull { .. }
             | TableError::Supervised { .. } => StatusCode::CONFLICT,

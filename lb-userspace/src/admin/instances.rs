@@ -7,7 +7,6 @@
 //! a path that does not resolve), 403 (a binary, flag or path the API may not set: see
 //! [`crate::supervisor::policy`]) or 401 (token). Secret values are shown redacted.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -18,7 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, Authorized, BODY_LIMIT};
+use super::{ApiError, Authorized, BODY_LIMIT, Live};
 use crate::spec::AdminToken;
 use crate::store::SavedArgs;
 use crate::supervisor::{
@@ -30,7 +29,7 @@ pub const DEFAULT_INSTANCE: &str = "default";
 
 #[derive(Clone)]
 struct ParamsState {
-    instances: Arc<BTreeMap<String, InstanceHandle>>,
+    running: Live,
     token: Arc<AdminToken>,
 }
 
@@ -41,15 +40,8 @@ impl FromRef<ParamsState> for Arc<AdminToken> {
 }
 
 /// The params routes for `instances`, without fallbacks (see [`super::router`]).
-pub fn router(instances: Vec<InstanceHandle>, token: Arc<AdminToken>) -> Router {
-    let instances = instances
-        .into_iter()
-        .map(|handle| (handle.name().to_owned(), handle))
-        .collect();
-    let state = ParamsState {
-        instances: Arc::new(instances),
-        token,
-    };
+pub fn router(running: Live, token: Arc<AdminToken>) -> Router {
+    let state = ParamsState { running, token };
     Router::new()
         .route("/v1/params", get(show_default).post(change_default))
         .route(
@@ -101,12 +93,17 @@ struct AcceptedBody {
 }
 
 impl ParamsState {
-    fn instance(&self, name: Option<&str>) -> Result<&InstanceHandle, ApiError> {
+    /// The instance `name` (as the latest reload left them), else the only one, else the one
+    /// named [`DEFAULT_INSTANCE`].
+    fn instance(&self, name: Option<&str>) -> Result<InstanceHandle, ApiError> {
+        let running = self.running.borrow();
+        let named = |name: &str| running.instances.iter().find(|i| i.name() == name);
         let found = match name {
-            Some(name) => self.instances.get(name),
-            None if self.instances.len() == 1 => self.instances.values().next(),
-            None => self.instances.get(DEFAULT_INSTANCE),
-        };
+            Some(name) => named(name),
+            None if running.instances.len() == 1 => running.instances.first(),
+            None => named(DEFAULT_INSTANCE),
+        }
+        .cloned();
         found.ok_or_else(|| {
             let message = match name {
                 Some(name) => format!("no instance named `{name}`"),
@@ -232,6 +229,15 @@ async fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The routes over `instances`, a set no reload changes.
+    fn fixed_router(instances: Vec<InstanceHandle>, token: Arc<AdminToken>) -> Router {
+        let running = crate::admin::Running {
+            instances,
+            ..Default::default()
+        };
+        router(running.fixed(), token)
+    }
     use crate::admin::backends::tests::{TEST_TOKEN, call, call_with, test_token};
     use crate::spec::{DriverConfig, InstanceSettings};
     use crate::store::{SavedArgs, Store};
@@ -295,7 +301,7 @@ mod tests {
     #[tokio::test]
     async fn routes_pick_the_only_the_default_or_the_named_instance() {
         let dir = temp_dir("routes");
-        let app = router(
+        let app = fixed_router(
             vec![
                 instance(&dir, "a").await,
                 instance(&dir, DEFAULT_INSTANCE).await,
@@ -310,7 +316,7 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no instance named `zz`");
 
-        let app = router(
+        let app = fixed_router(
             vec![instance(&dir, "a").await, instance(&dir, "b").await],
             test_token(),
         );
@@ -322,7 +328,7 @@ mod tests {
                 .is_some_and(|e| e.contains("/v1/instances/"))
         );
 
-        let app = router(vec![instance(&dir, "solo").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "solo").await], test_token());
         let (status, body) = call(&app, Method::GET, "/v1/params", None).await;
         assert_eq!((status, &body["name"]), (StatusCode::OK, &json!("solo")));
         let _ = std::fs::remove_dir_all(&dir);
@@ -331,7 +337,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_are_checked_before_anything_changes() {
         let dir = temp_dir("bodies");
-        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "gpt").await], test_token());
         let post = |body: String| {
             let app = app.clone();
             async move { call(&app, Method::POST, "/v1/params", Some(&body)).await }
@@ -380,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn changes_need_the_token_when_one_is_set() {
         let dir = temp_dir("token");
-        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "gpt").await], test_token());
         let change = Some(r#"{"args": {"--ctx-size": 1}}"#);
         let uri = "/v1/params?wait=false";
         let (status, _) = call_with(&app, Method::GET, "/v1/params", None, None).await;
@@ -402,7 +408,7 @@ mod tests {
     #[tokio::test]
     async fn flags_outside_the_allowlist_are_forbidden() {
         let dir = temp_dir("policy");
-        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "gpt").await], test_token());
         for (flag, value) in [
             ("--path", json!("/etc")),
             ("--log-file", json!("/tmp/steer-owned")),
@@ -429,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn values_are_validated_and_kept_exact() {
         let dir = temp_dir("values");
-        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "gpt").await], test_token());
         for body in [
             r#"{"args": {"--alias": "a\u0000b"}}"#,
             r#"{"args": {"--alias": "a\u001b[31m"}}"#,
@@ -461,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn bad_names_and_queries_get_json_errors() {
         let dir = temp_dir("names");
-        let app = router(vec![instance(&dir, "gpt").await], test_token());
+        let app = fixed_router(vec![instance(&dir, "gpt").await], test_token());
         let app = super::super::with_fallbacks(app);
         for (method, uri, body) in [
             (Method::GET, "/v1/instances/%FF%FE/params", None),
@@ -508,7 +514,7 @@ mod tests {
         };
         let settings = settings(ArgPolicy::new(&["--api-key".to_owned()], &[], "m.gguf"));
         let (handle, _task) = spawn("gpt", args, Aliases::default(), settings, store, None);
-        let app = router(vec![handle], test_token());
+        let app = fixed_router(vec![handle], test_token());
         let change = r#"{"args": {"--api-key": "n3w-key"}}"#;
         let (status, _) = call(&app, Method::POST, "/v1/params?wait=false", Some(change)).await;
         assert_eq!(status, StatusCode::ACCEPTED);

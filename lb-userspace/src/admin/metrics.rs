@@ -34,8 +34,8 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::limits::{ConnectionStats, Connections};
-use crate::proxy::{ProxyStats, Series, SeriesKey, ServiceProxy};
-use crate::supervisor::{InstanceHandle, Outcome, State as InstanceState, Status};
+use crate::proxy::{ProxyStats, Series, SeriesKey};
+use crate::supervisor::{Outcome, State as InstanceState, Status};
 use crate::table::{
     BackendInfo, BackendState, BackendStatus, ServiceCounters, ServiceInfo, Snapshot, TableHandle,
 };
@@ -45,8 +45,7 @@ use crate::table::{
 #[derive(Clone)]
 pub struct MetricSources {
     pub table: Option<TableHandle>,
-    pub instances: Arc<[InstanceHandle]>,
-    pub proxies: Arc<[Arc<ServiceProxy>]>,
+    pub running: super::Live,
     /// The admin API's client connections.
     pub admin: Arc<Connections>,
     #[cfg(feature = "etcd")]
@@ -76,11 +75,12 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
         Some(table) => Some(table.fresh_snapshot().await?),
         None => None,
     };
-    let mut instances = Vec::with_capacity(sources.instances.len());
-    for instance in sources.instances.iter() {
+    let running = Arc::clone(&sources.running.borrow());
+    let mut instances = Vec::with_capacity(running.instances.len());
+    for instance in &running.instances {
         instances.push(instance.status().await?);
     }
-    let proxies = sources
+    let proxies = running
         .proxies
         .iter()
         .map(|proxy| ProxyScrape {
@@ -921,8 +921,7 @@ mod tests {
     fn test_sources(table: Option<TableHandle>) -> MetricSources {
         MetricSources {
             table,
-            instances: Arc::new([]),
-            proxies: Arc::new([]),
+            running: crate::admin::Running::default().fixed(),
             admin: Connections::new(8),
             #[cfg(feature = "etcd")]
             fleet: None,

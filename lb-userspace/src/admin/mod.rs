@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod instances;
 pub mod metrics;
 pub mod proxy_stats;
+pub mod reload;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::limits::{self, Connections};
@@ -35,12 +37,30 @@ use crate::spec::{AdminLimits, AdminToken};
 use crate::supervisor::InstanceHandle;
 use crate::table::TableHandle;
 
+/// The userspace proxies and supervised instances as they run now: a reload publishes new ones.
+#[derive(Clone, Debug, Default)]
+pub struct Running {
+    pub proxies: Vec<Arc<ServiceProxy>>,
+    pub instances: Vec<InstanceHandle>,
+}
+
+/// What the routes read [`Running`] from at each request.
+pub type Live = watch::Receiver<Arc<Running>>;
+
+impl Running {
+    /// A set that never changes (`steer supervise`, tests).
+    pub fn fixed(self) -> Live {
+        watch::channel(Arc::new(self)).1
+    }
+}
+
 /// What an admin API serves: the table (none under `steer supervise`), the supervised
-/// instances, the userspace proxies, and the token mutating calls need.
+/// instances and the userspace proxies, the reload (`steer run`), and the token mutating calls
+/// need.
 pub struct Sources {
     pub table: Option<TableHandle>,
-    pub instances: Vec<InstanceHandle>,
-    pub proxies: Vec<Arc<ServiceProxy>>,
+    pub running: Live,
+    pub reload: Option<crate::reload::Trigger>,
     pub token: Arc<AdminToken>,
     /// `[fleet]`: what the fleet tasks know.
     #[cfg(feature = "etcd")]
@@ -65,21 +85,24 @@ pub async fn serve(
 fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     let Sources {
         table,
-        instances,
-        proxies,
+        running,
+        reload,
         token,
         #[cfg(feature = "etcd")]
         fleet,
     } = sources;
     let metrics = metrics::MetricSources {
         table: table.clone(),
-        instances: instances.clone().into(),
-        proxies: proxies.clone().into(),
+        running: running.clone(),
         admin: connections,
         #[cfg(feature = "etcd")]
         fleet: fleet.clone(),
     };
-    let mut app = instances::router(instances, Arc::clone(&token)).merge(metrics::router(metrics));
+    let mut app =
+        instances::router(running.clone(), Arc::clone(&token)).merge(metrics::router(metrics));
+    if let Some(reload) = reload {
+        app = app.merge(reload::router(reload, Arc::clone(&token)));
+    }
     #[cfg(feature = "etcd")]
     if let Some(fleet) = fleet {
         app = app.merge(fleet::router(fleet, Arc::clone(&token)));
@@ -88,7 +111,7 @@ fn router(sources: Sources, connections: Arc<Connections>) -> Router {
     if let Some(table) = table {
         app = app
             .merge(backends::router(table, token))
-            .merge(proxy_stats::router(proxies));
+            .merge(proxy_stats::router(running));
     }
     with_fallbacks(app)
 }

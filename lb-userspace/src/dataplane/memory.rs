@@ -52,6 +52,10 @@ impl Dataplane for Userspace {
         false
     }
 
+    fn rewrites_packets(&self) -> bool {
+        false
+    }
+
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.conns.reset(id);
         Ok(())

@@ -23,6 +23,9 @@ pub trait Dataplane: Send + 'static {
     fn write_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError>;
     /// Whether `addr` is one of this host's own addresses: a backend there is local.
     fn is_local(&self, addr: std::net::Ipv4Addr) -> bool;
+    /// Whether packets from the wire are rewritten to backends (XDP): then a backend on loopback
+    /// is unreachable, the kernel drops what is rewritten to it.
+    fn rewrites_packets(&self) -> bool;
     /// Set a backend id's active connection count to zero, when the id changes owner.
     fn reset_connections(&mut self, id: u32) -> Result<(), DataplaneError>;
     /// The per-backend connection counts the kernel and the proxy keep (active connections,

@@ -677,6 +677,10 @@ impl Dataplane for KernelMaps {
         Ok(())
     }
 
+    fn rewrites_packets(&self) -> bool {
+        true
+    }
+
     fn is_local(&self, addr: Ipv4Addr) -> bool {
         match crate::host::has_address(addr) {
             Ok(local) => local,

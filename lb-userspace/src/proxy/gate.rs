@@ -215,8 +215,9 @@ pub struct Gate {
     /// Tickets of the waiting connections, oldest first.
     queue: Mutex<VecDeque<u64>>,
     next_ticket: AtomicU64,
-    released: Notify,
-    counters: Counters,
+    /// Shared with the gate it replaced at a reload (see [`Carried`]).
+    released: Arc<Notify>,
+    counters: Arc<Counters>,
     /// The service's queue wait histogram, which every pool's waits go into too.
     service_wait: Histogram,
     /// When the last few waiters were served, newest last: the queue's recent pace, from which
@@ -371,6 +372,35 @@ const WAIT_MARGIN: f64 = 2.0;
 /// Waiters' service times kept for [`Gate::retry_after`].
 const PACE_SAMPLES: usize = 16;
 
+/// What a pool's gate takes over from the one it replaces when a reload changes its service:
+/// its counters (they never go back) and its wake-up, so the old gate's waiters also wake when a
+/// request admitted by the new one ends.
+pub struct Carried {
+    service_wait: Histogram,
+    counters: Arc<Counters>,
+    released: Arc<Notify>,
+}
+
+impl Carried {
+    /// For a new pool: fresh counters; its waits also go into the service's `service_wait`.
+    pub fn fresh(service_wait: Histogram) -> Carried {
+        Carried {
+            service_wait,
+            counters: Arc::default(),
+            released: Arc::default(),
+        }
+    }
+
+    /// For the pool `old` served, under its service's `service_wait`.
+    pub fn from(old: &Gate, service_wait: Histogram) -> Carried {
+        Carried {
+            service_wait,
+            counters: Arc::clone(&old.counters),
+            released: Arc::clone(&old.released),
+        }
+    }
+}
+
 /// A claimed connection on a backend; dropping it gives the connection back and wakes the queue.
 #[derive(Debug)]
 pub struct Lease {
@@ -423,7 +453,7 @@ impl Gate {
         counts: Arc<ConnCounts>,
         requests: Arc<RequestCounts>,
         routes: watch::Receiver<Routes>,
-        service_wait: Histogram,
+        carried: Carried,
     ) -> Arc<Self> {
         let mut config = service.proxy.clone();
         let spec = service.pools.get(pool);
@@ -452,9 +482,9 @@ impl Gate {
             cursor: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             next_ticket: AtomicU64::new(0),
-            released: Notify::new(),
-            counters: Counters::default(),
-            service_wait,
+            released: carried.released,
+            counters: carried.counters,
+            service_wait: carried.service_wait,
             served_from_queue: Mutex::new(VecDeque::with_capacity(PACE_SAMPLES)),
         })
     }
@@ -515,6 +545,11 @@ impl Gate {
     }
 
     /// The model of its pool; `None` for the one pool of a service without pools.
+    /// Its service's index in the routes.
+    pub fn service_id(&self) -> usize {
+        self.id
+    }
+
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
@@ -1047,7 +1082,15 @@ pub(crate) mod tests {
         let (tx, rx) = watch::channel(routes(n));
         let wait = Histogram::new(WAIT_BUCKETS);
         let requests = Arc::new(RequestCounts::new(64));
-        let gate = Gate::new(service, 0, 0, Arc::clone(&counts), requests, rx, wait);
+        let gate = Gate::new(
+            service,
+            0,
+            0,
+            Arc::clone(&counts),
+            requests,
+            rx,
+            Carried::fresh(wait),
+        );
         (gate, counts, tx)
     }
 
@@ -1147,7 +1190,15 @@ pub(crate) mod tests {
         let (_, rx) = watch::channel(routes);
         let requests = Arc::new(RequestCounts::new(64));
         let wait = Histogram::new(WAIT_BUCKETS);
-        let gate = Gate::new(&service, 0, 0, Arc::clone(&counts), requests, rx, wait);
+        let gate = Gate::new(
+            &service,
+            0,
+            0,
+            Arc::clone(&counts),
+            requests,
+            rx,
+            Carried::fresh(wait),
+        );
         (gate, counts)
     }
 

@@ -58,18 +58,20 @@ type ProxyBody = Either<Full<Bytes>, Passed>;
 /// ([`crate::limits`]: `client_header_timeout`, `client_idle_timeout`, eviction at
 /// `max_client_connections`).
 pub async fn serve_connection(
-    service: Arc<ServiceProxy>,
+    current: watch::Receiver<Arc<ServiceProxy>>,
     pool: Arc<Pool>,
     client: TcpStream,
     peer: Ipv4Addr,
     registered: Registered,
     mut draining: watch::Receiver<bool>,
 ) {
-    let timeouts = service.config().client_timeouts();
+    let timeouts = current.borrow().config().client_timeouts();
     let serve = hyper::service::service_fn({
-        let service = Arc::clone(&service);
+        let current = current.clone();
         move |request| {
-            let (service, pool) = (Arc::clone(&service), Arc::clone(&pool));
+            // Each request by the service's proxy as it is now (a reload may have replaced it).
+            let service = Arc::clone(&current.borrow());
+            let pool = Arc::clone(&pool);
             async move { Ok::<_, Infallible>(handle(&service, &pool, peer, request).await) }
         }
     });
@@ -77,7 +79,7 @@ pub async fn serve_connection(
     let stop = drain_started(&mut draining);
     match limits::serve_http(client, registered, timeouts, serve, stop).await {
         Ended::Done | Ended::Closed(Closed::Idle | Closed::Evicted) => {}
-        Ended::Closed(Closed::Header) => service.count(Refusal::ClientTimeout),
+        Ended::Closed(Closed::Header) => current.borrow().count(Refusal::ClientTimeout),
         Ended::Failed(error) => debug!(%error, "client connection ended"),
     }
 }
@@ -1529,7 +1531,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let registered = crate::limits::Connections::new(1).register().expect("room");
         let served = tokio::spawn(serve_connection(
-            Arc::clone(&service),
+            tokio::sync::watch::channel(Arc::clone(&service)).1,
             Arc::new(Pool::default()),
             accepted,
             Ipv4Addr::LOCALHOST,
@@ -1566,7 +1568,7 @@ mod tests {
             .expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(crate::proxy::serve(
-            Arc::clone(&service),
+            tokio::sync::watch::channel(Arc::clone(&service)).1,
             listener,
             watch::channel(false).1,
         ));
@@ -2363,7 +2365,7 @@ mod tests {
             .expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(crate::proxy::serve(
-            Arc::clone(service),
+            tokio::sync::watch::channel(Arc::clone(service)).1,
             listener,
             watch::channel(false).1,
         ));

@@ -202,7 +202,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front = listener.local_addr().expect("address");
         let proxy = tokio::spawn(serve(
-            Arc::clone(&service),
+            tokio::sync::watch::channel(Arc::clone(&service)).1,
             listener,
             watch::channel(false).1,
         ));

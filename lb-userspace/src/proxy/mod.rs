@@ -77,13 +77,16 @@ pub fn listen(service: &ServiceSpec) -> Result<TcpListener, ProxyError> {
 
 /// Accept on `listener` until `draining` turns true, then close it and return once the open
 /// connections have ended (http: each after the request in flight, if any); the caller aborts
-/// the task to cut them.
+/// the task to cut them. Each connection (http: each request) is served by the proxy `current`
+/// holds when it arrives: a reload replaces it, and what the old one admitted finishes there.
 pub async fn serve(
-    service: Arc<ServiceProxy>,
+    current: watch::Receiver<Arc<ServiceProxy>>,
     listener: TcpListener,
     draining: watch::Receiver<bool>,
 ) {
-    let span = info_span!("proxy", service = %service.name(), address = %service.address(), mode = ?service.config().mode);
+    let first = Arc::clone(&current.borrow());
+    let span = info_span!("proxy", service = %first.name(), address = %first.address(), mode = ?first.config().mode);
+    drop(first);
     let pool = Arc::new(http::Pool::default());
     async move {
         let mut connections = JoinSet::new();
@@ -93,6 +96,7 @@ pub async fn serve(
                 () = drain_started(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((client, SocketAddr::V4(peer))) => {
+                        let service = Arc::clone(&current.borrow());
                         let Some(registered) = service.accept_client() else {
                             debug!(client = %peer, "max_client_connections reached");
                             continue;
@@ -115,7 +119,7 @@ pub async fn serve(
                             }
                             ProxyMode::Http => connections.spawn(
                                 http::serve_connection(
-                                    Arc::clone(&service),
+                                    current.clone(),
                                     Arc::clone(&pool),
                                     client,
                                     *peer.ip(),

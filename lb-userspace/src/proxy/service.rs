@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::access::{RequestMetrics, Series, SeriesKey};
-use super::gate::{Gate, PoolStats, Refusal, Retry, WAIT_BUCKETS};
+use super::gate::{Carried, Gate, PoolStats, Refusal, Retry, WAIT_BUCKETS};
 use crate::dataplane::conns::ConnCounts;
 use crate::limits::{Connections, Registered};
 use crate::requests::RequestCounts;
@@ -32,9 +32,11 @@ pub struct ServiceProxy {
     default: Arc<Gate>,
     /// The client connections held, at most `max_client_connections`.
     connections: Arc<Connections>,
-    accepted: AtomicU64,
+    /// Counted across reloads, like `connections`, `wait` and `requests`: a reloaded proxy
+    /// takes them over.
+    accepted: Arc<AtomicU64>,
     /// Refusals before a pool was chosen, indexed like [`Refusal::ALL`].
-    refused: [AtomicU64; Refusal::ALL.len()],
+    refused: Arc<[AtomicU64; Refusal::ALL.len()]>,
     /// Every pool's queue waits.
     wait: Histogram,
     /// http: each request's latency, status and tokens, by model and backend.
@@ -81,12 +83,45 @@ impl ServiceProxy {
         requests: Arc<RequestCounts>,
         routes: &watch::Receiver<Routes>,
     ) -> Arc<Self> {
-        let wait = Histogram::new(WAIT_BUCKETS);
+        Self::build(service, id, counts, requests, routes, None)
+    }
+
+    /// The proxy of `service` as a reload changed it, taking over this one's client
+    /// connections, counters and, pool by pool (matched by model), its gates' counters. The
+    /// requests this one admitted or queued finish here; new ones go to the new proxy.
+    pub fn reconfigured(
+        &self,
+        service: &ServiceSpec,
+        counts: &Arc<ConnCounts>,
+        requests: Arc<RequestCounts>,
+        routes: &watch::Receiver<Routes>,
+    ) -> Arc<Self> {
+        self.connections
+            .set_max(service.proxy.max_client_connections);
+        let id = self.default.service_id();
+        Self::build(service, id, counts, requests, routes, Some(self))
+    }
+
+    fn build(
+        service: &ServiceSpec,
+        id: usize,
+        counts: &Arc<ConnCounts>,
+        requests: Arc<RequestCounts>,
+        routes: &watch::Receiver<Routes>,
+        previous: Option<&ServiceProxy>,
+    ) -> Arc<Self> {
+        let wait = previous.map_or_else(|| Histogram::new(WAIT_BUCKETS), |p| p.wait.clone());
+        let model = |pool: usize| service.pools.get(pool).map(|p| p.model.as_str());
         let gates: Vec<Arc<Gate>> = (0..service.pools.len().max(1))
             .map(|pool| {
                 let (counts, routes) = (Arc::clone(counts), routes.clone());
                 let requests = Arc::clone(&requests);
-                Gate::new(service, pool, id, counts, requests, routes, wait.clone())
+                let old = previous.and_then(|p| p.gates.iter().find(|g| g.model() == model(pool)));
+                let carried = match old {
+                    Some(old) => Carried::from(old, wait.clone()),
+                    None => Carried::fresh(wait.clone()),
+                };
+                Gate::new(service, pool, id, counts, requests, routes, carried)
             })
             .collect();
         // There is at least one gate, and the config names an existing pool.
@@ -98,11 +133,14 @@ impl ServiceProxy {
             specs: service.pools.clone(),
             gates,
             default,
-            connections: Connections::new(service.proxy.max_client_connections),
-            accepted: AtomicU64::default(),
-            refused: Default::default(),
+            connections: previous.map_or_else(
+                || Connections::new(service.proxy.max_client_connections),
+                |p| Arc::clone(&p.connections),
+            ),
+            accepted: previous.map_or_else(Arc::default, |p| Arc::clone(&p.accepted)),
+            refused: previous.map_or_else(Arc::default, |p| Arc::clone(&p.refused)),
             wait,
-            requests: Arc::default(),
+            requests: previous.map_or_else(Arc::default, |p| Arc::clone(&p.requests)),
         })
     }
 
@@ -182,7 +220,7 @@ impl ServiceProxy {
         let connections = self.connections.stats();
         let refused = Refusal::ALL
             .iter()
-            .zip(&self.refused)
+            .zip(self.refused.iter())
             .map(|(r, n)| {
                 let in_pools: u64 = pools.iter().filter_map(|p| p.refused.get(r.name())).sum();
                 (r.name(), n.load(Ordering::Relaxed) + in_pools)

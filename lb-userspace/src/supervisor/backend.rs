@@ -46,6 +46,11 @@ impl BackendLink {
         }
     }
 
+    /// Its id in the table.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Where the table sends this backend's connections.
     pub fn address(&self) -> SocketAddrV4 {
         self.address
