@@ -516,6 +516,41 @@ impl Config {
         .collect()
     }
 
+    /// Where a client of the running agent (`steer reload`) reaches it: `admin_addr` (or
+    /// `agent.admin_addr`, else the default) and the token file, read without validating the
+    /// rest of the file, which is the agent's to judge (it says why it refuses one).
+    pub fn admin_endpoint(
+        path: &Path,
+        admin_addr: Option<SocketAddr>,
+    ) -> Result<(SocketAddr, PathBuf), ConfigError> {
+        #[derive(Deserialize)]
+        struct Admin {
+            #[serde(default)]
+            agent: AdminKeys,
+        }
+        #[derive(Default, Deserialize)]
+        struct AdminKeys {
+            admin_addr: Option<SocketAddr>,
+            admin_token_file: Option<Spanned<PathBuf>>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let facts = host::Facts::read();
+        let doc = Doc {
+            path,
+            text: &text,
+            facts: &facts,
+        };
+        let admin: Admin = toml::from_str(&text)
+            .map_err(|error| doc.invalid(error.span(), "agent", error.message().trim()))?;
+        let addr = admin_addr
+            .or(admin.agent.admin_addr)
+            .unwrap_or(DEFAULT_ADMIN_ADDR);
+        Ok((addr, doc.token_path(admin.agent.admin_token_file.as_ref())))
+    }
+
     /// Read and validate the config file, with command-line overrides applied.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -683,12 +718,14 @@ impl Doc<'_> {
             instances: &instances,
         };
         self.addresses_apart(&settled, &raw.service, &instance_spans)?;
-        if dataplane == DataplaneKind::Xdp {
+        // Not root, `xdp` runs as `userspace` (with a warning): these would not apply.
+        let xdp = dataplane == DataplaneKind::Xdp && self.facts.loads_bpf;
+        if xdp {
             self.loopback_unsteered(&raw.service, &services, &instances, &instance_spans)?;
             self.snat_outside_ephemeral(&snat_ports, snat_span)?;
         }
         // XDP attaches to them; an instance without `address` takes the first one's.
-        if dataplane == DataplaneKind::Xdp
+        if xdp
             || instances
                 .iter()
                 .any(|i| i.backend.as_ref().is_some_and(|b| b.address.is_none()))
@@ -870,7 +907,13 @@ impl Doc<'_> {
         let Some(ephemeral) = &self.facts.ephemeral_ports else {
             return Ok(());
         };
-        if snat.start() > ephemeral.end() || snat.end() < ephemeral.start() {
+        let (first, last) = (
+            *snat.start().max(ephemeral.start()),
+            *snat.end().min(ephemeral.end()),
+        );
+        // Reserved ports are the kernel's way out: it picks none of them for itself.
+        let reserved = |port: u16| self.facts.reserved_ports.iter().any(|r| r.contains(&port));
+        if first > last || (first..=last).all(reserved) {
             return Ok(());
         }
         let set = if span.is_some() {
@@ -884,7 +927,8 @@ impl Doc<'_> {
             format!(
                 "SNAT ports {}-{} overlap this host's ephemeral ports {}-{} \
                  (net.ipv4.ip_local_port_range; {set}): set agent.snat_ports to a range outside \
-                 them, or narrow the ephemeral range",
+                 them, reserve them (net.ipv4.ip_local_reserved_ports), or narrow the ephemeral \
+                 range",
                 snat.start(),
                 snat.end(),
                 ephemeral.start(),
@@ -1960,6 +2004,8 @@ address = "10.0.0.100:81"
         host::Facts {
             interfaces: ["lo", "eth0", "eth1"].map(String::from).to_vec(),
             ephemeral_ports: Some(32768..=60999),
+            reserved_ports: Vec::new(),
+            loads_bpf: true,
         }
     }
 
@@ -2579,6 +2625,13 @@ address = "10.0.0.100:81"
             &flag,
             &facts(),
         )?;
+        // Not root, `xdp` runs as `userspace`: nothing of XDP's is checked.
+        let not_root = host::Facts {
+            loads_bpf: false,
+            ..facts()
+        };
+        let text = backend("127.0.0.1:8080").replace("\"eth0\"", "\"eth9\"");
+        Config::parse_on(Path::new("x.toml"), &text, &none, &not_root)?;
 
         // SNAT ports among the ephemeral ones, set or by default.
         let text = chat.replace("[agent]\n", "[agent]\nsnat_ports = \"30000-40000\"\n");
@@ -2597,6 +2650,18 @@ address = "10.0.0.100:81"
         assert_eq!((line, field.as_str()), (0, "agent.snat_ports"));
         assert!(message.contains("they are the default"), "{message}");
         Config::parse_on(Path::new("x.toml"), &userspace, &none, &wide)?;
+        // Reserved, the overlap is no clash: the kernel picks none of them for itself.
+        let mut reserved = host::Facts {
+            reserved_ports: vec![32768..=39999],
+            ..facts()
+        };
+        assert_eq!(
+            refusal(&text, &none, &reserved).1,
+            "agent.snat_ports",
+            "40000 is not"
+        );
+        reserved.reserved_ports.push(40000..=40000);
+        Config::parse_on(Path::new("x.toml"), &text, &none, &reserved)?;
 
         // Interfaces the host lacks, from the file or the flag; not needed without XDP.
         let text = chat.replace("\"eth0\"", "\"eth9\"");
@@ -2617,6 +2682,34 @@ address = "10.0.0.100:81"
             .replace("\"eth0\"", "\"eth9\"")
             .replace("[agent]\n", "[agent]\ndataplane = \"userspace\"\n");
         assert_eq!(refusal(&text, &none, &facts()).1, "agent.interfaces");
+        Ok(())
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_that_need_a_restart() -> Result<(), ConfigError> {
+        let running = parse(EXAMPLE)?;
+        let edited = |from: &str, to: &str| parse(&EXAMPLE.replace(from, to));
+        let timeout = edited("[agent]\n", "[agent]\nshutdown_timeout = \"5s\"\n")?;
+        assert!(
+            running.needs_restart(&timeout).is_empty(),
+            "the timeout reloads"
+        );
+        let backends = edited("max_connections = 8", "max_connections = 9")?;
+        assert!(
+            running.needs_restart(&backends).is_empty(),
+            "services are the plan's"
+        );
+        let moved = edited("[agent]\n", "[agent]\nadmin_addr = \"127.0.0.1:9191\"\n")?;
+        assert_eq!(running.needs_restart(&moved), ["agent.admin_addr"]);
+        let both = parse(
+            &EXAMPLE
+                .replace("10000-10999", "11000-11999")
+                .replace("\"eth0\", \"eth1\"", "\"eth0\""),
+        )?;
+        assert_eq!(
+            running.needs_restart(&both),
+            ["agent.interfaces", "agent.snat_ports"]
+        );
         Ok(())
     }
 

@@ -22,15 +22,21 @@ pub struct Facts {
     pub interfaces: Vec<String>,
     /// `net.ipv4.ip_local_port_range`, when it can be read.
     pub ephemeral_ports: Option<RangeInclusive<u16>>,
+    /// `net.ipv4.ip_local_reserved_ports`: ports the kernel never picks for its own.
+    pub reserved_ports: Vec<RangeInclusive<u16>>,
+    /// Root, which loading BPF needs: otherwise `dataplane = "xdp"` runs as `userspace`.
+    pub loads_bpf: bool,
 }
 
 impl Facts {
-    /// This host's (its network namespace's) interfaces and ephemeral ports.
+    /// This host's (its network namespace's) interfaces and ephemeral ports, and whether this
+    /// process may load BPF. The interfaces are the kernel's list for this process's namespace:
+    /// /sys/class/net would show the namespace of whoever mounted /sys.
     pub fn read() -> Facts {
-        let interfaces = std::fs::read_dir("/sys/class/net")
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
+        let interfaces = nix::net::if_::if_nameindex()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
                     .collect()
             })
             .unwrap_or_default();
@@ -40,16 +46,38 @@ impl Facts {
                 let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
                 Some(ports.next()??..=ports.next()??)
             });
+        let reserved_ports = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+            .map(|text| port_ranges(&text))
+            .unwrap_or_default();
         Facts {
             interfaces,
             ephemeral_ports,
+            reserved_ports,
+            loads_bpf: nix::unistd::geteuid().is_root(),
         }
     }
+}
+
+/// `8080,9148-9150` as the kernel writes a port list; what does not parse is left out.
+fn port_ranges(text: &str) -> Vec<RangeInclusive<u16>> {
+    text.trim()
+        .split(',')
+        .filter_map(|part| {
+            let (start, end) = part.split_once('-').unwrap_or((part, part));
+            Some(start.trim().parse().ok()?..=end.trim().parse().ok()?)
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_lists_read_as_the_kernel_writes_them() {
+        assert_eq!(port_ranges("8080,9148-9150\n"), [8080..=8080, 9148..=9150]);
+        assert_eq!(port_ranges("\n"), Vec::<RangeInclusive<u16>>::new());
+    }
 
     #[test]
     fn this_host_has_loopback_and_an_ephemeral_range() {

@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod limits;
+pub mod notify;
 pub mod outlier;
 pub mod policy;
 pub mod probe;
@@ -204,8 +205,8 @@ async fn bind(api: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentE
 pub struct Reloading {
     /// The command line's, applied over the file again at each reload.
     pub overrides: Overrides,
-    /// RLIMIT_NOFILE, which a reloaded config's caps are fitted to as at the start (0:
-    /// unknown).
+    /// RLIMIT_NOFILE, which the config's connection caps are fitted to, at the start and at
+    /// each reload (0: unknown).
     pub open_files: u64,
     pub trigger: reload::Trigger,
     pub requests: tokio::sync::mpsc::Receiver<reload::Request>,
@@ -239,12 +240,19 @@ impl Reloading {
 async fn serve<D: Dataplane>(
     dataplane: D,
     kind: DataplaneKind,
-    config: &Config,
+    configured: &Config,
     reloading: Reloading,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     force: impl Future<Output = ()>,
 ) -> Result<D, AgentError> {
+    let mut fitted = configured.clone();
+    limits::fit_caps(
+        &mut fitted.admin_limits,
+        &mut fitted.services,
+        reloading.open_files,
+    );
+    let config = &fitted;
     let addr = listener.local_addr().map_err(|source| AgentError::Bind {
         api: ADMIN_API,
         addr: config.admin_addr,
@@ -261,6 +269,7 @@ async fn serve<D: Dataplane>(
     } = reloading;
     let mut agent = Agent {
         config: config.clone(),
+        configured: configured.clone(),
         overrides,
         open_files,
         probes: config.services.iter().map(|s| probes(&table, s)).collect(),
@@ -334,10 +343,37 @@ async fn serve<D: Dataplane>(
         instances = config.instances.len(),
         "steer ready"
     );
+    let notifier = notify::Notifier::from_env();
+    let serving = |config: &Config| {
+        format!(
+            "serving {} services, {} instances",
+            config.services.len(),
+            config.instances.len()
+        )
+    };
+    notifier.ready(&serving(config));
+    // Sent from the runtime: a wedged agent stops sending it, and systemd restarts it.
+    let mut watchdog = tokio::task::JoinSet::new();
+    if let Some(interval) = notifier.watchdog_interval() {
+        let notifier = notifier.clone();
+        watchdog.spawn(async move {
+            loop {
+                notifier.watchdog();
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+    let stopping = agent.table.clone();
     let signalled = async {
         shutdown.await;
+        notifier.stopping();
         info!("draining: no new connections; requests in flight may finish");
         let _ = draining_tx.send(true);
+        // XDP too: no backend takes a new flow (a SYN then meets the closed listener and is
+        // refused), the open ones go on.
+        if let Err(error) = stopping.stop_new_flows().await {
+            warn!(%error, "stopping new flows in the kernel");
+        }
     };
     let admin = admin::serve(listener, sources, &config.admin_limits, signalled);
     tokio::pin!(admin, force);
@@ -348,7 +384,9 @@ async fn serve<D: Dataplane>(
         let reload = async {
             match reloads.recv().await {
                 Some(request) => {
+                    notifier.reloading();
                     let outcome = agent.reload().await;
+                    notifier.ready(&serving(&agent.config));
                     if let Err(error) = &outcome {
                         warn!(%error, "reload");
                     }
@@ -377,6 +415,7 @@ async fn serve<D: Dataplane>(
         };
         info!("admin API stopped");
         while proxies.join_next().await.is_some() {}
+        open_flows_ended(&agent.table).await;
         result
     };
     let forced = tokio::select! {
@@ -408,6 +447,8 @@ async fn serve<D: Dataplane>(
     }
     // Some admin connections may still hold handles: end the table task all the same.
     agent.table.close().await;
+    // Through the drain and the instances' stop: both may outlast `WatchdogSec=`.
+    watchdog.shutdown().await;
     drop(agent);
     let dataplane = task.await.map_err(AgentError::TableTask)?;
     if let Some(served) = served {
@@ -423,7 +464,11 @@ async fn serve<D: Dataplane>(
 /// The parts of a running agent a reload changes, each owned here: the config they were made
 /// from, a service's probes and proxy by service id, the instances.
 struct Agent {
+    /// What runs: the config with its connection caps fitted to `open_files`.
     config: Config,
+    /// The config as read, which a reload's new one is compared with for what needs a
+    /// restart: fitting makes the admin API's cap depend on every service's.
+    configured: Config,
     overrides: Overrides,
     open_files: u64,
     table: table::TableHandle,
@@ -506,7 +551,17 @@ impl Agent {
             }
             None => (None, None),
         };
-        let (handle, task) = supervisor::start(spec.clone(), self.applies.clone(), link).await?;
+        let (handle, task) = match supervisor::start(spec.clone(), self.applies.clone(), link).await
+        {
+            Ok(started) => started,
+            Err(error) => {
+                // No instance owns the backend now: it would hold the address for good.
+                if let Some(id) = backend {
+                    let _ = self.table.remove_instance_backend(id, &spec.name).await;
+                }
+                return Err(error.into());
+            }
+        };
         Ok(Instance {
             spec: spec.clone(),
             handle,
@@ -515,10 +570,18 @@ impl Agent {
         })
     }
 
-    /// Drains and stops `instance` for good, then takes its backend out of the table.
-    async fn stop_instance(&self, instance: Instance) -> Result<(), AgentError> {
-        instance.handle.shutdown().await;
-        let _ = instance.task.await;
+    /// Drains and stops the instance at `at` for good, then takes it out of the list (a stop of
+    /// the agent meanwhile still finds it there and waits for it) and its backend out of the
+    /// table.
+    async fn stop_instance(&mut self, at: usize) -> Result<(), AgentError> {
+        let stopping = &mut self.instances[at];
+        stopping.handle.shutdown().await;
+        let _ = (&mut stopping.task).await;
+        let instance = self.instances.remove(at);
+        self.config
+            .instances
+            .retain(|i| i.name != instance.spec.name);
+        self.publish();
         if let Some(id) = instance.backend {
             self.table
                 .remove_instance_backend(id, &instance.spec.name)
@@ -546,13 +609,14 @@ impl Agent {
     /// stays when the new one is refused.
     async fn reload(&mut self) -> Result<reload::Report, reload::ReloadError> {
         use reload::ReloadError;
-        let mut new = Config::load(&self.config.path, &self.overrides)
+        let configured = Config::load(&self.config.path, &self.overrides)
             .map_err(|error| ReloadError::Invalid(error.to_string()))?;
-        limits::fit_caps(&mut new.admin_limits, &mut new.services, self.open_files);
-        let restart = self.config.needs_restart(&new);
+        let restart = self.configured.needs_restart(&configured);
         if !restart.is_empty() {
             return Err(ReloadError::NeedsRestart(restart.join(", ")));
         }
+        let mut new = configured.clone();
+        limits::fit_caps(&mut new.admin_limits, &mut new.services, self.open_files);
         let plan = reload::Plan::between(
             &self.config.services,
             &new.services,
@@ -571,6 +635,7 @@ impl Agent {
         report.shutdown_timeout = self.config.shutdown_timeout != new.shutdown_timeout;
         // Every difference is applied: the new config is the running one, its order included.
         self.config = new;
+        self.configured = configured;
         if report.is_empty() {
             info!("reloaded: nothing changed");
         } else {
@@ -608,6 +673,13 @@ impl Agent {
         }
         if ejection_changed {
             self.outlier = outlier(&self.table, &self.config.services);
+            // The new task knows nothing of the old one's ejections, and would never end them.
+            let snapshot = self.table.fresh_snapshot().await?;
+            for b in &snapshot.backends {
+                if b.status == table::BackendStatus::Ejected {
+                    self.table.set_ejected(b.id, b.address, false).await?;
+                }
+            }
         }
         let removed = plan
             .instances_removed
@@ -617,9 +689,7 @@ impl Agent {
             let Some(at) = self.instances.iter().position(|i| i.spec.name == name) else {
                 continue;
             };
-            let instance = self.instances.remove(at);
-            self.config.instances.retain(|i| i.name != name);
-            self.stop_instance(instance).await?;
+            self.stop_instance(at).await?;
             if plan.instances_removed.contains(&name) {
                 report.instances_removed.push(name);
             }
@@ -633,6 +703,7 @@ impl Agent {
             let instance = self.start_instance(spec).await?;
             self.instances.push(instance);
             self.config.instances.push(spec.clone());
+            self.publish();
             let names = if changed {
                 &mut report.instances_changed
             } else {
@@ -642,6 +713,25 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Waits until no backend has an open connection: XDP's flows (the kernel's counts) and the
+/// proxies' alike, each ended by its client or backend, or by `flow_idle_timeout`.
+async fn open_flows_ended(table: &table::TableHandle) {
+    let open = || -> u64 {
+        table.snapshot().map_or(0, |s| {
+            s.backends.iter().map(|b| table.connections(b.id)).sum()
+        })
+    };
+    let at_first = open();
+    if at_first == 0 {
+        return;
+    }
+    info!(open = at_first, "waiting for the open flows to end");
+    while open() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    info!("open flows ended");
 }
 
 /// Each instance drains its backend and stops its llama-server, all at once; `force` (or
@@ -718,6 +808,7 @@ mod tests {
     use crate::admin::SHUTDOWN_GRACE;
     use crate::config::Overrides;
     use crate::fake::FakeDataplane;
+    use lb_common::backend_state;
     use std::path::Path;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -803,9 +894,12 @@ address = "10.0.1.2:8080"
             "{response}"
         );
 
+        assert_eq!(fake.maps().backends[&0].state, backend_state::ACTIVE);
         let _ = stop.send(());
         let returned = agent.await??;
         assert!(!returned.maps().backends.is_empty());
+        // The stop took the backend out for new flows in the kernel; the routes keep it.
+        assert_eq!(fake.maps().backends[&0].state, backend_state::DOWN);
         assert_eq!(fake.maps().rings[&0], [0]);
         std::fs::remove_dir_all(&dir)?;
         Ok(())

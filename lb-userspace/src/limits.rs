@@ -202,12 +202,12 @@ impl Drop for Registered {
 }
 
 impl Connections {
-    /// `max` is at least 1 (config validation).
     /// A reload's new cap; the connections held stay.
     pub fn set_max(&self, max: usize) {
         self.max.store(max.max(1), Ordering::Relaxed);
     }
 
+    /// `max` is at least 1 (config validation).
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Connections {
             max: AtomicUsize::new(max.max(1)),

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -209,14 +210,9 @@ fn try_main() -> anyhow::Result<()> {
                 admin_addr: args.admin_addr,
                 dataplane: args.dataplane,
             };
-            let mut config = Config::load(&args.config, &overrides)?;
+            let config = Config::load(&args.config, &overrides)?;
             let open_files = lb_userspace::limits::raise_open_files();
             let reloading = lb_userspace::Reloading::new(overrides, open_files);
-            lb_userspace::limits::fit_caps(
-                &mut config.admin_limits,
-                &mut config.services,
-                open_files,
-            );
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let trigger = reloading.trigger.clone();
@@ -227,26 +223,19 @@ fn try_main() -> anyhow::Result<()> {
             })
         }
         Command::Reload { config, admin_addr } => {
-            let overrides = Overrides {
-                admin_addr,
-                ..Overrides::default()
-            };
-            let config = Config::load(&config, &overrides)?;
-            let token = token::read_existing(&config.admin_token_file)
+            let (admin, token_file) = Config::admin_endpoint(&config, admin_addr)?;
+            let token = token::read_existing(&token_file)
                 .context("agent.admin_token_file")?
                 .with_context(|| {
                     format!(
                         "no token in {} (has the agent started?)",
-                        config.admin_token_file.display()
+                        token_file.display()
                     )
                 })?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             let wait = Duration::from_secs(600);
-            let (status, body) = runtime.block_on(lb_userspace::reload::ask(
-                config.admin_addr,
-                token.secret(),
-                wait,
-            ))?;
+            let (status, body) =
+                runtime.block_on(lb_userspace::reload::ask(admin, token.secret(), wait))?;
             let answer: serde_json::Value = serde_json::from_str(&body)
                 .with_context(|| format!("the agent answered {status}: {body}"))?;
             if status != 200 {
@@ -367,6 +356,18 @@ fn shutdown_signals(
     let mut user1 = signal(SignalKind::user_defined1())?;
     let mut user2 = signal(SignalKind::user_defined2())?;
     let (seen, signals) = tokio::sync::watch::channel(0u32);
+    // One reload at a time, off the signal loop; SIGHUPs during one make one more (a stored
+    // permit), which reads the file as it is then. The agent logs each outcome.
+    let hangups = Arc::new(tokio::sync::Notify::new());
+    if let Some(trigger) = reload.clone() {
+        let hangups = Arc::clone(&hangups);
+        tokio::spawn(async move {
+            loop {
+                hangups.notified().await;
+                let _ = trigger.reload().await;
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             let (name, stops) = tokio::select! {
@@ -377,11 +378,9 @@ fn shutdown_signals(
                 _ = user2.recv() => ("SIGUSR2", false),
             };
             if !stops {
-                if let (Some(trigger), "SIGHUP") = (&reload, name) {
+                if let (Some(_), "SIGHUP") = (&reload, name) {
                     tracing::info!(signal = name, "reloading the config");
-                    let trigger = trigger.clone();
-                    // The agent logs the outcome; the next signal need not wait for it.
-                    tokio::spawn(async move { trigger.reload().await });
+                    hangups.notify_one();
                 } else if name == "SIGHUP" {
                     tracing::warn!(signal = name, "ignored: `steer supervise` has no reload");
                 } else {

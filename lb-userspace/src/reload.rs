@@ -58,7 +58,7 @@ pub struct Request {
 #[derive(Clone, Debug)]
 pub struct Trigger(mpsc::Sender<Request>);
 
-/// Reloads asked for while one runs wait behind it, a few at most.
+/// Asks queued behind the reload that runs; a caller past them waits for room.
 const PENDING: usize = 4;
 
 /// The trigger, and what the agent's loop receives.
@@ -183,18 +183,17 @@ impl Plan {
                 plan.instances_removed.push(old.name.clone());
             }
         }
+        // Before and after: an instance taken out of its group is the group's too.
+        let touched = |name: &String| {
+            plan.instances_removed.contains(name)
+                || plan.instances_changed.iter().any(|i| &i.name == name)
+        };
         let grouped = plan
             .instances_added
             .iter()
             .chain(&plan.instances_changed)
-            .filter_map(|i| i.group.as_ref().map(|g| (&i.name, g)))
-            .chain(
-                instances
-                    .iter()
-                    .filter(|i| plan.instances_removed.contains(&i.name))
-                    .filter_map(|i| i.group.as_ref().map(|g| (&i.name, g))),
-            )
-            .next();
+            .chain(instances.iter().filter(|i| touched(&i.name)))
+            .find_map(|i| i.group.as_ref().map(|g| (&i.name, g)));
         if let Some((name, group)) = grouped {
             return restart(format!(
                 "instance `{name}` of fleet group `{group}` (change a group's arguments with \
@@ -292,5 +291,10 @@ mod tests {
         assert!(what.contains("instance `g` of fleet group `gen`"), "{what}");
         let what = refused(&services, &grouped, &[]);
         assert!(what.contains("fleet group `gen`"), "{what}");
+        let what = refused(&services, &grouped, &[instance("g", 8080, None)]);
+        assert!(
+            what.contains("fleet group `gen`"),
+            "out of its group: {what}"
+        );
     }
 }

@@ -356,6 +356,7 @@ enum Command {
     SetMetrics(u32, SocketAddrV4, Arc<str>, Reply<()>),
     /// Read the kernel's counters now and publish.
     Refresh(Reply<Arc<Snapshot>>),
+    StopNewFlows(Reply<()>),
     Close(oneshot::Sender<()>),
 }
 
@@ -468,6 +469,14 @@ impl TableHandle {
     ) -> Result<(), TableError> {
         self.call(|reply| Command::SetMetrics(id, address, text, reply))
             .await
+    }
+
+    /// The agent is stopping: from now on the kernel gives no backend a new flow (a SYN to a VIP
+    /// then goes to the stack, where the closed listener refuses it) while the flows it carries
+    /// go on; the proxies' routes are untouched, so the requests they hold or queue still find
+    /// their backends. Whatever changes later (a fleet update, a health verdict) keeps to it.
+    pub async fn stop_new_flows(&self) -> Result<(), TableError> {
+        self.call(Command::StopNewFlows).await
     }
 
     /// Ends the table task (it hands the dataplane back) even while other handles remain, say
@@ -598,6 +607,8 @@ struct Table<D> {
     requests: Arc<RequestCounts>,
     /// The kernel's counters as last read.
     counters: Counters,
+    /// Set by [`TableHandle::stop_new_flows`]: every kernel backend entry is written DOWN.
+    stopping: bool,
 }
 
 /// The kernel's per-CPU counters summed, as last read (on the tick or for a fresh snapshot).
@@ -818,6 +829,7 @@ impl<D: Dataplane> Table<D> {
             counts,
             requests: Arc::new(RequestCounts::new(MAX_SERVICES as usize * SLOTS)),
             counters: Counters::default(),
+            stopping: false,
         };
         for service in services {
             let checked = service.health.is_some();
@@ -930,6 +942,14 @@ impl<D: Dataplane> Table<D> {
         match command {
             Command::Add(backend, reply) => answer(reply, self.add(backend)),
             Command::Reconfigure(spec, reply) => answer(reply, self.reconfigure(&spec)),
+            Command::StopNewFlows(reply) => {
+                self.stopping = true;
+                let synced = (0..self.services.len())
+                    .try_for_each(|service| self.sync(service, 0..SLOTS))
+                    .map_err(TableError::from);
+                info!("stopping: no new flows in the kernel");
+                answer(reply, synced)
+            }
             Command::Remove(id, instance, reply) => {
                 answer(reply, self.remove(id, instance.as_deref()))
             }
@@ -981,7 +1001,7 @@ impl<D: Dataplane> Table<D> {
     /// The lowest free slot of a service that has no backend at `address`.
     fn free_slot(&self, service: usize, address: SocketAddrV4) -> Result<usize, TableError> {
         let entry = &self.services[service];
-        if entry.kernel_steers && self.dataplane.rewrites_packets() && address.ip().is_loopback() {
+        if self.loopback_steered(entry, address) {
             return Err(TableError::LoopbackSteered {
                 service: entry.name.clone(),
                 address,
@@ -1047,6 +1067,7 @@ impl<D: Dataplane> Table<D> {
             .iter()
             .position(|s| s.name == spec.name)
             .ok_or_else(|| TableError::UnknownService(spec.name.clone()))?;
+        self.reconfigurable(service, spec)?;
         let checked = spec.health.is_some();
         let entry = &mut self.services[service];
         entry.policy = spec.policy;
@@ -1108,6 +1129,63 @@ impl<D: Dataplane> Table<D> {
     }
 
     /// `owner`: the supervised instance whose backend `id` must be; `None`: one of no instance.
+    /// Whether `address` is on loopback and `entry` a service XDP steers: packets rewritten to
+    /// it from the wire would be dropped as martians.
+    fn loopback_steered(&self, entry: &ServiceEntry, address: SocketAddrV4) -> bool {
+        entry.kernel_steers && self.dataplane.rewrites_packets() && address.ip().is_loopback()
+    }
+
+    /// Whether `spec`'s backends can all be added where the config adds them: checked before
+    /// anything changes, so a refusal leaves the service as it was.
+    fn reconfigurable(&self, service: usize, spec: &ServiceSpec) -> Result<(), TableError> {
+        let entry = &self.services[service];
+        let listed =
+            |backends: &[BackendSpec], address| backends.iter().any(|b| b.address == address);
+        let held = |address| {
+            entry
+                .slots
+                .iter()
+                .filter_map(|s| s.backend.as_ref())
+                .any(|b| b.address == address)
+        };
+        let added: Vec<SocketAddrV4> = spec
+            .backends
+            .iter()
+            .map(|b| b.address)
+            .filter(|&a| !listed(&entry.configured, a))
+            .collect();
+        let freed = entry
+            .configured
+            .iter()
+            .filter(|b| !listed(&spec.backends, b.address) && held(b.address))
+            .count();
+        let error = |address| {
+            if self.loopback_steered(entry, address) {
+                Some(TableError::LoopbackSteered {
+                    service: entry.name.clone(),
+                    address,
+                })
+            } else if held(address) {
+                Some(TableError::DuplicateAddress {
+                    service: entry.name.clone(),
+                    address,
+                })
+            } else {
+                None
+            }
+        };
+        if let Some(error) = added.iter().find_map(|&a| error(a)) {
+            return Err(error);
+        }
+        let free = entry.slots.iter().filter(|s| s.backend.is_none()).count() + freed;
+        if added.len() > free {
+            return Err(TableError::ServiceFull {
+                service: entry.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn remove(&mut self, id: u32, owner: Option<&str>) -> Result<BackendInfo, TableError> {
         let (service, slot) = self.occupied(id)?;
         let info = self.info(service, slot)?;
@@ -1297,10 +1375,12 @@ impl<D: Dataplane> Table<D> {
         let entry = &self.services[service];
         let service_id = service as u32;
         for slot in slots {
-            self.dataplane.write_backend(
-                backend_id(service, slot),
-                kernel_backend(&entry.slots[slot], entry.policy),
-            )?;
+            let mut backend = kernel_backend(&entry.slots[slot], entry.policy);
+            if self.stopping {
+                backend.state = backend_state::DOWN;
+            }
+            self.dataplane
+                .write_backend(backend_id(service, slot), backend)?;
         }
         let active: Vec<(u32, u32, SocketAddrV4)> = (0u32..)
             .zip(&entry.slots)
@@ -1665,6 +1745,17 @@ mod tests {
             assert_eq!(kernel.policy, lb_common::policy::MAGLEV);
             assert!(maps.maglev.contains_key(&0), "the maglev table is written");
         }
+        // A config backend at the API's backend's address: refused before anything changes.
+        let mut clash = services[0].clone();
+        clash.policy = Policy::LeastConnections;
+        clash.backends = vec![backend("10.0.1.9:8080", 1)];
+        assert!(matches!(
+            table.reconfigure(clash).await,
+            Err(TableError::DuplicateAddress { .. })
+        ));
+        let kernel = fake.maps().services[&ServiceKey::tcp(addr("10.0.0.100:80"))];
+        assert_eq!(kernel.policy, lb_common::policy::MAGLEV, "as it was");
+        assert_eq!(table.snapshot()?.backends.len(), 3, "as it was");
         assert!(matches!(
             table.reconfigure(ServiceSpec {
                 name: "nope".to_owned(),

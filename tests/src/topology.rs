@@ -321,6 +321,12 @@ impl Topology {
         self.agent_open_files = Some((soft, hard));
     }
 
+    /// Waits up to `within` for the agent to exit (a signal sent by the test); its status, or
+    /// `None` while it still runs.
+    pub fn wait_agent(&mut self, within: Duration) -> Option<ExitStatus> {
+        self.agent_mut().child.wait_timeout(within)
+    }
+
     /// The running agent's pid.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|agent| agent.child.id())
@@ -464,6 +470,14 @@ impl Topology {
     /// The agent's log so far (empty before it started).
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(Agent::log).unwrap_or_default()
+    }
+
+    /// Where the agent's log is, to read from another thread or namespace.
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.agent
+            .as_ref()
+            .map(|a| a.log.clone())
+            .expect("agent not started")
     }
 
     /// Sends `signal` to the agent and waits up to 10 s for it to exit; returns its status.

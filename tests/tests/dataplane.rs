@@ -633,6 +633,65 @@ fn a_restarted_agent_does_not_start_on_its_previous_runs_ports() {
     );
 }
 
+/// SIGTERM with XDP: the program stays attached while the flows it carries go on (up to
+/// `agent.shutdown_timeout`), a new connection meanwhile is refused (no backend takes a new flow
+/// and the proxy no longer listens), and the agent exits once the last flow has closed. (Was:
+/// XDP was detached right after the proxies' drain, cutting the flows it carried.)
+#[test]
+fn sigterm_lets_xdp_flows_finish_and_refuses_new_ones() {
+    let mut topo = topology("drainx", "round_robin", 1);
+    topo.start_agent();
+    let pid = topo.agent_pid().expect("the agent runs");
+    let runs = move || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let log = topo.agent_log_path();
+    let (first, again, refused, ran_while_held) = topo.client.block_on(|| async {
+        let (mut held, first) = whoami_new(VIP).await;
+        let agent = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+        nix::sys::signal::kill(agent, Signal::SIGTERM).expect("SIGTERM");
+        // Bounded: 10 s.
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("waiting for the open flows to end") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let again = held.get("/whoami").await.text();
+        let refused = HttpConn::connect(SocketAddr::V4(VIP)).await.is_err();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ran_while_held = runs();
+        drop(held);
+        (first, again, refused, ran_while_held)
+    });
+    let log = topo.agent_log();
+    assert!(
+        log.contains("waiting for the open flows to end open=1"),
+        "{log}"
+    );
+    assert_eq!(
+        topo.check_whoami(&first),
+        topo.check_whoami(&again),
+        "one flow, one backend"
+    );
+    assert!(
+        refused,
+        "a new connection during the drain was taken:\n{log}"
+    );
+    assert!(
+        ran_while_held,
+        "the agent did not wait for the open flow:\n{log}"
+    );
+    let status = topo.wait_agent(Duration::from_secs(10));
+    let log = topo.agent_log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{log}");
+    assert!(log.contains("open flows ended"), "{log}");
+}
+
 #[test]
 fn agent_exit_detaches_xdp_from_every_interface_and_restores_lo_forwarding() {
     for (tag, signal) in [("exit-t", Signal::SIGTERM), ("exit-i", Signal::SIGINT)] {

@@ -814,9 +814,17 @@ fn a_rolling_change_goes_one_instance_at_a_time_stops_at_a_failure_and_reaches_a
                 let id = r["id"].as_str().unwrap_or_default().to_owned();
                 seen.insert(id, r["state"].as_str().unwrap_or_default().to_owned());
             }
-            [&first, &second]
-                .iter()
-                .all(|id| seen.get(*id).is_some_and(|s| s == "done"))
+            // The group's record is the latest change's: the later one can replace the
+            // earlier's within a poll, so each coordinator's own log says how its change ended.
+            let done = |id: &str| {
+                seen.get(id).is_some_and(|s| s == "done")
+                    || hosts.iter().any(|h| {
+                        h.log_text().contains(&format!(
+                            "\"rolling change done\",\"group\":\"smol\",\"rollout\":\"{id}\""
+                        ))
+                    })
+            };
+            done(&first) && done(&second)
         },
     );
     stop.store(true, Ordering::Relaxed);

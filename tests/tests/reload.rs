@@ -4,7 +4,8 @@
 //! 1. SIGHUP with service `chat` changed (policy, a cap of one request per backend, a second
 //!    backend) and an instance added as its third: the three serve, the cap queues a burst, and
 //!    service `raw` (unchanged) keeps its keep-alive connection and its counters.
-//! 2. `steer reload`: a backend and the instance removed; its llama-server is gone.
+//! 2. `steer reload`: a backend removed and the instance restarted with a larger context (a new
+//!    process, healthy again); then `POST /v1/reload` removes it, its llama-server gone.
 //! 3. Refused, the running config staying: a file that fails validation (`steer reload` exits 1
 //!    with its file:line, `POST /v1/reload` answers 422), a change that needs a restart (409),
 //!    and no token (401). The unchanged file reloads to an empty report.
@@ -174,6 +175,18 @@ impl Agent {
         (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 
+    /// Its exit status once it has exited, within `within`.
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Waits for `done` within [`WAIT`]; panics with `what` and the log.
     fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + WAIT;
@@ -232,6 +245,15 @@ impl KeepAlive {
     }
 }
 
+/// The services the table logged as reconfigured, in order.
+fn reconfigured_services(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["fields"]["message"] == "service reconfigured")
+        .filter_map(|line| line["fields"]["service"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// `n` chats at once through `vip`, each asking for `tokens`: their statuses.
 fn burst(vip: SocketAddr, n: usize, tokens: u32) -> Vec<u16> {
     let body = format!(
@@ -264,7 +286,7 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
     let [l1, l2, extra] = [free_port(), free_port(), free_port()].map(loopback);
     let _servers = [llama_server(&dir, l1.port()), llama_server(&dir, l2.port())];
     let first = layout.config("policy = \"round_robin\"", &[l1], l2, "");
-    let agent = Agent::start(&dir, &first, layout.admin);
+    let mut agent = Agent::start(&dir, &first, layout.admin);
     agent.wait_for("chat's and raw's backends healthy", || {
         let healthy = |s: &str| agent.backends(s).values().all(|(h, _)| *h);
         http(agent.admin, "GET", "/v1/backends", &[], None).is_ok()
@@ -278,7 +300,6 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let chats = load(layout.chat, Arc::clone(&stop));
     thread::sleep(Duration::from_millis(500));
-    let chat_before = agent.proxy("chat");
 
     // 1. SIGHUP: chat changes and gains a supervised instance; raw is as it was.
     let instance = format!(
@@ -321,33 +342,66 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
         queued_after >= queued + 4,
         "queued {queued} -> {queued_after}"
     );
-    // The changed proxy took over its counters; the unchanged one was not touched.
-    let chat_after = agent.proxy("chat");
-    assert!(
-        chat_after["accepted"].as_u64() >= chat_before["accepted"].as_u64(),
-        "{chat_before} -> {chat_after}"
-    );
+    // The unchanged service was not touched: its kept connection goes on, no new one counted.
     assert_eq!(kept.health(), 200, "raw's kept connection goes on");
     let raw_after = agent.proxy("raw");
     assert_eq!(
         raw_after["accepted"], raw_before["accepted"],
         "no new raw connection"
     );
-    let log = agent.log();
-    assert!(
-        !log.contains("\"service\":\"raw\",\"policy\""),
-        "raw was reconfigured:\n{log}"
+    assert_eq!(
+        reconfigured_services(&agent.log()),
+        ["chat"],
+        "only chat was reconfigured"
     );
 
-    // 2. `steer reload`: l1 and the instance go.
-    let extra_pid = agent.get("/v1/instances/extra/params")["pid"].as_u64();
-    assert!(extra_pid.is_some(), "the instance runs");
-    let third = layout.config(capped, &[l2], l2, "");
+    // 2. `steer reload`: l1 goes, and the instance restarts with a larger context.
+    let params = |agent: &Agent| agent.get("/v1/instances/extra/params");
+    let old_pid = params(&agent)["pid"].as_u64().expect("the instance runs");
+    let resized = instance.replace("\"-c\", \"1024\"", "\"-c\", \"2048\"");
+    let third = layout.config(capped, &[l2], l2, &resized);
     agent.rewrite(&third);
     let (ok, out, err) = agent.reload_command();
     assert!(ok, "steer reload: {err}\n{}", agent.log());
     let report: Value = serde_json::from_str(&out).expect("the report");
     assert_eq!(report["services"], serde_json::json!(["chat"]), "{report}");
+    assert_eq!(
+        report["instances_changed"],
+        serde_json::json!(["extra"]),
+        "{report}"
+    );
+    agent.wait_for("chat over l2 and the restarted instance", || {
+        let chat = agent.backends("chat");
+        chat.keys().cloned().collect::<Vec<_>>() == [l2.to_string(), extra.to_string()]
+            && chat.values().all(|(healthy, _)| *healthy)
+    });
+    let restarted = params(&agent);
+    assert_eq!(
+        restarted["applied"]["args"]["--ctx-size"], "2048",
+        "{restarted}"
+    );
+    let new_pid = restarted["pid"].as_u64();
+    assert!(new_pid.is_some_and(|p| p != old_pid), "{restarted}");
+    let gone = |pid: u64| kill(Pid::from_raw(pid as i32), None).is_err();
+    assert!(gone(old_pid), "the old llama-server is gone");
+
+    // POST /v1/reload: the instance goes, its backend with it.
+    let fourth = layout.config(capped, &[l2], l2, "");
+    agent.rewrite(&fourth);
+    let auth = format!("Bearer {TOKEN}");
+    let post = || {
+        http(
+            agent.admin,
+            "POST",
+            "/v1/reload",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .expect("POST /v1/reload")
+    };
+    let (status, body) = post();
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).expect("the report");
     assert_eq!(
         report["instances_removed"],
         serde_json::json!(["extra"]),
@@ -359,9 +413,8 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
         [&l2.to_string()],
         "{chat:?}"
     );
-    let pid = extra_pid.map(|p| Pid::from_raw(p as i32));
     assert!(
-        pid.is_some_and(|p| kill(p, None).is_err()),
+        new_pid.is_some_and(gone),
         "the removed instance's llama-server is gone"
     );
     let (status, _) =
@@ -369,41 +422,23 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
     assert_eq!(status, 404);
 
     // 3. Refused: the running config stays.
-    agent.rewrite(&third.replace("mode = \"http\"", "mode = \"http\"\npolcy = \"slots\""));
-    // `steer reload` reads the file first (for the admin address), and refuses it itself.
+    agent.rewrite(&fourth.replace("mode = \"http\"", "mode = \"http\"\npolcy = \"slots\""));
     let (ok, _, err) = agent.reload_command();
     assert!(!ok, "a bad config was accepted");
+    assert!(err.contains("reload refused (422)"), "{err}");
     assert!(
         err.contains("steer.toml:12:1: service[0].polcy: unknown field"),
         "{err}"
     );
-    let auth = format!("Bearer {TOKEN}");
-    let (status, body) = http(
-        agent.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .expect("POST /v1/reload");
+    let (status, body) = post();
     assert_eq!(status, 422, "{body}");
-    assert!(
-        body.contains("steer.toml:12:1") && body.contains("the running one stays"),
-        "{body}"
-    );
-    let moved = third.replace(
+    assert!(body.contains("the running one stays"), "{body}");
+    let moved = fourth.replace(
         &layout.admin.to_string(),
         &loopback(free_port()).to_string(),
     );
     agent.rewrite(&moved);
-    let (status, body) = http(
-        agent.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .expect("POST /v1/reload");
+    let (status, body) = post();
     assert_eq!(status, 409, "{body}");
     assert!(
         body.contains("agent.admin_addr") && body.contains("needs a restart"),
@@ -412,22 +447,15 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
     let (status, _) = http(agent.admin, "POST", "/v1/reload", &[], None).expect("POST");
     assert_eq!(status, 401, "no token, no reload");
     assert_eq!(agent.backends("chat").len(), 1, "nothing changed");
-    agent.rewrite(&third);
-    let (status, body) = http(
-        agent.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .expect("POST /v1/reload");
+    agent.rewrite(&fourth);
+    let (status, body) = post();
     assert_eq!(status, 200, "{body}");
     let report: Value = serde_json::from_str(&body).expect("a report");
     assert_eq!(report["services"], serde_json::json!([]), "{report}");
 
     stop.store(true, Ordering::Relaxed);
     let (sent, failed, last) = chats.join().expect("the load");
-    eprintln!("{sent} chats through three reloads, {failed} failed");
+    eprintln!("{sent} chats through four reloads and three refusals, {failed} failed");
     assert!(sent > 0);
     assert_eq!(
         failed,
@@ -435,7 +463,21 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
         "{failed} of {sent} failed, the last: {last}\n{}",
         agent.log()
     );
+    // Every chat came on a connection of its own, and each proxy chat had took over its
+    // predecessor's count: none went back to zero.
+    let accepted = agent.proxy("chat")["accepted"].as_u64().unwrap_or(0);
+    assert!(
+        accepted >= sent + 8,
+        "chat accepted {accepted}, for {sent} chats and a burst of 8"
+    );
+    assert_eq!(reconfigured_services(&agent.log()), ["chat", "chat"]);
     agent.signal(Signal::SIGTERM);
-    drop(agent);
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}:\n{}",
+        agent.log()
+    );
+
     let _ = std::fs::remove_dir_all(&dir);
 }

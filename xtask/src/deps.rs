@@ -49,6 +49,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "the CA and certificates of the fleet's TLS test (tests/tests/fleet.rs)",
     ),
     (
+        "systemd",
+        "systemd-analyze verify on dist/steer.service (tests/tests/systemd.rs)",
+    ),
+    (
         "wrk",
         "load generator of the end-to-end benchmark (cargo xtask bench)",
     ),

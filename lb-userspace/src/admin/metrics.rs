@@ -78,7 +78,12 @@ async fn scrape(State(sources): State<MetricSources>) -> Result<impl IntoRespons
     let running = Arc::clone(&sources.running.borrow());
     let mut instances = Vec::with_capacity(running.instances.len());
     for instance in &running.instances {
-        instances.push(instance.status().await?);
+        match instance.status().await {
+            Ok(status) => instances.push(status),
+            // Stopped by a reload between the list and the ask: no longer there.
+            Err(crate::supervisor::InstanceError::Stopped(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     let proxies = running
         .proxies

@@ -544,12 +544,12 @@ impl Gate {
         &self.service
     }
 
-    /// The model of its pool; `None` for the one pool of a service without pools.
     /// Its service's index in the routes.
     pub fn service_id(&self) -> usize {
         self.id
     }
 
+    /// The model of its pool; `None` for the one pool of a service without pools.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
