@@ -225,23 +225,32 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback TCP port free at the time of the call, and never handed out before by this
-/// process: the kernel may give a just-closed port again, and a test that takes several before
-/// starting anything would then give two servers one port.
+/// Ports [`free_port`] hands out: below the kernel's ephemeral range (32768-60999 by default,
+/// which `connect` picks its source ports from) and below the agent's default SNAT ports.
+const TEST_PORTS: std::ops::RangeInclusive<u16> = 10000..=16383;
+
+/// A loopback TCP port free at the time of the call, never handed out before by this process,
+/// and outside the ephemeral range: a port `bind(0)` gives is one an outgoing connection (an
+/// agent's to its backends, a client's) may take before the test's server binds it (CI saw an
+/// admin API fail so with "Address already in use").
 pub fn free_port() -> u16 {
+    use std::hash::BuildHasher;
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
-    // Bounded: the ephemeral range holds tens of thousands; a test takes a few dozen.
-    for _ in 0..1000 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        if given.insert(port) {
+    let random = std::collections::hash_map::RandomState::new();
+    let span = u64::from(TEST_PORTS.end() - TEST_PORTS.start()) + 1;
+    // Bounded: the range holds 6,384 ports; a test process takes a few dozen.
+    for attempt in 0..10_000u64 {
+        let port = TEST_PORTS.start() + (random.hash_one(attempt) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
-    panic!("no loopback port not handed out before in 1000 tries")
+    panic!("no free loopback port in {TEST_PORTS:?} after 10,000 tries")
 }
 
 /// CPU time (user + system, seconds) used so far by process `pid` and its live descendants:

@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -297,9 +297,10 @@ impl Drop for Etcd {
 }
 
 fn free_port() -> Result<SocketAddr, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("finding a free loopback port: {e}"))
+    Ok(SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        crate::bench::free_port(),
+    )))
 }
 
 /// The body of `GET /health`, or `None` while etcd does not answer.

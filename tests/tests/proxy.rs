@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use tests::bench::free_port;
 use tests::netns;
 use tests::topology::{CLIENT_ADDR, HttpConn, Topology, VIP};
 
@@ -254,14 +255,6 @@ impl Drop for Process {
 
 /// Upper bound for any wait in the HTTP-mode tests.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Starts `cmd` with its output in `dir/<name>.log`.
 fn start(mut cmd: std::process::Command, dir: &Path, name: &str) -> Process {

@@ -23,6 +23,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tests::admin;
+use tests::bench::free_port;
 use tests::llama::{llama_server_path, model_path};
 use tests::metrics;
 use tests::topology::steer_bin;
@@ -33,12 +34,6 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const REVIVAL_MARGIN: Duration = Duration::from_secs(2);
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
-}
 
 /// A temp directory, removed on drop.
 struct TempDir(PathBuf);
