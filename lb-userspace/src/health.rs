@@ -390,24 +390,13 @@ mod tests {
             interval: Duration::from_millis(20),
             ..config(3, 1)
         };
-        let service = crate::spec::ServiceSpec {
-            name: "chat".to_owned(),
-            address: "10.0.0.100:80".parse().expect("vip"),
-            policy: crate::spec::Policy::RoundRobin,
-            backends: vec![crate::spec::BackendSpec {
-                address,
-                weight: crate::spec::Weight::ONE,
-                max_connections: 0,
-                models: Vec::new(),
-            }],
-            health: Some(health.clone()),
-            slots: None,
-            proxy: crate::spec::ProxySpec::default(),
-            pools: Vec::new(),
-            default_pool: 0,
-            affinity: None,
-            ejection: None,
+        let backend = crate::spec::BackendSpec {
+            address,
+            weight: crate::spec::Weight::ONE,
+            max_connections: 0,
+            models: Vec::new(),
         };
+        let service = crate::fake::chat_service(vec![backend], Some(health.clone()));
         let dataplane = FakeDataplane::default();
         let (table, _task) = crate::table::start(dataplane.clone(), &[service]).expect("start");
         let status = || table.snapshot().expect("snapshot").backends[0].status;

@@ -210,23 +210,16 @@ mod tests {
     use crate::spec::{BackendSpec, Policy, ProxyMode, Weight};
 
     fn service(name: &str, port: u16) -> ServiceSpec {
+        let backend = BackendSpec {
+            address: "10.0.1.2:8080".parse().expect("address"),
+            weight: Weight::ONE,
+            max_connections: 0,
+            models: Vec::new(),
+        };
         ServiceSpec {
             name: name.to_owned(),
             address: std::net::SocketAddrV4::new([10, 0, 0, 1].into(), port),
-            policy: Policy::RoundRobin,
-            backends: vec![BackendSpec {
-                address: "10.0.1.2:8080".parse().expect("address"),
-                weight: Weight::ONE,
-                max_connections: 0,
-                models: Vec::new(),
-            }],
-            health: None,
-            slots: None,
-            proxy: crate::spec::ProxySpec::default(),
-            pools: Vec::new(),
-            default_pool: 0,
-            affinity: None,
-            ejection: None,
+            ..crate::fake::chat_service(vec![backend], None)
         }
     }
 

@@ -155,7 +155,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::admin::with_fallbacks;
     use crate::fake::FakeDataplane;
-    use crate::spec::{BackendSpec, Policy, ServiceSpec};
+    use crate::spec::{BackendSpec, ServiceSpec};
     use crate::table;
     use axum::body::Body;
     use axum::http::header;
@@ -164,24 +164,13 @@ pub(crate) mod tests {
     use tower::ServiceExt;
 
     fn services() -> Vec<ServiceSpec> {
-        vec![ServiceSpec {
-            name: "chat".to_owned(),
-            address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
-            policy: Policy::RoundRobin,
-            backends: vec![BackendSpec {
-                address: SocketAddrV4::new([10, 0, 1, 2].into(), 8080),
-                weight: Weight::ONE,
-                max_connections: 0,
-                models: Vec::new(),
-            }],
-            health: None,
-            slots: None,
-            proxy: crate::spec::ProxySpec::default(),
-            pools: Vec::new(),
-            default_pool: 0,
-            affinity: None,
-            ejection: None,
-        }]
+        let backend = BackendSpec {
+            address: SocketAddrV4::new([10, 0, 1, 2].into(), 8080),
+            weight: Weight::ONE,
+            max_connections: 0,
+            models: Vec::new(),
+        };
+        vec![crate::fake::chat_service(vec![backend], None)]
     }
 
     fn app() -> Router {

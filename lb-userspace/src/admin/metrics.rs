@@ -933,7 +933,7 @@ mod tests {
         }
     }
     use crate::fake::FakeDataplane;
-    use crate::spec::{BackendSpec, Policy, ServiceSpec, Weight};
+    use crate::spec::{BackendSpec, ServiceSpec, Weight};
     use crate::store::SavedArgs;
     use crate::supervisor::Rejection;
     use crate::table;
@@ -941,7 +941,6 @@ mod tests {
     use axum::http::Request;
     use lb_common::{BackendStats, counter as kernel};
     use prometheus_parse::{Sample, Value};
-    use std::net::SocketAddrV4;
     use tower::ServiceExt;
 
     fn services() -> Vec<ServiceSpec> {
@@ -951,19 +950,8 @@ mod tests {
             max_connections: 0,
             models: Vec::new(),
         };
-        vec![ServiceSpec {
-            name: "chat".to_owned(),
-            address: SocketAddrV4::new([10, 0, 0, 100].into(), 80),
-            policy: Policy::RoundRobin,
-            backends: vec![backend("10.0.1.2:8080"), backend("10.0.1.3:8080")],
-            health: None,
-            slots: None,
-            proxy: crate::spec::ProxySpec::default(),
-            pools: Vec::new(),
-            default_pool: 0,
-            affinity: None,
-            ejection: None,
-        }]
+        let backends = vec![backend("10.0.1.2:8080"), backend("10.0.1.3:8080")];
+        vec![crate::fake::chat_service(backends, None)]
     }
 
     fn parse(text: &str) -> Vec<Sample> {
