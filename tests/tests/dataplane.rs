@@ -692,6 +692,73 @@ fn sigterm_lets_xdp_flows_finish_and_refuses_new_ones() {
     assert!(log.contains("open flows ended"), "{log}");
 }
 
+/// A reload changes one service and leaves the other's XDP flows alone: a flow held through XDP
+/// to `web` answers on the same connection, from the same backend and SNAT port, after SIGHUP
+/// changed service `other` (its policy and backends), which then steers by its new policy.
+#[test]
+fn a_reload_leaves_an_unchanged_services_xdp_flows_alone() {
+    let mut topo = topology("reloadx", "round_robin", 2);
+    let (b1, b2) = (topo.backend("b1").addr, topo.backend("b2").addr);
+    let other = SocketAddrV4::new(*VIP.ip(), 8081);
+    let service = |policy: &str, backends: &[SocketAddrV4]| {
+        let mut text = format!(
+            "[[service]]\nname = \"other\"\naddress = \"{other}\"\npolicy = \"{policy}\"\n"
+        );
+        for b in backends {
+            text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+        }
+        text
+    };
+    topo.add_service(&service("round_robin", &[b1]));
+    topo.start_agent();
+    topo.wait_status(b1, "healthy", Duration::from_secs(10));
+    topo.wait_status(b2, "healthy", Duration::from_secs(10));
+    let config = topo.config();
+    let changed = config.replace(
+        &service("round_robin", &[b1]),
+        &service("least_connections", &[b1, b2]),
+    );
+    assert_ne!(config, changed);
+    let path = topo.agent_log_path().with_file_name("steer.toml");
+    let log = topo.agent_log_path();
+    let pid = topo.agent_pid().expect("the agent runs");
+    let (first, again, reloaded) = topo.client.block_on(|| async {
+        let (mut held, first) = whoami_new(VIP).await;
+        std::fs::write(&path, &changed).expect("rewrite the config");
+        let agent = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+        nix::sys::signal::kill(agent, Signal::SIGHUP).expect("SIGHUP");
+        let mut reloaded = false;
+        // Bounded: 10 s.
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("reloaded report") {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let again = held.get("/whoami").await.text();
+        (first, again, reloaded)
+    });
+    assert!(reloaded, "no reload logged:\n{}", topo.agent_log());
+    assert_eq!(
+        topo.check_whoami(&first),
+        topo.check_whoami(&again),
+        "the held flow: one backend, one SNAT port"
+    );
+    let services = topo.admin("GET", "/v1/services", None);
+    let listed = services["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "other"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no service other: {services}"));
+    assert_eq!(listed["policy"], "least_connections", "{listed}");
+    assert_eq!(listed["backends"], 2, "{listed}");
+    let log = topo.agent_log();
+    assert!(log.contains("service reconfigured service=other"), "{log}");
+    assert!(!log.contains("service reconfigured service=web"), "{log}");
+}
+
 #[test]
 fn agent_exit_detaches_xdp_from_every_interface_and_restores_lo_forwarding() {
     for (tag, signal) in [("exit-t", Signal::SIGTERM), ("exit-i", Signal::SIGINT)] {
