@@ -1000,20 +1000,8 @@ impl<D: Dataplane> Table<D> {
 
     /// The lowest free slot of a service that has no backend at `address`.
     fn free_slot(&self, service: usize, address: SocketAddrV4) -> Result<usize, TableError> {
+        self.addable(service, address)?;
         let entry = &self.services[service];
-        if self.loopback_steered(entry, address) {
-            return Err(TableError::LoopbackSteered {
-                service: entry.name.clone(),
-                address,
-            });
-        }
-        let taken = entry.slots.iter().filter_map(|s| s.backend.as_ref());
-        if taken.clone().any(|b| b.address == address) {
-            return Err(TableError::DuplicateAddress {
-                service: entry.name.clone(),
-                address,
-            });
-        }
         entry
             .slots
             .iter()
@@ -1080,12 +1068,7 @@ impl<D: Dataplane> Table<D> {
             backend.checked = checked;
         }
         let before = std::mem::replace(&mut entry.configured, spec.backends.clone());
-        let at = |table: &Self, address: SocketAddrV4| {
-            table.services[service]
-                .slots
-                .iter()
-                .position(|s| s.backend.as_ref().is_some_and(|b| b.address == address))
-        };
+        let at = |table: &Self, address| table.slot_at(service, address);
         for gone in before
             .iter()
             .filter(|b| !spec.backends.iter().any(|n| n.address == b.address))
@@ -1128,11 +1111,37 @@ impl<D: Dataplane> Table<D> {
         Ok(())
     }
 
-    /// `owner`: the supervised instance whose backend `id` must be; `None`: one of no instance.
     /// Whether `address` is on loopback and `entry` a service XDP steers: packets rewritten to
     /// it from the wire would be dropped as martians.
     fn loopback_steered(&self, entry: &ServiceEntry, address: SocketAddrV4) -> bool {
         entry.kernel_steers && self.dataplane.rewrites_packets() && address.ip().is_loopback()
+    }
+
+    /// The slot of `service` whose backend is at `address`.
+    fn slot_at(&self, service: usize, address: SocketAddrV4) -> Option<usize> {
+        self.services[service]
+            .slots
+            .iter()
+            .position(|s| s.backend.as_ref().is_some_and(|b| b.address == address))
+    }
+
+    /// Whether a backend at `address` may join `service`, room aside: not on loopback where XDP
+    /// steers, not at an address it already has.
+    fn addable(&self, service: usize, address: SocketAddrV4) -> Result<(), TableError> {
+        let entry = &self.services[service];
+        if self.loopback_steered(entry, address) {
+            return Err(TableError::LoopbackSteered {
+                service: entry.name.clone(),
+                address,
+            });
+        }
+        if self.slot_at(service, address).is_some() {
+            return Err(TableError::DuplicateAddress {
+                service: entry.name.clone(),
+                address,
+            });
+        }
+        Ok(())
     }
 
     /// Whether `spec`'s backends can all be added where the config adds them: checked before
@@ -1141,13 +1150,7 @@ impl<D: Dataplane> Table<D> {
         let entry = &self.services[service];
         let listed =
             |backends: &[BackendSpec], address| backends.iter().any(|b| b.address == address);
-        let held = |address| {
-            entry
-                .slots
-                .iter()
-                .filter_map(|s| s.backend.as_ref())
-                .any(|b| b.address == address)
-        };
+        let held = |address| self.slot_at(service, address).is_some();
         let added: Vec<SocketAddrV4> = spec
             .backends
             .iter()
@@ -1159,23 +1162,8 @@ impl<D: Dataplane> Table<D> {
             .iter()
             .filter(|b| !listed(&spec.backends, b.address) && held(b.address))
             .count();
-        let error = |address| {
-            if self.loopback_steered(entry, address) {
-                Some(TableError::LoopbackSteered {
-                    service: entry.name.clone(),
-                    address,
-                })
-            } else if held(address) {
-                Some(TableError::DuplicateAddress {
-                    service: entry.name.clone(),
-                    address,
-                })
-            } else {
-                None
-            }
-        };
-        if let Some(error) = added.iter().find_map(|&a| error(a)) {
-            return Err(error);
+        for &address in &added {
+            self.addable(service, address)?;
         }
         let free = entry.slots.iter().filter(|s| s.backend.is_none()).count() + freed;
         if added.len() > free {
@@ -1186,6 +1174,7 @@ impl<D: Dataplane> Table<D> {
         Ok(())
     }
 
+    /// `owner`: the supervised instance whose backend `id` must be; `None`: one of no instance.
     fn remove(&mut self, id: u32, owner: Option<&str>) -> Result<BackendInfo, TableError> {
         let (service, slot) = self.occupied(id)?;
         let info = self.info(service, slot)?;
