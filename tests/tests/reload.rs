@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -87,7 +87,7 @@ impl Layout {
 
 /// The agent, killed when dropped.
 struct Agent {
-    child: Child,
+    child: ChildGuard,
     config: PathBuf,
     log: PathBuf,
     admin: SocketAddr,
@@ -99,14 +99,14 @@ impl Agent {
         std::fs::write(&path, config).expect("write the config");
         let log_path = dir.join("steer.log");
         let log = std::fs::File::create(&log_path).expect("the agent's log");
-        let child = Command::new(steer_bin())
+        let mut command = Command::new(steer_bin());
+        command
             .args(["run", "--log-format", "json", "--config"])
             .arg(&path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log"))
-            .stderr(log)
-            .spawn()
-            .expect("start steer");
+            .stderr(log);
+        let child = ChildGuard::spawn(command).expect("start steer");
         Agent {
             child,
             config: path,
@@ -175,18 +175,6 @@ impl Agent {
         (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 
-    /// Its exit status once it has exited, within `within`.
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
     /// Waits for `done` within [`WAIT`]; panics with `what` and the log.
     fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + WAIT;
@@ -198,13 +186,6 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -474,7 +455,7 @@ fn a_reload_applies_only_what_changed_and_a_refused_one_changes_nothing() {
     );
     assert_eq!(reconfigured_services(&agent.log()), ["chat", "chat"]);
     agent.signal(Signal::SIGTERM);
-    let status = agent.wait_exit(Duration::from_secs(30));
+    let status = agent.child.wait_timeout(Duration::from_secs(30));
     assert!(
         status.is_some_and(|s| s.success()),
         "{status:?}:\n{}",
